@@ -1,0 +1,93 @@
+"""The ``edgeops`` command line: parse, call the library, print. No decisions here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from edgeops import __version__
+from edgeops.errors import EdgeopsError, InputError
+
+OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+                      show_default=True, help="table for people, json for machines")
+
+
+def _fail(exc: EdgeopsError, as_json: bool) -> None:
+    if as_json:
+        problems = [p.as_dict() for p in exc.problems] if isinstance(exc, InputError) else []
+        click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "message": exc.message,
+                               "problems": problems}, indent=2))
+    for line in exc.lines():
+        click.echo(f"error: {line}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn EdgeopsError into its message and exit code; anything else stays a bug with a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeopsError as exc:
+            _fail(exc, kwargs.get("output") == "json")
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def workspace_root(paths: tuple[Path, ...], root: Path | None) -> Path:
+    from edgeops.spec.workspace import find_root
+
+    return root.resolve() if root else find_root(paths[0] if paths else Path.cwd())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeops")
+def main() -> None:
+    """GitOps for ML models on edge fleets."""
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@OUTPUT
+@handle_errors
+def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
+    """Check manifests, fleets and profiles (files or directories) and how they refer to each other."""
+    from edgeops.spec.workspace import load_workspace, yaml_files
+
+    for path in paths:
+        if not path.exists():
+            raise InputError.at(str(path), None, "", "file not found")
+    ws = load_workspace(workspace_root(paths, root), extra=yaml_files(list(paths)))
+    docs = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
+    if output == "json":
+        click.echo(json.dumps({"ok": True, "documents": [
+            {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in docs]}, indent=2))  # type: ignore[attr-defined]
+        return
+    for doc in sorted(docs, key=lambda d: d.display):
+        click.echo(f"ok  {doc.display}  {doc.obj.kind}/{doc.name}")  # type: ignore[attr-defined]
+    click.echo(f"valid: {len(ws.deployments)} deployment(s), {len(ws.fleets)} fleet(s), "
+               f"{len(ws.profiles)} device profile(s)")
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="write to a file instead of stdout")
+def schema(out: Path | None) -> None:
+    """Print the JSON Schema of every edgeops kind (for editors' YAML language servers)."""
+    from edgeops.spec.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if out:
+        out.write_text(text)
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(text, nl=False)

@@ -1,0 +1,456 @@
+"""Pydantic models of the three kinds users write: Deployment, Fleet, DeviceProfile.
+
+These only describe shape and local rules (types, ranges, one-of). Rules that
+need other files (a fleet that must exist, a model file that must be ONNX)
+live in ``edgeops.spec.workspace``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "edgeops/v1"
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+PERCENT_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)%$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Metadata(Strict):
+    name: Name
+    labels: dict[str, str] = {}
+    description: str = ""
+
+
+# ---------------------------------------------------------------- counts and percentages
+
+
+def parse_count(value: int | str) -> tuple[str, float]:
+    """``3`` -> ("count", 3); ``"25%"`` -> ("percent", 25)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a device count or a percentage such as '25%'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
+        return ("count", value)
+    match = PERCENT_PATTERN.match(str(value).strip())
+    if not match:
+        raise ValueError(f"must be a device count or a percentage such as '25%' (got {value!r})")
+    percent = float(match.group(1))
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percentage must be between 0% and 100% (got {value})")
+    return ("percent", percent)
+
+
+def _check_count(value: int | str) -> int | str:
+    parse_count(value)
+    return value
+
+
+CountOrPercent = Annotated[Union[int, str], Field(description="a device count (3) or a percentage ('25%')")]
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/") or ".." in value.split("/") or "\n" in value:
+        raise ValueError(f"must be an absolute path without '..' (got {value!r})")
+    return value.rstrip("/") or "/"
+
+
+# ---------------------------------------------------------------- Deployment
+
+
+class TensorSpec(Strict):
+    name: str
+    shape: list[Annotated[int, Field(ge=1)] | str] = Field(
+        description="dimensions; a string names a symbolic dimension such as 'batch'")
+    dtype: Literal["float32", "float16", "int64", "int32", "uint8", "int8", "bool"] = "float32"
+
+
+class ModelSource(Strict):
+    path: str = Field(description="ONNX file, relative to the manifest")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None, description="pin the exact model bytes; validation fails on a mismatch")
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+
+class DataSpec(Strict):
+    calibration: str = Field(description=".npz with one array per model input (first axis: samples)")
+    evaluation: str = Field(description=".npz with one array per model input, plus 'labels' for accuracy")
+    golden_samples: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=32, description="evaluation samples shipped with each release for the on-device check")
+
+
+class QuantizeOptions(Strict):
+    mode: Literal["static", "dynamic", "weight_only", "fp16", "auto"]
+    per_channel: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: Annotated[float, Field(gt=90, le=100)] = 99.999
+    activation_type: Literal["uint8", "int8"] = Field(
+        default="uint8", description="uint8 (U8S8) runs faster on x86 for MatMul-heavy models")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    symmetric_activations: bool = False
+    op_types: list[str] | None = Field(default=None, description="restrict to these op types; default all")
+    calibration_samples: Annotated[int, Field(ge=1)] = 128
+    bits: Literal[4] = Field(default=4, description="weight_only: bits per weight")
+    block_size: Literal[16, 32, 64, 128, 256] = 32
+    candidates: list[Literal["static", "dynamic", "weight_only", "fp16"]] | None = Field(
+        default=None, description="auto: modes to try; default every mode that applies to the target")
+
+    @model_validator(mode="after")
+    def _auto_only(self) -> "QuantizeOptions":
+        if self.candidates is not None and self.mode != "auto":
+            raise ValueError("candidates only applies to mode: auto")
+        return self
+
+
+class PruneOptions(Strict):
+    method: Literal["magnitude", "structured"]
+    sparsity: Annotated[float, Field(gt=0, lt=1)] = Field(
+        description="magnitude: fraction of weights zeroed; structured: fraction of units removed")
+    min_elements: Annotated[int, Field(ge=0)] = Field(
+        default=4096, description="magnitude: tensors smaller than this are kept dense")
+
+
+class StudentSpec(Strict):
+    family: Literal["mlp", "cnn1d", "cnn2d"] | None = None
+    width: Annotated[int, Field(ge=1, le=4096)] = 32
+    depth: Annotated[int, Field(ge=1, le=16)] = 2
+    onnx: str | None = Field(default=None, description="a user-supplied student ONNX model (relative path)")
+    factory: str | None = Field(default=None, description="'module:function' returning a torch.nn.Module")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StudentSpec":
+        given = [k for k in ("family", "onnx", "factory") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of family, onnx, factory")
+        return self
+
+
+class DistillOptions(Strict):
+    student: StudentSpec
+    temperature: PositiveFloat = 4.0
+    soft_weight: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.7, description="weight of soft targets; 1 - soft_weight goes to hard labels")
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 30
+    time_budget_s: PositiveFloat | None = None
+    learning_rate: PositiveFloat = 0.003
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    seed: int = 0
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
+
+
+class RecipeStep(Strict):
+    """One step of a recipe: exactly one of quantize, prune, distill."""
+
+    quantize: QuantizeOptions | None = None
+    prune: PruneOptions | None = None
+    distill: DistillOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) != 1:
+            raise ValueError("each recipe step has exactly one of quantize, prune, distill")
+        return data
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("quantize", "prune", "distill") if getattr(self, k) is not None)
+
+    @property
+    def options(self) -> QuantizeOptions | PruneOptions | DistillOptions:
+        return getattr(self, self.kind)
+
+
+class QualityGoal(Strict):
+    metric: Literal["accuracy", "top1_agreement", "cosine", "max_abs_error"]
+    output: str | None = Field(default=None, description="model output the metric reads; default the first")
+    max_drop: Annotated[float, Field(ge=0)] = Field(
+        description="accuracy/top1_agreement: points (absolute) or percent of the baseline (relative); "
+                    "cosine: drop from 1.0; max_abs_error: the largest error allowed")
+    drop: Literal["absolute", "relative"] = "absolute"
+
+    @model_validator(mode="after")
+    def _relative_needs_baseline(self) -> "QualityGoal":
+        if self.metric == "max_abs_error" and self.drop == "relative":
+            raise ValueError("max_abs_error has no baseline to be relative to; use drop: absolute")
+        return self
+
+
+class SLO(Strict):
+    latency_p95_ms: PositiveFloat | None = None
+    energy_per_inference_mj: PositiveFloat | None = None
+    average_power_mw: PositiveFloat | None = None
+    peak_memory_mb: PositiveFloat | None = None
+
+
+class Selector(Strict):
+    match_labels: dict[str, str] = {}
+
+
+class Target(Strict):
+    fleet: Name
+    selector: Selector = Selector()
+
+
+class Timeouts(Strict):
+    connect_s: PositiveFloat = 10
+    push_s: PositiveFloat = 300
+    verify_s: PositiveFloat = 300
+    switch_s: PositiveFloat = 30
+
+
+class Regression(Strict):
+    latency_p95_pct: Annotated[float, Field(ge=0)] = Field(
+        default=10, description="fail when the new release is slower than the previous by more than this")
+    energy_pct: Annotated[float, Field(ge=0)] = 10
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+
+
+class RolloutPolicy(Strict):
+    waves: list[CountOrPercent] = Field(default_factory=lambda: [1, "25%", "100%"], min_length=1)
+    canary_per_hardware_class: bool = True
+    max_failed_devices: CountOrPercent = 0
+    max_unreachable_devices: CountOrPercent = "10%"
+    bake_time_s: Annotated[float, Field(ge=0)] = 0
+    timeouts: Timeouts = Timeouts()
+    regression: Regression = Regression()
+    on_inconclusive: Literal["retry", "pause", "rollback"] = "retry"
+    on_failure: Literal["rollback", "pause"] = "rollback"
+    parallelism: Annotated[int, Field(ge=1, le=256)] = 4
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, waves: list[int | str]) -> list[int | str]:
+        for wave in waves:
+            kind, amount = parse_count(wave)
+            if amount == 0:
+                raise ValueError(f"a wave of {wave!r} would deploy to no device")
+        return waves
+
+    @field_validator("max_failed_devices", "max_unreachable_devices")
+    @classmethod
+    def _budget(cls, value: int | str) -> int | str:
+        return _check_count(value)
+
+
+class DeploymentSpec(Strict):
+    model: ModelSource
+    data: DataSpec
+    recipe: list[RecipeStep] = []
+    recipe_for: dict[Literal["cpu", "gpu", "tpu"], list[RecipeStep]] = Field(
+        default={}, description="a different recipe for targets with this accelerator")
+    quality: QualityGoal
+    slo: SLO = SLO()
+    targets: list[Target] = Field(min_length=1)
+    rollout: RolloutPolicy = RolloutPolicy()
+
+    def recipe_for_accelerator(self, accelerator: str) -> list[RecipeStep]:
+        return self.recipe_for.get(accelerator, self.recipe)  # type: ignore[call-overload]
+
+
+class Deployment(Strict):
+    """A model, how to compress it, what it must achieve, and where it goes."""
+
+    apiVersion: Literal["edgeops/v1"]
+    kind: Literal["Deployment"]
+    metadata: Metadata
+    spec: DeploymentSpec
+
+
+# ---------------------------------------------------------------- Fleet
+
+
+class SSHSettings(Strict):
+    user: str = "root"
+    identity_file: str | None = Field(default=None, description="private key, relative to the fleet file")
+    use_agent: bool = False
+    known_hosts: str | None = Field(default=None, description="relative to the fleet file; default ~/.ssh/known_hosts")
+    trust_on_first_use: bool = Field(
+        default=False, description="record unknown host keys instead of refusing them (not recommended)")
+    jump_host: str | None = Field(default=None, description="user@host:port of a bastion")
+    use_ssh_config: bool = True
+    connect_timeout_s: PositiveFloat = 10
+    command_timeout_s: PositiveFloat = 300
+    keepalive_s: Annotated[float, Field(ge=0)] = 15
+    connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+
+class DeviceEntry(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    host: str = Field(min_length=1)
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    labels: dict[str, str] = {}
+    profile: Name | None = Field(default=None, description="overrides the fleet's profile for this device")
+    root: str | None = Field(default=None, description="overrides the profile's device.root for this device")
+    lab: dict[str, Any] = Field(default={}, description="lab-only settings: cpus, power_mw, rate_kbit")
+
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_path(value)
+
+
+class FleetSpec(Strict):
+    profile: Name
+    ssh: SSHSettings = SSHSettings()
+    devices: list[DeviceEntry] = Field(min_length=1)
+
+    @field_validator("devices")
+    @classmethod
+    def _unique(cls, devices: list[DeviceEntry]) -> list[DeviceEntry]:
+        seen: set[str] = set()
+        for device in devices:
+            if device.name in seen:
+                raise ValueError(f"device name '{device.name}' appears twice")
+            seen.add(device.name)
+        return devices
+
+
+class Fleet(Strict):
+    """Devices, how to reach them, and the profile they share."""
+
+    apiVersion: Literal["edgeops/v1"]
+    kind: Literal["Fleet"]
+    metadata: Metadata
+    spec: FleetSpec
+
+
+# ---------------------------------------------------------------- DeviceProfile
+
+
+class ExecutionProvider(Strict):
+    name: Literal[
+        "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+        "QNNExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
+        "XnnpackExecutionProvider", "ROCMExecutionProvider", "NnapiExecutionProvider",
+    ]
+    options: dict[str, str | int | float | bool] = {}
+
+
+class SessionSettings(Strict):
+    intra_op_num_threads: Annotated[int, Field(ge=0)] = 1
+    inter_op_num_threads: Annotated[int, Field(ge=0)] = 1
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    config_entries: dict[str, str] = Field(
+        default={}, description="onnxruntime session config entries, e.g. session.intra_op.allow_spinning: '0'")
+
+
+class Limits(Strict):
+    max_model_bytes: Annotated[int, Field(ge=1)] | None = None
+    max_memory_mb: PositiveFloat | None = None
+
+
+class PowerNone(Strict):
+    source: Literal["none"]
+
+
+class PowerRapl(Strict):
+    source: Literal["rapl"]
+    boundary: Literal["package"] = "package"
+    path: str = Field(default="/sys/class/powercap/intel-rapl:0",
+                      description="powercap zone directory with energy_uj and max_energy_range_uj")
+    sysfs_root: str = "/"
+
+
+class PowerHwmon(Strict):
+    source: Literal["hwmon"]
+    boundary: Literal["package", "module", "board"]
+    path: str = Field(description="a power*_input (uW) or energy*_input (uJ) file")
+    sysfs_root: str = "/"
+
+
+class PowerIna3221(Strict):
+    source: Literal["ina3221"]
+    boundary: Literal["module", "board"] = "module"
+    path: str = Field(description="directory holding in_power<N>_input or in<N>_input + curr<N>_input")
+    channel: Annotated[int, Field(ge=0, le=3)] = 1
+    sysfs_root: str = "/"
+
+
+class PowerCommand(Strict):
+    source: Literal["command"]
+    boundary: Literal["package", "module", "board"]
+    argv: list[str] = Field(min_length=1, description="prints milliwatts on stdout")
+
+
+class PowerEstimate(Strict):
+    source: Literal["estimate"]
+    boundary: Literal["estimate"] = "estimate"
+    active_mw_per_core: PositiveFloat = Field(description="extra power per fully busy core")
+    idle_mw: Annotated[float, Field(ge=0)] = 0
+
+
+PowerSource = Annotated[
+    Union[PowerNone, PowerRapl, PowerHwmon, PowerIna3221, PowerCommand, PowerEstimate],
+    Field(discriminator="source"),
+]
+
+
+class PowerSettings(Strict):
+    sensor: PowerSource = PowerNone(source="none")
+    interval_ms: Annotated[float, Field(gt=0)] = 50
+
+
+class OnDevice(Strict):
+    python: str = "python3"
+    root: str = Field(default="/opt/edgeops", description="absolute directory edgeops owns on the device; "
+                      "'{device}' is replaced by the device name")
+    keep_releases: Annotated[int, Field(ge=2, le=100)] = 3
+    disk_budget_mb: PositiveFloat | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return _absolute_path(value)
+
+
+class DeviceProfileSpec(Strict):
+    hardware_class: str = Field(min_length=1, description="devices of one class share a canary")
+    accelerator: Literal["cpu", "gpu", "tpu"]
+    execution_providers: list[ExecutionProvider] = Field(min_length=1)
+    session: SessionSettings = SessionSettings()
+    limits: Limits = Limits()
+    power: PowerSettings = PowerSettings()
+    device: OnDevice = OnDevice()
+    template: str = Field(description="file under templates/ that renders the runtime config")
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _unique_providers(cls, providers: list[ExecutionProvider]) -> list[ExecutionProvider]:
+        names = [p.name for p in providers]
+        if len(set(names)) != len(names):
+            raise ValueError("an execution provider is listed twice")
+        return providers
+
+
+ACCELERATOR_PROVIDERS = {
+    "gpu": {"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider"},
+    "tpu": {"QNNExecutionProvider", "OpenVINOExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider"},
+}
+
+
+class DeviceProfile(Strict):
+    """What a class of devices can run and how to talk to its runtime."""
+
+    apiVersion: Literal["edgeops/v1"]
+    kind: Literal["DeviceProfile"]
+    metadata: Metadata
+    spec: DeviceProfileSpec
+
+
+KINDS: dict[str, type[Strict]] = {"Deployment": Deployment, "Fleet": Fleet, "DeviceProfile": DeviceProfile}

@@ -1,0 +1,283 @@
+"""Load manifests, fleets and profiles from a repository and check how they refer to each other.
+
+A *workspace* is the repository root: the directory holding ``device_profiles/``
+(found by walking up from the path a user gives). Every file is loaded with its
+line map so any later stage can still say ``file:line`` for a field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from edgeops.errors import InputError, Problem
+from edgeops.spec.locate import problems_from
+from edgeops.spec.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
+from edgeops.spec.yamlload import Loc, dotted, line_for, load_yaml
+
+T = TypeVar("T", bound=BaseModel)
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Document(Generic[T]):
+    """A validated object and where each of its fields was written."""
+
+    obj: T
+    path: Path
+    display: str
+    lines: dict[Loc, int] = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.obj.metadata.name  # type: ignore[attr-defined]
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        return Problem(self.display, line_for(self.lines, loc), dotted(loc), message)
+
+    def error(self, loc: Loc, message: str) -> InputError:
+        """A located error for a field of this document."""
+        return InputError([self.problem(loc, message)])
+
+    def resolve(self, relative: str) -> Path:
+        """A path written in this document, relative to the document's directory."""
+        return (self.path.parent / relative).resolve()
+
+
+def find_root(start: Path) -> Path:
+    """The nearest directory at or above ``start`` that holds ``device_profiles/``."""
+    here = start.resolve()
+    if here.is_file():
+        here = here.parent
+    for candidate in (here, *here.parents):
+        if (candidate / "device_profiles").is_dir():
+            return candidate
+    raise InputError.at(str(start), None, "", "no device_profiles/ directory here or above; "
+                        "run edgeops inside an edgeops repository or pass --root")
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path, Path.cwd())
+    except ValueError:
+        return str(path)
+
+
+def load_document(path: Path) -> Document[BaseModel]:
+    """Parse and validate one file of any kind. Raises InputError listing every problem."""
+    display = _display(path)
+    data, lines = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise InputError.at(display, 1, "", f"expected a mapping with apiVersion and kind (got {type(data).__name__})")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        if kind is None:
+            raise InputError.at(display, 1, "kind", f"required field is missing; one of {', '.join(KINDS)}")
+        close = difflib.get_close_matches(str(kind), list(KINDS), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(KINDS)}"
+        raise InputError.at(display, line_for(lines, ("kind",)), "kind", f"unknown kind {kind!r}; {hint}")
+    model = KINDS[kind]
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(problems_from(exc, model, display, lines)) from None
+    return Document(obj, path.resolve(), display, lines)
+
+
+def yaml_files(paths: list[Path]) -> list[Path]:
+    """Files named directly plus every YAML file under named directories, sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file()))
+        else:
+            found.append(path)
+    unique: dict[Path, None] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), None)
+    return list(unique)
+
+
+@dataclass
+class Workspace:
+    """Every document of a repository, by kind and name."""
+
+    root: Path
+    deployments: dict[str, Document[Deployment]] = field(default_factory=dict)
+    fleets: dict[str, Document[Fleet]] = field(default_factory=dict)
+    profiles: dict[str, Document[DeviceProfile]] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set, repr=False)  # names of documents that failed to load
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.root / "templates"
+
+    def deployment(self, name_or_path: str) -> Document[Deployment]:
+        """A deployment by metadata.name or by its manifest path."""
+        if name_or_path in self.deployments:
+            return self.deployments[name_or_path]
+        wanted = Path(name_or_path).resolve()
+        for doc in self.deployments.values():
+            if doc.path == wanted:
+                return doc
+        close = difflib.get_close_matches(name_or_path, list(self.deployments), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(self.deployments)) or 'none'}"
+        raise InputError.at(name_or_path, None, "", f"no Deployment with this name or path; {hint}")
+
+    def fleet(self, name: str) -> Document[Fleet]:
+        if name not in self.fleets:
+            raise InputError.at(name, None, "", f"no Fleet named '{name}'; known: {', '.join(sorted(self.fleets))}")
+        return self.fleets[name]
+
+    def profile_of(self, fleet: Document[Fleet], device_index: int) -> Document[DeviceProfile]:
+        device = fleet.obj.spec.devices[device_index]
+        return self.profiles[device.profile or fleet.obj.spec.profile]
+
+    def accelerators_of(self, deployment: Document[Deployment]) -> set[str]:
+        found: set[str] = set()
+        for target in deployment.obj.spec.targets:
+            fleet = self.fleets.get(target.fleet)
+            if fleet is None:
+                continue
+            for device in fleet.obj.spec.devices:
+                profile = self.profiles.get(device.profile or fleet.obj.spec.profile)
+                if profile is not None:
+                    found.add(profile.obj.spec.accelerator)
+        return found
+
+
+def load_workspace(root: Path, extra: list[Path] | None = None) -> Workspace:
+    """Load and cross-check the repository at ``root`` plus any extra files.
+
+    Every problem in every file is collected and raised together.
+    """
+    files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
+    problems: list[Problem] = []
+    workspace = Workspace(root.resolve())
+    for path in files:
+        try:
+            doc = load_document(path)
+        except InputError as exc:
+            problems.extend(exc.problems)
+            workspace.broken.add(_declared_name(path))
+            continue
+        table = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
+                 "DeviceProfile": workspace.profiles}[doc.obj.kind]  # type: ignore[attr-defined]
+        if doc.name in table:
+            problems.append(doc.problem(("metadata", "name"),
+                                        f"{doc.obj.kind} '{doc.name}' is also defined in "  # type: ignore[attr-defined]
+                                        f"{table[doc.name].display}; names must be unique"))
+            continue
+        table[doc.name] = doc  # type: ignore[assignment]
+    problems.extend(check_references(workspace))
+    if problems:
+        raise InputError(problems)
+    return workspace
+
+
+def _declared_name(path: Path) -> str:
+    """The metadata.name a broken file meant to declare, so references to it are not reported twice."""
+    try:
+        data, _ = load_yaml(path)
+        return str(data["metadata"]["name"])
+    except (InputError, TypeError, KeyError):
+        return path.stem  # unparseable: by convention the file is named after the document
+
+
+def _missing_file(doc: Document[BaseModel], loc: Loc, relative: str, what: str) -> Problem | None:
+    path = doc.resolve(relative)
+    if not path.is_file():
+        return doc.problem(loc, f"{what} not found: {relative} (resolved to {_display(path)}); "
+                                "paths are relative to this file")
+    return None
+
+
+def _name_problem(doc: Document[BaseModel], loc: Loc, kind: str, name: str, known: dict[str, object]) -> Problem:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
+    return doc.problem(loc, f"no {kind} named '{name}'; {hint}")
+
+
+def check_references(ws: Workspace) -> list[Problem]:
+    """Problems with how documents refer to files and to each other."""
+    problems: list[Problem] = []
+    for profile in ws.profiles.values():
+        accelerator = profile.obj.spec.accelerator
+        names = {p.name for p in profile.obj.spec.execution_providers}
+        if accelerator in ACCELERATOR_PROVIDERS and not names & ACCELERATOR_PROVIDERS[accelerator]:
+            wanted = ", ".join(sorted(ACCELERATOR_PROVIDERS[accelerator]))
+            problems.append(profile.problem(("spec", "execution_providers"),
+                                            f"a {accelerator} profile needs one of {wanted}"))
+        template = ws.templates_dir / profile.obj.spec.template
+        if not template.is_file():
+            problems.append(profile.problem(("spec", "template"),
+                                            f"template not found: templates/{profile.obj.spec.template}"))
+    for fleet in ws.fleets.values():
+        spec = fleet.obj.spec
+        if spec.profile not in ws.profiles and spec.profile not in ws.broken:
+            problems.append(_name_problem(fleet, ("spec", "profile"), "DeviceProfile", spec.profile, ws.profiles))
+        for index, device in enumerate(spec.devices):
+            if device.profile and device.profile not in ws.profiles and device.profile not in ws.broken:
+                problems.append(_name_problem(fleet, ("spec", "devices", index, "profile"), "DeviceProfile",
+                                              device.profile, ws.profiles))
+    for dep in ws.deployments.values():
+        problems.extend(_check_deployment(ws, dep))
+    return problems
+
+
+def _check_deployment(ws: Workspace, dep: Document[Deployment]) -> list[Problem]:
+    spec = dep.obj.spec
+    problems = [p for p in (
+        _missing_file(dep, ("spec", "model", "path"), spec.model.path, "model file"),
+        _missing_file(dep, ("spec", "data", "calibration"), spec.data.calibration, "calibration data"),
+        _missing_file(dep, ("spec", "data", "evaluation"), spec.data.evaluation, "evaluation data"),
+    ) if p]
+    model_path = dep.resolve(spec.model.path)
+    if spec.model.sha256 and model_path.is_file():
+        actual = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        if actual != spec.model.sha256:
+            problems.append(dep.problem(("spec", "model", "sha256"),
+                                        f"model bytes do not match the pinned digest (file has {actual}); "
+                                        "update the pin if the model change is intended"))
+    if spec.quality.metric == "accuracy":
+        pass  # labels are checked when the data is read (build)
+    for index, target in enumerate(spec.targets):
+        if target.fleet not in ws.fleets and target.fleet not in ws.broken:
+            problems.append(_name_problem(dep, ("spec", "targets", index, "fleet"), "Fleet", target.fleet, ws.fleets))
+    for accelerator in sorted(ws.accelerators_of(dep) | set(spec.recipe_for)):
+        loc: Loc = ("spec", "recipe_for", accelerator) if accelerator in spec.recipe_for else ("spec", "recipe")
+        problems.extend(_check_recipe(dep, loc, spec.recipe_for_accelerator(accelerator), accelerator))
+    return problems
+
+
+def _check_recipe(dep: Document[Deployment], loc: Loc, recipe: list[RecipeStep], accelerator: str) -> list[Problem]:
+    problems: list[Problem] = []
+    quantize_modes = []
+    for index, step in enumerate(recipe):
+        where = loc + (index, step.kind)
+        if step.kind == "distill":
+            if importlib.util.find_spec("torch") is None:
+                problems.append(dep.problem(where, "distillation needs PyTorch, which is not installed; "
+                                                   "run: pip install 'edgeops[distill]' (torch==2.13.0)"))
+            student = step.distill.student  # type: ignore[union-attr]
+            if student.onnx:
+                problem = _missing_file(dep, where + ("student", "onnx"), student.onnx, "student model")
+                if problem:
+                    problems.append(problem)
+        if step.kind == "quantize":
+            mode = step.quantize.mode  # type: ignore[union-attr]
+            quantize_modes.append(mode)
+            if mode == "fp16" and accelerator != "gpu":
+                problems.append(dep.problem(where + ("mode",), f"fp16 targets GPUs, but this recipe also builds "
+                                            f"for {accelerator} devices; put it under recipe_for.gpu"))
+    if accelerator == "tpu" and not any(m in ("static", "auto") for m in quantize_modes):
+        problems.append(dep.problem(loc, "a tpu target needs a fully integer model: add "
+                                         "'- quantize: {mode: static}' (or auto) to this recipe"))
+    return problems
