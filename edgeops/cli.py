@@ -91,3 +91,43 @@ def schema(out: Path | None) -> None:
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--accelerator", type=click.Choice(["cpu", "gpu", "tpu"]), multiple=True,
+              help="build only for this accelerator class (default: every class among the targets)")
+@click.option("--force", is_flag=True, help="rebuild even when the cache has the artifact")
+@click.option("--explain", is_flag=True, help="say which inputs changed since the last build")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@OUTPUT
+@handle_errors
+def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bool, root: Path | None,
+          output: str) -> None:
+    """Build, evaluate and cache the compressed artifact(s) of a deployment."""
+    from edgeops.build.pipeline import build as run_build
+    from edgeops.build.pipeline import default_cache
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.ui import build_notes, build_table, console, err_console
+
+    ws = load_workspace(workspace_root((manifest,), root))
+    doc = ws.deployment(str(manifest))
+    cache = default_cache(ws)
+    results = []
+    for acc in accelerator or sorted(ws.accelerators_of(doc)):
+        with err_console.status(f"building {doc.name} for {acc}") as status:
+            result = run_build(doc, acc, cache, force=force,
+                               progress=lambda message: status.update(f"{doc.name} ({acc}): {message}"))
+        results.append(result)
+        if output == "table":
+            console.print(build_table(result.report))
+            for line in build_notes(result.report):
+                console.print(line, soft_wrap=True)
+            state = "cache hit" if result.artifact.hit else "built"
+            console.print(f"{state}: {result.artifact.model}")
+            if explain:
+                for line in result.why:
+                    console.print(f"  why: {line}")
+    if output == "json":
+        click.echo(json.dumps([{**r.report, "cache_hit": r.artifact.hit, "path": str(r.artifact.model),
+                                "why": r.why} for r in results], indent=2))
