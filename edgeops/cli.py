@@ -131,3 +131,38 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
     if output == "json":
         click.echo(json.dumps([{**r.report, "cache_hit": r.artifact.hit, "path": str(r.artifact.model),
                                 "why": r.why} for r in results], indent=2))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--device", "device_name", help="render only this device (name or fleet/name)")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="write <fleet>/<device>.json files here instead of printing")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@handle_errors
+def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: Path | None) -> None:
+    """Render the runtime config (JSON) of each target device; builds first (cache hits are free)."""
+    from edgeops.build.pipeline import build as run_build
+    from edgeops.build.pipeline import default_cache
+    from edgeops.render import render_device
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.targets import target_devices
+
+    ws = load_workspace(workspace_root((manifest,), root))
+    doc = ws.deployment(str(manifest))
+    targets = [t for t in target_devices(ws, doc.name) if device_name in (None, t.name, t.key)]
+    if not targets:
+        raise InputError.at(str(manifest), None, "", f"no target device named {device_name!r}")
+    cache = default_cache(ws)
+    artifacts = {acc: run_build(doc, acc, cache).report["artifact"] for acc in sorted({t.accelerator for t in targets})}
+    for target in targets:
+        config = render_device(ws, doc, target, artifacts[target.accelerator])
+        if out_dir is None:
+            if len(targets) > 1:
+                click.echo(f"# {target.key} ({target.profile.name}, {config.digest[:12]})")
+            click.echo(config.text, nl=False)
+        else:
+            path = out_dir / target.fleet.name / f"{target.name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(config.text)
+            click.echo(f"wrote {path}")

@@ -1,0 +1,92 @@
+"""Size, quality and host latency of every example model under every recipe.
+
+    python bench/build.py            # prints a markdown table (docs/benchmarks.md)
+
+Latency: host CPU, 1 intra-op thread, batch 1, 20 warm-up runs then 200 timed runs,
+p50 of the stage divided into the original's p50 (speed x > 1 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table, scratch_repo  # noqa: E402
+
+from edgeops.build.pipeline import build, default_cache  # noqa: E402
+from edgeops.spec.workspace import load_workspace  # noqa: E402
+
+RECIPES: dict[str, list[tuple[str, str]]] = {
+    "camera.yaml": [
+        ("static int8 per-channel", "- quantize: {mode: static, per_channel: true}"),
+        ("dynamic int8", "- quantize: {mode: dynamic, per_channel: true}"),
+        ("auto", "- quantize: {mode: auto}"),
+        ("structured prune 50%", "- prune: {method: structured, sparsity: 0.5}"),
+        ("structured prune 50% + static int8", "- prune: {method: structured, sparsity: 0.5}\n    - quantize: {mode: static}"),
+        ("magnitude prune 80%", "- prune: {method: magnitude, sparsity: 0.8}"),
+    ],
+    "wearable.yaml": [
+        ("static int8 per-channel", "- quantize: {mode: static, per_channel: true}"),
+        ("dynamic int8", "- quantize: {mode: dynamic, per_channel: true}"),
+        ("structured prune 50%", "- prune: {method: structured, sparsity: 0.5}"),
+    ],
+    "assistant.yaml": [
+        ("dynamic int8 per-tensor", "- quantize: {mode: dynamic, per_channel: false}"),
+        ("dynamic int8 per-channel", "- quantize: {mode: dynamic, per_channel: true}"),
+        ("static QDQ MatMul-only uint8", "- quantize: {mode: static, op_types: [MatMul], activation_type: uint8}"),
+        ("static QDQ all ops", "- quantize: {mode: static}"),
+        ("int4 weight-only (block 32)", "- quantize: {mode: weight_only, block_size: 32}"),
+        ("auto", "- quantize: {mode: auto}"),
+    ],
+}
+
+
+def with_recipe(manifest: Path, recipe: str) -> None:
+    text = manifest.read_text()
+    text = re.sub(r"  recipe:\n(    - .*\n(      .*\n)*)+", f"  recipe:\n    {recipe}\n", text, count=1)
+    text = re.sub(r"  quality:\n    metric: (\w+)", r"  quality:\n    metric: \1", text)
+    # measure every recipe, also those that miss the goal: a loose gate here, the table shows the drop
+    text = re.sub(r"max_drop: [0-9.]+", "max_drop: 100", text, count=1)
+    manifest.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run only this manifest (camera.yaml, wearable.yaml, assistant.yaml)")
+    args = parser.parse_args()
+    rows = []
+    for manifest, recipes in RECIPES.items():
+        if args.only and manifest != args.only:
+            continue
+        for label, recipe in recipes:
+            with tempfile.TemporaryDirectory() as tmp:
+                root = scratch_repo(Path(tmp))
+                with_recipe(root / "manifests" / manifest, recipe)
+                ws = load_workspace(root)
+                doc = next(d for d in ws.deployments.values() if d.path.name == manifest)
+                started = time.perf_counter()
+                try:
+                    report = build(doc, "cpu", default_cache(ws)).report
+                except Exception as exc:  # noqa: BLE001 - a failing recipe is a row too
+                    rows.append([doc.name, label, "failed", "", "", "", "", str(exc)[:80]])
+                    continue
+                seconds = time.perf_counter() - started
+            first, last = report["stages"][0], report["stages"][-1]
+            q = last["quality"]
+            unit = " pts" if q["metric"] in ("accuracy", "top1_agreement") else ""
+            rows.append([doc.name, label, f"{last['size_ratio']:.2f}x", f"{last['zstd_ratio']:.2f}x",
+                         f"{q['metric']} {q['value']:.4g} ({-q['drop']:+.3g}{unit})",
+                         f"{first['latency_ms']['p50']:.3f} → {last['latency_ms']['p50']:.3f}",
+                         f"{last['speedup']:.2f}x", f"{seconds:.1f}"])
+    print(f"Machine: {machine()}\n")
+    print(markdown_table(["deployment", "recipe", "size ×", "zstd ×", "quality (Δ vs fp32)",
+                          "host p50 ms", "speed ×", "build s"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""edgeops on-device agent: measure a release where it runs.
+
+One file; needs only python3, numpy and onnxruntime. It never imports edgeops.
+Every command prints exactly one JSON document on stdout (``"schema":
+"edgeops.agent/v1"``), errors included (``"ok": false`` with a message, exit 3).
+
+    edgeops_agent.py info
+    edgeops_agent.py bench RELEASE_DIR [--runs N | --duration S] [--warmup N]
+                                       [--compare OTHER_RELEASE_DIR] [--block N] [--golden]
+    edgeops_agent.py power RELEASE_DIR [--seconds S]
+
+RELEASE_DIR holds runtime.json, the model file it names and optionally golden.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SCHEMA = "edgeops.agent/v1"
+AGENT_VERSION = "1"
+
+
+class AgentError(Exception):
+    """A failure the orchestrator should see as a message, not a traceback."""
+
+    def __init__(self, message, kind="error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ------------------------------------------------------------------ power
+
+
+def _sysfs(config, path):
+    root = config.get("sysfs_root") or "/"
+    return os.path.join(root, path.lstrip("/")) if root != "/" else path
+
+
+def _read_number(path, what):
+    try:
+        with open(path) as handle:
+            return float(handle.read().strip())
+    except PermissionError:
+        hint = (" (RAPL energy counters are readable by root only on recent kernels: run the agent as root, "
+                "or use an hwmon or estimate source)") if "powercap" in path or "rapl" in path else ""
+        raise AgentError(f"cannot read {what} {path} as uid {os.getuid()}{hint}", "power-unreadable")
+    except FileNotFoundError:
+        raise AgentError(f"{what} {path} does not exist", "power-missing")
+    except ValueError:
+        raise AgentError(f"{what} {path} does not hold a number", "power-invalid")
+
+
+class EnergyMeter:
+    """Cumulative energy in millijoules since start(), whatever the source.
+
+    Counters (RAPL, hwmon energy) are read at each call and unwrapped; power
+    sources (hwmon power, INA3221, command) are sampled by a thread and
+    integrated; the estimate integrates this process's CPU time.
+    """
+
+    def __init__(self, config):
+        self.config = config or {"source": "none"}
+        self.source = self.config.get("source", "none")
+        self.boundary = self.config.get("boundary")
+        self.interval = float(self.config.get("interval_ms", 50)) / 1000.0
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = threading.Event()
+        self._energy = 0.0
+        self._samples = 0
+        self._last = None
+        self._counter_path = None
+        self._wrap = None
+
+    # -- description
+    def describe(self):
+        out = {"source": self.source, "boundary": self.boundary, "interval_ms": self.interval * 1000}
+        if self.config.get("path"):
+            out["path"] = self.config["path"]
+        if self.source in ("hwmon", "ina3221", "command"):
+            out["samples"] = self._samples
+        return out
+
+    # -- sources
+    def _power_path(self):
+        path = _sysfs(self.config, self.config["path"])
+        if self.source == "ina3221":
+            channel = self.config.get("channel", 1)
+            direct = os.path.join(path, f"in_power{channel - 1}_input")
+            if os.path.exists(direct):
+                return ("mw", direct)
+            return ("vi", (os.path.join(path, f"in{channel}_input"), os.path.join(path, f"curr{channel}_input")))
+        return ("uw", path)
+
+    def _power_mw(self):
+        if self.source == "command":
+            argv = self.config["argv"]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise AgentError(f"power command {shlex.join(argv)} failed: {exc}", "power-unreadable")
+            if done.returncode != 0:
+                raise AgentError(f"power command {shlex.join(argv)} exited {done.returncode}", "power-unreadable")
+            try:
+                return float(done.stdout.strip().split()[0])
+            except (ValueError, IndexError):
+                raise AgentError(f"power command {shlex.join(argv)} printed no milliwatts", "power-invalid")
+        kind, where = self._power_path()
+        if kind == "uw":
+            return _read_number(where, "power file") / 1000.0
+        if kind == "mw":
+            return _read_number(where, "INA3221 power file")
+        millivolts = _read_number(where[0], "INA3221 voltage file")
+        milliamps = _read_number(where[1], "INA3221 current file")
+        return millivolts * milliamps / 1000.0
+
+    def _counter_uj(self):
+        return _read_number(self._counter_path, "energy counter")
+
+    def _cpu_mj(self):
+        cores_busy_s = time.process_time()
+        wall = time.perf_counter()
+        return cores_busy_s * float(self.config["active_mw_per_core"]) + wall * float(self.config.get("idle_mw", 0))
+
+    # -- lifecycle
+    def start(self):
+        if self.source == "none":
+            return self
+        if self.source == "rapl":
+            base = _sysfs(self.config, self.config.get("path", "/sys/class/powercap/intel-rapl:0"))
+            self._counter_path = os.path.join(base, "energy_uj")
+            self._wrap = _read_number(os.path.join(base, "max_energy_range_uj"), "RAPL range file")
+            self._last = self._counter_uj()
+        elif self.source == "hwmon" and os.path.basename(self.config["path"]).startswith("energy"):
+            self._counter_path = _sysfs(self.config, self.config["path"])
+            self._last = self._counter_uj()
+        elif self.source == "estimate":
+            self._last = self._cpu_mj()
+        else:
+            self._last = (time.perf_counter(), self._power_mw())
+            self._samples = 1
+            self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample_loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self._accumulate()
+            except AgentError:
+                return
+
+    def _accumulate(self):
+        now, power = time.perf_counter(), self._power_mw()
+        with self._lock:
+            then, before = self._last
+            self._energy += (before + power) / 2.0 * (now - then)  # mW * s = mJ (trapezoid)
+            self._last = (now, power)
+            self._samples += 1
+
+    def energy_mj(self):
+        """Energy since start() in mJ (None without a source)."""
+        if self.source == "none":
+            return None
+        if self._counter_path:
+            value = self._counter_uj()
+            delta = value - self._last
+            if delta < 0:  # the counter wrapped
+                delta += self._wrap if self._wrap else 0
+            with self._lock:
+                self._energy += delta / 1000.0
+                self._last = value
+        elif self.source == "estimate":
+            value = self._cpu_mj()
+            self._energy += value - self._last
+            self._last = value
+        else:
+            with self._lock:
+                then, power = self._last
+                return self._energy + power * (time.perf_counter() - then)
+        return self._energy
+
+    def stop(self):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2 * self.interval + 1)
+
+
+# ------------------------------------------------------------------ sessions
+
+
+def _load_config(release):
+    path = os.path.join(release, "runtime.json")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise AgentError(f"{path} not found: is {release} a release directory?")
+    except json.JSONDecodeError as exc:
+        raise AgentError(f"{path} is not valid JSON: {exc}")
+    if config.get("schema") != "edgeops.runtime/v1":
+        raise AgentError(f"{path}: unsupported runtime config schema {config.get('schema')!r}")
+    return config
+
+
+def _option_value(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _session_options(ort, config, profile_path=None):
+    options = ort.SessionOptions()
+    s = config["session_options"]
+    options.intra_op_num_threads = int(s["intra_op_num_threads"])
+    options.inter_op_num_threads = int(s["inter_op_num_threads"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, s["graph_optimization_level"])
+    options.execution_mode = getattr(ort.ExecutionMode, s["execution_mode"])
+    options.enable_cpu_mem_arena = bool(s["enable_cpu_mem_arena"])
+    options.enable_mem_pattern = bool(s["enable_mem_pattern"])
+    options.log_severity_level = 3
+    for key, value in config.get("session_config_entries", {}).items():
+        options.add_session_config_entry(key, str(value))
+    if profile_path:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_path
+    return options
+
+
+def open_session(release, config, profile_path=None):
+    """An InferenceSession exactly as the runtime config asks, or an AgentError saying why not."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    requested = [p["name"] for p in config["execution_providers"]]
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise AgentError(f"requested execution provider(s) {', '.join(missing)} not available on this device "
+                         f"(onnxruntime {ort.__version__} has: {', '.join(available)})", "provider-unavailable")
+    providers = [(p["name"], {k: _option_value(v) for k, v in p.get("options", {}).items()})
+                 for p in config["execution_providers"]]
+    model = os.path.join(release, config["model"]["file"])
+    try:
+        return ort.InferenceSession(model, _session_options(ort, config, profile_path), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types per failure
+        raise AgentError(f"cannot create a session for {model}: {str(exc).splitlines()[0][:300]}", "session-failed")
+
+
+def node_placement(release, config):
+    """{provider: node count} from one profiled run: proof of where the nodes really ran."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = open_session(release, config, os.path.join(tmp, "placement"))
+        feeds = make_feeds(release, config, session)
+        session.run(None, feeds[0])
+        trace = session.end_profiling()
+        with open(trace) as handle:
+            events = json.load(handle)
+    counts = {}
+    nodes_on_cpu = []
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args and event.get("name", "").endswith("_kernel_time"):
+            counts[args["provider"]] = counts.get(args["provider"], 0) + 1
+            if args["provider"] == "CPUExecutionProvider":
+                nodes_on_cpu.append(args.get("op_name", "?"))
+    return counts, nodes_on_cpu
+
+
+_NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32",
+                 "uint8": "uint8", "int8": "int8", "bool": "bool"}
+
+
+def make_feeds(release, config, session, count=16):
+    """Inputs for the benchmark: the golden samples shipped with the release, else zeros of the right shape."""
+    import numpy as np
+
+    golden = os.path.join(release, (config.get("golden") or {}).get("file", "golden.npz"))
+    if os.path.exists(golden):
+        data = np.load(golden)
+        names = [i.name for i in session.get_inputs()]
+        if all(f"in.{n}" in data.files for n in names):
+            total = len(data[f"in.{names[0]}"])
+            return [{n: data[f"in.{n}"][i:i + 1] for n in names} for i in range(min(count, total))]
+    feeds = {}
+    for spec in config["model"]["inputs"]:
+        shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        feeds[spec["name"]] = np.zeros(shape, dtype=_NUMPY_DTYPES.get(spec["dtype"], "float32"))
+    return [feeds]
+
+
+def _percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def summarize(samples_ms, wall_s):
+    ordered = sorted(samples_ms)
+    return {
+        "runs": len(samples_ms),
+        "p50_ms": _percentile(ordered, 50), "p90_ms": _percentile(ordered, 90),
+        "p95_ms": _percentile(ordered, 95), "p99_ms": _percentile(ordered, 99),
+        "mean_ms": sum(samples_ms) / len(samples_ms) if samples_ms else None,
+        "min_ms": ordered[0] if ordered else None, "max_ms": ordered[-1] if ordered else None,
+        "throughput_per_s": len(samples_ms) / wall_s if wall_s > 0 else None,
+    }
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+class Release:
+    """A loaded release: config, session, inputs, and the proof of where it ran."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.config = _load_config(self.path)
+        before = _rss_mb()
+        self.session = open_session(self.path, self.config)
+        self.feeds = make_feeds(self.path, self.config, self.session)
+        self.session.run(None, self.feeds[0])
+        self.load_rss_mb = _rss_mb() - before
+        self.providers = self.session.get_providers()
+        self.placement, self.cpu_nodes = ({}, [])
+        if self.config.get("require_accelerator"):
+            self.placement, self.cpu_nodes = node_placement(self.path, self.config)
+            if self.cpu_nodes:
+                raise AgentError(f"{len(self.cpu_nodes)} node(s) fell back to the CPU although the release requires "
+                                 f"its accelerator ({', '.join(sorted(set(self.cpu_nodes))[:8])})", "cpu-fallback")
+
+    def run_once(self, index):
+        start = time.perf_counter_ns()
+        self.session.run(None, self.feeds[index % len(self.feeds)])
+        return (time.perf_counter_ns() - start) / 1e6
+
+    def facts(self):
+        return {"path": self.path, "model_sha256": self.config["model"]["sha256"], "providers": self.providers,
+                "node_placement": self.placement, "cpu_fallback_nodes": len(self.cpu_nodes),
+                "session_rss_mb": round(self.load_rss_mb, 2)}
+
+
+def golden_check(release):
+    """Run the shipped golden samples and score them like the build did."""
+    import numpy as np
+
+    golden_cfg = release.config.get("golden")
+    if not golden_cfg:
+        raise AgentError("this release ships no golden set")
+    data = np.load(os.path.join(release.path, golden_cfg["file"]))
+    names = [i.name for i in release.session.get_inputs()]
+    outputs = [o.name for o in release.session.get_outputs()]
+    index = outputs.index(golden_cfg["output"]) if golden_cfg["output"] in outputs else 0
+    count = len(data[f"in.{names[0]}"])
+    produced = np.concatenate([release.session.run(None, {n: data[f"in.{n}"][i:i + 1] for n in names})[index]
+                               for i in range(count)])
+    out = produced.reshape(count, -1).astype(np.float64)
+    ref = data["reference"].reshape(count, -1).astype(np.float64)
+    expected = data["expected"].reshape(count, -1).astype(np.float64)
+    metric = golden_cfg["metric"]
+    if metric == "accuracy" and "labels" in data.files:
+        value = float((out.argmax(1) == data["labels"]).mean() * 100)
+    elif metric in ("accuracy", "top1_agreement"):
+        value = float((out.argmax(1) == ref.argmax(1)).mean() * 100)
+    elif metric == "cosine":
+        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+        value = float(np.mean(np.sum(out * ref, axis=1) / norms))
+    else:
+        value = float(np.max(np.abs(out - ref)))
+    return {"metric": metric, "value": value, "samples": count,
+            "max_abs_deviation_from_build": float(np.max(np.abs(out - expected)))}
+
+
+def _energy_summary(meter, energy_mj, wall_s, runs):
+    if energy_mj is None:
+        return {"source": "none"}
+    out = meter.describe()
+    out.update({"energy_mj": energy_mj, "window_s": wall_s,
+                "average_power_mw": energy_mj / wall_s if wall_s > 0 else None,
+                "energy_per_inference_mj": energy_mj / runs if runs else None})
+    return out
+
+
+def bench(args):
+    a = Release(args.release)
+    b = Release(args.compare) if args.compare else None
+    meter = EnergyMeter(a.config.get("power"))
+    power_error = None
+    try:
+        meter.start()
+    except AgentError as exc:
+        power_error, meter = {"source": meter.source, "error": str(exc), "kind": exc.kind}, EnergyMeter(None)
+    for i in range(args.warmup):
+        a.run_once(i)
+        if b:
+            b.run_once(i)
+    samples = {"a": [], "b": []}
+    energy = {"a": 0.0, "b": 0.0}
+    busy = {"a": 0.0, "b": 0.0}
+    deadline = time.perf_counter() + args.duration if args.duration else None
+    block, turn, index = max(1, args.block), 0, 0
+
+    def done():
+        if deadline is not None:
+            return time.perf_counter() >= deadline
+        return len(samples["a"]) >= args.runs
+
+    while not done():
+        order = ("a", "b") if turn % 2 == 0 else ("b", "a")  # alternate who goes first: no position bias
+        for side in (order if b else ("a",)):
+            release = a if side == "a" else b
+            e0, t0 = meter.energy_mj(), time.perf_counter()
+            for _ in range(block):
+                samples[side].append(release.run_once(index))
+                index += 1
+            t1, e1 = time.perf_counter(), meter.energy_mj()
+            busy[side] += t1 - t0
+            if e0 is not None and e1 is not None:
+                energy[side] += e1 - e0
+        turn += 1
+    meter.stop()
+    has_energy = meter.source != "none"
+    result = {"mode": "compare" if b else "bench", "warmup": args.warmup, "block": block,
+              "peak_rss_mb": round(_rss_mb(), 2),
+              "a": {**a.facts(), "latency": summarize(samples["a"], busy["a"]), "samples_ms": samples["a"],
+                    "power": power_error or _energy_summary(meter, energy["a"] if has_energy else None,
+                                                            busy["a"], len(samples["a"]))}}
+    if b:
+        result["b"] = {**b.facts(), "latency": summarize(samples["b"], busy["b"]), "samples_ms": samples["b"],
+                       "power": power_error or _energy_summary(meter, energy["b"] if has_energy else None,
+                                                               busy["b"], len(samples["b"]))}
+    if args.golden:
+        result["a"]["golden"] = golden_check(a)
+        if b:
+            result["b"]["golden"] = golden_check(b)
+    return result
+
+
+def info(_args):
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        import numpy
+        import onnxruntime
+
+        out.update(numpy=numpy.__version__, onnxruntime=onnxruntime.__version__,
+                   available_providers=onnxruntime.get_available_providers())
+    except ImportError as exc:
+        raise AgentError(f"the device lacks a dependency of the agent: {exc}", "dependency-missing")
+    return out
+
+
+def power(args):
+    config = _load_config(args.release)
+    meter = EnergyMeter(config.get("power")).start()
+    start = time.perf_counter()
+    time.sleep(args.seconds)
+    energy = meter.energy_mj()
+    meter.stop()
+    return {"power": _energy_summary(meter, energy, time.perf_counter() - start, 0)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="edgeops_agent.py", description="edgeops on-device agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info")
+    b = sub.add_parser("bench")
+    b.add_argument("release")
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--duration", type=float, default=None, help="seconds instead of a run count")
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--compare", default=None, help="another release, measured interleaved in blocks")
+    b.add_argument("--block", type=int, default=10)
+    b.add_argument("--golden", action="store_true")
+    p = sub.add_parser("power")
+    p.add_argument("release")
+    p.add_argument("--seconds", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    try:
+        result = {"bench": bench, "info": info, "power": power}[args.command](args)
+        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}
+        code = 0
+    except AgentError as exc:
+        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": exc.kind,
+                    "message": str(exc)}
+        code = 3
+    sys.stdout.write(json.dumps(document) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

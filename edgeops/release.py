@@ -1,0 +1,70 @@
+"""A release: the files that land in ``releases/<id>/`` on one device, and its id.
+
+The id derives from the digests of everything in it (artifact, golden set,
+runtime config), so the same inputs always name the same release and a
+device that already has it needs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeops import __version__
+from edgeops.build.cache import Artifact
+from edgeops.render import RenderedConfig
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    name: str
+    sha256: str
+    size: int
+    local: Path | None = None      # on this machine (artifact files)
+    content: bytes | None = None   # small generated files (runtime.json, release.json)
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    deployment: str
+    artifact_sha256: str
+    config_digest: str
+    files: tuple[ReleaseFile, ...]
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.local is not None)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"id": self.id, "deployment": self.deployment, "artifact_sha256": self.artifact_sha256,
+                "config_digest": self.config_digest,
+                "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in self.files}}
+
+
+def _bytes_file(name: str, content: bytes) -> ReleaseFile:
+    return ReleaseFile(name, hashlib.sha256(content).hexdigest(), len(content), content=content)
+
+
+def make_release(deployment: str, artifact: Artifact, config: RenderedConfig) -> Release:
+    report = artifact.report["artifact"]
+    release_id = "r-" + hashlib.sha256(f"{report['sha256']}:{report['golden_sha256']}:{config.digest}".encode()).hexdigest()[:16]
+    model = ReleaseFile("model.onnx", report["sha256"], report["size_bytes"], local=artifact.model)
+    golden = ReleaseFile("golden.npz", report["golden_sha256"], artifact.golden.stat().st_size, local=artifact.golden)
+    runtime = _bytes_file("runtime.json", config.text.encode())
+    meta = {"id": release_id, "deployment": deployment, "artifact_sha256": report["sha256"],
+            "config_digest": config.digest, "edgeops_version": __version__, "build_key": artifact.key}
+    release_json = _bytes_file("release.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return Release(release_id, deployment, report["sha256"], config.digest, (model, golden, runtime, release_json))
+
+
+def write_local(release: Release, directory: Path) -> Path:
+    """Lay a release out in a local directory (for the agent's tests and the local transport)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for item in release.files:
+        data = item.content if item.content is not None else item.local.read_bytes()  # type: ignore[union-attr]
+        (directory / item.name).write_bytes(data)
+    return directory

@@ -1,0 +1,138 @@
+"""Render one runtime config per device from templates/ in a Jinja2 sandbox.
+
+StrictUndefined turns a misspelt variable into an error; every error names
+the template file and line. The output must be valid JSON (NaN and Infinity
+included as errors) and must match ``RuntimeConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import ValidationError
+
+from edgeops.errors import Problem, RenderError
+from edgeops.runtime_config import RuntimeConfig, canonical_json, digest
+from edgeops.spec.models import Deployment
+from edgeops.spec.workspace import Document, Workspace
+from edgeops.targets import TargetDevice, substitute
+
+
+@dataclass(frozen=True)
+class RenderedConfig:
+    device: TargetDevice
+    text: str            # canonical JSON, what lands on the device as runtime.json
+    digest: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.text)
+
+
+def _strict_json(value: Any, **kwargs: Any) -> str:
+    """``tojson`` that fails on undefined values instead of serialising them somehow."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, jinja2.Undefined):
+            obj._fail_with_undefined_error()
+        raise TypeError(f"{type(obj).__name__} cannot be written as JSON")
+
+    return json.dumps(value, default=default, allow_nan=False, **kwargs)
+
+
+def environment(templates: Path) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
+                               autoescape=False, keep_trailing_newline=True)
+    env.policies["json.dumps_function"] = _strict_json
+    return env
+
+
+def _deep_substitute(value: Any, device: str, root: str) -> Any:
+    if isinstance(value, str):
+        return substitute(value, device, root)
+    if isinstance(value, list):
+        return [_deep_substitute(v, device, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _deep_substitute(v, device, root) for k, v in value.items()}
+    return value
+
+
+def context(deployment: Document[Deployment], target: TargetDevice, artifact: dict[str, Any]) -> dict[str, Any]:
+    """What a template sees: plain data only (copies), never live objects."""
+    profile = _deep_substitute(target.profile.obj.spec.model_dump(mode="json"), target.name, target.root)
+    spec = deployment.obj.spec
+    return {
+        "deployment": {"name": deployment.name, "labels": dict(deployment.obj.metadata.labels)},
+        "device": {"name": target.name, "host": target.device.host, "port": target.device.port,
+                   "labels": dict(target.device.labels), "root": target.root, "fleet": target.fleet.name},
+        "profile": profile,
+        "model": spec.model.model_dump(mode="json", include={"inputs", "outputs"}),
+        "quality": spec.quality.model_dump(mode="json"),
+        "slo": spec.slo.model_dump(mode="json"),
+        "artifact": {"sha256": artifact["sha256"], "golden_sha256": artifact["golden_sha256"],
+                     "quality_output": artifact["quality_output"], "size_bytes": artifact["size_bytes"]},
+    }
+
+
+def _template_line(exc: BaseException, name: str) -> int | None:
+    """Jinja rewrites tracebacks so template frames carry the template's file name and line."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.endswith(".j2"):
+            return frame.lineno
+    return getattr(exc, "lineno", None)
+
+
+def render_device(ws: Workspace, deployment: Document[Deployment], target: TargetDevice,
+                  artifact: dict[str, Any]) -> RenderedConfig:
+    """The runtime config of one device. Raises RenderError (located in the template)."""
+    name = target.profile.obj.spec.template
+    display = f"templates/{name}"
+    env = environment(ws.templates_dir)
+    try:
+        text = env.get_template(name).render(context(deployment, target, artifact))
+    except jinja2.TemplateSyntaxError as exc:
+        file = f"templates/{exc.name or name}"
+        raise RenderError([Problem(file, exc.lineno, "", f"template syntax error: {exc.message}")]) from None
+    except jinja2.TemplateNotFound as exc:
+        raise RenderError([Problem(display, None, "", f"template not found: {exc.name}")]) from None
+    except jinja2.UndefinedError as exc:
+        raise RenderError([Problem(_frame_file(exc, display), _template_line(exc, name), "",
+                                   f"{exc.message} (rendering for device {target.key})")]) from None
+    except jinja2.exceptions.SecurityError as exc:
+        raise RenderError([Problem(display, _template_line(exc, name), "", f"unsafe template operation: {exc}")]) from None
+    except Exception as exc:  # noqa: BLE001 - any other template runtime error is the template's fault
+        raise RenderError([Problem(_frame_file(exc, display), _template_line(exc, name), "",
+                                   f"template failed: {type(exc).__name__}: {exc}")]) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        line = getattr(exc, "lineno", None)
+        raise RenderError([Problem(display, None, "", f"rendered output is not valid JSON for device {target.key} "
+                                   f"(output line {line}: {getattr(exc, 'msg', exc)}); use the tojson filter "
+                                   "for every value")]) from None
+    try:
+        config = RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise RenderError([Problem(display, None, field, f"rendered config does not match edgeops.runtime/v1: "
+                                   f"{first['msg']} (device {target.key})")]) from None
+    text = canonical_json(config.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return RenderedConfig(target, text, digest(text))
+
+
+def _frame_file(exc: BaseException, default: str) -> str:
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.endswith(".j2"):
+            return "templates/" + Path(frame.filename).name
+    return default
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
