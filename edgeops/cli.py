@@ -166,3 +166,59 @@ def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: 
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(config.text)
             click.echo(f"wrote {path}")
+
+
+@main.group()
+def lab() -> None:
+    """A local fleet of real sshd devices on 127.0.0.1 (quick start, tests, benchmarks)."""
+
+
+def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
+    from edgeops.spec.workspace import load_workspace
+
+    ws = load_workspace(workspace_root((Path(fleet),) if Path(fleet).exists() else (), root))
+    by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
+    return ws, (by_path[0] if by_path else ws.fleet(fleet))
+
+
+@lab.command("up")
+@click.argument("fleet", default="lab")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@handle_errors
+def lab_up_command(fleet: str, root: Path | None) -> None:
+    """Start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
+    from edgeops.lab import lab_up
+    from edgeops.targets import TargetDevice
+
+    ws, doc = _lab_fleet(fleet, root)
+    targets = [TargetDevice(doc, d, ws.profiles[d.profile or doc.obj.spec.profile]) for d in doc.obj.spec.devices]
+    for device in lab_up(ws, doc, targets):
+        click.echo(f"up  {doc.name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
+
+
+@lab.command("status")
+@click.argument("fleet", default="lab")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@handle_errors
+def lab_status_command(fleet: str, root: Path | None) -> None:
+    """Show which lab devices are running."""
+    from edgeops.lab import lab_status
+
+    ws, doc = _lab_fleet(fleet, root)
+    for device in lab_status(ws, doc):
+        state = f"running (pid {device.pid})" if device.running else "stopped"
+        click.echo(f"{doc.name}/{device.name}  127.0.0.1:{device.port}  {state}")
+
+
+@lab.command("down")
+@click.argument("fleet", default="lab")
+@click.option("--wipe", is_flag=True, help="also delete the devices' lab state (keys, logs)")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@handle_errors
+def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
+    """Stop exactly the sshd processes `lab up` started (by pid)."""
+    from edgeops.lab import lab_down
+
+    ws, doc = _lab_fleet(fleet, root)
+    stopped = lab_down(ws, doc, wipe)
+    click.echo(f"stopped {len(stopped)} lab device(s) of {doc.name}")

@@ -22,3 +22,57 @@ def copy_repo(dest: Path) -> Path:
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (bound then released)."""
+    import socket
+
+    sockets, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "lab",
+                    extra_device: str = "") -> Path:
+    """Rewrite the repo copy's lab fleet: ``devices`` sshd devices on free ports, roots under ``device_roots``."""
+    lines = [
+        "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-cpu",
+        "  ssh:", "    user: root", "    identity_file: ../../.edgeops/lab/client_ed25519",
+        "    known_hosts: ../../.edgeops/lab/known_hosts", "    use_ssh_config: false",
+        "    connect_timeout_s: 5", "    connect_retries: 0", "  devices:",
+    ]
+    for index, port in enumerate(free_ports(devices), start=1):
+        ring = "canary" if index == 1 else "main"
+        lines.append(f"    - {{name: {name}-{index:02d}, host: 127.0.0.1, port: {port}, "
+                     f"root: {device_roots / f'{name}-{index:02d}'}, labels: {{ring: {ring}}}}}")
+    if extra_device:
+        lines.append(extra_device)
+    path = root / "manifests" / "fleets" / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab_repo(tmp_path_factory: pytest.TempPathFactory):
+    """A repo copy whose lab fleet (4 devices) runs as real sshd processes for the module's tests."""
+    from edgeops.lab import lab_down, lab_up
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.targets import target_devices
+
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.fail("openssh-server is not installed: run scripts/install.sh (CI must not skip these tests)")
+    base = tmp_path_factory.mktemp("lab")
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, 4, base / "devices")
+    ws = load_workspace(root)
+    fleet = ws.fleets["lab"]
+    lab_up(ws, fleet, target_devices(ws, "wearable-activity"))
+    yield root
+    lab_down(ws, fleet)

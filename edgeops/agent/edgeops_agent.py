@@ -16,16 +16,19 @@ RELEASE_DIR holds runtime.json, the model file it names and optionally golden.np
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 
 SCHEMA = "edgeops.agent/v1"
 AGENT_VERSION = "1"
@@ -473,6 +476,230 @@ def power(args):
     return {"power": _energy_summary(meter, energy, time.perf_counter() - start, 0)}
 
 
+# ------------------------------------------------------------------ release layout on the device
+#
+# <root>/blobs/sha256/<digest>            content-addressed files
+# <root>/deployments/<name>/releases/<id>/ hard links to blobs (model.onnx, runtime.json, ...)
+# <root>/deployments/<name>/current        symlink, replaced by rename(2): atomic
+# <root>/deployments/<name>/previous       symlink to the release before current
+# <root>/deployments/<name>/state.json     written to a temp file, fsynced, renamed
+# <root>/.staging/                         uploads land here first
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _deployment_dir(root, name):
+    if not name or "/" in name or name.startswith("."):
+        raise AgentError(f"invalid deployment name {name!r}")
+    return os.path.join(root, "deployments", name)
+
+
+def _read_state(directory):
+    try:
+        with open(os.path.join(directory, "state.json")) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise AgentError(f"state.json is corrupt: {exc}")
+
+
+def _write_atomic(path, data):
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _link(directory, name):
+    try:
+        return os.path.basename(os.readlink(os.path.join(directory, name)))
+    except OSError:
+        return None
+
+
+def _switch_link(directory, name, release):
+    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.symlink(os.path.join("releases", release), tmp)
+    os.replace(tmp, os.path.join(directory, name))  # rename(2) over the old link: atomic
+
+
+def layout_state(args):
+    directory = _deployment_dir(args.root, args.deployment)
+    blobs_dir = os.path.join(args.root, "blobs", "sha256")
+    releases_dir = os.path.join(directory, "releases")
+    os.makedirs(args.root, exist_ok=True)
+    stat = os.statvfs(args.root)
+    agent_file = os.path.join(args.root, "agent", "edgeops_agent.py")
+    return {
+        "root": args.root,
+        "state": _read_state(directory),
+        "current": _link(directory, "current"),
+        "previous": _link(directory, "previous"),
+        "releases": sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else [],
+        "blobs": sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else [],
+        "free_bytes": stat.f_bavail * stat.f_frsize,
+        "agent_sha256": _sha256_file(agent_file) if os.path.exists(agent_file) else None,
+    }
+
+
+def layout_prepare(args):
+    """Create the directories and clear leftovers of interrupted uploads."""
+    staging = os.path.join(args.root, ".staging")
+    for path in (staging, os.path.join(args.root, "blobs", "sha256"), os.path.join(args.root, "agent"),
+                 os.path.join(_deployment_dir(args.root, args.deployment), "releases")):
+        os.makedirs(path, exist_ok=True)
+    removed = 0
+    for item in os.listdir(staging):
+        path = os.path.join(staging, item)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        removed += 1
+    return {"staging_removed": removed, **layout_state(args)}
+
+
+def _commit_blob(root, staged, sha256):
+    """Move an uploaded file from staging into blobs/ only if its sha256 matches."""
+    actual = _sha256_file(staged)
+    if actual != sha256:
+        os.unlink(staged)
+        raise AgentError(f"checksum mismatch for {os.path.basename(staged)}: expected {sha256}, "
+                         f"got {actual}; the upload was discarded", "checksum-mismatch")
+    with open(staged, "rb") as handle:
+        os.fsync(handle.fileno())
+    target = os.path.join(root, "blobs", "sha256", sha256)
+    os.replace(staged, target)
+    _fsync_dir(os.path.dirname(target))
+
+
+def layout_install_agent(args):
+    actual = _sha256_file(args.staged)
+    if actual != args.sha256:
+        os.unlink(args.staged)
+        raise AgentError("checksum mismatch for the uploaded agent", "checksum-mismatch")
+    os.replace(args.staged, os.path.join(args.root, "agent", "edgeops_agent.py"))
+    return {"agent_sha256": actual}
+
+
+def layout_assemble(args):
+    """Commit uploaded blobs (sha256 checked), build releases/<id>/ in staging, move it in with one rename."""
+    directory = _deployment_dir(args.root, args.deployment)
+    for staged, sha256 in sorted(json.loads(args.staged or "{}").items()):
+        _commit_blob(args.root, staged, sha256)
+    final = os.path.join(directory, "releases", args.release)
+    if os.path.isdir(final):
+        return {"release": args.release, "assembled": False}
+    files = json.loads(args.files)
+    staging = os.path.join(args.root, ".staging", f"release-{args.release}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    for name, digest in sorted(files.items()):
+        if "/" in name or name.startswith("."):
+            raise AgentError(f"invalid release file name {name!r}")
+        blob = os.path.join(args.root, "blobs", "sha256", digest)
+        if not os.path.exists(blob):
+            raise AgentError(f"blob {digest} for {name} is missing on the device", "blob-missing")
+        try:
+            os.link(blob, os.path.join(staging, name))
+        except OSError:
+            shutil.copyfile(blob, os.path.join(staging, name))
+    _fsync_dir(staging)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(staging, final)
+    _fsync_dir(os.path.dirname(final))
+    return {"release": args.release, "assembled": True}
+
+
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def layout_switch(args):
+    """Point current at a release (and previous at what current was); record it in state.json."""
+    directory = _deployment_dir(args.root, args.deployment)
+    if not os.path.isdir(os.path.join(directory, "releases", args.release)):
+        raise AgentError(f"release {args.release} is not on the device", "release-missing")
+    old = _link(directory, "current")
+    state = _read_state(directory) or {"deployment": args.deployment, "history": []}
+    if old != args.release:
+        if old:  # the release we leave stays one switch away, whether we go forward or back
+            _switch_link(directory, "previous", old)
+        _switch_link(directory, "current", args.release)
+        _fsync_dir(directory)
+    state.update(current=args.release, previous=_link(directory, "previous"),
+                 status="rolled_back" if args.action == "rollback" else "verifying")
+    state["history"] = (state.get("history") or [])[-49:] + [
+        {"at": _now(), "action": args.action, "release": args.release, "from": old, "by": args.by}]
+    _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
+    return {"current": args.release, "previous": state["previous"], "switched": old != args.release}
+
+
+def layout_record(args):
+    """Store the verdict on the current release (status + the measurements behind it)."""
+    directory = _deployment_dir(args.root, args.deployment)
+    state = _read_state(directory) or {"deployment": args.deployment, "history": []}
+    update = json.loads(args.json)
+    state.update(update)
+    if update.get("status"):
+        state["history"] = (state.get("history") or [])[-49:] + [
+            {"at": _now(), "action": update["status"], "release": state.get("current"), "by": args.by}]
+    _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
+    return {"status": state.get("status")}
+
+
+def layout_prune(args):
+    """Keep current, previous and the newest releases up to --keep; drop blobs nothing uses."""
+    directory = _deployment_dir(args.root, args.deployment)
+    releases_dir = os.path.join(directory, "releases")
+    keep = {r for r in (_link(directory, "current"), _link(directory, "previous")) if r}
+    existing = sorted(os.listdir(releases_dir), key=lambda r: os.stat(os.path.join(releases_dir, r)).st_mtime,
+                      reverse=True) if os.path.isdir(releases_dir) else []
+    for release in existing:
+        if len(keep) >= args.keep:
+            break
+        keep.add(release)
+    removed = [r for r in existing if r not in keep]
+    for release in removed:
+        shutil.rmtree(os.path.join(releases_dir, release), ignore_errors=True)
+    used = set()
+    deployments = os.path.join(args.root, "deployments")
+    for name in os.listdir(deployments) if os.path.isdir(deployments) else []:
+        rdir = os.path.join(deployments, name, "releases")
+        for release in os.listdir(rdir) if os.path.isdir(rdir) else []:
+            for item in os.listdir(os.path.join(rdir, release)):
+                path = os.path.join(rdir, release, item)
+                used.add(os.stat(path).st_ino)
+    blobs_dir = os.path.join(args.root, "blobs", "sha256")
+    dropped = []
+    for blob in os.listdir(blobs_dir) if os.path.isdir(blobs_dir) else []:
+        path = os.path.join(blobs_dir, blob)
+        if os.stat(path).st_ino not in used:
+            os.unlink(path)
+            dropped.append(blob)
+    return {"removed_releases": removed, "removed_blobs": len(dropped)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="edgeops_agent.py", description="edgeops on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -488,14 +715,44 @@ def main(argv=None):
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
+    for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--root", required=True)
+        if name != "install-agent":
+            cmd.add_argument("--deployment", required=True)
+        if name == "install-agent":
+            cmd.add_argument("--staged", required=True)
+            cmd.add_argument("--sha256", required=True)
+        if name in ("assemble", "switch"):
+            cmd.add_argument("--release", required=True)
+        if name == "assemble":
+            cmd.add_argument("--files", required=True, help="JSON object: file name -> sha256")
+            cmd.add_argument("--staged", default=None, help="JSON object: uploaded staging path -> sha256")
+        if name == "switch":
+            cmd.add_argument("--action", choices=["activate", "rollback"], default="activate")
+        if name in ("switch", "record"):
+            cmd.add_argument("--by", default="edgeops")
+        if name == "record":
+            cmd.add_argument("--json", required=True)
+        if name == "prune":
+            cmd.add_argument("--keep", type=int, default=3)
     args = parser.parse_args(argv)
+    commands = {"bench": bench, "info": info, "power": power, "state": layout_state, "prepare": layout_prepare,
+                "install-agent": layout_install_agent,
+                "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
+                "prune": layout_prune}
     try:
-        result = {"bench": bench, "info": info, "power": power}[args.command](args)
+        result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}
         code = 0
     except AgentError as exc:
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": exc.kind,
                     "message": str(exc)}
+        code = 3
+    except OSError as exc:
+        kind = "disk-full" if exc.errno == 28 else "os-error"
+        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": kind,
+                    "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}
         code = 3
     sys.stdout.write(json.dumps(document) + "\n")
     return code

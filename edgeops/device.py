@@ -1,0 +1,189 @@
+"""Release operations on one device, on top of a transport and the shipped agent.
+
+A push never leaves a device half-updated: files go to ``.staging/``, the
+agent checks their sha256 and moves them into ``blobs/``; the release
+directory is assembled in staging and renamed into place; ``current`` is
+switched by renaming a new symlink over it. Until that rename the previous
+release keeps running; after it the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeops.agent import AGENT_FILE
+from edgeops.errors import DeviceError, RemoteCommandFailed
+from edgeops.release import Release, ReleaseFile
+from edgeops.transport.base import Transport, sha256_of
+
+DISK_MARGIN_BYTES = 1 << 20  # keep a little room for state.json and logs
+
+
+class AgentFailed(DeviceError):
+    """The agent ran and reported a failure (kind says which)."""
+
+    def __init__(self, device: str, kind: str, message: str) -> None:
+        self.device, self.kind = device, kind
+        super().__init__(f"{device}: {message}")
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What is on the device for one deployment, as read from it."""
+
+    current: str | None = None
+    previous: str | None = None
+    releases: tuple[str, ...] = ()
+    blobs: frozenset[str] = frozenset()
+    free_bytes: int | None = None
+    agent_current: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str | None:
+        return self.state.get("status")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    bytes_moved: int
+    files_moved: int
+    files_skipped: int
+
+
+class Device:
+    """One device's ``<root>`` as edgeops lays it out."""
+
+    def __init__(self, transport: Transport, root: str, python: str, deployment: str) -> None:
+        self.transport, self.root, self.python, self.deployment = transport, root.rstrip("/"), python, deployment
+        self.name = transport.device
+        self.agent_path = f"{self.root}/agent/edgeops_agent.py"
+        self._agent_bytes = AGENT_FILE.read_bytes()
+        self.agent_sha256 = sha256_of(self._agent_bytes)
+
+    # ---------------------------------------------------------------- agent
+
+    def agent(self, *args: str, timeout: float | None = None, agent_path: str | None = None) -> dict[str, Any]:
+        """Run an agent command; return its JSON document or raise AgentFailed with its message."""
+        argv = [self.python, agent_path or self.agent_path, *args]
+        try:
+            result = self.transport.run(argv, timeout=timeout, check=False)
+        except RemoteCommandFailed as exc:  # pragma: no cover - check=False
+            raise AgentFailed(self.name, "command-failed", exc.message) from None
+        lines = result.stdout.strip().splitlines()
+        try:
+            document = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            document = None
+        if not isinstance(document, dict):
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise AgentFailed(self.name, "agent-broken", f"agent exited {result.exit_status} without a JSON "
+                                                        f"document: {tail[:300]}")
+        if not document.get("ok"):
+            raise AgentFailed(self.name, str(document.get("error")), str(document.get("message")))
+        return document
+
+    def _common(self) -> list[str]:
+        return ["--root", self.root, "--deployment", self.deployment]
+
+    def ensure_agent(self) -> bool:
+        """Ship the agent when the device lacks it or has another version; True if shipped."""
+        if self.transport.read_bytes(self.agent_path) == self._agent_bytes:
+            return False
+        staged = f"{self.root}/.staging/agent-{uuid.uuid4().hex[:8]}.py"
+        self.transport.run(["mkdir", "-p", f"{self.root}/.staging", f"{self.root}/agent"])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "edgeops_agent.py"
+            local.write_bytes(self._agent_bytes)
+            self.transport.put(local, staged)
+        self.agent("install-agent", "--root", self.root, "--staged", staged, "--sha256", self.agent_sha256,
+                   agent_path=staged)
+        return True
+
+    # ---------------------------------------------------------------- observe
+
+    def observe(self) -> DeviceState:
+        """Read-only: the deployment's state on the device (never writes)."""
+        if self.transport.read_bytes(self.agent_path) != self._agent_bytes:
+            raw = self.transport.read_bytes(f"{self.root}/deployments/{self.deployment}/state.json")
+            state = json.loads(raw) if raw else {}
+            return DeviceState(current=state.get("current"), previous=state.get("previous"), state=state)
+        doc = self.agent("state", *self._common())
+        return DeviceState(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
+                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], agent_current=True,
+                           state=doc["state"] or {})
+
+    # ---------------------------------------------------------------- push
+
+    def push(self, release: Release, progress: Callable[[int], None] | None = None,
+             timeout: float | None = None) -> PushResult:
+        """Make ``releases/<id>`` complete on the device (does not switch to it)."""
+        self.ensure_agent()
+        observed = self.agent("prepare", *self._common(), timeout=timeout)  # also clears interrupted uploads
+        if release.id in observed["releases"]:
+            return PushResult(0, 0, len(release.files))
+        needed = [f for f in release.files if f.sha256 not in set(observed["blobs"])]
+        need_bytes = sum(f.size for f in needed)
+        if need_bytes + DISK_MARGIN_BYTES > observed["free_bytes"]:
+            raise DeviceError(f"{self.name}: not enough free space under {self.root}: need "
+                              f"{need_bytes + DISK_MARGIN_BYTES} bytes, {observed['free_bytes']} free; "
+                              "the previous release is untouched",
+                              hint="free space on the device or lower device.keep_releases")
+        moved, staged = 0, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for item in needed:
+                local = self._local_copy(item, Path(tmp))
+                remote = f"{self.root}/.staging/{item.sha256}.{uuid.uuid4().hex[:8]}.part"
+                moved += self.transport.put(local, remote,
+                                            progress=(lambda done, total: progress(done)) if progress else None)
+                staged[remote] = item.sha256
+        files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
+        self.agent("assemble", *self._common(), "--release", release.id, "--files", files,
+                   "--staged", json.dumps(staged, sort_keys=True), timeout=timeout)
+        return PushResult(moved, len(needed), len(release.files) - len(needed))
+
+    @staticmethod
+    def _local_copy(item: ReleaseFile, tmp: Path) -> Path:
+        if item.local is not None:
+            return item.local
+        path = tmp / item.name
+        path.write_bytes(item.content or b"")
+        return path
+
+    # ---------------------------------------------------------------- switch, verify, record
+
+    def activate(self, release_id: str, by: str = "edgeops", action: str = "activate") -> dict[str, Any]:
+        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by)
+
+    def rollback(self, to: str | None = None, by: str = "edgeops") -> dict[str, Any]:
+        """Switch back to ``previous`` (or a named release still on the device); moves no bytes."""
+        target = to or self.observe().previous
+        if not target:
+            raise DeviceError(f"{self.name}: no previous release to roll back to")
+        return self.activate(target, by, action="rollback")
+
+    def verify(self, release_id: str, baseline: str | None, runs: int, block: int, timeout: float | None,
+               golden: bool = True) -> dict[str, Any]:
+        """The agent's measurement of a release, interleaved with ``baseline`` when given."""
+        releases = f"{self.root}/deployments/{self.deployment}/releases"
+        args = ["bench", f"{releases}/{release_id}", "--runs", str(runs), "--block", str(block)]
+        if baseline:
+            args += ["--compare", f"{releases}/{baseline}"]
+        if golden:
+            args.append("--golden")
+        return self.agent(*args, timeout=timeout)
+
+    def record(self, update: dict[str, Any], by: str = "edgeops") -> None:
+        self.agent("record", *self._common(), "--json", json.dumps(update, sort_keys=True), "--by", by)
+
+    def prune(self, keep: int) -> dict[str, Any]:
+        return self.agent("prune", *self._common(), "--keep", str(keep))
+
+    def describe(self) -> str:
+        return f"{self.name}:{shlex.quote(self.root)}"
