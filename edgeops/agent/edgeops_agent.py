@@ -606,8 +606,15 @@ def layout_install_agent(args):
 def layout_assemble(args):
     """Commit uploaded blobs (sha256 checked), build releases/<id>/ in staging, move it in with one rename."""
     directory = _deployment_dir(args.root, args.deployment)
-    for staged, sha256 in sorted(json.loads(args.staged or "{}").items()):
-        _commit_blob(args.root, staged, sha256)
+    uploads = sorted(json.loads(args.staged or "{}").items())
+    try:
+        for staged, sha256 in uploads:
+            _commit_blob(args.root, staged, sha256)
+    except AgentError:
+        for staged, _ in uploads:  # a bad upload voids the whole push: leave nothing half-done behind
+            if os.path.exists(staged):
+                os.unlink(staged)
+        raise
     final = os.path.join(directory, "releases", args.release)
     if os.path.isdir(final):
         return {"release": args.release, "assembled": False}

@@ -1,0 +1,91 @@
+"""Release layout operations with the local transport (a directory as a device): fast, no sshd."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from edgeops.build.pipeline import build, default_cache
+from edgeops.device import Device
+from edgeops.errors import DeviceError
+from edgeops.release import make_release
+from edgeops.render import render_device
+from edgeops.spec.workspace import load_workspace
+from edgeops.targets import target_devices
+from edgeops.transport.local import LocalTransport
+
+
+def releases(root: Path, count: int):
+    ws = load_workspace(root)
+    doc = ws.deployments["wearable-activity"]
+    artifact = build(doc, "cpu", default_cache(ws)).artifact
+    target = target_devices(ws, doc.name)[0]
+    config = render_device(ws, doc, target, artifact.report["artifact"])
+    base = make_release(doc.name, artifact, config)
+    out = []
+    for index in range(count):
+        text = config.text.replace('"intra_op_num_threads": 1', f'"intra_op_num_threads": {index + 1}')
+        out.append(make_release(doc.name, artifact, replace(config, text=text, digest=f"{index:064d}")))
+    assert len({r.id for r in out}) == count and base.id
+    return out
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Device:
+    import sys
+
+    return Device(LocalTransport("local-01"), str(tmp_path / "device"), sys.executable, "wearable-activity")
+
+
+def test_push_activate_and_state_file(repo_copy: Path, device: Device) -> None:
+    first, second = releases(repo_copy, 2)
+    device.push(first)
+    assert device.observe().current is None  # pushed, not switched
+    device.activate(first.id)
+    device.push(second)
+    device.activate(second.id)
+    root = Path(device.root) / "deployments" / "wearable-activity"
+    assert (root / "current").resolve().name == second.id
+    assert (root / "previous").resolve().name == first.id
+    state = json.loads((root / "state.json").read_text())
+    assert [h["action"] for h in state["history"]] == ["activate", "activate"]
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temp files
+    release_dir = root / "releases" / second.id
+    assert {p.name for p in release_dir.iterdir()} == {"model.onnx", "golden.npz", "runtime.json", "release.json"}
+
+
+def test_rollback_to_a_named_release_and_missing_release(repo_copy: Path, device: Device) -> None:
+    first, second, third = releases(repo_copy, 3)
+    for release in (first, second, third):
+        device.push(release)
+        device.activate(release.id)
+    device.rollback(to=first.id)
+    assert device.observe().current == first.id
+    with pytest.raises(DeviceError, match="is not on the device"):
+        device.rollback(to="r-0000000000000000")
+
+
+def test_prune_keeps_current_previous_and_the_keep_count(repo_copy: Path, device: Device) -> None:
+    several = releases(repo_copy, 5)
+    for release in several:
+        device.push(release)
+        device.activate(release.id)
+    result = device.prune(keep=3)
+    state = device.observe()
+    assert len(state.releases) == 3
+    assert state.current == several[-1].id and state.previous == several[-2].id
+    assert set(result["removed_releases"]) == {several[0].id, several[1].id}
+    assert result["removed_blobs"] == 4  # their runtime.json and release.json; the shared model stays
+
+
+def test_checksum_mismatch_discards_the_upload(repo_copy: Path, device: Device) -> None:
+    (release,) = releases(repo_copy, 1)
+    broken = replace(release, files=tuple(replace(f, sha256="0" * 64) if f.name == "runtime.json" else f
+                                          for f in release.files))
+    with pytest.raises(DeviceError, match="checksum mismatch"):
+        device.push(broken)
+    assert device.observe().current is None
+    assert list((Path(device.root) / ".staging").iterdir()) == []
