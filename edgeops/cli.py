@@ -222,3 +222,145 @@ def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
     ws, doc = _lab_fleet(fleet, root)
     stopped = lab_down(ws, doc, wipe)
     click.echo(f"stopped {len(stopped)} lab device(s) of {doc.name}")
+
+
+def _context(manifest: str, root: Path | None):  # type: ignore[no-untyped-def]
+    from edgeops.ledger import default_ledger
+    from edgeops.spec.workspace import load_workspace
+
+    ws = load_workspace(workspace_root((Path(manifest),) if Path(manifest).exists() else (), root))
+    doc = ws.deployment(manifest)
+    return ws, doc, default_ledger(ws.root)
+
+
+ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+                           help="repository root (default: found)")
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="save the plan (JSON) for apply --plan")
+@ROOT_OPTION
+@handle_errors
+def plan(manifest: str, output: str, out_file: Path | None, root: Path | None) -> None:
+    """Show what apply would do. Exit code 0: no changes, 2: changes pending, 1: error."""
+    from edgeops.connections import Connections
+    from edgeops.operations import plan_deployment
+    from edgeops.ui import console, err_console, plan_markdown, plan_summary, plan_table
+
+    ws, doc, ledger = _context(manifest, root)
+    with Connections(parallelism=16) as connections, err_console.status("planning") as status:
+        result, _ = plan_deployment(ws, doc, connections, ledger, progress=status.update)
+    if out_file:
+        out_file.write_text(result.to_json())
+        err_console.print(f"saved plan to {out_file}")
+    if output == "json":
+        click.echo(result.to_json(), nl=False)
+    elif output == "markdown":
+        click.echo(plan_markdown(result), nl=False)
+    else:
+        console.print(plan_table(result))
+        for line in plan_summary(result):
+            console.print(line, soft_wrap=True)
+    sys.exit(2 if result.has_changes else 0)
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="execute exactly this saved plan (refused if the devices or the repo moved since)")
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def apply(manifest: str, plan_file: Path | None, output: str, root: Path | None) -> None:
+    """Build, render, plan and roll out wave by wave with on-device verification and rollback."""
+    from edgeops.connections import Connections
+    from edgeops.operations import apply_deployment, load_plan
+    from edgeops.rollout import summarize
+    from edgeops.ui import LiveReporter, console, err_console, result_table
+
+    ws, doc, ledger = _context(manifest, root)
+    saved = load_plan(plan_file) if plan_file else None
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
+        _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved,
+                                     progress=lambda m: err_console.print(m))
+    if output == "json":
+        click.echo(json.dumps({"deployment": result.deployment, "outcome": result.outcome, "message": result.message,
+                               "rollout_id": result.rollout_id, "summary": summarize(result),
+                               "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))
+    else:
+        console.print(result_table(result))
+        s = summarize(result)
+        console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
+                      f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
+                      f"{s['unreachable']} unreachable, {s['skipped']} not started; {s['bytes_moved']:,} bytes moved")
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.argument("manifest")
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def status(manifest: str, output: str, root: Path | None) -> None:
+    """Fleet health: one row per device, sync against git, last verification. Non-zero exit when unhealthy."""
+    from edgeops.connections import Connections
+    from edgeops.operations import status_rows
+    from edgeops.ui import console, err_console, status_summary, status_table
+
+    ws, doc, _ = _context(manifest, root)
+    with Connections(parallelism=16) as connections, err_console.status("reading devices") as spinner:
+        rows = status_rows(ws, doc, connections, progress=spinner.update)
+    if output == "json":
+        click.echo(json.dumps({"deployment": doc.name, "devices": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        console.print(status_table(doc.name, rows))
+        console.print(status_summary(rows))
+    sys.exit(0 if all(r.health == "Healthy" for r in rows) else 1)
+
+
+@main.command()
+@click.argument("deployment")
+@click.option("--limit", default=20, show_default=True)
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def history(deployment: str, limit: int, output: str, root: Path | None) -> None:
+    """Rollouts of a deployment: when, who, artifact, decisions and the measurements behind them."""
+    from edgeops.ui import console, history_table
+
+    _, doc, ledger = _context(deployment, root)
+    rollouts = ledger.history(doc.name, limit)
+    if output == "json":
+        click.echo(json.dumps(rollouts, indent=2))
+    elif not rollouts:
+        console.print(f"no rollouts of {doc.name} in the ledger yet")
+    else:
+        console.print(history_table(doc.name, rollouts))
+
+
+@main.command()
+@click.argument("deployment")
+@click.option("--to", "to_release", help="a release id still on the devices (default: each device's previous)")
+@click.option("--devices", help="comma-separated device names (default: every target device)")
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def rollback(deployment: str, to_release: str | None, devices: str | None, output: str, root: Path | None) -> None:
+    """Switch devices back without any transfer, verify, record."""
+    from edgeops.connections import Connections
+    from edgeops.operations import rollback_deployment
+    from edgeops.rollout import summarize
+    from edgeops.ui import LiveReporter, console, result_table
+
+    ws, doc, ledger = _context(deployment, root)
+    names = [d.strip() for d in devices.split(",")] if devices else None
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
+        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter)
+    if output == "json":
+        click.echo(json.dumps({"outcome": result.outcome, "summary": summarize(result),
+                               "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))
+    else:
+        console.print(result_table(result))
+    sys.exit(0 if result.ok else 1)

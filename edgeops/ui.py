@@ -6,10 +6,14 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+import sys
+
+# off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 def _kb(n: int) -> str:
@@ -43,3 +47,150 @@ def build_table(report: dict[str, Any]) -> Table:
 def build_notes(report: dict[str, Any]) -> list[str]:
     """What each stage did, one line per note (latency is host CPU, 1 thread, batch 1)."""
     return [f"  {stage['index']}: {note}" for stage in report["stages"] for note in stage["notes"]]
+
+
+# ------------------------------------------------------------------ plan, apply, status, history
+
+ACTION_STYLE = {"install": "green", "update": "yellow", "reverify": "cyan", "no-change": "dim", "unreachable": "red"}
+DECISION_STYLE = {"Passed": "green", "Inconclusive": "yellow", "Failed": "red", "RolledBack": "magenta",
+                  "Unreachable": "red", "Skipped": "dim", "Unchanged": "dim"}
+
+
+def plan_table(plan: Any) -> Table:
+    table = Table(title=f"plan for {plan.deployment}", title_justify="left")
+    for column in ("wave", "device", "profile", "action", "current", "release", "bytes", "reason"):
+        table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
+    for d in sorted(plan.devices, key=lambda d: (d.wave or 999, d.key)):
+        style = ACTION_STYLE.get(d.action, "")
+        table.add_row(str(d.wave or "—"), d.key, d.profile, f"[{style}]{d.action}[/]", d.current or "—",
+                      d.release_id, f"{d.bytes_to_move:,}", escape(d.reason))
+    return table
+
+
+def plan_summary(plan: Any) -> list[str]:
+    counts: dict[str, int] = {}
+    for d in plan.devices:
+        counts[d.action] = counts.get(d.action, 0) + 1
+    lines = [", ".join(f"{n} {a}" for a, n in sorted(counts.items())) +
+             f"; {plan.waves} wave(s); {sum(d.bytes_to_move for d in plan.devices):,} bytes to move"]
+    lines += [f"artifact ({acc}): {sha[:16]}" for acc, sha in plan.artifacts.items()]
+    lines += [f"recipe: {line}" for line in plan.recipe_diff]
+    lines += [f"note: {n}" for n in plan.notes]
+    return lines
+
+
+def plan_markdown(plan: Any) -> str:
+    """A pull-request comment: stable order, no timestamps."""
+    out = [f"### edgeops plan: `{plan.deployment}`", ""]
+    out += [f"- {line}" for line in plan_summary(plan)]
+    out += ["", "| wave | device | profile | action | current | release | bytes to move |", "|---|---|---|---|---|---|---|"]
+    for d in sorted(plan.devices, key=lambda d: (d.wave or 999, d.key)):
+        out.append(f"| {d.wave or '—'} | `{d.key}` | {d.profile} | **{d.action}** | {d.current or '—'} | "
+                   f"{d.release_id} | {d.bytes_to_move:,} |")
+    return "\n".join(out) + "\n"
+
+
+def result_table(result: Any) -> Table:
+    table = Table(title=f"{result.deployment}: {result.outcome} — {result.message}", title_justify="left")
+    for column in ("wave", "device", "decision", "release", "bytes moved", "p95 ms", "reason"):
+        table.add_column(column, justify="right" if column in ("wave", "bytes moved", "p95 ms") else "left")
+    for d in result.devices:
+        latency = (d.measurements or {}).get("latency") or {}
+        style = DECISION_STYLE.get(d.decision, "")
+        table.add_row(str(d.wave or "—"), d.key, f"[{style}]{d.decision}[/]", d.release_id or "—",
+                      f"{d.bytes_moved:,}", f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "—",
+                      escape(d.reason))
+    return table
+
+
+def status_table(deployment: str, rows: list[Any]) -> Table:
+    table = Table(title=f"status of {deployment}", title_justify="left")
+    for column in ("FLEET", "DEVICE", "PROFILE", "RELEASE", "SYNC", "HEALTH", "P95 ms (SLO)", "POWER",
+                   "LAST DEPLOY", "MESSAGE"):
+        table.add_column(column)
+    colors = {"Synced": "green", "OutOfSync": "yellow", "Unknown": "red", "Healthy": "green",
+              "Degraded": "yellow", "RolledBack": "magenta", "Unreachable": "red", "Missing": "yellow"}
+    for r in rows:
+        p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
+        slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"
+        table.add_row(r.fleet, r.device, r.profile, r.release or "—", f"[{colors[r.sync]}]{r.sync}[/]",
+                      f"[{colors[r.health]}]{r.health}[/]", p95 + slo, escape(r.power), r.last_deploy or "—",
+                      escape(r.message))
+    return table
+
+
+def status_summary(rows: list[Any]) -> str:
+    def count(attr: str, value: str) -> int:
+        return sum(1 for r in rows if getattr(r, attr) == value)
+
+    return (f"{len(rows)} device(s): {count('sync', 'Synced')} Synced, {count('sync', 'OutOfSync')} OutOfSync, "
+            f"{count('sync', 'Unknown')} Unknown; {count('health', 'Healthy')} Healthy, "
+            f"{count('health', 'Degraded')} Degraded, {count('health', 'RolledBack')} RolledBack, "
+            f"{count('health', 'Unreachable')} Unreachable, {count('health', 'Missing')} Missing")
+
+
+def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"history of {deployment}", title_justify="left")
+    for column in ("#", "when", "kind", "outcome", "who", "commit", "artifact", "device", "decision", "release",
+                   "p95 ms", "reason"):
+        table.add_column(column)
+    for r in rollouts:
+        artifacts = ", ".join(f"{a}:{s[:10]}" for a, s in r["artifacts"].items())
+        who = r.get("git_author") or r.get("actor") or ""
+        first = True
+        for e in r["devices"] or [{}]:
+            latency = (e.get("measurements") or {}).get("latency") or {}
+            table.add_row(str(r["id"]) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
+                          r["outcome"] if first else "", who if first else "",
+                          (r.get("git_commit") or "")[:10] if first else "", artifacts if first else "",
+                          e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",
+                          f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "", escape(e.get("reason") or ""))
+            first = False
+    return table
+
+
+class LiveReporter:
+    """Per-device stages as they happen: a live table on a terminal, one line per event otherwise."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self.rows: dict[str, list[str]] = {}
+        self.lock = __import__("threading").Lock()
+        self.live = Live(self._table(), console=err_console, refresh_per_second=8, transient=False) \
+            if err_console.is_terminal else None
+
+    def _table(self) -> Table:
+        table = Table(show_header=True)
+        for column in ("device", "stage", "detail"):
+            table.add_column(column)
+        for key, (stage, detail) in self.rows.items():
+            table.add_row(key, stage, detail)
+        return table
+
+    def __enter__(self) -> "LiveReporter":
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(None, None, None)
+
+    def stage(self, key: str, stage: str, detail: str = "") -> None:
+        with self.lock:
+            self.rows[key] = [stage, escape(detail)]
+            if self.live:
+                self.live.update(self._table())
+            else:
+                err_console.print(escape(f"{key}: {stage} {detail}".rstrip()), soft_wrap=True)
+
+    def transfer(self, key: str, done: int, total: int) -> None:
+        if not self.live or not total:
+            return
+        with self.lock:
+            self.rows[key] = ["push", f"{min(done, total) * 100 // total}% of {total:,} bytes"]
+            self.live.update(self._table())
+
+    def message(self, text: str) -> None:
+        err_console.print(escape(text), soft_wrap=True)

@@ -645,10 +645,19 @@ def _now():
 def layout_switch(args):
     """Point current at a release (and previous at what current was); record it in state.json."""
     directory = _deployment_dir(args.root, args.deployment)
-    if not os.path.isdir(os.path.join(directory, "releases", args.release)):
-        raise AgentError(f"release {args.release} is not on the device", "release-missing")
     old = _link(directory, "current")
     state = _read_state(directory) or {"deployment": args.deployment, "history": []}
+    if args.release == "none":  # undo a first install: the device had no release of this deployment
+        if old:
+            _switch_link(directory, "previous", old)
+            os.unlink(os.path.join(directory, "current"))
+        state.update(current=None, previous=_link(directory, "previous"), status="removed")
+        state["history"] = (state.get("history") or [])[-49:] + [
+            {"at": _now(), "action": "remove", "release": None, "from": old, "by": args.by}]
+        _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
+        return {"current": None, "previous": state["previous"], "switched": old is not None}
+    if not os.path.isdir(os.path.join(directory, "releases", args.release)):
+        raise AgentError(f"release {args.release} is not on the device", "release-missing")
     if old != args.release:
         if old:  # the release we leave stays one switch away, whether we go forward or back
             _switch_link(directory, "previous", old)

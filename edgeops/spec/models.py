@@ -217,6 +217,14 @@ class Regression(Strict):
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
 
 
+class Verification(Strict):
+    runs: Annotated[int, Field(ge=20, le=100000)] = Field(
+        default=400, description="measured runs per release on the device (interleaved with the previous)")
+    block: Annotated[int, Field(ge=1, le=1000)] = Field(default=10, description="runs per A/B block")
+    retries: Annotated[int, Field(ge=0, le=5)] = Field(
+        default=2, description="on_inconclusive: retry measures again this many times, with twice the runs each")
+
+
 class RolloutPolicy(Strict):
     waves: list[CountOrPercent] = Field(default_factory=lambda: [1, "25%", "100%"], min_length=1)
     canary_per_hardware_class: bool = True
@@ -225,6 +233,7 @@ class RolloutPolicy(Strict):
     bake_time_s: Annotated[float, Field(ge=0)] = 0
     timeouts: Timeouts = Timeouts()
     regression: Regression = Regression()
+    verification: Verification = Verification()
     on_inconclusive: Literal["retry", "pause", "rollback"] = "retry"
     on_failure: Literal["rollback", "pause"] = "rollback"
     parallelism: Annotated[int, Field(ge=1, le=256)] = 4

@@ -123,9 +123,9 @@ class Workspace:
         """A deployment by metadata.name or by its manifest path."""
         if name_or_path in self.deployments:
             return self.deployments[name_or_path]
-        wanted = Path(name_or_path).resolve()
+        candidates = {Path(name_or_path).resolve(), (self.root / name_or_path).resolve()}
         for doc in self.deployments.values():
-            if doc.path == wanted:
+            if doc.path in candidates:
                 return doc
         close = difflib.get_close_matches(name_or_path, list(self.deployments), n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(self.deployments)) or 'none'}"

@@ -1,0 +1,199 @@
+"""The ledger: an SQLite file of every rollout, device decision and the measurements behind it.
+
+Written in transactions, schema-versioned (``PRAGMA user_version``). It holds
+names, digests, decisions and numbers only: never keys, hosts' secrets or
+manifest contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgeops.errors import EdgeopsError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment TEXT NOT NULL,
+    kind TEXT NOT NULL,               -- apply | rollback
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT,                     -- succeeded | no-op | halted | failed | interrupted
+    actor TEXT,
+    git_commit TEXT,
+    git_author TEXT,
+    artifacts TEXT,                   -- JSON {accelerator: sha256}
+    summary TEXT                      -- JSON counts and messages
+);
+CREATE TABLE IF NOT EXISTS device_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+    deployment TEXT NOT NULL,
+    device TEXT NOT NULL,             -- fleet/device
+    wave INTEGER,
+    release_id TEXT,
+    from_release TEXT,
+    action TEXT NOT NULL,             -- install | update | reverify | rollback | unreachable
+    decision TEXT NOT NULL,           -- Passed | Failed | Inconclusive | Unreachable | Skipped | RolledBack
+    reason TEXT,
+    bytes_moved INTEGER,
+    measurements TEXT,                -- JSON: latency, power (with source and boundary), golden
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_events_by_deployment ON device_events(deployment, device);
+CREATE TABLE IF NOT EXISTS locks (
+    fleet TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    acquired_at TEXT NOT NULL
+);
+"""
+
+
+class LedgerError(EdgeopsError):
+    """The ledger file cannot be used."""
+
+
+class LockHeld(EdgeopsError):
+    """Another apply holds the lock on a fleet."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Ledger:
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerError(f"{self.path} was written by a newer edgeops (schema {version})",
+                                  hint="upgrade edgeops")
+            # one transaction: the schema and its version appear together or not at all
+            db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot use the ledger {self.path}: {exc}") from None
+        finally:
+            db.close()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
+    # ---------------------------------------------------------------- rollouts
+
+    def start_rollout(self, deployment: str, kind: str, actor: str, git: dict[str, str | None],
+                      artifacts: dict[str, str]) -> int:
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO rollouts (deployment, kind, started_at, actor, git_commit, git_author, artifacts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (deployment, kind, now(), actor, git.get("commit"), git.get("author"), json.dumps(artifacts)))
+            return int(cursor.lastrowid)  # type: ignore[arg-type]
+
+    def finish_rollout(self, rollout_id: int, outcome: str, summary: dict[str, Any]) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE rollouts SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
+                       (now(), outcome, json.dumps(summary, sort_keys=True), rollout_id))
+
+    def device_event(self, rollout_id: int, deployment: str, device: str, action: str, decision: str, *,
+                     wave: int | None = None, release_id: str | None = None, from_release: str | None = None,
+                     reason: str = "", bytes_moved: int = 0, measurements: dict[str, Any] | None = None) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO device_events (rollout_id, deployment, device, wave, release_id, from_release, action, "
+                "decision, reason, bytes_moved, measurements, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rollout_id, deployment, device, wave, release_id, from_release, action, decision, reason,
+                 bytes_moved, json.dumps(measurements or {}, sort_keys=True), now()))
+
+    def history(self, deployment: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest rollouts first, each with its device events."""
+        with self._connect() as db:
+            rollouts = [dict(r) for r in db.execute(
+                "SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT ?", (deployment, limit))]
+            for rollout in rollouts:
+                rollout["artifacts"] = json.loads(rollout["artifacts"] or "{}")
+                rollout["summary"] = json.loads(rollout["summary"] or "{}")
+                rollout["devices"] = [
+                    {**dict(e), "measurements": json.loads(e["measurements"] or "{}")}
+                    for e in db.execute("SELECT * FROM device_events WHERE rollout_id = ? ORDER BY id", (rollout["id"],))]
+        return rollouts
+
+    def last_successful_summary(self, deployment: str) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute("SELECT summary FROM rollouts WHERE deployment = ? AND outcome = 'succeeded' "
+                             "ORDER BY id DESC LIMIT 1", (deployment,)).fetchone()
+        return None if row is None else json.loads(row["summary"] or "{}")
+
+    def last_event(self, deployment: str, device: str) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM device_events WHERE deployment = ? AND device = ? "
+                             "AND decision != 'Skipped' ORDER BY id DESC LIMIT 1", (deployment, device)).fetchone()
+        return None if row is None else {**dict(row), "measurements": json.loads(row["measurements"] or "{}")}
+
+    # ---------------------------------------------------------------- locks
+
+    @contextmanager
+    def lock(self, fleets: list[str], holder: str) -> Iterator[None]:
+        """Hold the apply lock on every fleet, or raise LockHeld naming who holds it."""
+        me = (holder, os.getpid(), socket.gethostname())
+        with self._connect() as db:
+            for fleet in sorted(set(fleets)):
+                row = db.execute("SELECT * FROM locks WHERE fleet = ?", (fleet,)).fetchone()
+                if row is not None and not self._stale(row):
+                    raise LockHeld(f"fleet '{fleet}' is locked by {row['holder']} (pid {row['pid']} on "
+                                   f"{row['host']}, since {row['acquired_at']})",
+                                   hint="wait for that apply to finish; a lock whose process died is taken over")
+            for fleet in sorted(set(fleets)):
+                db.execute("INSERT OR REPLACE INTO locks (fleet, holder, pid, host, acquired_at) VALUES (?, ?, ?, ?, ?)",
+                           (fleet, *me, now()))
+        try:
+            yield
+        finally:
+            with self._connect() as db:
+                for fleet in set(fleets):
+                    db.execute("DELETE FROM locks WHERE fleet = ? AND pid = ? AND host = ?", (fleet, me[1], me[2]))
+
+    @staticmethod
+    def _stale(row: sqlite3.Row) -> bool:
+        """A lock held by a process on this host that no longer exists."""
+        if row["host"] != socket.gethostname():
+            return False
+        try:
+            os.kill(int(row["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def default_ledger(root: Path) -> Ledger:
+    return Ledger(Path(os.environ.get("EDGEOPS_LEDGER") or root / ".edgeops" / "ledger.sqlite"))

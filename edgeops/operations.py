@@ -1,0 +1,206 @@
+"""The operations the CLI offers, composed from the library: plan, apply, status, rollback, history."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeops.connections import Connections
+from edgeops.desired import Desired, desired_state
+from edgeops.errors import DeviceError, EdgeopsError, InputError
+from edgeops.gitinfo import head_info
+from edgeops.ledger import Ledger
+from edgeops.plan import ObservedDevice, Plan, digest_desired, make_plan
+from edgeops.rollout import (ApplyContext, Reporter, RolloutResult, SilentReporter, actor, apply, desired_devices,
+                             device_for, observe, summarize)
+from edgeops.spec.models import Deployment
+from edgeops.spec.workspace import Document, Workspace
+from edgeops.verify import decide
+
+Progress = Callable[[str], None]
+
+
+def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[str, Any]]]:
+    return {acc: [s.model_dump(mode="json", exclude_none=True) for s in doc.obj.spec.recipe_for_accelerator(acc)]
+            for acc in desired.artifacts}
+
+
+def plan_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+                    progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
+    """Build and render (cache hits are free), read every device, and decide."""
+    desired = desired_state(ws, doc, progress)
+    progress(f"reading the state of {len(desired.targets)} device(s)")
+    observed = observe(desired, connections)
+    previous = ledger.last_successful_summary(doc.name)
+    plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
+                     recipes(doc, desired), previous.get("recipe") if previous else None,
+                     desired_devices(desired), observed)
+    return plan, desired
+
+
+class StalePlan(EdgeopsError):
+    """A saved plan no longer matches the repository or the devices."""
+
+
+def apply_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+                     reporter: Reporter | None = None, saved: Plan | None = None,
+                     progress: Progress = lambda m: None) -> tuple[Plan, RolloutResult]:
+    """Plan (or check a saved plan), then execute it under the fleets' lock."""
+    fleets = [t.fleet for t in doc.obj.spec.targets]
+    with ledger.lock(fleets, holder=f"{actor()} applying {doc.name}"):
+        plan, desired = plan_deployment(ws, doc, connections, ledger, progress)
+        if saved is not None:
+            if saved.deployment != doc.name:
+                raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")
+            if saved.desired_digest != plan.desired_digest:
+                raise StalePlan("the saved plan is stale: the repository now asks for other releases",
+                                hint="run edgeops plan again")
+            if saved.observed_digest != plan.observed_digest:
+                raise StalePlan("the saved plan is stale: devices changed since it was made "
+                                "(another apply, a rollback or a device change)", hint="run edgeops plan again")
+            plan = saved
+        git = head_info(ws.root)
+        ctx = ApplyContext(desired, connections, ledger, actor(), git, reporter or SilentReporter())
+        result = apply(plan, ctx)
+    return plan, result
+
+
+# ------------------------------------------------------------------ status
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    fleet: str
+    device: str
+    profile: str
+    release: str | None
+    sync: str                 # Synced | OutOfSync | Unknown
+    health: str               # Healthy | Degraded | RolledBack | Unreachable | Missing
+    p95_ms: float | None
+    slo_p95_ms: float | None
+    power: str
+    last_deploy: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _health(o: ObservedDevice) -> tuple[str, str]:
+    if not o.reachable:
+        return "Unreachable", o.error
+    if o.current is None:
+        return "Missing", "no release of this deployment on the device"
+    verdict = (o.verification or {}).get("reason", "")
+    if o.status == "committed":
+        return "Healthy", verdict
+    if o.status == "inconclusive":
+        return "Healthy", "kept after an inconclusive verification: " + verdict
+    if o.status == "rolled_back":
+        return "RolledBack", verdict or "rolled back"
+    return "Degraded", f"release not verified (status {o.status})"
+
+
+def _power(verification: dict[str, Any] | None) -> str:
+    power = (verification or {}).get("power") or {}
+    if power.get("energy_per_inference_mj") is not None:
+        return (f"{power['energy_per_inference_mj']:.3g} mJ/inf, {power['average_power_mw']:.0f} mW "
+                f"[{power['source']}, {power['boundary']}]")
+    return power.get("error", "—") if power else "—"
+
+
+def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connections,
+                progress: Progress = lambda m: None) -> list[StatusRow]:
+    desired = desired_state(ws, doc, progress)
+    progress(f"reading the state of {len(desired.targets)} device(s)")
+    observed = observe(desired, connections)
+    rows = []
+    for target in desired.targets:
+        o = observed[target.key]
+        want = desired.releases[target.key].id
+        sync = "Unknown" if not o.reachable else ("Synced" if o.current == want else "OutOfSync")
+        health, message = _health(o)
+        if sync == "OutOfSync" and health != "Unreachable":
+            message = (f"git asks for {want}; " + message).rstrip("; ")
+        latency = (o.verification or {}).get("latency") or {}
+        rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
+                              latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(o.verification),
+                              o.last_change, message))
+    return rows
+
+
+# ------------------------------------------------------------------ rollback
+
+
+def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+                        to: str | None = None, devices: list[str] | None = None,
+                        reporter: Reporter | None = None) -> RolloutResult:
+    """Switch devices back (no transfer), verify the release they land on, record it."""
+    from edgeops.rollout import DeviceOutcome
+    from edgeops.targets import target_devices
+
+    reporter = reporter or SilentReporter()
+    targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
+    if not targets:
+        raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
+    spec = doc.obj.spec
+    policy = spec.rollout
+    git = head_info(ws.root)
+    rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
+
+    def one(target: Any) -> DeviceOutcome:
+        device = device_for(target, connections, doc.name)
+        reporter.stage(target.key, "rollback")
+        state = device.observe()
+        landing = to or state.previous
+        if not landing:
+            raise DeviceError(f"{target.key}: no previous release to roll back to")
+        transport = connections.get(target)
+        sent = getattr(transport, "bytes_sent", 0)
+        device.rollback(to=landing, by=actor())
+        reporter.stage(target.key, "verify")
+        result = device.verify(landing, None, policy.verification.runs, policy.verification.block,
+                               policy.timeouts.verify_s)
+        # absolute SLOs only: the release we land on was built by another commit, so no host golden here
+        verdict = decide(result, spec.slo, policy.regression, spec.quality, None, policy.verification.block)
+        device.record({"status": "rolled_back", "verification": {"outcome": verdict.outcome, "reason": verdict.reason,
+                                                                   **verdict.measurements}}, by=actor())
+        moved = getattr(transport, "bytes_sent", 0) - sent
+        reporter.stage(target.key, "done", verdict.outcome)
+        return DeviceOutcome(target.key, "rollback", "RolledBack", f"on {landing}; verification {verdict.outcome}: "
+                             f"{verdict.reason}", landing, state.current, moved,
+                             measurements={**verdict.measurements, "verification": verdict.outcome})
+
+    results = connections.map(one, targets)
+    outcomes = []
+    for target in targets:
+        r = results[target.key]
+        if isinstance(r, EdgeopsError):
+            outcomes.append(DeviceOutcome(target.key, "rollback", "Failed", r.message))
+        else:
+            outcomes.append(r)
+    failed = [o for o in outcomes if o.decision == "Failed"]
+    result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+                           f"{len(outcomes) - len(failed)} device(s) rolled back, {len(failed)} failed", outcomes,
+                           rollout_id)
+    for o in outcomes:
+        ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
+                            from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
+                            measurements=o.measurements)
+    ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
+    return result
+
+
+def load_plan(path: Path) -> Plan:
+    try:
+        return Plan.from_json(path.read_text())
+    except FileNotFoundError:
+        raise InputError.at(str(path), None, "", "file not found") from None
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+        raise InputError.at(str(path), None, "", f"not a saved edgeops plan ({exc})") from None
+
+
+__all__ = ["StalePlan", "StatusRow", "apply_deployment", "digest_desired", "load_plan", "plan_deployment",
+           "rollback_deployment", "status_rows"]

@@ -1,0 +1,195 @@
+"""Planning: a pure function from desired and observed state to a frozen, serialisable Plan.
+
+Waves: the first wave is a canary with at least the policy's first wave and
+at least one device of every hardware class (when ``canary_per_hardware_class``).
+Every later wave brings the cumulative count to its target: a count, or a
+percentage of the devices that change, rounded up, never fewer than one more
+device, never more than are left. Devices with nothing to change, and
+unreachable ones, are in no wave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgeops.spec.models import RolloutPolicy, parse_count
+
+PLAN_SCHEMA = "edgeops.plan/v1"
+
+
+@dataclass(frozen=True)
+class DesiredDevice:
+    key: str                 # fleet/device
+    fleet: str
+    device: str
+    profile: str
+    hardware_class: str
+    labels: tuple[tuple[str, str], ...]
+    release_id: str
+    files: tuple[tuple[str, str, int], ...]   # (name, sha256, size)
+
+
+@dataclass(frozen=True)
+class ObservedDevice:
+    key: str
+    reachable: bool
+    error: str = ""
+    current: str | None = None
+    previous: str | None = None
+    status: str | None = None
+    blobs: frozenset[str] | None = None       # None: unknown (agent not installed yet)
+    verification: dict[str, Any] | None = None
+    last_change: str | None = None            # time of the last switch or verdict on the device
+
+
+@dataclass(frozen=True)
+class PlannedDevice:
+    key: str
+    fleet: str
+    device: str
+    profile: str
+    hardware_class: str
+    action: str              # install | update | reverify | no-change | unreachable
+    release_id: str
+    current: str | None
+    bytes_to_move: int
+    wave: int | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    deployment: str
+    artifacts: dict[str, str]                 # accelerator -> artifact sha256
+    recipe: dict[str, list[dict[str, Any]]]   # accelerator -> steps
+    recipe_diff: list[str]
+    devices: tuple[PlannedDevice, ...]
+    waves: int
+    observed_digest: str
+    desired_digest: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def changes(self) -> list[PlannedDevice]:
+        return [d for d in self.devices if d.action in ("install", "update", "reverify")]
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def wave(self, number: int) -> list[PlannedDevice]:
+        return [d for d in self.devices if d.wave == number]
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": PLAN_SCHEMA, **asdict(self)}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        if data.pop("schema", None) != PLAN_SCHEMA:
+            raise ValueError(f"not an {PLAN_SCHEMA} document")
+        data["devices"] = tuple(PlannedDevice(**d) for d in data["devices"])
+        data["notes"] = tuple(data.get("notes", ()))
+        return cls(**data)
+
+
+def digest_observed(observed: dict[str, ObservedDevice]) -> str:
+    """What a saved plan must still find on the devices to be applied."""
+    view = {k: [o.reachable, o.current, o.status] for k, o in sorted(observed.items())}
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
+
+
+def digest_desired(desired: list[DesiredDevice]) -> str:
+    view = {d.key: d.release_id for d in desired}
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
+
+
+def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, str]:
+    if not seen.reachable:
+        return "unreachable", seen.error
+    if seen.current is None:
+        return "install", "no release of this deployment on the device"
+    if seen.current != want.release_id:
+        reason = "device was rolled back" if seen.status == "rolled_back" else "device runs another release"
+        return "update", reason
+    if seen.status not in ("committed", "inconclusive"):
+        return "reverify", f"release is there but its last verification did not finish (status {seen.status})"
+    return "no-change", ""
+
+
+def _bytes(want: DesiredDevice, seen: ObservedDevice) -> int:
+    return sum(size for _, sha, size in want.files if seen.blobs is None or sha not in seen.blobs)
+
+
+def assign_waves(changing: list[DesiredDevice], policy: RolloutPolicy) -> dict[str, int]:
+    """Wave number (1-based) per device key, in the order given."""
+    total = len(changing)
+    if not total:
+        return {}
+    targets = []
+    for spec in policy.waves:
+        kind, amount = parse_count(spec)
+        targets.append(min(total, int(amount) if kind == "count" else math.ceil(total * amount / 100)))
+    canary: list[str] = []
+    if policy.canary_per_hardware_class:
+        seen_classes: set[str] = set()
+        preferred = sorted(changing, key=lambda d: (dict(d.labels).get("ring") != "canary"))
+        for device in preferred:
+            if device.hardware_class not in seen_classes:
+                seen_classes.add(device.hardware_class)
+                canary.append(device.key)
+    order = canary + [d.key for d in sorted(changing, key=lambda d: dict(d.labels).get("ring") != "canary")
+                      if d.key not in canary]
+    waves: dict[str, int] = {}
+    done, number = 0, 0
+    for index, target in enumerate(targets + [total]):
+        goal = max(target, done + 1, len(canary) if index == 0 else 0)
+        goal = min(goal, total)
+        if goal <= done:
+            continue
+        number += 1
+        for key in order[done:goal]:
+            waves[key] = number
+        done = goal
+        if done == total:
+            break
+    return waves
+
+
+def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
+                current: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Step-by-step differences from the recipe of the last successful rollout, per accelerator."""
+    if previous is None:
+        return ["no earlier successful rollout in the ledger"]
+    lines = []
+    for accelerator in sorted(set(previous) | set(current)):
+        before_steps, after_steps = previous.get(accelerator, []), current.get(accelerator, [])
+        for index in range(max(len(before_steps), len(after_steps))):
+            before = before_steps[index] if index < len(before_steps) else None
+            after = after_steps[index] if index < len(after_steps) else None
+            if before != after:
+                lines.append(f"{accelerator} step {index + 1}: {json.dumps(before, sort_keys=True)} -> "
+                             f"{json.dumps(after, sort_keys=True)}")
+    return lines
+
+
+def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],
+              previous_recipe: dict[str, list[dict[str, Any]]] | None, desired: list[DesiredDevice],
+              observed: dict[str, ObservedDevice]) -> Plan:
+    """Compare what git asks for with what the devices run; decide per device and assign waves."""
+    actions = {d.key: _action(d, observed[d.key]) for d in desired}
+    changing = [d for d in desired if actions[d.key][0] in ("install", "update", "reverify")]
+    waves = assign_waves(changing, policy)
+    devices = tuple(
+        PlannedDevice(d.key, d.fleet, d.device, d.profile, d.hardware_class, actions[d.key][0], d.release_id,
+                      observed[d.key].current, _bytes(d, observed[d.key]) if actions[d.key][0] in ("install", "update")
+                      else 0, waves.get(d.key), actions[d.key][1])
+        for d in desired)
+    unreachable = sum(1 for d in devices if d.action == "unreachable")
+    notes = (f"{unreachable} device(s) unreachable now; they count against max_unreachable_devices",) if unreachable else ()
+    return Plan(deployment, dict(sorted(artifacts.items())), recipe, recipe_diff(previous_recipe, recipe), devices,
+                max(waves.values(), default=0), digest_observed(observed), digest_desired(desired), notes)

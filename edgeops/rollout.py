@@ -1,0 +1,336 @@
+"""Executing a Plan: waves, per-device push -> switch -> verify -> commit | rollback, budgets, halting.
+
+The plan decides what to do; this module only does it and records what happened.
+Every stage runs under its timeout (a timeout is a failure, never a hang).
+Ctrl-C sets a stop flag: devices in flight finish the step they are in (never
+mid-switch), nothing new starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeops.connections import Connections
+from edgeops.desired import Desired
+from edgeops.device import Device, DeviceState
+from edgeops.errors import ConnectTimeout, EdgeopsError, HostUnreachable
+from edgeops.ledger import Ledger
+from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
+from edgeops.spec.models import parse_count
+from edgeops.targets import TargetDevice
+from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_golden_value
+
+UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
+
+
+class Reporter(Protocol):
+    def stage(self, key: str, stage: str, detail: str = "") -> None: ...
+    def transfer(self, key: str, done: int, total: int) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def stage(self, key: str, stage: str, detail: str = "") -> None:
+        pass
+
+    def transfer(self, key: str, done: int, total: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class DeviceOutcome:
+    key: str
+    action: str
+    decision: str            # Passed | Failed | Inconclusive | Unreachable | RolledBack | Skipped | Unchanged
+    reason: str = ""
+    release_id: str | None = None
+    from_release: str | None = None
+    bytes_moved: int = 0
+    wave: int | None = None
+    committed: bool = False  # left on the new release
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutResult:
+    deployment: str
+    outcome: str             # no-op | succeeded | halted | paused | interrupted
+    message: str
+    devices: list[DeviceOutcome]
+    rollout_id: int | None = None
+
+    def count(self, decision: str) -> int:
+        return sum(1 for d in self.devices if d.decision == decision)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("no-op", "succeeded")
+
+
+# ------------------------------------------------------------------ observing
+
+
+def device_for(target: TargetDevice, connections: Connections, deployment: str) -> Device:
+    return Device(connections.get(target), target.root, target.profile.obj.spec.device.python, deployment)
+
+
+def _observed(key: str, state: DeviceState) -> ObservedDevice:
+    history = state.state.get("history") or []
+    return ObservedDevice(key, True, current=state.current, previous=state.previous, status=state.status,
+                          blobs=state.blobs if state.agent_current else None,
+                          verification=state.state.get("verification"),
+                          last_change=history[-1]["at"] if history else None)
+
+
+def observe(desired: Desired, connections: Connections) -> dict[str, ObservedDevice]:
+    """Read every target device's state in parallel; unreachable devices are marked, not raised."""
+    name = desired.deployment.name
+    results = connections.map(lambda t: device_for(t, connections, name).observe(), list(desired.targets))
+    observed = {}
+    for key, result in results.items():
+        if isinstance(result, EdgeopsError):
+            connections.drop(desired.target(key))
+            observed[key] = ObservedDevice(key, False, error=result.message)
+        else:
+            observed[key] = _observed(key, result)
+    return observed
+
+
+def desired_devices(desired: Desired) -> list[DesiredDevice]:
+    out = []
+    for target in desired.targets:
+        release = desired.releases[target.key]
+        out.append(DesiredDevice(target.key, target.fleet.name, target.name, target.profile.name,
+                                 target.hardware_class, tuple(sorted(target.device.labels.items())), release.id,
+                                 tuple((f.name, f.sha256, f.size) for f in release.files)))
+    return out
+
+
+# ------------------------------------------------------------------ applying
+
+
+@dataclass
+class ApplyContext:
+    desired: Desired
+    connections: Connections
+    ledger: Ledger
+    actor: str
+    git: dict[str, str | None]
+    reporter: Reporter = field(default_factory=SilentReporter)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _allowed(spec: int | str, base: int) -> float:
+    kind, amount = parse_count(spec)
+    return amount if kind == "count" else amount * base / 100
+
+
+class _Roller:
+    def __init__(self, plan: Plan, ctx: ApplyContext) -> None:
+        self.plan, self.ctx = plan, ctx
+        self.doc = ctx.desired.deployment
+        self.spec = self.doc.obj.spec
+        self.policy = self.spec.rollout
+        self.host_golden = {acc: host_golden_value(dict(np.load(a.golden)), self.spec.quality)
+                            for acc, a in ctx.desired.artifacts.items()}
+
+    def device(self, target: TargetDevice) -> Device:
+        return device_for(target, self.ctx.connections, self.doc.name)
+
+    def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
+        verification = self.policy.verification
+        runs, attempt = verification.runs, 0
+        while True:
+            result = device.verify(planned.release_id, baseline, runs, verification.block,
+                                   timeout=self.policy.timeouts.verify_s * (2 ** attempt))
+            target = self.ctx.desired.target(planned.key)
+            verdict = decide(result, self.spec.slo, self.policy.regression, self.spec.quality,
+                             self.host_golden[target.accelerator], verification.block,
+                             seed=f"{planned.key}:{planned.release_id}:{attempt}")
+            if verdict.outcome != INCONCLUSIVE or self.policy.on_inconclusive != "retry" \
+                    or attempt >= verification.retries:
+                return verdict
+            attempt += 1
+            runs *= 2
+            self.ctx.reporter.stage(planned.key, "verify", f"inconclusive, measuring again ({runs} runs)")
+
+    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+        target = self.ctx.desired.target(planned.key)
+        release = self.ctx.desired.releases[planned.key]
+        report = self.ctx.reporter
+        outcome = DeviceOutcome(planned.key, planned.action, "Skipped", release_id=release.id,
+                                from_release=planned.current, wave=planned.wave)
+        if self.ctx.stop.is_set():
+            outcome.reason = "interrupted before this device started"
+            return outcome
+        switched = False
+        try:
+            device = self.device(target)
+            report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
+            pushed = device.push(release, progress=lambda done: report.transfer(planned.key, done, release.model_bytes),
+                                 timeout=self.policy.timeouts.push_s)
+            outcome.bytes_moved = pushed.bytes_moved
+            if self.ctx.stop.is_set():
+                outcome.reason = "interrupted after the push, before the switch: still on the previous release"
+                return outcome
+            report.stage(planned.key, "switch")
+            before = device.activate(release.id, by=self.ctx.actor)
+            switched = True
+            baseline = before.get("previous") if before.get("previous") != release.id else None
+            baseline = baseline if planned.current else None
+            report.stage(planned.key, "verify", "interleaved with the previous release" if baseline else "")
+            verdict = self.measure(device, planned, baseline)
+            outcome.measurements = {**verdict.measurements, "checks": [c.__dict__ for c in verdict.checks]}
+            outcome.reason = verdict.reason
+            return self.conclude(device, planned, verdict, outcome)
+        except EdgeopsError as exc:
+            self.ctx.connections.drop(target)
+            unreachable = isinstance(exc, UNREACHABLE_ERRORS) and not switched
+            outcome.decision = "Unreachable" if unreachable else FAILED
+            outcome.reason = exc.message
+            if switched:
+                outcome.reason += "; " + self.undo(target, planned, "after an error during verification")
+                outcome.decision = FAILED
+            return outcome
+
+    def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
+        report = self.ctx.reporter
+        record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.measurements}}
+        keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive != "rollback")
+        if keep:
+            status = "committed" if verdict.outcome == PASSED else "inconclusive"
+            device.record({**record, "status": status}, by=self.ctx.actor)
+            report.stage(planned.key, "done", f"{verdict.outcome}: kept")
+            try:
+                device.prune(self.doc_keep(planned))
+            except EdgeopsError as exc:  # pruning is housekeeping: the release stays committed
+                report.message(f"{planned.key}: pruning old releases failed: {exc.message}")
+            outcome.decision, outcome.committed = verdict.outcome, True
+            return outcome
+        report.stage(planned.key, "rollback", verdict.reason[:80])
+        device.record(record, by=self.ctx.actor)
+        outcome.reason += "; " + self.undo(self.ctx.desired.target(planned.key), planned, verdict.outcome.lower())
+        outcome.decision = FAILED if verdict.outcome == FAILED else "RolledBack"
+        return outcome
+
+    def doc_keep(self, planned: PlannedDevice) -> int:
+        return self.ctx.desired.target(planned.key).profile.obj.spec.device.keep_releases
+
+    def undo(self, target: TargetDevice, planned: PlannedDevice, why: str) -> str:
+        """Put the device back on the release it had (or on none, for a first install)."""
+        try:
+            device = self.device(target)
+            if planned.current:
+                device.rollback(to=planned.current, by=self.ctx.actor)
+                device.record({"status": "rolled_back"}, by=self.ctx.actor)
+                return f"rolled back to {planned.current} ({why})"
+            device.activate("none", by=self.ctx.actor)
+            return f"first install removed ({why}); the device runs no release of this deployment"
+        except EdgeopsError as exc:
+            return f"ROLLBACK FAILED: {exc.message}"
+
+    # ---------------------------------------------------------------- waves and budgets
+
+    def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
+        failed = sum(1 for o in outcomes if o.decision == FAILED)
+        unreachable = sum(1 for o in outcomes if o.decision == "Unreachable")
+        if failed > _allowed(self.policy.max_failed_devices, base):
+            return f"{failed} failed device(s) {scope} exceed max_failed_devices {self.policy.max_failed_devices}"
+        if unreachable > _allowed(self.policy.max_unreachable_devices, base):
+            return (f"{unreachable} unreachable device(s) {scope} exceed max_unreachable_devices "
+                    f"{self.policy.max_unreachable_devices}")
+        return None
+
+    def run_wave(self, devices: list[PlannedDevice]) -> list[DeviceOutcome]:
+        outcomes: list[DeviceOutcome] = []
+        with ThreadPoolExecutor(max_workers=min(self.policy.parallelism, len(devices))) as pool:
+            pending = {pool.submit(self.roll, d) for d in devices}
+            while pending:
+                try:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    self.ctx.stop.set()
+                    self.ctx.reporter.message("interrupt: letting devices in flight finish their step")
+                    continue
+                outcomes.extend(f.result() for f in done)
+        order = [d.key for d in devices]
+        return sorted(outcomes, key=lambda o: order.index(o.key))
+
+    def halt_rollback(self, outcomes: list[DeviceOutcome]) -> None:
+        for outcome in outcomes:
+            if outcome.committed:
+                planned = next(d for d in self.plan.devices if d.key == outcome.key)
+                outcome.reason += "; " + self.undo(self.ctx.desired.target(outcome.key), planned, "rollout halted")
+                outcome.decision, outcome.committed = "RolledBack", False
+
+    def run(self) -> RolloutResult:
+        unchanged = [DeviceOutcome(d.key, d.action, "Unchanged", release_id=d.release_id, from_release=d.current)
+                     for d in self.plan.devices if d.action == "no-change"]
+        unreachable = [DeviceOutcome(d.key, d.action, "Unreachable", d.reason, d.release_id, d.current)
+                       for d in self.plan.devices if d.action == "unreachable"]
+        if not self.plan.has_changes and not unreachable:
+            return RolloutResult(self.doc.name, "no-op", f"no changes: {len(unchanged)} device(s) already run "
+                                 "the release git asks for; no device was touched", unchanged)
+        total = len(self.plan.devices)
+        rolled: list[DeviceOutcome] = []
+        halted = self.over_budget(unreachable, total, "before the first wave")
+        for number in range(1, self.plan.waves + 1):
+            if halted or self.ctx.stop.is_set():
+                break
+            wave = self.plan.wave(number)
+            self.ctx.reporter.message(f"wave {number}/{self.plan.waves}: {', '.join(d.key for d in wave)}")
+            results = self.run_wave(wave)
+            rolled.extend(results)
+            halted = self.over_budget(results, len(wave), f"in wave {number}") or \
+                self.over_budget(rolled + unreachable, total, "in total")
+            if not halted and self.policy.on_inconclusive == "pause" and any(r.decision == INCONCLUSIVE for r in results):
+                halted = "paused: a device's verification was inconclusive (on_inconclusive: pause)"
+            if not halted and number < self.plan.waves and self.policy.bake_time_s:
+                self.ctx.reporter.message(f"baking {self.policy.bake_time_s:g} s before the next wave")
+                self.ctx.stop.wait(self.policy.bake_time_s)
+        skipped = [DeviceOutcome(d.key, d.action, "Skipped", "not started: the rollout stopped earlier",
+                                 d.release_id, d.current, wave=d.wave)
+                   for d in self.plan.changes if d.key not in {o.key for o in rolled}]
+        if halted and not halted.startswith("paused") and self.policy.on_failure == "rollback":
+            self.halt_rollback(rolled)
+        outcome = "interrupted" if self.ctx.stop.is_set() else (
+            "paused" if halted and halted.startswith("paused") else "halted" if halted else "succeeded")
+        message = halted or ("interrupted by the user" if outcome == "interrupted" else
+                             f"{sum(o.committed for o in rolled)} device(s) updated and verified")
+        return RolloutResult(self.doc.name, outcome, message, unchanged + unreachable + rolled + skipped)
+
+
+def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
+    """Execute exactly ``plan`` and record every decision in the ledger."""
+    roller = _Roller(plan, ctx)
+    if not plan.has_changes and not any(d.action == "unreachable" for d in plan.devices):
+        return roller.run()
+    rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts)
+    result = roller.run()
+    result.rollout_id = rollout_id
+    for o in result.devices:
+        if o.decision != "Unchanged":
+            ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,
+                                    release_id=o.release_id, from_release=o.from_release, reason=o.reason,
+                                    bytes_moved=o.bytes_moved, measurements=o.measurements)
+    ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git})
+    return result
+
+
+def summarize(result: RolloutResult) -> dict[str, Any]:
+    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", "Skipped", "Unchanged")
+    return {"message": result.message, **{n.lower(): result.count(n) for n in names},
+            "bytes_moved": sum(d.bytes_moved for d in result.devices)}
+
+
+def actor() -> str:
+    return os.environ.get("EDGEOPS_ACTOR") or os.environ.get("USER") or "edgeops"

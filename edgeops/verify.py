@@ -1,0 +1,153 @@
+"""The verification gate: absolute SLOs plus a statistical regression check. Pure functions.
+
+Regression: the agent measures the new release (A) and the previous one (B)
+interleaved in blocks, in one process. The gate bootstraps a confidence
+interval for the ratio p95(A)/p95(B) (resampling whole blocks, so drift within
+a block stays together) and decides:
+
+* Failed       - the whole interval is above 1 + tolerance: slower for sure;
+* Passed       - the whole interval is at or below 1 + tolerance;
+* Inconclusive - the interval straddles the tolerance: noise, measure again.
+
+Noise alone can therefore never fail a device; it can only make it Inconclusive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeops.spec.models import SLO, QualityGoal, Regression
+
+PASSED, FAILED, INCONCLUSIVE = "Passed", "Failed", "Inconclusive"
+BOOTSTRAP_ROUNDS = 2000
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    outcome: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str
+    checks: tuple[Check, ...]
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """The checks that decided the outcome (all of them, briefly, when everything passed)."""
+        if self.outcome == PASSED:
+            return f"all {len(self.checks)} checks passed" + (
+                f" ({next(c.detail for c in self.checks if c.name.endswith('regression'))})"
+                if any(c.name.endswith("regression") for c in self.checks) else "")
+        return "; ".join(c.detail for c in self.checks if c.outcome == self.outcome)
+
+
+def _blocks(samples: list[float], block: int) -> np.ndarray:
+    usable = len(samples) - len(samples) % block
+    return np.asarray(samples[:usable], dtype=float).reshape(-1, block)
+
+
+def ratio_interval(new: list[float], old: list[float], block: int, confidence: float, statistic: str = "p95",
+                   seed: str = "") -> tuple[float, float, float]:
+    """(point, low, high) of statistic(new)/statistic(old) by a paired block bootstrap."""
+    a, b = _blocks(new, block), _blocks(old, block)
+    count = min(len(a), len(b))
+    a, b = a[:count], b[:count]
+
+    def stat(x: np.ndarray) -> np.ndarray:
+        return np.percentile(x, 95, axis=-1) if statistic == "p95" else np.mean(x, axis=-1)
+
+    point = float(stat(a.reshape(-1)) / stat(b.reshape(-1)))
+    rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16))
+    picks = rng.integers(0, count, size=(BOOTSTRAP_ROUNDS, count))  # the same blocks for both: they ran together
+    ratios = stat(a[picks].reshape(BOOTSTRAP_ROUNDS, -1)) / stat(b[picks].reshape(BOOTSTRAP_ROUNDS, -1))
+    tail = (1 - confidence) / 2 * 100
+    return point, float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def _regression(name: str, point: float, low: float, high: float, tolerance_pct: float, confidence: float) -> Check:
+    limit = 1 + tolerance_pct / 100
+    detail = (f"{name} new/previous = {point:.3f} ({confidence:.0%} CI {low:.3f}–{high:.3f}; "
+              f"limit {limit:.2f})")
+    if low > limit:
+        return Check(f"{name}-regression", FAILED, detail)
+    if high <= limit:
+        return Check(f"{name}-regression", PASSED, detail)
+    return Check(f"{name}-regression", INCONCLUSIVE, detail + ": the interval straddles the limit")
+
+
+def quality_check(goal: QualityGoal, device_value: float, host_value: float) -> Check:
+    """The golden set on the device against the same samples scored on the build host."""
+    if goal.metric == "max_abs_error":
+        ok = device_value <= goal.max_drop
+        return Check("golden", PASSED if ok else FAILED,
+                     f"golden max abs error {device_value:.4g} (allowed {goal.max_drop:g})")
+    drop = host_value - device_value
+    if goal.drop == "relative" and host_value:
+        drop = drop / host_value * 100
+    ok = drop <= goal.max_drop + 1e-9
+    return Check("golden", PASSED if ok else FAILED,
+                 f"golden {goal.metric} {device_value:.4g} on the device vs {host_value:.4g} on the build host "
+                 f"(drop {drop:.3g}, allowed {goal.max_drop:g})")
+
+
+def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: QualityGoal,
+           host_golden: float | None, block: int, seed: str = "") -> Verdict:
+    """Passed, Failed or Inconclusive for the agent's ``result`` (``a`` = new, optional ``b`` = previous)."""
+    a, b = result["a"], result.get("b")
+    checks: list[Check] = []
+    p95 = a["latency"]["p95_ms"]
+    if slo.latency_p95_ms is not None:
+        checks.append(Check("latency-slo", PASSED if p95 <= slo.latency_p95_ms else FAILED,
+                            f"p95 {p95:.3f} ms (SLO {slo.latency_p95_ms:g} ms)"))
+    power = a.get("power", {})
+    if slo.energy_per_inference_mj is not None or slo.average_power_mw is not None:
+        if power.get("energy_per_inference_mj") is None:
+            checks.append(Check("power-slo", INCONCLUSIVE, f"no power reading ({power.get('error') or 'source none'})"))
+        else:
+            label = f"[{power['source']}, {power['boundary']}]"
+            if slo.energy_per_inference_mj is not None:
+                value = power["energy_per_inference_mj"]
+                checks.append(Check("energy-slo", PASSED if value <= slo.energy_per_inference_mj else FAILED,
+                                    f"energy {value:.4g} mJ/inference {label} (SLO {slo.energy_per_inference_mj:g})"))
+            if slo.average_power_mw is not None:
+                value = power["average_power_mw"]
+                checks.append(Check("power-slo", PASSED if value <= slo.average_power_mw else FAILED,
+                                    f"average power {value:.4g} mW {label} (SLO {slo.average_power_mw:g})"))
+    if slo.peak_memory_mb is not None:
+        peak = result.get("peak_rss_mb", 0)
+        checks.append(Check("memory-slo", PASSED if peak <= slo.peak_memory_mb else FAILED,
+                            f"peak RSS {peak:.1f} MB (SLO {slo.peak_memory_mb:g} MB)"))
+    if a.get("golden") and host_golden is not None:
+        checks.append(quality_check(goal, a["golden"]["value"], host_golden))
+    if b is not None:
+        point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, regression.confidence, "p95", seed)
+        checks.append(_regression("p95 latency", point, low, high, regression.latency_p95_pct, regression.confidence))
+    outcomes = {c.outcome for c in checks}
+    outcome = FAILED if FAILED in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASSED
+    measurements = {"latency": a["latency"], "power": power, "golden": a.get("golden"),
+                    "peak_rss_mb": result.get("peak_rss_mb"), "providers": a.get("providers"),
+                    "previous_latency": b["latency"] if b else None,
+                    "where": "device (agent), single stream, batch 1"}
+    return Verdict(outcome, tuple(checks), measurements)
+
+
+def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:
+    """The goal's metric for the build host's outputs on the golden samples (what the device must match)."""
+    expected = golden["expected"].reshape(len(golden["expected"]), -1).astype(float)
+    reference = golden["reference"].reshape(len(golden["reference"]), -1).astype(float)
+    if goal.metric == "accuracy" and "labels" in golden:
+        return float((expected.argmax(1) == golden["labels"]).mean() * 100)
+    if goal.metric in ("accuracy", "top1_agreement"):
+        return float((expected.argmax(1) == reference.argmax(1)).mean() * 100)
+    if goal.metric == "cosine":
+        norms = np.maximum(np.linalg.norm(expected, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+        return float(np.mean(np.sum(expected * reference, axis=1) / norms))
+    return float(np.max(np.abs(expected - reference)))

@@ -1,0 +1,69 @@
+"""Make a model deliberately slower without changing its outputs (for rollout tests and benchmarks).
+
+A side branch reads the input, runs a chain of dense MatMuls, is multiplied by
+zero and added to the first output: the answers stay the same, the work grows
+with ``width`` and ``depth``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0) -> Path:
+    model = onnx.load(str(src))
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    source = graph.input[0].name
+    features = int(np.prod([d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]))
+    output = graph.output[0].name
+    inner = output + "_before_slow_branch"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    nodes = [helper.make_node("Flatten", [source], ["slow_flat"], axis=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((features, width)).astype(np.float32) * 0.01, "slow_w0")]
+    current = "slow_flat"
+    nodes.append(helper.make_node("MatMul", [current, "slow_w0"], ["slow_h0"]))
+    current = "slow_h0"
+    for layer in range(1, depth):
+        inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.01,
+                                             f"slow_w{layer}"))
+        nodes.append(helper.make_node("MatMul", [current, f"slow_w{layer}"], [f"slow_h{layer}"]))
+        current = f"slow_h{layer}"
+    inits.append(numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero"))
+    nodes += [helper.make_node("ReduceSum", [current], ["slow_sum"], keepdims=1),
+              helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+              helper.make_node("Add", [inner, "slow_nothing"], [output])]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+    onnx.checker.check_model(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    import onnxruntime as ort
+
+    base = Path(sys.argv[1])
+    for width, depth in [(256, 1), (512, 2), (1024, 4)]:
+        out = make_slower(base, Path(f"/tmp/slow-{width}-{depth}.onnx"), width, depth)
+        for path in (base, out):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            x = {s.get_inputs()[0].name: np.random.rand(1, 3, 128).astype(np.float32)}
+            for _ in range(50):
+                s.run(None, x)
+            t = time.perf_counter()
+            for _ in range(500):
+                s.run(None, x)
+            print(path.name, f"{(time.perf_counter() - t) / 500 * 1e3:.4f} ms")

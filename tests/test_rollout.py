@@ -1,0 +1,181 @@
+"""End to end on the lab fleet: real sshd, real onnxruntime, real agent, real SQLite ledger."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeops.cli import main
+from edgeops.connections import Connections
+from edgeops.ledger import default_ledger
+from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rollback_deployment
+from edgeops.rollout import device_for
+from edgeops.spec.workspace import load_workspace
+from edgeops.targets import target_devices
+from slow_model import make_slower
+
+pytestmark = pytest.mark.ssh
+MANIFEST = "manifests/wearable.yaml"
+
+
+def ws_doc(root: Path):
+    ws = load_workspace(root)
+    return ws, ws.deployments["wearable-activity"]
+
+
+def do_apply(root: Path, saved=None):
+    ws, doc = ws_doc(root)
+    with Connections() as connections:
+        return apply_deployment(ws, doc, connections, default_ledger(root), saved=saved)
+
+
+def observe_all(root: Path) -> dict:
+    ws, doc = ws_doc(root)
+    with Connections() as connections:
+        return {t.key: device_for(t, connections, doc.name).observe() for t in target_devices(ws, doc.name)}
+
+
+def cli(root: Path, *args: str):
+    return CliRunner().invoke(main, [*args, "--root", str(root)])
+
+
+def edit(root: Path, file: str, old: str, new: str) -> None:
+    path = root / file
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_clean_apply_then_a_second_apply_is_a_no_op(lab_repo: Path) -> None:
+    plan, result = do_apply(lab_repo)
+    assert result.outcome == "succeeded", result.message
+    assert [d.decision for d in result.devices] == ["Passed"] * 4
+    assert plan.waves == 3 and [len(plan.wave(n)) for n in (1, 2, 3)] == [1, 1, 2]  # [1, 50%, 100%]
+    states = observe_all(lab_repo)
+    assert all(s.status == "committed" and s.current for s in states.values())
+    history_before = {k: len(s.state["history"]) for k, s in states.items()}
+
+    _, again = do_apply(lab_repo)
+    assert again.outcome == "no-op" and "no device was touched" in again.message
+    assert sum(d.bytes_moved for d in again.devices) == 0
+    assert {k: len(s.state["history"]) for k, s in observe_all(lab_repo).items()} == history_before
+
+    status = cli(lab_repo, "status", MANIFEST, "-o", "json")
+    assert status.exit_code == 0, status.output
+    rows = json.loads(status.stdout)["devices"]
+    assert {(r["sync"], r["health"]) for r in rows} == {("Synced", "Healthy")}
+    assert all(r["p95_ms"] > 0 and "hwmon, board" in r["power"] for r in rows)
+
+    plan_again = cli(lab_repo, "plan", MANIFEST)
+    assert plan_again.exit_code == 0  # 0 = no changes (terraform's -detailed-exitcode convention)
+
+
+def test_much_slower_model_is_caught_in_the_canary_and_rolled_back(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    before = {k: s.current for k, s in observe_all(lab_repo).items()}
+    manifest = (lab_repo / MANIFEST).read_text()
+    slow = make_slower(lab_repo / "examples/models/wearable_cnn.onnx", lab_repo / "examples/models/slow.onnx", 1024, 4)
+    try:
+        edit(lab_repo, MANIFEST, "path: ../examples/models/wearable_cnn.onnx", f"path: ../examples/models/{slow.name}")
+        edit(lab_repo, MANIFEST, "    sha256: ", "    # sha256: ")
+        plan, result = do_apply(lab_repo)
+        assert result.outcome == "halted"
+        canary = next(d for d in result.devices if d.wave == 1)
+        assert canary.decision == "Failed", canary.reason
+        assert "p95 latency new/previous" in canary.reason and "rolled back to" in canary.reason
+        assert [d.decision for d in result.devices if d.wave and d.wave > 1] == ["Skipped"] * 3
+        after = observe_all(lab_repo)
+        assert {k: s.current for k, s in after.items()} == before  # canary back, others never touched
+        assert after[canary.key].status == "rolled_back"
+        status = cli(lab_repo, "status", MANIFEST, "-o", "json")
+        assert status.exit_code == 1  # unhealthy devices make status fail (for cron and CI)
+        rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(status.stdout)["devices"]}
+        assert rows[canary.key]["health"] == "RolledBack" and rows[canary.key]["sync"] == "OutOfSync"
+        history = default_ledger(lab_repo).history("wearable-activity", 1)[0]
+        assert history["outcome"] == "halted"
+        assert history["devices"][0]["measurements"]["previous_latency"]["p95_ms"] > 0
+    finally:
+        (lab_repo / MANIFEST).write_text(manifest)
+
+
+def test_rollback_command_switches_back_without_moving_bytes(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    first = {k: s.current for k, s in observe_all(lab_repo).items()}
+    profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
+    try:
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", 'session.intra_op.allow_spinning: "0"',
+             'session.intra_op.allow_spinning: "1"')  # a new runtime config: new releases, same model
+        _, result = do_apply(lab_repo)
+        assert result.outcome == "succeeded", result.message
+        assert all(d.bytes_moved < 5000 for d in result.devices)  # the model blob was already there
+        second = {k: s.current for k, s in observe_all(lab_repo).items()}
+        assert second != first
+        ws, doc = ws_doc(lab_repo)
+        with Connections() as connections:
+            rolled = rollback_deployment(ws, doc, connections, default_ledger(lab_repo))
+        assert rolled.outcome == "succeeded", rolled.message
+        assert sum(d.bytes_moved for d in rolled.devices) == 0
+        assert {k: s.current for k, s in observe_all(lab_repo).items()} == first
+        assert default_ledger(lab_repo).history("wearable-activity", 1)[0]["kind"] == "rollback"
+    finally:
+        (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
+
+
+def test_saved_plan_is_refused_when_devices_moved(lab_repo: Path, tmp_path: Path) -> None:
+    ws, doc = ws_doc(lab_repo)
+    do_apply(lab_repo)
+    target = target_devices(ws, doc.name)[1]
+    with Connections() as connections:
+        device_for(target, connections, doc.name).activate("none")  # somebody changes a device by hand
+    saved = tmp_path / "plan.json"
+    assert cli(lab_repo, "plan", MANIFEST, "--out", str(saved)).exit_code == 2
+    with Connections() as connections:
+        plan, _ = plan_deployment(ws, doc, connections, default_ledger(lab_repo))
+        device_for(target, connections, doc.name).rollback()  # ...and again, after the plan was saved
+    from edgeops.plan import Plan
+
+    with pytest.raises(StalePlan, match="devices changed since"):
+        do_apply(lab_repo, saved=Plan.from_json(saved.read_text()))
+    result = cli(lab_repo, "apply", MANIFEST, "--plan", str(saved))
+    assert result.exit_code == 1 and "stale" in result.stderr
+    _, fixed = do_apply(lab_repo)
+    assert fixed.outcome == "succeeded"
+
+
+def test_unreachable_devices_count_against_their_own_budget(lab_repo: Path) -> None:
+    from conftest import free_ports
+
+    fleet_file = lab_repo / "manifests/fleets/lab.yaml"
+    fleet = fleet_file.read_text()
+    profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
+    try:
+        port = free_ports(1)[0]
+        fleet_file.write_text(fleet + f"    - {{name: lab-gone, host: 127.0.0.1, port: {port}, "
+                                      f"root: /tmp/edgeops-gone, labels: {{ring: main}}}}\n")
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "keep_releases: 3", "keep_releases: 4")
+        _, result = do_apply(lab_repo)  # 1 of 5 unreachable: within max_unreachable_devices 25%
+        assert result.count("Unreachable") == 1 and result.count("Failed") == 0
+        assert result.outcome == "succeeded", result.message
+        fleet_file.write_text(fleet_file.read_text() + f"    - {{name: lab-gone-2, host: 127.0.0.1, port: {port}, "
+                                                       f"root: /tmp/edgeops-gone-2, labels: {{ring: main}}}}\n")
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "keep_releases: 4", "keep_releases: 5")
+        _, halted = do_apply(lab_repo)  # 2 of 6 unreachable: over budget, nothing starts
+        assert halted.outcome == "halted" and "max_unreachable_devices" in halted.message
+        assert halted.count("Failed") == 0 and halted.count("Passed") == 0
+    finally:
+        fleet_file.write_text(fleet)
+        (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
+
+
+def test_history_command_shows_decisions(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    result = cli(lab_repo, "history", "wearable-activity", "-o", "json")
+    assert result.exit_code == 0
+    rollouts = json.loads(result.stdout)
+    assert rollouts and all("devices" in r and r["started_at"] for r in rollouts)
+    decisions = {e["decision"] for r in rollouts for e in r["devices"]}
+    assert "Passed" in decisions
