@@ -13,8 +13,18 @@ from edgeops.errors import DeviceError, EdgeopsError, InputError
 from edgeops.gitinfo import head_info
 from edgeops.ledger import Ledger
 from edgeops.plan import ObservedDevice, Plan, digest_desired, make_plan
-from edgeops.rollout import (ApplyContext, Reporter, RolloutResult, SilentReporter, actor, apply, desired_devices,
-                             device_for, observe, summarize)
+from edgeops.rollout import (
+    ApplyContext,
+    Reporter,
+    RolloutResult,
+    SilentReporter,
+    actor,
+    apply,
+    desired_devices,
+    device_for,
+    observe,
+    summarize,
+)
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.verify import decide

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-import sys
 
 # off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)

@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import torch
-
 from _common import accuracy, arguments, deterministic, export, save_data, train
 
 VOCAB, SEQ, D_MODEL, HEADS, FFN, LAYERS, INTENTS = 512, 32, 128, 4, 256, 2, 8

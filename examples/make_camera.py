@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-
 from _common import accuracy, arguments, deterministic, export, save_data, train
+from sklearn.datasets import load_digits
 
 
 class DigitsCNN(torch.nn.Module):

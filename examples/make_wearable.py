@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from _common import accuracy, arguments, deterministic, export, save_data, train
 
 CLASSES = ["rest", "walk", "run", "cycle"]

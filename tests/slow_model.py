@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 
 def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0) -> Path:

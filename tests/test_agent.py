@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import agent_module, local_release
 
 from edgeops.agent import AGENT_FILE
-from helpers import agent_module, local_release
 
 STDLIB_OK = set(sys.stdlib_module_names)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
+from helpers import agent_module
 
 from edgeops.build.pipeline import build, default_cache
 from edgeops.errors import RenderError
 from edgeops.render import render_device
 from edgeops.spec.workspace import load_workspace
 from edgeops.targets import TargetDevice, target_devices
-from helpers import agent_module
 
 REPO = Path(__file__).resolve().parent.parent
 

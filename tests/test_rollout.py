@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from slow_model import make_slower
 
 from edgeops.cli import main
 from edgeops.connections import Connections
@@ -16,7 +16,6 @@ from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rol
 from edgeops.rollout import device_for
 from edgeops.spec.workspace import load_workspace
 from edgeops.targets import target_devices
-from slow_model import make_slower
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"

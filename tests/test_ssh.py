@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from edgeops.build.pipeline import build, default_cache
 from edgeops.connections import Connections, ssh_connect
 from edgeops.device import Device
-from edgeops.errors import (AuthRefused, ConnectTimeout, DeviceError, HostKeyChanged, HostKeyUnknown,
-                            HostUnreachable, TransportError)
-from edgeops.build.pipeline import build, default_cache
+from edgeops.errors import (
+    AuthRefused,
+    ConnectTimeout,
+    DeviceError,
+    HostKeyChanged,
+    HostKeyUnknown,
+    HostUnreachable,
+    TransportError,
+)
 from edgeops.release import make_release
 from edgeops.render import render_device
 from edgeops.spec.workspace import load_workspace
