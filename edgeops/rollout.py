@@ -118,6 +118,26 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
 # ------------------------------------------------------------------ applying
 
 
+def measure_release(device: Device, release_id: str, baseline: str | None, deployment: Any,
+                    host_golden: float | None, seed: str = "", on_retry: Any = None) -> Verdict:
+    """Verify on the device; with ``on_inconclusive: retry``, measure again with twice the runs."""
+    spec = deployment.spec
+    policy = spec.rollout
+    verification = policy.verification
+    runs, attempt = verification.runs, 0
+    while True:
+        result = device.verify(release_id, baseline, runs, verification.block,
+                               timeout=policy.timeouts.verify_s * (2 ** attempt))
+        verdict = decide(result, spec.slo, policy.regression, spec.quality, host_golden, verification.block,
+                         seed=f"{seed}:{release_id}:{attempt}")
+        if verdict.outcome != INCONCLUSIVE or policy.on_inconclusive != "retry" or attempt >= verification.retries:
+            return verdict
+        attempt += 1
+        runs *= 2
+        if on_retry:
+            on_retry(runs)
+
+
 @dataclass
 class ApplyContext:
     desired: Desired
@@ -147,21 +167,10 @@ class _Roller:
         return device_for(target, self.ctx.connections, self.doc.name)
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
-        verification = self.policy.verification
-        runs, attempt = verification.runs, 0
-        while True:
-            result = device.verify(planned.release_id, baseline, runs, verification.block,
-                                   timeout=self.policy.timeouts.verify_s * (2 ** attempt))
-            target = self.ctx.desired.target(planned.key)
-            verdict = decide(result, self.spec.slo, self.policy.regression, self.spec.quality,
-                             self.host_golden[target.accelerator], verification.block,
-                             seed=f"{planned.key}:{planned.release_id}:{attempt}")
-            if verdict.outcome != INCONCLUSIVE or self.policy.on_inconclusive != "retry" \
-                    or attempt >= verification.retries:
-                return verdict
-            attempt += 1
-            runs *= 2
-            self.ctx.reporter.stage(planned.key, "verify", f"inconclusive, measuring again ({runs} runs)")
+        target = self.ctx.desired.target(planned.key)
+        return measure_release(device, planned.release_id, baseline, self.doc.obj, self.host_golden[target.accelerator],
+                               seed=planned.key, on_retry=lambda runs: self.ctx.reporter.stage(
+                                   planned.key, "verify", f"inconclusive, measuring again ({runs} runs)"))
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         target = self.ctx.desired.target(planned.key)
