@@ -225,6 +225,7 @@ def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
 
 
 def _context(manifest: str, root: Path | None):  # type: ignore[no-untyped-def]
+    """The workspace, one deployment (by name or manifest path) and the ledger."""
     from edgeops.ledger import default_ledger
     from edgeops.spec.workspace import load_workspace
 
@@ -237,87 +238,205 @@ ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=
                            help="repository root (default: found)")
 
 
+def _selected(manifests: tuple[str, ...], changed_since: str | None, root: Path | None):  # type: ignore[no-untyped-def]
+    """The workspace, the deployments to act on (sorted by name), and the ledger."""
+    from edgeops.gitdiff import changed_files, touched_deployments
+    from edgeops.ledger import default_ledger
+    from edgeops.spec.workspace import load_workspace
+
+    if not manifests and not changed_since:
+        raise click.UsageError("give MANIFEST(s) or --changed-since REV")
+    paths = tuple(Path(m) for m in manifests if Path(m).exists())
+    ws = load_workspace(workspace_root(paths, root))
+    docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
+    if changed_since:
+        for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
+            docs[touched.deployment] = ws.deployments[touched.deployment]
+    return ws, [docs[name] for name in sorted(docs)], default_ledger(ws.root)
+
+
+CHANGED_SINCE = click.option("--changed-since", metavar="REV",
+                             help="also every deployment a change since REV touches (manifests, models, data, "
+                                  "fleets, profiles, templates)")
+
+
 @main.command()
-@click.argument("manifest")
+@click.argument("manifests", nargs=-1)
+@CHANGED_SINCE
 @click.option("-o", "--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="save the plan (JSON) for apply --plan")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="save the plan (JSON) for apply --plan (one deployment)")
 @ROOT_OPTION
 @handle_errors
-def plan(manifest: str, output: str, out_file: Path | None, root: Path | None) -> None:
+def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
+         root: Path | None) -> None:
     """Show what apply would do. Exit code 0: no changes, 2: changes pending, 1: error."""
     from edgeops.connections import Connections
-    from edgeops.operations import plan_deployment
-    from edgeops.ui import console, err_console, plan_markdown, plan_summary, plan_table
+    from edgeops.operations import plan_deployment, plan_warnings
+    from edgeops.ui import console, err_console, plan_comment, plan_summary, plan_table
 
-    ws, doc, ledger = _context(manifest, root)
+    ws, docs, ledger = _selected(manifests, changed_since, root)
+    entries = []
     with Connections(parallelism=16) as connections, err_console.status("planning") as status:
-        result, _ = plan_deployment(ws, doc, connections, ledger, progress=status.update)
+        for doc in docs:
+            result, desired = plan_deployment(ws, doc, connections, ledger, progress=status.update)
+            reports = {acc: a.report for acc, a in desired.artifacts.items()}
+            entries.append((result, reports, plan_warnings(doc, desired)))
     if out_file:
-        out_file.write_text(result.to_json())
+        if len(entries) != 1:
+            raise click.UsageError("--out saves the plan of exactly one deployment")
+        out_file.write_text(entries[0][0].to_json())
         err_console.print(f"saved plan to {out_file}")
     if output == "json":
-        click.echo(result.to_json(), nl=False)
+        click.echo(json.dumps([json.loads(p.to_json()) for p, _, _ in entries], indent=2, sort_keys=True))
     elif output == "markdown":
-        click.echo(plan_markdown(result), nl=False)
+        click.echo(plan_comment(entries), nl=False)
     else:
-        console.print(plan_table(result))
-        for line in plan_summary(result):
-            console.print(line, soft_wrap=True)
-    sys.exit(2 if result.has_changes else 0)
+        for result, _, warnings in entries:
+            console.print(plan_table(result))
+            for line in plan_summary(result) + [f"warning: {w}" for w in warnings]:
+                console.print(line, soft_wrap=True)
+        if not entries:
+            console.print("no deployment is touched")
+    sys.exit(2 if any(p.has_changes for p, _, _ in entries) else 0)
 
 
 @main.command()
-@click.argument("manifest")
+@click.argument("manifests", nargs=-1)
+@CHANGED_SINCE
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="execute exactly this saved plan (refused if the devices or the repo moved since)")
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def apply(manifest: str, plan_file: Path | None, output: str, root: Path | None) -> None:
-    """Build, render, plan and roll out wave by wave with on-device verification and rollback."""
+def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, output: str,
+          root: Path | None) -> None:
+    """Build, render, plan and roll out wave by wave with on-device verification and rollback.
+
+    Several deployments go one after the other, by name; the first that does not succeed stops the rest.
+    """
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
     from edgeops.rollout import summarize
     from edgeops.ui import LiveReporter, console, err_console, result_table
 
-    ws, doc, ledger = _context(manifest, root)
+    ws, docs, ledger = _selected(manifests, changed_since, root)
     saved = load_plan(plan_file) if plan_file else None
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
-        _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved,
-                                     progress=lambda m: err_console.print(m))
+    if saved and len(docs) != 1:
+        raise click.UsageError("--plan applies exactly one deployment")
+    results = []
+    for doc in docs:
+        with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
+            _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved,
+                                         progress=lambda m: err_console.print(m))
+        results.append(result)
+        if output == "table":
+            console.print(result_table(result))
+            s = summarize(result)
+            console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
+                          f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
+                          f"{s['unreachable']} unreachable, {s['skipped']} not started; {s['bytes_moved']:,} bytes moved")
+        if not result.ok:
+            skipped = [d.name for d in docs[len(results):]]
+            if skipped:
+                err_console.print(f"stopping: {result.deployment} {result.outcome}; not applied: {', '.join(skipped)}")
+            break
     if output == "json":
-        click.echo(json.dumps({"deployment": result.deployment, "outcome": result.outcome, "message": result.message,
-                               "rollout_id": result.rollout_id, "summary": summarize(result),
-                               "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))
-    else:
-        console.print(result_table(result))
-        s = summarize(result)
-        console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
-                      f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
-                      f"{s['unreachable']} unreachable, {s['skipped']} not started; {s['bytes_moved']:,} bytes moved")
-    sys.exit(0 if result.ok else 1)
+        click.echo(json.dumps([{"deployment": r.deployment, "outcome": r.outcome, "message": r.message,
+                                "rollout_id": r.rollout_id, "summary": summarize(r),
+                                "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
+    elif not docs:
+        console.print("no deployment is touched")
+    sys.exit(0 if all(r.ok for r in results) else 1)
 
 
 @main.command()
-@click.argument("manifest")
+@click.option("--base", required=True, metavar="REV", help="compare against this revision")
+@click.option("--head", metavar="REV", help="default: the work tree")
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def status(manifest: str, output: str, root: Path | None) -> None:
-    """Fleet health: one row per device, sync against git, last verification. Non-zero exit when unhealthy."""
+def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
+    """Which deployments a git change touches (following models, data, fleets, profiles, templates)."""
+    from edgeops.gitdiff import changed_files, touched_deployments
+    from edgeops.spec.workspace import load_workspace
+
+    ws = load_workspace(workspace_root((), root))
+    touched = touched_deployments(ws, changed_files(ws.root, base, head))
+    if output == "json":
+        click.echo(json.dumps([{"deployment": t.deployment, "manifest": t.manifest, "reasons": list(t.reasons)}
+                               for t in touched], indent=2))
+        return
+    for t in touched:
+        click.echo(f"{t.deployment}  {t.manifest}")
+        for reason in t.reasons:
+            click.echo(f"  {reason}")
+    if not touched:
+        click.echo("no deployment is touched")
+
+
+@main.command()
+@click.argument("manifests", nargs=-1)
+@click.option("--drift-only", is_flag=True, help="only devices that are not on the release git asks for; "
+                                                 "exit 1 when there are any (for a scheduled check)")
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def status(manifests: tuple[str, ...], drift_only: bool, output: str, root: Path | None) -> None:
+    """Fleet health: one row per device, sync against git, last verification. Non-zero exit when unhealthy.
+
+    With no MANIFEST: every deployment of the repository.
+    """
     from edgeops.connections import Connections
     from edgeops.operations import status_rows
+    from edgeops.spec.workspace import load_workspace
     from edgeops.ui import console, err_console, status_summary, status_table
 
-    ws, doc, _ = _context(manifest, root)
+    ws = load_workspace(workspace_root(tuple(Path(m) for m in manifests if Path(m).exists()), root))
+    docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)]
+    everything: dict[str, list] = {}
     with Connections(parallelism=16) as connections, err_console.status("reading devices") as spinner:
-        rows = status_rows(ws, doc, connections, progress=spinner.update)
+        for doc in docs:
+            rows = status_rows(ws, doc, connections, progress=spinner.update)
+            everything[doc.name] = [r for r in rows if r.sync != "Synced"] if drift_only else rows
     if output == "json":
-        click.echo(json.dumps({"deployment": doc.name, "devices": [r.as_dict() for r in rows]}, indent=2))
+        click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
+                               for name, rows in everything.items()], indent=2))
     else:
-        console.print(status_table(doc.name, rows))
-        console.print(status_summary(rows))
+        for name, rows in everything.items():
+            console.print(status_table(name, rows))
+            console.print(status_summary(rows))
+    rows = [r for group in everything.values() for r in group]
+    if drift_only:
+        sys.exit(1 if rows else 0)
     sys.exit(0 if all(r.health == "Healthy" for r in rows) else 1)
+
+
+@main.command()
+@click.argument("manifests", nargs=-1)
+@click.option("--interval", default="5m", show_default=True, help="time between checks: 30s, 5m, 1h")
+@click.option("--iterations", type=int, default=0, help="stop after this many checks (0: run until stopped)")
+@ROOT_OPTION
+@handle_errors
+def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, root: Path | None) -> None:
+    """Opt-in loop: re-apply any deployment whose devices drifted from git, with the same budgets as apply."""
+    from edgeops.operations import reconcile_loop
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.ui import err_console
+
+    seconds = _duration(interval)
+    ws = load_workspace(workspace_root(tuple(Path(m) for m in manifests if Path(m).exists()), root))
+    names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
+    failures = reconcile_loop(ws.root, names, seconds, iterations, log=lambda m: err_console.print(m))
+    sys.exit(1 if failures else 0)
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r}: use a number with s, m or h (30s, 5m, 1h)") from None
 
 
 @main.command()

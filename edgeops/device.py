@@ -109,15 +109,22 @@ class Device:
     # ---------------------------------------------------------------- observe
 
     def observe(self) -> DeviceState:
-        """Read-only: the deployment's state on the device (never writes)."""
-        if self.transport.read_bytes(self.agent_path) != self._agent_bytes:
+        """Read-only: the deployment's state on the device (never writes).
+
+        One command when the agent is there (it reports its own digest); a device without
+        the agent yet is read through state.json alone.
+        """
+        try:
+            doc = self.agent("state", *self._common())
+        except AgentFailed as exc:
+            if exc.kind != "agent-broken":
+                raise
             raw = self.transport.read_bytes(f"{self.root}/deployments/{self.deployment}/state.json")
             state = json.loads(raw) if raw else {}
             return DeviceState(current=state.get("current"), previous=state.get("previous"), state=state)
-        doc = self.agent("state", *self._common())
         return DeviceState(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
-                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], agent_current=True,
-                           state=doc["state"] or {})
+                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"],
+                           agent_current=doc.get("agent_sha256") == self.agent_sha256, state=doc["state"] or {})
 
     # ---------------------------------------------------------------- push
 

@@ -50,6 +50,25 @@ def plan_deployment(ws: Workspace, doc: Document[Deployment], connections: Conne
     return plan, desired
 
 
+def plan_warnings(doc: Document[Deployment], desired: Desired) -> list[str]:
+    """What the build already tells about the targets before any device is touched."""
+    warnings = []
+    slo = doc.obj.spec.slo.latency_p95_ms
+    for accelerator, artifact in sorted(desired.artifacts.items()):
+        report = artifact.report
+        host_p95 = report["stages"][-1]["latency_ms"]["p95"]
+        if slo is not None and accelerator == "cpu" and host_p95 > slo:
+            warnings.append(f"{accelerator} artifact already misses the p95 SLO on the build host "
+                            f"({host_p95:.3f} ms > {slo:g} ms)")
+        size = report["artifact"]["size_bytes"]
+        for target in desired.targets:
+            limit = target.profile.obj.spec.limits.max_model_bytes
+            if target.accelerator == accelerator and limit is not None and size > limit:
+                warnings.append(f"{target.key}: the {accelerator} artifact ({size:,} bytes) exceeds profile "
+                                f"{target.profile.name}'s max_model_bytes ({limit:,})")
+    return list(dict.fromkeys(warnings))
+
+
 class StalePlan(EdgeopsError):
     """A saved plan no longer matches the repository or the devices."""
 
@@ -214,3 +233,32 @@ def load_plan(path: Path) -> Plan:
 
 __all__ = ["StalePlan", "StatusRow", "apply_deployment", "digest_desired", "load_plan", "plan_deployment",
            "rollback_deployment", "status_rows"]
+
+
+def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterations: int,
+                   log: Callable[[str], None]) -> int:
+    """Check for drift every ``interval_s``; apply the drifted deployments. Returns how many applies failed."""
+    import time
+
+    from edgeops.ledger import default_ledger
+    from edgeops.spec.workspace import load_workspace
+
+    failures, count = 0, 0
+    while True:
+        count += 1
+        ws = load_workspace(root)  # re-read git's truth every time: a pull may have changed it
+        for name in deployments:
+            doc = ws.deployments[name]
+            with Connections(parallelism=16) as connections:
+                rows = status_rows(ws, doc, connections)
+                drifted = [f"{r.fleet}/{r.device}" for r in rows if r.sync == "OutOfSync"]
+                if not drifted:
+                    log(f"{name}: in sync ({len(rows)} device(s))")
+                    continue
+                log(f"{name}: drift on {', '.join(drifted)}; applying")
+                _, result = apply_deployment(ws, doc, connections, default_ledger(ws.root))
+                log(f"{name}: {result.outcome}: {result.message}")
+                failures += 0 if result.ok else 1
+        if iterations and count >= iterations:
+            return failures
+        time.sleep(interval_s)

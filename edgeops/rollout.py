@@ -120,22 +120,34 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
 
 def measure_release(device: Device, release_id: str, baseline: str | None, deployment: Any,
                     host_golden: float | None, seed: str = "", on_retry: Any = None) -> Verdict:
-    """Verify on the device; with ``on_inconclusive: retry``, measure again with twice the runs."""
+    """Verify on the device and decide, measuring again before any verdict that would cost a rollback.
+
+    A first Failed is confirmed by a second measurement with twice the runs (both must
+    fail); with ``on_inconclusive: retry`` an Inconclusive is measured again, up to
+    ``verification.retries`` times.
+    """
     spec = deployment.spec
     policy = spec.rollout
     verification = policy.verification
-    runs, attempt = verification.runs, 0
+    runs, attempt, retries, confirming = verification.runs, 0, 0, False
     while True:
         result = device.verify(release_id, baseline, runs, verification.block,
-                               timeout=policy.timeouts.verify_s * (2 ** attempt))
+                               timeout=policy.timeouts.verify_s * (2 ** min(attempt, 3)))
         verdict = decide(result, spec.slo, policy.regression, spec.quality, host_golden, verification.block,
                          seed=f"{seed}:{release_id}:{attempt}")
-        if verdict.outcome != INCONCLUSIVE or policy.on_inconclusive != "retry" or attempt >= verification.retries:
-            return verdict
         attempt += 1
-        runs *= 2
-        if on_retry:
-            on_retry(runs)
+        if verdict.outcome == FAILED and not confirming:
+            confirming, runs = True, runs * 2
+            if on_retry:
+                on_retry(runs, "failed once, confirming")
+            continue
+        if verdict.outcome == INCONCLUSIVE and policy.on_inconclusive == "retry" and retries < verification.retries:
+            retries, runs = retries + 1, runs * 2
+            if on_retry:
+                on_retry(runs, "inconclusive, measuring again")
+            continue
+        return verdict
+
 
 
 @dataclass
@@ -169,8 +181,8 @@ class _Roller:
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
         target = self.ctx.desired.target(planned.key)
         return measure_release(device, planned.release_id, baseline, self.doc.obj, self.host_golden[target.accelerator],
-                               seed=planned.key, on_retry=lambda runs: self.ctx.reporter.stage(
-                                   planned.key, "verify", f"inconclusive, measuring again ({runs} runs)"))
+                               seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
+                                   planned.key, "verify", f"{why} ({runs} runs)"))
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         target = self.ctx.desired.target(planned.key)

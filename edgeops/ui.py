@@ -78,15 +78,45 @@ def plan_summary(plan: Any) -> list[str]:
     return lines
 
 
-def plan_markdown(plan: Any) -> str:
-    """A pull-request comment: stable order, no timestamps."""
-    out = [f"### edgeops plan: `{plan.deployment}`", ""]
-    out += [f"- {line}" for line in plan_summary(plan)]
-    out += ["", "| wave | device | profile | action | current | release | bytes to move |", "|---|---|---|---|---|---|---|"]
-    for d in sorted(plan.devices, key=lambda d: (d.wave or 999, d.key)):
-        out.append(f"| {d.wave or '—'} | `{d.key}` | {d.profile} | **{d.action}** | {d.current or '—'} | "
-                   f"{d.release_id} | {d.bytes_to_move:,} |")
-    return "\n".join(out) + "\n"
+def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
+    first, last = report["stages"][0], report["stages"][-1]
+    q = last["quality"]
+    return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
+            f"{last['size_bytes'] / 1000:.1f} kB ({last['size_ratio'] or 1:.2f}x smaller); {q['metric']} "
+            f"{q['value']:.4g} (original {q['baseline']:.4g}); host p95 {last['latency_ms']['p95']:.3f} ms "
+            f"(original {first['latency_ms']['p95']:.3f} ms, host CPU, 1 thread)")
+
+
+def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]) -> str:
+    """One pull-request comment for several deployments: stable order, no timestamps.
+
+    Each entry is (plan, build reports by accelerator, warnings).
+    """
+    out = ["<!-- edgeops-plan -->", "## edgeops plan", ""]
+    if not entries:
+        out.append("No deployment is touched by this change.")
+    for plan, reports, warnings in sorted(entries, key=lambda e: e[0].deployment):
+        changes = plan.changes
+        out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
+        out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
+        out += [f"- recipe: {line}" for line in plan.recipe_diff] or ["- recipe: unchanged since the last rollout"]
+        out += [f"- :warning: {w}" for w in warnings]
+        out += [f"- note: {n}" for n in plan.notes]
+        fleets: dict[str, list[Any]] = {}
+        for d in plan.devices:
+            fleets.setdefault(d.fleet, []).append(d)
+        for fleet in sorted(fleets):
+            devices = fleets[fleet]
+            moving = [d for d in devices if d.action not in ("no-change",)]
+            out += ["", f"**fleet `{fleet}`**: {len(moving)} of {len(devices)} device(s) change, "
+                        f"{sum(d.bytes_to_move for d in devices):,} bytes to move", "",
+                    "| wave | device | profile | action | current | release | bytes to move |",
+                    "|---|---|---|---|---|---|---|"]
+            for d in sorted(devices, key=lambda d: (d.wave or 999, d.key)):
+                out.append(f"| {d.wave or '—'} | `{d.device}` | {d.profile} | **{d.action}** | {d.current or '—'} | "
+                           f"{d.release_id} | {d.bytes_to_move:,} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def result_table(result: Any) -> Table:

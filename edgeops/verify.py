@@ -9,7 +9,9 @@ a block stays together) and decides:
 * Passed       - the whole interval is at or below 1 + tolerance;
 * Inconclusive - the interval straddles the tolerance: noise, measure again.
 
-Noise alone can therefore never fail a device; it can only make it Inconclusive.
+With a 95% interval, noise makes a release look Failed in about 2.5% of A/A
+measurements; the caller confirms a Failed with a second measurement before rolling
+back (edgeops.rollout.measure_release), and bench/gate.py measures the resulting rates.
 """
 
 from __future__ import annotations

@@ -548,8 +548,10 @@ def layout_state(args):
     directory = _deployment_dir(args.root, args.deployment)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     releases_dir = os.path.join(directory, "releases")
-    os.makedirs(args.root, exist_ok=True)
-    stat = os.statvfs(args.root)
+    existing = args.root
+    while not os.path.exists(existing):  # read only: measure free space where the root will be
+        existing = os.path.dirname(existing) or "/"
+    stat = os.statvfs(existing)
     agent_file = os.path.join(args.root, "agent", "edgeops_agent.py")
     return {
         "root": args.root,

@@ -222,7 +222,8 @@ class Verification(Strict):
         default=400, description="measured runs per release on the device (interleaved with the previous)")
     block: Annotated[int, Field(ge=1, le=1000)] = Field(default=10, description="runs per A/B block")
     retries: Annotated[int, Field(ge=0, le=5)] = Field(
-        default=2, description="on_inconclusive: retry measures again this many times, with twice the runs each")
+        default=2, description="on_inconclusive: retry measures again this many times, with twice the runs each; "
+                               "a first Failed is always confirmed by one more measurement")
 
 
 class RolloutPolicy(Strict):
