@@ -59,6 +59,8 @@ def dependencies(ws: Workspace, doc: Document[Deployment]) -> dict[str, str]:
             rel(doc.resolve(spec.model.path)): "model file changed",
             rel(doc.resolve(spec.data.calibration)): "calibration data changed",
             rel(doc.resolve(spec.data.evaluation)): "evaluation data changed"}
+    if spec.data.training:
+        deps[rel(doc.resolve(spec.data.training))] = "training data changed"
     for recipe in [spec.recipe, *spec.recipe_for.values()]:
         for step in recipe:
             if step.kind == "distill" and step.distill and step.distill.student.onnx:  # type: ignore[union-attr]

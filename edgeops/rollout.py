@@ -120,20 +120,23 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
 
 def measure_release(device: Device, release_id: str, baseline: str | None, deployment: Any,
                     host_golden: float | None, seed: str = "", on_retry: Any = None) -> Verdict:
-    """Verify on the device and decide, measuring again before any verdict that would cost a rollback.
+    """Verify on the device and decide; measure again before any verdict that would cost a rollback.
 
-    A first Failed is confirmed by a second measurement with twice the runs (both must
-    fail); with ``on_inconclusive: retry`` an Inconclusive is measured again, up to
-    ``verification.retries`` times.
+    A first Failed is confirmed by a second measurement with twice the runs; with
+    ``on_inconclusive: retry`` an Inconclusive is measured again, up to
+    ``verification.retries`` times. Each new measurement is pooled with the earlier
+    ones (same device, same session), so the interval narrows instead of starting over.
     """
     spec = deployment.spec
     policy = spec.rollout
     verification = policy.verification
     runs, attempt, retries, confirming = verification.runs, 0, 0, False
+    pooled: dict[str, Any] | None = None
     while True:
         result = device.verify(release_id, baseline, runs, verification.block,
                                timeout=policy.timeouts.verify_s * (2 ** min(attempt, 3)))
-        verdict = decide(result, spec.slo, policy.regression, spec.quality, host_golden, verification.block,
+        pooled = _pool(pooled, result)
+        verdict = decide(pooled, spec.slo, policy.regression, spec.quality, host_golden, verification.block,
                          seed=f"{seed}:{release_id}:{attempt}")
         attempt += 1
         if verdict.outcome == FAILED and not confirming:
@@ -148,6 +151,16 @@ def measure_release(device: Device, release_id: str, baseline: str | None, deplo
             continue
         return verdict
 
+
+def _pool(earlier: dict[str, Any] | None, latest: dict[str, Any]) -> dict[str, Any]:
+    """The latest agent result with every earlier raw sample prepended (summaries stay the latest's)."""
+    if earlier is None:
+        return latest
+    merged = dict(latest)
+    for side in ("a", "b"):
+        if side in latest and side in earlier:
+            merged[side] = {**latest[side], "samples_ms": earlier[side]["samples_ms"] + latest[side]["samples_ms"]}
+    return merged
 
 
 @dataclass

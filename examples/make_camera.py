@@ -2,7 +2,7 @@
 
 Real data: scikit-learn's bundled handwritten digits (1,797 images, shipped
 inside the package, no download). Writes examples/models/digits_cnn.onnx and
-examples/data/digits_{calibration,evaluation}.npz.
+examples/data/digits_{calibration,training,evaluation}.npz (training: the transfer set for distillation).
 
     python examples/make_camera.py
 """
@@ -45,6 +45,7 @@ def main() -> None:
     digest = export(model, torch.from_numpy(images[:1]), args.out / "models" / "digits_cnn.onnx",
                     "image", ["logits"])
     save_data(args.out / "data" / "digits_calibration.npz", image=images[train_idx[:200]])
+    save_data(args.out / "data" / "digits_training.npz", image=images[train_idx], labels=labels[train_idx])
     save_data(args.out / "data" / "digits_evaluation.npz", image=images[eval_idx], labels=labels[eval_idx])
     print(f"digits_cnn.onnx sha256={digest} eval accuracy={acc:.2f}% ({len(eval_idx)} images)")
 

@@ -85,6 +85,8 @@ class ModelSource(Strict):
 
 class DataSpec(Strict):
     calibration: str = Field(description=".npz with one array per model input (first axis: samples)")
+    training: str | None = Field(default=None, description="transfer set for distill steps (.npz like calibration, "
+                                                           "optional 'labels'); default: the calibration data")
     evaluation: str = Field(description=".npz with one array per model input, plus 'labels' for accuracy")
     golden_samples: Annotated[int, Field(ge=1, le=1000)] = Field(
         default=32, description="evaluation samples shipped with each release for the on-device check")
@@ -126,13 +128,17 @@ class StudentSpec(Strict):
     width: Annotated[int, Field(ge=1, le=4096)] = 32
     depth: Annotated[int, Field(ge=1, le=16)] = 2
     onnx: str | None = Field(default=None, description="a user-supplied student ONNX model (relative path)")
-    factory: str | None = Field(default=None, description="'module:function' returning a torch.nn.Module")
+    factory: str | None = Field(default=None, description="'module:function' returning a torch.nn.Module for "
+                                                         "(input shape, output size)")
+    previous_step: bool = Field(default=False, description="fine-tune the model the previous step produced "
+                                                          "(e.g. a pruned one) against the original teacher")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StudentSpec":
         given = [k for k in ("family", "onnx", "factory") if getattr(self, k) is not None]
+        given += ["previous_step"] if self.previous_step else []
         if len(given) != 1:
-            raise ValueError("set exactly one of family, onnx, factory")
+            raise ValueError("set exactly one of family, onnx, factory, previous_step")
         return self
 
 

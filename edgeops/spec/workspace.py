@@ -239,6 +239,10 @@ def _check_deployment(ws: Workspace, dep: Document[Deployment]) -> list[Problem]
         _missing_file(dep, ("spec", "data", "calibration"), spec.data.calibration, "calibration data"),
         _missing_file(dep, ("spec", "data", "evaluation"), spec.data.evaluation, "evaluation data"),
     ) if p]
+    if spec.data.training:
+        problem = _missing_file(dep, ("spec", "data", "training"), spec.data.training, "training data")
+        if problem:
+            problems.append(problem)
     model_path = dep.resolve(spec.model.path)
     if spec.model.sha256 and model_path.is_file():
         actual = hashlib.sha256(model_path.read_bytes()).hexdigest()
