@@ -3,7 +3,7 @@
 SYNTHETIC DATA: the signals are generated here (3-axis accelerometer at 50 Hz,
 128-sample windows; rest, walk, run, cycle with jittered frequency, amplitude,
 orientation and noise). No recording of a real person is involved. Writes
-examples/models/wearable_cnn.onnx and examples/data/wearable_{calibration,evaluation}.npz.
+examples/models/wearable_cnn.onnx and examples/data/wearable_{calibration,training,evaluation}.npz.
 
     python examples/make_wearable.py
 """
@@ -67,6 +67,9 @@ def main() -> None:
     digest = export(model, torch.from_numpy(x_train[:1]), args.out / "models" / "wearable_cnn.onnx",
                     "signal", ["logits"])
     save_data(args.out / "data" / "wearable_calibration.npz", signal=x_train[:200])
+    # the transfer set for distillation: 1000 labelled windows, stored as float16 to keep the repo small
+    save_data(args.out / "data" / "wearable_training.npz", signal=x_train[:1000].astype(np.float16),
+              labels=y_train[:1000])
     save_data(args.out / "data" / "wearable_evaluation.npz", signal=x_eval, labels=y_eval)
     print(f"wearable_cnn.onnx sha256={digest} eval accuracy={acc:.2f}% ({len(x_eval)} synthetic windows)")
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_shallow_checkout_needs_the_base_fetched(git_repo: Path, tmp_path: Path)
 
 
 def test_workflow_file_passes_the_github_workflow_schema() -> None:
-    done = subprocess.run(["check-jsonschema", "--builtin-schema", "vendor.github-workflows",
+    done = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
                            str(REPO / ".github/workflows/edgeops.yml")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
