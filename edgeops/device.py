@@ -10,7 +10,6 @@ release keeps running; after it the new one is complete.
 from __future__ import annotations
 
 import json
-import shlex
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -191,6 +190,3 @@ class Device:
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._common(), "--keep", str(keep))
-
-    def describe(self) -> str:
-        return f"{self.name}:{shlex.quote(self.root)}"

@@ -12,9 +12,10 @@ from edgeops.desired import Desired, desired_state
 from edgeops.errors import DeviceError, EdgeopsError, InputError
 from edgeops.gitinfo import head_info
 from edgeops.ledger import Ledger
-from edgeops.plan import ObservedDevice, Plan, digest_desired, make_plan
+from edgeops.plan import ObservedDevice, Plan, make_plan
 from edgeops.rollout import (
     ApplyContext,
+    DeviceOutcome,
     Reporter,
     RolloutResult,
     SilentReporter,
@@ -27,6 +28,7 @@ from edgeops.rollout import (
 )
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
+from edgeops.targets import target_devices
 from edgeops.verify import decide
 
 Progress = Callable[[str], None]
@@ -167,9 +169,6 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
                         to: str | None = None, devices: list[str] | None = None,
                         reporter: Reporter | None = None) -> RolloutResult:
     """Switch devices back (no transfer), verify the release they land on, record it."""
-    from edgeops.rollout import DeviceOutcome
-    from edgeops.targets import target_devices
-
     reporter = reporter or SilentReporter()
     targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
     if not targets:
@@ -230,9 +229,6 @@ def load_plan(path: Path) -> Plan:
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
         raise InputError.at(str(path), None, "", f"not a saved edgeops plan ({exc})") from None
 
-
-__all__ = ["StalePlan", "StatusRow", "apply_deployment", "digest_desired", "load_plan", "plan_deployment",
-           "rollback_deployment", "status_rows"]
 
 
 def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterations: int,

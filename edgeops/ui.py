@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from typing import Any
 
 from rich.console import Console
@@ -185,7 +186,7 @@ class LiveReporter:
         from rich.live import Live
 
         self.rows: dict[str, list[str]] = {}
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()
         self.live = Live(self._table(), console=err_console, refresh_per_second=8, transient=False) \
             if err_console.is_terminal else None
 

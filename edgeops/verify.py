@@ -1,9 +1,9 @@
 """The verification gate: absolute SLOs plus a statistical regression check. Pure functions.
 
 Regression: the agent measures the new release (A) and the previous one (B)
-interleaved in blocks, in one process. The gate bootstraps a confidence
-interval for the ratio p95(A)/p95(B) (resampling whole blocks, so drift within
-a block stays together) and decides:
+interleaved in blocks, in one process. The gate bootstraps confidence
+intervals for the ratios p50(A)/p50(B) and p95(A)/p95(B) (resampling whole
+blocks, so drift within a block stays together) and decides each:
 
 * Failed       - the whole interval is above 1 + tolerance: slower for sure;
 * Passed       - the whole interval is at or below 1 + tolerance;
@@ -64,7 +64,7 @@ def ratio_interval(new: list[float], old: list[float], block: int, confidence: f
     a, b = a[:count], b[:count]
 
     def stat(x: np.ndarray) -> np.ndarray:
-        return np.percentile(x, 95, axis=-1) if statistic == "p95" else np.mean(x, axis=-1)
+        return np.percentile(x, 95 if statistic == "p95" else 50, axis=-1)
 
     point = float(stat(a.reshape(-1)) / stat(b.reshape(-1)))
     rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16))
@@ -130,8 +130,10 @@ def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: Quali
     if a.get("golden") and host_golden is not None:
         checks.append(quality_check(goal, a["golden"]["value"], host_golden))
     if b is not None:
-        point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, regression.confidence, "p95", seed)
-        checks.append(_regression("p95 latency", point, low, high, regression.latency_p95_pct, regression.confidence))
+        for statistic, tolerance in (("p50", regression.latency_p50_pct), ("p95", regression.latency_p95_pct)):
+            point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, regression.confidence,
+                                              statistic, seed)
+            checks.append(_regression(f"{statistic} latency", point, low, high, tolerance, regression.confidence))
     outcomes = {c.outcome for c in checks}
     outcome = FAILED if FAILED in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASSED
     measurements = {"latency": a["latency"], "power": power, "golden": a.get("golden"),

@@ -13,17 +13,17 @@ from edgeops.errors import Problem
 from edgeops.spec.yamlload import Loc, dotted, line_for
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def models_in(annotation: Any) -> list[type[BaseModel]]:
     """Every BaseModel class reachable through Optional/Union/list/dict/Annotated."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _models_in(typing.get_args(annotation)[0])
+        return models_in(typing.get_args(annotation)[0])
     found: list[type[BaseModel]] = []
     if origin in (typing.Union, types.UnionType, list, dict, tuple):
         for arg in typing.get_args(annotation):
-            found.extend(_models_in(arg))
+            found.extend(models_in(arg))
     return found
 
 
@@ -36,7 +36,7 @@ def _fields_at(root: type[BaseModel], loc: Loc) -> list[str]:
         following: list[type[BaseModel]] = []
         for model in candidates:
             if part in model.model_fields:
-                following.extend(_models_in(model.model_fields[part].annotation))
+                following.extend(models_in(model.model_fields[part].annotation))
         if following:
             candidates = following
         else:
@@ -147,7 +147,7 @@ def _clean_loc(root: type[BaseModel], loc: Loc, lines: dict[Loc, int]) -> Loc:
         fields = [m for m in candidates if part in m.model_fields]
         if fields or tuple(kept) + (part,) in lines:
             kept.append(part)
-            following = [x for m in fields for x in _models_in(m.model_fields[part].annotation)]
+            following = [x for m in fields for x in models_in(m.model_fields[part].annotation)]
             candidates = following or candidates
         else:
             tagged = [m for m in candidates if _has_literal(m, str(part))]

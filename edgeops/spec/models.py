@@ -217,8 +217,11 @@ class Timeouts(Strict):
 
 
 class Regression(Strict):
+    latency_p50_pct: Annotated[float, Field(ge=0)] = Field(
+        default=10, description="fail when the new release's median latency is worse than the previous one's "
+                                "by more than this (the stable signal)")
     latency_p95_pct: Annotated[float, Field(ge=0)] = Field(
-        default=10, description="fail when the new release is slower than the previous by more than this")
+        default=10, description="fail when the new release's p95 latency is worse by more than this (the tail)")
     energy_pct: Annotated[float, Field(ge=0)] = 10
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
 

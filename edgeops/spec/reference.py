@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from edgeops.spec.locate import _models_in
+from edgeops.spec.locate import models_in
 from edgeops.spec.models import KINDS
 
 
@@ -63,13 +63,13 @@ def _rows(model: type[BaseModel], prefix: str, seen: set[tuple[type, str]]) -> l
         path = f"{prefix}.{name}" if prefix else name
         notes = "; ".join(x for x in (field.description or "", _constraints(field)) if x)
         rows.append(f"| `{path}` | {_type_name(field.annotation)} | {_default(field)} | {notes} |")
-        for sub in _models_in(field.annotation):
+        for sub in models_in(field.annotation):
             key = (sub, path)
             if key in seen:
                 continue
             seen.add(key)
             sub_prefix = path + ("[]" if typing.get_origin(field.annotation) is list else "")
-            members = _models_in(field.annotation)
+            members = models_in(field.annotation)
             if len(members) > 1:
                 literal = next((f for f in sub.model_fields.values() if typing.get_origin(f.annotation) is typing.Literal), None)
                 tag = typing.get_args(literal.annotation)[0] if literal else sub.__name__
