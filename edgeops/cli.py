@@ -404,6 +404,9 @@ def status(manifests: tuple[str, ...], drift_only: bool, output: str, root: Path
                                for name, rows in everything.items()], indent=2))
     else:
         for name, rows in everything.items():
+            if drift_only and not rows:
+                console.print(f"{name}: no drift, every device runs the release git asks for")
+                continue
             console.print(status_table(name, rows))
             console.print(status_summary(rows))
     rows = [r for group in everything.values() for r in group]

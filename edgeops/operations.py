@@ -155,9 +155,10 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
         health, message = _health(o)
         if sync == "OutOfSync" and health != "Unreachable":
             message = (f"git asks for {want}; " + message).rstrip("; ")
-        latency = (o.verification or {}).get("latency") or {}
+        verification = o.verification if o.current else None  # a removed release's numbers no longer apply
+        latency = (verification or {}).get("latency") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
-                              latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(o.verification),
+                              latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(verification),
                               o.last_change, message))
     return rows
 
