@@ -1,0 +1,1 @@
+"""Turn a deployment's model and recipe into an evaluated, cached artifact."""
