@@ -37,8 +37,9 @@ RECIPES: dict[str, list[tuple[str, str]]] = {
         ("distill cnn2d (width 16, depth 2)", "- distill: {student: {family: cnn2d, width: 16, depth: 2}, epochs: 40}"),
         ("distill cnn2d + static int8",
          "- distill: {student: {family: cnn2d, width: 16, depth: 2}, epochs: 40}\n    - quantize: {mode: static}"),
-        ("structured prune 50% + distill fine-tune + static int8",
-         "- prune: {method: structured, sparsity: 0.5}\n    - distill: {student: {previous_step: true}, epochs: 15, "
+        ("structured prune 80%", "- prune: {method: structured, sparsity: 0.8}"),
+        ("structured prune 80% + distill fine-tune + static int8",
+         "- prune: {method: structured, sparsity: 0.8}\n    - distill: {student: {previous_step: true}, epochs: 15, "
          "learning_rate: 0.001}\n    - quantize: {mode: static}"),
     ],
     "wearable.yaml": [

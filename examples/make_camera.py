@@ -19,12 +19,12 @@ class DigitsCNN(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(1, 64, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.ReLU(),
             torch.nn.MaxPool2d(2),
         )
         self.head = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10),
+            torch.nn.Flatten(), torch.nn.Linear(128 * 4 * 4, 96), torch.nn.ReLU(), torch.nn.Linear(96, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,12 +65,13 @@ def test_no_labels_means_pure_soft_target_distillation(repo_copy: Path) -> None:
 
 
 def test_prune_then_distill_fine_tune_recovers_accuracy(repo_copy: Path) -> None:
-    with_recipe(repo_copy, "    - prune: {method: structured, sparsity: 0.5}\n"
+    with_recipe(repo_copy, "    - prune: {method: structured, sparsity: 0.8}\n"
                            "    - distill: {student: {previous_step: true}, epochs: 15, learning_rate: 0.001}\n"
-                           "    - quantize: {mode: static}\n", max_drop="20")
+                           "    - quantize: {mode: static}\n")
     report = build_camera(repo_copy).report
     original, pruned, tuned, quantized = report["stages"]
-    assert pruned["quality"]["value"] < original["quality"]["value"] - 3  # pruning alone hurts
+    assert pruned["quality"]["value"] < original["quality"]["value"] - 3  # pruning alone hurts...
+    assert not pruned["quality"]["passed"] and "the gate applies after it" in pruned["notes"][-1]
     assert original["quality"]["value"] - tuned["quality"]["value"] <= 1.5  # the fine-tune recovers it
     assert tuned["parameters"] == pruned["parameters"]
     assert quantized["size_bytes"] < original["size_bytes"] / 10
