@@ -15,6 +15,8 @@ from edgeops.errors import EdgeopsError, InputError
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for machines")
+ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+                           help="repository root (default: found)")
 
 
 def _fail(exc: EdgeopsError, as_json: bool) -> None:
@@ -57,7 +59,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @OUTPUT
 @handle_errors
 def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
@@ -99,7 +101,7 @@ def schema(out: Path | None) -> None:
               help="build only for this accelerator class (default: every class among the targets)")
 @click.option("--force", is_flag=True, help="rebuild even when the cache has the artifact")
 @click.option("--explain", is_flag=True, help="say which inputs changed since the last build")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @OUTPUT
 @handle_errors
 def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bool, root: Path | None,
@@ -138,7 +140,7 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
 @click.option("--device", "device_name", help="render only this device (name or fleet/name)")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="write <fleet>/<device>.json files here instead of printing")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @handle_errors
 def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: Path | None) -> None:
     """Render the runtime config (JSON) of each target device; builds first (cache hits are free)."""
@@ -183,7 +185,7 @@ def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
 
 @lab.command("up")
 @click.argument("fleet", default="lab")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @handle_errors
 def lab_up_command(fleet: str, root: Path | None) -> None:
     """Start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
@@ -198,7 +200,7 @@ def lab_up_command(fleet: str, root: Path | None) -> None:
 
 @lab.command("status")
 @click.argument("fleet", default="lab")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @handle_errors
 def lab_status_command(fleet: str, root: Path | None) -> None:
     """Show which lab devices are running."""
@@ -213,7 +215,7 @@ def lab_status_command(fleet: str, root: Path | None) -> None:
 @lab.command("down")
 @click.argument("fleet", default="lab")
 @click.option("--wipe", is_flag=True, help="also delete the devices' lab state (keys, logs)")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="repository root (default: found)")
+@ROOT_OPTION
 @handle_errors
 def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
     """Stop exactly the sshd processes `lab up` started (by pid)."""
@@ -232,10 +234,6 @@ def _context(manifest: str, root: Path | None):  # type: ignore[no-untyped-def]
     ws = load_workspace(workspace_root((Path(manifest),) if Path(manifest).exists() else (), root))
     doc = ws.deployment(manifest)
     return ws, doc, default_ledger(ws.root)
-
-
-ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-                           help="repository root (default: found)")
 
 
 def _selected(manifests: tuple[str, ...], changed_since: str | None, root: Path | None):  # type: ignore[no-untyped-def]

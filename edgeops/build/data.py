@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeops.errors import InputError
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document
 

@@ -250,8 +250,6 @@ def _check_deployment(ws: Workspace, dep: Document[Deployment]) -> list[Problem]
             problems.append(dep.problem(("spec", "model", "sha256"),
                                         f"model bytes do not match the pinned digest (file has {actual}); "
                                         "update the pin if the model change is intended"))
-    if spec.quality.metric == "accuracy":
-        pass  # labels are checked when the data is read (build)
     for index, target in enumerate(spec.targets):
         if target.fleet not in ws.fleets and target.fleet not in ws.broken:
             problems.append(_name_problem(dep, ("spec", "targets", index, "fleet"), "Fleet", target.fleet, ws.fleets))
