@@ -65,7 +65,7 @@ def test_clean_apply_then_a_second_apply_is_a_no_op(lab_repo: Path) -> None:
 
     status = cli(lab_repo, "status", MANIFEST, "-o", "json")
     assert status.exit_code == 0, status.output
-    rows = json.loads(status.stdout)["devices"]
+    rows = json.loads(status.stdout)[0]["devices"]
     assert {(r["sync"], r["health"]) for r in rows} == {("Synced", "Healthy")}
     assert all(r["p95_ms"] > 0 and "hwmon, board" in r["power"] for r in rows)
 
@@ -92,7 +92,7 @@ def test_much_slower_model_is_caught_in_the_canary_and_rolled_back(lab_repo: Pat
         assert after[canary.key].status == "rolled_back"
         status = cli(lab_repo, "status", MANIFEST, "-o", "json")
         assert status.exit_code == 1  # unhealthy devices make status fail (for cron and CI)
-        rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(status.stdout)["devices"]}
+        rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(status.stdout)[0]["devices"]}
         assert rows[canary.key]["health"] == "RolledBack" and rows[canary.key]["sync"] == "OutOfSync"
         history = default_ledger(lab_repo).history("wearable-activity", 1)[0]
         assert history["outcome"] == "halted"
