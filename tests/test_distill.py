@@ -87,3 +87,18 @@ def test_distill_without_torch_fails_validation_with_the_install_hint(repo_copy:
     assert result.exit_code == 2
     assert "spec.recipe[0].distill: distillation needs PyTorch" in result.stderr
     assert "pip install 'edgeops[distill]'" in result.stderr
+
+
+def test_a_user_supplied_onnx_student_is_trained(repo_copy: Path) -> None:
+    import onnx
+
+    from edgeops.build.prune import structured
+
+    student = onnx.load(str(repo_copy / "examples/models/digits_cnn.onnx"))
+    structured(student, 0.9)  # any small ONNX model with the teacher's interface will do
+    onnx.save(student, str(repo_copy / "examples/models/student.onnx"))
+    with_recipe(repo_copy, "    - distill: {student: {onnx: ../examples/models/student.onnx}, epochs: 20}\n")
+    report = build_camera(repo_copy).report
+    trained = report["stages"][1]
+    assert "user-supplied student" in trained["notes"][0]
+    assert trained["quality"]["passed"] and trained["parameters"] < report["stages"][0]["parameters"] / 10

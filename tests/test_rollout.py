@@ -155,13 +155,14 @@ def test_unreachable_devices_count_against_their_own_budget(lab_repo: Path) -> N
         port = free_ports(1)[0]
         fleet_file.write_text(fleet + f"    - {{name: lab-gone, host: 127.0.0.1, port: {port}, "
                                       f"root: /tmp/edgeops-gone, labels: {{ring: main}}}}\n")
-        edit(lab_repo, "device_profiles/lab-cpu.yaml", "keep_releases: 3", "keep_releases: 4")
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")
         _, result = do_apply(lab_repo)  # 1 of 5 unreachable: within max_unreachable_devices 25%
         assert result.count("Unreachable") == 1 and result.count("Failed") == 0
+        assert result.count("Passed") == 4  # the reachable devices got the new runtime config
         assert result.outcome == "succeeded", result.message
         fleet_file.write_text(fleet_file.read_text() + f"    - {{name: lab-gone-2, host: 127.0.0.1, port: {port}, "
                                                        f"root: /tmp/edgeops-gone-2, labels: {{ring: main}}}}\n")
-        edit(lab_repo, "device_profiles/lab-cpu.yaml", "keep_releases: 4", "keep_releases: 5")
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 2", "inter_op_num_threads: 3")
         _, halted = do_apply(lab_repo)  # 2 of 6 unreachable: over budget, nothing starts
         assert halted.outcome == "halted" and "max_unreachable_devices" in halted.message
         assert halted.count("Failed") == 0 and halted.count("Passed") == 0
@@ -178,3 +179,31 @@ def test_history_command_shows_decisions(lab_repo: Path) -> None:
     assert rollouts and all("devices" in r and r["started_at"] for r in rollouts)
     decisions = {e["decision"] for r in rollouts for e in r["devices"]}
     assert "Passed" in decisions
+
+
+def test_interrupt_lets_devices_in_flight_finish_and_starts_nothing_new(lab_repo: Path) -> None:
+    from edgeops.rollout import ApplyContext, SilentReporter, apply
+
+    profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
+    try:
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 4")
+        ws, doc = ws_doc(lab_repo)
+        ledger = default_ledger(lab_repo)
+        with Connections() as connections:
+            plan, desired = plan_deployment(ws, doc, connections, ledger)
+
+            class CtrlCDuringCanaryPush(SilentReporter):
+                def stage(self, key: str, stage: str, detail: str = "") -> None:
+                    if stage == "switch":  # the user presses Ctrl-C while the canary is switching
+                        ctx.stop.set()
+
+            ctx = ApplyContext(desired, connections, ledger, "tester", {}, CtrlCDuringCanaryPush())
+            result = apply(plan, ctx)
+        assert result.outcome == "interrupted"
+        canary = next(d for d in result.devices if d.wave == 1)
+        assert canary.decision == "Passed"  # finished its step: switched, verified, committed
+        assert {d.decision for d in result.devices if d.wave and d.wave > 1} == {"Skipped"}
+        states = observe_all(lab_repo)
+        assert states[canary.key].status == "committed"
+    finally:
+        (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)

@@ -229,3 +229,12 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_release(lab_repo: Path, 
     finally:
         subprocess.run(["umount", str(mount)])
         shutil.rmtree(mount, ignore_errors=True)
+
+
+def test_jump_host_reaches_a_device_through_another(lab_repo: Path) -> None:
+    bastion, device = _ssh_target(lab_repo, 0), _ssh_target(lab_repo, 1)
+    through = SSHTransport(replace(device, jump_host=f"root@127.0.0.1:{bastion.port}"))
+    try:
+        assert through.run(["sh", "-c", "echo $EDGEOPS_LAB_DEVICE"]).stdout.strip() == device.device
+    finally:
+        through.close()
