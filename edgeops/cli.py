@@ -89,6 +89,7 @@ def schema(out: Path | None) -> None:
 
     text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         click.echo(f"wrote {out}", err=True)
     else:
