@@ -238,3 +238,29 @@ def test_jump_host_reaches_a_device_through_another(lab_repo: Path) -> None:
         assert through.run(["sh", "-c", "echo $EDGEOPS_LAB_DEVICE"]).stdout.strip() == device.device
     finally:
         through.close()
+
+
+def test_ssh_config_alias_is_honoured(lab_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = _ssh_target(lab_repo, 0)
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(f"Host lab-alias\n  HostName 127.0.0.1\n  Port {target.port}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    aliased = SSHTransport(replace(target, host="lab-alias", port=22, use_ssh_config=True))
+    try:
+        assert aliased.run(["sh", "-c", "echo $EDGEOPS_LAB_DEVICE"]).stdout.strip() == target.device
+    finally:
+        aliased.close()
+
+
+def test_key_from_ssh_agent(lab_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = _ssh_target(lab_repo, 0)
+    started = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split(";")[0].split("=", 1) for line in started.splitlines() if "=" in line.split(";")[0])
+    try:
+        subprocess.run(["ssh-add", "-q", target.identity_file], env={**env, "PATH": "/usr/bin:/bin"}, check=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", env["SSH_AUTH_SOCK"])
+        via_agent = SSHTransport(replace(target, identity_file=None, use_agent=True))
+        assert via_agent.run(["true"]).exit_status == 0
+        via_agent.close()
+    finally:
+        subprocess.run(["kill", env["SSH_AGENT_PID"]], check=False)
