@@ -152,12 +152,6 @@ class Ledger:
                              "ORDER BY id DESC LIMIT 1", (deployment,)).fetchone()
         return None if row is None else json.loads(row["summary"] or "{}")
 
-    def last_event(self, deployment: str, device: str) -> dict[str, Any] | None:
-        with self._connect() as db:
-            row = db.execute("SELECT * FROM device_events WHERE deployment = ? AND device = ? "
-                             "AND decision != 'Skipped' ORDER BY id DESC LIMIT 1", (deployment, device)).fetchone()
-        return None if row is None else {**dict(row), "measurements": json.loads(row["measurements"] or "{}")}
-
     # ---------------------------------------------------------------- locks
 
     @contextmanager

@@ -81,6 +81,11 @@ class Plan:
     def has_changes(self) -> bool:
         return bool(self.changes)
 
+    @property
+    def is_noop(self) -> bool:
+        """Nothing to change and every device reachable: apply touches no device."""
+        return not self.has_changes and all(d.action != "unreachable" for d in self.devices)
+
     def wave(self, number: int) -> list[PlannedDevice]:
         return [d for d in self.devices if d.wave == number]
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgeops import __version__
 from edgeops.build.cache import Artifact
@@ -38,11 +37,6 @@ class Release:
     @property
     def model_bytes(self) -> int:
         return sum(f.size for f in self.files if f.local is not None)
-
-    def manifest(self) -> dict[str, Any]:
-        return {"id": self.id, "deployment": self.deployment, "artifact_sha256": self.artifact_sha256,
-                "config_digest": self.config_digest,
-                "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in self.files}}
 
 
 def _bytes_file(name: str, content: bytes) -> ReleaseFile:

@@ -311,7 +311,7 @@ class _Roller:
                      for d in self.plan.devices if d.action == "no-change"]
         unreachable = [DeviceOutcome(d.key, d.action, "Unreachable", d.reason, d.release_id, d.current)
                        for d in self.plan.devices if d.action == "unreachable"]
-        if not self.plan.has_changes and not unreachable:
+        if self.plan.is_noop:
             return RolloutResult(self.doc.name, "no-op", f"no changes: {len(unchanged)} device(s) already run "
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
@@ -346,7 +346,7 @@ class _Roller:
 def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
     """Execute exactly ``plan`` and record every decision in the ledger."""
     roller = _Roller(plan, ctx)
-    if not plan.has_changes and not any(d.action == "unreachable" for d in plan.devices):
+    if plan.is_noop:
         return roller.run()
     rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts)
     result = roller.run()

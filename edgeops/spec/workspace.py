@@ -136,10 +136,6 @@ class Workspace:
             raise InputError.at(name, None, "", f"no Fleet named '{name}'; known: {', '.join(sorted(self.fleets))}")
         return self.fleets[name]
 
-    def profile_of(self, fleet: Document[Fleet], device_index: int) -> Document[DeviceProfile]:
-        device = fleet.obj.spec.devices[device_index]
-        return self.profiles[device.profile or fleet.obj.spec.profile]
-
     def accelerators_of(self, deployment: Document[Deployment]) -> set[str]:
         found: set[str] = set()
         for target in deployment.obj.spec.targets:

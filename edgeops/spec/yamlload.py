@@ -19,42 +19,34 @@ from edgeops.errors import InputError
 Loc = tuple[str | int, ...]
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
-    # Resolve tags the same way SafeLoader does (ints, floats, bools, null).
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str) -> Any:
+def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, loader: yaml.SafeLoader) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise InputError.at(file, key_node.start_mark.line + 1, _dotted(loc),
+                raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc),
                                     "YAML merge keys (<<) are not supported; write the keys out")
-            key = _build(key_node, loc, {}, file)
+            key = _build(key_node, loc, {}, file, loader)
             if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise InputError.at(file, key_node.start_mark.line + 1, _dotted(loc),
+                raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc),
                                     f"keys must be strings (got {key!r})")
             if key in out:
-                raise InputError.at(file, key_node.start_mark.line + 1, _dotted(loc + (key,)),
+                raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc + (key,)),
                                     f"duplicate key '{key}' (first defined on line {lines[loc + (key,)]})")
             lines[loc + (key,)] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, loc + (key,), lines, file)
+            out[key] = _build(value_node, loc + (key,), lines, file, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             lines[loc + (index,)] = item.start_mark.line + 1
-            items.append(_build(item, loc + (index,), lines, file))
+            items.append(_build(item, loc + (index,), lines, file, loader))
         return items
-    return _scalar(node)
+    return loader.construct_object(node, deep=True)  # SafeLoader's tags: ints, floats, bools, null
 
 
-def _dotted(loc: Loc) -> str:
+def dotted(loc: Loc) -> str:
+    """``("spec", "recipe", 0, "quantize")`` -> ``spec.recipe[0].quantize``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -90,17 +82,15 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
         raise InputError.at(file, nodes[1].start_mark.line + 1, "",
                             "one document per file; split this file at the '---'")
     lines: dict[Loc, int] = {(): nodes[0].start_mark.line + 1}
+    loader = yaml.SafeLoader("")
     try:
-        data = _build(nodes[0], (), lines, file)
+        data = _build(nodes[0], (), lines, file, loader)
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise InputError.at(file, line, "", f"unsupported YAML value: {exc.problem}") from None
+    finally:
+        loader.dispose()
     return data, lines
-
-
-def dotted(loc: Loc) -> str:
-    """``("spec", "recipe", 0, "quantize")`` -> ``spec.recipe[0].quantize``."""
-    return _dotted(loc)
 
 
 def line_for(lines: dict[Loc, int], loc: Loc) -> int:
