@@ -158,7 +158,8 @@ def test_unreachable_devices_count_against_their_own_budget(lab_repo: Path) -> N
         edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")
         _, result = do_apply(lab_repo)  # 1 of 5 unreachable: within max_unreachable_devices 25%
         assert result.count("Unreachable") == 1 and result.count("Failed") == 0
-        assert result.count("Passed") == 4  # the reachable devices got the new runtime config
+        # the reachable devices got the new runtime config (an Inconclusive verdict on noise keeps it too)
+        assert sum(d.committed for d in result.devices) == 4
         assert result.outcome == "succeeded", result.message
         fleet_file.write_text(fleet_file.read_text() + f"    - {{name: lab-gone-2, host: 127.0.0.1, port: {port}, "
                                                        f"root: /tmp/edgeops-gone-2, labels: {{ring: main}}}}\n")
@@ -201,9 +202,9 @@ def test_interrupt_lets_devices_in_flight_finish_and_starts_nothing_new(lab_repo
             result = apply(plan, ctx)
         assert result.outcome == "interrupted"
         canary = next(d for d in result.devices if d.wave == 1)
-        assert canary.decision == "Passed"  # finished its step: switched, verified, committed
+        assert canary.committed  # finished its step: switched, verified, kept (Passed, or Inconclusive on noise)
         assert {d.decision for d in result.devices if d.wave and d.wave > 1} == {"Skipped"}
         states = observe_all(lab_repo)
-        assert states[canary.key].status == "committed"
+        assert states[canary.key].status in ("committed", "inconclusive")
     finally:
         (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
