@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from edgeops import __version__
-from edgeops.errors import EdgeopsError, InputError
+from edgeops.errors import EdgeopsError, ExitCode, InputError
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for machines")
@@ -40,9 +40,27 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _fail(exc, kwargs.get("output") == "json")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(ExitCode.INTERRUPTED)
 
     return wrapper
+
+
+class EdgeopsGroup(click.Group):
+    """click's usage errors exit 3 (invalid input) here: 2 belongs to `plan` for "changes pending"."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.exit_code = ExitCode.INVALID
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.exit_code = ExitCode.INVALID
+            raise
 
 
 def workspace_root(paths: tuple[Path, ...], root: Path | None) -> Path:
@@ -51,7 +69,7 @@ def workspace_root(paths: tuple[Path, ...], root: Path | None) -> Path:
     return root.resolve() if root else find_root(paths[0] if paths else Path.cwd())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EdgeopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeops")
 def main() -> None:
     """GitOps for ML models on edge fleets."""
@@ -63,22 +81,35 @@ def main() -> None:
 @OUTPUT
 @handle_errors
 def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
-    """Check manifests, fleets and profiles (files or directories) and how they refer to each other."""
+    """Check files (or directories) and what they refer to, without touching a device.
+
+    Reports on the files given and the fleets and profiles they use: schema, references, the ONNX model
+    against its declared inputs and outputs, recipe options against the model, fleet addresses.
+    With no PATH: the whole repository.
+    """
     from edgeops.spec.workspace import load_workspace, yaml_files
 
     for path in paths:
         if not path.exists():
             raise InputError.at(str(path), None, "", "file not found")
-    ws = load_workspace(workspace_root(paths, root), extra=yaml_files(list(paths)))
+    ws_root = workspace_root(paths, root)
+    ws = load_workspace(ws_root, extra=yaml_files(list(paths)), focus=list(paths) or None, deep=True)
     docs = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
+    if paths:
+        wanted = {p.resolve() for p in yaml_files(list(paths))}
+        docs = [d for d in docs if d.path in wanted]
     if output == "json":
         click.echo(json.dumps({"ok": True, "documents": [
-            {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in docs]}, indent=2))  # type: ignore[attr-defined]
+            {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in docs],  # type: ignore[attr-defined]
+            "warnings": [w.as_dict() for w in ws.warnings]}, indent=2))
         return
     for doc in sorted(docs, key=lambda d: d.display):
         click.echo(f"ok  {doc.display}  {doc.obj.kind}/{doc.name}")  # type: ignore[attr-defined]
-    click.echo(f"valid: {len(ws.deployments)} deployment(s), {len(ws.fleets)} fleet(s), "
-               f"{len(ws.profiles)} device profile(s)")
+    for warning in ws.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    kinds = [d.obj.kind for d in docs]  # type: ignore[attr-defined]
+    click.echo(f"valid: {kinds.count('Deployment')} deployment(s), {kinds.count('Fleet')} fleet(s), "
+               f"{kinds.count('DeviceProfile')} device profile(s)")
 
 
 @main.command()
@@ -171,7 +202,7 @@ def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: 
             click.echo(f"wrote {path}")
 
 
-@main.group()
+@main.group(cls=EdgeopsGroup)
 def lab() -> None:
     """A local fleet of real sshd devices on 127.0.0.1 (quick start, tests, benchmarks)."""
 
@@ -186,16 +217,20 @@ def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
 
 @lab.command("up")
 @click.argument("fleet", default="lab")
+@click.option("--login-home", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEOPS_LAB_LOGIN_HOME",
+              help="HOME of the devices' SSH sessions (their shell startup files) instead of the user's; "
+                   "for testing devices whose login environment differs [env: EDGEOPS_LAB_LOGIN_HOME]")
 @ROOT_OPTION
 @handle_errors
-def lab_up_command(fleet: str, root: Path | None) -> None:
-    """Start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
+def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
+    """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
     from edgeops.lab import lab_up
     from edgeops.targets import TargetDevice
 
     ws, doc = _lab_fleet(fleet, root)
     targets = [TargetDevice(doc, d, ws.profiles[d.profile or doc.obj.spec.profile]) for d in doc.obj.spec.devices]
-    for device in lab_up(ws, doc, targets):
+    home = login_home.resolve() if login_home else None
+    for device in lab_up(ws, doc, targets, home, report=lambda message: click.echo(message, err=True)):
         click.echo(f"up  {doc.name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
 
 
@@ -246,7 +281,8 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None, root: Path 
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
     paths = tuple(Path(m) for m in manifests if Path(m).exists())
-    ws = load_workspace(workspace_root(paths, root))
+    focused = not changed_since and len(paths) == len(manifests)  # by path: a broken manifest elsewhere may stay
+    ws = load_workspace(workspace_root(paths, root), focus=list(paths) if focused else None, deep=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
     if changed_since:
         for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
@@ -269,7 +305,11 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
          root: Path | None) -> None:
-    """Show what apply would do. Exit code 0: no changes, 2: changes pending, 1: error."""
+    """Show what apply would do, with each device's facts and preflight.
+
+    Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
+    preflight; 1: a failure; 3: invalid input. See docs/exit-codes.md.
+    """
     from edgeops.connections import Connections
     from edgeops.operations import plan_deployment, plan_warnings
     from edgeops.ui import console, err_console, plan_comment, plan_summary, plan_table
@@ -297,7 +337,10 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
                 console.print(line, soft_wrap=True)
         if not entries:
             console.print("no deployment is touched")
-    sys.exit(2 if any(p.has_changes for p, _, _ in entries) else 0)
+    plans = [p for p, _, _ in entries]
+    if any(p.refused for p in plans):
+        sys.exit(ExitCode.REFUSED)
+    sys.exit(ExitCode.CHANGES if any(p.has_changes for p in plans) else ExitCode.OK)
 
 
 @main.command()
@@ -346,7 +389,9 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                                 "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
     elif not docs:
         console.print("no deployment is touched")
-    sys.exit(0 if all(r.ok for r in results) else 1)
+    if any(r.count("Refused") for r in results):
+        sys.exit(ExitCode.REFUSED)
+    sys.exit(ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED)
 
 
 @main.command()

@@ -18,17 +18,16 @@ from typing import Any, Callable
 
 from edgeops.agent import AGENT_FILE
 from edgeops.errors import DeviceError, RemoteCommandFailed
+from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
 from edgeops.transport.base import Transport, sha256_of
-
-DISK_MARGIN_BYTES = 1 << 20  # keep a little room for state.json and logs
 
 
 class AgentFailed(DeviceError):
     """The agent ran and reported a failure (kind says which)."""
 
-    def __init__(self, device: str, kind: str, message: str) -> None:
-        self.device, self.kind = device, kind
+    def __init__(self, device: str, kind: str, message: str, detail: str = "") -> None:
+        self.device, self.kind, self.detail = device, kind, detail or message
         super().__init__(f"{device}: {message}")
 
 
@@ -39,10 +38,10 @@ class DeviceState:
     current: str | None = None
     previous: str | None = None
     releases: tuple[str, ...] = ()
-    blobs: frozenset[str] = frozenset()
+    blobs: frozenset[str] | None = frozenset()    # None: unknown (the agent could not run)
     free_bytes: int | None = None
-    agent_current: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    facts: DeviceFacts = field(default_factory=DeviceFacts)
 
     @property
     def status(self) -> str | None:
@@ -68,9 +67,16 @@ class Device:
 
     # ---------------------------------------------------------------- agent
 
-    def agent(self, *args: str, timeout: float | None = None, agent_path: str | None = None) -> dict[str, Any]:
-        """Run an agent command; return its JSON document or raise AgentFailed with its message."""
-        argv = [self.python, agent_path or self.agent_path, *args]
+    def agent(self, *args: str, timeout: float | None = None, agent_path: str | None = None,
+              inline: bool = False) -> dict[str, Any]:
+        """Run an agent command; return its JSON document or raise AgentFailed with its message.
+
+        ``inline`` passes the agent's source with ``python -c`` instead of running the installed
+        file: read-only commands then work, in this controller's version, on a device that has no
+        agent yet or an older one, and nothing is written to the device.
+        """
+        program = ["-c", self._agent_bytes.decode()] if inline else [agent_path or self.agent_path]
+        argv = [self.python, *program, *args]
         try:
             result = self.transport.run(argv, timeout=timeout, check=False)
         except RemoteCommandFailed as exc:  # pragma: no cover - check=False
@@ -81,9 +87,9 @@ class Device:
         except json.JSONDecodeError:
             document = None
         if not isinstance(document, dict):
-            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1][:300]
             raise AgentFailed(self.name, "agent-broken", f"agent exited {result.exit_status} without a JSON "
-                                                        f"document: {tail[:300]}")
+                                                        f"document: {tail}", detail=f"exit {result.exit_status}: {tail}")
         if not document.get("ok"):
             raise AgentFailed(self.name, str(document.get("error")), str(document.get("message")))
         return document
@@ -107,23 +113,25 @@ class Device:
 
     # ---------------------------------------------------------------- observe
 
-    def observe(self) -> DeviceState:
-        """Read-only: the deployment's state on the device (never writes).
+    def observe(self, power_sensor: dict[str, Any] | None = None) -> DeviceState:
+        """Read-only: the deployment's state on the device and the device's facts, in one command.
 
-        One command when the agent is there (it reports its own digest); a device without
-        the agent yet is read through state.json alone.
+        A device whose interpreter cannot run the agent still reports why (as its facts) and,
+        when state.json is readable over SFTP, what it runs.
         """
+        sensor = json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
         try:
-            doc = self.agent("state", *self._common())
+            doc = self.agent("state", *self._common(), "--facts", "--power", sensor, inline=True)
         except AgentFailed as exc:
             if exc.kind != "agent-broken":
                 raise
             raw = self.transport.read_bytes(f"{self.root}/deployments/{self.deployment}/state.json")
             state = json.loads(raw) if raw else {}
-            return DeviceState(current=state.get("current"), previous=state.get("previous"), state=state)
+            return DeviceState(current=state.get("current"), previous=state.get("previous"), blobs=None,
+                               state=state, facts=DeviceFacts.unusable_python(exc.detail))
         return DeviceState(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
-                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"],
-                           agent_current=doc.get("agent_sha256") == self.agent_sha256, state=doc["state"] or {})
+                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
+                           facts=DeviceFacts.from_agent(doc["facts"]))
 
     # ---------------------------------------------------------------- push
 

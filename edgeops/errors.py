@@ -2,18 +2,32 @@
 
 Every error carries what went wrong and, where it helps, where (file:line) and
 what to do next. ``InputError`` and its subclasses mean "your input is wrong,
-nothing was changed" (exit code 2); the others are runtime failures (exit 1).
+nothing was changed" (exit code 3); the others are runtime failures (exit 1).
+The one table of exit codes is ``ExitCode`` (docs/exit-codes.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What every edgeops command's exit status means; one meaning per number across commands."""
+
+    OK = 0            # done: nothing to change, rollout succeeded, fleet healthy, input valid
+    FAILED = 1        # a rollout halted or failed, a device or build failed, status unhealthy or drifted
+    CHANGES = 2       # plan only: the plan has changes to apply (and nothing else went wrong)
+    INVALID = 3       # bad input (files or command line): reported file:line, nothing was touched
+    REFUSED = 4       # preflight: a target device cannot run the release; nothing was pushed to it
+    LOCKED = 5        # another apply or rollback holds the fleet's lock; try again later
+    INTERRUPTED = 130  # Ctrl-C: devices in flight finished their step, nothing new started
 
 
 class EdgeopsError(Exception):
     """Base class for every error edgeops raises on purpose."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILED
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -43,9 +57,9 @@ class Problem:
 
 
 class InputError(EdgeopsError):
-    """Bad input (manifest, profile, template, data): nothing was touched. Exit code 2."""
+    """Bad input (manifest, profile, template, data): nothing was touched. Exit code 3."""
 
-    exit_code = 2
+    exit_code = ExitCode.INVALID
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = sorted(problems, key=lambda p: (p.file, p.line or 0, p.field))
@@ -89,6 +103,10 @@ class CommandTimeout(TransportError):
 
 class AuthRefused(TransportError):
     """The device refused every key we offered."""
+
+
+class IdentityFileMissing(TransportError):
+    """The fleet names a private key file that is not there (nothing was sent to the device)."""
 
 
 class HostKeyUnknown(TransportError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeops.errors import EdgeopsError
+from edgeops.errors import EdgeopsError, ExitCode
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -66,6 +66,8 @@ class LedgerError(EdgeopsError):
 
 class LockHeld(EdgeopsError):
     """Another apply holds the lock on a fleet."""
+
+    exit_code = ExitCode.LOCKED
 
 
 def now() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Callable
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.errors import DeviceError, EdgeopsError, InputError
+from edgeops.facts import Preflight, preflight, runtime_of
 from edgeops.gitinfo import head_info
 from edgeops.ledger import Ledger
 from edgeops.plan import ObservedDevice, Plan, make_plan
@@ -48,7 +50,7 @@ def plan_deployment(ws: Workspace, doc: Document[Deployment], connections: Conne
     previous = ledger.last_successful_summary(doc.name)
     plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
                      recipes(doc, desired), previous.get("recipe") if previous else None,
-                     desired_devices(desired), observed)
+                     desired_devices(desired), observed, importlib.metadata.version("onnxruntime"))
     return plan, desired
 
 
@@ -114,14 +116,18 @@ class StatusRow:
     power: str
     last_deploy: str | None
     message: str
+    runtime: str = ""                       # interpreter, onnxruntime and architecture, read just now
+    facts: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _health(o: ObservedDevice) -> tuple[str, str]:
+def _health(o: ObservedDevice, checked: Preflight | None) -> tuple[str, str]:
     if not o.reachable:
         return "Unreachable", o.error
+    if checked is not None and not checked.ok:
+        return "Degraded", "the device cannot run releases now: " + "; ".join(checked.refusals)
     if o.current is None:
         return "Missing", "no release of this deployment on the device"
     verdict = (o.verification or {}).get("reason", "")
@@ -152,14 +158,16 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
         o = observed[target.key]
         want = desired.releases[target.key].id
         sync = "Unknown" if not o.reachable else ("Synced" if o.current == want else "OutOfSync")
-        health, message = _health(o)
+        checked = preflight(target.name, o.facts, target.needs(doc.obj.spec.slo), 0) if o.facts else None
+        health, message = _health(o, checked)
         if sync == "OutOfSync" and health != "Unreachable":
             message = (f"git asks for {want}; " + message).rstrip("; ")
         verification = o.verification if o.current else None  # a removed release's numbers no longer apply
         latency = (verification or {}).get("latency") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
                               latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(verification),
-                              o.last_change, message))
+                              o.last_change, message, runtime_of(o.facts.as_dict() if o.facts else None),
+                              o.facts.as_dict() if o.facts else None))
     return rows
 
 

@@ -14,8 +14,9 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Collection
 
+from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.spec.models import RolloutPolicy, parse_count
 
 PLAN_SCHEMA = "edgeops.plan/v1"
@@ -31,6 +32,7 @@ class DesiredDevice:
     labels: tuple[tuple[str, str], ...]
     release_id: str
     files: tuple[tuple[str, str, int], ...]   # (name, sha256, size)
+    needs: DeviceNeeds | None = None          # what the device must have to run the release
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ObservedDevice:
     blobs: frozenset[str] | None = None       # None: unknown (agent not installed yet)
     verification: dict[str, Any] | None = None
     last_change: str | None = None            # time of the last switch or verdict on the device
+    facts: DeviceFacts | None = None          # None: not read (unreachable)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,14 @@ class PlannedDevice:
     device: str
     profile: str
     hardware_class: str
-    action: str              # install | update | reverify | no-change | unreachable
+    action: str              # install | update | reverify | no-change | unreachable | refused
     release_id: str
     current: str | None
     bytes_to_move: int
     wave: int | None
     reason: str = ""
+    facts: dict[str, Any] | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,14 @@ class Plan:
         return bool(self.changes)
 
     @property
+    def refused(self) -> list[PlannedDevice]:
+        """Devices the preflight found unable to run the release: nothing is pushed to them."""
+        return [d for d in self.devices if d.action == "refused"]
+
+    @property
     def is_noop(self) -> bool:
-        """Nothing to change and every device reachable: apply touches no device."""
-        return not self.has_changes and all(d.action != "unreachable" for d in self.devices)
+        """Nothing to change and every device reachable and able: apply touches no device."""
+        return not self.has_changes and all(d.action not in ("unreachable", "refused") for d in self.devices)
 
     def wave(self, number: int) -> list[PlannedDevice]:
         return [d for d in self.devices if d.wave == number]
@@ -97,14 +107,15 @@ class Plan:
         data = json.loads(text)
         if data.pop("schema", None) != PLAN_SCHEMA:
             raise ValueError(f"not an {PLAN_SCHEMA} document")
-        data["devices"] = tuple(PlannedDevice(**d) for d in data["devices"])
+        data["devices"] = tuple(PlannedDevice(**{**d, "warnings": tuple(d.get("warnings", ()))})
+                                for d in data["devices"])
         data["notes"] = tuple(data.get("notes", ()))
         return cls(**data)
 
 
-def digest_observed(observed: dict[str, ObservedDevice]) -> str:
+def digest_observed(observed: dict[str, ObservedDevice], refused: Collection[str] = ()) -> str:
     """What a saved plan must still find on the devices to be applied."""
-    view = {k: [o.reachable, o.current, o.status] for k, o in sorted(observed.items())}
+    view = {k: [o.reachable, o.current, o.status, k in refused] for k, o in sorted(observed.items())}
     return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
 
 
@@ -182,19 +193,38 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
     return lines
 
 
+def _checked(want: DesiredDevice, seen: ObservedDevice, build_onnxruntime: str | None) -> tuple[str, str, int, tuple[str, ...]]:
+    """(action, reason, bytes to move, warnings): the device's action after its preflight."""
+    action, reason = _action(want, seen)
+    moving = _bytes(want, seen) if action in ("install", "update") else 0
+    if seen.facts is None or want.needs is None:
+        return action, reason, moving, ()
+    checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime)
+    if not checked.ok and action != "unreachable":
+        return "refused", "; ".join(checked.refusals), 0, checked.warnings
+    return action, reason, moving, checked.warnings
+
+
 def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],
               previous_recipe: dict[str, list[dict[str, Any]]] | None, desired: list[DesiredDevice],
-              observed: dict[str, ObservedDevice]) -> Plan:
-    """Compare what git asks for with what the devices run; decide per device and assign waves."""
-    actions = {d.key: _action(d, observed[d.key]) for d in desired}
-    changing = [d for d in desired if actions[d.key][0] in ("install", "update", "reverify")]
+              observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None) -> Plan:
+    """Compare what git asks for with what the devices run and can run; decide per device and assign waves."""
+    checked = {d.key: _checked(d, observed[d.key], build_onnxruntime) for d in desired}
+    changing = [d for d in desired if checked[d.key][0] in ("install", "update", "reverify")]
     waves = assign_waves(changing, policy)
     devices = tuple(
-        PlannedDevice(d.key, d.fleet, d.device, d.profile, d.hardware_class, actions[d.key][0], d.release_id,
-                      observed[d.key].current, _bytes(d, observed[d.key]) if actions[d.key][0] in ("install", "update")
-                      else 0, waves.get(d.key), actions[d.key][1])
+        PlannedDevice(d.key, d.fleet, d.device, d.profile, d.hardware_class, checked[d.key][0], d.release_id,
+                      observed[d.key].current, checked[d.key][2], waves.get(d.key), checked[d.key][1],
+                      observed[d.key].facts.as_dict() if observed[d.key].facts else None, checked[d.key][3])
         for d in desired)
     unreachable = sum(1 for d in devices if d.action == "unreachable")
-    notes = (f"{unreachable} device(s) unreachable now; they count against max_unreachable_devices",) if unreachable else ()
+    refused = {d.key for d in devices if d.action == "refused"}
+    notes = []
+    if unreachable:
+        notes.append(f"{unreachable} device(s) unreachable now; they count against max_unreachable_devices")
+    if refused:
+        notes.append(f"{len(refused)} device(s) refused by the preflight: nothing is pushed to them, and they "
+                     "count against max_failed_devices")
     return Plan(deployment, dict(sorted(artifacts.items())), recipe, recipe_diff(previous_recipe, recipe), devices,
-                max(waves.values(), default=0), digest_observed(observed), digest_desired(desired), notes)
+                max(waves.values(), default=0), digest_observed(observed, refused), digest_desired(desired),
+                tuple(notes))

@@ -21,7 +21,7 @@ from edgeops.errors import Problem, RenderError
 from edgeops.runtime_config import RuntimeConfig, canonical_json, digest
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
-from edgeops.targets import TargetDevice, substitute
+from edgeops.targets import TargetDevice, deep_substitute
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,9 @@ def environment(templates: Path) -> SandboxedEnvironment:
     return env
 
 
-def _deep_substitute(value: Any, device: str, root: str) -> Any:
-    if isinstance(value, str):
-        return substitute(value, device, root)
-    if isinstance(value, list):
-        return [_deep_substitute(v, device, root) for v in value]
-    if isinstance(value, dict):
-        return {k: _deep_substitute(v, device, root) for k, v in value.items()}
-    return value
-
-
 def context(deployment: Document[Deployment], target: TargetDevice, artifact: dict[str, Any]) -> dict[str, Any]:
     """What a template sees: plain data only (copies), never live objects."""
-    profile = _deep_substitute(target.profile.obj.spec.model_dump(mode="json"), target.name, target.root)
+    profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), target.name, target.root)
     spec = deployment.obj.spec
     return {
         "deployment": {"name": deployment.name, "labels": dict(deployment.obj.metadata.labels)},

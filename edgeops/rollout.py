@@ -27,6 +27,7 @@ from edgeops.targets import TargetDevice
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_golden_value
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
+REFUSED = "Refused"  # the preflight found the device unable to run the release: nothing was pushed
 
 
 class Reporter(Protocol):
@@ -50,7 +51,7 @@ class SilentReporter:
 class DeviceOutcome:
     key: str
     action: str
-    decision: str            # Passed | Failed | Inconclusive | Unreachable | RolledBack | Skipped | Unchanged
+    decision: str  # Passed | Failed | Inconclusive | Unreachable | Refused | RolledBack | Skipped | Unchanged
     reason: str = ""
     release_id: str | None = None
     from_release: str | None = None
@@ -80,21 +81,21 @@ class RolloutResult:
 
 
 def device_for(target: TargetDevice, connections: Connections, deployment: str) -> Device:
-    return Device(connections.get(target), target.root, target.profile.obj.spec.device.python, deployment)
+    return Device(connections.get(target), target.root, target.python, deployment)
 
 
 def _observed(key: str, state: DeviceState) -> ObservedDevice:
     history = state.state.get("history") or []
     return ObservedDevice(key, True, current=state.current, previous=state.previous, status=state.status,
-                          blobs=state.blobs if state.agent_current else None,
-                          verification=state.state.get("verification"),
-                          last_change=history[-1]["at"] if history else None)
+                          blobs=state.blobs, verification=state.state.get("verification"),
+                          last_change=history[-1]["at"] if history else None, facts=state.facts)
 
 
 def observe(desired: Desired, connections: Connections) -> dict[str, ObservedDevice]:
-    """Read every target device's state in parallel; unreachable devices are marked, not raised."""
+    """Read every target device's state and facts in parallel; unreachable devices are marked, not raised."""
     name = desired.deployment.name
-    results = connections.map(lambda t: device_for(t, connections, name).observe(), list(desired.targets))
+    results = connections.map(lambda t: device_for(t, connections, name).observe(t.power_sensor),
+                              list(desired.targets))
     observed = {}
     for key, result in results.items():
         if isinstance(result, EdgeopsError):
@@ -107,11 +108,12 @@ def observe(desired: Desired, connections: Connections) -> dict[str, ObservedDev
 
 def desired_devices(desired: Desired) -> list[DesiredDevice]:
     out = []
+    slo = desired.deployment.obj.spec.slo
     for target in desired.targets:
         release = desired.releases[target.key]
         out.append(DesiredDevice(target.key, target.fleet.name, target.name, target.profile.name,
                                  target.hardware_class, tuple(sorted(target.device.labels.items())), release.id,
-                                 tuple((f.name, f.sha256, f.size) for f in release.files)))
+                                 tuple((f.name, f.sha256, f.size) for f in release.files), target.needs(slo)))
     return out
 
 
@@ -275,10 +277,12 @@ class _Roller:
     # ---------------------------------------------------------------- waves and budgets
 
     def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
-        failed = sum(1 for o in outcomes if o.decision == FAILED)
+        failed = sum(1 for o in outcomes if o.decision in (FAILED, REFUSED))
+        refused = sum(1 for o in outcomes if o.decision == REFUSED)
         unreachable = sum(1 for o in outcomes if o.decision == "Unreachable")
         if failed > _allowed(self.policy.max_failed_devices, base):
-            return f"{failed} failed device(s) {scope} exceed max_failed_devices {self.policy.max_failed_devices}"
+            what = f"failed device(s) ({refused} refused by the preflight)" if refused else "failed device(s)"
+            return f"{failed} {what} {scope} exceed max_failed_devices {self.policy.max_failed_devices}"
         if unreachable > _allowed(self.policy.max_unreachable_devices, base):
             return (f"{unreachable} unreachable device(s) {scope} exceed max_unreachable_devices "
                     f"{self.policy.max_unreachable_devices}")
@@ -311,12 +315,15 @@ class _Roller:
                      for d in self.plan.devices if d.action == "no-change"]
         unreachable = [DeviceOutcome(d.key, d.action, "Unreachable", d.reason, d.release_id, d.current)
                        for d in self.plan.devices if d.action == "unreachable"]
+        refused = [DeviceOutcome(d.key, d.action, REFUSED, d.reason, d.release_id, d.current,
+                                 measurements={"facts": d.facts})
+                   for d in self.plan.refused]
         if self.plan.is_noop:
             return RolloutResult(self.doc.name, "no-op", f"no changes: {len(unchanged)} device(s) already run "
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []
-        halted = self.over_budget(unreachable, total, "before the first wave")
+        halted = self.over_budget(unreachable + refused, total, "before the first wave")
         for number in range(1, self.plan.waves + 1):
             if halted or self.ctx.stop.is_set():
                 break
@@ -325,7 +332,7 @@ class _Roller:
             results = self.run_wave(wave)
             rolled.extend(results)
             halted = self.over_budget(results, len(wave), f"in wave {number}") or \
-                self.over_budget(rolled + unreachable, total, "in total")
+                self.over_budget(rolled + unreachable + refused, total, "in total")
             if not halted and self.policy.on_inconclusive == "pause" and any(r.decision == INCONCLUSIVE for r in results):
                 halted = "paused: a device's verification was inconclusive (on_inconclusive: pause)"
             if not halted and number < self.plan.waves and self.policy.bake_time_s:
@@ -340,7 +347,7 @@ class _Roller:
             "paused" if halted and halted.startswith("paused") else "halted" if halted else "succeeded")
         message = halted or ("interrupted by the user" if outcome == "interrupted" else
                              f"{sum(o.committed for o in rolled)} device(s) updated and verified")
-        return RolloutResult(self.doc.name, outcome, message, unchanged + unreachable + rolled + skipped)
+        return RolloutResult(self.doc.name, outcome, message, unchanged + unreachable + refused + rolled + skipped)
 
 
 def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
@@ -361,7 +368,7 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:
-    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", "Skipped", "Unchanged")
+    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", REFUSED, "Skipped", "Unchanged")
     return {"message": result.message, **{n.lower(): result.count(n) for n in names},
             "bytes_moved": sum(d.bytes_moved for d in result.devices)}
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from edgeops.spec.models import DeviceEntry, DeviceProfile, Fleet
+from edgeops.facts import DeviceNeeds
+from edgeops.spec.models import SLO, DeviceEntry, DeviceProfile, Fleet
 from edgeops.spec.workspace import Document, Workspace
 
 
@@ -36,10 +38,47 @@ class TargetDevice:
         """The directory edgeops owns on the device, with ``{device}`` filled in."""
         return substitute(self.device.root or self.profile.obj.spec.device.root, self.name, "")
 
+    @property
+    def python(self) -> str:
+        """The interpreter that runs the agent on the device (``{device}``/``{root}`` filled in)."""
+        return substitute(self.profile.obj.spec.device.python, self.name, self.root)
+
+    @property
+    def power_sensor(self) -> dict[str, Any]:
+        """The profile's power sensor as the agent reads it (paths filled in)."""
+        power = self.profile.obj.spec.power
+        return deep_substitute({**power.sensor.model_dump(mode="json"), "interval_ms": power.interval_ms},
+                               self.name, self.root)
+
+    def needs(self, slo: SLO) -> DeviceNeeds:
+        """What this device must have to run a release whose SLOs are ``slo``."""
+        profile = self.profile
+        index = self.fleet.obj.spec.devices.index(self.device)
+        root_at = self.fleet.where(("spec", "devices", index, "root")) if self.device.root \
+            else profile.where(("spec", "device", "root"))
+        return DeviceNeeds(
+            python=self.python, python_at=profile.where(("spec", "device", "python")),
+            providers=tuple(p.name for p in profile.obj.spec.execution_providers),
+            providers_at=profile.where(("spec", "execution_providers")),
+            power_needed=slo.energy_per_inference_mj is not None or slo.average_power_mw is not None,
+            power_at=profile.where(("spec", "power", "sensor")),
+            root=self.root, root_at=root_at)
+
 
 def substitute(text: str, device: str, root: str) -> str:
     """Fill ``{device}`` and ``{root}`` in profile strings (plain replace: other braces stay)."""
     return text.replace("{device}", device).replace("{root}", root)
+
+
+def deep_substitute(value: Any, device: str, root: str) -> Any:
+    """``substitute`` through nested lists and mappings."""
+    if isinstance(value, str):
+        return substitute(value, device, root)
+    if isinstance(value, list):
+        return [deep_substitute(v, device, root) for v in value]
+    if isinstance(value, dict):
+        return {k: deep_substitute(v, device, root) for k, v in value.items()}
+    return value
 
 
 def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:

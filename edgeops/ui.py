@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgeops.facts import runtime_of
+
 # off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -51,19 +53,20 @@ def build_notes(report: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ plan, apply, status, history
 
-ACTION_STYLE = {"install": "green", "update": "yellow", "reverify": "cyan", "no-change": "dim", "unreachable": "red"}
+ACTION_STYLE = {"install": "green", "update": "yellow", "reverify": "cyan", "no-change": "dim", "unreachable": "red",
+                "refused": "red"}
 DECISION_STYLE = {"Passed": "green", "Inconclusive": "yellow", "Failed": "red", "RolledBack": "magenta",
-                  "Unreachable": "red", "Skipped": "dim", "Unchanged": "dim"}
+                  "Unreachable": "red", "Refused": "red", "Skipped": "dim", "Unchanged": "dim"}
 
 
 def plan_table(plan: Any) -> Table:
     table = Table(title=f"plan for {plan.deployment}", title_justify="left")
-    for column in ("wave", "device", "profile", "action", "current", "release", "bytes", "reason"):
+    for column in ("wave", "device", "profile", "runtime", "action", "current", "release", "bytes", "reason"):
         table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
     for d in sorted(plan.devices, key=lambda d: (d.wave or 999, d.key)):
         style = ACTION_STYLE.get(d.action, "")
-        table.add_row(str(d.wave or "—"), d.key, d.profile, f"[{style}]{d.action}[/]", d.current or "—",
-                      d.release_id, f"{d.bytes_to_move:,}", escape(d.reason))
+        table.add_row(str(d.wave or "—"), d.key, d.profile, escape(runtime_of(d.facts)), f"[{style}]{d.action}[/]",
+                      d.current or "—", d.release_id, f"{d.bytes_to_move:,}", escape(d.reason))
     return table
 
 
@@ -76,6 +79,8 @@ def plan_summary(plan: Any) -> list[str]:
     lines += [f"artifact ({acc}): {sha[:16]}" for acc, sha in plan.artifacts.items()]
     lines += [f"recipe: {line}" for line in plan.recipe_diff]
     lines += [f"note: {n}" for n in plan.notes]
+    lines += [f"refused: {d.reason}" for d in plan.refused]
+    lines += [f"warning: {w}" for d in plan.devices for w in d.warnings]
     return lines
 
 
@@ -101,8 +106,9 @@ def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]
         out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
         out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
         out += [f"- recipe: {line}" for line in plan.recipe_diff] or ["- recipe: unchanged since the last rollout"]
-        out += [f"- :warning: {w}" for w in warnings]
+        out += [f"- :warning: {w}" for w in warnings + [w for d in plan.devices for w in d.warnings]]
         out += [f"- note: {n}" for n in plan.notes]
+        out += [f"- :no_entry: refused: {d.reason}" for d in plan.refused]
         fleets: dict[str, list[Any]] = {}
         for d in plan.devices:
             fleets.setdefault(d.fleet, []).append(d)
@@ -111,11 +117,11 @@ def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]
             moving = [d for d in devices if d.action not in ("no-change",)]
             out += ["", f"**fleet `{fleet}`**: {len(moving)} of {len(devices)} device(s) change, "
                         f"{sum(d.bytes_to_move for d in devices):,} bytes to move", "",
-                    "| wave | device | profile | action | current | release | bytes to move |",
-                    "|---|---|---|---|---|---|---|"]
+                    "| wave | device | profile | runtime | action | current | release | bytes to move |",
+                    "|---|---|---|---|---|---|---|---|"]
             for d in sorted(devices, key=lambda d: (d.wave or 999, d.key)):
-                out.append(f"| {d.wave or '—'} | `{d.device}` | {d.profile} | **{d.action}** | {d.current or '—'} | "
-                           f"{d.release_id} | {d.bytes_to_move:,} |")
+                out.append(f"| {d.wave or '—'} | `{d.device}` | {d.profile} | {runtime_of(d.facts)} | **{d.action}** | "
+                           f"{d.current or '—'} | {d.release_id} | {d.bytes_to_move:,} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -135,7 +141,7 @@ def result_table(result: Any) -> Table:
 
 def status_table(deployment: str, rows: list[Any]) -> Table:
     table = Table(title=f"status of {deployment}", title_justify="left")
-    for column in ("FLEET", "DEVICE", "PROFILE", "RELEASE", "SYNC", "HEALTH", "P95 ms (SLO)", "POWER",
+    for column in ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", "P95 ms (SLO)", "POWER",
                    "LAST DEPLOY", "MESSAGE"):
         table.add_column(column)
     colors = {"Synced": "green", "OutOfSync": "yellow", "Unknown": "red", "Healthy": "green",
@@ -143,7 +149,8 @@ def status_table(deployment: str, rows: list[Any]) -> Table:
     for r in rows:
         p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
         slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"
-        table.add_row(r.fleet, r.device, r.profile, r.release or "—", f"[{colors[r.sync]}]{r.sync}[/]",
+        table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), r.release or "—",
+                      f"[{colors[r.sync]}]{r.sync}[/]",
                       f"[{colors[r.health]}]{r.health}[/]", p95 + slo, escape(r.power), r.last_deploy or "—",
                       escape(r.message))
     return table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,9 +61,27 @@ def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "l
     return path
 
 
+def make_hostile_home(home: Path) -> Path:
+    """A login HOME like a stock machine's, only worse: its shell startup puts a ``python3`` without
+    numpy or onnxruntime first on PATH, and talks on stdout and stderr. Lab devices must not care."""
+    bare = home / "bare-python"
+    if not (bare / "bin" / "python3").exists():
+        base = getattr(sys, "_base_executable", None) or sys.executable
+        subprocess.run([base, "-m", "venv", "--without-pip", str(bare)], check=True)
+    startup = f'export PATH="{bare}/bin:$PATH"\necho "welcome to a hostile login shell"\necho "motd" >&2\n'
+    for name in (".bashrc", ".profile", ".bash_profile"):
+        (home / name).write_text(startup)
+    return home
+
+
+@pytest.fixture(scope="session")
+def hostile_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_hostile_home(tmp_path_factory.mktemp("hostile-home"))
+
+
 @pytest.fixture(scope="module")
-def lab_repo(tmp_path_factory: pytest.TempPathFactory):
-    """A repo copy whose lab fleet (4 devices) runs as real sshd processes for the module's tests."""
+def lab_repo(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    """A repo copy whose lab fleet (4 devices) runs as real sshd processes, under a hostile login HOME."""
     from edgeops.lab import lab_down, lab_up
     from edgeops.spec.workspace import load_workspace
     from edgeops.targets import target_devices
@@ -73,6 +93,6 @@ def lab_repo(tmp_path_factory: pytest.TempPathFactory):
     write_lab_fleet(root, 4, base / "devices")
     ws = load_workspace(root)
     fleet = ws.fleets["lab"]
-    lab_up(ws, fleet, target_devices(ws, "wearable-activity"))
+    lab_up(ws, fleet, target_devices(ws, "wearable-activity"), login_home=hostile_home)
     yield root
     lab_down(ws, fleet)

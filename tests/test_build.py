@@ -186,7 +186,7 @@ def test_bad_build_input_is_located(repo_copy: Path, monkeypatch: pytest.MonkeyP
         path.write_bytes(path.read_bytes()[:5000])
         expected = f"manifests/camera.yaml:{line_of(manifest, 'path:')}: spec.model.path: ../examples/models/digits_cnn.onnx is not a valid ONNX"
     result = _cli_build(repo_copy, monkeypatch)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + expected), lines
     assert "Traceback" not in result.output

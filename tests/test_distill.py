@@ -84,7 +84,7 @@ def test_distill_without_torch_fails_validation_with_the_install_hint(repo_copy:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", "manifests"])
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "spec.recipe[0].distill: distillation needs PyTorch" in result.stderr
     assert "pip install 'edgeops[distill]'" in result.stderr
 

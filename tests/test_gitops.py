@@ -100,7 +100,7 @@ def test_shallow_checkout_needs_the_base_fetched(git_repo: Path, tmp_path: Path)
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--depth=1", f"file://{git_repo}", str(clone)], check=True, env=ENV)
     result = CliRunner().invoke(main, ["diff", "--base", base, "--root", str(clone)])
-    assert result.exit_code == 2 and "git fetch --depth=1 origin" in result.stderr
+    assert result.exit_code == 3 and "git fetch --depth=1 origin" in result.stderr
     git(clone, "fetch", "-q", "--depth=1", "origin", base)
     result = CliRunner().invoke(main, ["diff", "--base", base, "--root", str(clone)])
     assert result.exit_code == 0 and result.stdout.startswith("vehicle-assistant")
@@ -116,7 +116,7 @@ def test_workflow_file_passes_the_github_workflow_schema() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab_git(tmp_path_factory: pytest.TempPathFactory):
+def lab_git(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     from edgeops.lab import lab_down, lab_up
 
     base = tmp_path_factory.mktemp("gitops")
@@ -126,7 +126,7 @@ def lab_git(tmp_path_factory: pytest.TempPathFactory):
     git(root, "init", "-q", "-b", "main")
     commit_all(root, "initial fleet")
     ws = load_workspace(root)
-    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"))
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
     yield root
     lab_down(ws, ws.fleets["lab"])
 

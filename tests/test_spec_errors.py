@@ -1,4 +1,4 @@
-"""Broken manifests, fleets and profiles: each gives one located line, exit code 2, no traceback."""
+"""Broken manifests, fleets and profiles: each gives one located line, exit code 3, no traceback."""
 
 from __future__ import annotations
 
@@ -64,6 +64,23 @@ CASES = [
     ("power-source-typo", ARM, "source: hwmon", "source: hwmom", "source: hwmom", "did you mean 'hwmon'"),
     ("unknown-provider", JET, "- name: CUDAExecutionProvider", "- name: CUDAProvider", "CUDAProvider", "must be one of"),
     ("bad-yaml-tab", NPU, "  accelerator: tpu", "\taccelerator: tpu", "\taccelerator", "malformed YAML"),
+    # what can be known offline: the model file against its declaration, fleets against each other
+    ("model-input-name", W, "{name: signal,", "{name: signals,", "signals", "the model has no input 'signals'; did you mean 'signal'?"),
+    ("model-input-dtype", W, "shape: [batch, 3, 128], dtype: float32", "shape: [batch, 3, 128], dtype: int64", "int64", "'signal' is float32 in the model, declared int64"),
+    ("model-input-rank", W, "shape: [batch, 3, 128]", "shape: [batch, 384]", "batch, 384", "has rank 3 in the model"),
+    ("model-input-dim", W, "shape: [batch, 3, 128]", "shape: [batch, 3, 64]", "batch, 3, 64", "axis 2 is 128 in the model, declared 64"),
+    ("model-output-name", W, "{name: logits,", "{name: scores,", "scores", "the model has no output 'scores'; the model has: logits"),
+    ("quality-output", W, "metric: accuracy", "metric: accuracy\n    output: logit", "output: logit", "no output 'logit'; did you mean 'logits'?"),
+    ("recipe-op-type", W, "calibration_method: minmax", "calibration_method: minmax\n        op_types: [Conv, Gem]", "op_types", "the model has no Gem nodes; did you mean 'Gemm'?"),
+    ("waves-shrink", W, "waves: [1, 50%, 100%]", "waves: [1, 50%, 25%]", "waves:", "must grow"),
+    ("duplicate-address", LAB, "port: 22202", "port: 22201", "lab-02", "127.0.0.1:22201 is also manifests/fleets/lab.yaml device lab-01"),
+    ("duplicate-address-across-fleets", CAMS, "host: cam-plant-a-01.cameras.example.net,", "host: 127.0.0.1, port: 22203,", "127.0.0.1, port: 22203", "is also manifests/fleets/lab.yaml device lab-03"),
+    ("host-with-user", LAB, "lab-03, host: 127.0.0.1", "lab-03, host: root@127.0.0.1", "root@", "put the user in ssh.user"),
+    ("host-garbage", LAB, "lab-03, host: 127.0.0.1", "lab-03, host: 'cam 01; rm -rf /'", "lab-03", "is not a valid host name"),
+    ("bad-user", LAB, "user: root", "user: 'ro ot'", "user:", "'ro ot' is not a valid user name"),
+    ("bad-jump-host", WB, "jump_host: ops@bastion.wristbands.example.net:22", "jump_host: ops@bastion.wristbands.example.net:99999", "jump_host", "port '99999'"),
+    ("provider-typo", JET, "- name: CUDAExecutionProvider", "- name: CUDAExecutionProvidr", "CUDAExecutionProvidr", "did you mean 'CUDAExecutionProvider'?"),
+    ("device-name-path", LAB, "name: lab-02", "name: ../lab-02", "../lab-02", "spec.devices[1].name: does not match"),
     ("not-a-mapping", NPU, None, "- just\n- a list\n", "- just", "expected a mapping"),
     ("empty-file", NPU, None, "", None, "empty file"),
 ]
@@ -87,7 +104,7 @@ def test_broken_input_gives_one_located_error(repo_copy: Path, monkeypatch: pyte
     text = _mutate(repo_copy, file, old, new)
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", "manifests", "device_profiles"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -100,7 +117,7 @@ def test_no_traceback_from_the_real_entry_point(repo_copy: Path) -> None:
     _mutate(repo_copy, W, "latency_p95_ms: 25", "latency_p95_ms: -3")
     done = subprocess.run([sys.executable, "-m", "edgeops", "validate", "manifests"], cwd=repo_copy,
                           capture_output=True, text=True)
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert "Traceback" not in done.stderr
     line = next(i for i, text in enumerate((repo_copy / W).read_text().splitlines(), 1) if "latency_p95_ms" in text)
     assert done.stderr.strip() == f"error: manifests/wearable.yaml:{line}: spec.slo.latency_p95_ms: must be > 0 (got -3)"
@@ -111,14 +128,14 @@ def test_several_errors_are_reported_together(repo_copy: Path, monkeypatch: pyte
     _mutate(repo_copy, LAB, "port: 22201", "port: 0")
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", "manifests", "device_profiles"])
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert len(result.stderr.strip().splitlines()) == 2
 
 
 def test_missing_path_is_a_located_error(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", "manifests/nothing.yaml"])
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr.strip() == "error: manifests/nothing.yaml: file not found"
 
 
@@ -127,3 +144,34 @@ def test_examples_validate(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(main, ["validate", "manifests", "device_profiles"])
     assert result.exit_code == 0, result.output
     assert "3 deployment(s), 4 fleet(s), 5 device profile(s)" in result.output
+
+
+def test_validate_reports_on_the_files_given_and_what_they_use(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _mutate(repo_copy, C, "- quantize: {mode: auto}", "- quantize: {mode: int3}")  # an unrelated broken manifest
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["validate", W])
+    assert result.exit_code == 0, result.output
+    assert "valid: 1 deployment(s), 0 fleet(s), 0 device profile(s)" in result.stdout
+    _mutate(repo_copy, "device_profiles/lab-cpu.yaml", "intra_op_num_threads: 1", "intra_op_num_threads: -1")
+    result = CliRunner().invoke(main, ["validate", W])  # the profile the manifest's fleet uses is checked too
+    assert result.exit_code == 3
+    assert [line.split(":")[1] for line in result.stderr.splitlines()] == [" device_profiles/lab-cpu.yaml"]
+    whole = CliRunner().invoke(main, ["validate"])
+    assert whole.exit_code == 3 and "manifests/camera.yaml" in whole.stderr
+
+
+def test_a_missing_identity_file_is_a_warning_offline(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["validate", LAB])
+    assert result.exit_code == 0, result.output
+    assert "warning: manifests/fleets/lab.yaml:11: spec.ssh.identity_file: ../../.edgeops/lab/client_ed25519 " \
+           "does not exist (yet)" in result.stderr
+
+
+def test_usage_errors_do_not_look_like_pending_changes(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(repo_copy)
+    assert CliRunner().invoke(main, ["plan", "--no-such-option"]).exit_code == 3
+    assert CliRunner().invoke(main, ["plan"]).exit_code == 3          # neither MANIFEST nor --changed-since
+    assert CliRunner().invoke(main, ["lab", "up", "--bogus"]).exit_code == 3
+    _mutate(repo_copy, W, "mode: static", "mode: int3")
+    assert CliRunner().invoke(main, ["plan", W]).exit_code == 3     # invalid input, before any device

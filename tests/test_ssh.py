@@ -21,6 +21,7 @@ from edgeops.errors import (
     HostKeyChanged,
     HostKeyUnknown,
     HostUnreachable,
+    IdentityFileMissing,
     TransportError,
 )
 from edgeops.release import make_release
@@ -101,6 +102,12 @@ def test_identity_without_access_is_refused(lab_repo: Path, tmp_path: Path) -> N
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
     with pytest.raises(AuthRefused, match="refused our key"):
         SSHTransport(replace(_ssh_target(lab_repo), identity_file=str(tmp_path / "stranger")))
+
+
+def test_missing_identity_file_is_named_and_nothing_connects(lab_repo: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "deploy_key"
+    with pytest.raises(IdentityFileMissing, match=f"identity file {missing} does not exist"):
+        SSHTransport(replace(_ssh_target(lab_repo), identity_file=str(missing)))
 
 
 def test_closed_port_is_unreachable_and_a_silent_server_times_out(lab_repo: Path) -> None:

@@ -6,6 +6,7 @@ Every command prints exactly one JSON document on stdout (``"schema":
 "edgeops.agent/v1"``), errors included (``"ok": false`` with a message, exit 3).
 
     edgeops_agent.py info
+    edgeops_agent.py facts --root DIR [--power SENSOR_JSON]
     edgeops_agent.py bench RELEASE_DIR [--runs N | --duration S] [--warmup N]
                                        [--compare OTHER_RELEASE_DIR] [--block N] [--golden]
     edgeops_agent.py power RELEASE_DIR [--seconds S]
@@ -466,6 +467,76 @@ def info(_args):
     return out
 
 
+def _free_space(root):
+    """(the existing directory at or above root, bytes free there for an unprivileged writer)."""
+    existing = root
+    while not os.path.exists(existing):  # read only: measure where the root will be created
+        existing = os.path.dirname(existing) or "/"
+    stat = os.statvfs(existing)
+    return existing, stat.f_bavail * stat.f_frsize
+
+
+def _memory_total_mb():
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _module_fact(name):
+    """(version, error): never raises, so a device missing a module still reports every other fact."""
+    try:
+        module = __import__(name)
+    except Exception as exc:  # noqa: BLE001 - a broken install must become a fact, not a crash
+        return None, f"{type(exc).__name__}: {exc}"
+    return getattr(module, "__version__", "unknown"), None
+
+
+def gather_facts(root, power_config=None):
+    """What this device has, read without changing anything: works even without numpy and onnxruntime."""
+    out = {
+        "python": {"executable": sys.executable, "version": platform.python_version(),
+                   "implementation": platform.python_implementation()},
+        "machine": platform.machine(), "system": platform.system(), "kernel": platform.release(),
+        "hostname": platform.node(), "cpus": os.cpu_count(), "memory_total_mb": _memory_total_mb(),
+        "uid": os.getuid() if hasattr(os, "getuid") else None,
+    }
+    for name in ("numpy", "onnxruntime"):
+        version, error = _module_fact(name)
+        out[name] = {"version": version, "error": error}
+    out["onnxruntime"]["available_providers"] = []
+    if out["onnxruntime"]["version"] is not None:
+        try:
+            import onnxruntime
+
+            out["onnxruntime"]["available_providers"] = list(onnxruntime.get_available_providers())
+        except Exception as exc:  # noqa: BLE001
+            out["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
+    measured_at, free = _free_space(root)
+    out["disk"] = {"root": root, "measured_at": measured_at, "free_bytes": free,
+                   "root_exists": os.path.isdir(root)}
+    sensor = {"source": (power_config or {}).get("source", "none"), "readable": None, "error": None}
+    if sensor["source"] != "none":
+        meter = EnergyMeter(power_config)
+        try:
+            meter.start()
+            sensor["readable"] = True
+        except (AgentError, KeyError, OSError, ValueError) as exc:
+            sensor.update(readable=False, error=str(exc))
+        finally:
+            meter.stop()
+    out["power_sensor"] = sensor
+    return out
+
+
+def facts(args):
+    return {"facts": gather_facts(args.root, json.loads(args.power) if args.power else None)}
+
+
 def power(args):
     config = _load_config(args.release)
     meter = EnergyMeter(config.get("power")).start()
@@ -548,21 +619,21 @@ def layout_state(args):
     directory = _deployment_dir(args.root, args.deployment)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     releases_dir = os.path.join(directory, "releases")
-    existing = args.root
-    while not os.path.exists(existing):  # read only: measure free space where the root will be
-        existing = os.path.dirname(existing) or "/"
-    stat = os.statvfs(existing)
+    _, free_bytes = _free_space(args.root)
     agent_file = os.path.join(args.root, "agent", "edgeops_agent.py")
-    return {
+    out = {
         "root": args.root,
         "state": _read_state(directory),
         "current": _link(directory, "current"),
         "previous": _link(directory, "previous"),
         "releases": sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else [],
         "blobs": sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else [],
-        "free_bytes": stat.f_bavail * stat.f_frsize,
+        "free_bytes": free_bytes,
         "agent_sha256": _sha256_file(agent_file) if os.path.exists(agent_file) else None,
     }
+    if getattr(args, "facts", False):
+        out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None)
+    return out
 
 
 def layout_prepare(args):
@@ -722,6 +793,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="edgeops_agent.py", description="edgeops on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info")
+    f = sub.add_parser("facts")
+    f.add_argument("--root", required=True)
+    f.add_argument("--power", default=None, help="JSON: the profile's power sensor, checked for readability")
     b = sub.add_parser("bench")
     b.add_argument("release")
     b.add_argument("--runs", type=int, default=200)
@@ -754,8 +828,11 @@ def main(argv=None):
             cmd.add_argument("--json", required=True)
         if name == "prune":
             cmd.add_argument("--keep", type=int, default=3)
+        if name == "state":
+            cmd.add_argument("--facts", action="store_true", help="also report the device's facts")
+            cmd.add_argument("--power", default=None, help="JSON: the power sensor to check (with --facts)")
     args = parser.parse_args(argv)
-    commands = {"bench": bench, "info": info, "power": power, "state": layout_state, "prepare": layout_prepare,
+    commands = {"bench": bench, "info": info, "facts": facts, "power": power, "state": layout_state, "prepare": layout_prepare,
                 "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune}

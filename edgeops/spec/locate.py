@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Any
@@ -69,6 +70,12 @@ def _tag_hint(ctx: dict[str, Any]) -> str:
     return f"must be one of {', '.join(tags)} (got {given!r}){hint}"
 
 
+def _literal_hint(ctx: dict[str, Any], given: Any) -> str:
+    choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+    close = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.6) if isinstance(given, str) else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _describe(error: dict[str, Any]) -> str:
     kind = error["type"]
     ctx = error.get("ctx", {})
@@ -82,7 +89,7 @@ def _describe(error: dict[str, Any]) -> str:
         "missing": lambda: "required field is missing",
         "string_pattern_mismatch": lambda: f"does not match the allowed form {ctx.get('pattern')}",
         "too_short": lambda: f"needs at least {ctx.get('min_length')} item(s)",
-        "literal_error": lambda: f"must be one of {ctx.get('expected')}",
+        "literal_error": lambda: f"must be one of {ctx.get('expected')}" + _literal_hint(ctx, given),
         "int_type": lambda: "must be an integer",
         "int_parsing": lambda: "must be an integer",
         "int_from_float": lambda: "must be a whole number",

@@ -251,10 +251,15 @@ class RolloutPolicy(Strict):
     @field_validator("waves")
     @classmethod
     def _waves(cls, waves: list[int | str]) -> list[int | str]:
+        previous: tuple[str, float] | None = None
         for wave in waves:
             kind, amount = parse_count(wave)
             if amount == 0:
                 raise ValueError(f"a wave of {wave!r} would deploy to no device")
+            if previous and previous[0] == kind and amount <= previous[1]:
+                raise ValueError(f"waves are cumulative and must grow: {wave!r} after "
+                                 f"{previous[1]:g}{'%' if kind == 'percent' else ''} adds no device")
+            previous = (kind, amount)
         return waves
 
     @field_validator("max_failed_devices", "max_unreachable_devices")

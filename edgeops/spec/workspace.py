@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from edgeops.errors import InputError, Problem
+from edgeops.spec.checks import check_fleet_addresses, check_model, closure
 from edgeops.spec.locate import problems_from
 from edgeops.spec.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
 from edgeops.spec.yamlload import Loc, dotted, line_for, load_yaml
@@ -41,6 +42,10 @@ class Document(Generic[T]):
 
     def problem(self, loc: Loc, message: str) -> Problem:
         return Problem(self.display, line_for(self.lines, loc), dotted(loc), message)
+
+    def where(self, loc: Loc) -> str:
+        """``file:line`` of a field (of its nearest written parent when the field is left at its default)."""
+        return f"{self.display}:{line_for(self.lines, loc)}"
 
     def error(self, loc: Loc, message: str) -> InputError:
         """A located error for a field of this document."""
@@ -113,7 +118,12 @@ class Workspace:
     deployments: dict[str, Document[Deployment]] = field(default_factory=dict)
     fleets: dict[str, Document[Fleet]] = field(default_factory=dict)
     profiles: dict[str, Document[DeviceProfile]] = field(default_factory=dict)
-    broken: set[str] = field(default_factory=set, repr=False)  # names of documents that failed to load
+    broken_files: dict[str, str] = field(default_factory=dict, repr=False)  # name -> file of documents that failed
+    warnings: list[Problem] = field(default_factory=list)   # worth saying, not blocking (a key not created yet)
+
+    @property
+    def broken(self) -> set[str]:
+        return set(self.broken_files)
 
     @property
     def templates_dir(self) -> Path:
@@ -149,10 +159,14 @@ class Workspace:
         return found
 
 
-def load_workspace(root: Path, extra: list[Path] | None = None) -> Workspace:
+def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path] | None = None,
+                   deep: bool = False) -> Workspace:
     """Load and cross-check the repository at ``root`` plus any extra files.
 
-    Every problem in every file is collected and raised together.
+    Every problem is collected and raised together. With ``focus`` (files or directories), only problems
+    in those files and in the fleets and profiles they refer to count: a broken manifest elsewhere in the
+    repository does not stop work on this one. ``deep`` also opens the ONNX models (declared inputs and
+    outputs, quality output, recipe op types).
     """
     files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
     problems: list[Problem] = []
@@ -162,7 +176,7 @@ def load_workspace(root: Path, extra: list[Path] | None = None) -> Workspace:
             doc = load_document(path)
         except InputError as exc:
             problems.extend(exc.problems)
-            workspace.broken.add(_declared_name(path))
+            workspace.broken_files[_declared_name(path)] = _display(path)
             continue
         table = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
                  "DeviceProfile": workspace.profiles}[doc.obj.kind]  # type: ignore[attr-defined]
@@ -173,6 +187,16 @@ def load_workspace(root: Path, extra: list[Path] | None = None) -> Workspace:
             continue
         table[doc.name] = doc  # type: ignore[assignment]
     problems.extend(check_references(workspace))
+    errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()))
+    problems.extend(errors)
+    if deep:
+        for dep in workspace.deployments.values():
+            problems.extend(check_model(dep))
+    if focus is not None:
+        files = yaml_files(focus)
+        keep = closure(workspace, files) | {_display(p) for p in files}
+        problems = [p for p in problems if p.file in keep]
+        workspace.warnings = [w for w in workspace.warnings if w.file in keep]
     if problems:
         raise InputError(problems)
     return workspace

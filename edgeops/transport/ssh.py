@@ -27,12 +27,15 @@ from edgeops.errors import (
     HostKeyChanged,
     HostKeyUnknown,
     HostUnreachable,
+    IdentityFileMissing,
     RemoteCommandFailed,
     TransportError,
 )
 from edgeops.transport.base import CommandResult, Progress
 
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # we raise named errors; paramiko's logs add noise
+# Printed before each command: what a device's shell startup files print before it is not the command's output.
+OUTPUT_MARKER = "--edgeops-output-begins--"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,12 @@ def _host_entry(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def _after_marker(output: bytearray) -> str:
+    text = output.decode(errors="replace")
+    _, marked, after = text.partition(OUTPUT_MARKER + "\n")
+    return after if marked else text
+
+
 class SSHTransport:
     """One reusable SSH connection (commands + SFTP) to one device."""
 
@@ -137,6 +146,11 @@ class SSHTransport:
 
     def _connect(self) -> paramiko.SSHClient:
         t = self._resolved()
+        if t.identity_file and not Path(t.identity_file).expanduser().is_file():
+            raise IdentityFileMissing(self.device, f"identity file {t.identity_file} does not exist; nothing was "
+                                      f"sent to {t.host}:{t.port}",
+                                      hint="fix ssh.identity_file in the fleet (relative to the fleet file), or run "
+                                           "`edgeops lab up` for a lab fleet")
         sock = None
         if t.jump_host:
             sock = self._open_jump(t)
@@ -208,7 +222,7 @@ class SSHTransport:
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> CommandResult:
         limit = timeout or self.target.command_timeout_s
-        command = shlex.join(argv)
+        command = f"echo {OUTPUT_MARKER}; echo {OUTPUT_MARKER} >&2; exec {shlex.join(argv)}"
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise HostUnreachable(self.device, "the SSH connection dropped")
@@ -240,7 +254,7 @@ class SSHTransport:
             status = channel.recv_exit_status()
         finally:
             channel.close()
-        result = CommandResult(argv, status, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        result = CommandResult(argv, status, _after_marker(stdout), _after_marker(stderr))
         if status == -1:
             raise HostUnreachable(self.device, f"the connection dropped while `{argv[0]}` ran")
         if check and status != 0:

@@ -1,0 +1,153 @@
+"""Device facts and the preflight: can this device run the release, decided before any byte moves.
+
+Facts are what the agent reports about a device (interpreter, numpy, onnxruntime and its
+execution providers, architecture, free space under the root, the power sensor). The
+preflight is pure: facts + what the profile and deployment need -> reasons to refuse
+(each naming the device, what is missing and the profile line to change) and warnings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MIN_PYTHON = (3, 8)
+DISK_MARGIN_BYTES = 1 << 20  # room for state.json and logs beside the release files
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What one device has, as its agent read it (or why the agent could not run at all)."""
+
+    python_error: str | None = None          # the interpreter could not run the agent
+    python_executable: str | None = None
+    python_version: str | None = None
+    machine: str | None = None
+    system: str | None = None
+    kernel: str | None = None
+    hostname: str | None = None
+    cpus: int | None = None
+    memory_total_mb: float | None = None
+    numpy_version: str | None = None
+    numpy_error: str | None = None
+    onnxruntime_version: str | None = None
+    onnxruntime_error: str | None = None
+    providers: tuple[str, ...] = ()
+    free_bytes: int | None = None
+    power_source: str = "none"
+    power_readable: bool | None = None
+    power_error: str | None = None
+
+    @classmethod
+    def from_agent(cls, doc: dict[str, Any]) -> "DeviceFacts":
+        python, ort, numpy = doc.get("python") or {}, doc.get("onnxruntime") or {}, doc.get("numpy") or {}
+        disk, power = doc.get("disk") or {}, doc.get("power_sensor") or {}
+        return cls(python_executable=python.get("executable"), python_version=python.get("version"),
+                   machine=doc.get("machine"), system=doc.get("system"), kernel=doc.get("kernel"),
+                   hostname=doc.get("hostname"), cpus=doc.get("cpus"), memory_total_mb=doc.get("memory_total_mb"),
+                   numpy_version=numpy.get("version"), numpy_error=numpy.get("error"),
+                   onnxruntime_version=ort.get("version"), onnxruntime_error=ort.get("error"),
+                   providers=tuple(ort.get("available_providers") or ()), free_bytes=disk.get("free_bytes"),
+                   power_source=power.get("source") or "none", power_readable=power.get("readable"),
+                   power_error=power.get("error"))
+
+    @classmethod
+    def unusable_python(cls, message: str) -> "DeviceFacts":
+        return cls(python_error=message)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["providers"] = list(self.providers)
+        return out
+
+
+def runtime_of(facts: dict[str, Any] | None) -> str:
+    """A device's interpreter, onnxruntime and architecture in a few words (from its facts)."""
+    if not facts:
+        return "—"
+    if facts.get("python_error"):
+        return "no usable python"
+    ort = f"ort {facts['onnxruntime_version']}" if facts.get("onnxruntime_version") else "no onnxruntime"
+    return f"py {facts.get('python_version')} · {ort} · {facts.get('machine')}"
+
+
+@dataclass(frozen=True)
+class DeviceNeeds:
+    """What a device must have to run a deployment's release, and where each need is written."""
+
+    python: str                                   # device.python as written (after substitution)
+    python_at: str                                # file:line of device.python
+    providers: tuple[str, ...] = ()
+    providers_at: str = ""
+    power_needed: bool = False                    # an energy or power SLO depends on the sensor
+    power_at: str = ""
+    root: str = ""
+    root_at: str = ""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    refusals: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refusals
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in (text or "").split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move: int,
+              build_onnxruntime: str | None = None) -> Preflight:
+    """Reasons to refuse this device (nothing is pushed then) and warnings worth showing."""
+    python = needs.python
+    fix_python = f"set device.python ({needs.python_at})"
+    if facts.python_error:
+        return Preflight((f"{device}: {python} cannot run the agent ({facts.python_error}): install python3 "
+                          f"({'.'.join(map(str, MIN_PYTHON))} or newer) with numpy and onnxruntime on the device "
+                          f"or {fix_python}",))
+    refusals, warnings = [], []
+    shown = python if facts.python_executable in (None, python) else f"{python} ({facts.python_executable})"
+    if _version_tuple(facts.python_version) < MIN_PYTHON:
+        refusals.append(f"{device}: {shown} is Python {facts.python_version}; the agent needs "
+                        f"{'.'.join(map(str, MIN_PYTHON))} or newer: install a newer python3 or {fix_python}")
+    for module, error in (("numpy", facts.numpy_error), ("onnxruntime", facts.onnxruntime_error)):
+        version = facts.numpy_version if module == "numpy" else facts.onnxruntime_version
+        if version is None:
+            detail = f" ({error})" if error and "No module named" not in error else ""
+            refusals.append(f"{device}: {shown} has no {module}{detail}: install {module} on the device "
+                            f"or {fix_python}")
+    if facts.onnxruntime_version is not None:
+        missing = [p for p in needs.providers if p not in facts.providers]
+        for provider in missing:
+            package = "onnxruntime-gpu" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") \
+                else "an onnxruntime build that includes it"
+            refusals.append(f"{device}: onnxruntime {facts.onnxruntime_version} at {shown} lacks {provider} "
+                            f"(available: {', '.join(facts.providers) or 'none'}): install {package} on the "
+                            f"device or change execution_providers ({needs.providers_at})")
+        if build_onnxruntime and _version_tuple(facts.onnxruntime_version)[:2] < _version_tuple(build_onnxruntime)[:2]:
+            warnings.append(f"{device}: onnxruntime {facts.onnxruntime_version} on the device is older than "
+                            f"{build_onnxruntime} on the build host; int8 kernels and supported opsets may differ")
+    if facts.free_bytes is not None and bytes_to_move and bytes_to_move + DISK_MARGIN_BYTES > facts.free_bytes:
+        refusals.append(f"{device}: {_mb(facts.free_bytes)} free under {needs.root} but the release needs "
+                        f"{_mb(bytes_to_move + DISK_MARGIN_BYTES)} (files to move + 1 MiB margin): free space on "
+                        f"the device or set device.root ({needs.root_at})")
+    if facts.power_readable is False:
+        text = f"{device}: power sensor ({facts.power_source}) is not readable: {facts.power_error}"
+        if needs.power_needed:
+            refusals.append(f"{text}: fix power.sensor ({needs.power_at}) or drop the energy/power SLO")
+        else:
+            warnings.append(f"{text}; energy will not be measured")
+    return Preflight(tuple(refusals), tuple(warnings))

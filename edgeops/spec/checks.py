@@ -1,0 +1,193 @@
+"""What can be known without a device: the model file against its declaration, recipes against the
+model, fleets against each other. Each check returns located problems; the loader decides what to report.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgeops.errors import Problem
+from edgeops.spec.models import Deployment, Fleet
+
+if TYPE_CHECKING:
+    from edgeops.spec.workspace import Document, Workspace
+
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
+HOST_PATTERN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                          r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+USER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+
+
+def _did_you_mean(value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; the model has: {', '.join(known) or 'none'}"
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or IP address an SSH client can connect to (None: fine)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    if "@" in host:
+        return f"'{host}' is not a host name; put the user in ssh.user"
+    if host.count(":") == 1 and host.split(":")[1].isdigit():
+        return f"'{host}' is not a host name; put the port in port"
+    if not HOST_PATTERN.match(host):
+        return f"'{host}' is not a valid host name or IP address"
+    return None
+
+
+def user_problem(user: str) -> str | None:
+    return None if USER_PATTERN.match(user) else f"'{user}' is not a valid user name"
+
+
+def jump_host_problem(spec: str) -> str | None:
+    """``[user@]host[:port]`` with each part valid."""
+    user, at, rest = spec.rpartition("@")
+    host, colon, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+    if at and (problem := user_problem(user)):
+        return f"{problem} (jump_host is [user@]host[:port])"
+    if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port '{port}' is not a number from 1 to 65535 (jump_host is [user@]host[:port])"
+    if problem := host_problem(host):
+        return f"{problem} (jump_host is [user@]host[:port])"
+    return None
+
+
+def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings): host and user names, jump hosts, identity files, duplicate host:port."""
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    seen: dict[tuple[str, int], str] = {}
+    for fleet in sorted(fleets, key=lambda f: f.display):
+        ssh = fleet.obj.spec.ssh
+        if problem := user_problem(ssh.user):
+            errors.append(fleet.problem(("spec", "ssh", "user"), problem))
+        if ssh.jump_host and (problem := jump_host_problem(ssh.jump_host)):
+            errors.append(fleet.problem(("spec", "ssh", "jump_host"), problem))
+        if ssh.identity_file:
+            path = Path(ssh.identity_file).expanduser()
+            resolved = path if path.is_absolute() else fleet.path.parent / path
+            if not resolved.is_file():
+                warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
+                                              f"{ssh.identity_file} does not exist (yet): connecting will fail "
+                                              "until it does (`edgeops lab up` creates the lab's)"))
+        for index, device in enumerate(fleet.obj.spec.devices):
+            if problem := host_problem(device.host):
+                errors.append(fleet.problem(("spec", "devices", index, "host"), problem))
+                continue
+            address = (device.host.lower().strip("[]"), device.port)
+            where = f"{fleet.display} device {device.name}"
+            if address in seen:
+                errors.append(fleet.problem(("spec", "devices", index, "port"),
+                                            f"{device.host}:{device.port} is also {seen[address]}; one address "
+                                            "is one device"))
+            else:
+                seen[address] = where
+    return errors, warnings
+
+
+def _load_onnx(path: Path):  # type: ignore[no-untyped-def]
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the build reports an unreadable model with its own located error
+        return None
+
+
+def check_model(dep: Document[Deployment]) -> list[Problem]:
+    """Declared inputs and outputs against the ONNX file; the quality output and recipe op types against it."""
+    spec = dep.obj.spec
+    path = dep.resolve(spec.model.path)
+    model = _load_onnx(path) if path.is_file() else None
+    if model is None:
+        return []
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    actual = {"inputs": {v.name: v for v in graph.input if v.name not in initializers},
+              "outputs": {v.name: v for v in graph.output}}
+    problems: list[Problem] = []
+    for side in ("inputs", "outputs"):
+        declared = getattr(spec.model, side)
+        names = list(actual[side])
+        for index, tensor in enumerate(declared):
+            loc = ("spec", "model", side, index)
+            value = actual[side].get(tensor.name)
+            if value is None:
+                problems.append(dep.problem(loc + ("name",), f"the model has no {side[:-1]} '{tensor.name}'"
+                                            + _did_you_mean(tensor.name, names)))
+                continue
+            kind = value.type.tensor_type
+            dtype = ONNX_DTYPES.get(kind.elem_type, f"onnx type {kind.elem_type}")
+            if dtype != tensor.dtype:
+                problems.append(dep.problem(loc + ("dtype",), f"'{tensor.name}' is {dtype} in the model, "
+                                            f"declared {tensor.dtype}"))
+            if kind.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in kind.shape.dim]
+                if len(dims) != len(tensor.shape):
+                    problems.append(dep.problem(loc + ("shape",), f"'{tensor.name}' has rank {len(dims)} in the "
+                                                f"model {dims}, declared rank {len(tensor.shape)} {tensor.shape}"))
+                else:
+                    for axis, (have, want) in enumerate(zip(dims, tensor.shape)):
+                        if isinstance(have, int) and isinstance(want, int) and have != want:
+                            problems.append(dep.problem(loc + ("shape",), f"'{tensor.name}' axis {axis} is {have} "
+                                                        f"in the model, declared {want}"))
+        missing = [n for n in names if n not in {t.name for t in declared}]
+        misnamed = [t for t in declared if t.name not in actual[side]]
+        if side == "inputs" and missing and not misnamed:
+            problems.append(dep.problem(("spec", "model", "inputs"), f"the model also needs input(s) "
+                                        f"{', '.join(missing)}; declare every input"))
+    output = spec.quality.output
+    if output and output not in actual["outputs"]:
+        problems.append(dep.problem(("spec", "quality", "output"), f"the model has no output '{output}'"
+                                    + _did_you_mean(output, list(actual["outputs"]))))
+    op_types = sorted({node.op_type for node in graph.node})
+    recipes = [(("spec", "recipe"), spec.recipe)] + [(("spec", "recipe_for", acc), steps)
+                                                       for acc, steps in spec.recipe_for.items()]
+    for loc, steps in recipes:
+        for index, step in enumerate(steps):
+            wanted = step.quantize.op_types if step.quantize else None
+            for position, op in enumerate(wanted or []):
+                if op not in op_types:
+                    problems.append(dep.problem(loc + (index, "quantize", "op_types", position),
+                                                f"the model has no {op} nodes" + _did_you_mean(op, op_types)))
+    return problems
+
+
+def closure(ws: Workspace, files: list[Path]) -> set[str]:
+    """Display names of the given files plus every fleet and profile file the given documents refer to."""
+    wanted = {p.resolve() for p in files}
+    displays: set[str] = set()
+    docs = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
+    fleets = set()
+    for doc in docs:
+        if doc.path in wanted:
+            displays.add(doc.display)
+    for dep in ws.deployments.values():
+        if dep.path in wanted:
+            fleets |= {t.fleet for t in dep.obj.spec.targets}
+    for fleet in ws.fleets.values():
+        if fleet.path in wanted:
+            fleets.add(fleet.name)
+    profiles = set()
+    for name in fleets:
+        if name in ws.fleets:
+            fleet = ws.fleets[name]
+            displays.add(fleet.display)
+            profiles |= {fleet.obj.spec.profile} | {d.profile for d in fleet.obj.spec.devices if d.profile}
+        elif name in ws.broken_files:
+            displays.add(ws.broken_files[name])
+    for name in profiles:
+        if name in ws.profiles:
+            displays.add(ws.profiles[name].display)
+        elif name in ws.broken_files:
+            displays.add(ws.broken_files[name])
+    return displays
