@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Install everything edgeops, its lab fleet and its tests need, on a fresh Debian machine (as root).
-# Idempotent: a second run only checks. Creates .venv/ in the repository.
+# Idempotent: a second run only checks. Creates .venv/ in the repository; the details go to .edgeops/install.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p .edgeops
+log="$PWD/.edgeops/install.log"
+: > "$log"
+
+quietly() {  # run a step with its output in the log; on failure show the end of the log
+  if ! "$@" >>"$log" 2>&1; then
+    echo "install failed: $*" >&2
+    tail -n 25 "$log" >&2
+    echo "(full log: $log)" >&2
+    exit 1
+  fi
+}
 
 need_apt=()
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
@@ -12,20 +24,22 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  quietly apt-get update -q
+  quietly apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 mkdir -p /run/sshd   # sshd refuses to start without its privilege-separation directory
 
 extras="${EDGEOPS_EXTRAS:-dev,distill,examples}"
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  echo "creating .venv"
+  quietly python3 -m venv .venv
 fi
 stamp=".venv/.edgeops-installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade pip >/dev/null
+  echo "installing edgeops with its ${extras} extras into .venv (pip; a few minutes the first time)"
+  quietly .venv/bin/pip install --upgrade pip
   # torch==2.13.0 (CPU build) is pinned by the distill extra
-  .venv/bin/pip install -q -e ".[${extras}]"
+  quietly .venv/bin/pip install -e ".[${extras}]"
   touch "$stamp"
 fi
 echo "edgeops installed in .venv ($(.venv/bin/edgeops --version))"

@@ -1,0 +1,126 @@
+"""Over real sshd: a device that cannot run the release is refused at plan time and nothing is pushed to it.
+
+lab-01's root is a 1 MB tmpfs (too small for any release); both devices log in through a hostile HOME
+whose shell startup puts a python3 without numpy or onnxruntime first on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import copy_repo, write_lab_fleet
+
+from edgeops.cli import main
+from edgeops.errors import ExitCode
+
+pytestmark = pytest.mark.ssh
+PROFILE = "device_profiles/lab-cpu.yaml"
+MANIFEST = "manifests/wearable.yaml"
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    from edgeops.lab import lab_down, lab_up
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.targets import target_devices
+
+    base = tmp_path_factory.mktemp("preflight")
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, 2, base / "devices")
+    tiny = base / "devices" / "lab-01"
+    tiny.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a 1 MB tmpfs as a device root (run as root): {mounted.stderr.strip()}")
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
+    yield root, base / "devices"
+    lab_down(ws, ws.fleets["lab"])
+    subprocess.run(["umount", str(tiny)], check=False)
+
+
+def cli(root: Path, *args: str):
+    return CliRunner().invoke(main, [*args, "--root", str(root)])
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def pushed(devices: Path, name: str) -> list[str]:
+    """What edgeops wrote under a device root (the lab's simulated power sensor lives there too)."""
+    root = devices / name
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    return [f for f in found if not f.startswith("sensors")]
+
+
+@pytest.fixture
+def profile(small_lab, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(small_lab[0])  # messages name files relative to where edgeops runs
+    path = small_lab[0] / PROFILE
+    original = path.read_text()
+    yield path
+    path.write_text(original)
+
+
+def test_device_python_without_onnxruntime_is_refused_before_any_push(small_lab, profile: Path,
+                                                                      hostile_home: Path) -> None:
+    root, devices = small_lab
+    profile.write_text(profile.read_text().replace("python: /var/tmp/edgeops-lab/runtime/bin/python3",
+                                                   "python: python3"))
+    plan = cli(root, "plan", MANIFEST)
+    assert plan.exit_code == ExitCode.REFUSED, plan.output
+    where = f"{PROFILE}:{line_of(profile, 'python: python3')}"
+    bare = hostile_home / "bare-python" / "bin" / "python3"
+    assert (f"lab-02: python3 ({bare}) has no onnxruntime: install onnxruntime on the device or set "
+            f"device.python ({where})") in plan.output.replace("\n", "")
+    apply = cli(root, "apply", MANIFEST)
+    assert apply.exit_code == ExitCode.REFUSED, apply.output
+    assert "halted" in apply.output
+    assert pushed(devices, "lab-02") == [] and pushed(devices, "lab-01") == []
+
+
+def test_missing_execution_provider_is_refused(small_lab, profile: Path) -> None:
+    root, devices = small_lab
+    profile.write_text(profile.read_text().replace("    - name: CPUExecutionProvider",
+                                                   "    - name: XnnpackExecutionProvider\n"
+                                                   "    - name: CPUExecutionProvider"))
+    plan = cli(root, "plan", MANIFEST, "-o", "json")
+    assert plan.exit_code == ExitCode.REFUSED, plan.output
+    [document] = json.loads(plan.stdout)
+    by_device = {d["device"]: d for d in document["devices"]}
+    assert by_device["lab-02"]["action"] == "refused"
+    assert "lab-02: onnxruntime" in by_device["lab-02"]["reason"]
+    assert "lacks XnnpackExecutionProvider (available: " in by_device["lab-02"]["reason"]
+    assert f"change execution_providers ({PROFILE}:{line_of(profile, 'execution_providers:')})" in \
+        by_device["lab-02"]["reason"]
+    assert "XnnpackExecutionProvider" not in by_device["lab-02"]["facts"]["providers"]
+    assert pushed(devices, "lab-02") == []
+
+
+def test_a_device_without_space_is_refused_and_the_facts_are_shown(small_lab, profile: Path) -> None:
+    root, devices = small_lab
+    plan = cli(root, "plan", MANIFEST, "-o", "json")
+    assert plan.exit_code == ExitCode.REFUSED, plan.output
+    [document] = json.loads(plan.stdout)
+    by_device = {d["device"]: d for d in document["devices"]}
+    tiny, roomy = by_device["lab-01"], by_device["lab-02"]
+    assert tiny["action"] == "refused" and " free under " in tiny["reason"] and "set device.root" in tiny["reason"]
+    assert tiny["facts"]["free_bytes"] <= 1 << 20
+    assert roomy["action"] == "install" and roomy["wave"] == 1
+    facts = roomy["facts"]
+    assert facts["python_executable"] == "/var/tmp/edgeops-lab/runtime/bin/python3"
+    assert facts["onnxruntime_version"] and "CPUExecutionProvider" in facts["providers"]
+    assert facts["machine"] and facts["power_readable"] is True
+    apply = cli(root, "apply", MANIFEST)  # max_failed_devices: 0, and a refused device counts as failed
+    assert apply.exit_code == ExitCode.REFUSED, apply.output
+    assert "before the first wave" in apply.output
+    assert pushed(devices, "lab-01") == [] and pushed(devices, "lab-02") == []
+    status = cli(root, "status", MANIFEST, "-o", "json")
+    rows = {r["device"]: r for r in json.loads(status.stdout)[0]["devices"]}
+    assert rows["lab-02"]["facts"]["onnxruntime_version"] == facts["onnxruntime_version"]
+    assert rows["lab-02"]["runtime"].startswith("py ")

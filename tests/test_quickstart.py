@@ -1,0 +1,50 @@
+"""The README's first quick-start command, as written, from a clean clone, with hostile device logins.
+
+It installs its own .venv in the clone, provisions the lab device runtime, starts the lab fleet of
+manifests/fleets/lab.yaml (ports 22201-22204), applies manifests/wearable.yaml and shows status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = [pytest.mark.ssh, pytest.mark.slow]
+LAB_PORTS = (22201, 22202, 22203, 22204)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(1200)
+def test_demo_from_a_clean_clone_rolls_out_and_reports_healthy(tmp_path: Path, hostile_home: Path) -> None:
+    busy = [p for p in LAB_PORTS if _listening(p)]
+    if busy:
+        pytest.fail(f"ports {busy} are in use (a lab fleet is running?): run `edgeops lab down` first")
+    for index in range(1, 5):  # the demo's devices start empty, as on a fresh machine
+        shutil.rmtree(f"/var/tmp/edgeops-lab/lab-{index:02d}", ignore_errors=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env["EDGEOPS_LAB_LOGIN_HOME"] = str(hostile_home)
+    try:
+        done = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=1100)
+    finally:
+        if (clone / ".venv" / "bin" / "edgeops").exists():
+            subprocess.run([str(clone / ".venv" / "bin" / "edgeops"), "lab", "down"], cwd=clone, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "succeeded: " in output, output[-4000:]
+    assert "4 device(s): 4 Synced, 0 OutOfSync, 0 Unknown; 4 Healthy" in output, output[-4000:]
+    assert "Traceback" not in output
+    assert "is ignored: it is neither a file nor a directory" not in output  # pip's noise goes to the log
+    assert (clone / ".edgeops" / "install.log").stat().st_size > 0
