@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import copy_repo, write_lab_fleet
 
 from edgeops.cli import main
+from edgeops.errors import ExitCode
 from edgeops.connections import Connections
 from edgeops.gitdiff import changed_files, touched_deployments
 from edgeops.ledger import default_ledger
@@ -134,6 +135,7 @@ def lab_git(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 def normalized(markdown: str) -> str:
     """What must match the golden file across machines: numbers, digests and ids measured here vary."""
     text = re.sub(r"r-[0-9a-f]{16}", "r-<release>", markdown)
+    text = re.sub(r"py [\w.]+ · ort [\w.]+ · \w+", "py <version> · ort <version> · <arch>", text)  # device facts
     text = re.sub(r"`[0-9a-f]{12}`", "`<digest>`", text)
     text = re.sub(r"\d+\.\d+", "<n>", text)
     return re.sub(r"\b\d{1,3}(,\d{3})+\b|\b\d{4,}\b", "<bytes>", text)
@@ -168,7 +170,7 @@ def test_a_second_concurrent_apply_is_refused_by_the_lock(lab_git: Path) -> None
     ledger = default_ledger(lab_git)
     with ledger.lock(["lab"], holder="ci-job-41 applying wearable-activity"):
         result = CliRunner().invoke(main, ["apply", "manifests/wearable.yaml", "--root", str(lab_git)])
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.LOCKED
     assert "fleet 'lab' is locked by ci-job-41 applying wearable-activity" in result.stderr
     again = CliRunner().invoke(main, ["apply", "manifests/wearable.yaml", "--root", str(lab_git)])
     assert again.exit_code == 0, again.output  # released: the next apply goes through

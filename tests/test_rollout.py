@@ -152,7 +152,7 @@ def test_unreachable_devices_count_against_their_own_budget(lab_repo: Path) -> N
     fleet = fleet_file.read_text()
     profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
     try:
-        port = free_ports(1)[0]
+        port, other_port = free_ports(2)
         fleet_file.write_text(fleet + f"    - {{name: lab-gone, host: 127.0.0.1, port: {port}, "
                                       f"root: /tmp/edgeops-gone, labels: {{ring: main}}}}\n")
         edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")
@@ -161,7 +161,7 @@ def test_unreachable_devices_count_against_their_own_budget(lab_repo: Path) -> N
         # the reachable devices got the new runtime config (an Inconclusive verdict on noise keeps it too)
         assert sum(d.committed for d in result.devices) == 4
         assert result.outcome == "succeeded", result.message
-        fleet_file.write_text(fleet_file.read_text() + f"    - {{name: lab-gone-2, host: 127.0.0.1, port: {port}, "
+        fleet_file.write_text(fleet_file.read_text() + f"    - {{name: lab-gone-2, host: 127.0.0.1, port: {other_port}, "
                                                        f"root: /tmp/edgeops-gone-2, labels: {{ring: main}}}}\n")
         edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 2", "inter_op_num_threads: 3")
         _, halted = do_apply(lab_repo)  # 2 of 6 unreachable: over budget, nothing starts
