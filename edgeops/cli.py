@@ -377,7 +377,11 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
             s = summarize(result)
             console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
                           f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
-                          f"{s['unreachable']} unreachable, {s['skipped']} not started; {s['bytes_moved']:,} bytes moved")
+                          f"{s['unreachable']} unreachable, {s['refused']} refused, {s['skipped']} not started; "
+                          f"{s['bytes_moved']:,} bytes moved")
+            for device in result.devices:
+                if device.decision == "Refused":
+                    console.print(f"refused: {device.reason}", soft_wrap=True)
         if not result.ok:
             skipped = [d.name for d in docs[len(results):]]
             if skipped:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
@@ -30,7 +31,7 @@ from edgeops.rollout import (
 )
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
-from edgeops.targets import target_devices
+from edgeops.targets import TargetDevice, target_devices
 from edgeops.verify import decide
 
 Progress = Callable[[str], None]
@@ -41,9 +42,24 @@ def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[
             for acc in desired.artifacts}
 
 
+def require_identity_files(targets: Iterable[TargetDevice]) -> None:
+    """A fleet whose private key file is missing is an input error, found before any device is dialled."""
+    problems = []
+    for fleet in {t.fleet.path: t.fleet for t in targets}.values():
+        name = fleet.obj.spec.ssh.identity_file
+        path = fleet.resolve(os.path.expanduser(name)) if name else None
+        if path is not None and not path.is_file():
+            problems.append(fleet.problem(("spec", "ssh", "identity_file"),
+                                          f"identity file {name} does not exist (resolved to {path}): point it at "
+                                          "the deploy key, or run `edgeops lab up` for a lab fleet"))
+    if problems:
+        raise InputError(problems)
+
+
 def plan_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
                     progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device, and decide."""
+    require_identity_files(target_devices(ws, doc.name))
     desired = desired_state(ws, doc, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
@@ -150,6 +166,7 @@ def _power(verification: dict[str, Any] | None) -> str:
 
 def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connections,
                 progress: Progress = lambda m: None) -> list[StatusRow]:
+    require_identity_files(target_devices(ws, doc.name))
     desired = desired_state(ws, doc, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
@@ -182,6 +199,7 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
     targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
     if not targets:
         raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
+    require_identity_files(targets)
     spec = doc.obj.spec
     policy = spec.rollout
     git = head_info(ws.root)

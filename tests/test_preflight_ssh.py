@@ -124,3 +124,44 @@ def test_a_device_without_space_is_refused_and_the_facts_are_shown(small_lab, pr
     rows = {r["device"]: r for r in json.loads(status.stdout)[0]["devices"]}
     assert rows["lab-02"]["facts"]["onnxruntime_version"] == facts["onnxruntime_version"]
     assert rows["lab-02"]["runtime"].startswith("py ")
+
+
+def test_the_lab_device_runtime_holds_only_what_the_agent_needs(small_lab) -> None:
+    """Over SSH, as the agent sees it: numpy, onnxruntime and their own dependencies, nothing of the controller's."""
+    import importlib.metadata
+
+    from edgeops.connections import ssh_connect
+    from edgeops.spec.workspace import load_workspace
+    from edgeops.targets import target_devices
+
+    target = target_devices(load_workspace(small_lab[0]), "wearable-activity")[1]
+    transport = ssh_connect(target)
+    try:
+        listed = transport.run([target.python, "-I", "-c", "import importlib.metadata as m; "
+                                "print(' '.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"])
+    finally:
+        transport.close()
+    installed = set(listed.stdout.split())
+    requires = {r.split(";")[0].split("<")[0].split(">")[0].split("=")[0].split("[")[0].strip().lower()
+                for r in importlib.metadata.requires("onnxruntime") or [] if "extra ==" not in r}
+    assert {"numpy", "onnxruntime"} <= installed
+    assert installed <= {"numpy", "onnxruntime"} | requires, installed - ({"numpy", "onnxruntime"} | requires)
+    assert not installed & {"edgeops", "paramiko", "pydantic", "click", "jinja2", "onnx", "torch", "rich"}
+
+
+def test_a_missing_identity_file_stops_before_any_device_is_dialled(small_lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, devices = small_lab
+    monkeypatch.chdir(root)
+    fleet = root / "manifests/fleets/lab.yaml"
+    original = fleet.read_text()
+    try:
+        fleet.write_text(original.replace("identity_file: ../../.edgeops/lab/client_ed25519",
+                                          "identity_file: ../../.edgeops/lab/deploy_key"))
+        for command in ("plan", "apply", "status"):
+            result = cli(root, command, MANIFEST)
+            assert result.exit_code == ExitCode.INVALID, result.output
+            assert result.stderr.startswith(f"error: manifests/fleets/lab.yaml:{line_of(fleet, 'identity_file')}: "
+                                            "spec.ssh.identity_file: identity file ../../.edgeops/lab/deploy_key "
+                                            "does not exist"), result.stderr
+    finally:
+        fleet.write_text(original)

@@ -5,6 +5,7 @@ model, fleets against each other. Each check returns located problems; the loade
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,9 +74,7 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
         if ssh.jump_host and (problem := jump_host_problem(ssh.jump_host)):
             errors.append(fleet.problem(("spec", "ssh", "jump_host"), problem))
         if ssh.identity_file:
-            path = Path(ssh.identity_file).expanduser()
-            resolved = path if path.is_absolute() else fleet.path.parent / path
-            if not resolved.is_file():
+            if not fleet.resolve(os.path.expanduser(ssh.identity_file)).is_file():
                 warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
                                               f"{ssh.identity_file} does not exist (yet): connecting will fail "
                                               "until it does (`edgeops lab up` creates the lab's)"))

@@ -431,7 +431,9 @@ class PowerSettings(Strict):
 
 
 class OnDevice(Strict):
-    python: str = "python3"
+    python: str = Field(default="python3", description="interpreter that runs the agent (needs numpy and "
+                        "onnxruntime); prefer an absolute path: a bare name is looked up on the PATH the device's "
+                        "login shell sets; '{device}' and '{root}' are filled in")
     root: str = Field(default="/opt/edgeops", description="absolute directory edgeops owns on the device; "
                       "'{device}' is replaced by the device name")
     keep_releases: Annotated[int, Field(ge=2, le=100)] = 3

@@ -52,7 +52,7 @@ class Document(Generic[T]):
         return InputError([self.problem(loc, message)])
 
     def resolve(self, relative: str) -> Path:
-        """A path written in this document, relative to the document's directory."""
+        """A path written in this document, relative to the document's directory (an absolute one stays)."""
         return (self.path.parent / relative).resolve()
 
 
