@@ -14,7 +14,8 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from edgeops.agent import AGENT_FILE
 from edgeops.errors import DeviceError, RemoteCommandFailed

@@ -39,7 +39,7 @@ class DeviceFacts:
     power_error: str | None = None
 
     @classmethod
-    def from_agent(cls, doc: dict[str, Any]) -> "DeviceFacts":
+    def from_agent(cls, doc: dict[str, Any]) -> DeviceFacts:
         python, ort, numpy = doc.get("python") or {}, doc.get("onnxruntime") or {}, doc.get("numpy") or {}
         disk, power = doc.get("disk") or {}, doc.get("power_sensor") or {}
         return cls(python_executable=python.get("executable"), python_version=python.get("version"),
@@ -52,7 +52,7 @@ class DeviceFacts:
                    power_error=power.get("error"))
 
     @classmethod
-    def unusable_python(cls, message: str) -> "DeviceFacts":
+    def unusable_python(cls, message: str) -> DeviceFacts:
         return cls(python_error=message)
 
     def as_dict(self) -> dict[str, Any]:

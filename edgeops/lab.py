@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from edgeops.errors import EdgeopsError
 from edgeops.spec.models import Fleet
@@ -104,7 +104,7 @@ def ensure_sshd() -> None:
 def _runtime_usable(python: Path) -> bool:
     if not python.exists():
         return False
-    check = subprocess.run([str(python), "-I", "-c", "import numpy, onnxruntime"], capture_output=True)
+    check = subprocess.run([str(python), "-I", "-c", "import numpy, onnxruntime"], capture_output=True, check=False)
     return check.returncode == 0
 
 
@@ -139,7 +139,7 @@ def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = l
             for step in steps:
                 out.write(f"$ {' '.join(step)}\n")
                 out.flush()
-                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, check=False).returncode != 0:
                     shutil.rmtree(building, ignore_errors=True)
                     raise LabError(f"could not provision the lab device runtime {home} ({' '.join(pins)})",
                                    hint=f"see {log}")

@@ -7,7 +7,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state

@@ -14,7 +14,8 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Collection
+from typing import Any
+from collections.abc import Collection
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.spec.models import RolloutPolicy, parse_count
@@ -103,7 +104,7 @@ class Plan:
         return json.dumps({"schema": PLAN_SCHEMA, **asdict(self)}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         if data.pop("schema", None) != PLAN_SCHEMA:
             raise ValueError(f"not an {PLAN_SCHEMA} document")

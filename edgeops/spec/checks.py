@@ -73,11 +73,10 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
             errors.append(fleet.problem(("spec", "ssh", "user"), problem))
         if ssh.jump_host and (problem := jump_host_problem(ssh.jump_host)):
             errors.append(fleet.problem(("spec", "ssh", "jump_host"), problem))
-        if ssh.identity_file:
-            if not fleet.resolve(os.path.expanduser(ssh.identity_file)).is_file():
-                warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
-                                              f"{ssh.identity_file} does not exist (yet): connecting will fail "
-                                              "until it does (`edgeops lab up` creates the lab's)"))
+        if ssh.identity_file and not fleet.resolve(os.path.expanduser(ssh.identity_file)).is_file():
+            warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
+                                          f"{ssh.identity_file} does not exist (yet): connecting will fail "
+                                          "until it does (`edgeops lab up` creates the lab's)"))
         for index, device in enumerate(fleet.obj.spec.devices):
             if problem := host_problem(device.host):
                 errors.append(fleet.problem(("spec", "devices", index, "host"), problem))
