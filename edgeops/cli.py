@@ -512,13 +512,22 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
 
 @main.command()
 @click.argument("deployment")
-@click.option("--to", "to_release", help="a release id still on the devices (default: each device's previous)")
+@click.option("--to", "to_release", help="an earlier committed release still on the devices (default: undo the "
+                                        "last rollout: each device it changed goes back to its previous committed release)")
+@click.option("--allow-rejected", is_flag=True, help="with --to: run the named release even where a device rejected it")
 @click.option("--devices", help="comma-separated device names (default: every target device)")
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def rollback(deployment: str, to_release: str | None, devices: str | None, output: str, root: Path | None) -> None:
-    """Switch devices back without any transfer, verify, record."""
+def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devices: str | None, output: str,
+             root: Path | None) -> None:
+    """Undo the last rollout without any transfer, verify, record (a no-op when there is nothing to undo).
+
+    Only committed releases are targets; a device the last rollout did not change, or already reverted by
+    itself, is left alone. Takes the fleets' lock like apply.
+    """
+    if allow_rejected and not to_release:
+        raise click.UsageError("--allow-rejected needs --to RELEASE: a rejected release runs only when named")
     from edgeops.connections import Connections
     from edgeops.operations import rollback_deployment
     from edgeops.rollout import summarize
@@ -527,10 +536,11 @@ def rollback(deployment: str, to_release: str | None, devices: str | None, outpu
     ws, doc, ledger = _context(deployment, root)
     names = [d.strip() for d in devices.split(",")] if devices else None
     with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
-        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter)
+        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter, allow_rejected)
     if output == "json":
         click.echo(json.dumps({"outcome": result.outcome, "summary": summarize(result),
                                "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))
     else:
         console.print(result_table(result))
-    sys.exit(0 if result.ok else 1)
+        console.print(f"{result.outcome}: {result.message}", soft_wrap=True)
+    sys.exit(ExitCode.OK if result.ok else ExitCode.FAILED)

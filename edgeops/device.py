@@ -48,6 +48,11 @@ class DeviceState:
     def status(self) -> str | None:
         return self.state.get("status")
 
+    @property
+    def committed(self) -> str | None:
+        """The last release this device committed: the baseline and the way back."""
+        return self.state.get("committed")
+
 
 @dataclass(frozen=True)
 class PushResult:
@@ -173,15 +178,22 @@ class Device:
 
     # ---------------------------------------------------------------- switch, verify, record
 
-    def activate(self, release_id: str, by: str = "edgeops", action: str = "activate") -> dict[str, Any]:
-        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by)
+    def activate(self, release_id: str, by: str = "edgeops", action: str = "activate",
+                 allow_rejected: bool = False) -> dict[str, Any]:
+        """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``."""
+        extra = ["--allow-rejected"] if allow_rejected else []
+        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra)
 
-    def rollback(self, to: str | None = None, by: str = "edgeops") -> dict[str, Any]:
-        """Switch back to ``previous`` (or a named release still on the device); moves no bytes."""
+    def revert(self, by: str = "edgeops") -> dict[str, Any]:
+        """Reject the trial release and go back to the last committed one (or to none); moves no bytes."""
+        return self.agent("switch", *self._common(), "--action", "revert", "--by", by)
+
+    def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False) -> dict[str, Any]:
+        """Back to an earlier committed release (default: the previous one); moves no bytes."""
         target = to or self.observe().previous
         if not target:
-            raise DeviceError(f"{self.name}: no previous release to roll back to")
-        return self.activate(target, by, action="rollback")
+            raise DeviceError(f"{self.name}: no earlier committed release to roll back to")
+        return self.activate(target, by, action="rollback", allow_rejected=allow_rejected)
 
     def verify(self, release_id: str, baseline: str | None, runs: int, block: int, timeout: float | None,
                golden: bool = True) -> dict[str, Any]:

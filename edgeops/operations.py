@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable
 
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
-from edgeops.errors import DeviceError, EdgeopsError, InputError
+from edgeops.device import DeviceState
+from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import Preflight, preflight, runtime_of
 from edgeops.gitinfo import head_info
 from edgeops.ledger import Ledger
@@ -30,7 +31,7 @@ from edgeops.rollout import (
     observe,
     summarize,
 )
-from edgeops.spec.models import Deployment
+from edgeops.spec.models import SLO, Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.verify import decide
@@ -140,7 +141,18 @@ class StatusRow:
         return dict(self.__dict__)
 
 
-def _health(o: ObservedDevice, checked: Preflight | None) -> tuple[str, str]:
+def _over_slo(verification: dict[str, Any] | None, slo: SLO) -> str | None:
+    """Why the numbers recorded for the running release miss the SLO that git asks for now."""
+    latency = (verification or {}).get("latency") or {}
+    if slo.latency_p95_ms is not None and latency.get("p95_ms") is not None and latency["p95_ms"] > slo.latency_p95_ms:
+        return f"measured p95 {latency['p95_ms']:.3f} ms exceeds the SLO {slo.latency_p95_ms:g} ms in git"
+    energy = ((verification or {}).get("power") or {}).get("energy_per_inference_mj")
+    if slo.energy_per_inference_mj is not None and energy is not None and energy > slo.energy_per_inference_mj:
+        return f"measured {energy:.4g} mJ/inference exceeds the SLO {slo.energy_per_inference_mj:g} mJ in git"
+    return None
+
+
+def _health(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[str, str]:
     if not o.reachable:
         return "Unreachable", o.error
     if checked is not None and not checked.ok:
@@ -148,6 +160,8 @@ def _health(o: ObservedDevice, checked: Preflight | None) -> tuple[str, str]:
     if o.current is None:
         return "Missing", "no release of this deployment on the device"
     verdict = (o.verification or {}).get("reason", "")
+    if o.status in ("committed", "inconclusive", "rolled_back") and (missed := _over_slo(o.verification, slo)):
+        return "Degraded", missed
     if o.status == "committed":
         return "Healthy", verdict
     if o.status == "inconclusive":
@@ -177,9 +191,12 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
         want = desired.releases[target.key].id
         sync = "Unknown" if not o.reachable else ("Synced" if o.current == want else "OutOfSync")
         checked = preflight(target.name, o.facts, target.needs(doc.obj.spec.slo), 0) if o.facts else None
-        health, message = _health(o, checked)
+        health, message = _health(o, checked, doc.obj.spec.slo)
         if sync == "OutOfSync" and health != "Unreachable":
-            message = (f"git asks for {want}; " + message).rstrip("; ")
+            rejected = o.last_rejected or {}
+            why = f" (rejected on this device: {rejected.get('reason') or 'failed verification'})" \
+                if rejected.get("release") == want else ""
+            message = (f"git asks for {want}{why}; " + message).rstrip("; ")
         verification = o.verification if o.current else None  # a removed release's numbers no longer apply
         latency = (verification or {}).get("latency") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
@@ -192,10 +209,42 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
 # ------------------------------------------------------------------ rollback
 
 
+KEPT = ("Passed", "Inconclusive")  # the decisions that leave a release committed on a device
+
+
+def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
+    """The newest apply of the deployment in the ledger (what a plain rollback undoes)."""
+    return next((r for r in ledger.history(deployment, 50) if r["kind"] == "apply"), None)
+
+
+def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[str, Any] | None) -> tuple[str | None, str]:
+    """(release to go back to or None for nothing to do, why)."""
+    if to:
+        return (None, f"already runs {to}") if state.current == to else (to, "named by --to")
+    if state.current and state.current != state.committed:
+        return state.committed or "none", f"{state.current} was never committed: back to the committed release"
+    if last is not None:
+        event = next((e for e in last["devices"] if e["device"] == key), None)
+        if event is None or event["decision"] not in KEPT:
+            why = "already reverted" if event and event["release_id"] != state.current else "not changed"
+            return None, f"{why} by the last rollout (#{last['id']}, {last['outcome']}): nothing to undo"
+        if event["release_id"] != state.current:
+            return None, f"runs {state.current or 'no release'}, not {event['release_id']} from rollout " \
+                         f"#{last['id']}: nothing to undo"
+    if not state.previous:
+        return None, "no earlier committed release on the device: nothing to roll back to"
+    return state.previous, f"undoes {state.current}"
+
+
 def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
                         to: str | None = None, devices: list[str] | None = None,
-                        reporter: Reporter | None = None) -> RolloutResult:
-    """Switch devices back (no transfer), verify the release they land on, record it."""
+                        reporter: Reporter | None = None, allow_rejected: bool = False) -> RolloutResult:
+    """Undo the last rollout on the devices it left a release on (no transfer), verify, record.
+
+    Only committed releases are targets: after an automatic revert there is nothing to undo, and a
+    device the last rollout did not change is left alone. ``to`` names a release still on the devices
+    (a rejected one only with ``allow_rejected``). Takes the fleets' lock like apply.
+    """
     reporter = reporter or SilentReporter()
     targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
     if not targets:
@@ -203,49 +252,58 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
     require_identity_files(targets)
     spec = doc.obj.spec
     policy = spec.rollout
-    git = head_info(ws.root)
-    rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
+    fleets = sorted({t.fleet.name for t in targets})
+    with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}"):
+        last = None if to else _last_apply(ledger, doc.name)
+        git = head_info(ws.root)
 
-    def one(target: Any) -> DeviceOutcome:
-        device = device_for(target, connections, doc.name)
-        reporter.stage(target.key, "rollback")
-        state = device.observe()
-        landing = to or state.previous
-        if not landing:
-            raise DeviceError(f"{target.key}: no previous release to roll back to")
-        transport = connections.get(target)
-        sent = getattr(transport, "bytes_sent", 0)
-        device.rollback(to=landing, by=actor())
-        reporter.stage(target.key, "verify")
-        result = device.verify(landing, None, policy.verification.runs, policy.verification.block,
-                               policy.timeouts.verify_s)
-        # absolute SLOs only: the release we land on was built by another commit, so no host golden here
-        verdict = decide(result, spec.slo, policy.regression, spec.quality, None, policy.verification.block)
-        device.record({"status": "rolled_back", "verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                                                   **verdict.measurements}}, by=actor())
-        moved = getattr(transport, "bytes_sent", 0) - sent
-        reporter.stage(target.key, "done", verdict.outcome)
-        return DeviceOutcome(target.key, "rollback", "RolledBack", f"on {landing}; verification {verdict.outcome}: "
-                             f"{verdict.reason}", landing, state.current, moved,
-                             measurements={**verdict.measurements, "verification": verdict.outcome})
+        def one(target: Any) -> DeviceOutcome:
+            device = device_for(target, connections, doc.name)
+            state = device.observe()
+            landing, why = _rollback_target(state, target.key, to, last)
+            if landing is None:
+                return DeviceOutcome(target.key, "rollback", "Unchanged", why, state.current, state.current)
+            reporter.stage(target.key, "rollback", why)
+            transport = connections.get(target)
+            sent = getattr(transport, "bytes_sent", 0)
+            device.rollback(to=landing, by=actor(), allow_rejected=allow_rejected)
+            if landing == "none":
+                return DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}; the device runs no release",
+                                     None, state.current)
+            reporter.stage(target.key, "verify")
+            result = device.verify(landing, None, policy.verification.runs, policy.verification.block,
+                                   policy.timeouts.verify_s)
+            # absolute SLOs only: the release we land on was built by another commit, so no host golden here
+            verdict = decide(result, spec.slo, policy.regression, spec.quality, None, policy.verification.block)
+            device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
+                                            **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
+                          by=actor())
+            moved = getattr(transport, "bytes_sent", 0) - sent
+            reporter.stage(target.key, "done", verdict.outcome)
+            return DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}: on {landing}; verification "
+                                 f"{verdict.outcome}: {verdict.reason}", landing, state.current, moved,
+                                 measurements={**verdict.measurements, "verification": verdict.outcome})
 
-    results = connections.map(one, targets)
-    outcomes = []
-    for target in targets:
-        r = results[target.key]
-        if isinstance(r, EdgeopsError):
-            outcomes.append(DeviceOutcome(target.key, "rollback", "Failed", r.message))
-        else:
-            outcomes.append(r)
-    failed = [o for o in outcomes if o.decision == "Failed"]
-    result = RolloutResult(doc.name, "halted" if failed else "succeeded",
-                           f"{len(outcomes) - len(failed)} device(s) rolled back, {len(failed)} failed", outcomes,
-                           rollout_id)
-    for o in outcomes:
-        ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
-                            from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
-                            measurements=o.measurements)
-    ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
+        results = connections.map(one, targets)
+        outcomes = []
+        for target in targets:
+            r = results[target.key]
+            outcomes.append(DeviceOutcome(target.key, "rollback", "Failed", r.message)
+                            if isinstance(r, EdgeopsError) else r)
+        failed = [o for o in outcomes if o.decision == "Failed"]
+        moved = [o for o in outcomes if o.decision == "RolledBack"]
+        if not failed and not moved:
+            reasons = sorted({o.reason for o in outcomes})
+            return RolloutResult(doc.name, "no-op", "nothing to roll back: " + "; ".join(reasons), outcomes)
+        rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
+        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+                               f"{len(moved)} device(s) rolled back, {len(failed)} failed, "
+                               f"{len(outcomes) - len(moved) - len(failed)} unchanged", outcomes, rollout_id)
+        for o in outcomes:
+            ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
+                                from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
+                                measurements=o.measurements)
+        ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
     return result
 
 

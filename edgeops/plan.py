@@ -34,6 +34,7 @@ class DesiredDevice:
     release_id: str
     files: tuple[tuple[str, str, int], ...]   # (name, sha256, size)
     needs: DeviceNeeds | None = None          # what the device must have to run the release
+    slo: dict[str, Any] | None = None         # the SLO git asks for now (a change means re-verification)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ObservedDevice:
     verification: dict[str, Any] | None = None
     last_change: str | None = None            # time of the last switch or verdict on the device
     facts: DeviceFacts | None = None          # None: not read (unreachable)
+    last_rejected: dict[str, Any] | None = None  # the release this device last rejected, and why
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,18 @@ def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, str]:
         return "update", reason
     if seen.status not in ("committed", "inconclusive"):
         return "reverify", f"release is there but its last verification did not finish (status {seen.status})"
+    judged = (seen.verification or {}).get("slo")
+    if want.slo is not None and judged is not None and judged != want.slo:
+        latency = (seen.verification or {}).get("latency") or {}
+        measured = f"; measured p95 {latency['p95_ms']:.3f} ms" if latency.get("p95_ms") is not None else ""
+        return "reverify", f"the SLO changed since this release was verified ({_slo_change(judged, want.slo)}" \
+                           f"{measured}); no transfer"
     return "no-change", ""
+
+
+def _slo_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
+                     if before.get(k) != after.get(k))
 
 
 def _bytes(want: DesiredDevice, seen: ObservedDevice) -> int:
@@ -223,6 +236,10 @@ def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str],
     notes = []
     if unreachable:
         notes.append(f"{unreachable} device(s) unreachable now; they count against max_unreachable_devices")
+    resloped = [d.device for d in devices if d.action == "reverify" and d.reason.startswith("the SLO changed")]
+    if resloped:
+        notes.append(f"the SLO changed: {len(resloped)} device(s) are measured again against it, no transfer "
+                     f"({', '.join(resloped)})")
     if refused:
         notes.append(f"{len(refused)} device(s) refused by the preflight: nothing is pushed to them, and they "
                      "count against max_failed_devices")

@@ -88,7 +88,8 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
     history = state.state.get("history") or []
     return ObservedDevice(key, True, current=state.current, previous=state.previous, status=state.status,
                           blobs=state.blobs, verification=state.state.get("verification"),
-                          last_change=history[-1]["at"] if history else None, facts=state.facts)
+                          last_change=history[-1]["at"] if history else None, facts=state.facts,
+                          last_rejected=state.state.get("last_rejected"))
 
 
 def observe(desired: Desired, connections: Connections) -> dict[str, ObservedDevice]:
@@ -113,7 +114,8 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
         release = desired.releases[target.key]
         out.append(DesiredDevice(target.key, target.fleet.name, target.name, target.profile.name,
                                  target.hardware_class, tuple(sorted(target.device.labels.items())), release.id,
-                                 tuple((f.name, f.sha256, f.size) for f in release.files), target.needs(slo)))
+                                 tuple((f.name, f.sha256, f.size) for f in release.files), target.needs(slo),
+                                 slo.model_dump(mode="json")))
     return out
 
 
@@ -221,9 +223,9 @@ class _Roller:
             report.stage(planned.key, "switch")
             before = device.activate(release.id, by=self.ctx.actor)
             switched = True
-            baseline = before.get("previous") if before.get("previous") != release.id else None
-            baseline = baseline if planned.current else None
-            report.stage(planned.key, "verify", "interleaved with the previous release" if baseline else "")
+            # only a committed release is ever a baseline: never a rejected or unverified one
+            baseline = before.get("committed") if before.get("committed") != release.id else None
+            report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
             verdict = self.measure(device, planned, baseline)
             outcome.measurements = {**verdict.measurements, "checks": [c.__dict__ for c in verdict.checks]}
             outcome.reason = verdict.reason
@@ -234,13 +236,14 @@ class _Roller:
             outcome.decision = "Unreachable" if unreachable else FAILED
             outcome.reason = exc.message
             if switched:
-                outcome.reason += "; " + self.undo(target, planned, "after an error during verification")
+                outcome.reason += "; " + self.revert(target, "after an error during verification")
                 outcome.decision = FAILED
             return outcome
 
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
         report = self.ctx.reporter
-        record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.measurements}}
+        record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.measurements,
+                                   "slo": self.spec.slo.model_dump(mode="json")}}
         keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive != "rollback")
         if keep:
             status = "committed" if verdict.outcome == PASSED else "inconclusive"
@@ -253,26 +256,34 @@ class _Roller:
             outcome.decision, outcome.committed = verdict.outcome, True
             return outcome
         report.stage(planned.key, "rollback", verdict.reason[:80])
-        device.record(record, by=self.ctx.actor)
-        outcome.reason += "; " + self.undo(self.ctx.desired.target(planned.key), planned, verdict.outcome.lower())
+        device.record(record, by=self.ctx.actor)  # the rejected release keeps the numbers that rejected it
+        outcome.reason += "; " + self.revert(self.ctx.desired.target(planned.key), verdict.outcome.lower())
         outcome.decision = FAILED if verdict.outcome == FAILED else "RolledBack"
         return outcome
 
     def doc_keep(self, planned: PlannedDevice) -> int:
         return self.ctx.desired.target(planned.key).profile.obj.spec.device.keep_releases
 
-    def undo(self, target: TargetDevice, planned: PlannedDevice, why: str) -> str:
-        """Put the device back on the release it had (or on none, for a first install)."""
+    def revert(self, target: TargetDevice, why: str) -> str:
+        """Reject the trial release: the device goes back to its last committed release (or to none)."""
+        try:
+            back = self.device(target).revert(by=self.ctx.actor)
+        except EdgeopsError as exc:
+            return f"REVERT FAILED: {exc.message}"
+        if back.get("current"):
+            return f"rolled back to {back['current']} ({why})"
+        return f"first install removed ({why}); the device runs no release of this deployment"
+
+    def undo_commit(self, target: TargetDevice, why: str) -> str:
+        """Take back a release this rollout committed: back to the committed release before it (or to none)."""
         try:
             device = self.device(target)
-            if planned.current:
-                device.rollback(to=planned.current, by=self.ctx.actor)
-                device.record({"status": "rolled_back"}, by=self.ctx.actor)
-                return f"rolled back to {planned.current} ({why})"
-            device.activate("none", by=self.ctx.actor)
-            return f"first install removed ({why}); the device runs no release of this deployment"
+            back = device.rollback(to=device.observe().previous or "none", by=self.ctx.actor)
         except EdgeopsError as exc:
             return f"ROLLBACK FAILED: {exc.message}"
+        if back.get("current"):
+            return f"rolled back to {back['current']} ({why})"
+        return f"first install removed ({why}); the device runs no release of this deployment"
 
     # ---------------------------------------------------------------- waves and budgets
 
@@ -306,8 +317,7 @@ class _Roller:
     def halt_rollback(self, outcomes: list[DeviceOutcome]) -> None:
         for outcome in outcomes:
             if outcome.committed:
-                planned = next(d for d in self.plan.devices if d.key == outcome.key)
-                outcome.reason += "; " + self.undo(self.ctx.desired.target(outcome.key), planned, "rollout halted")
+                outcome.reason += "; " + self.undo_commit(self.ctx.desired.target(outcome.key), "rollout halted")
                 outcome.decision, outcome.committed = "RolledBack", False
 
     def run(self) -> RolloutResult:

@@ -40,39 +40,80 @@ def device(tmp_path: Path) -> Device:
     return Device(LocalTransport("local-01"), str(tmp_path / "device"), sys.executable, "wearable-activity")
 
 
+def commit(device: Device, release) -> None:  # type: ignore[no-untyped-def]
+    device.push(release)
+    device.activate(release.id)
+    device.record({"status": "committed", "verification": {"outcome": "Passed", "reason": f"{release.id} ok"}})
+
+
 def test_push_activate_and_state_file(repo_copy: Path, device: Device) -> None:
     first, second = releases(repo_copy, 2)
     device.push(first)
     assert device.observe().current is None  # pushed, not switched
     device.activate(first.id)
+    device.record({"status": "committed"})
     device.push(second)
     device.activate(second.id)
     root = Path(device.root) / "deployments" / "wearable-activity"
     assert (root / "current").resolve().name == second.id
     assert (root / "previous").resolve().name == first.id
     state = json.loads((root / "state.json").read_text())
-    assert [h["action"] for h in state["history"]] == ["activate", "activate"]
+    assert [h["action"] for h in state["history"]] == ["activate", "committed", "activate"]
+    assert (state["status"], state["committed"], state["releases"][second.id]["state"]) == \
+        ("verifying", first.id, "trial")
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temp files
     release_dir = root / "releases" / second.id
     assert {p.name for p in release_dir.iterdir()} == {"model.onnx", "golden.npz", "runtime.json", "release.json"}
 
 
+def test_a_rejected_release_is_never_a_baseline_previous_or_rollback_target(repo_copy: Path, device: Device) -> None:
+    good, bad, later = releases(repo_copy, 3)
+    commit(device, good)
+    device.push(bad)
+    assert device.activate(bad.id)["committed"] == good.id  # the baseline the controller measures against
+    device.record({"verification": {"outcome": "Failed", "reason": "p95 30% slower"}})
+    back = device.revert()
+    assert (back["current"], back["rejected"]) == (good.id, bad.id)
+    state = device.observe()
+    assert (state.current, state.committed, state.previous, state.status) == (good.id, good.id, None, "committed")
+    assert state.state["verification"]["reason"] == f"{good.id} ok"  # the running release's numbers
+    assert state.state["last_rejected"] == {**state.state["last_rejected"], "release": bad.id, "reason": "p95 30% slower"}
+    with pytest.raises(DeviceError, match="was rejected on this device"):
+        device.activate(bad.id)
+    with pytest.raises(DeviceError, match="was rejected on this device"):
+        device.rollback(to=bad.id)
+    commit(device, later)
+    assert device.observe().previous == good.id  # the rejected release is skipped
+    device.activate(bad.id, allow_rejected=True)  # named explicitly by the user
+    assert device.observe().current == bad.id
+
+
+def test_revert_of_a_first_install_leaves_no_release(repo_copy: Path, device: Device) -> None:
+    (only,) = releases(repo_copy, 1)
+    device.push(only)
+    device.activate(only.id)
+    assert device.revert()["current"] is None
+    state = device.observe()
+    assert (state.current, state.committed, state.status) == (None, None, "removed")
+
+
 def test_rollback_to_a_named_release_and_missing_release(repo_copy: Path, device: Device) -> None:
     first, second, third = releases(repo_copy, 3)
     for release in (first, second, third):
-        device.push(release)
-        device.activate(release.id)
+        commit(device, release)
     device.rollback(to=first.id)
-    assert device.observe().current == first.id
-    with pytest.raises(DeviceError, match="is not on the device"):
+    state = device.observe()
+    assert (state.current, state.committed, state.previous) == (first.id, first.id, None)
+    with pytest.raises(DeviceError, match="was never committed on this device"):
         device.rollback(to="r-0000000000000000")
+    with pytest.raises(DeviceError, match="no earlier committed release"):
+        device.rollback()
 
 
 def test_prune_keeps_current_previous_and_the_keep_count(repo_copy: Path, device: Device) -> None:
     several = releases(repo_copy, 5)
     for release in several:
-        device.push(release)
-        device.activate(release.id)
+        commit(device, release)
     result = device.prune(keep=3)
     state = device.observe()
     assert len(state.releases) == 3

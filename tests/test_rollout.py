@@ -89,16 +89,27 @@ def test_much_slower_model_is_caught_in_the_canary_and_rolled_back(lab_repo: Pat
         assert [d.decision for d in result.devices if d.wave and d.wave > 1] == ["Skipped"] * 3
         after = observe_all(lab_repo)
         assert {k: s.current for k, s in after.items()} == before  # canary back, others never touched
-        assert after[canary.key].status == "rolled_back"
+        canary_state = after[canary.key]
+        assert canary_state.status == "committed" and canary_state.previous != canary.release_id
+        assert canary_state.state["releases"][canary.release_id]["state"] == "rejected"
         status = cli(lab_repo, "status", MANIFEST, "-o", "json")
-        assert status.exit_code == 1  # unhealthy devices make status fail (for cron and CI)
         rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(status.stdout)[0]["devices"]}
-        assert rows[canary.key]["health"] == "RolledBack" and rows[canary.key]["sync"] == "OutOfSync"
+        # healthy again on its committed release, with that release's numbers; git asks for another one
+        assert rows[canary.key]["health"] == "Healthy" and rows[canary.key]["sync"] == "OutOfSync"
+        assert "rejected on this device" in rows[canary.key]["message"]
+        assert status.exit_code == 0, status.output
         history = default_ledger(lab_repo).history("wearable-activity", 1)[0]
         assert history["outcome"] == "halted"
         assert history["devices"][0]["measurements"]["previous_latency"]["p95_ms"] > 0
+        undo = cli(lab_repo, "rollback", "wearable-activity", "-o", "json")  # the revert already undid it
+        assert undo.exit_code == 0, undo.output
+        assert json.loads(undo.stdout)["outcome"] == "no-op"
+        assert {k: s.current for k, s in observe_all(lab_repo).items()} == before
     finally:
         (lab_repo / MANIFEST).write_text(manifest)
+    _, recovered = do_apply(lab_repo)  # git back on the good model: nothing compares against the rejected one
+    assert recovered.outcome == "no-op", recovered.message
+    assert cli(lab_repo, "status", MANIFEST).exit_code == 0
 
 
 def test_rollback_command_switches_back_without_moving_bytes(lab_repo: Path) -> None:
@@ -120,6 +131,10 @@ def test_rollback_command_switches_back_without_moving_bytes(lab_repo: Path) -> 
         assert sum(d.bytes_moved for d in rolled.devices) == 0
         assert {k: s.current for k, s in observe_all(lab_repo).items()} == first
         assert default_ledger(lab_repo).history("wearable-activity", 1)[0]["kind"] == "rollback"
+        with Connections() as connections:  # once undone, the same rollout is not undone again
+            again = rollback_deployment(ws, doc, connections, default_ledger(lab_repo))
+        assert again.outcome == "no-op" and {d.decision for d in again.devices} == {"Unchanged"}
+        assert {k: s.current for k, s in observe_all(lab_repo).items()} == first
     finally:
         (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
 
@@ -208,3 +223,29 @@ def test_interrupt_lets_devices_in_flight_finish_and_starts_nothing_new(lab_repo
         assert states[canary.key].status in ("committed", "inconclusive")
     finally:
         (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
+
+
+def test_a_tighter_slo_is_judged_now_and_plans_a_reverification_without_transfer(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    manifest = (lab_repo / MANIFEST).read_text()
+    try:
+        edit(lab_repo, MANIFEST, "latency_p95_ms: 25", "latency_p95_ms: 0.001")
+        status = cli(lab_repo, "status", MANIFEST, "-o", "json")
+        assert status.exit_code == 1, status.output  # recorded numbers over the SLO in git now
+        rows = json.loads(status.stdout)[0]["devices"]
+        assert {r["health"] for r in rows} == {"Degraded"}
+        assert all("exceeds the SLO 0.001 ms in git" in r["message"] for r in rows)
+        plan = cli(lab_repo, "plan", MANIFEST, "-o", "json")
+        assert plan.exit_code == 2, plan.output
+        [document] = json.loads(plan.stdout)
+        assert {d["action"] for d in document["devices"]} == {"reverify"}
+        assert all(d["bytes_to_move"] == 0 and "latency_p95_ms 25.0 -> 0.001" in d["reason"]
+                   for d in document["devices"])
+        assert any(n.startswith("the SLO changed: 4 device(s)") for n in document["notes"])
+        _, result = do_apply(lab_repo)
+        assert result.outcome == "halted" and sum(d.bytes_moved for d in result.devices) == 0
+    finally:
+        (lab_repo / MANIFEST).write_text(manifest)
+    _, back = do_apply(lab_repo)
+    assert back.outcome in ("no-op", "succeeded"), back.message
+    assert cli(lab_repo, "status", MANIFEST).exit_code == 0

@@ -715,53 +715,134 @@ def _now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def layout_switch(args):
-    """Point current at a release (and previous at what current was); record it in state.json."""
-    directory = _deployment_dir(args.root, args.deployment)
-    old = _link(directory, "current")
-    state = _read_state(directory) or {"deployment": args.deployment, "history": []}
-    if args.release == "none":  # undo a first install: the device had no release of this deployment
-        if old:
-            _switch_link(directory, "previous", old)
-            os.unlink(os.path.join(directory, "current"))
-        state.update(current=None, previous=_link(directory, "previous"), status="removed")
-        state["history"] = (state.get("history") or [])[-49:] + [
-            {"at": _now(), "action": "remove", "release": None, "from": old, "by": args.by}]
-        _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
-        return {"current": None, "previous": state["previous"], "switched": old is not None}
-    if not os.path.isdir(os.path.join(directory, "releases", args.release)):
-        raise AgentError(f"release {args.release} is not on the device", "release-missing")
-    if old != args.release:
-        if old:  # the release we leave stays one switch away, whether we go forward or back
-            _switch_link(directory, "previous", old)
-        _switch_link(directory, "current", args.release)
-        _fsync_dir(directory)
-    state.update(current=args.release, previous=_link(directory, "previous"),
-                 status="rolled_back" if args.action == "rollback" else "verifying")
-    state["history"] = (state.get("history") or [])[-49:] + [
-        {"at": _now(), "action": args.action, "release": args.release, "from": old, "by": args.by}]
+CHAIN_LENGTH = 20  # committed releases remembered as rollback targets, newest last
+
+
+def _lifecycle(state):
+    """state.json's lifecycle fields, filled in for a state written by an older agent."""
+    state.setdefault("history", [])
+    releases = state.setdefault("releases", {})
+    chain = state.get("chain")
+    if chain is None:  # older layout: the current release was the only one known to be good
+        chain = [state["current"]] if state.get("current") and state.get("status") in (
+            "committed", "inconclusive", "rolled_back") else []
+        for release in chain:
+            releases.setdefault(release, {"state": "committed", "verification": state.get("verification")})
+    state["chain"] = chain
+    return state
+
+
+def _settle(state, directory):
+    """Derive what follows from current + chain: status, previous, the current release's numbers; write it."""
+    current, chain = state.get("current"), state["chain"]
+    entry = state["releases"].get(current) or {}
+    state["previous"] = (chain[-2] if len(chain) > 1 else None) if chain and current == chain[-1] else \
+        (chain[-1] if chain else None)
+    state["committed"] = chain[-1] if chain else None
+    state["verification"] = entry.get("verification")  # the numbers of the release that runs, never another's
+    if state["previous"]:
+        _switch_link(directory, "previous", state["previous"])
+    elif os.path.lexists(os.path.join(directory, "previous")):
+        os.unlink(os.path.join(directory, "previous"))
     _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
-    return {"current": args.release, "previous": state["previous"], "switched": old != args.release}
+
+
+def _event(state, action, release, by, **extra):
+    state["history"] = state["history"][-49:] + [
+        {"at": _now(), "action": action, "release": release, "by": by, **extra}]
+
+
+def layout_switch(args):
+    """Change the release that runs. One of:
+
+    activate  R: R becomes a trial release (the committed one stays the baseline and the way back)
+    revert     : the trial release is rejected; back to the last committed release (or to none)
+    rollback  R: back to R, an earlier committed release; the releases committed after it leave the chain
+    """
+    directory = _deployment_dir(args.root, args.deployment)
+    os.makedirs(os.path.join(directory, "releases"), exist_ok=True)
+    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
+    old, chain, releases = _link(directory, "current"), state["chain"], state["releases"]
+    if args.action == "revert":
+        rejected = old if old and old not in chain else None
+        if rejected:
+            entry = releases.setdefault(rejected, {})
+            entry["state"] = "rejected"
+            state["last_rejected"] = {"release": rejected, "at": _now(), "by": args.by,
+                                      "reason": (entry.get("verification") or {}).get("reason", "")}
+        target = chain[-1] if chain else None
+    elif args.action == "rollback":
+        target = None if args.release == "none" else args.release
+        if target is not None and target not in chain:
+            if releases.get(target, {}).get("state") == "rejected" and not args.allow_rejected:
+                raise AgentError(f"release {target} was rejected on this device; name it with --allow-rejected "
+                                 "to run it anyway", "release-rejected")
+            if not args.allow_rejected:
+                raise AgentError(f"release {target} was never committed on this device (committed: "
+                                 f"{', '.join(chain) or 'none'})", "release-not-committed")
+        while chain and chain[-1] != target:
+            releases.setdefault(chain.pop(), {})["state"] = "rolled_back"
+        if target is not None and not chain:
+            chain.append(target)
+            releases.setdefault(target, {})["state"] = "committed"
+    else:
+        target = None if args.release in (None, "none") else args.release
+        if target and releases.get(target, {}).get("state") == "rejected" and not args.allow_rejected:
+            raise AgentError(f"release {target} was rejected on this device; name it with --allow-rejected to "
+                             "run it anyway", "release-rejected")
+        if target and target not in chain:
+            releases.setdefault(target, {})["state"] = "trial"
+    if target is not None and not os.path.isdir(os.path.join(directory, "releases", target)):
+        raise AgentError(f"release {target} is not on the device", "release-missing")
+    if target is None:
+        if old:
+            os.unlink(os.path.join(directory, "current"))
+    elif old != target:
+        _switch_link(directory, "current", target)
+    _fsync_dir(directory)
+    state["current"] = target
+    if target is None:
+        state["status"] = "removed"
+    elif args.action == "rollback":
+        state["status"] = "rolled_back"
+    else:
+        state["status"] = releases[target].get("status", "committed") if target in chain else "verifying"
+    _event(state, args.action, target, args.by, **{"from": old})
+    _settle(state, directory)
+    return {"current": target, "previous": state["previous"], "committed": state["committed"],
+            "switched": old != target, "rejected": old if args.action == "revert" and old != target else None}
 
 
 def layout_record(args):
-    """Store the verdict on the current release (status + the measurements behind it)."""
+    """Store a verdict on the current release: committed and inconclusive (kept) join the committed chain."""
     directory = _deployment_dir(args.root, args.deployment)
-    state = _read_state(directory) or {"deployment": args.deployment, "history": []}
+    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
     update = json.loads(args.json)
-    state.update(update)
-    if update.get("status"):
-        state["history"] = (state.get("history") or [])[-49:] + [
-            {"at": _now(), "action": update["status"], "release": state.get("current"), "by": args.by}]
-    _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
-    return {"status": state.get("status")}
+    current = state.get("current")
+    if current is None:
+        raise AgentError("no release runs: nothing to record a verdict on", "no-current-release")
+    entry = state["releases"].setdefault(current, {})
+    if "verification" in update:
+        entry["verification"] = update["verification"]
+    status = update.get("status")
+    if status:
+        if status in ("committed", "inconclusive"):
+            entry.update(state="committed", status=status)
+            if current in state["chain"]:
+                state["chain"].remove(current)
+            state["chain"] = (state["chain"] + [current])[-CHAIN_LENGTH:]
+        state["status"] = status
+        _event(state, status, current, args.by)
+    _settle(state, directory)
+    return {"status": state.get("status"), "committed": state["committed"]}
 
 
 def layout_prune(args):
     """Keep current, previous and the newest releases up to --keep; drop blobs nothing uses."""
     directory = _deployment_dir(args.root, args.deployment)
     releases_dir = os.path.join(directory, "releases")
-    keep = {r for r in (_link(directory, "current"), _link(directory, "previous")) if r}
+    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
+    keep = {r for r in (_link(directory, "current"), _link(directory, "previous"), state.get("committed")) if r}
     existing = sorted(os.listdir(releases_dir), key=lambda r: os.stat(os.path.join(releases_dir, r)).st_mtime,
                       reverse=True) if os.path.isdir(releases_dir) else []
     for release in existing:
@@ -815,13 +896,17 @@ def main(argv=None):
         if name == "install-agent":
             cmd.add_argument("--staged", required=True)
             cmd.add_argument("--sha256", required=True)
-        if name in ("assemble", "switch"):
+        if name == "assemble":
             cmd.add_argument("--release", required=True)
+        if name == "switch":
+            cmd.add_argument("--release", default=None, help="activate/rollback: the release (none: no release)")
         if name == "assemble":
             cmd.add_argument("--files", required=True, help="JSON object: file name -> sha256")
             cmd.add_argument("--staged", default=None, help="JSON object: uploaded staging path -> sha256")
         if name == "switch":
-            cmd.add_argument("--action", choices=["activate", "rollback"], default="activate")
+            cmd.add_argument("--action", choices=["activate", "revert", "rollback"], default="activate")
+            cmd.add_argument("--allow-rejected", action="store_true",
+                             help="run a release this device rejected (the user named it explicitly)")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
         if name == "record":
