@@ -290,6 +290,9 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None, root: Path 
     return ws, [docs[name] for name in sorted(docs)], default_ledger(ws.root)
 
 
+LOCK_TIMEOUT = click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
+                            help="wait this long (30s, 5m) for another apply or rollback on the same fleet "
+                                 "to finish; 0s: refuse at once (exit 5)")
 CHANGED_SINCE = click.option("--changed-since", metavar="REV",
                              help="also every deployment a change since REV touches (manifests, models, data, "
                                   "fleets, profiles, templates)")
@@ -348,11 +351,12 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 @CHANGED_SINCE
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="execute exactly this saved plan (refused if the devices or the repo moved since)")
+@LOCK_TIMEOUT
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, output: str,
-          root: Path | None) -> None:
+def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, lock_timeout: str,
+          output: str, root: Path | None) -> None:
     """Build, render, plan and roll out wave by wave with on-device verification and rollback.
 
     Several deployments go one after the other, by name; the first that does not succeed stops the rest.
@@ -370,7 +374,8 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     for doc in docs:
         with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
             _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved,
-                                         progress=lambda m: err_console.print(m))
+                                         progress=lambda m: err_console.print(m),
+                                         lock_timeout_s=_duration(lock_timeout))
         results.append(result)
         if output == "table":
             console.print(result_table(result))
@@ -427,10 +432,12 @@ def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
 @click.argument("manifests", nargs=-1)
 @click.option("--drift-only", is_flag=True, help="only devices that are not on the release git asks for; "
                                                  "exit 1 when there are any (for a scheduled check)")
+@click.option("--verify", is_flag=True, help="hash every file of the running and committed releases on each device "
+                                             "(default: sizes and modification times, every time)")
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def status(manifests: tuple[str, ...], drift_only: bool, output: str, root: Path | None) -> None:
+def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: str, root: Path | None) -> None:
     """Fleet health: one row per device, sync against git, last verification. Non-zero exit when unhealthy.
 
     With no MANIFEST: every deployment of the repository.
@@ -445,7 +452,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, output: str, root: Path
     everything: dict[str, list] = {}
     with Connections(parallelism=16) as connections, err_console.status("reading devices") as spinner:
         for doc in docs:
-            rows = status_rows(ws, doc, connections, progress=spinner.update)
+            rows = status_rows(ws, doc, connections, progress=spinner.update, verify=verify)
             everything[doc.name] = [r for r in rows if r.sync != "Synced"] if drift_only else rows
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
@@ -516,11 +523,12 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
                                         "last rollout: each device it changed goes back to its previous committed release)")
 @click.option("--allow-rejected", is_flag=True, help="with --to: run the named release even where a device rejected it")
 @click.option("--devices", help="comma-separated device names (default: every target device)")
+@LOCK_TIMEOUT
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devices: str | None, output: str,
-             root: Path | None) -> None:
+def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devices: str | None, lock_timeout: str,
+             output: str, root: Path | None) -> None:
     """Undo the last rollout without any transfer, verify, record (a no-op when there is nothing to undo).
 
     Only committed releases are targets; a device the last rollout did not change, or already reverted by
@@ -536,7 +544,8 @@ def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devi
     ws, doc, ledger = _context(deployment, root)
     names = [d.strip() for d in devices.split(",")] if devices else None
     with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
-        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter, allow_rejected)
+        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter, allow_rejected,
+                                     lock_timeout_s=_duration(lock_timeout))
     if output == "json":
         click.echo(json.dumps({"outcome": result.outcome, "summary": summarize(result),
                                "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))

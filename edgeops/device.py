@@ -48,10 +48,18 @@ class DeviceState:
     def status(self) -> str | None:
         return self.state.get("status")
 
+    damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
+    repaired: tuple[str, ...] = ()          # half-done steps the agent finished while reading
+
     @property
     def committed(self) -> str | None:
         """The last release this device committed: the baseline and the way back."""
         return self.state.get("committed")
+
+    @property
+    def trial_until(self) -> str | None:
+        """When the device reverts the running trial release by itself, unless it is committed first."""
+        return (self.state.get("trial") or {}).get("until")
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ class Device:
 
     # ---------------------------------------------------------------- observe
 
-    def observe(self, power_sensor: dict[str, Any] | None = None) -> DeviceState:
+    def observe(self, power_sensor: dict[str, Any] | None = None, verify: bool = False) -> DeviceState:
         """Read-only: the deployment's state on the device and the device's facts, in one command.
 
         A device whose interpreter cannot run the agent still reports why (as its facts) and,
@@ -127,7 +135,8 @@ class Device:
         """
         sensor = json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
         try:
-            doc = self.agent("state", *self._common(), "--facts", "--power", sensor, inline=True)
+            doc = self.agent("state", *self._common(), "--facts", "--power", sensor, *(["--verify"] if verify else []),
+                             inline=True)
         except AgentFailed as exc:
             if exc.kind != "agent-broken":
                 raise
@@ -137,16 +146,31 @@ class Device:
                                state=state, facts=DeviceFacts.unusable_python(exc.detail))
         return DeviceState(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
                            blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
-                           facts=DeviceFacts.from_agent(doc["facts"]))
+                           facts=DeviceFacts.from_agent(doc["facts"]), damaged=doc.get("damaged") or {},
+                           repaired=tuple(doc.get("repaired") or ()))
 
     # ---------------------------------------------------------------- push
 
     def push(self, release: Release, progress: Callable[[int], None] | None = None,
-             timeout: float | None = None) -> PushResult:
-        """Make ``releases/<id>`` complete on the device (does not switch to it)."""
+             timeout: float | None = None, repair: bool = False) -> PushResult:
+        """Make ``releases/<id>`` complete on the device (does not switch to it).
+
+        ``repair``: the release is there but damaged: send what its damaged files need and restore them.
+        A blob found damaged on the device is dropped there and sent again (once).
+        """
         self.ensure_agent()
+        for attempt in (1, 2):
+            try:
+                return self._push_once(release, progress, timeout, repair)
+            except AgentFailed as exc:
+                if exc.kind != "blob-damaged" or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _push_once(self, release: Release, progress: Callable[[int], None] | None, timeout: float | None,
+                   repair: bool) -> PushResult:
         observed = self.agent("prepare", *self._common(), timeout=timeout)  # also clears interrupted uploads
-        if release.id in observed["releases"]:
+        if release.id in observed["releases"] and not repair:
             return PushResult(0, 0, len(release.files))
         needed = [f for f in release.files if f.sha256 not in set(observed["blobs"])]
         need_bytes = sum(f.size for f in needed)
@@ -165,7 +189,7 @@ class Device:
                 staged[remote] = item.sha256
         files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
         self.agent("assemble", *self._common(), "--release", release.id, "--files", files,
-                   "--staged", json.dumps(staged, sort_keys=True), timeout=timeout)
+                   "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
         return PushResult(moved, len(needed), len(release.files) - len(needed))
 
     @staticmethod
@@ -179,9 +203,13 @@ class Device:
     # ---------------------------------------------------------------- switch, verify, record
 
     def activate(self, release_id: str, by: str = "edgeops", action: str = "activate",
-                 allow_rejected: bool = False) -> dict[str, Any]:
-        """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``."""
+                 allow_rejected: bool = False, trial_window_s: float | None = None) -> dict[str, Any]:
+        """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``.
+
+        With ``trial_window_s`` the device reverts by itself unless ``record`` commits the release in time.
+        """
         extra = ["--allow-rejected"] if allow_rejected else []
+        extra += ["--trial-window", f"{trial_window_s:g}"] if trial_window_s else []
         return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra)
 
     def revert(self, by: str = "edgeops") -> dict[str, Any]:
@@ -206,8 +234,10 @@ class Device:
             args.append("--golden")
         return self.agent(*args, timeout=timeout)
 
-    def record(self, update: dict[str, Any], by: str = "edgeops") -> None:
-        self.agent("record", *self._common(), "--json", json.dumps(update, sort_keys=True), "--by", by)
+    def record(self, update: dict[str, Any], by: str = "edgeops", release: str | None = None) -> None:
+        """Store a verdict; with ``release``, only while that release still runs (else AgentFailed)."""
+        named = ["--release", release] if release else []
+        self.agent("record", *self._common(), "--json", json.dumps(update, sort_keys=True), "--by", by, *named)
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._common(), "--keep", str(keep))

@@ -157,25 +157,37 @@ class Ledger:
     # ---------------------------------------------------------------- locks
 
     @contextmanager
-    def lock(self, fleets: list[str], holder: str) -> Iterator[None]:
-        """Hold the apply lock on every fleet, or raise LockHeld naming who holds it."""
+    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> Iterator[None]:
+        """Hold the lock on every fleet (apply and rollback), waiting up to ``wait_s``; else raise LockHeld."""
         me = (holder, os.getpid(), socket.gethostname())
-        with self._connect() as db:
-            for fleet in sorted(set(fleets)):
-                row = db.execute("SELECT * FROM locks WHERE fleet = ?", (fleet,)).fetchone()
-                if row is not None and not self._stale(row):
-                    raise LockHeld(f"fleet '{fleet}' is locked by {row['holder']} (pid {row['pid']} on "
-                                   f"{row['host']}, since {row['acquired_at']})",
-                                   hint="wait for that apply to finish; a lock whose process died is taken over")
-            for fleet in sorted(set(fleets)):
-                db.execute("INSERT OR REPLACE INTO locks (fleet, holder, pid, host, acquired_at) VALUES (?, ?, ?, ?, ?)",
-                           (fleet, *me, now()))
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._take(fleets, me)
+                break
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         try:
             yield
         finally:
             with self._connect() as db:
                 for fleet in set(fleets):
                     db.execute("DELETE FROM locks WHERE fleet = ? AND pid = ? AND host = ?", (fleet, me[1], me[2]))
+
+    def _take(self, fleets: list[str], me: tuple[str, int, str]) -> None:
+        with self._connect() as db:
+            for fleet in sorted(set(fleets)):
+                row = db.execute("SELECT * FROM locks WHERE fleet = ?", (fleet,)).fetchone()
+                if row is not None and not self._stale(row):
+                    raise LockHeld(f"fleet '{fleet}' is locked by {row['holder']} (pid {row['pid']} on "
+                                   f"{row['host']}, since {row['acquired_at']})",
+                                   hint="wait for it to finish or pass --lock-timeout; a lock whose process died "
+                                        "is taken over")
+            for fleet in sorted(set(fleets)):
+                db.execute("INSERT OR REPLACE INTO locks (fleet, holder, pid, host, acquired_at) VALUES (?, ?, ?, ?, ?)",
+                           (fleet, *me, now()))
 
     @staticmethod
     def _stale(row: sqlite3.Row) -> bool:

@@ -95,12 +95,30 @@ class StalePlan(EdgeopsError):
     """A saved plan no longer matches the repository or the devices."""
 
 
+def plan_differences(saved: Plan, fresh: Plan) -> list[str]:
+    """What a saved plan would do differently from the plan made now (devices, actions, releases, waves)."""
+    def view(plan: Plan) -> dict[str, tuple[str, str, int | None]]:
+        return {d.key: (d.action, d.release_id, d.wave) for d in plan.devices}
+
+    before, now = view(saved), view(fresh)
+    out = [f"{key}: not in the saved plan" for key in sorted(set(now) - set(before))]
+    out += [f"{key}: not a target now" for key in sorted(set(before) - set(now))]
+    for key in sorted(set(before) & set(now)):
+        if before[key] != now[key]:
+            (action, release, wave), (action_now, release_now, wave_now) = before[key], now[key]
+            out.append(f"{key}: saved {action} {release} in wave {wave}, now {action_now} {release_now} in wave "
+                       f"{wave_now}")
+    if (saved.waves, saved.artifacts) != (fresh.waves, fresh.artifacts):
+        out.append(f"saved {saved.waves} wave(s) of {saved.artifacts}, now {fresh.waves} of {fresh.artifacts}")
+    return out
+
+
 def apply_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
                      reporter: Reporter | None = None, saved: Plan | None = None,
-                     progress: Progress = lambda m: None) -> tuple[Plan, RolloutResult]:
+                     progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
-    with ledger.lock(fleets, holder=f"{actor()} applying {doc.name}"):
+    with ledger.lock(fleets, holder=f"{actor()} applying {doc.name}", wait_s=lock_timeout_s):
         plan, desired = plan_deployment(ws, doc, connections, ledger, progress)
         if saved is not None:
             if saved.deployment != doc.name:
@@ -111,7 +129,10 @@ def apply_deployment(ws: Workspace, doc: Document[Deployment], connections: Conn
             if saved.observed_digest != plan.observed_digest:
                 raise StalePlan("the saved plan is stale: devices changed since it was made "
                                 "(another apply, a rollback or a device change)", hint="run edgeops plan again")
-            plan = saved
+            if differences := plan_differences(saved, plan):
+                raise StalePlan("the saved plan is not the plan edgeops makes now from git and the devices "
+                                f"({'; '.join(differences[:3])}); it was edited or made by another version",
+                                hint="run edgeops plan again and apply that")
         git = head_info(ws.root)
         ctx = ApplyContext(desired, connections, ledger, actor(), git, reporter or SilentReporter())
         result = apply(plan, ctx)
@@ -128,7 +149,7 @@ class StatusRow:
     profile: str
     release: str | None
     sync: str                 # Synced | OutOfSync | Unknown
-    health: str               # Healthy | Degraded | RolledBack | Unreachable | Missing
+    health: str               # Healthy | Degraded | Damaged | RolledBack | Unreachable | Missing
     p95_ms: float | None
     slo_p95_ms: float | None
     power: str
@@ -159,6 +180,8 @@ def _health(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[str
         return "Degraded", "the device cannot run releases now: " + "; ".join(checked.refusals)
     if o.current is None:
         return "Missing", "no release of this deployment on the device"
+    if o.damaged:
+        return "Damaged", f"{o.current} is damaged: {'; '.join(o.damaged)} (apply repairs it)"
     verdict = (o.verification or {}).get("reason", "")
     if o.status in ("committed", "inconclusive", "rolled_back") and (missed := _over_slo(o.verification, slo)):
         return "Degraded", missed
@@ -180,11 +203,12 @@ def _power(verification: dict[str, Any] | None) -> str:
 
 
 def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connections,
-                progress: Progress = lambda m: None) -> list[StatusRow]:
+                progress: Progress = lambda m: None, verify: bool = False) -> list[StatusRow]:
+    """One row per target device, read from the device now (``verify``: hash every file, not just sizes)."""
     require_identity_files(target_devices(ws, doc.name))
     desired = desired_state(ws, doc, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
-    observed = observe(desired, connections)
+    observed = observe(desired, connections, verify)
     rows = []
     for target in desired.targets:
         o = observed[target.key]
@@ -238,7 +262,8 @@ def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[st
 
 def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
                         to: str | None = None, devices: list[str] | None = None,
-                        reporter: Reporter | None = None, allow_rejected: bool = False) -> RolloutResult:
+                        reporter: Reporter | None = None, allow_rejected: bool = False,
+                        lock_timeout_s: float = 0) -> RolloutResult:
     """Undo the last rollout on the devices it left a release on (no transfer), verify, record.
 
     Only committed releases are targets: after an automatic revert there is nothing to undo, and a
@@ -253,7 +278,7 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
     spec = doc.obj.spec
     policy = spec.rollout
     fleets = sorted({t.fleet.name for t in targets})
-    with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}"):
+    with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}", wait_s=lock_timeout_s):
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
 

@@ -21,6 +21,7 @@ from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.spec.models import RolloutPolicy, parse_count
 
 PLAN_SCHEMA = "edgeops.plan/v1"
+CHANGING = ("install", "update", "repair", "reverify")  # the actions that touch a device
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ObservedDevice:
     last_change: str | None = None            # time of the last switch or verdict on the device
     facts: DeviceFacts | None = None          # None: not read (unreachable)
     last_rejected: dict[str, Any] | None = None  # the release this device last rejected, and why
+    damaged: tuple[str, ...] = ()             # what is wrong with the current release's files
+    untrusted: bool = False                   # unreachable for a security reason (host key, refused key)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class PlannedDevice:
     device: str
     profile: str
     hardware_class: str
-    action: str              # install | update | reverify | no-change | unreachable | refused
+    action: str              # install | update | repair | reverify | no-change | unreachable | refused
     release_id: str
     current: str | None
     bytes_to_move: int
@@ -83,7 +86,7 @@ class Plan:
 
     @property
     def changes(self) -> list[PlannedDevice]:
-        return [d for d in self.devices if d.action in ("install", "update", "reverify")]
+        return [d for d in self.devices if d.action in CHANGING]
 
     @property
     def has_changes(self) -> bool:
@@ -129,12 +132,15 @@ def digest_desired(desired: list[DesiredDevice]) -> str:
 
 def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, str]:
     if not seen.reachable:
-        return "unreachable", seen.error
+        return ("refused", f"not trusted: {seen.error}") if seen.untrusted else ("unreachable", seen.error)
     if seen.current is None:
         return "install", "no release of this deployment on the device"
     if seen.current != want.release_id:
         reason = "device was rolled back" if seen.status == "rolled_back" else "device runs another release"
         return "update", reason
+    if seen.damaged:
+        return "repair", f"the running release is damaged ({'; '.join(seen.damaged)}): its files are restored " \
+                         "and it is verified again"
     if seen.status not in ("committed", "inconclusive"):
         return "reverify", f"release is there but its last verification did not finish (status {seen.status})"
     judged = (seen.verification or {}).get("slo")
@@ -210,7 +216,7 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
 def _checked(want: DesiredDevice, seen: ObservedDevice, build_onnxruntime: str | None) -> tuple[str, str, int, tuple[str, ...]]:
     """(action, reason, bytes to move, warnings): the device's action after its preflight."""
     action, reason = _action(want, seen)
-    moving = _bytes(want, seen) if action in ("install", "update") else 0
+    moving = _bytes(want, seen) if action in ("install", "update", "repair") else 0
     if seen.facts is None or want.needs is None:
         return action, reason, moving, ()
     checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime)
@@ -224,7 +230,7 @@ def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str],
               observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None) -> Plan:
     """Compare what git asks for with what the devices run and can run; decide per device and assign waves."""
     checked = {d.key: _checked(d, observed[d.key], build_onnxruntime) for d in desired}
-    changing = [d for d in desired if checked[d.key][0] in ("install", "update", "reverify")]
+    changing = [d for d in desired if checked[d.key][0] in CHANGING]
     waves = assign_waves(changing, policy)
     devices = tuple(
         PlannedDevice(d.key, d.fleet, d.device, d.profile, d.hardware_class, checked[d.key][0], d.release_id,

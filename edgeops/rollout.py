@@ -12,14 +12,22 @@ import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from edgeops.connections import Connections
 from edgeops.desired import Desired
-from edgeops.device import Device, DeviceState
-from edgeops.errors import ConnectTimeout, EdgeopsError, HostUnreachable
+from edgeops.device import AgentFailed, Device, DeviceState
+from edgeops.errors import (
+    AuthRefused,
+    ConnectTimeout,
+    EdgeopsError,
+    HostKeyChanged,
+    HostKeyUnknown,
+    HostUnreachable,
+    IdentityFileMissing,
+)
 from edgeops.ledger import Ledger
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.spec.models import parse_count
@@ -27,6 +35,7 @@ from edgeops.targets import TargetDevice
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_golden_value
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
+SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
 REFUSED = "Refused"  # the preflight found the device unable to run the release: nothing was pushed
 
 
@@ -89,19 +98,25 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
     return ObservedDevice(key, True, current=state.current, previous=state.previous, status=state.status,
                           blobs=state.blobs, verification=state.state.get("verification"),
                           last_change=history[-1]["at"] if history else None, facts=state.facts,
-                          last_rejected=state.state.get("last_rejected"))
+                          last_rejected=state.state.get("last_rejected"),
+                          damaged=tuple(state.damaged.get(state.current, ())) if state.current else ())
 
 
-def observe(desired: Desired, connections: Connections) -> dict[str, ObservedDevice]:
-    """Read every target device's state and facts in parallel; unreachable devices are marked, not raised."""
+def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
+    """Read every target device's state and facts in parallel; unreachable devices are marked, not raised.
+
+    ``verify`` hashes every file of the running and committed releases instead of checking sizes and times.
+    A device refused for a security reason (host key, key refused) is marked untrusted, not unreachable.
+    """
     name = desired.deployment.name
-    results = connections.map(lambda t: device_for(t, connections, name).observe(t.power_sensor),
+    results = connections.map(lambda t: device_for(t, connections, name).observe(t.power_sensor, verify),
                               list(desired.targets))
     observed = {}
     for key, result in results.items():
         if isinstance(result, EdgeopsError):
             connections.drop(desired.target(key))
-            observed[key] = ObservedDevice(key, False, error=result.message)
+            observed[key] = ObservedDevice(key, False, error=result.message,
+                                           untrusted=isinstance(result, SECURITY_ERRORS))
         else:
             observed[key] = _observed(key, result)
     return observed
@@ -184,8 +199,9 @@ def _allowed(spec: int | str, base: int) -> float:
 
 
 class _Roller:
-    def __init__(self, plan: Plan, ctx: ApplyContext) -> None:
-        self.plan, self.ctx = plan, ctx
+    def __init__(self, plan: Plan, ctx: ApplyContext,
+                 decided: Callable[[DeviceOutcome], None] = lambda outcome: None) -> None:
+        self.plan, self.ctx, self.decided = plan, ctx, decided
         self.doc = ctx.desired.deployment
         self.spec = self.doc.obj.spec
         self.policy = self.spec.rollout
@@ -210,19 +226,20 @@ class _Roller:
         if self.ctx.stop.is_set():
             outcome.reason = "interrupted before this device started"
             return outcome
-        switched = False
+        switching, verdict = False, None
         try:
             device = self.device(target)
             report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
             pushed = device.push(release, progress=lambda done: report.transfer(planned.key, done, release.model_bytes),
-                                 timeout=self.policy.timeouts.push_s)
+                                 timeout=self.policy.timeouts.push_s, repair=planned.action == "repair")
             outcome.bytes_moved = pushed.bytes_moved
             if self.ctx.stop.is_set():
                 outcome.reason = "interrupted after the push, before the switch: still on the previous release"
                 return outcome
             report.stage(planned.key, "switch")
-            before = device.activate(release.id, by=self.ctx.actor)
-            switched = True
+            switching = True  # from here a cut may or may not have switched: read the device before deciding
+            before = device.activate(release.id, by=self.ctx.actor,
+                                     trial_window_s=target.profile.obj.spec.device.trial_window_s)
             # only a committed release is ever a baseline: never a rejected or unverified one
             baseline = before.get("committed") if before.get("committed") != release.id else None
             report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
@@ -232,13 +249,33 @@ class _Roller:
             return self.conclude(device, planned, verdict, outcome)
         except EdgeopsError as exc:
             self.ctx.connections.drop(target)
-            unreachable = isinstance(exc, UNREACHABLE_ERRORS) and not switched
-            outcome.decision = "Unreachable" if unreachable else FAILED
             outcome.reason = exc.message
-            if switched:
-                outcome.reason += "; " + self.revert(target, "after an error during verification")
-                outcome.decision = FAILED
+            if not switching:
+                outcome.decision = "Unreachable" if isinstance(exc, UNREACHABLE_ERRORS) else FAILED
+                return outcome
+            return self.settle_after_error(target, release.id, verdict, outcome)
+
+    def settle_after_error(self, target: TargetDevice, release_id: str, verdict: Verdict | None,
+                           outcome: DeviceOutcome) -> DeviceOutcome:
+        """After a failure past the push: reconnect, read what the device runs, then revert or keep."""
+        outcome.decision = FAILED
+        try:
+            state = self.device(target).observe()
+        except EdgeopsError as exc:
+            self.ctx.connections.drop(target)
+            outcome.reason += (f"; state unknown ({exc.message}): if it switched, the device reverts by itself "
+                               f"within its trial window of {target.profile.obj.spec.device.trial_window_s:g} s")
             return outcome
+        if state.current != release_id:
+            outcome.reason += f"; the device runs {state.current or 'no release'} (the switch did not happen " \
+                              "or was reverted)"
+            return outcome
+        if state.committed == release_id and verdict is not None:  # the commit landed, its answer was lost
+            outcome.decision, outcome.committed = verdict.outcome, True
+            outcome.reason += "; the device had committed the release before the connection failed"
+            return outcome
+        outcome.reason += "; " + self.revert(target, "after an error past the switch")
+        return outcome
 
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
         report = self.ctx.reporter
@@ -247,7 +284,13 @@ class _Roller:
         keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive != "rollback")
         if keep:
             status = "committed" if verdict.outcome == PASSED else "inconclusive"
-            device.record({**record, "status": status}, by=self.ctx.actor)
+            try:
+                device.record({**record, "status": status}, by=self.ctx.actor, release=planned.release_id)
+            except AgentFailed as exc:
+                if exc.kind not in ("trial-expired", "not-current"):
+                    raise
+                outcome.decision, outcome.reason = FAILED, f"{verdict.reason}; not committed: {exc.message}"
+                return outcome
             report.stage(planned.key, "done", f"{verdict.outcome}: kept")
             try:
                 device.prune(self.doc_keep(planned))
@@ -310,7 +353,9 @@ class _Roller:
                     self.ctx.stop.set()
                     self.ctx.reporter.message("interrupt: letting devices in flight finish their step")
                     continue
-                outcomes.extend(f.result() for f in done)
+                for future in done:
+                    outcomes.append(future.result())
+                    self.decided(outcomes[-1])  # written when made: a killed apply keeps what it did
         order = [d.key for d in devices]
         return sorted(outcomes, key=lambda o: order.index(o.key))
 
@@ -319,6 +364,7 @@ class _Roller:
             if outcome.committed:
                 outcome.reason += "; " + self.undo_commit(self.ctx.desired.target(outcome.key), "rollout halted")
                 outcome.decision, outcome.committed = "RolledBack", False
+                self.decided(outcome)
 
     def run(self) -> RolloutResult:
         unchanged = [DeviceOutcome(d.key, d.action, "Unchanged", release_id=d.release_id, from_release=d.current)
@@ -333,6 +379,8 @@ class _Roller:
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []
+        for outcome in unreachable + refused:
+            self.decided(outcome)
         halted = self.over_budget(unreachable + refused, total, "before the first wave")
         for number in range(1, self.plan.waves + 1):
             if halted or self.ctx.stop.is_set():
@@ -351,6 +399,8 @@ class _Roller:
         skipped = [DeviceOutcome(d.key, d.action, "Skipped", "not started: the rollout stopped earlier",
                                  d.release_id, d.current, wave=d.wave)
                    for d in self.plan.changes if d.key not in {o.key for o in rolled}]
+        for outcome in skipped:
+            self.decided(outcome)
         if halted and not halted.startswith("paused") and self.policy.on_failure == "rollback":
             self.halt_rollback(rolled)
         outcome = "interrupted" if self.ctx.stop.is_set() else (
@@ -361,18 +411,18 @@ class _Roller:
 
 
 def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
-    """Execute exactly ``plan`` and record every decision in the ledger."""
-    roller = _Roller(plan, ctx)
+    """Execute exactly ``plan``, recording each device decision in the ledger as it is made."""
     if plan.is_noop:
-        return roller.run()
+        return _Roller(plan, ctx).run()
     rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts)
-    result = roller.run()
+
+    def decided(o: DeviceOutcome) -> None:
+        ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,
+                                release_id=o.release_id, from_release=o.from_release, reason=o.reason,
+                                bytes_moved=o.bytes_moved, measurements=o.measurements)
+
+    result = _Roller(plan, ctx, decided).run()
     result.rollout_id = rollout_id
-    for o in result.devices:
-        if o.decision != "Unchanged":
-            ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,
-                                    release_id=o.release_id, from_release=o.from_release, reason=o.reason,
-                                    bytes_moved=o.bytes_moved, measurements=o.measurements)
     ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git})
     return result
 

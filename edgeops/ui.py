@@ -53,8 +53,8 @@ def build_notes(report: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ plan, apply, status, history
 
-ACTION_STYLE = {"install": "green", "update": "yellow", "reverify": "cyan", "no-change": "dim", "unreachable": "red",
-                "refused": "red"}
+ACTION_STYLE = {"install": "green", "update": "yellow", "repair": "magenta", "reverify": "cyan", "no-change": "dim",
+                "unreachable": "red", "refused": "red"}
 DECISION_STYLE = {"Passed": "green", "Inconclusive": "yellow", "Failed": "red", "RolledBack": "magenta",
                   "Unreachable": "red", "Refused": "red", "Skipped": "dim", "Unchanged": "dim"}
 
@@ -145,7 +145,8 @@ def status_table(deployment: str, rows: list[Any]) -> Table:
                    "LAST DEPLOY", "MESSAGE"):
         table.add_column(column)
     colors = {"Synced": "green", "OutOfSync": "yellow", "Unknown": "red", "Healthy": "green",
-              "Degraded": "yellow", "RolledBack": "magenta", "Unreachable": "red", "Missing": "yellow"}
+              "Degraded": "yellow", "Damaged": "red", "RolledBack": "magenta", "Unreachable": "red",
+              "Missing": "yellow"}
     for r in rows:
         p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
         slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"
@@ -162,7 +163,8 @@ def status_summary(rows: list[Any]) -> str:
 
     return (f"{len(rows)} device(s): {count('sync', 'Synced')} Synced, {count('sync', 'OutOfSync')} OutOfSync, "
             f"{count('sync', 'Unknown')} Unknown; {count('health', 'Healthy')} Healthy, "
-            f"{count('health', 'Degraded')} Degraded, {count('health', 'RolledBack')} RolledBack, "
+            f"{count('health', 'Degraded')} Degraded, {count('health', 'Damaged')} Damaged, "
+            f"{count('health', 'RolledBack')} RolledBack, "
             f"{count('health', 'Unreachable')} Unreachable, {count('health', 'Missing')} Missing")
 
 
@@ -178,7 +180,7 @@ def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
         for e in r["devices"] or [{}]:
             latency = (e.get("measurements") or {}).get("latency") or {}
             table.add_row(str(r["id"]) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
-                          r["outcome"] if first else "", who if first else "",
+                          (r["outcome"] or "unfinished: the controller stopped") if first else "", who if first else "",
                           (r.get("git_commit") or "")[:10] if first else "", artifacts if first else "",
                           e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",
                           f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "", escape(e.get("reason") or ""))

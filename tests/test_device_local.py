@@ -98,14 +98,17 @@ def test_revert_of_a_first_install_leaves_no_release(repo_copy: Path, device: De
 
 
 def test_rollback_to_a_named_release_and_missing_release(repo_copy: Path, device: Device) -> None:
-    first, second, third = releases(repo_copy, 3)
+    first, second, third, staged = releases(repo_copy, 4)
     for release in (first, second, third):
         commit(device, release)
     device.rollback(to=first.id)
     state = device.observe()
     assert (state.current, state.committed, state.previous) == (first.id, first.id, None)
-    with pytest.raises(DeviceError, match="was never committed on this device"):
+    with pytest.raises(DeviceError, match="is not on the device"):
         device.rollback(to="r-0000000000000000")
+    device.push(staged)
+    with pytest.raises(DeviceError, match="was never committed on this device"):
+        device.rollback(to=staged.id)
     with pytest.raises(DeviceError, match="no earlier committed release"):
         device.rollback()
 

@@ -249,3 +249,26 @@ def test_a_tighter_slo_is_judged_now_and_plans_a_reverification_without_transfer
     _, back = do_apply(lab_repo)
     assert back.outcome in ("no-op", "succeeded"), back.message
     assert cli(lab_repo, "status", MANIFEST).exit_code == 0
+
+
+def test_a_hand_edited_saved_plan_is_refused(lab_repo: Path, tmp_path: Path) -> None:
+    do_apply(lab_repo)
+    profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
+    try:
+        edit(lab_repo, "device_profiles/lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")
+        saved = tmp_path / "plan.json"
+        assert cli(lab_repo, "plan", MANIFEST, "--out", str(saved)).exit_code == 2
+        original = json.loads(saved.read_text())
+        everything_at_once = {**original, "waves": 1, "devices": [{**d, "wave": 1} for d in original["devices"]]}
+        saved.write_text(json.dumps(everything_at_once))
+        result = cli(lab_repo, "apply", MANIFEST, "--plan", str(saved))
+        assert result.exit_code == 1 and "not the plan edgeops makes now" in result.stderr, result.output
+        assert "lab/lab-02: saved update" in result.stderr
+        dropped = {**original, "devices": original["devices"][:-1]}
+        saved.write_text(json.dumps(dropped))
+        result = cli(lab_repo, "apply", MANIFEST, "--plan", str(saved))
+        assert result.exit_code == 1 and "not in the saved plan" in result.stderr, result.output
+        saved.write_text(json.dumps(original))
+        assert cli(lab_repo, "apply", MANIFEST, "--plan", str(saved)).exit_code == 0
+    finally:
+        (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)

@@ -136,16 +136,19 @@ def test_push_dedup_and_rollback_move_no_model_bytes(lab_repo: Path) -> None:
         pushed = device.push(first)
         assert pushed.bytes_moved > first.model_bytes * 0.9
         device.activate(first.id)
+        device.record({"status": "committed"}, release=first.id)
         again = device.push(first)
         assert again.bytes_moved == 0 and again.files_moved == 0
         update = device.push(second)  # same model and golden set: only the small config files move
         assert update.files_moved == 2 and update.bytes_moved < 5000
         device.activate(second.id)
+        device.record({"status": "committed"}, release=second.id)
         sent_before = connections.get(target).bytes_sent
         device.rollback()
         assert connections.get(target).bytes_sent == sent_before
         state = device.observe()
-        assert state.current == first.id and state.previous == second.id
+        assert (state.current, state.committed, state.previous) == (first.id, first.id, None)
+        assert state.state["releases"][second.id]["state"] == "rolled_back"
         assert state.state["history"][-1]["action"] == "rollback"
 
 

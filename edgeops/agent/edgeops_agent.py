@@ -17,6 +17,8 @@ RELEASE_DIR holds runtime.json, the model file it names and optionally golden.np
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -615,23 +617,228 @@ def _switch_link(directory, name, release):
     os.replace(tmp, os.path.join(directory, name))  # rename(2) over the old link: atomic
 
 
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+CHAIN_LENGTH = 20  # committed releases remembered as rollback targets, newest last
+
+
+@contextlib.contextmanager
+def _locked(directory):
+    """One lifecycle step at a time per deployment: the controller, a second controller and the trial timer."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _lifecycle(state):
+    """state.json's lifecycle fields, filled in for a state written by an older agent."""
+    state.setdefault("history", [])
+    releases = state.setdefault("releases", {})
+    chain = state.get("chain")
+    if chain is None:  # older layout: the current release was the only one known to be good
+        chain = [state["current"]] if state.get("current") and state.get("status") in (
+            "committed", "inconclusive", "rolled_back") else []
+        for release in chain:
+            releases.setdefault(release, {"state": "committed", "verification": state.get("verification")})
+    state["chain"] = chain
+    return state
+
+
+def _load(directory, deployment):
+    return _lifecycle(_read_state(directory) or {"deployment": deployment})
+
+
+def _settle(state, directory):
+    """Derive what follows from current + chain (status fields, previous), write state.json, then the links.
+
+    state.json is written first: if anything stops before the links follow, the next agent call sees the
+    link disagree with the state and finishes the step (``_repair``).
+    """
+    current, chain = state.get("current"), state["chain"]
+    entry = state["releases"].get(current) or {}
+    state["previous"] = (chain[-2] if len(chain) > 1 else None) if chain and current == chain[-1] else \
+        (chain[-1] if chain else None)
+    state["committed"] = chain[-1] if chain else None
+    state["verification"] = entry.get("verification")  # the numbers of the release that runs, never another's
+    _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
+    _point(directory, "current", current)
+    _point(directory, "previous", state["previous"])
+    _fsync_dir(directory)
+
+
+def _point(directory, name, release):
+    if release is None:
+        if os.path.lexists(os.path.join(directory, name)):
+            os.unlink(os.path.join(directory, name))
+    elif _link(directory, name) != release:
+        _switch_link(directory, name, release)
+
+
+def _event(state, action, release, by, **extra):
+    state["history"] = state["history"][-49:] + [
+        {"at": _now(), "action": action, "release": release, "by": by, **extra}]
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _release_problems(directory, release, entry, full):
+    """What is wrong with a release's files: missing, resized or touched (cheap), or other bytes (full)."""
+    base = os.path.join(directory, "releases", release)
+    if not os.path.isdir(base):
+        return ["the release directory is missing"]
+    problems = []
+    for name, meta in sorted((entry.get("files") or {}).items()):
+        path = os.path.join(base, name)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if stat.st_size != meta["size"]:
+            problems.append(f"{name} has {stat.st_size} bytes, not {meta['size']}")
+        elif full and _sha256_file(path) != meta["sha256"]:
+            problems.append(f"{name} does not match its sha256")
+        elif not full and stat.st_mtime_ns != meta.get("mtime_ns", stat.st_mtime_ns):
+            problems.append(f"{name} was modified after it was installed")
+    return problems
+
+
+def _require_intact(directory, release, entry):
+    problems = _release_problems(directory, release, entry, full=True)
+    if problems:
+        raise AgentError(f"release {release} is damaged on the device ({'; '.join(problems)}); not switching to "
+                         "it: apply repairs it", "release-damaged")
+
+
+def _copy_verified(blob, dest, sha256):
+    """Copy a blob into a release (its own file, read-only, never a link) checking its sha256 on the way."""
+    digest = hashlib.sha256()
+    with open(blob, "rb") as source, open(dest, "wb") as out:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != sha256:
+        os.unlink(dest)
+        os.unlink(blob)  # a damaged blob is dropped: the controller sends it again
+        raise AgentError(f"blob {sha256} is damaged on the device and was removed; send it again", "blob-damaged")
+    os.chmod(dest, 0o444)
+    stat = os.stat(dest)
+    return {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+# ------------------------------------------------------------------ the trial timer
+
+
+def _revert(state, directory, by, reason):
+    """The running trial release is rejected; back to the last committed release (or to none)."""
+    old, chain, releases = state.get("current"), state["chain"], state["releases"]
+    if old and old not in chain:
+        entry = releases.setdefault(old, {})
+        entry["state"] = "rejected"
+        state["last_rejected"] = {"release": old, "at": _now(), "by": by,
+                                  "reason": reason or (entry.get("verification") or {}).get("reason", "")}
+    target = chain[-1] if chain else None
+    if target is not None:
+        _require_intact(directory, target, releases.get(target, {}))
+    state["current"] = target
+    state["status"] = releases[target].get("status", "committed") if target else "removed"
+    state.pop("trial", None)
+    _event(state, "revert", target, by, **{"from": old, "reason": reason} if reason else {"from": old})
+    return old, target
+
+
+def _spawn_timer(args, release, deadline):
+    """A process that outlives this SSH session and reverts the trial release at the deadline unless committed."""
+    argv = [sys.executable, os.path.abspath(__file__), "watchdog", "--root", args.root, "--deployment",
+            args.deployment, "--release", release, "--deadline", repr(deadline)]
+    with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+        process = subprocess.Popen(argv, stdin=null_in, stdout=null_out, stderr=null_out, close_fds=True,
+                                   start_new_session=True)
+    return process.pid
+
+
+def _expire_trial(state, directory, now):
+    trial = state.get("trial") or {}
+    if trial and now >= trial["deadline"] and state.get("current") == trial["release"] \
+            and trial["release"] not in state["chain"]:
+        window = trial.get("window_s", 0)
+        _revert(state, directory, "device", f"the trial window of {window:g} s ran out without a commit from "
+                                            "the controller: reverted by the device")
+        return f"trial of {trial['release']} expired: reverted"
+    return None
+
+
+def _repair(state, directory):
+    """Finish what a crash, a cut or a full disk left half done; say what was done."""
+    done = []
+    expired = _expire_trial(state, directory, time.time())
+    if expired:
+        done.append(expired)
+    link, current = _link(directory, "current"), state.get("current")
+    if link != current and (current is None or os.path.isdir(os.path.join(directory, "releases", current))):
+        done.append(f"current pointed at {link or 'nothing'} while the state said {current or 'nothing'}: "
+                    "the interrupted switch was finished")
+    if done:
+        _settle(state, directory)
+    return done
+
+
+def layout_watchdog(args):
+    delay = args.deadline - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    directory = _deployment_dir(args.root, args.deployment)
+    with _locked(directory):
+        state = _load(directory, args.deployment)
+        expired = _expire_trial(state, directory, time.time())
+        if expired:
+            _settle(state, directory)
+    return {"expired": bool(expired)}
+
+
+# ------------------------------------------------------------------ commands
+
+
 def layout_state(args):
+    """The deployment's state as the device holds it (finishing any half-done step first)."""
     directory = _deployment_dir(args.root, args.deployment)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     releases_dir = os.path.join(directory, "releases")
+    repaired, state = [], _read_state(directory)
+    if state is not None:
+        with _locked(directory):
+            state = _load(directory, args.deployment)
+            repaired = _repair(state, directory)
     _, free_bytes = _free_space(args.root)
     agent_file = os.path.join(args.root, "agent", "edgeops_agent.py")
+    verify, facts = getattr(args, "verify", False), getattr(args, "facts", False)  # prepare reports state too
+    damaged = {}
+    if state is not None:
+        checked = [state.get("current")] + ([state.get("committed")] if verify else [])
+        for release in dict.fromkeys(r for r in checked if r):
+            problems = _release_problems(directory, release, state["releases"].get(release, {}), verify)
+            if problems:
+                damaged[release] = problems
     out = {
         "root": args.root,
-        "state": _read_state(directory),
-        "current": _link(directory, "current"),
-        "previous": _link(directory, "previous"),
+        "state": state,
+        "current": state.get("current") if state else _link(directory, "current"),
+        "previous": state.get("previous") if state else None,
         "releases": sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else [],
         "blobs": sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else [],
         "free_bytes": free_bytes,
         "agent_sha256": _sha256_file(agent_file) if os.path.exists(agent_file) else None,
+        "damaged": damaged,
+        "verified": bool(verify),
+        "repaired": repaired,
     }
-    if getattr(args, "facts", False):
+    if facts:
         out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None)
     return out
 
@@ -677,7 +884,10 @@ def layout_install_agent(args):
 
 
 def layout_assemble(args):
-    """Commit uploaded blobs (sha256 checked), build releases/<id>/ in staging, move it in with one rename."""
+    """Commit uploaded blobs (sha256 checked), build releases/<id>/ from verified copies, move it in with one rename.
+
+    With --repair an existing release gets its missing or damaged files back from the blobs.
+    """
     directory = _deployment_dir(args.root, args.deployment)
     uploads = sorted(json.loads(args.staged or "{}").items())
     try:
@@ -688,183 +898,187 @@ def layout_assemble(args):
             if os.path.exists(staged):
                 os.unlink(staged)
         raise
-    final = os.path.join(directory, "releases", args.release)
-    if os.path.isdir(final):
-        return {"release": args.release, "assembled": False}
     files = json.loads(args.files)
-    staging = os.path.join(args.root, ".staging", f"release-{args.release}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    for name, digest in sorted(files.items()):
+    for name in files:
         if "/" in name or name.startswith("."):
             raise AgentError(f"invalid release file name {name!r}")
-        blob = os.path.join(args.root, "blobs", "sha256", digest)
-        if not os.path.exists(blob):
-            raise AgentError(f"blob {digest} for {name} is missing on the device", "blob-missing")
-        try:
-            os.link(blob, os.path.join(staging, name))
-        except OSError:
-            shutil.copyfile(blob, os.path.join(staging, name))
-    _fsync_dir(staging)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.rename(staging, final)
-    _fsync_dir(os.path.dirname(final))
+    with _locked(directory):
+        state = _load(directory, args.deployment)
+        entry = state["releases"].setdefault(args.release, {"state": "staged"})
+        final = os.path.join(directory, "releases", args.release)
+        if os.path.isdir(final):
+            if not args.repair:
+                return {"release": args.release, "assembled": False}
+            entry.setdefault("files", {})
+            fixed = []
+            for name, digest in sorted(files.items()):
+                entry["files"].setdefault(name, {"sha256": digest, "size": -1})
+                if _release_problems(directory, args.release, {"files": {name: entry["files"][name]}}, True):
+                    tmp = os.path.join(final, f".{name}.repair-{uuid.uuid4().hex[:8]}")
+                    entry["files"][name] = _copy_verified(_blob(args.root, digest, name), tmp, digest)
+                    os.replace(tmp, os.path.join(final, name))
+                    fixed.append(name)
+            _fsync_dir(final)
+            _event(state, "repair", args.release, "edgeops", files=fixed)
+            _settle(state, directory)
+            return {"release": args.release, "assembled": False, "repaired": fixed}
+        staging = os.path.join(args.root, ".staging", f"release-{args.release}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        manifest = {}
+        for name, digest in sorted(files.items()):
+            manifest[name] = _copy_verified(_blob(args.root, digest, name), os.path.join(staging, name), digest)
+        _fsync_dir(staging)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(staging, final)
+        _fsync_dir(os.path.dirname(final))
+        entry["files"] = manifest
+        _settle(state, directory)
     return {"release": args.release, "assembled": True}
 
 
-def _now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-CHAIN_LENGTH = 20  # committed releases remembered as rollback targets, newest last
-
-
-def _lifecycle(state):
-    """state.json's lifecycle fields, filled in for a state written by an older agent."""
-    state.setdefault("history", [])
-    releases = state.setdefault("releases", {})
-    chain = state.get("chain")
-    if chain is None:  # older layout: the current release was the only one known to be good
-        chain = [state["current"]] if state.get("current") and state.get("status") in (
-            "committed", "inconclusive", "rolled_back") else []
-        for release in chain:
-            releases.setdefault(release, {"state": "committed", "verification": state.get("verification")})
-    state["chain"] = chain
-    return state
-
-
-def _settle(state, directory):
-    """Derive what follows from current + chain: status, previous, the current release's numbers; write it."""
-    current, chain = state.get("current"), state["chain"]
-    entry = state["releases"].get(current) or {}
-    state["previous"] = (chain[-2] if len(chain) > 1 else None) if chain and current == chain[-1] else \
-        (chain[-1] if chain else None)
-    state["committed"] = chain[-1] if chain else None
-    state["verification"] = entry.get("verification")  # the numbers of the release that runs, never another's
-    if state["previous"]:
-        _switch_link(directory, "previous", state["previous"])
-    elif os.path.lexists(os.path.join(directory, "previous")):
-        os.unlink(os.path.join(directory, "previous"))
-    _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
-
-
-def _event(state, action, release, by, **extra):
-    state["history"] = state["history"][-49:] + [
-        {"at": _now(), "action": action, "release": release, "by": by, **extra}]
+def _blob(root, digest, name):
+    blob = os.path.join(root, "blobs", "sha256", digest)
+    if not os.path.exists(blob):
+        raise AgentError(f"blob {digest} for {name} is missing on the device", "blob-missing")
+    return blob
 
 
 def layout_switch(args):
     """Change the release that runs. One of:
 
-    activate  R: R becomes a trial release (the committed one stays the baseline and the way back)
+    activate  R: R becomes a trial release (the committed one stays the baseline and the way back); with
+                 --trial-window S the device reverts by itself unless the controller commits within S seconds
     revert     : the trial release is rejected; back to the last committed release (or to none)
     rollback  R: back to R, an earlier committed release; the releases committed after it leave the chain
+    Every target's files are hashed before the switch: a damaged release is never activated.
     """
     directory = _deployment_dir(args.root, args.deployment)
     os.makedirs(os.path.join(directory, "releases"), exist_ok=True)
-    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
-    old, chain, releases = _link(directory, "current"), state["chain"], state["releases"]
-    if args.action == "revert":
-        rejected = old if old and old not in chain else None
-        if rejected:
-            entry = releases.setdefault(rejected, {})
-            entry["state"] = "rejected"
-            state["last_rejected"] = {"release": rejected, "at": _now(), "by": args.by,
-                                      "reason": (entry.get("verification") or {}).get("reason", "")}
-        target = chain[-1] if chain else None
-    elif args.action == "rollback":
-        target = None if args.release == "none" else args.release
-        if target is not None and target not in chain:
-            if releases.get(target, {}).get("state") == "rejected" and not args.allow_rejected:
-                raise AgentError(f"release {target} was rejected on this device; name it with --allow-rejected "
-                                 "to run it anyway", "release-rejected")
-            if not args.allow_rejected:
-                raise AgentError(f"release {target} was never committed on this device (committed: "
-                                 f"{', '.join(chain) or 'none'})", "release-not-committed")
-        while chain and chain[-1] != target:
-            releases.setdefault(chain.pop(), {})["state"] = "rolled_back"
-        if target is not None and not chain:
-            chain.append(target)
-            releases.setdefault(target, {})["state"] = "committed"
-    else:
-        target = None if args.release in (None, "none") else args.release
-        if target and releases.get(target, {}).get("state") == "rejected" and not args.allow_rejected:
-            raise AgentError(f"release {target} was rejected on this device; name it with --allow-rejected to "
-                             "run it anyway", "release-rejected")
-        if target and target not in chain:
-            releases.setdefault(target, {})["state"] = "trial"
-    if target is not None and not os.path.isdir(os.path.join(directory, "releases", target)):
-        raise AgentError(f"release {target} is not on the device", "release-missing")
-    if target is None:
-        if old:
-            os.unlink(os.path.join(directory, "current"))
-    elif old != target:
-        _switch_link(directory, "current", target)
-    _fsync_dir(directory)
-    state["current"] = target
-    if target is None:
-        state["status"] = "removed"
-    elif args.action == "rollback":
-        state["status"] = "rolled_back"
-    else:
-        state["status"] = releases[target].get("status", "committed") if target in chain else "verifying"
-    _event(state, args.action, target, args.by, **{"from": old})
-    _settle(state, directory)
+    with _locked(directory):
+        state = _load(directory, args.deployment)
+        _repair(state, directory)
+        old, chain, releases = state.get("current"), state["chain"], state["releases"]
+        if args.action == "revert":
+            old, target = _revert(state, directory, args.by, "")
+        else:
+            target = None if args.release in (None, "none") else args.release
+            if target is not None:
+                if not os.path.isdir(os.path.join(directory, "releases", target)):
+                    raise AgentError(f"release {target} is not on the device", "release-missing")
+                if target not in chain and releases.get(target, {}).get("state") == "rejected" \
+                        and not args.allow_rejected:
+                    raise AgentError(f"release {target} was rejected on this device; name it with "
+                                     "--allow-rejected to run it anyway", "release-rejected")
+                if args.action == "rollback" and target not in chain and not args.allow_rejected:
+                    raise AgentError(f"release {target} was never committed on this device (committed: "
+                                     f"{', '.join(chain) or 'none'})", "release-not-committed")
+                _require_intact(directory, target, releases.get(target, {}))
+            if args.action == "rollback":
+                while chain and chain[-1] != target:
+                    releases.setdefault(chain.pop(), {})["state"] = "rolled_back"
+                if target is not None and not chain:
+                    chain.append(target)
+                    releases.setdefault(target, {})["state"] = "committed"
+                state["status"] = "rolled_back" if target else "removed"
+                state.pop("trial", None)
+            elif target is None:
+                state["status"] = "removed"
+                state.pop("trial", None)
+            elif target in chain:
+                state["status"] = releases[target].get("status", "committed")
+                state.pop("trial", None)
+            else:
+                releases.setdefault(target, {})["state"] = "trial"
+                state["status"] = "verifying"
+                if args.trial_window:
+                    deadline = time.time() + args.trial_window
+                    state["trial"] = {"release": target, "deadline": deadline, "window_s": args.trial_window,
+                                      "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline))}
+                else:
+                    state.pop("trial", None)
+            state["current"] = target
+            _event(state, args.action, target, args.by, **{"from": old})
+        if state.get("trial"):
+            _write_atomic(os.path.join(directory, "state.json"), json.dumps(state, indent=2, sort_keys=True))
+            state["trial"]["timer_pid"] = _spawn_timer(args, state["trial"]["release"], state["trial"]["deadline"])
+        _settle(state, directory)
     return {"current": target, "previous": state["previous"], "committed": state["committed"],
-            "switched": old != target, "rejected": old if args.action == "revert" and old != target else None}
+            "switched": old != target, "rejected": old if args.action == "revert" and old != target else None,
+            "trial_until": (state.get("trial") or {}).get("until")}
 
 
 def layout_record(args):
-    """Store a verdict on the current release: committed and inconclusive (kept) join the committed chain."""
+    """Store a verdict on the running release; committed and inconclusive (kept) join the committed chain.
+
+    The verdict names its release: one that is no longer current (the trial window ran out, another
+    controller switched) is refused, never recorded against another release.
+    """
     directory = _deployment_dir(args.root, args.deployment)
-    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
-    update = json.loads(args.json)
-    current = state.get("current")
-    if current is None:
-        raise AgentError("no release runs: nothing to record a verdict on", "no-current-release")
-    entry = state["releases"].setdefault(current, {})
-    if "verification" in update:
-        entry["verification"] = update["verification"]
-    status = update.get("status")
-    if status:
-        if status in ("committed", "inconclusive"):
-            entry.update(state="committed", status=status)
-            if current in state["chain"]:
-                state["chain"].remove(current)
-            state["chain"] = (state["chain"] + [current])[-CHAIN_LENGTH:]
-        state["status"] = status
-        _event(state, status, current, args.by)
-    _settle(state, directory)
+    with _locked(directory):
+        state = _load(directory, args.deployment)
+        _repair(state, directory)
+        update = json.loads(args.json)
+        current = state.get("current")
+        if args.release and current != args.release:
+            expired = (state.get("last_rejected") or {}).get("release") == args.release
+            raise AgentError(f"release {args.release} no longer runs (current: {current or 'none'})"
+                             + ("; the device reverted it when its trial window ran out" if expired else ""),
+                             "trial-expired" if expired else "not-current")
+        if current is None:
+            raise AgentError("no release runs: nothing to record a verdict on", "no-current-release")
+        entry = state["releases"].setdefault(current, {})
+        if "verification" in update:
+            entry["verification"] = update["verification"]
+        status = update.get("status")
+        if status:
+            if status in ("committed", "inconclusive"):
+                entry.update(state="committed", status=status)
+                if current in state["chain"]:
+                    state["chain"].remove(current)
+                state["chain"] = (state["chain"] + [current])[-CHAIN_LENGTH:]
+                state.pop("trial", None)
+            state["status"] = status
+            _event(state, status, current, args.by)
+        _settle(state, directory)
     return {"status": state.get("status"), "committed": state["committed"]}
 
 
 def layout_prune(args):
-    """Keep current, previous and the newest releases up to --keep; drop blobs nothing uses."""
+    """Keep the running, committed and previous releases and the newest up to --keep; drop blobs nothing uses."""
     directory = _deployment_dir(args.root, args.deployment)
     releases_dir = os.path.join(directory, "releases")
-    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
-    keep = {r for r in (_link(directory, "current"), _link(directory, "previous"), state.get("committed")) if r}
-    existing = sorted(os.listdir(releases_dir), key=lambda r: os.stat(os.path.join(releases_dir, r)).st_mtime,
-                      reverse=True) if os.path.isdir(releases_dir) else []
-    for release in existing:
-        if len(keep) >= args.keep:
-            break
-        keep.add(release)
-    removed = [r for r in existing if r not in keep]
-    for release in removed:
-        shutil.rmtree(os.path.join(releases_dir, release), ignore_errors=True)
-    used = set()
+    with _locked(directory):
+        state = _load(directory, args.deployment)
+        keep = {r for r in (state.get("current"), state.get("previous"), state.get("committed")) if r}
+        existing = sorted(os.listdir(releases_dir), key=lambda r: os.stat(os.path.join(releases_dir, r)).st_mtime,
+                          reverse=True) if os.path.isdir(releases_dir) else []
+        for release in existing:
+            if len(keep) >= args.keep:
+                break
+            keep.add(release)
+        removed = [r for r in existing if r not in keep]
+        for release in removed:
+            path = os.path.join(releases_dir, release)
+            for item in os.listdir(path):
+                os.chmod(os.path.join(path, item), 0o644)
+            shutil.rmtree(path, ignore_errors=True)
+            state["releases"].pop(release, None)
+        _settle(state, directory)
+    used_digests, used_inodes = set(), set()  # inodes: releases assembled by older agents were hard links
     deployments = os.path.join(args.root, "deployments")
     for name in os.listdir(deployments) if os.path.isdir(deployments) else []:
+        other = _read_state(os.path.join(deployments, name)) or {}
+        for entry in (other.get("releases") or {}).values():
+            used_digests.update(meta["sha256"] for meta in (entry.get("files") or {}).values())
         rdir = os.path.join(deployments, name, "releases")
         for release in os.listdir(rdir) if os.path.isdir(rdir) else []:
             for item in os.listdir(os.path.join(rdir, release)):
-                path = os.path.join(rdir, release, item)
-                used.add(os.stat(path).st_ino)
+                used_inodes.add(os.stat(os.path.join(rdir, release, item)).st_ino)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     dropped = []
     for blob in os.listdir(blobs_dir) if os.path.isdir(blobs_dir) else []:
         path = os.path.join(blobs_dir, blob)
-        if os.stat(path).st_ino not in used:
+        if blob not in used_digests and os.stat(path).st_ino not in used_inodes:
             os.unlink(path)
             dropped.append(blob)
     return {"removed_releases": removed, "removed_blobs": len(dropped)}
@@ -888,6 +1102,11 @@ def main(argv=None):
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
+    w = sub.add_parser("watchdog", help="(started by switch) revert a trial release at its deadline")
+    w.add_argument("--root", required=True)
+    w.add_argument("--deployment", required=True)
+    w.add_argument("--release", required=True)
+    w.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
     for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--root", required=True)
@@ -901,26 +1120,32 @@ def main(argv=None):
         if name == "switch":
             cmd.add_argument("--release", default=None, help="activate/rollback: the release (none: no release)")
         if name == "assemble":
+            cmd.add_argument("--repair", action="store_true", help="restore an existing release's damaged files")
             cmd.add_argument("--files", required=True, help="JSON object: file name -> sha256")
             cmd.add_argument("--staged", default=None, help="JSON object: uploaded staging path -> sha256")
         if name == "switch":
             cmd.add_argument("--action", choices=["activate", "revert", "rollback"], default="activate")
             cmd.add_argument("--allow-rejected", action="store_true",
                              help="run a release this device rejected (the user named it explicitly)")
+            cmd.add_argument("--trial-window", type=float, default=None,
+                             help="activate: seconds until the device reverts the trial release by itself")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
         if name == "record":
             cmd.add_argument("--json", required=True)
+            cmd.add_argument("--release", default=None, help="the release the verdict is for (must be current)")
         if name == "prune":
             cmd.add_argument("--keep", type=int, default=3)
         if name == "state":
             cmd.add_argument("--facts", action="store_true", help="also report the device's facts")
+            cmd.add_argument("--verify", action="store_true", help="hash every file of the current and committed "
+                                                                   "releases (default: sizes and times only)")
             cmd.add_argument("--power", default=None, help="JSON: the power sensor to check (with --facts)")
     args = parser.parse_args(argv)
     commands = {"bench": bench, "info": info, "facts": facts, "power": power, "state": layout_state, "prepare": layout_prepare,
                 "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
-                "prune": layout_prune}
+                "prune": layout_prune, "watchdog": layout_watchdog}
     try:
         result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}

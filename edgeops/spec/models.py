@@ -438,6 +438,9 @@ class OnDevice(Strict):
                       "'{device}' is replaced by the device name")
     keep_releases: Annotated[int, Field(ge=2, le=100)] = 3
     disk_budget_mb: PositiveFloat | None = None
+    trial_window_s: Annotated[float, Field(ge=5, le=86400)] = Field(
+        default=1800, description="after a switch the device reverts to its committed release by itself unless "
+                                  "the controller commits within this time; longer than a verification with retries")
 
     @field_validator("root")
     @classmethod
