@@ -212,9 +212,13 @@ class Device:
         extra += ["--trial-window", f"{trial_window_s:g}"] if trial_window_s else []
         return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra)
 
-    def revert(self, by: str = "edgeops") -> dict[str, Any]:
-        """Reject the trial release and go back to the last committed one (or to none); moves no bytes."""
-        return self.agent("switch", *self._common(), "--action", "revert", "--by", by)
+    def revert(self, by: str = "edgeops", verdict: bool = True, reason: str = "") -> dict[str, Any]:
+        """Leave the trial release for the last committed one (or none); moves no bytes.
+
+        ``verdict``: it failed verification and is rejected; otherwise (an error) it is only aborted.
+        """
+        extra = ([] if verdict else ["--aborted"]) + (["--reason", reason] if reason else [])
+        return self.agent("switch", *self._common(), "--action", "revert", "--by", by, *extra)
 
     def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False) -> dict[str, Any]:
         """Back to an earlier committed release (default: the previous one); moves no bytes."""

@@ -53,6 +53,7 @@ class ObservedDevice:
     last_rejected: dict[str, Any] | None = None  # the release this device last rejected, and why
     damaged: tuple[str, ...] = ()             # what is wrong with the current release's files
     untrusted: bool = False                   # unreachable for a security reason (host key, refused key)
+    rejected: frozenset[str] = frozenset()    # releases that failed verification on this device
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, str]:
         return ("refused", f"not trusted: {seen.error}") if seen.untrusted else ("unreachable", seen.error)
     if seen.current is None:
         return "install", "no release of this deployment on the device"
+    if seen.current != want.release_id and want.release_id in seen.rejected:
+        why = (seen.last_rejected or {}).get("reason") if (seen.last_rejected or {}).get("release") == \
+            want.release_id else ""
+        return "refused", f"this device already rejected {want.release_id}" + (f" ({why})" if why else "") + \
+            ": change what git asks for (a rejected release is not tried again), or run it by name with " \
+            "`edgeops rollback --to RELEASE --allow-rejected`"
     if seen.current != want.release_id:
         reason = "device was rolled back" if seen.status == "rolled_back" else "device runs another release"
         return "update", reason

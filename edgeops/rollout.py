@@ -99,7 +99,9 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
                           blobs=state.blobs, verification=state.state.get("verification"),
                           last_change=history[-1]["at"] if history else None, facts=state.facts,
                           last_rejected=state.state.get("last_rejected"),
-                          damaged=tuple(state.damaged.get(state.current, ())) if state.current else ())
+                          damaged=tuple(state.damaged.get(state.current, ())) if state.current else (),
+                          rejected=frozenset(r for r, e in (state.state.get("releases") or {}).items()
+                                             if e.get("state") == "rejected"))
 
 
 def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
@@ -274,7 +276,7 @@ class _Roller:
             outcome.decision, outcome.committed = verdict.outcome, True
             outcome.reason += "; the device had committed the release before the connection failed"
             return outcome
-        outcome.reason += "; " + self.revert(target, "after an error past the switch")
+        outcome.reason += "; " + self.revert(target, "after an error past the switch", verdict=False)
         return outcome
 
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
@@ -307,10 +309,10 @@ class _Roller:
     def doc_keep(self, planned: PlannedDevice) -> int:
         return self.ctx.desired.target(planned.key).profile.obj.spec.device.keep_releases
 
-    def revert(self, target: TargetDevice, why: str) -> str:
-        """Reject the trial release: the device goes back to its last committed release (or to none)."""
+    def revert(self, target: TargetDevice, why: str, verdict: bool = True) -> str:
+        """Leave the trial release (rejected on a verdict, aborted on an error) for the last committed one."""
         try:
-            back = self.device(target).revert(by=self.ctx.actor)
+            back = self.device(target).revert(by=self.ctx.actor, verdict=verdict, reason=why)
         except EdgeopsError as exc:
             return f"REVERT FAILED: {exc.message}"
         if back.get("current"):

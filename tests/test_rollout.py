@@ -101,6 +101,11 @@ def test_much_slower_model_is_caught_in_the_canary_and_rolled_back(lab_repo: Pat
         history = default_ledger(lab_repo).history("wearable-activity", 1)[0]
         assert history["outcome"] == "halted"
         assert history["devices"][0]["measurements"]["previous_latency"]["p95_ms"] > 0
+        again = cli(lab_repo, "plan", MANIFEST, "-o", "json")  # the same release is not tried on it again
+        assert again.exit_code == 4, again.output
+        planned = {d["key"]: d for d in json.loads(again.stdout)[0]["devices"]}
+        assert planned[canary.key]["action"] == "refused"
+        assert "this device already rejected" in planned[canary.key]["reason"]
         undo = cli(lab_repo, "rollback", "wearable-activity", "-o", "json")  # the revert already undid it
         assert undo.exit_code == 0, undo.output
         assert json.loads(undo.stdout)["outcome"] == "no-op"

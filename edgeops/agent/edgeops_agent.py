@@ -735,14 +735,20 @@ def _copy_verified(blob, dest, sha256):
 # ------------------------------------------------------------------ the trial timer
 
 
-def _revert(state, directory, by, reason):
-    """The running trial release is rejected; back to the last committed release (or to none)."""
+def _revert(state, directory, by, reason, verdict=True):
+    """Leave the running trial release; back to the last committed release (or to none).
+
+    ``verdict``: the release failed its verification and is rejected (never a baseline, never activated
+    again unless named). Otherwise the trial was only aborted (an error, a cut, a controller that never came
+    back): the release may be tried again.
+    """
     old, chain, releases = state.get("current"), state["chain"], state["releases"]
     if old and old not in chain:
         entry = releases.setdefault(old, {})
-        entry["state"] = "rejected"
-        state["last_rejected"] = {"release": old, "at": _now(), "by": by,
-                                  "reason": reason or (entry.get("verification") or {}).get("reason", "")}
+        entry["state"] = "rejected" if verdict else "aborted"
+        if verdict:
+            state["last_rejected"] = {"release": old, "at": _now(), "by": by,
+                                      "reason": reason or (entry.get("verification") or {}).get("reason", "")}
     target = chain[-1] if chain else None
     if target is not None:
         _require_intact(directory, target, releases.get(target, {}))
@@ -769,7 +775,7 @@ def _expire_trial(state, directory, now):
             and trial["release"] not in state["chain"]:
         window = trial.get("window_s", 0)
         _revert(state, directory, "device", f"the trial window of {window:g} s ran out without a commit from "
-                                            "the controller: reverted by the device")
+                                            "the controller: reverted by the device", verdict=False)
         return f"trial of {trial['release']} expired: reverted"
     return None
 
@@ -959,7 +965,7 @@ def layout_switch(args):
         _repair(state, directory)
         old, chain, releases = state.get("current"), state["chain"], state["releases"]
         if args.action == "revert":
-            old, target = _revert(state, directory, args.by, "")
+            old, target = _revert(state, directory, args.by, args.reason or "", verdict=not args.aborted)
         else:
             target = None if args.release in (None, "none") else args.release
             if target is not None:
@@ -1129,6 +1135,9 @@ def main(argv=None):
                              help="run a release this device rejected (the user named it explicitly)")
             cmd.add_argument("--trial-window", type=float, default=None,
                              help="activate: seconds until the device reverts the trial release by itself")
+            cmd.add_argument("--aborted", action="store_true",
+                             help="revert: not a verdict (an error or a cut): the release is not rejected")
+            cmd.add_argument("--reason", default=None, help="revert: why, kept in the device's history")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
         if name == "record":
