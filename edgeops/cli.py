@@ -225,12 +225,11 @@ def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
 def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
     """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
     from edgeops.lab import lab_up
-    from edgeops.targets import TargetDevice
+    from edgeops.targets import fleet_targets
 
     ws, doc = _lab_fleet(fleet, root)
-    targets = [TargetDevice(doc, d, ws.profiles[d.profile or doc.obj.spec.profile]) for d in doc.obj.spec.devices]
     home = login_home.resolve() if login_home else None
-    for device in lab_up(ws, doc, targets, home, report=lambda message: click.echo(message, err=True)):
+    for device in lab_up(ws, doc, fleet_targets(ws, doc), home, report=lambda message: click.echo(message, err=True)):
         click.echo(f"up  {doc.name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
 
 
@@ -401,6 +400,59 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     if any(r.count("Refused") for r in results):
         sys.exit(ExitCode.REFUSED)
     sys.exit(ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED)
+
+
+def _settle_paused_command(deployment: str, accept: bool | None, lock_timeout: str, root: Path | None) -> None:
+    from edgeops.connections import Connections
+    from edgeops.operations import apply_deployment, paused_devices, settle_paused
+    from edgeops.ui import LiveReporter, console, err_console, result_table
+
+    ws, doc, ledger = _context(deployment, root)
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
+        if accept is None and not paused_devices(ws, doc, connections):
+            raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
+                               hint="edgeops apply starts a new rollout")
+        if accept is not None:
+            settled = settle_paused(ws, doc, connections, ledger, accept, _duration(lock_timeout))
+            console.print(f"{settled.outcome}: {settled.message}")
+            if not settled.ok or not accept:
+                sys.exit(ExitCode.OK if settled.ok else ExitCode.FAILED)
+        with LiveReporter() as reporter:  # resume and promote continue the rollout from what git asks for
+            _, result = apply_deployment(ws, doc, connections, ledger, reporter,
+                                         progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout))
+    console.print(result_table(result))
+    console.print(f"{result.outcome}: {result.message}", soft_wrap=True)
+    sys.exit(ExitCode.OK if result.ok else ExitCode.FAILED)
+
+
+@main.command()
+@click.argument("deployment")
+@LOCK_TIMEOUT
+@ROOT_OPTION
+@handle_errors
+def resume(deployment: str, lock_timeout: str, root: Path | None) -> None:
+    """Continue a paused rollout: measure the paused devices again, then go on wave by wave."""
+    _settle_paused_command(deployment, None, lock_timeout, root)
+
+
+@main.command()
+@click.argument("deployment")
+@LOCK_TIMEOUT
+@ROOT_OPTION
+@handle_errors
+def promote(deployment: str, lock_timeout: str, root: Path | None) -> None:
+    """Accept what the paused devices run as it was measured (recorded with who did it), then continue."""
+    _settle_paused_command(deployment, True, lock_timeout, root)
+
+
+@main.command()
+@click.argument("deployment")
+@LOCK_TIMEOUT
+@ROOT_OPTION
+@handle_errors
+def abort(deployment: str, lock_timeout: str, root: Path | None) -> None:
+    """End a paused rollout: the paused devices reject their new release and go back to their committed one."""
+    _settle_paused_command(deployment, False, lock_timeout, root)
 
 
 @main.command()

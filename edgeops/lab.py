@@ -29,7 +29,7 @@ from collections.abc import Callable
 from edgeops.errors import EdgeopsError
 from edgeops.spec.models import Fleet
 from edgeops.spec.workspace import Document, Workspace
-from edgeops.targets import TargetDevice
+from edgeops.targets import TargetDevice, fleet_targets
 
 SSHD = "/usr/sbin/sshd"
 DEFAULT_POWER_MW = 1500.0
@@ -250,8 +250,32 @@ def lab_status(ws: Workspace, fleet: Document[Fleet]) -> list[LabDevice]:
     return out
 
 
+def _trial_timers(roots: list[str]) -> list[int]:
+    """Pids of agent trial timers (``edgeops_agent.py watchdog``) running for these device roots."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "watchdog" in words and any(w.endswith("edgeops_agent.py") for w in words) and "--root" in words:
+            root = words[words.index("--root") + 1]
+            if root in roots:
+                found.append(int(entry.name))
+    return found
+
+
 def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[LabDevice]:
-    """Stop exactly the sshd processes ``lab up`` started for this fleet (by pid, after checking them)."""
+    """Stop exactly the sshd processes ``lab up`` started for this fleet (by pid, after checking them),
+    and the trial timers their agents left running for these devices."""
+    for pid in _trial_timers([t.root for t in fleet_targets(ws, fleet)]):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     stopped = []
     for device in lab_status(ws, fleet):
         if device.pid:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable
 
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
@@ -191,6 +191,8 @@ def _health(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[str
         return "Healthy", "kept after an inconclusive verification: " + verdict
     if o.status == "rolled_back":
         return "RolledBack", verdict or "rolled back"
+    if o.status == "paused":
+        return "Degraded", f"paused on a verification that did not pass ({verdict}): edgeops resume, promote or abort"
     return "Degraded", f"release not verified (status {o.status})"
 
 
@@ -329,6 +331,52 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
                                 from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
                                 measurements=o.measurements)
         ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
+    return result
+
+
+def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connections) -> list[tuple[Any, Any]]:
+    """(target, device state) of every target device left paused by a rollout."""
+    targets = target_devices(ws, doc.name)
+    require_identity_files(targets)
+    found = connections.map(lambda t: device_for(t, connections, doc.name).observe(), targets)
+    failed = [r.message for r in found.values() if isinstance(r, EdgeopsError)]
+    if failed:
+        raise EdgeopsError(f"cannot read every device: {'; '.join(failed)}", hint="try again when they answer")
+    return [(t, found[t.key]) for t in targets if found[t.key].status == "paused"]  # type: ignore[union-attr]
+
+
+def settle_paused(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger, accept: bool,
+                  lock_timeout_s: float = 0) -> RolloutResult:
+    """``accept``: commit what the paused devices run (promote); else reject it and revert them (abort)."""
+    kind = "promote" if accept else "abort"
+    fleets = sorted({t.fleet.name for t in target_devices(ws, doc.name)})
+    with ledger.lock(fleets, holder=f"{actor()} {kind} {doc.name}", wait_s=lock_timeout_s):
+        paused = paused_devices(ws, doc, connections)
+        if not paused:
+            return RolloutResult(doc.name, "no-op", f"nothing to {kind}: no device of {doc.name} is paused", [])
+        rollout_id = ledger.start_rollout(doc.name, kind, actor(), head_info(ws.root), {})
+        outcomes = []
+        for target, state in paused:
+            device = device_for(target, connections, doc.name)
+            try:
+                if accept:
+                    device.record({"status": "committed"}, by=actor(), release=state.current)
+                    outcome = DeviceOutcome(target.key, kind, "Passed", f"{state.current} accepted by {actor()} "
+                                            "as it was measured", state.current, state.current, committed=True)
+                else:
+                    back = device.revert(by=actor(), reason=f"rollout aborted by {actor()}")
+                    outcome = DeviceOutcome(target.key, kind, "RolledBack", f"{state.current} rejected; back on "
+                                            f"{back.get('current') or 'no release'}", back.get("current"), state.current)
+            except EdgeopsError as exc:
+                outcome = DeviceOutcome(target.key, kind, "Failed", exc.message, state.current, state.current)
+            ledger.device_event(rollout_id, doc.name, outcome.key, kind, outcome.decision, release_id=outcome.release_id,
+                                from_release=outcome.from_release, reason=outcome.reason)
+            outcomes.append(outcome)
+        failed = sum(o.decision == "Failed" for o in outcomes)
+        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+                               f"{len(outcomes) - failed} paused device(s) {'promoted' if accept else 'aborted'}, "
+                               f"{failed} failed", outcomes, rollout_id)
+        ledger.finish_rollout(rollout_id, result.outcome, summarize(result))
     return result
 
 

@@ -37,6 +37,7 @@ from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_g
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
 REFUSED = "Refused"  # the preflight found the device unable to run the release: nothing was pushed
+PAUSED = "Paused"    # on_failure/on_inconclusive: pause: left on its trial release for the operator
 
 
 class Reporter(Protocol):
@@ -60,7 +61,7 @@ class SilentReporter:
 class DeviceOutcome:
     key: str
     action: str
-    decision: str  # Passed | Failed | Inconclusive | Unreachable | Refused | RolledBack | Skipped | Unchanged
+    decision: str  # Passed | Failed | Inconclusive | Unreachable | Refused | Paused | RolledBack | Skipped | Unchanged
     reason: str = ""
     release_id: str | None = None
     from_release: str | None = None
@@ -283,7 +284,16 @@ class _Roller:
         report = self.ctx.reporter
         record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.measurements,
                                    "slo": self.spec.slo.model_dump(mode="json")}}
-        keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive != "rollback")
+        pause = (verdict.outcome == FAILED and self.policy.on_failure == "pause") or \
+            (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "pause")
+        keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "retry")
+        if pause:  # left as it is, trial timer disarmed, until `edgeops resume`, `promote` or `abort`
+            device.record({**record, "status": "paused"}, by=self.ctx.actor, release=planned.release_id)
+            report.stage(planned.key, "paused", verdict.reason[:80])
+            outcome.decision = PAUSED
+            outcome.reason = f"{verdict.outcome}: {verdict.reason}; paused on {planned.release_id} " \
+                             "(edgeops resume, promote or abort)"
+            return outcome
         if keep:
             status = "committed" if verdict.outcome == PASSED else "inconclusive"
             try:
@@ -393,8 +403,11 @@ class _Roller:
             rolled.extend(results)
             halted = self.over_budget(results, len(wave), f"in wave {number}") or \
                 self.over_budget(rolled + unreachable + refused, total, "in total")
-            if not halted and self.policy.on_inconclusive == "pause" and any(r.decision == INCONCLUSIVE for r in results):
-                halted = "paused: a device's verification was inconclusive (on_inconclusive: pause)"
+            paused = [r for r in results if r.decision == PAUSED]
+            if paused:
+                halted = (f"paused: {', '.join(r.key for r in paused)} left on the new release as it is "
+                          f"({paused[0].reason.split(';')[0]}); `edgeops resume` measures again and continues, "
+                          "`edgeops promote` accepts it and continues, `edgeops abort` reverts it")
             if not halted and number < self.plan.waves and self.policy.bake_time_s:
                 self.ctx.reporter.message(f"baking {self.policy.bake_time_s:g} s before the next wave")
                 self.ctx.stop.wait(self.policy.bake_time_s)
@@ -430,7 +443,7 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:
-    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", REFUSED, "Skipped", "Unchanged")
+    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", REFUSED, PAUSED, "Skipped", "Unchanged")
     return {"message": result.message, **{n.lower(): result.count(n) for n in names},
             "bytes_moved": sum(d.bytes_moved for d in result.devices)}
 

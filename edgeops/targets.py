@@ -81,6 +81,11 @@ def deep_substitute(value: Any, device: str, root: str) -> Any:
     return value
 
 
+def fleet_targets(ws: Workspace, fleet: Document[Fleet]) -> list[TargetDevice]:
+    """Every device of a fleet with its resolved profile."""
+    return [TargetDevice(fleet, d, ws.profiles[d.profile or fleet.obj.spec.profile]) for d in fleet.obj.spec.devices]
+
+
 def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:
     """Every device the deployment's targets select, in fleet order, without duplicates."""
     doc = ws.deployments[deployment_name]

@@ -277,3 +277,48 @@ def test_a_hand_edited_saved_plan_is_refused(lab_repo: Path, tmp_path: Path) -> 
         assert cli(lab_repo, "apply", MANIFEST, "--plan", str(saved)).exit_code == 0
     finally:
         (lab_repo / "device_profiles/lab-cpu.yaml").write_text(profile)
+
+
+def test_on_failure_pause_leaves_the_device_as_it_is_until_abort_or_promote(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    before = {k: s.current for k, s in observe_all(lab_repo).items()}
+    manifest = (lab_repo / MANIFEST).read_text()
+    try:
+        edit(lab_repo, MANIFEST, "on_failure: rollback", "on_failure: pause")
+        edit(lab_repo, MANIFEST, "    sha256: ", "    # sha256: ")
+        for name, width in (("slow-a.onnx", 1024), ("slow-b.onnx", 1100)):
+            make_slower(lab_repo / "examples/models/wearable_cnn.onnx", lab_repo / f"examples/models/{name}", width, 4)
+        edit(lab_repo, MANIFEST, "path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/slow-a.onnx")
+        _, paused = do_apply(lab_repo)
+        assert paused.outcome == "paused" and "edgeops resume" in paused.message, paused.message
+        canary = next(d for d in paused.devices if d.wave == 1)
+        assert canary.decision == "Paused"
+        state = observe_all(lab_repo)[canary.key]
+        assert state.current == canary.release_id and state.status == "paused" and "trial" not in state.state
+        rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(cli(lab_repo, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
+        assert rows[canary.key]["health"] == "Degraded" and "paused" in rows[canary.key]["message"]
+        aborted = cli(lab_repo, "abort", "wearable-activity")
+        assert aborted.exit_code == 0 and "1 paused device(s) aborted" in aborted.output, aborted.output
+        state = observe_all(lab_repo)[canary.key]
+        assert state.current == before[canary.key] and state.state["releases"][canary.release_id]["state"] == "rejected"
+        assert cli(lab_repo, "resume", "wearable-activity").exit_code == 1  # nothing is paused now
+
+        edit(lab_repo, MANIFEST, "path: ../examples/models/slow-a.onnx", "path: ../examples/models/slow-b.onnx")
+        _, paused = do_apply(lab_repo)
+        canary = next(d for d in paused.devices if d.wave == 1)
+        assert paused.outcome == "paused" and canary.decision == "Paused"
+        promoted = cli(lab_repo, "promote", "wearable-activity")  # accept it as measured, then continue
+        assert "1 paused device(s) promoted" in promoted.output, promoted.output
+        state = observe_all(lab_repo)[canary.key]
+        assert state.current == canary.release_id and state.committed == canary.release_id
+        history = default_ledger(lab_repo).history("wearable-activity", 3)
+        assert [r["kind"] for r in history][:2] == ["apply", "promote"]
+    finally:
+        (lab_repo / MANIFEST).write_text(manifest)
+    for key, state in observe_all(lab_repo).items():  # leave nothing paused for the next test
+        if state.status == "paused":
+            cli(lab_repo, "abort", "wearable-activity")
+            break
+    _, back = do_apply(lab_repo)
+    assert back.ok, back.message
+    assert cli(lab_repo, "status", MANIFEST).exit_code == 0

@@ -795,11 +795,20 @@ def _repair(state, directory):
     return done
 
 
+WATCH_INTERVAL_S = 2.0
+
+
 def layout_watchdog(args):
-    delay = args.deadline - time.time()
-    if delay > 0:
-        time.sleep(delay)
+    """Wait for the deadline, leaving early once the trial is settled (committed, reverted, paused)."""
     directory = _deployment_dir(args.root, args.deployment)
+    while time.time() < args.deadline:
+        time.sleep(min(WATCH_INTERVAL_S, max(0.0, args.deadline - time.time())))
+        try:
+            trial = (_read_state(directory) or {}).get("trial") or {}
+        except AgentError:
+            continue  # being rewritten: look again
+        if trial.get("release") != args.release or trial.get("deadline") != args.deadline:
+            return {"expired": False}
     with _locked(directory):
         state = _load(directory, args.deployment)
         expired = _expire_trial(state, directory, time.time())
@@ -1042,6 +1051,8 @@ def layout_record(args):
                 if current in state["chain"]:
                     state["chain"].remove(current)
                 state["chain"] = (state["chain"] + [current])[-CHAIN_LENGTH:]
+                state.pop("trial", None)
+            if status == "paused":  # the operator decides now: the trial timer is disarmed
                 state.pop("trial", None)
             state["status"] = status
             _event(state, status, current, args.by)
