@@ -505,7 +505,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
     with Connections(parallelism=16) as connections, err_console.status("reading devices") as spinner:
         for doc in docs:
             rows = status_rows(ws, doc, connections, progress=spinner.update, verify=verify)
-            everything[doc.name] = [r for r in rows if r.sync != "Synced"] if drift_only else rows
+            everything[doc.name] = [r for r in rows if r.drifted] if drift_only else rows
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
                                for name, rows in everything.items()], indent=2))

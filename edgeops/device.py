@@ -173,7 +173,7 @@ class Device:
         if release.id in observed["releases"] and not repair:
             return PushResult(0, 0, len(release.files))
         needed = [f for f in release.files if f.sha256 not in set(observed["blobs"])]
-        need_bytes = sum(f.size for f in needed)
+        need_bytes = sum(f.size for f in needed) + sum(f.size for f in release.files)  # blobs + the release's copies
         if need_bytes + DISK_MARGIN_BYTES > observed["free_bytes"]:
             raise DeviceError(f"{self.name}: not enough free space under {self.root}: need "
                               f"{need_bytes + DISK_MARGIN_BYTES} bytes, {observed['free_bytes']} free; "

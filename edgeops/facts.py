@@ -34,6 +34,7 @@ class DeviceFacts:
     onnxruntime_error: str | None = None
     providers: tuple[str, ...] = ()
     free_bytes: int | None = None
+    used_bytes: int | None = None            # what edgeops keeps under the device root
     power_source: str = "none"
     power_readable: bool | None = None
     power_error: str | None = None
@@ -48,6 +49,7 @@ class DeviceFacts:
                    numpy_version=numpy.get("version"), numpy_error=numpy.get("error"),
                    onnxruntime_version=ort.get("version"), onnxruntime_error=ort.get("error"),
                    providers=tuple(ort.get("available_providers") or ()), free_bytes=disk.get("free_bytes"),
+                   used_bytes=disk.get("used_bytes"),
                    power_source=power.get("source") or "none", power_readable=power.get("readable"),
                    power_error=power.get("error"))
 
@@ -83,6 +85,8 @@ class DeviceNeeds:
     power_at: str = ""
     root: str = ""
     root_at: str = ""
+    disk_budget_bytes: int | None = None          # device.disk_budget_mb
+    disk_budget_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,11 @@ def _mb(count: int) -> str:
 
 
 def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move: int,
-              build_onnxruntime: str | None = None) -> Preflight:
-    """Reasons to refuse this device (nothing is pushed then) and warnings worth showing."""
+              build_onnxruntime: str | None = None, release_bytes: int = 0) -> Preflight:
+    """Reasons to refuse this device (nothing is pushed then) and warnings worth showing.
+
+    ``bytes_to_move``: blobs the device lacks; ``release_bytes``: the new release directory (its own copies).
+    """
     python = needs.python
     fix_python = f"set device.python ({needs.python_at})"
     if facts.python_error:
@@ -140,10 +147,16 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
         if build_onnxruntime and _version_tuple(facts.onnxruntime_version)[:2] < _version_tuple(build_onnxruntime)[:2]:
             warnings.append(f"{device}: onnxruntime {facts.onnxruntime_version} on the device is older than "
                             f"{build_onnxruntime} on the build host; int8 kernels and supported opsets may differ")
-    if facts.free_bytes is not None and bytes_to_move and bytes_to_move + DISK_MARGIN_BYTES > facts.free_bytes:
+    growth = bytes_to_move + release_bytes
+    if facts.free_bytes is not None and growth and growth + DISK_MARGIN_BYTES > facts.free_bytes:
         refusals.append(f"{device}: {_mb(facts.free_bytes)} free under {needs.root} but the release needs "
-                        f"{_mb(bytes_to_move + DISK_MARGIN_BYTES)} (files to move + 1 MiB margin): free space on "
-                        f"the device or set device.root ({needs.root_at})")
+                        f"{_mb(growth + DISK_MARGIN_BYTES)} (files to move, the release's copies and a 1 MiB margin): "
+                        f"free space on the device or set device.root ({needs.root_at})")
+    budget = needs.disk_budget_bytes
+    if budget is not None and facts.used_bytes is not None and growth and facts.used_bytes + growth > budget:
+        refusals.append(f"{device}: edgeops would use {_mb(facts.used_bytes + growth)} under {needs.root}, over its "
+                        f"disk_budget_mb of {_mb(budget)}: raise device.disk_budget_mb or lower keep_releases "
+                        f"({needs.disk_budget_at})")
     if facts.power_readable is False:
         text = f"{device}: power sensor ({facts.power_source}) is not readable: {facts.power_error}"
         if needs.power_needed:

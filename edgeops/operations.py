@@ -161,6 +161,11 @@ class StatusRow:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @property
+    def drifted(self) -> bool:
+        """Not what git asks for: another release, or the right one with damaged files."""
+        return self.sync != "Synced" or self.health == "Damaged"
+
 
 def _over_slo(verification: dict[str, Any] | None, slo: SLO) -> str | None:
     """Why the numbers recorded for the running release miss the SLO that git asks for now."""
@@ -406,7 +411,7 @@ def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterat
             doc = ws.deployments[name]
             with Connections(parallelism=16) as connections:
                 rows = status_rows(ws, doc, connections)
-                drifted = [f"{r.fleet}/{r.device}" for r in rows if r.sync == "OutOfSync"]
+                drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != "Unreachable"]
                 if not drifted:
                     log(f"{name}: in sync ({len(rows)} device(s))")
                     continue

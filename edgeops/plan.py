@@ -226,7 +226,8 @@ def _checked(want: DesiredDevice, seen: ObservedDevice, build_onnxruntime: str |
     moving = _bytes(want, seen) if action in ("install", "update", "repair") else 0
     if seen.facts is None or want.needs is None:
         return action, reason, moving, ()
-    checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime)
+    release_bytes = sum(size for _, _, size in want.files) if action in ("install", "update") else 0
+    checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime, release_bytes)
     if not checked.ok and action != "unreachable":
         return "refused", "; ".join(checked.refusals), 0, checked.warnings
     return action, reason, moving, checked.warnings

@@ -62,7 +62,9 @@ class TargetDevice:
             providers_at=profile.where(("spec", "execution_providers")),
             power_needed=slo.energy_per_inference_mj is not None or slo.average_power_mw is not None,
             power_at=profile.where(("spec", "power", "sensor")),
-            root=self.root, root_at=root_at)
+            root=self.root, root_at=root_at,
+            disk_budget_bytes=int(budget * 1e6) if (budget := profile.obj.spec.device.disk_budget_mb) else None,
+            disk_budget_at=profile.where(("spec", "device", "disk_budget_mb")))
 
 
 def substitute(text: str, device: str, root: str) -> str:

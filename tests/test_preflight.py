@@ -49,7 +49,17 @@ def test_not_enough_space_for_the_bytes_to_move() -> None:
     assert preflight("cam-01", facts, NEEDS, 1_000_000).ok  # 1 MB + 1 MiB margin fits in 3 MB
     [refusal] = preflight("cam-01", facts, NEEDS, 2_500_000).refusals
     assert refusal.startswith("cam-01: 3.0 MB free under /opt/edgeops but the release needs 3.5 MB")
+    assert not preflight("cam-01", facts, NEEDS, 1_000_000, release_bytes=1_000_000).ok  # its copies count too
     assert preflight("cam-01", facts, NEEDS, 0).ok  # nothing to move: a full disk does not block a re-verify
+
+
+def test_disk_budget_counts_what_is_there_and_what_comes() -> None:
+    needs = replace(NEEDS, disk_budget_bytes=20_000_000, disk_budget_at="device_profiles/x.yaml:30")
+    facts = replace(GOOD, used_bytes=15_000_000)
+    assert preflight("gw-1", facts, needs, 2_000_000, release_bytes=2_000_000).ok
+    [refusal] = preflight("gw-1", facts, needs, 3_000_000, release_bytes=3_000_000).refusals
+    assert refusal == ("gw-1: edgeops would use 21.0 MB under /opt/edgeops, over its disk_budget_mb of 20.0 MB: "
+                       "raise device.disk_budget_mb or lower keep_releases (device_profiles/x.yaml:30)")
 
 
 @pytest.mark.parametrize("version, ok", [("3.7.3", False), ("3.8.0", True), ("3.13.0rc1", True), ("2.7.18", False)])

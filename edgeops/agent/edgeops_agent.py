@@ -519,7 +519,14 @@ def gather_facts(root, power_config=None):
         except Exception as exc:  # noqa: BLE001
             out["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
     measured_at, free = _free_space(root)
-    out["disk"] = {"root": root, "measured_at": measured_at, "free_bytes": free,
+    used = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            try:
+                used += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    out["disk"] = {"root": root, "measured_at": measured_at, "free_bytes": free, "used_bytes": used,
                    "root_exists": os.path.isdir(root)}
     sensor = {"source": (power_config or {}).get("source", "none"), "readable": None, "error": None}
     if sensor["source"] != "none":

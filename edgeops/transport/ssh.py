@@ -230,8 +230,9 @@ class SSHTransport:
             channel = transport.open_session(timeout=self.target.connect_timeout_s)
             channel.settimeout(0.2)
             channel.exec_command(command)
-        except (paramiko.SSHException, OSError) as exc:
-            raise HostUnreachable(self.device, f"cannot open a session: {exc}") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(self.device, f"cannot start `{argv[0]}`: the connection failed "
+                                  f"({type(exc).__name__}: {exc or 'closed'})") from None
         stdout, stderr = bytearray(), bytearray()
         deadline = time.monotonic() + limit
         try:
@@ -252,6 +253,9 @@ class SSHTransport:
                 if not progressed:
                     time.sleep(0.002)
             status = channel.recv_exit_status()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(self.device, f"the connection failed while `{argv[0]}` ran "
+                                  f"({type(exc).__name__}: {exc or 'closed'})") from None
         finally:
             channel.close()
         result = CommandResult(argv, status, _after_marker(stdout), _after_marker(stderr))
@@ -270,7 +274,7 @@ class SSHTransport:
                 channel = self._sftp.get_channel()
                 if channel is not None:
                     channel.settimeout(self.target.command_timeout_s)
-            except (paramiko.SSHException, OSError) as exc:
+            except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise HostUnreachable(self.device, f"cannot open SFTP: {exc}") from None
         return self._sftp
 
@@ -292,6 +296,8 @@ class SSHTransport:
     def get(self, remote: str, local: Path) -> int:
         try:
             self._sftp_client().get(remote, str(local))
+        except (paramiko.SSHException, EOFError) as exc:
+            raise HostUnreachable(self.device, f"connection lost during download of {remote}: {exc}") from None
         except OSError as exc:
             raise TransportError(self.device, f"download of {remote} failed: {exc}") from None
         return local.stat().st_size
@@ -302,6 +308,8 @@ class SSHTransport:
                 return handle.read()
         except FileNotFoundError:
             return None
+        except (paramiko.SSHException, EOFError) as exc:
+            raise HostUnreachable(self.device, f"connection lost while reading {remote}: {exc}") from None
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
