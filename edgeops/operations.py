@@ -228,6 +228,9 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
             why = f" (rejected on this device: {rejected.get('reason') or 'failed verification'})" \
                 if rejected.get("release") == want else ""
             message = (f"git asks for {want}{why}; " + message).rstrip("; ")
+        if o.repaired:
+            message = ("the device finished a half-done step while it was read: " + "; ".join(o.repaired) + "; "
+                       + message).rstrip("; ")
         verification = o.verification if o.current else None  # a removed release's numbers no longer apply
         latency = (verification or {}).get("latency") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,

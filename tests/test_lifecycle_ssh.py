@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import copy_repo, write_lab_fleet
+from faults import CutConnection, agent_command
 
 from edgeops.cli import main
 from edgeops.connections import Connections, ssh_connect
-from edgeops.errors import ExitCode, HostUnreachable
+from edgeops.errors import ExitCode
 from edgeops.ledger import default_ledger
 from edgeops.operations import apply_deployment
 from edgeops.rollout import device_for
@@ -189,33 +190,11 @@ def test_a_full_disk_at_the_switch_leaves_link_and_state_agreeing(lab: Path) -> 
     assert_invariants(lab)
 
 
-class CutAfterSwitch:
-    """A real SSH transport whose connection drops right after the device ran the switch."""
-
-    cut = True
-
-    def __init__(self, target) -> None:  # type: ignore[no-untyped-def]
-        self.inner = ssh_connect(target)
-        self.device = self.inner.device
-
-    def run(self, argv, timeout=None, check=True):  # type: ignore[no-untyped-def]
-        result = self.inner.run(argv, timeout=timeout, check=check)
-        if CutAfterSwitch.cut and "switch" in argv and "activate" in argv:
-            CutAfterSwitch.cut = False
-            self.inner.close()
-            raise HostUnreachable(self.device, "the connection dropped during `switch`")
-        return result
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.inner, name)
-
-
 def test_a_cut_during_the_switch_is_read_back_and_reverted_never_left_unverified(lab: Path) -> None:
     assert apply_now(lab).ok
     before = {n: s.current for n, s in states(lab).items()}
     change_runtime_config(lab, 3)
-    CutAfterSwitch.cut = True
-    result = apply_now(lab, connect=CutAfterSwitch)
+    result = apply_now(lab, connect=CutConnection(agent_command("switch", "activate")))
     canary = next(d for d in result.devices if d.wave == 1)
     assert canary.decision == "Failed" and "the connection dropped during `switch`" in canary.reason
     assert "rolled back to" in canary.reason  # reconnected, saw the trial release running, reverted it
