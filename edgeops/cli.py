@@ -526,9 +526,11 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
 @click.argument("manifests", nargs=-1)
 @click.option("--interval", default="5m", show_default=True, help="time between checks: 30s, 5m, 1h")
 @click.option("--iterations", type=int, default=0, help="stop after this many checks (0: run until stopped)")
+@click.option("--verify-every", type=int, default=12, show_default=True,
+              help="hash every release file on the devices on the first check and every N-th after (0: never)")
 @ROOT_OPTION
 @handle_errors
-def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, root: Path | None) -> None:
+def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, verify_every: int, root: Path | None) -> None:
     """Opt-in loop: re-apply any deployment whose devices drifted from git, with the same budgets as apply."""
     from edgeops.operations import reconcile_loop
     from edgeops.spec.workspace import load_workspace
@@ -537,7 +539,8 @@ def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, root: 
     seconds = _duration(interval)
     ws = load_workspace(workspace_root(tuple(Path(m) for m in manifests if Path(m).exists()), root))
     names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
-    failures = reconcile_loop(ws.root, names, seconds, iterations, log=lambda m: err_console.print(m))
+    failures = reconcile_loop(ws.root, names, seconds, iterations, log=lambda m: err_console.print(m),
+                              verify_every=verify_every)
     sys.exit(1 if failures else 0)
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from edgeops.agent import AGENT_FILE
 from edgeops.errors import DeviceError, RemoteCommandFailed

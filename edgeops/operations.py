@@ -28,13 +28,13 @@ from edgeops.rollout import (
     apply,
     desired_devices,
     device_for,
+    measure_release,
     observe,
     summarize,
 )
 from edgeops.spec.models import SLO, Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
-from edgeops.verify import decide
 
 Progress = Callable[[str], None]
 
@@ -291,53 +291,59 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
     with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}", wait_s=lock_timeout_s):
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
-
-        def one(target: Any) -> DeviceOutcome:
-            device = device_for(target, connections, doc.name)
-            state = device.observe()
-            landing, why = _rollback_target(state, target.key, to, last)
-            if landing is None:
-                return DeviceOutcome(target.key, "rollback", "Unchanged", why, state.current, state.current)
-            reporter.stage(target.key, "rollback", why)
-            transport = connections.get(target)
-            sent = getattr(transport, "bytes_sent", 0)
-            device.rollback(to=landing, by=actor(), allow_rejected=allow_rejected)
-            if landing == "none":
-                return DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}; the device runs no release",
-                                     None, state.current)
-            reporter.stage(target.key, "verify")
-            result = device.verify(landing, None, policy.verification.runs, policy.verification.block,
-                                   policy.timeouts.verify_s)
-            # absolute SLOs only: the release we land on was built by another commit, so no host golden here
-            verdict = decide(result, spec.slo, policy.regression, spec.quality, None, policy.verification.block)
-            device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                            **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
-                          by=actor())
-            moved = getattr(transport, "bytes_sent", 0) - sent
-            reporter.stage(target.key, "done", verdict.outcome)
-            return DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}: on {landing}; verification "
-                                 f"{verdict.outcome}: {verdict.reason}", landing, state.current, moved,
-                                 measurements={**verdict.measurements, "verification": verdict.outcome})
-
-        results = connections.map(one, targets)
-        outcomes = []
+        # decide first (read-only); only a rollback that changes a device opens a ledger entry
+        planned = connections.map(lambda t: _rollback_target(device_for(t, connections, doc.name).observe(),
+                                                             t.key, to, last), targets)
+        outcomes: dict[str, DeviceOutcome] = {}
         for target in targets:
-            r = results[target.key]
-            outcomes.append(DeviceOutcome(target.key, "rollback", "Failed", r.message)
-                            if isinstance(r, EdgeopsError) else r)
-        failed = [o for o in outcomes if o.decision == "Failed"]
-        moved = [o for o in outcomes if o.decision == "RolledBack"]
-        if not failed and not moved:
-            reasons = sorted({o.reason for o in outcomes})
-            return RolloutResult(doc.name, "no-op", "nothing to roll back: " + "; ".join(reasons), outcomes)
+            r = planned[target.key]
+            if isinstance(r, EdgeopsError):
+                outcomes[target.key] = DeviceOutcome(target.key, "rollback", "Failed", r.message)
+            elif r[0] is None:
+                outcomes[target.key] = DeviceOutcome(target.key, "rollback", "Unchanged", r[1])
+        moving = [t for t in targets if t.key not in outcomes]
+        if not moving and not any(o.decision == "Failed" for o in outcomes.values()):
+            reasons = sorted({o.reason for o in outcomes.values()})
+            return RolloutResult(doc.name, "no-op", "nothing to roll back: " + "; ".join(reasons),
+                                 [outcomes[t.key] for t in targets])
         rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
-        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
-                               f"{len(moved)} device(s) rolled back, {len(failed)} failed, "
-                               f"{len(outcomes) - len(moved) - len(failed)} unchanged", outcomes, rollout_id)
-        for o in outcomes:
+
+        def record(o: DeviceOutcome) -> DeviceOutcome:  # written when decided, like apply's
             ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
                                 from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
                                 measurements=o.measurements)
+            return o
+
+        def one(target: TargetDevice) -> DeviceOutcome:
+            landing, why = planned[target.key]  # type: ignore[misc]
+            device = device_for(target, connections, doc.name)
+            reporter.stage(target.key, "rollback", why)
+            before = device.observe().current
+            device.rollback(to=landing, by=actor(), allow_rejected=allow_rejected)
+            if landing == "none":
+                return record(DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}; the device runs no release",
+                                            None, before))
+            reporter.stage(target.key, "verify")
+            # the same measurement as apply (a Failed is confirmed by a second, pooled one); absolute SLOs only:
+            # the release we land on was built by another commit, so there is no host golden value for it
+            verdict = measure_release(device, landing, None, doc.obj, None, seed=target.key)
+            device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
+                                            **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
+                          by=actor(), release=landing)
+            reporter.stage(target.key, "done", verdict.outcome)
+            return record(DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}: on {landing}; verification "
+                                        f"{verdict.outcome}: {verdict.reason}", landing, before, 0,
+                                        measurements={**verdict.measurements, "verification": verdict.outcome}))
+
+        for key, result in connections.map(one, moving).items():
+            outcomes[key] = record(DeviceOutcome(key, "rollback", "Failed", result.message)) \
+                if isinstance(result, EdgeopsError) else result
+        ordered = [outcomes[t.key] for t in targets]
+        failed = sum(o.decision == "Failed" for o in ordered)
+        moved = sum(o.decision == "RolledBack" for o in ordered)
+        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+                               f"{moved} device(s) rolled back, {failed} failed, {len(ordered) - moved - failed} "
+                               "unchanged", ordered, rollout_id)
         ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
     return result
 
@@ -399,8 +405,12 @@ def load_plan(path: Path) -> Plan:
 
 
 def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterations: int,
-                   log: Callable[[str], None]) -> int:
-    """Check for drift every ``interval_s``; apply the drifted deployments. Returns how many applies failed."""
+                   log: Callable[[str], None], verify_every: int = 12) -> int:
+    """Check for drift every ``interval_s``; apply the drifted deployments. Returns how many applies failed.
+
+    Every ``verify_every``-th check hashes every release file on the devices (the others check sizes and
+    times), so damage that kept a file's size and time is found too.
+    """
     import time
 
     from edgeops.ledger import default_ledger
@@ -413,7 +423,8 @@ def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterat
         for name in deployments:
             doc = ws.deployments[name]
             with Connections(parallelism=16) as connections:
-                rows = status_rows(ws, doc, connections)
+                full = verify_every > 0 and (count - 1) % verify_every == 0  # the first check, then every n-th
+                rows = status_rows(ws, doc, connections, verify=full)
                 drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != "Unreachable"]
                 if not drifted:
                     log(f"{name}: in sync ({len(rows)} device(s))")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from collections.abc import Collection
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.spec.models import RolloutPolicy, parse_count
@@ -225,13 +225,24 @@ def _checked(want: DesiredDevice, seen: ObservedDevice, build_onnxruntime: str |
     """(action, reason, bytes to move, warnings): the device's action after its preflight."""
     action, reason = _action(want, seen)
     moving = _bytes(want, seen) if action in ("install", "update", "repair") else 0
+    over = _over_new_slo(want, seen) if action == "reverify" else ()
     if seen.facts is None or want.needs is None:
-        return action, reason, moving, ()
+        return action, reason, moving, over
     release_bytes = sum(size for _, _, size in want.files) if action in ("install", "update") else 0
     checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime, release_bytes)
     if not checked.ok and action != "unreachable":
         return "refused", "; ".join(checked.refusals), 0, checked.warnings
-    return action, reason, moving, checked.warnings
+    return action, reason, moving, over + checked.warnings
+
+
+def _over_new_slo(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, ...]:
+    """Warnings for a device whose recorded numbers already miss the SLO that git asks for now."""
+    latency = ((seen.verification or {}).get("latency") or {}).get("p95_ms")
+    limit = (want.slo or {}).get("latency_p95_ms")
+    if latency is None or limit is None or latency <= limit:
+        return ()
+    return (f"{want.device}: measured p95 {latency:.3f} ms is over the new SLO of {limit:g} ms: expect it to fail "
+            "its re-verification",)
 
 
 def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],

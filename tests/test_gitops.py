@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import copy_repo, write_lab_fleet
 
 from edgeops.cli import main
-from edgeops.errors import ExitCode
 from edgeops.connections import Connections
+from edgeops.errors import ExitCode
 from edgeops.gitdiff import changed_files, touched_deployments
 from edgeops.ledger import default_ledger
 from edgeops.rollout import device_for

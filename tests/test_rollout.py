@@ -247,6 +247,9 @@ def test_a_tighter_slo_is_judged_now_and_plans_a_reverification_without_transfer
         assert all(d["bytes_to_move"] == 0 and "latency_p95_ms 25.0 -> 0.001" in d["reason"]
                    for d in document["devices"])
         assert any(n.startswith("the SLO changed: 4 device(s)") for n in document["notes"])
+        assert all("is over the new SLO of 0.001 ms" in d["warnings"][0] for d in document["devices"])
+        comment = cli(lab_repo, "plan", MANIFEST, "-o", "markdown").stdout
+        assert comment.count("is over the new SLO") == 4  # the PR comment names every device over it
         _, result = do_apply(lab_repo)
         assert result.outcome == "halted" and sum(d.bytes_moved for d in result.devices) == 0
     finally:
