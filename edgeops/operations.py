@@ -286,7 +286,6 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
         raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
     require_identity_files(targets)
     spec = doc.obj.spec
-    policy = spec.rollout
     fleets = sorted({t.fleet.name for t in targets})
     with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}", wait_s=lock_timeout_s):
         last = None if to else _last_apply(ledger, doc.name)
