@@ -259,3 +259,27 @@ def test_a_rollback_during_an_apply_waits_for_it_or_is_refused(lab: Path) -> Non
     holder.join()
     assert waited.exit_code == 0, waited.output
     assert time.monotonic() - started > 0.5  # it waited for the lock instead of acting beside the apply
+
+
+def test_a_changed_host_key_is_a_security_failure_not_an_unreachable_device(lab: Path) -> None:
+    assert apply_now(lab).ok
+    known_hosts = lab / ".edgeops" / "lab" / "known_hosts"
+    original = known_hosts.read_text()
+    port = str(target_devices(load_workspace(lab), "wearable-activity")[1].device.port)
+    impostor = lab / "impostor_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    key = (impostor.with_suffix(".pub")).read_text().split()[:2]
+    try:
+        known_hosts.write_text("\n".join(f"[127.0.0.1]:{port} {key[0]} {key[1]}" if f"]:{port} " in line else line
+                                         for line in original.splitlines()) + "\n")
+        change_runtime_config(lab, 5)
+        plan = cli(lab, "plan", MANIFEST, "-o", "json")
+        assert plan.exit_code == ExitCode.REFUSED, plan.output
+        device = next(d for d in json.loads(plan.stdout)[0]["devices"] if d["device"] == "lab-02")
+        assert device["action"] == "refused" and "not trusted" in device["reason"] and "changed" in device["reason"]
+        applied = cli(lab, "apply", MANIFEST)
+        assert applied.exit_code == ExitCode.REFUSED and "halted" in applied.output  # never "succeeded"
+    finally:
+        known_hosts.write_text(original)
+    assert apply_now(lab).ok
+    assert_invariants(lab)
