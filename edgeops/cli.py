@@ -12,6 +12,7 @@ import click
 
 from edgeops import __version__
 from edgeops.errors import EdgeopsError, ExitCode, InputError
+from edgeops.types import Decision, Health
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for machines")
@@ -384,7 +385,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                           f"{s['unreachable']} unreachable, {s['refused']} refused, {s['skipped']} not started; "
                           f"{s['bytes_moved']:,} bytes moved")
             for device in result.devices:
-                if device.decision == "Refused":
+                if device.decision == Decision.REFUSED:
                     console.print(f"refused: {device.reason}", soft_wrap=True)
         if not result.ok:
             skipped = [d.name for d in docs[len(results):]]
@@ -397,7 +398,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                                 "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
     elif not docs:
         console.print("no deployment is touched")
-    if any(r.count("Refused") for r in results):
+    if any(r.count(Decision.REFUSED) for r in results):
         sys.exit(ExitCode.REFUSED)
     sys.exit(ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED)
 
@@ -519,7 +520,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
     rows = [r for group in everything.values() for r in group]
     if drift_only:
         sys.exit(1 if rows else 0)
-    sys.exit(0 if all(r.health == "Healthy" for r in rows) else 1)
+    sys.exit(ExitCode.OK if all(r.health == Health.HEALTHY for r in rows) else ExitCode.FAILED)
 
 
 @main.command()

@@ -14,10 +14,11 @@ from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.device import DeviceState
 from edgeops.errors import EdgeopsError, InputError
-from edgeops.facts import Preflight, preflight, runtime_of
+from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
+from edgeops.health import health_of, sync_of
 from edgeops.ledger import Ledger
-from edgeops.plan import ObservedDevice, Plan, make_plan
+from edgeops.plan import Plan, make_plan
 from edgeops.rollout import (
     ApplyContext,
     DeviceOutcome,
@@ -32,9 +33,10 @@ from edgeops.rollout import (
     observe,
     summarize,
 )
-from edgeops.spec.models import SLO, Deployment
+from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
+from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
 
 Progress = Callable[[str], None]
 
@@ -148,8 +150,8 @@ class StatusRow:
     device: str
     profile: str
     release: str | None
-    sync: str                 # Synced | OutOfSync | Unknown
-    health: str               # Healthy | Degraded | Damaged | RolledBack | Unreachable | Missing
+    sync: Sync
+    health: Health
     p95_ms: float | None
     slo_p95_ms: float | None
     power: str
@@ -164,41 +166,7 @@ class StatusRow:
     @property
     def drifted(self) -> bool:
         """Not what git asks for: another release, or the right one with damaged files."""
-        return self.sync != "Synced" or self.health == "Damaged"
-
-
-def _over_slo(verification: dict[str, Any] | None, slo: SLO) -> str | None:
-    """Why the numbers recorded for the running release miss the SLO that git asks for now."""
-    latency = (verification or {}).get("latency") or {}
-    if slo.latency_p95_ms is not None and latency.get("p95_ms") is not None and latency["p95_ms"] > slo.latency_p95_ms:
-        return f"measured p95 {latency['p95_ms']:.3f} ms exceeds the SLO {slo.latency_p95_ms:g} ms in git"
-    energy = ((verification or {}).get("power") or {}).get("energy_per_inference_mj")
-    if slo.energy_per_inference_mj is not None and energy is not None and energy > slo.energy_per_inference_mj:
-        return f"measured {energy:.4g} mJ/inference exceeds the SLO {slo.energy_per_inference_mj:g} mJ in git"
-    return None
-
-
-def _health(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[str, str]:
-    if not o.reachable:
-        return "Unreachable", o.error
-    if checked is not None and not checked.ok:
-        return "Degraded", "the device cannot run releases now: " + "; ".join(checked.refusals)
-    if o.current is None:
-        return "Missing", "no release of this deployment on the device"
-    if o.damaged:
-        return "Damaged", f"{o.current} is damaged: {'; '.join(o.damaged)} (apply repairs it)"
-    verdict = (o.verification or {}).get("reason", "")
-    if o.status in ("committed", "inconclusive", "rolled_back") and (missed := _over_slo(o.verification, slo)):
-        return "Degraded", missed
-    if o.status == "committed":
-        return "Healthy", verdict
-    if o.status == "inconclusive":
-        return "Healthy", "kept after an inconclusive verification: " + verdict
-    if o.status == "rolled_back":
-        return "RolledBack", verdict or "rolled back"
-    if o.status == "paused":
-        return "Degraded", f"paused on a verification that did not pass ({verdict}): edgeops resume, promote or abort"
-    return "Degraded", f"release not verified (status {o.status})"
+        return self.sync != Sync.SYNCED or self.health == Health.DAMAGED
 
 
 def _power(verification: dict[str, Any] | None) -> str:
@@ -220,10 +188,10 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
     for target in desired.targets:
         o = observed[target.key]
         want = desired.releases[target.key].id
-        sync = "Unknown" if not o.reachable else ("Synced" if o.current == want else "OutOfSync")
+        sync = sync_of(o, want)
         checked = preflight(target.name, o.facts, target.needs(doc.obj.spec.slo), 0) if o.facts else None
-        health, message = _health(o, checked, doc.obj.spec.slo)
-        if sync == "OutOfSync" and health != "Unreachable":
+        health, message = health_of(o, checked, doc.obj.spec.slo)
+        if sync == Sync.OUT_OF_SYNC and health != Health.UNREACHABLE:
             rejected = o.last_rejected or {}
             why = f" (rejected on this device: {rejected.get('reason') or 'failed verification'})" \
                 if rejected.get("release") == want else ""
@@ -241,9 +209,6 @@ def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connectio
 
 
 # ------------------------------------------------------------------ rollback
-
-
-KEPT = ("Passed", "Inconclusive")  # the decisions that leave a release committed on a device
 
 
 def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
@@ -297,13 +262,13 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
         for target in targets:
             r = planned[target.key]
             if isinstance(r, EdgeopsError):
-                outcomes[target.key] = DeviceOutcome(target.key, "rollback", "Failed", r.message)
+                outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.FAILED, r.message)
             elif r[0] is None:
-                outcomes[target.key] = DeviceOutcome(target.key, "rollback", "Unchanged", r[1])
+                outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.UNCHANGED, r[1])
         moving = [t for t in targets if t.key not in outcomes]
-        if not moving and not any(o.decision == "Failed" for o in outcomes.values()):
+        if not moving and not any(o.decision == Decision.FAILED for o in outcomes.values()):
             reasons = sorted({o.reason for o in outcomes.values()})
-            return RolloutResult(doc.name, "no-op", "nothing to roll back: " + "; ".join(reasons),
+            return RolloutResult(doc.name, Outcome.NO_OP, "nothing to roll back: " + "; ".join(reasons),
                                  [outcomes[t.key] for t in targets])
         rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
 
@@ -320,7 +285,8 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
             before = device.observe().current
             device.rollback(to=landing, by=actor(), allow_rejected=allow_rejected)
             if landing == "none":
-                return record(DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}; the device runs no release",
+                return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
+                                            f"{why}; the device runs no release",
                                             None, before))
             reporter.stage(target.key, "verify")
             # the same measurement as apply (a Failed is confirmed by a second, pooled one); absolute SLOs only:
@@ -330,17 +296,17 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
                                             **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
                           by=actor(), release=landing)
             reporter.stage(target.key, "done", verdict.outcome)
-            return record(DeviceOutcome(target.key, "rollback", "RolledBack", f"{why}: on {landing}; verification "
+            return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; verification "
                                         f"{verdict.outcome}: {verdict.reason}", landing, before, 0,
                                         measurements={**verdict.measurements, "verification": verdict.outcome}))
 
         for key, result in connections.map(one, moving).items():
-            outcomes[key] = record(DeviceOutcome(key, "rollback", "Failed", result.message)) \
+            outcomes[key] = record(DeviceOutcome(key, "rollback", Decision.FAILED, result.message)) \
                 if isinstance(result, EdgeopsError) else result
         ordered = [outcomes[t.key] for t in targets]
-        failed = sum(o.decision == "Failed" for o in ordered)
-        moved = sum(o.decision == "RolledBack" for o in ordered)
-        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+        failed = sum(o.decision == Decision.FAILED for o in ordered)
+        moved = sum(o.decision == Decision.ROLLED_BACK for o in ordered)
+        result = RolloutResult(doc.name, Outcome.HALTED if failed else Outcome.SUCCEEDED,
                                f"{moved} device(s) rolled back, {failed} failed, {len(ordered) - moved - failed} "
                                "unchanged", ordered, rollout_id)
         ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
@@ -355,7 +321,7 @@ def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connec
     failed = [r.message for r in found.values() if isinstance(r, EdgeopsError)]
     if failed:
         raise EdgeopsError(f"cannot read every device: {'; '.join(failed)}", hint="try again when they answer")
-    return [(t, found[t.key]) for t in targets if found[t.key].status == "paused"]  # type: ignore[union-attr]
+    return [(t, found[t.key]) for t in targets if found[t.key].status == DeviceStatus.PAUSED]  # type: ignore[union-attr]
 
 
 def settle_paused(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger, accept: bool,
@@ -366,7 +332,7 @@ def settle_paused(ws: Workspace, doc: Document[Deployment], connections: Connect
     with ledger.lock(fleets, holder=f"{actor()} {kind} {doc.name}", wait_s=lock_timeout_s):
         paused = paused_devices(ws, doc, connections)
         if not paused:
-            return RolloutResult(doc.name, "no-op", f"nothing to {kind}: no device of {doc.name} is paused", [])
+            return RolloutResult(doc.name, Outcome.NO_OP, f"nothing to {kind}: no device of {doc.name} is paused", [])
         rollout_id = ledger.start_rollout(doc.name, kind, actor(), head_info(ws.root), {})
         outcomes = []
         for target, state in paused:
@@ -374,19 +340,19 @@ def settle_paused(ws: Workspace, doc: Document[Deployment], connections: Connect
             try:
                 if accept:
                     device.record({"status": "committed"}, by=actor(), release=state.current)
-                    outcome = DeviceOutcome(target.key, kind, "Passed", f"{state.current} accepted by {actor()} "
+                    outcome = DeviceOutcome(target.key, kind, Decision.PASSED, f"{state.current} accepted by {actor()} "
                                             "as it was measured", state.current, state.current, committed=True)
                 else:
                     back = device.revert(by=actor(), reason=f"rollout aborted by {actor()}")
-                    outcome = DeviceOutcome(target.key, kind, "RolledBack", f"{state.current} rejected; back on "
+                    outcome = DeviceOutcome(target.key, kind, Decision.ROLLED_BACK, f"{state.current} rejected; back on "
                                             f"{back.get('current') or 'no release'}", back.get("current"), state.current)
             except EdgeopsError as exc:
-                outcome = DeviceOutcome(target.key, kind, "Failed", exc.message, state.current, state.current)
+                outcome = DeviceOutcome(target.key, kind, Decision.FAILED, exc.message, state.current, state.current)
             ledger.device_event(rollout_id, doc.name, outcome.key, kind, outcome.decision, release_id=outcome.release_id,
                                 from_release=outcome.from_release, reason=outcome.reason)
             outcomes.append(outcome)
-        failed = sum(o.decision == "Failed" for o in outcomes)
-        result = RolloutResult(doc.name, "halted" if failed else "succeeded",
+        failed = sum(o.decision == Decision.FAILED for o in outcomes)
+        result = RolloutResult(doc.name, Outcome.HALTED if failed else Outcome.SUCCEEDED,
                                f"{len(outcomes) - failed} paused device(s) {'promoted' if accept else 'aborted'}, "
                                f"{failed} failed", outcomes, rollout_id)
         ledger.finish_rollout(rollout_id, result.outcome, summarize(result))
@@ -424,7 +390,7 @@ def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterat
             with Connections(parallelism=16) as connections:
                 full = verify_every > 0 and (count - 1) % verify_every == 0  # the first check, then every n-th
                 rows = status_rows(ws, doc, connections, verify=full)
-                drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != "Unreachable"]
+                drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != Health.UNREACHABLE]
                 if not drifted:
                     log(f"{name}: in sync ({len(rows)} device(s))")
                     continue

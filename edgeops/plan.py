@@ -19,9 +19,10 @@ from typing import Any
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.spec.models import RolloutPolicy, parse_count
+from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"
-CHANGING = ("install", "update", "repair", "reverify")  # the actions that touch a device
+CHANGING = (Action.INSTALL, Action.UPDATE, Action.REPAIR, Action.REVERIFY)  # the actions that touch a device
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class PlannedDevice:
     device: str
     profile: str
     hardware_class: str
-    action: str              # install | update | repair | reverify | no-change | unreachable | refused
+    action: Action
     release_id: str
     current: str | None
     bytes_to_move: int
@@ -97,12 +98,12 @@ class Plan:
     @property
     def refused(self) -> list[PlannedDevice]:
         """Devices the preflight found unable to run the release: nothing is pushed to them."""
-        return [d for d in self.devices if d.action == "refused"]
+        return [d for d in self.devices if d.action == Action.REFUSED]
 
     @property
     def is_noop(self) -> bool:
         """Nothing to change and every device reachable and able: apply touches no device."""
-        return not self.has_changes and all(d.action not in ("unreachable", "refused") for d in self.devices)
+        return not self.has_changes and all(d.action not in (Action.UNREACHABLE, Action.REFUSED) for d in self.devices)
 
     def wave(self, number: int) -> list[PlannedDevice]:
         return [d for d in self.devices if d.wave == number]
@@ -115,8 +116,8 @@ class Plan:
         data = json.loads(text)
         if data.pop("schema", None) != PLAN_SCHEMA:
             raise ValueError(f"not an {PLAN_SCHEMA} document")
-        data["devices"] = tuple(PlannedDevice(**{**d, "warnings": tuple(d.get("warnings", ()))})
-                                for d in data["devices"])
+        data["devices"] = tuple(PlannedDevice(**{**d, "action": Action(d["action"]),
+                                                 "warnings": tuple(d.get("warnings", ()))}) for d in data["devices"])
         data["notes"] = tuple(data.get("notes", ()))
         return cls(**data)
 
@@ -132,32 +133,32 @@ def digest_desired(desired: list[DesiredDevice]) -> str:
     return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()
 
 
-def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, str]:
+def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[Action, str]:
     if not seen.reachable:
-        return ("refused", f"not trusted: {seen.error}") if seen.untrusted else ("unreachable", seen.error)
+        return (Action.REFUSED, f"not trusted: {seen.error}") if seen.untrusted else (Action.UNREACHABLE, seen.error)
     if seen.current is None:
-        return "install", "no release of this deployment on the device"
+        return Action.INSTALL, "no release of this deployment on the device"
     if seen.current != want.release_id and want.release_id in seen.rejected:
         why = (seen.last_rejected or {}).get("reason") if (seen.last_rejected or {}).get("release") == \
             want.release_id else ""
-        return "refused", f"this device already rejected {want.release_id}" + (f" ({why})" if why else "") + \
+        return Action.REFUSED, f"this device already rejected {want.release_id}" + (f" ({why})" if why else "") + \
             ": change what git asks for (a rejected release is not tried again), or run it by name with " \
             "`edgeops rollback --to RELEASE --allow-rejected`"
     if seen.current != want.release_id:
-        reason = "device was rolled back" if seen.status == "rolled_back" else "device runs another release"
-        return "update", reason
+        reason = "device was rolled back" if seen.status == DeviceStatus.ROLLED_BACK else "device runs another release"
+        return Action.UPDATE, reason
     if seen.damaged:
-        return "repair", f"the running release is damaged ({'; '.join(seen.damaged)}): its files are restored " \
+        return Action.REPAIR, f"the running release is damaged ({'; '.join(seen.damaged)}): its files are restored " \
                          "and it is verified again"
-    if seen.status not in ("committed", "inconclusive"):
-        return "reverify", f"release is there but its last verification did not finish (status {seen.status})"
+    if seen.status not in (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE):
+        return Action.REVERIFY, f"release is there but its last verification did not finish (status {seen.status})"
     judged = (seen.verification or {}).get("slo")
     if want.slo is not None and judged is not None and judged != want.slo:
         latency = (seen.verification or {}).get("latency") or {}
         measured = f"; measured p95 {latency['p95_ms']:.3f} ms" if latency.get("p95_ms") is not None else ""
-        return "reverify", f"the SLO changed since this release was verified ({_slo_change(judged, want.slo)}" \
+        return Action.REVERIFY, f"the SLO changed since this release was verified ({_slo_change(judged, want.slo)}" \
                            f"{measured}); no transfer"
-    return "no-change", ""
+    return Action.NO_CHANGE, ""
 
 
 def _slo_change(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -221,17 +222,18 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
     return lines
 
 
-def _checked(want: DesiredDevice, seen: ObservedDevice, build_onnxruntime: str | None) -> tuple[str, str, int, tuple[str, ...]]:
+def _checked(want: DesiredDevice, seen: ObservedDevice,
+             build_onnxruntime: str | None) -> tuple[Action, str, int, tuple[str, ...]]:
     """(action, reason, bytes to move, warnings): the device's action after its preflight."""
     action, reason = _action(want, seen)
-    moving = _bytes(want, seen) if action in ("install", "update", "repair") else 0
-    over = _over_new_slo(want, seen) if action == "reverify" else ()
+    moving = _bytes(want, seen) if action in (Action.INSTALL, Action.UPDATE, Action.REPAIR) else 0
+    over = _over_new_slo(want, seen) if action == Action.REVERIFY else ()
     if seen.facts is None or want.needs is None:
         return action, reason, moving, over
-    release_bytes = sum(size for _, _, size in want.files) if action in ("install", "update") else 0
+    release_bytes = sum(size for _, _, size in want.files) if action in (Action.INSTALL, Action.UPDATE) else 0
     checked = preflight(want.device, seen.facts, want.needs, moving, build_onnxruntime, release_bytes)
-    if not checked.ok and action != "unreachable":
-        return "refused", "; ".join(checked.refusals), 0, checked.warnings
+    if not checked.ok and action != Action.UNREACHABLE:
+        return Action.REFUSED, "; ".join(checked.refusals), 0, checked.warnings
     return action, reason, moving, over + checked.warnings
 
 
@@ -257,12 +259,12 @@ def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str],
                       observed[d.key].current, checked[d.key][2], waves.get(d.key), checked[d.key][1],
                       observed[d.key].facts.as_dict() if observed[d.key].facts else None, checked[d.key][3])
         for d in desired)
-    unreachable = sum(1 for d in devices if d.action == "unreachable")
-    refused = {d.key for d in devices if d.action == "refused"}
+    unreachable = sum(1 for d in devices if d.action == Action.UNREACHABLE)
+    refused = {d.key for d in devices if d.action == Action.REFUSED}
     notes = []
     if unreachable:
         notes.append(f"{unreachable} device(s) unreachable now; they count against max_unreachable_devices")
-    resloped = [d.device for d in devices if d.action == "reverify" and d.reason.startswith("the SLO changed")]
+    resloped = [d.device for d in devices if d.action == Action.REVERIFY and d.reason.startswith("the SLO changed")]
     if resloped:
         notes.append(f"the SLO changed: {len(resloped)} device(s) are measured again against it, no transfer "
                      f"({', '.join(resloped)})")

@@ -32,12 +32,12 @@ from edgeops.ledger import Ledger
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.spec.models import parse_count
 from edgeops.targets import TargetDevice
+from edgeops.types import Action, Decision, DeviceStatus, Outcome
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_golden_value
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
-REFUSED = "Refused"  # the preflight found the device unable to run the release: nothing was pushed
-PAUSED = "Paused"    # on_failure/on_inconclusive: pause: left on its trial release for the operator
+REFUSED, PAUSED = Decision.REFUSED, Decision.PAUSED
 
 
 class Reporter(Protocol):
@@ -61,7 +61,7 @@ class SilentReporter:
 class DeviceOutcome:
     key: str
     action: str
-    decision: str  # Passed | Failed | Inconclusive | Unreachable | Refused | Paused | RolledBack | Skipped | Unchanged
+    decision: Decision
     reason: str = ""
     release_id: str | None = None
     from_release: str | None = None
@@ -74,7 +74,7 @@ class DeviceOutcome:
 @dataclass
 class RolloutResult:
     deployment: str
-    outcome: str             # no-op | succeeded | halted | paused | interrupted
+    outcome: Outcome
     message: str
     devices: list[DeviceOutcome]
     rollout_id: int | None = None
@@ -84,7 +84,7 @@ class RolloutResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("no-op", "succeeded")
+        return self.outcome in (Outcome.NO_OP, Outcome.SUCCEEDED)
 
 
 # ------------------------------------------------------------------ observing
@@ -224,7 +224,7 @@ class _Roller:
         target = self.ctx.desired.target(planned.key)
         release = self.ctx.desired.releases[planned.key]
         report = self.ctx.reporter
-        outcome = DeviceOutcome(planned.key, planned.action, "Skipped", release_id=release.id,
+        outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED, release_id=release.id,
                                 from_release=planned.current, wave=planned.wave)
         if self.ctx.stop.is_set():
             outcome.reason = "interrupted before this device started"
@@ -254,7 +254,7 @@ class _Roller:
             self.ctx.connections.drop(target)
             outcome.reason = exc.message
             if not switching:
-                outcome.decision = "Unreachable" if isinstance(exc, UNREACHABLE_ERRORS) else FAILED
+                outcome.decision = Decision.UNREACHABLE if isinstance(exc, UNREACHABLE_ERRORS) else FAILED
                 return outcome
             return self.settle_after_error(target, release.id, verdict, outcome)
 
@@ -288,7 +288,7 @@ class _Roller:
             (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "pause")
         keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "retry")
         if pause:  # left as it is, trial timer disarmed, until `edgeops resume`, `promote` or `abort`
-            device.record({**record, "status": "paused"}, by=self.ctx.actor, release=planned.release_id)
+            device.record({**record, "status": DeviceStatus.PAUSED}, by=self.ctx.actor, release=planned.release_id)
             report.stage(planned.key, "paused", verdict.reason[:80])
             outcome.decision = PAUSED
             outcome.reason = f"{verdict.outcome}: {verdict.reason}; paused on {planned.release_id} " \
@@ -313,7 +313,7 @@ class _Roller:
         report.stage(planned.key, "rollback", verdict.reason[:80])
         device.record(record, by=self.ctx.actor)  # the rejected release keeps the numbers that rejected it
         outcome.reason += "; " + self.revert(self.ctx.desired.target(planned.key), verdict.outcome.lower())
-        outcome.decision = FAILED if verdict.outcome == FAILED else "RolledBack"
+        outcome.decision = FAILED if verdict.outcome == FAILED else Decision.ROLLED_BACK
         return outcome
 
     def doc_keep(self, planned: PlannedDevice) -> int:
@@ -345,7 +345,7 @@ class _Roller:
     def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
         failed = sum(1 for o in outcomes if o.decision in (FAILED, REFUSED))
         refused = sum(1 for o in outcomes if o.decision == REFUSED)
-        unreachable = sum(1 for o in outcomes if o.decision == "Unreachable")
+        unreachable = sum(1 for o in outcomes if o.decision == Decision.UNREACHABLE)
         if failed > _allowed(self.policy.max_failed_devices, base):
             what = f"failed device(s) ({refused} refused by the preflight)" if refused else "failed device(s)"
             return f"{failed} {what} {scope} exceed max_failed_devices {self.policy.max_failed_devices}"
@@ -375,19 +375,19 @@ class _Roller:
         for outcome in outcomes:
             if outcome.committed:
                 outcome.reason += "; " + self.undo_commit(self.ctx.desired.target(outcome.key), "rollout halted")
-                outcome.decision, outcome.committed = "RolledBack", False
+                outcome.decision, outcome.committed = Decision.ROLLED_BACK, False
                 self.decided(outcome)
 
     def run(self) -> RolloutResult:
-        unchanged = [DeviceOutcome(d.key, d.action, "Unchanged", release_id=d.release_id, from_release=d.current)
-                     for d in self.plan.devices if d.action == "no-change"]
-        unreachable = [DeviceOutcome(d.key, d.action, "Unreachable", d.reason, d.release_id, d.current)
-                       for d in self.plan.devices if d.action == "unreachable"]
+        unchanged = [DeviceOutcome(d.key, d.action, Decision.UNCHANGED, release_id=d.release_id, from_release=d.current)
+                     for d in self.plan.devices if d.action == Action.NO_CHANGE]
+        unreachable = [DeviceOutcome(d.key, d.action, Decision.UNREACHABLE, d.reason, d.release_id, d.current)
+                       for d in self.plan.devices if d.action == Action.UNREACHABLE]
         refused = [DeviceOutcome(d.key, d.action, REFUSED, d.reason, d.release_id, d.current,
                                  measurements={"facts": d.facts})
                    for d in self.plan.refused]
         if self.plan.is_noop:
-            return RolloutResult(self.doc.name, "no-op", f"no changes: {len(unchanged)} device(s) already run "
+            return RolloutResult(self.doc.name, Outcome.NO_OP, f"no changes: {len(unchanged)} device(s) already run "
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []
@@ -411,16 +411,17 @@ class _Roller:
             if not halted and number < self.plan.waves and self.policy.bake_time_s:
                 self.ctx.reporter.message(f"baking {self.policy.bake_time_s:g} s before the next wave")
                 self.ctx.stop.wait(self.policy.bake_time_s)
-        skipped = [DeviceOutcome(d.key, d.action, "Skipped", "not started: the rollout stopped earlier",
+        skipped = [DeviceOutcome(d.key, d.action, Decision.SKIPPED, "not started: the rollout stopped earlier",
                                  d.release_id, d.current, wave=d.wave)
                    for d in self.plan.changes if d.key not in {o.key for o in rolled}]
         for outcome in skipped:
             self.decided(outcome)
         if halted and not halted.startswith("paused") and self.policy.on_failure == "rollback":
             self.halt_rollback(rolled)
-        outcome = "interrupted" if self.ctx.stop.is_set() else (
-            "paused" if halted and halted.startswith("paused") else "halted" if halted else "succeeded")
-        message = halted or ("interrupted by the user" if outcome == "interrupted" else
+        outcome = Outcome.INTERRUPTED if self.ctx.stop.is_set() else (
+            Outcome.PAUSED if halted and halted.startswith("paused") else Outcome.HALTED if halted
+            else Outcome.SUCCEEDED)
+        message = halted or ("interrupted by the user" if outcome == Outcome.INTERRUPTED else
                              f"{sum(o.committed for o in rolled)} device(s) updated and verified")
         return RolloutResult(self.doc.name, outcome, message, unchanged + unreachable + refused + rolled + skipped)
 
@@ -443,8 +444,7 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:
-    names = ("Passed", "Inconclusive", "Failed", "RolledBack", "Unreachable", REFUSED, PAUSED, "Skipped", "Unchanged")
-    return {"message": result.message, **{n.lower(): result.count(n) for n in names},
+    return {"message": result.message, **{str(n).lower(): result.count(n) for n in Decision},
             "bytes_moved": sum(d.bytes_moved for d in result.devices)}
 
 

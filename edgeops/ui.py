@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeops.facts import runtime_of
+from edgeops.types import Action, Decision, Health, Sync
 
 # off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -53,10 +54,11 @@ def build_notes(report: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ plan, apply, status, history
 
-ACTION_STYLE = {"install": "green", "update": "yellow", "repair": "magenta", "reverify": "cyan", "no-change": "dim",
-                "unreachable": "red", "refused": "red"}
-DECISION_STYLE = {"Passed": "green", "Inconclusive": "yellow", "Failed": "red", "RolledBack": "magenta",
-                  "Unreachable": "red", "Refused": "red", "Skipped": "dim", "Unchanged": "dim"}
+ACTION_STYLE = {Action.INSTALL: "green", Action.UPDATE: "yellow", Action.REPAIR: "magenta", Action.REVERIFY: "cyan",
+                Action.NO_CHANGE: "dim", Action.UNREACHABLE: "red", Action.REFUSED: "red"}
+DECISION_STYLE = {Decision.PASSED: "green", Decision.INCONCLUSIVE: "yellow", Decision.FAILED: "red",
+                  Decision.ROLLED_BACK: "magenta", Decision.UNREACHABLE: "red", Decision.REFUSED: "red",
+                  Decision.PAUSED: "yellow", Decision.SKIPPED: "dim", Decision.UNCHANGED: "dim"}
 
 
 def plan_table(plan: Any) -> Table:
@@ -114,7 +116,7 @@ def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]
             fleets.setdefault(d.fleet, []).append(d)
         for fleet in sorted(fleets):
             devices = fleets[fleet]
-            moving = [d for d in devices if d.action not in ("no-change",)]
+            moving = [d for d in devices if d.action != Action.NO_CHANGE]
             out += ["", f"**fleet `{fleet}`**: {len(moving)} of {len(devices)} device(s) change, "
                         f"{sum(d.bytes_to_move for d in devices):,} bytes to move", "",
                     "| wave | device | profile | runtime | action | current | release | bytes to move |",
@@ -144,9 +146,9 @@ def status_table(deployment: str, rows: list[Any]) -> Table:
     for column in ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", "P95 ms (SLO)", "POWER",
                    "LAST DEPLOY", "MESSAGE"):
         table.add_column(column)
-    colors = {"Synced": "green", "OutOfSync": "yellow", "Unknown": "red", "Healthy": "green",
-              "Degraded": "yellow", "Damaged": "red", "RolledBack": "magenta", "Unreachable": "red",
-              "Missing": "yellow"}
+    colors = {Sync.SYNCED: "green", Sync.OUT_OF_SYNC: "yellow", Sync.UNKNOWN: "red", Health.HEALTHY: "green",
+              Health.DEGRADED: "yellow", Health.DAMAGED: "red", Health.ROLLED_BACK: "magenta",
+              Health.UNREACHABLE: "red", Health.MISSING: "yellow"}
     for r in rows:
         p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
         slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"

@@ -23,21 +23,22 @@ from typing import Any
 import numpy as np
 
 from edgeops.spec.models import SLO, QualityGoal, Regression
+from edgeops.types import Decision
 
-PASSED, FAILED, INCONCLUSIVE = "Passed", "Failed", "Inconclusive"
+PASSED, FAILED, INCONCLUSIVE = Decision.PASSED, Decision.FAILED, Decision.INCONCLUSIVE
 BOOTSTRAP_ROUNDS = 2000
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    outcome: str
+    outcome: Decision
     detail: str
 
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str
+    outcome: Decision
     checks: tuple[Check, ...]
     measurements: dict[str, Any] = field(default_factory=dict)
 

@@ -1169,8 +1169,8 @@ def main(argv=None):
                                                                    "releases (default: sizes and times only)")
             cmd.add_argument("--power", default=None, help="JSON: the power sensor to check (with --facts)")
     args = parser.parse_args(argv)
-    commands = {"bench": bench, "info": info, "facts": facts, "power": power, "state": layout_state, "prepare": layout_prepare,
-                "install-agent": layout_install_agent,
+    commands = {"bench": bench, "info": info, "facts": facts, "power": power, "state": layout_state,
+                "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog}
     try:
