@@ -43,23 +43,17 @@ class DeviceState:
     free_bytes: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
     facts: DeviceFacts = field(default_factory=DeviceFacts)
+    damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
+    repaired: tuple[str, ...] = ()          # half-done steps the agent finished while reading
 
     @property
     def status(self) -> str | None:
         return self.state.get("status")
 
-    damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
-    repaired: tuple[str, ...] = ()          # half-done steps the agent finished while reading
-
     @property
     def committed(self) -> str | None:
         """The last release this device committed: the baseline and the way back."""
         return self.state.get("committed")
-
-    @property
-    def trial_until(self) -> str | None:
-        """When the device reverts the running trial release by itself, unless it is committed first."""
-        return (self.state.get("trial") or {}).get("until")
 
 
 @dataclass(frozen=True)
@@ -86,8 +80,8 @@ class Device:
         """Run an agent command; return its JSON document or raise AgentFailed with its message.
 
         ``inline`` passes the agent's source with ``python -c`` instead of running the installed
-        file: read-only commands then work, in this controller's version, on a device that has no
-        agent yet or an older one, and nothing is written to the device.
+        file: reading commands then work, in this controller's version, on a device that has no
+        agent yet or an older one, and nothing is installed on it.
         """
         program = ["-c", self._agent_bytes.decode()] if inline else [agent_path or self.agent_path]
         argv = [self.python, *program, *args]
@@ -128,10 +122,12 @@ class Device:
     # ---------------------------------------------------------------- observe
 
     def observe(self, power_sensor: dict[str, Any] | None = None, verify: bool = False) -> DeviceState:
-        """Read-only: the deployment's state on the device and the device's facts, in one command.
+        """The deployment's state on the device and the device's facts, in one command.
 
-        A device whose interpreter cannot run the agent still reports why (as its facts) and,
-        when state.json is readable over SFTP, what it runs.
+        Changes nothing the controller asked for; the agent may finish a half-done step of its own
+        first (an interrupted switch, an expired trial) and says so in ``repaired``. A device whose
+        interpreter cannot run the agent still reports why (as its facts) and, when state.json is
+        readable over SFTP, what it runs.
         """
         sensor = json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
         try:

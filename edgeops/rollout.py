@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,7 +38,6 @@ from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_g
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
-REFUSED, PAUSED = Decision.REFUSED, Decision.PAUSED
 
 
 class Reporter(Protocol):
@@ -234,7 +234,7 @@ class _Roller:
             device = self.device(target)
             report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
             pushed = device.push(release, progress=lambda done: report.transfer(planned.key, done, release.model_bytes),
-                                 timeout=self.policy.timeouts.push_s, repair=planned.action == "repair")
+                                 timeout=self.policy.timeouts.push_s, repair=planned.action == Action.REPAIR)
             outcome.bytes_moved = pushed.bytes_moved
             if self.ctx.stop.is_set():
                 outcome.reason = "interrupted after the push, before the switch: still on the previous release"
@@ -290,7 +290,7 @@ class _Roller:
         if pause:  # left as it is, trial timer disarmed, until `edgeops resume`, `promote` or `abort`
             device.record({**record, "status": DeviceStatus.PAUSED}, by=self.ctx.actor, release=planned.release_id)
             report.stage(planned.key, "paused", verdict.reason[:80])
-            outcome.decision = PAUSED
+            outcome.decision = Decision.PAUSED
             outcome.reason = f"{verdict.outcome}: {verdict.reason}; paused on {planned.release_id} " \
                              "(edgeops resume, promote or abort)"
             return outcome
@@ -343,8 +343,8 @@ class _Roller:
     # ---------------------------------------------------------------- waves and budgets
 
     def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
-        failed = sum(1 for o in outcomes if o.decision in (FAILED, REFUSED))
-        refused = sum(1 for o in outcomes if o.decision == REFUSED)
+        failed = sum(1 for o in outcomes if o.decision in (FAILED, Decision.REFUSED))
+        refused = sum(1 for o in outcomes if o.decision == Decision.REFUSED)
         unreachable = sum(1 for o in outcomes if o.decision == Decision.UNREACHABLE)
         if failed > _allowed(self.policy.max_failed_devices, base):
             what = f"failed device(s) ({refused} refused by the preflight)" if refused else "failed device(s)"
@@ -383,7 +383,7 @@ class _Roller:
                      for d in self.plan.devices if d.action == Action.NO_CHANGE]
         unreachable = [DeviceOutcome(d.key, d.action, Decision.UNREACHABLE, d.reason, d.release_id, d.current)
                        for d in self.plan.devices if d.action == Action.UNREACHABLE]
-        refused = [DeviceOutcome(d.key, d.action, REFUSED, d.reason, d.release_id, d.current,
+        refused = [DeviceOutcome(d.key, d.action, Decision.REFUSED, d.reason, d.release_id, d.current,
                                  measurements={"facts": d.facts})
                    for d in self.plan.refused]
         if self.plan.is_noop:
@@ -403,7 +403,7 @@ class _Roller:
             rolled.extend(results)
             halted = self.over_budget(results, len(wave), f"in wave {number}") or \
                 self.over_budget(rolled + unreachable + refused, total, "in total")
-            paused = [r for r in results if r.decision == PAUSED]
+            paused = [r for r in results if r.decision == Decision.PAUSED]
             if paused:
                 halted = (f"paused: {', '.join(r.key for r in paused)} left on the new release as it is "
                           f"({paused[0].reason.split(';')[0]}); `edgeops resume` measures again and continues, "
