@@ -130,12 +130,14 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
     if _version_tuple(facts.python_version) < MIN_PYTHON:
         refusals.append(f"{device}: {shown} is Python {facts.python_version}; the agent needs "
                         f"{'.'.join(map(str, MIN_PYTHON))} or newer: install a newer python3 or {fix_python}")
-    for module, error in (("numpy", facts.numpy_error), ("onnxruntime", facts.onnxruntime_error)):
-        version = facts.numpy_version if module == "numpy" else facts.onnxruntime_version
-        if version is None:
-            detail = f" ({error})" if error and "No module named" not in error else ""
-            refusals.append(f"{device}: {shown} has no {module}{detail}: install {module} on the device "
-                            f"or {fix_python}")
+    missing = [(module, error) for module, version, error in (
+        ("numpy", facts.numpy_version, facts.numpy_error),
+        ("onnxruntime", facts.onnxruntime_version, facts.onnxruntime_error)) if version is None]
+    if missing:
+        names = [module for module, _ in missing]
+        details = "; ".join(error for _, error in missing if error and "No module named" not in error)
+        refusals.append(f"{device}: {shown} has no {' or '.join(names)}" + (f" ({details})" if details else "")
+                        + f": install {' and '.join(names)} on the device or {fix_python}")
     if facts.onnxruntime_version is not None:
         missing = [p for p in needs.providers if p not in facts.providers]
         for provider in missing:

@@ -77,8 +77,8 @@ def test_device_python_without_onnxruntime_is_refused_before_any_push(small_lab,
     assert plan.exit_code == ExitCode.REFUSED, plan.output
     where = f"{PROFILE}:{line_of(profile, 'python: python3')}"
     bare = hostile_home / "bare-python" / "bin" / "python3"
-    assert (f"lab-02: python3 ({bare}) has no onnxruntime: install onnxruntime on the device or set "
-            f"device.python ({where})") in plan.output.replace("\n", "")
+    assert (f"lab-02: python3 ({bare}) has no numpy or onnxruntime: install numpy and onnxruntime on the device "
+            f"or set device.python ({where})") in plan.output.replace("\n", "")
     apply = cli(root, "apply", MANIFEST)
     assert apply.exit_code == ExitCode.REFUSED, apply.output
     assert "halted" in apply.output
