@@ -28,6 +28,7 @@ class DeviceFacts:
     hostname: str | None = None
     cpus: int | None = None
     memory_total_mb: float | None = None
+    uid: int | None = None
     numpy_version: str | None = None
     numpy_error: str | None = None
     onnxruntime_version: str | None = None
@@ -35,6 +36,7 @@ class DeviceFacts:
     providers: tuple[str, ...] = ()
     free_bytes: int | None = None
     used_bytes: int | None = None            # what edgeops keeps under the device root
+    root_writable: bool | None = None        # the root, or the directory it will be created in
     power_source: str = "none"
     power_readable: bool | None = None
     power_error: str | None = None
@@ -46,10 +48,11 @@ class DeviceFacts:
         return cls(python_executable=python.get("executable"), python_version=python.get("version"),
                    machine=doc.get("machine"), system=doc.get("system"), kernel=doc.get("kernel"),
                    hostname=doc.get("hostname"), cpus=doc.get("cpus"), memory_total_mb=doc.get("memory_total_mb"),
+                   uid=doc.get("uid"),
                    numpy_version=numpy.get("version"), numpy_error=numpy.get("error"),
                    onnxruntime_version=ort.get("version"), onnxruntime_error=ort.get("error"),
                    providers=tuple(ort.get("available_providers") or ()), free_bytes=disk.get("free_bytes"),
-                   used_bytes=disk.get("used_bytes"),
+                   used_bytes=disk.get("used_bytes"), root_writable=disk.get("writable"),
                    power_source=power.get("source") or "none", power_readable=power.get("readable"),
                    power_error=power.get("error"))
 
@@ -149,6 +152,10 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
         if build_onnxruntime and _version_tuple(facts.onnxruntime_version)[:2] < _version_tuple(build_onnxruntime)[:2]:
             warnings.append(f"{device}: onnxruntime {facts.onnxruntime_version} on the device is older than "
                             f"{build_onnxruntime} on the build host; int8 kernels and supported opsets may differ")
+    if facts.root_writable is False:
+        refusals.append(f"{device}: {needs.root} cannot be written (or created) by the SSH user (uid "
+                        f"{facts.uid if facts.uid is not None else '?'}): give that user the directory or set "
+                        f"device.root ({needs.root_at})")
     growth = bytes_to_move + release_bytes
     if facts.free_bytes is not None and growth and growth + DISK_MARGIN_BYTES > facts.free_bytes:
         refusals.append(f"{device}: {_mb(facts.free_bytes)} free under {needs.root} but the release needs "

@@ -98,3 +98,9 @@ def test_facts_from_the_agent_document() -> None:
         ("/x/bin/python3", "armv7l", None, 1234)
     [refusal] = preflight("d", facts, NEEDS, 0).refusals
     assert "has no onnxruntime (ImportError: libgomp.so.1)" in refusal  # a broken install says why
+
+
+def test_a_root_the_ssh_user_cannot_write_is_refused() -> None:
+    [refusal] = preflight("cam-01", replace(GOOD, root_writable=False, uid=1000), NEEDS, 0).refusals
+    assert refusal == ("cam-01: /opt/edgeops cannot be written (or created) by the SSH user (uid 1000): give that "
+                       "user the directory or set device.root (device_profiles/x.yaml:26)")

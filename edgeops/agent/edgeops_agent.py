@@ -527,7 +527,8 @@ def gather_facts(root, power_config=None):
             except OSError:
                 pass
     out["disk"] = {"root": root, "measured_at": measured_at, "free_bytes": free, "used_bytes": used,
-                   "root_exists": os.path.isdir(root)}
+                   "root_exists": os.path.isdir(root),
+                   "writable": os.access(measured_at, os.W_OK | os.X_OK)}  # the root, or where it will be made
     sensor = {"source": (power_config or {}).get("source", "none"), "readable": None, "error": None}
     if sensor["source"] != "none":
         meter = EnergyMeter(power_config)
