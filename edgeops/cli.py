@@ -1,4 +1,7 @@
-"""The ``edgeops`` command line: parse, call the library, print. No decisions here."""
+"""The ``edgeops`` command line: parse, call the service layer, print, map errors to exit codes.
+
+No decisions here: every command's work is a function of ``edgeops.service``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from edgeops import __version__
+from edgeops import __version__, service
 from edgeops.errors import EdgeopsError, ExitCode, InputError
 from edgeops.types import Decision, Health
 
@@ -64,12 +67,6 @@ class EdgeopsGroup(click.Group):
             raise
 
 
-def workspace_root(paths: tuple[Path, ...], root: Path | None) -> Path:
-    from edgeops.spec.workspace import find_root
-
-    return root.resolve() if root else find_root(paths[0] if paths else Path.cwd())
-
-
 @click.group(cls=EdgeopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeops")
 def main() -> None:
@@ -88,27 +85,17 @@ def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
     against its declared inputs and outputs, recipe options against the model, fleet addresses.
     With no PATH: the whole repository.
     """
-    from edgeops.spec.workspace import load_workspace, yaml_files
-
-    for path in paths:
-        if not path.exists():
-            raise InputError.at(str(path), None, "", "file not found")
-    ws_root = workspace_root(paths, root)
-    ws = load_workspace(ws_root, extra=yaml_files(list(paths)), focus=list(paths) or None, deep=True)
-    docs = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
-    if paths:
-        wanted = {p.resolve() for p in yaml_files(list(paths))}
-        docs = [d for d in docs if d.path in wanted]
+    checked = service.validate(paths, root)
     if output == "json":
         click.echo(json.dumps({"ok": True, "documents": [
-            {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in docs],  # type: ignore[attr-defined]
-            "warnings": [w.as_dict() for w in ws.warnings]}, indent=2))
+            {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in checked.documents],
+            "warnings": [w.as_dict() for w in checked.warnings]}, indent=2))
         return
-    for doc in sorted(docs, key=lambda d: d.display):
-        click.echo(f"ok  {doc.display}  {doc.obj.kind}/{doc.name}")  # type: ignore[attr-defined]
-    for warning in ws.warnings:
+    for doc in checked.documents:
+        click.echo(f"ok  {doc.display}  {doc.obj.kind}/{doc.name}")
+    for warning in checked.warnings:
         click.echo(f"warning: {warning}", err=True)
-    kinds = [d.obj.kind for d in docs]  # type: ignore[attr-defined]
+    kinds = [d.obj.kind for d in checked.documents]
     click.echo(f"valid: {kinds.count('Deployment')} deployment(s), {kinds.count('Fleet')} fleet(s), "
                f"{kinds.count('DeviceProfile')} device profile(s)")
 
@@ -117,9 +104,7 @@ def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="write to a file instead of stdout")
 def schema(out: Path | None) -> None:
     """Print the JSON Schema of every edgeops kind (for editors' YAML language servers)."""
-    from edgeops.spec.schema import json_schema
-
-    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(service.json_schema(), indent=2, sort_keys=True) + "\n"
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
@@ -140,19 +125,14 @@ def schema(out: Path | None) -> None:
 def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bool, root: Path | None,
           output: str) -> None:
     """Build, evaluate and cache the compressed artifact(s) of a deployment."""
-    from edgeops.build.pipeline import build as run_build
-    from edgeops.build.pipeline import default_cache
-    from edgeops.spec.workspace import load_workspace
     from edgeops.ui import build_notes, build_table, console, err_console
 
-    ws = load_workspace(workspace_root((manifest,), root))
-    doc = ws.deployment(str(manifest))
-    cache = default_cache(ws)
+    doc, accelerators, cache = service.build_targets(manifest, accelerator, root)
     results = []
-    for acc in accelerator or sorted(ws.accelerators_of(doc)):
+    for acc in accelerators:
         with err_console.status(f"building {doc.name} for {acc}") as status:
-            result = run_build(doc, acc, cache, force=force,
-                               progress=lambda message: status.update(f"{doc.name} ({acc}): {message}"))
+            result = service.build(doc, acc, cache, force=force,
+                                   progress=lambda message: status.update(f"{doc.name} ({acc}): {message}"))
         results.append(result)
         if output == "table":
             console.print(build_table(result.report))
@@ -177,23 +157,10 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
 @handle_errors
 def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: Path | None) -> None:
     """Render the runtime config (JSON) of each target device; builds first (cache hits are free)."""
-    from edgeops.build.pipeline import build as run_build
-    from edgeops.build.pipeline import default_cache
-    from edgeops.render import render_device
-    from edgeops.spec.workspace import load_workspace
-    from edgeops.targets import target_devices
-
-    ws = load_workspace(workspace_root((manifest,), root))
-    doc = ws.deployment(str(manifest))
-    targets = [t for t in target_devices(ws, doc.name) if device_name in (None, t.name, t.key)]
-    if not targets:
-        raise InputError.at(str(manifest), None, "", f"no target device named {device_name!r}")
-    cache = default_cache(ws)
-    artifacts = {acc: run_build(doc, acc, cache).report["artifact"] for acc in sorted({t.accelerator for t in targets})}
-    for target in targets:
-        config = render_device(ws, doc, target, artifacts[target.accelerator])
+    configs = service.render(manifest, device_name, root)
+    for target, config in configs:
         if out_dir is None:
-            if len(targets) > 1:
+            if len(configs) > 1:
                 click.echo(f"# {target.key} ({target.profile.name}, {config.digest[:12]})")
             click.echo(config.text, nl=False)
         else:
@@ -208,14 +175,6 @@ def lab() -> None:
     """A local fleet of real sshd devices on 127.0.0.1 (quick start, tests, benchmarks)."""
 
 
-def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
-    from edgeops.spec.workspace import load_workspace
-
-    ws = load_workspace(workspace_root((Path(fleet),) if Path(fleet).exists() else (), root))
-    by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
-    return ws, (by_path[0] if by_path else ws.fleet(fleet))
-
-
 @lab.command("up")
 @click.argument("fleet", default="lab")
 @click.option("--login-home", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEOPS_LAB_LOGIN_HOME",
@@ -225,13 +184,9 @@ def _lab_fleet(fleet: str, root: Path | None):  # type: ignore[no-untyped-def]
 @handle_errors
 def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
     """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
-    from edgeops.lab import lab_up
-    from edgeops.targets import fleet_targets
-
-    ws, doc = _lab_fleet(fleet, root)
-    home = login_home.resolve() if login_home else None
-    for device in lab_up(ws, doc, fleet_targets(ws, doc), home, report=lambda message: click.echo(message, err=True)):
-        click.echo(f"up  {doc.name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
+    name, devices = service.lab_up(fleet, root, login_home, report=lambda message: click.echo(message, err=True))
+    for device in devices:
+        click.echo(f"up  {name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
 
 
 @lab.command("status")
@@ -240,12 +195,10 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
 @handle_errors
 def lab_status_command(fleet: str, root: Path | None) -> None:
     """Show which lab devices are running."""
-    from edgeops.lab import lab_status
-
-    ws, doc = _lab_fleet(fleet, root)
-    for device in lab_status(ws, doc):
+    name, devices = service.lab_status(fleet, root)
+    for device in devices:
         state = f"running (pid {device.pid})" if device.running else "stopped"
-        click.echo(f"{doc.name}/{device.name}  127.0.0.1:{device.port}  {state}")
+        click.echo(f"{name}/{device.name}  127.0.0.1:{device.port}  {state}")
 
 
 @lab.command("down")
@@ -255,39 +208,8 @@ def lab_status_command(fleet: str, root: Path | None) -> None:
 @handle_errors
 def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
     """Stop exactly the sshd processes `lab up` started (by pid)."""
-    from edgeops.lab import lab_down
-
-    ws, doc = _lab_fleet(fleet, root)
-    stopped = lab_down(ws, doc, wipe)
-    click.echo(f"stopped {len(stopped)} lab device(s) of {doc.name}")
-
-
-def _context(manifest: str, root: Path | None):  # type: ignore[no-untyped-def]
-    """The workspace, one deployment (by name or manifest path) and the ledger."""
-    from edgeops.ledger import default_ledger
-    from edgeops.spec.workspace import load_workspace
-
-    ws = load_workspace(workspace_root((Path(manifest),) if Path(manifest).exists() else (), root))
-    doc = ws.deployment(manifest)
-    return ws, doc, default_ledger(ws.root)
-
-
-def _selected(manifests: tuple[str, ...], changed_since: str | None, root: Path | None):  # type: ignore[no-untyped-def]
-    """The workspace, the deployments to act on (sorted by name), and the ledger."""
-    from edgeops.gitdiff import changed_files, touched_deployments
-    from edgeops.ledger import default_ledger
-    from edgeops.spec.workspace import load_workspace
-
-    if not manifests and not changed_since:
-        raise click.UsageError("give MANIFEST(s) or --changed-since REV")
-    paths = tuple(Path(m) for m in manifests if Path(m).exists())
-    focused = not changed_since and len(paths) == len(manifests)  # by path: a broken manifest elsewhere may stay
-    ws = load_workspace(workspace_root(paths, root), focus=list(paths) if focused else None, deep=True)
-    docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
-    if changed_since:
-        for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
-            docs[touched.deployment] = ws.deployments[touched.deployment]
-    return ws, [docs[name] for name in sorted(docs)], default_ledger(ws.root)
+    name, stopped = service.lab_down(fleet, root, wipe)
+    click.echo(f"stopped {len(stopped)} lab device(s) of {name}")
 
 
 LOCK_TIMEOUT = click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
@@ -313,17 +235,13 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
     preflight; 1: a failure; 3: invalid input. See docs/exit-codes.md.
     """
-    from edgeops.connections import Connections
-    from edgeops.operations import plan_deployment, plan_warnings
     from edgeops.ui import console, err_console, plan_comment, plan_summary, plan_table
 
-    ws, docs, ledger = _selected(manifests, changed_since, root)
-    entries = []
-    with Connections(parallelism=16) as connections, err_console.status("planning") as status:
-        for doc in docs:
-            result, desired = plan_deployment(ws, doc, connections, ledger, progress=status.update)
-            reports = {acc: a.report for acc, a in desired.artifacts.items()}
-            entries.append((result, reports, plan_warnings(doc, desired)))
+    if not manifests and not changed_since:
+        raise click.UsageError("give MANIFEST(s) or --changed-since REV")
+    with err_console.status("planning") as status:
+        found = service.plan(manifests, changed_since, root, progress=status.update)
+    entries = [(e.plan, e.reports, e.warnings) for e in found]
     if out_file:
         if len(entries) != 1:
             raise click.UsageError("--out saves the plan of exactly one deployment")
@@ -361,42 +279,37 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
 
     Several deployments go one after the other, by name; the first that does not succeed stops the rest.
     """
-    from edgeops.connections import Connections
-    from edgeops.operations import apply_deployment, load_plan
-    from edgeops.rollout import summarize
     from edgeops.ui import LiveReporter, console, err_console, result_table
 
-    ws, docs, ledger = _selected(manifests, changed_since, root)
-    saved = load_plan(plan_file) if plan_file else None
-    if saved and len(docs) != 1:
-        raise click.UsageError("--plan applies exactly one deployment")
-    results = []
-    for doc in docs:
-        with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
-            _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved,
-                                         progress=lambda m: err_console.print(m),
-                                         lock_timeout_s=_duration(lock_timeout))
-        results.append(result)
-        if output == "table":
-            console.print(result_table(result))
-            s = summarize(result)
-            console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
-                          f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
-                          f"{s['unreachable']} unreachable, {s['refused']} refused, {s['skipped']} not started; "
-                          f"{s['bytes_moved']:,} bytes moved")
-            for device in result.devices:
-                if device.decision == Decision.REFUSED:
-                    console.print(f"refused: {device.reason}", soft_wrap=True)
-        if not result.ok:
-            skipped = [d.name for d in docs[len(results):]]
-            if skipped:
-                err_console.print(f"stopping: {result.deployment} {result.outcome}; not applied: {', '.join(skipped)}")
-            break
+    if not manifests and not changed_since:
+        raise click.UsageError("give MANIFEST(s) or --changed-since REV")
+
+    def show(result: Any) -> None:
+        if output != "table":
+            return
+        console.print(result_table(result))
+        s = service.summarize(result)
+        console.print(f"{result.outcome}: {s['passed']} updated, {s['inconclusive']} kept inconclusive, "
+                      f"{s['unchanged']} unchanged, {s['rolledback'] + s['failed']} rolled back or failed, "
+                      f"{s['unreachable']} unreachable, {s['refused']} refused, {s['skipped']} not started; "
+                      f"{s['bytes_moved']:,} bytes moved")
+        for device in result.devices:
+            if device.decision == Decision.REFUSED:
+                console.print(f"refused: {device.reason}", soft_wrap=True)
+
+    with LiveReporter() as reporter:
+        applied = service.apply(manifests, changed_since, plan_file, root, reporter,
+                                progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
+                                on_result=show)
+    results = applied.results
+    if applied.not_applied:
+        err_console.print(f"stopping: {results[-1].deployment} {results[-1].outcome}; not applied: "
+                          f"{', '.join(applied.not_applied)}")
     if output == "json":
         click.echo(json.dumps([{"deployment": r.deployment, "outcome": r.outcome, "message": r.message,
-                                "rollout_id": r.rollout_id, "summary": summarize(r),
+                                "rollout_id": r.rollout_id, "summary": service.summarize(r),
                                 "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
-    elif not docs:
+    elif not applied.selected:
         console.print("no deployment is touched")
     if any(r.count(Decision.REFUSED) for r in results):
         sys.exit(ExitCode.REFUSED)
@@ -404,25 +317,18 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
 
 
 def _settle_paused_command(deployment: str, accept: bool | None, lock_timeout: str, root: Path | None) -> None:
-    from edgeops.connections import Connections
-    from edgeops.operations import apply_deployment, paused_devices, settle_paused
     from edgeops.ui import LiveReporter, console, err_console, result_table
 
-    ws, doc, ledger = _context(deployment, root)
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
-        if accept is None and not paused_devices(ws, doc, connections):
-            raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
-                               hint="edgeops apply starts a new rollout")
-        if accept is not None:
-            settled = settle_paused(ws, doc, connections, ledger, accept, _duration(lock_timeout))
-            console.print(f"{settled.outcome}: {settled.message}")
-            if not settled.ok or not accept:
-                sys.exit(ExitCode.OK if settled.ok else ExitCode.FAILED)
-        with LiveReporter() as reporter:  # resume and promote continue the rollout from what git asks for
-            _, result = apply_deployment(ws, doc, connections, ledger, reporter,
-                                         progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout))
-    console.print(result_table(result))
-    console.print(f"{result.outcome}: {result.message}", soft_wrap=True)
+    with LiveReporter() as reporter:  # resume and promote continue the rollout from what git asks for
+        done = service.settle_paused(deployment, accept, root, reporter, progress=lambda m: err_console.print(m),
+                                     lock_timeout_s=_duration(lock_timeout))
+    if done.settled is not None:
+        console.print(f"{done.settled.outcome}: {done.settled.message}")
+    result = done.continued or done.settled
+    assert result is not None
+    if done.continued is not None:
+        console.print(result_table(result))
+        console.print(f"{result.outcome}: {result.message}", soft_wrap=True)
     sys.exit(ExitCode.OK if result.ok else ExitCode.FAILED)
 
 
@@ -464,11 +370,7 @@ def abort(deployment: str, lock_timeout: str, root: Path | None) -> None:
 @handle_errors
 def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
     """Which deployments a git change touches (following models, data, fleets, profiles, templates)."""
-    from edgeops.gitdiff import changed_files, touched_deployments
-    from edgeops.spec.workspace import load_workspace
-
-    ws = load_workspace(workspace_root((), root))
-    touched = touched_deployments(ws, changed_files(ws.root, base, head))
+    touched = service.diff(base, head, root)
     if output == "json":
         click.echo(json.dumps([{"deployment": t.deployment, "manifest": t.manifest, "reasons": list(t.reasons)}
                                for t in touched], indent=2))
@@ -495,18 +397,11 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
 
     With no MANIFEST: every deployment of the repository.
     """
-    from edgeops.connections import Connections
-    from edgeops.operations import status_rows
-    from edgeops.spec.workspace import load_workspace
     from edgeops.ui import console, err_console, status_summary, status_table
 
-    ws = load_workspace(workspace_root(tuple(Path(m) for m in manifests if Path(m).exists()), root))
-    docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)]
-    everything: dict[str, list] = {}
-    with Connections(parallelism=16) as connections, err_console.status("reading devices") as spinner:
-        for doc in docs:
-            rows = status_rows(ws, doc, connections, progress=spinner.update, verify=verify)
-            everything[doc.name] = [r for r in rows if r.drifted] if drift_only else rows
+    with err_console.status("reading devices") as spinner:
+        found = service.status(manifests, root, verify=verify, progress=spinner.update)
+    everything = {name: [r for r in rows if r.drifted] if drift_only else rows for name, rows in found.items()}
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
                                for name, rows in everything.items()], indent=2))
@@ -519,7 +414,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
             console.print(status_summary(rows))
     rows = [r for group in everything.values() for r in group]
     if drift_only:
-        sys.exit(1 if rows else 0)
+        sys.exit(ExitCode.FAILED if rows else ExitCode.OK)
     sys.exit(ExitCode.OK if all(r.health == Health.HEALTHY for r in rows) else ExitCode.FAILED)
 
 
@@ -533,16 +428,11 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
 @handle_errors
 def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, verify_every: int, root: Path | None) -> None:
     """Opt-in loop: re-apply any deployment whose devices drifted from git, with the same budgets as apply."""
-    from edgeops.operations import reconcile_loop
-    from edgeops.spec.workspace import load_workspace
     from edgeops.ui import err_console
 
-    seconds = _duration(interval)
-    ws = load_workspace(workspace_root(tuple(Path(m) for m in manifests if Path(m).exists()), root))
-    names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
-    failures = reconcile_loop(ws.root, names, seconds, iterations, log=lambda m: err_console.print(m),
-                              verify_every=verify_every)
-    sys.exit(1 if failures else 0)
+    failures = service.reconcile(manifests, _duration(interval), iterations, verify_every, root,
+                                 log=lambda m: err_console.print(m))
+    sys.exit(ExitCode.FAILED if failures else ExitCode.OK)
 
 
 def _duration(text: str) -> float:
@@ -563,14 +453,13 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
     """Rollouts of a deployment: when, who, artifact, decisions and the measurements behind them."""
     from edgeops.ui import console, history_table
 
-    _, doc, ledger = _context(deployment, root)
-    rollouts = ledger.history(doc.name, limit)
+    name, rollouts = service.history(deployment, limit, root)
     if output == "json":
         click.echo(json.dumps(rollouts, indent=2))
     elif not rollouts:
-        console.print(f"no rollouts of {doc.name} in the ledger yet")
+        console.print(f"no rollouts of {name} in the ledger yet")
     else:
-        console.print(history_table(doc.name, rollouts))
+        console.print(history_table(name, rollouts))
 
 
 @main.command()
@@ -592,18 +481,14 @@ def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devi
     """
     if allow_rejected and not to_release:
         raise click.UsageError("--allow-rejected needs --to RELEASE: a rejected release runs only when named")
-    from edgeops.connections import Connections
-    from edgeops.operations import rollback_deployment
-    from edgeops.rollout import summarize
     from edgeops.ui import LiveReporter, console, result_table
 
-    ws, doc, ledger = _context(deployment, root)
     names = [d.strip() for d in devices.split(",")] if devices else None
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections, LiveReporter() as reporter:
-        result = rollback_deployment(ws, doc, connections, ledger, to_release, names, reporter, allow_rejected,
-                                     lock_timeout_s=_duration(lock_timeout))
+    with LiveReporter() as reporter:
+        result = service.rollback(deployment, to_release, names, root, reporter, allow_rejected,
+                                  lock_timeout_s=_duration(lock_timeout))
     if output == "json":
-        click.echo(json.dumps({"outcome": result.outcome, "summary": summarize(result),
+        click.echo(json.dumps({"outcome": result.outcome, "summary": service.summarize(result),
                                "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))
     else:
         console.print(result_table(result))

@@ -39,12 +39,18 @@ def test_the_pure_core_does_no_io() -> None:
     assert not {m: i for m, i in offenders.items() if i}
 
 
-def test_only_the_cli_reaches_the_ui_and_the_operations() -> None:
+def test_only_the_cli_reaches_the_ui_and_only_the_service_reaches_the_operations() -> None:
     for module, imports in GRAPH.items():
-        if _under(module, FRONT):
-            continue
-        assert not [i for i in imports if _under(i, FRONT | {"edgeops.operations"})], module
+        if not _under(module, FRONT):
+            assert not [i for i in imports if _under(i, FRONT)], module
+        if module != "edgeops.service":
+            assert "edgeops.operations" not in imports, module
 
 
 def test_the_agent_is_one_file_that_imports_nothing_of_edgeops() -> None:
     assert GRAPH["edgeops.agent.edgeops_agent"] == set()
+
+
+def test_the_cli_talks_to_the_service_layer_only() -> None:
+    allowed = {"edgeops", "edgeops.service", "edgeops.ui", "edgeops.errors", "edgeops.types"}
+    assert GRAPH["edgeops.cli"] <= allowed, GRAPH["edgeops.cli"] - allowed
