@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edgeops.build.cache import Artifact
-from edgeops.build.pipeline import build, default_cache
+from edgeops.build.pipeline import build, cached, default_cache
+from edgeops.errors import EdgeopsError
 from edgeops.release import Release, make_release
 from edgeops.render import render_device
 from edgeops.spec.models import Deployment
@@ -25,13 +26,27 @@ class Desired:
         return next(t for t in self.targets if t.key == key)
 
 
+class NotBuilt(EdgeopsError):
+    """A read-only command found no built artifact for what git asks for (it never builds)."""
+
+
 def desired_state(ws: Workspace, deployment: Document[Deployment],
-                  progress: Callable[[str], None] = lambda message: None) -> Desired:
-    """Build (cache hits are free) and render for every target device."""
+                  progress: Callable[[str], None] = lambda message: None, build_missing: bool = True) -> Desired:
+    """Build (cache hits are free) and render for every target device.
+
+    ``build_missing=False`` (status, reconcile's check): use the cache only and raise NotBuilt on a miss.
+    """
     targets = tuple(target_devices(ws, deployment.name))
     cache = default_cache(ws)
     artifacts = {}
     for accelerator in sorted({t.accelerator for t in targets}):
+        if not build_missing:
+            found = cached(deployment, accelerator, cache)
+            if found is None:
+                raise NotBuilt(f"the {accelerator} artifact git asks for is not built yet",
+                               hint="edgeops plan or edgeops build builds it")
+            artifacts[accelerator] = found.artifact
+            continue
         progress(f"building {deployment.name} for {accelerator}")
         artifacts[accelerator] = build(deployment, accelerator, cache, progress=progress).artifact
     releases = {}

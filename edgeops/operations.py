@@ -31,6 +31,7 @@ from edgeops.rollout import (
     device_for,
     measure_release,
     observe,
+    observe_targets,
     summarize,
 )
 from edgeops.spec.models import Deployment
@@ -179,18 +180,31 @@ def _power(verification: dict[str, Any] | None) -> str:
 
 def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connections,
                 progress: Progress = lambda m: None, verify: bool = False) -> list[StatusRow]:
-    """One row per target device, read from the device now (``verify``: hash every file, not just sizes)."""
-    require_identity_files(target_devices(ws, doc.name))
-    desired = desired_state(ws, doc, progress)
-    progress(f"reading the state of {len(desired.targets)} device(s)")
-    observed = observe(desired, connections, verify)
+    """One row per target device, read from the device now (``verify``: hash every file, not just sizes).
+
+    Never builds: when the artifact git asks for is not in the cache, or the deployment cannot be built or
+    rendered now, sync is Unknown and the rows say why; the devices are still read.
+    """
+    targets = target_devices(ws, doc.name)
+    require_identity_files(targets)
+    wanted: dict[str, str] = {}
+    unknown = ""
+    try:
+        desired = desired_state(ws, doc, progress, build_missing=False)
+        wanted = {key: release.id for key, release in desired.releases.items()}
+    except EdgeopsError as exc:
+        unknown = "the release git asks for is unknown: " + "; ".join(exc.lines())
+    progress(f"reading the state of {len(targets)} device(s)")
+    observed = observe_targets(doc.name, targets, connections, verify)
     rows = []
-    for target in desired.targets:
+    for target in targets:
         o = observed[target.key]
-        want = desired.releases[target.key].id
-        sync = sync_of(o, want)
+        want = wanted.get(target.key)
+        sync = sync_of(o, want) if want else Sync.UNKNOWN
         checked = preflight(target.name, o.facts, target.needs(doc.obj.spec.slo), 0) if o.facts else None
         health, message = health_of(o, checked, doc.obj.spec.slo)
+        if unknown:
+            message = f"{unknown}; {message}".rstrip("; ")
         if sync == Sync.OUT_OF_SYNC and health != Health.UNREACHABLE:
             rejected = o.last_rejected or {}
             why = f" (rejected on this device: {rejected.get('reason') or 'failed verification'})" \

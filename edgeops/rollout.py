@@ -106,18 +106,24 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
 
 
 def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
-    """Read every target device's state and facts in parallel; unreachable devices are marked, not raised.
+    """Read every target device of ``desired``; see ``observe_targets``."""
+    return observe_targets(desired.deployment.name, list(desired.targets), connections, verify)
+
+
+def observe_targets(deployment: str, targets: list[TargetDevice], connections: Connections,
+                    verify: bool = False) -> dict[str, ObservedDevice]:
+    """Read every device's state and facts in parallel; unreachable devices are marked, not raised.
 
     ``verify`` hashes every file of the running and committed releases instead of checking sizes and times.
     A device refused for a security reason (host key, key refused) is marked untrusted, not unreachable.
     """
-    name = desired.deployment.name
-    results = connections.map(lambda t: device_for(t, connections, name).observe(t.power_sensor, verify),
-                              list(desired.targets))
+    by_key = {t.key: t for t in targets}
+    results = connections.map(lambda t: device_for(t, connections, deployment).observe(t.power_sensor, verify),
+                              targets)
     observed = {}
     for key, result in results.items():
         if isinstance(result, EdgeopsError):
-            connections.drop(desired.target(key))
+            connections.drop(by_key[key])
             observed[key] = ObservedDevice(key, False, error=result.message,
                                            untrusted=isinstance(result, SECURITY_ERRORS))
         else:

@@ -325,3 +325,21 @@ def test_on_failure_pause_leaves_the_device_as_it_is_until_abort_or_promote(lab_
     _, back = do_apply(lab_repo)
     assert back.ok, back.message
     assert cli(lab_repo, "status", MANIFEST).exit_code == 0
+
+
+def test_status_never_builds_it_says_the_release_git_asks_for_is_not_built(lab_repo: Path) -> None:
+    do_apply(lab_repo)
+    manifest = (lab_repo / MANIFEST).read_text()
+    cache = lab_repo / ".edgeops" / "cache"
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_dir())
+    try:
+        edit(lab_repo, MANIFEST, "calibration_method: minmax", "calibration_method: entropy")  # a new artifact
+        status = cli(lab_repo, "status", MANIFEST, "-o", "json")
+        assert status.exit_code == 0, status.output  # the devices are healthy; what git asks for is unknown
+        rows = json.loads(status.stdout)[0]["devices"]
+        assert {r["sync"] for r in rows} == {"Unknown"} and {r["health"] for r in rows} == {"Healthy"}
+        assert all("is not built yet" in r["message"] for r in rows)
+        assert sorted(p.name for p in cache.rglob("*") if p.is_dir()) == entries  # nothing was built
+        assert cli(lab_repo, "status", MANIFEST, "--drift-only").exit_code == 1
+    finally:
+        (lab_repo / MANIFEST).write_text(manifest)

@@ -79,6 +79,12 @@ def slot(doc: Document[Deployment], accelerator: str) -> str:
     return f"{doc.name}.{accelerator}"
 
 
+def cached(doc: Document[Deployment], accelerator: str, cache: Cache) -> BuildResult | None:
+    """The artifact the current inputs would build, if the cache has it; never builds."""
+    hit = cache.get(cache_key(build_inputs(doc, accelerator)))
+    return BuildResult(hit, hit.report, ["cache hit"]) if hit else None
+
+
 def build(doc: Document[Deployment], accelerator: str, cache: Cache, *, force: bool = False,
           progress: Callable[[str], None] = lambda message: None) -> BuildResult:
     """Build (or fetch from the cache) the artifact of ``doc`` for one accelerator class."""
