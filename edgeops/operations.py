@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from edgeops.rollout import (
     observe_targets,
     summarize,
 )
+from edgeops.spec.checks import missing_identity_file
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
@@ -51,12 +51,11 @@ def require_identity_files(targets: Iterable[TargetDevice]) -> None:
     """A fleet whose private key file is missing is an input error, found before any device is dialled."""
     problems = []
     for fleet in {t.fleet.path: t.fleet for t in targets}.values():
-        name = fleet.obj.spec.ssh.identity_file
-        path = fleet.resolve(os.path.expanduser(name)) if name else None
-        if path is not None and not path.is_file():
+        if path := missing_identity_file(fleet):
             problems.append(fleet.problem(("spec", "ssh", "identity_file"),
-                                          f"identity file {name} does not exist (resolved to {path}): point it at "
-                                          "the deploy key, or run `edgeops lab up` for a lab fleet"))
+                                          f"identity file {fleet.obj.spec.ssh.identity_file} does not exist "
+                                          f"(resolved to {path}): point it at the deploy key, or run "
+                                          "`edgeops lab up` for a lab fleet"))
     if problems:
         raise InputError(problems)
 

@@ -234,8 +234,7 @@ def test_a_killed_controller_leaves_a_trial_that_the_device_reverts_by_itself(la
     unfinished = default_ledger(lab).history("wearable-activity", 1)[0]
     assert unfinished["outcome"] is None and unfinished["actor"] == "doomed-controller"
     assert "unfinished" in cli(lab, "history", "wearable-activity").output
-    default_ledger(lab)  # the dead controller's lock is taken over: a plain re-apply converges
-    assert apply_now(lab).ok
+    assert apply_now(lab).ok  # the dead controller's lock is taken over: a plain re-apply converges
     assert_invariants(lab)
 
 

@@ -5,7 +5,6 @@ One file; needs only python3, numpy and onnxruntime. It never imports edgeops.
 Every command prints exactly one JSON document on stdout (``"schema":
 "edgeops.agent/v1"``), errors included (``"ok": false`` with a message, exit 3).
 
-    edgeops_agent.py info
     edgeops_agent.py facts --root DIR [--power SENSOR_JSON]
     edgeops_agent.py bench RELEASE_DIR [--runs N | --duration S] [--warmup N]
                                        [--compare OTHER_RELEASE_DIR] [--block N] [--golden]
@@ -454,19 +453,6 @@ def bench(args):
         if b:
             result["b"]["golden"] = golden_check(b)
     return result
-
-
-def info(_args):
-    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        import numpy
-        import onnxruntime
-
-        out.update(numpy=numpy.__version__, onnxruntime=onnxruntime.__version__,
-                   available_providers=onnxruntime.get_available_providers())
-    except ImportError as exc:
-        raise AgentError(f"the device lacks a dependency of the agent: {exc}", "dependency-missing")
-    return out
 
 
 def _free_space(root):
@@ -1112,7 +1098,6 @@ def layout_prune(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="edgeops_agent.py", description="edgeops on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info")
     f = sub.add_parser("facts")
     f.add_argument("--root", required=True)
     f.add_argument("--power", default=None, help="JSON: the profile's power sensor, checked for readability")
@@ -1170,7 +1155,7 @@ def main(argv=None):
                                                                    "releases (default: sizes and times only)")
             cmd.add_argument("--power", default=None, help="JSON: the power sensor to check (with --facts)")
     args = parser.parse_args(argv)
-    commands = {"bench": bench, "info": info, "facts": facts, "power": power, "state": layout_state,
+    commands = {"bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog}

@@ -62,6 +62,13 @@ def jump_host_problem(spec: str) -> str | None:
     return None
 
 
+def missing_identity_file(fleet: Document[Fleet]) -> Path | None:
+    """Where the fleet's ssh.identity_file resolves to, when it names a file that is not there."""
+    name = fleet.obj.spec.ssh.identity_file
+    path = fleet.resolve(os.path.expanduser(name)) if name else None
+    return path if path is not None and not path.is_file() else None
+
+
 def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings): host and user names, jump hosts, identity files, duplicate host:port."""
     errors: list[Problem] = []
@@ -73,7 +80,7 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
             errors.append(fleet.problem(("spec", "ssh", "user"), problem))
         if ssh.jump_host and (problem := jump_host_problem(ssh.jump_host)):
             errors.append(fleet.problem(("spec", "ssh", "jump_host"), problem))
-        if ssh.identity_file and not fleet.resolve(os.path.expanduser(ssh.identity_file)).is_file():
+        if missing_identity_file(fleet):
             warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
                                           f"{ssh.identity_file} does not exist (yet): connecting will fail "
                                           "until it does (`edgeops lab up` creates the lab's)"))
