@@ -180,7 +180,7 @@ def test_a_full_disk_at_the_switch_leaves_link_and_state_agreeing(lab: Path) -> 
                 device.activate(release.id)
             after = device.observe()
             assert os.readlink(deployment / "current").endswith(after.current)
-            assert after.current == before.current and after.status == "committed"
+            assert after.current == before.current and after.status in ("committed", "inconclusive")
             deployment.unlink()
             moved.rename(deployment)
     finally:
@@ -226,7 +226,8 @@ def test_a_killed_controller_leaves_a_trial_that_the_device_reverts_by_itself(la
     assert trial["status"] == "verifying" and trial["trial"]["window_s"] == TRIAL_WINDOW_S
     time.sleep(TRIAL_WINDOW_S + 2)  # nobody calls the device: its own timer must act
     reverted = json.loads(state_file.read_text())
-    assert reverted["current"] == before["lab-01"] and reverted["status"] == "committed"
+    # back on its committed release (kept after a Passed or, on a noisy host, an Inconclusive verification)
+    assert reverted["current"] == before["lab-01"] and reverted["status"] in ("committed", "inconclusive")
     last = reverted["history"][-1]
     assert (last["action"], last["by"]) == ("revert", "device") and "trial window" in last["reason"]
     assert reverted["releases"][last["from"]]["state"] == "aborted"  # not a verdict: it may be tried again
