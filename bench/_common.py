@@ -1,22 +1,13 @@
-"""Helpers shared by the bench scripts: a scratch copy of the repo, markdown tables, machine facts."""
+"""Helpers shared by the bench scripts: markdown tables, machine facts (scratch repos and lab fleets: labkit)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def scratch_repo(dest: Path) -> Path:
-    for name in ("manifests", "device_profiles", "templates"):
-        shutil.copytree(REPO / name, dest / name, dirs_exist_ok=True)
-    for name in ("models", "data"):
-        shutil.copytree(REPO / "examples" / name, dest / "examples" / name, dirs_exist_ok=True)
-    return dest
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

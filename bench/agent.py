@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
-from helpers import local_release  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.agent import AGENT_FILE  # noqa: E402
+from labkit.artifacts import local_release  # noqa: E402
+from labkit.repo import copy_repo  # noqa: E402
 
 COUNTS, REPEATS = [50, 100, 200, 500, 1000, 2000, 5000], 10
 
@@ -37,7 +38,7 @@ def agent(*args: str) -> dict:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        root = scratch_repo(Path(tmp) / "repo")
+        root = copy_repo(Path(tmp) / "repo")
         release = Path(tmp) / "release"
         local_release(root, "meter-digits", "cam-depot-01", release)
         rows, spreads = [], {}

@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
+from _common import machine, markdown_table  # noqa: E402
 
-from edgeops.build.data import load_dataset  # noqa: E402
-from edgeops.build.evaluate import session  # noqa: E402
-from edgeops.build.pipeline import build, default_cache  # noqa: E402
+from edgeops.compress.data import load_dataset  # noqa: E402
+from edgeops.compress.evaluate import session  # noqa: E402
 from edgeops.spec.workspace import load_workspace  # noqa: E402
+from labkit.artifacts import build_for  # noqa: E402
+from labkit.repo import copy_repo  # noqa: E402
 
 RECIPES: dict[str, list[tuple[str, str]]] = {
     "camera.yaml": [
@@ -96,13 +98,13 @@ def main() -> None:
             continue
         for label, recipe in recipes:
             with tempfile.TemporaryDirectory() as tmp:
-                root = scratch_repo(Path(tmp))
+                root = copy_repo(Path(tmp))
                 with_recipe(root / "manifests" / manifest, recipe)
                 ws = load_workspace(root)
                 doc = next(d for d in ws.deployments.values() if d.path.name == manifest)
                 started = time.perf_counter()
                 try:
-                    result = build(doc, "cpu", default_cache(ws))
+                    result = build_for(ws, doc.name, "cpu")
                 except Exception as exc:  # noqa: BLE001 - a failing recipe is a row too
                     rows.append([doc.name, label, "failed", "", "", "", "", "", str(exc)[:80]])
                     continue

@@ -28,10 +28,17 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
-from conftest import make_hostile_home, write_lab_fleet  # noqa: E402
-from faults import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine, markdown_table  # noqa: E402
+
+from edgeops.connections import Connections, ssh_connect  # noqa: E402
+from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.operations import apply_deployment, status_rows  # noqa: E402
+from edgeops.rollout import device_for  # noqa: E402
+from edgeops.spec.workspace import load_workspace  # noqa: E402
+from edgeops.targets import target_devices  # noqa: E402
+from labkit.artifacts import repo_at  # noqa: E402
+from labkit.faults import (  # noqa: E402
     CutConnection,
     agent_command,
     damage_blob,
@@ -39,14 +46,7 @@ from faults import (  # noqa: E402
     flip_byte,
     point_current_elsewhere,
 )
-
-from edgeops.connections import Connections, ssh_connect  # noqa: E402
-from edgeops.lab import lab_down, lab_up  # noqa: E402
-from edgeops.ledger import default_ledger  # noqa: E402
-from edgeops.operations import apply_deployment, status_rows  # noqa: E402
-from edgeops.rollout import device_for  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
-from edgeops.targets import target_devices  # noqa: E402
+from labkit.repo import copy_repo, make_hostile_home, write_lab_fleet  # noqa: E402
 
 DEPLOYMENT = "wearable-activity"
 TRIAL_WINDOW_S = 5
@@ -69,7 +69,7 @@ KILLS = {"SIGKILL the controller": signal.SIGKILL, "SIGINT the controller": sign
 def apply(root: Path, connect=ssh_connect):  # type: ignore[no-untyped-def]
     ws = load_workspace(root)
     with Connections(connect) as connections:
-        return apply_deployment(ws, ws.deployments[DEPLOYMENT], connections, default_ledger(root))[1]
+        return apply_deployment(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections)[1]
 
 
 def change_config(root: Path, round_number: int) -> None:
@@ -106,7 +106,7 @@ def status_truthful(root: Path, damaged: str | None) -> bool:
     """Status shows Damaged exactly on the device whose running release was damaged."""
     ws = load_workspace(root)
     with Connections() as connections:
-        rows = status_rows(ws, ws.deployments[DEPLOYMENT], connections)
+        rows = status_rows(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections)
     return all((row.health == "Damaged") == (row.device == damaged) for row in rows)
 
 
@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        root = scratch_repo(Path(tmp) / "repo")
+        root = copy_repo(Path(tmp) / "repo")
         write_lab_fleet(root, args.devices, Path(tmp) / "devices")
         profile = root / "device_profiles" / "lab-cpu.yaml"
         profile.write_text(profile.read_text().replace(

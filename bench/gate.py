@@ -26,10 +26,8 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
-from conftest import write_lab_fleet  # noqa: E402
-from slow_model import make_slower  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.desired import desired_state  # noqa: E402
@@ -37,6 +35,10 @@ from edgeops.lab import lab_down, lab_up  # noqa: E402
 from edgeops.rollout import device_for, measure_release  # noqa: E402
 from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
+from edgeops.verify import GateSpec  # noqa: E402
+from labkit.artifacts import repo_at  # noqa: E402
+from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
+from labkit.slow_model import make_slower  # noqa: E402
 
 
 def host_ms(path: Path, runs: int = 3000) -> float:
@@ -71,7 +73,7 @@ def releases_for(root: Path, model: str):  # type: ignore[no-untyped-def]
     text = text.replace("path: ../examples/models/wearable_cnn.onnx", f"path: ../examples/models/{model}")
     manifest.write_text(text)
     ws = load_workspace(root)
-    return desired_state(ws, ws.deployments["wearable-activity"])
+    return desired_state(ws, ws.deployments["wearable-activity"], repo_at(root, ws).cache)
 
 
 def main() -> None:
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = scratch_repo(Path(tmp) / "repo")
+        root = copy_repo(Path(tmp) / "repo")
         write_lab_fleet(root, 4, Path(tmp) / "devices")
         manifest = root / "manifests" / "wearable.yaml"
         text = manifest.read_text().replace("    sha256: ", "    # sha256: ")
@@ -119,7 +121,7 @@ def main() -> None:
                                         else ("30% slower", slow))
                     release = candidate.releases[target.key].id
                     device.activate(release)
-                    verdict = measure_release(device, release, baseline.releases[target.key].id, doc.obj, None,
+                    verdict = measure_release(device, release, baseline.releases[target.key].id, GateSpec.of(doc.obj.spec), None,
                                               seed=f"{target.key}:{index}")
                     device.activate(baseline.releases[target.key].id)
                     ratio = verdict.measurements["latency"]["p95_ms"] / verdict.measurements["previous_latency"]["p95_ms"]

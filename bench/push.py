@@ -19,11 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
-from conftest import write_lab_fleet  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine, markdown_table  # noqa: E402
 
-from edgeops.build.pipeline import build, default_cache  # noqa: E402
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.device import Device  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
@@ -31,13 +29,16 @@ from edgeops.release import ReleaseFile, make_release  # noqa: E402
 from edgeops.render import render_device  # noqa: E402
 from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
+from edgeops.types import DeviceStatus  # noqa: E402
+from labkit.artifacts import build_for  # noqa: E402
+from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
 
 PAYLOAD = 5_000_000
 
 
 def releases(ws, targets, payload: Path):
     doc = ws.deployments["wearable-activity"]
-    artifact = build(doc, "cpu", default_cache(ws)).artifact
+    artifact = build_for(ws, doc.name, "cpu").artifact
     data = payload.read_bytes()
     extra = ReleaseFile("payload.bin", hashlib.sha256(data).hexdigest(), len(data), local=payload)
     out = {}
@@ -60,7 +61,7 @@ def run(connections: Connections, targets, work):
 def main() -> None:
     rows, pool_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        root = scratch_repo(Path(tmp) / "repo")
+        root = copy_repo(Path(tmp) / "repo")
         write_lab_fleet(root, 16, Path(tmp) / "devices")
         ws = load_workspace(root)
         fleet = ws.fleets["lab"]
@@ -76,7 +77,12 @@ def main() -> None:
                     os.system(f"rm -rf '{t.root}'")
                 with Connections() as connections:
                     def device(t):
-                        return Device(connections.get(t), t.root, "python3", "wearable-activity")
+                        return Device(connections.get(t), t.root, t.python, "wearable-activity")
+
+                    def commit(t, release):  # what a passed verification does: only committed releases are targets
+                        d = device(t)
+                        d.activate(release.id)
+                        d.record({"status": DeviceStatus.COMMITTED}, release=release.id)
 
                     def push(t):
                         return device(t).push(first[t.key])
@@ -84,7 +90,7 @@ def main() -> None:
                     wall, results = run(connections, targets, push)
                     moved = sum(r.bytes_moved for r in results.values())
                     rows.append([count, "first push", f"{wall:.2f}", f"{moved / 1e6:.1f}", f"{moved / 1e6 / wall:.1f}"])
-                    run(connections, targets, lambda t: device(t).activate(first[t.key].id))
+                    run(connections, targets, lambda t: commit(t, first[t.key]))
                     wall, results = run(connections, targets, push)
                     moved = sum(r.bytes_moved for r in results.values())
                     rows.append([count, "repeat push", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—"])
@@ -93,7 +99,7 @@ def main() -> None:
                         replace(f, content=(f.content or b"") + b" ", sha256=hashlib.sha256((f.content or b"") + b" ").hexdigest(),
                                 size=f.size + 1) if f.name == "release.json" else f for f in r.files))
                         for k, r in first.items()}
-                    run(connections, targets, lambda t: (device(t).push(second[t.key]), device(t).activate(second[t.key].id)))
+                    run(connections, targets, lambda t: (device(t).push(second[t.key]), commit(t, second[t.key])))
                     sent = sum(connections.get(t).bytes_sent for t in targets)  # type: ignore[attr-defined]
                     wall, _ = run(connections, targets, lambda t: device(t).rollback())
                     moved = sum(connections.get(t).bytes_sent for t in targets) - sent  # type: ignore[attr-defined]
@@ -103,7 +109,7 @@ def main() -> None:
                     os.system(f"rm -rf '{t.root}'")
                 with Connections(parallelism=workers) as connections:
                     wall, results = run(connections, all_targets, lambda t: Device(
-                        connections.get(t), t.root, "python3", "wearable-activity").push(first[t.key]))
+                        connections.get(t), t.root, t.python, "wearable-activity").push(first[t.key]))
                 moved = sum(r.bytes_moved for r in results.values())
                 pool_rows.append([workers, f"{wall:.2f}", f"{moved / 1e6 / wall:.1f}"])
         finally:

@@ -17,16 +17,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _common import machine, markdown_table, scratch_repo  # noqa: E402
-from conftest import write_lab_fleet  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
-from edgeops.ledger import default_ledger  # noqa: E402
 from edgeops.operations import apply_deployment, status_rows  # noqa: E402
 from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
+from labkit.artifacts import repo_at  # noqa: E402
+from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
 
 
 def timed(fn):  # type: ignore[no-untyped-def]
@@ -42,22 +42,22 @@ def main() -> None:
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            root = scratch_repo(Path(tmp) / "repo")
+            root = copy_repo(Path(tmp) / "repo")
             write_lab_fleet(root, size, Path(tmp) / "devices")
             ws = load_workspace(root)
             doc = ws.deployments["wearable-activity"]
             fleet = ws.fleets["lab"]
             lab_up(ws, fleet, target_devices(ws, doc.name))
             try:
-                ledger = default_ledger(root)
+                repo = repo_at(root, ws)
                 with Connections(parallelism=doc.obj.spec.rollout.parallelism) as c:
-                    cold, (_, result) = timed(lambda: apply_deployment(ws, doc, c, ledger))
+                    cold, (_, result) = timed(lambda: apply_deployment(repo, doc, c))
                 assert result.outcome == "succeeded", result.message
                 with Connections(parallelism=doc.obj.spec.rollout.parallelism) as c:
-                    noop, (_, again) = timed(lambda: apply_deployment(ws, doc, c, ledger))
+                    noop, (_, again) = timed(lambda: apply_deployment(repo, doc, c))
                 assert again.outcome == "no-op"
                 with Connections(parallelism=16) as c:
-                    status, found = timed(lambda: status_rows(ws, doc, c))
+                    status, found = timed(lambda: status_rows(repo, doc, c))
                 assert all(r.sync == "Synced" for r in found)
             finally:
                 lab_down(ws, fleet)

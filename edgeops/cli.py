@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -15,12 +17,18 @@ import click
 
 from edgeops import __version__, service
 from edgeops.errors import EdgeopsError, ExitCode, InputError
+from edgeops.settings import Settings
 from edgeops.types import Decision, Health
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for machines")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
                            help="repository root (default: found)")
+
+
+def settings(root: Path | None) -> Settings:
+    """The run's settings: the environment is read here, once, and nowhere in the library."""
+    return Settings.from_environment(os.environ, root)
 
 
 def _fail(exc: EdgeopsError, as_json: bool) -> None:
@@ -49,6 +57,10 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class InvalidUsage(click.UsageError):
+    exit_code = ExitCode.INVALID
+
+
 class EdgeopsGroup(click.Group):
     """click's usage errors exit 3 (invalid input) here: 2 belongs to `plan` for "changes pending"."""
 
@@ -56,21 +68,22 @@ class EdgeopsGroup(click.Group):
         try:
             return super().make_context(*args, **kwargs)
         except click.UsageError as exc:
-            exc.exit_code = ExitCode.INVALID
-            raise
+            raise InvalidUsage(exc.message, exc.ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            exc.exit_code = ExitCode.INVALID
-            raise
+            raise InvalidUsage(exc.message, exc.ctx) from None
 
 
 @click.group(cls=EdgeopsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeops")
 def main() -> None:
     """GitOps for ML models on edge fleets."""
+    # errors reach the user as named exceptions; libraries' log records (onnxruntime's quantizer warns per
+    # tensor, paramiko logs every failed dial) would only repeat them
+    logging.basicConfig(level=logging.CRITICAL)
 
 
 @main.command()
@@ -85,7 +98,7 @@ def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
     against its declared inputs and outputs, recipe options against the model, fleet addresses.
     With no PATH: the whole repository.
     """
-    checked = service.validate(paths, root)
+    checked = service.validate(paths, settings(root))
     if output == "json":
         click.echo(json.dumps({"ok": True, "documents": [
             {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in checked.documents],
@@ -127,7 +140,7 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
     """Build, evaluate and cache the compressed artifact(s) of a deployment."""
     from edgeops.ui import build_notes, build_table, console, err_console
 
-    doc, accelerators, cache = service.build_targets(manifest, accelerator, root)
+    doc, accelerators, cache = service.build_targets(manifest, accelerator, settings(root))
     results = []
     for acc in accelerators:
         with err_console.status(f"building {doc.name} for {acc}") as status:
@@ -157,7 +170,7 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
 @handle_errors
 def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: Path | None) -> None:
     """Render the runtime config (JSON) of each target device; builds first (cache hits are free)."""
-    configs = service.render(manifest, device_name, root)
+    configs = service.render(manifest, device_name, settings(root))
     for target, config in configs:
         if out_dir is None:
             if len(configs) > 1:
@@ -184,7 +197,7 @@ def lab() -> None:
 @handle_errors
 def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
     """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
-    name, devices = service.lab_up(fleet, root, login_home, report=lambda message: click.echo(message, err=True))
+    name, devices = service.lab_up(fleet, settings(root), login_home, report=lambda message: click.echo(message, err=True))
     for device in devices:
         click.echo(f"up  {name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
 
@@ -195,7 +208,7 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
 @handle_errors
 def lab_status_command(fleet: str, root: Path | None) -> None:
     """Show which lab devices are running."""
-    name, devices = service.lab_status(fleet, root)
+    name, devices = service.lab_status(fleet, settings(root))
     for device in devices:
         state = f"running (pid {device.pid})" if device.running else "stopped"
         click.echo(f"{name}/{device.name}  127.0.0.1:{device.port}  {state}")
@@ -208,7 +221,7 @@ def lab_status_command(fleet: str, root: Path | None) -> None:
 @handle_errors
 def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
     """Stop exactly the sshd processes `lab up` started (by pid)."""
-    name, stopped = service.lab_down(fleet, root, wipe)
+    name, stopped = service.lab_down(fleet, settings(root), wipe)
     click.echo(f"stopped {len(stopped)} lab device(s) of {name}")
 
 
@@ -240,7 +253,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
     with err_console.status("planning") as status:
-        found = service.plan(manifests, changed_since, root, progress=status.update)
+        found = service.plan(manifests, changed_since, settings(root), progress=status.update)
     entries = [(e.plan, e.reports, e.warnings) for e in found]
     if out_file:
         if len(entries) != 1:
@@ -284,7 +297,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
 
-    def show(result: Any) -> None:
+    def show(result: service.RolloutResult) -> None:
         if output != "table":
             return
         console.print(result_table(result))
@@ -298,7 +311,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                 console.print(f"refused: {device.reason}", soft_wrap=True)
 
     with LiveReporter() as reporter:
-        applied = service.apply(manifests, changed_since, plan_file, root, reporter,
+        applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
                                 on_result=show)
     results = applied.results
@@ -320,7 +333,7 @@ def _settle_paused_command(deployment: str, accept: bool | None, lock_timeout: s
     from edgeops.ui import LiveReporter, console, err_console, result_table
 
     with LiveReporter() as reporter:  # resume and promote continue the rollout from what git asks for
-        done = service.settle_paused(deployment, accept, root, reporter, progress=lambda m: err_console.print(m),
+        done = service.settle_paused(deployment, accept, settings(root), reporter, progress=lambda m: err_console.print(m),
                                      lock_timeout_s=_duration(lock_timeout))
     if done.settled is not None:
         console.print(f"{done.settled.outcome}: {done.settled.message}")
@@ -370,7 +383,7 @@ def abort(deployment: str, lock_timeout: str, root: Path | None) -> None:
 @handle_errors
 def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
     """Which deployments a git change touches (following models, data, fleets, profiles, templates)."""
-    touched = service.diff(base, head, root)
+    touched = service.diff(base, head, settings(root))
     if output == "json":
         click.echo(json.dumps([{"deployment": t.deployment, "manifest": t.manifest, "reasons": list(t.reasons)}
                                for t in touched], indent=2))
@@ -397,14 +410,16 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
 
     With no MANIFEST: every deployment of the repository.
     """
-    from edgeops.ui import console, err_console, status_summary, status_table
+    from edgeops.ui import broken_lines, console, err_console, status_summary, status_table
 
     with err_console.status("reading devices") as spinner:
-        found = service.status(manifests, root, verify=verify, progress=spinner.update)
-    everything = {name: [r for r in rows if r.drifted] if drift_only else rows for name, rows in found.items()}
+        found = service.status(manifests, settings(root), verify=verify, progress=spinner.update)
+    everything = {name: [r for r in rows if r.drifted] if drift_only else rows for name, rows in found.rows.items()}
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
-                               for name, rows in everything.items()], indent=2))
+                               for name, rows in everything.items()]
+                              + [{"deployment": name, "error": lines} for name, lines in found.broken.items()],
+                              indent=2))
     else:
         for name, rows in everything.items():
             if drift_only and not rows:
@@ -412,10 +427,13 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
                 continue
             console.print(status_table(name, rows))
             console.print(status_summary(rows))
+        for name, lines in found.broken.items():
+            err_console.print(broken_lines(name, lines))
     rows = [r for group in everything.values() for r in group]
     if drift_only:
-        sys.exit(ExitCode.FAILED if rows else ExitCode.OK)
-    sys.exit(ExitCode.OK if all(r.health == Health.HEALTHY for r in rows) else ExitCode.FAILED)
+        sys.exit(ExitCode.FAILED if rows or found.broken else ExitCode.OK)
+    healthy = all(r.health == Health.HEALTHY for r in rows) and not found.broken
+    sys.exit(ExitCode.OK if healthy else ExitCode.FAILED)
 
 
 @main.command()
@@ -430,7 +448,7 @@ def reconcile(manifests: tuple[str, ...], interval: str, iterations: int, verify
     """Opt-in loop: re-apply any deployment whose devices drifted from git, with the same budgets as apply."""
     from edgeops.ui import err_console
 
-    failures = service.reconcile(manifests, _duration(interval), iterations, verify_every, root,
+    failures = service.reconcile(manifests, _duration(interval), iterations, verify_every, settings(root),
                                  log=lambda m: err_console.print(m))
     sys.exit(ExitCode.FAILED if failures else ExitCode.OK)
 
@@ -453,7 +471,7 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
     """Rollouts of a deployment: when, who, artifact, decisions and the measurements behind them."""
     from edgeops.ui import console, history_table
 
-    name, rollouts = service.history(deployment, limit, root)
+    name, rollouts = service.history(deployment, limit, settings(root))
     if output == "json":
         click.echo(json.dumps(rollouts, indent=2))
     elif not rollouts:
@@ -485,7 +503,7 @@ def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devi
 
     names = [d.strip() for d in devices.split(",")] if devices else None
     with LiveReporter() as reporter:
-        result = service.rollback(deployment, to_release, names, root, reporter, allow_rejected,
+        result = service.rollback(deployment, to_release, names, settings(root), reporter, allow_rejected,
                                   lock_timeout_s=_duration(lock_timeout))
     if output == "json":
         click.echo(json.dumps({"outcome": result.outcome, "summary": service.summarize(result),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from edgeops.build.cache import Artifact
-from edgeops.build.pipeline import build, cached, default_cache
+from edgeops.compress.cache import Artifact, Cache
+from edgeops.compress.pipeline import build, cached
+from edgeops.compress.request import BuildRequest
 from edgeops.errors import EdgeopsError
 from edgeops.release import Release, make_release
 from edgeops.render import render_device
@@ -30,25 +31,24 @@ class NotBuilt(EdgeopsError):
     """A read-only command found no built artifact for what git asks for (it never builds)."""
 
 
-def desired_state(ws: Workspace, deployment: Document[Deployment],
+def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
                   progress: Callable[[str], None] = lambda message: None, build_missing: bool = True) -> Desired:
     """Build (cache hits are free) and render for every target device.
 
     ``build_missing=False`` (status, reconcile's check): use the cache only and raise NotBuilt on a miss.
     """
     targets = tuple(target_devices(ws, deployment.name))
-    cache = default_cache(ws)
     artifacts = {}
     for accelerator in sorted({t.accelerator for t in targets}):
         if not build_missing:
-            found = cached(deployment, accelerator, cache)
+            found = cached(BuildRequest.of(deployment, accelerator), cache)
             if found is None:
                 raise NotBuilt(f"the {accelerator} artifact git asks for is not built yet",
                                hint="edgeops plan or edgeops build builds it")
             artifacts[accelerator] = found.artifact
             continue
         progress(f"building {deployment.name} for {accelerator}")
-        artifacts[accelerator] = build(deployment, accelerator, cache, progress=progress).artifact
+        artifacts[accelerator] = build(BuildRequest.of(deployment, accelerator), cache, progress=progress).artifact
     releases = {}
     for target in targets:
         artifact = artifacts[target.accelerator]

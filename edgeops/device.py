@@ -199,14 +199,16 @@ class Device:
     # ---------------------------------------------------------------- switch, verify, record
 
     def activate(self, release_id: str, by: str = "edgeops", action: str = "activate",
-                 allow_rejected: bool = False, trial_window_s: float | None = None) -> dict[str, Any]:
+                 allow_rejected: bool = False, trial_window_s: float | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
         """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``.
 
         With ``trial_window_s`` the device reverts by itself unless ``record`` commits the release in time.
         """
         extra = ["--allow-rejected"] if allow_rejected else []
         extra += ["--trial-window", f"{trial_window_s:g}"] if trial_window_s else []
-        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra)
+        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra,
+                          timeout=timeout)
 
     def revert(self, by: str = "edgeops", verdict: bool = True, reason: str = "") -> dict[str, Any]:
         """Leave the trial release for the last committed one (or none); moves no bytes.

@@ -142,8 +142,7 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
         refusals.append(f"{device}: {shown} has no {' or '.join(names)}" + (f" ({details})" if details else "")
                         + f": install {' and '.join(names)} on the device or {fix_python}")
     if facts.onnxruntime_version is not None:
-        missing = [p for p in needs.providers if p not in facts.providers]
-        for provider in missing:
+        for provider in (p for p in needs.providers if p not in facts.providers):
             package = "onnxruntime-gpu" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") \
                 else "an onnxruntime build that includes it"
             refusals.append(f"{device}: onnxruntime {facts.onnxruntime_version} at {shown} lacks {provider} "

@@ -63,7 +63,7 @@ def dependencies(ws: Workspace, doc: Document[Deployment]) -> dict[str, str]:
         deps[rel(doc.resolve(spec.data.training))] = "training data changed"
     for recipe in [spec.recipe, *spec.recipe_for.values()]:
         for step in recipe:
-            if step.kind == "distill" and step.distill and step.distill.student.onnx:  # type: ignore[union-attr]
+            if step.distill and step.distill.student.onnx:
                 deps[rel(doc.resolve(step.distill.student.onnx))] = "student model changed"
     for target in spec.targets:
         fleet = ws.fleets[target.fleet]

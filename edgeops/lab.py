@@ -180,7 +180,7 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         _write_sensor(target)
         pid = _pid_alive(state / "sshd.pid", config)
         if pid is None:
-            pid = _start(device.name, config, state, device.lab.get("cpus"))
+            pid = _start(device.name, config, state, device.lab.cpus)
         devices.append(LabDevice(device.name, device.port, state, pid))
         host_key = (state / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
@@ -196,7 +196,7 @@ def _write_sensor(target: TargetDevice) -> None:
         return
     file = Path(path.replace("{root}", target.root).replace("{device}", target.name))
     file.parent.mkdir(parents=True, exist_ok=True)
-    milliwatts = float(target.device.lab.get("power_mw", DEFAULT_POWER_MW))
+    milliwatts = target.device.lab.power_mw or DEFAULT_POWER_MW
     file.write_text(f"{int(milliwatts * 1000)}\n")
     (file.parent / "name").write_text("edgeops_lab_simulated\n")
 

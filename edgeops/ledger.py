@@ -202,6 +202,3 @@ class Ledger:
             return False
         return False
 
-
-def default_ledger(root: Path) -> Ledger:
-    return Ledger(Path(os.environ.get("EDGEOPS_LEDGER") or root / ".edgeops" / "ledger.sqlite"))

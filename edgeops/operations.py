@@ -1,4 +1,4 @@
-"""The operations the CLI offers, composed from the library: plan, apply, status, rollback, history."""
+"""The operations the service offers, composed from the library: plan, apply, status, rollback, promote, abort."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.device import DeviceState
@@ -24,7 +25,6 @@ from edgeops.rollout import (
     Reporter,
     RolloutResult,
     SilentReporter,
-    actor,
     apply,
     desired_devices,
     device_for,
@@ -33,13 +33,29 @@ from edgeops.rollout import (
     observe_targets,
     summarize,
 )
+from edgeops.settings import Settings
 from edgeops.spec.checks import missing_identity_file
 from edgeops.spec.models import Deployment
 from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
+from edgeops.verify import GateSpec
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Repo:
+    """One repository and where its state lives: what every operation shares."""
+
+    ws: Workspace
+    ledger: Ledger
+    cache: Cache
+    actor: str
+
+    @classmethod
+    def open(cls, ws: Workspace, settings: Settings) -> Repo:
+        return cls(ws, Ledger(settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)), settings.actor)
 
 
 def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[str, Any]]]:
@@ -60,14 +76,14 @@ def require_identity_files(targets: Iterable[TargetDevice]) -> None:
         raise InputError(problems)
 
 
-def plan_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device, and decide."""
-    require_identity_files(target_devices(ws, doc.name))
-    desired = desired_state(ws, doc, progress)
+    require_identity_files(target_devices(repo.ws, doc.name))
+    desired = desired_state(repo.ws, doc, repo.cache, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
-    previous = ledger.last_successful_summary(doc.name)
+    previous = repo.ledger.last_successful_summary(doc.name)
     plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
                      recipes(doc, desired), previous.get("recipe") if previous else None,
                      desired_devices(desired), observed, importlib.metadata.version("onnxruntime"))
@@ -115,13 +131,13 @@ def plan_differences(saved: Plan, fresh: Plan) -> list[str]:
     return out
 
 
-def apply_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                      reporter: Reporter | None = None, saved: Plan | None = None,
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
-    with ledger.lock(fleets, holder=f"{actor()} applying {doc.name}", wait_s=lock_timeout_s):
-        plan, desired = plan_deployment(ws, doc, connections, ledger, progress)
+    with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
+        plan, desired = plan_deployment(repo, doc, connections, progress)
         if saved is not None:
             if saved.deployment != doc.name:
                 raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")
@@ -135,8 +151,8 @@ def apply_deployment(ws: Workspace, doc: Document[Deployment], connections: Conn
                 raise StalePlan("the saved plan is not the plan edgeops makes now from git and the devices "
                                 f"({'; '.join(differences[:3])}); it was edited or made by another version",
                                 hint="run edgeops plan again and apply that")
-        git = head_info(ws.root)
-        ctx = ApplyContext(desired, connections, ledger, actor(), git, reporter or SilentReporter())
+        git = head_info(repo.ws.root)
+        ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter())
         result = apply(plan, ctx)
     return plan, result
 
@@ -177,19 +193,19 @@ def _power(verification: dict[str, Any] | None) -> str:
     return power.get("error", "—") if power else "—"
 
 
-def status_rows(ws: Workspace, doc: Document[Deployment], connections: Connections,
+def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
                 progress: Progress = lambda m: None, verify: bool = False) -> list[StatusRow]:
     """One row per target device, read from the device now (``verify``: hash every file, not just sizes).
 
     Never builds: when the artifact git asks for is not in the cache, or the deployment cannot be built or
     rendered now, sync is Unknown and the rows say why; the devices are still read.
     """
-    targets = target_devices(ws, doc.name)
+    targets = target_devices(repo.ws, doc.name)
     require_identity_files(targets)
     wanted: dict[str, str] = {}
     unknown = ""
     try:
-        desired = desired_state(ws, doc, progress, build_missing=False)
+        desired = desired_state(repo.ws, doc, repo.cache, progress, build_missing=False)
         wanted = {key: release.id for key, release in desired.releases.items()}
     except EdgeopsError as exc:
         unknown = "the release git asks for is unknown: " + "; ".join(exc.lines())
@@ -248,7 +264,7 @@ def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[st
     return state.previous, f"undoes {state.current}"
 
 
-def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger,
+def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                         to: str | None = None, devices: list[str] | None = None,
                         reporter: Reporter | None = None, allow_rejected: bool = False,
                         lock_timeout_s: float = 0) -> RolloutResult:
@@ -259,31 +275,35 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
     (a rejected one only with ``allow_rejected``). Takes the fleets' lock like apply.
     """
     reporter = reporter or SilentReporter()
+    ws, ledger, actor = repo.ws, repo.ledger, repo.actor
     targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
     if not targets:
         raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
     require_identity_files(targets)
     spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})
-    with ledger.lock(fleets, holder=f"{actor()} rolling back {doc.name}", wait_s=lock_timeout_s):
+    with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s):
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
         # decide first (read-only); only a rollback that changes a device opens a ledger entry
         planned = connections.map(lambda t: _rollback_target(device_for(t, connections, doc.name).observe(),
                                                              t.key, to, last), targets)
         outcomes: dict[str, DeviceOutcome] = {}
+        landings: dict[str, tuple[str, str]] = {}
         for target in targets:
             r = planned[target.key]
             if isinstance(r, EdgeopsError):
                 outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.FAILED, r.message)
             elif r[0] is None:
                 outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.UNCHANGED, r[1])
-        moving = [t for t in targets if t.key not in outcomes]
+            else:
+                landings[target.key] = (r[0], r[1])
+        moving = [t for t in targets if t.key in landings]
         if not moving and not any(o.decision == Decision.FAILED for o in outcomes.values()):
             reasons = sorted({o.reason for o in outcomes.values()})
             return RolloutResult(doc.name, Outcome.NO_OP, "nothing to roll back: " + "; ".join(reasons),
                                  [outcomes[t.key] for t in targets])
-        rollout_id = ledger.start_rollout(doc.name, "rollback", actor(), git, {})
+        rollout_id = ledger.start_rollout(doc.name, "rollback", actor, git, {})
 
         def record(o: DeviceOutcome) -> DeviceOutcome:  # written when decided, like apply's
             ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
@@ -292,11 +312,11 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
             return o
 
         def one(target: TargetDevice) -> DeviceOutcome:
-            landing, why = planned[target.key]  # type: ignore[misc]
+            landing, why = landings[target.key]
             device = device_for(target, connections, doc.name)
             reporter.stage(target.key, "rollback", why)
             before = device.observe().current
-            device.rollback(to=landing, by=actor(), allow_rejected=allow_rejected)
+            device.rollback(to=landing, by=actor, allow_rejected=allow_rejected)
             if landing == "none":
                 return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
                                             f"{why}; the device runs no release",
@@ -304,18 +324,19 @@ def rollback_deployment(ws: Workspace, doc: Document[Deployment], connections: C
             reporter.stage(target.key, "verify")
             # the same measurement as apply (a Failed is confirmed by a second, pooled one); absolute SLOs only:
             # the release we land on was built by another commit, so there is no host golden value for it
-            verdict = measure_release(device, landing, None, doc.obj, None, seed=target.key)
+            verdict = measure_release(device, landing, None, GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb),
+                                      None, seed=target.key)
             device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
                                             **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
-                          by=actor(), release=landing)
+                          by=actor, release=landing)
             reporter.stage(target.key, "done", verdict.outcome)
             return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; verification "
                                         f"{verdict.outcome}: {verdict.reason}", landing, before, 0,
                                         measurements={**verdict.measurements, "verification": verdict.outcome}))
 
-        for key, result in connections.map(one, moving).items():
-            outcomes[key] = record(DeviceOutcome(key, "rollback", Decision.FAILED, result.message)) \
-                if isinstance(result, EdgeopsError) else result
+        for key, done in connections.map(one, moving).items():
+            outcomes[key] = record(DeviceOutcome(key, "rollback", Decision.FAILED, done.message)) \
+                if isinstance(done, EdgeopsError) else done
         ordered = [outcomes[t.key] for t in targets]
         failed = sum(o.decision == Decision.FAILED for o in ordered)
         moved = sum(o.decision == Decision.ROLLED_BACK for o in ordered)
@@ -337,26 +358,27 @@ def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connec
     return [(t, found[t.key]) for t in targets if found[t.key].status == DeviceStatus.PAUSED]  # type: ignore[union-attr]
 
 
-def settle_paused(ws: Workspace, doc: Document[Deployment], connections: Connections, ledger: Ledger, accept: bool,
+def settle_paused(repo: Repo, doc: Document[Deployment], connections: Connections, accept: bool,
                   lock_timeout_s: float = 0) -> RolloutResult:
     """``accept``: commit what the paused devices run (promote); else reject it and revert them (abort)."""
+    ws, ledger, actor = repo.ws, repo.ledger, repo.actor
     kind = "promote" if accept else "abort"
     fleets = sorted({t.fleet.name for t in target_devices(ws, doc.name)})
-    with ledger.lock(fleets, holder=f"{actor()} {kind} {doc.name}", wait_s=lock_timeout_s):
+    with ledger.lock(fleets, holder=f"{actor} {kind} {doc.name}", wait_s=lock_timeout_s):
         paused = paused_devices(ws, doc, connections)
         if not paused:
             return RolloutResult(doc.name, Outcome.NO_OP, f"nothing to {kind}: no device of {doc.name} is paused", [])
-        rollout_id = ledger.start_rollout(doc.name, kind, actor(), head_info(ws.root), {})
+        rollout_id = ledger.start_rollout(doc.name, kind, actor, head_info(ws.root), {})
         outcomes = []
         for target, state in paused:
             device = device_for(target, connections, doc.name)
             try:
                 if accept:
-                    device.record({"status": "committed"}, by=actor(), release=state.current)
-                    outcome = DeviceOutcome(target.key, kind, Decision.PASSED, f"{state.current} accepted by {actor()} "
+                    device.record({"status": DeviceStatus.COMMITTED}, by=actor, release=state.current)
+                    outcome = DeviceOutcome(target.key, kind, Decision.PASSED, f"{state.current} accepted by {actor} "
                                             "as it was measured", state.current, state.current, committed=True)
                 else:
-                    back = device.revert(by=actor(), reason=f"rollout aborted by {actor()}")
+                    back = device.revert(by=actor, reason=f"rollout aborted by {actor}")
                     outcome = DeviceOutcome(target.key, kind, Decision.ROLLED_BACK, f"{state.current} rejected; back on "
                                             f"{back.get('current') or 'no release'}", back.get("current"), state.current)
             except EdgeopsError as exc:
@@ -382,7 +404,7 @@ def load_plan(path: Path) -> Plan:
 
 
 
-def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterations: int,
+def reconcile_loop(root: Path, settings: Settings, deployments: list[str], interval_s: float, iterations: int,
                    log: Callable[[str], None], verify_every: int = 12) -> int:
     """Check for drift every ``interval_s``; apply the drifted deployments. Returns how many applies failed.
 
@@ -391,24 +413,23 @@ def reconcile_loop(root: Path, deployments: list[str], interval_s: float, iterat
     """
     import time
 
-    from edgeops.ledger import default_ledger
     from edgeops.spec.workspace import load_workspace
 
     failures, count = 0, 0
     while True:
         count += 1
-        ws = load_workspace(root)  # re-read git's truth every time: a pull may have changed it
+        repo = Repo.open(load_workspace(root), settings)  # re-read git's truth every time: a pull may change it
         for name in deployments:
-            doc = ws.deployments[name]
+            doc = repo.ws.deployments[name]
             with Connections(parallelism=16) as connections:
                 full = verify_every > 0 and (count - 1) % verify_every == 0  # the first check, then every n-th
-                rows = status_rows(ws, doc, connections, verify=full)
+                rows = status_rows(repo, doc, connections, verify=full)
                 drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != Health.UNREACHABLE]
                 if not drifted:
                     log(f"{name}: in sync ({len(rows)} device(s))")
                     continue
                 log(f"{name}: drift on {', '.join(drifted)}; applying")
-                _, result = apply_deployment(ws, doc, connections, default_ledger(ws.root))
+                _, result = apply_deployment(repo, doc, connections)
                 log(f"{name}: {result.outcome}: {result.message}")
                 failures += 0 if result.ok else 1
         if iterations and count >= iterations:

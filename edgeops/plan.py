@@ -247,6 +247,10 @@ def _over_new_slo(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, ...]:
             "its re-verification",)
 
 
+def _facts(seen: ObservedDevice) -> dict[str, Any] | None:
+    return seen.facts.as_dict() if seen.facts else None
+
+
 def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],
               previous_recipe: dict[str, list[dict[str, Any]]] | None, desired: list[DesiredDevice],
               observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None) -> Plan:
@@ -257,7 +261,7 @@ def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str],
     devices = tuple(
         PlannedDevice(d.key, d.fleet, d.device, d.profile, d.hardware_class, checked[d.key][0], d.release_id,
                       observed[d.key].current, checked[d.key][2], waves.get(d.key), checked[d.key][1],
-                      observed[d.key].facts.as_dict() if observed[d.key].facts else None, checked[d.key][3])
+                      _facts(observed[d.key]), checked[d.key][3])
         for d in desired)
     unreachable = sum(1 for d in devices if d.action == Action.UNREACHABLE)
     refused = {d.key for d in devices if d.action == Action.REFUSED}

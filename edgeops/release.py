@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeops import __version__
-from edgeops.build.cache import Artifact
+from edgeops.compress.cache import Artifact
 from edgeops.render import RenderedConfig
 
 

@@ -32,7 +32,8 @@ class RenderedConfig:
 
     @property
     def data(self) -> dict[str, Any]:
-        return json.loads(self.text)
+        data: dict[str, Any] = json.loads(self.text)
+        return data
 
 
 def _strict_json(value: Any, **kwargs: Any) -> str:

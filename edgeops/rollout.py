@@ -8,7 +8,6 @@ mid-switch), nothing new starts.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -31,10 +30,10 @@ from edgeops.errors import (
 )
 from edgeops.ledger import Ledger
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
-from edgeops.spec.models import parse_count
+from edgeops.spec.models import RolloutPolicy, parse_count
 from edgeops.targets import TargetDevice
-from edgeops.types import Action, Decision, DeviceStatus, Outcome
-from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, Verdict, decide, host_golden_value
+from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
+from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, decide, host_golden_value
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
@@ -102,7 +101,7 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
                           last_rejected=state.state.get("last_rejected"),
                           damaged=tuple(state.damaged.get(state.current, ())) if state.current else (),
                           rejected=frozenset(r for r, e in (state.state.get("releases") or {}).items()
-                                             if e.get("state") == "rejected"), repaired=state.repaired)
+                                             if e.get("state") == ReleaseState.REJECTED), repaired=state.repaired)
 
 
 def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
@@ -146,8 +145,9 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
 # ------------------------------------------------------------------ applying
 
 
-def measure_release(device: Device, release_id: str, baseline: str | None, deployment: Any,
-                    host_golden: float | None, seed: str = "", on_retry: Any = None) -> Verdict:
+def measure_release(device: Device, release_id: str, baseline: str | None, gate: GateSpec,
+                    host_golden: float | None, seed: str = "",
+                    on_retry: Callable[[int, str], None] = lambda runs, why: None) -> Verdict:
     """Verify on the device and decide; measure again before any verdict that would cost a rollback.
 
     A first Failed is confirmed by a second measurement with twice the runs; with
@@ -155,27 +155,22 @@ def measure_release(device: Device, release_id: str, baseline: str | None, deplo
     ``verification.retries`` times. Each new measurement is pooled with the earlier
     ones (same device, same session), so the interval narrows instead of starting over.
     """
-    spec = deployment.spec
-    policy = spec.rollout
-    verification = policy.verification
+    verification = gate.verification
     runs, attempt, retries, confirming = verification.runs, 0, 0, False
     pooled: dict[str, Any] | None = None
     while True:
         result = device.verify(release_id, baseline, runs, verification.block,
-                               timeout=policy.timeouts.verify_s * (2 ** min(attempt, 3)))
+                               timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
         pooled = _pool(pooled, result)
-        verdict = decide(pooled, spec.slo, policy.regression, spec.quality, host_golden, verification.block,
-                         seed=f"{seed}:{release_id}:{attempt}")
+        verdict = decide(pooled, gate, host_golden, seed=f"{seed}:{release_id}:{attempt}")
         attempt += 1
         if verdict.outcome == FAILED and not confirming:
             confirming, runs = True, runs * 2
-            if on_retry:
-                on_retry(runs, "failed once, confirming")
+            on_retry(runs, "failed once, confirming")
             continue
-        if verdict.outcome == INCONCLUSIVE and policy.on_inconclusive == "retry" and retries < verification.retries:
+        if verdict.outcome == INCONCLUSIVE and gate.retry_inconclusive and retries < verification.retries:
             retries, runs = retries + 1, runs * 2
-            if on_retry:
-                on_retry(runs, "inconclusive, measuring again")
+            on_retry(runs, "inconclusive, measuring again")
             continue
         return verdict
 
@@ -207,10 +202,11 @@ def _allowed(spec: int | str, base: int) -> float:
     return amount if kind == "count" else amount * base / 100
 
 
-class _Roller:
-    def __init__(self, plan: Plan, ctx: ApplyContext,
-                 decided: Callable[[DeviceOutcome], None] = lambda outcome: None) -> None:
-        self.plan, self.ctx, self.decided = plan, ctx, decided
+class DeviceRoller:
+    """One device at a time: push, switch, verify, then commit, pause or revert."""
+
+    def __init__(self, ctx: ApplyContext) -> None:
+        self.ctx = ctx
         self.doc = ctx.desired.deployment
         self.spec = self.doc.obj.spec
         self.policy = self.spec.rollout
@@ -222,7 +218,8 @@ class _Roller:
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
         target = self.ctx.desired.target(planned.key)
-        return measure_release(device, planned.release_id, baseline, self.doc.obj, self.host_golden[target.accelerator],
+        gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
+        return measure_release(device, planned.release_id, baseline, gate, self.host_golden[target.accelerator],
                                seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
                                    planned.key, "verify", f"{why} ({runs} runs)"))
 
@@ -247,7 +244,7 @@ class _Roller:
                 return outcome
             report.stage(planned.key, "switch")
             switching = True  # from here a cut may or may not have switched: read the device before deciding
-            before = device.activate(release.id, by=self.ctx.actor,
+            before = device.activate(release.id, by=self.ctx.actor, timeout=self.policy.timeouts.switch_s,
                                      trial_window_s=target.profile.obj.spec.device.trial_window_s)
             # only a committed release is ever a baseline: never a rejected or unverified one
             baseline = before.get("committed") if before.get("committed") != release.id else None
@@ -301,7 +298,7 @@ class _Roller:
                              "(edgeops resume, promote or abort)"
             return outcome
         if keep:
-            status = "committed" if verdict.outcome == PASSED else "inconclusive"
+            status = DeviceStatus.COMMITTED if verdict.outcome == PASSED else DeviceStatus.INCONCLUSIVE
             try:
                 device.record({**record, "status": status}, by=self.ctx.actor, release=planned.release_id)
             except AgentFailed as exc:
@@ -346,7 +343,27 @@ class _Roller:
             return f"rolled back to {back['current']} ({why})"
         return f"first install removed ({why}); the device runs no release of this deployment"
 
-    # ---------------------------------------------------------------- waves and budgets
+    def undo(self, key: str, why: str) -> str:
+        return self.undo_commit(self.ctx.desired.target(key), why)
+
+
+class DeviceWork(Protocol):
+    """What the wave runner asks of each device: take it to the planned release, or take that back."""
+
+    def roll(self, planned: PlannedDevice) -> DeviceOutcome: ...
+    def undo(self, key: str, why: str) -> str: ...
+
+
+class WaveRunner:
+    """The rollout policy over the waves: budgets, bake time, pause, halt and the halt's rollback.
+
+    Device work comes in as ``work``; this class only decides what runs next and when to stop.
+    """
+
+    def __init__(self, plan: Plan, policy: RolloutPolicy, work: DeviceWork, stop: threading.Event,
+                 reporter: Reporter, decided: Callable[[DeviceOutcome], None] = lambda outcome: None) -> None:
+        self.plan, self.policy, self.work, self.stop, self.reporter, self.decided = \
+            plan, policy, work, stop, reporter, decided
 
     def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
         failed = sum(1 for o in outcomes if o.decision in (FAILED, Decision.REFUSED))
@@ -363,13 +380,13 @@ class _Roller:
     def run_wave(self, devices: list[PlannedDevice]) -> list[DeviceOutcome]:
         outcomes: list[DeviceOutcome] = []
         with ThreadPoolExecutor(max_workers=min(self.policy.parallelism, len(devices))) as pool:
-            pending = {pool.submit(self.roll, d) for d in devices}
+            pending = {pool.submit(self.work.roll, d) for d in devices}
             while pending:
                 try:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 except KeyboardInterrupt:
-                    self.ctx.stop.set()
-                    self.ctx.reporter.message("interrupt: letting devices in flight finish their step")
+                    self.stop.set()
+                    self.reporter.message("interrupt: letting devices in flight finish their step")
                     continue
                 for future in done:
                     outcomes.append(future.result())
@@ -380,7 +397,7 @@ class _Roller:
     def halt_rollback(self, outcomes: list[DeviceOutcome]) -> None:
         for outcome in outcomes:
             if outcome.committed:
-                outcome.reason += "; " + self.undo_commit(self.ctx.desired.target(outcome.key), "rollout halted")
+                outcome.reason += "; " + self.work.undo(outcome.key, "rollout halted")
                 outcome.decision, outcome.committed = Decision.ROLLED_BACK, False
                 self.decided(outcome)
 
@@ -393,49 +410,52 @@ class _Roller:
                                  measurements={"facts": d.facts})
                    for d in self.plan.refused]
         if self.plan.is_noop:
-            return RolloutResult(self.doc.name, Outcome.NO_OP, f"no changes: {len(unchanged)} device(s) already run "
+            return RolloutResult(self.plan.deployment, Outcome.NO_OP, f"no changes: {len(unchanged)} device(s) already run "
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []
         for outcome in unreachable + refused:
             self.decided(outcome)
         halted = self.over_budget(unreachable + refused, total, "before the first wave")
+        pausing = False  # a pause stops the waves like a halt, but keeps what it did for the operator
         for number in range(1, self.plan.waves + 1):
-            if halted or self.ctx.stop.is_set():
+            if halted or self.stop.is_set():
                 break
             wave = self.plan.wave(number)
-            self.ctx.reporter.message(f"wave {number}/{self.plan.waves}: {', '.join(d.key for d in wave)}")
+            self.reporter.message(f"wave {number}/{self.plan.waves}: {', '.join(d.key for d in wave)}")
             results = self.run_wave(wave)
             rolled.extend(results)
             halted = self.over_budget(results, len(wave), f"in wave {number}") or \
                 self.over_budget(rolled + unreachable + refused, total, "in total")
             paused = [r for r in results if r.decision == Decision.PAUSED]
             if paused:
+                pausing = True
                 halted = (f"paused: {', '.join(r.key for r in paused)} left on the new release as it is "
                           f"({paused[0].reason.split(';')[0]}); `edgeops resume` measures again and continues, "
                           "`edgeops promote` accepts it and continues, `edgeops abort` reverts it")
             if not halted and number < self.plan.waves and self.policy.bake_time_s:
-                self.ctx.reporter.message(f"baking {self.policy.bake_time_s:g} s before the next wave")
-                self.ctx.stop.wait(self.policy.bake_time_s)
+                self.reporter.message(f"baking {self.policy.bake_time_s:g} s before the next wave")
+                self.stop.wait(self.policy.bake_time_s)
         skipped = [DeviceOutcome(d.key, d.action, Decision.SKIPPED, "not started: the rollout stopped earlier",
                                  d.release_id, d.current, wave=d.wave)
                    for d in self.plan.changes if d.key not in {o.key for o in rolled}]
-        for outcome in skipped:
-            self.decided(outcome)
-        if halted and not halted.startswith("paused") and self.policy.on_failure == "rollback":
+        for skip in skipped:
+            self.decided(skip)
+        if halted and not pausing and self.policy.on_failure == "rollback":
             self.halt_rollback(rolled)
-        outcome = Outcome.INTERRUPTED if self.ctx.stop.is_set() else (
-            Outcome.PAUSED if halted and halted.startswith("paused") else Outcome.HALTED if halted
+        ended = Outcome.INTERRUPTED if self.stop.is_set() else (
+            Outcome.PAUSED if pausing else Outcome.HALTED if halted
             else Outcome.SUCCEEDED)
-        message = halted or ("interrupted by the user" if outcome == Outcome.INTERRUPTED else
+        message = halted or ("interrupted by the user" if ended == Outcome.INTERRUPTED else
                              f"{sum(o.committed for o in rolled)} device(s) updated and verified")
-        return RolloutResult(self.doc.name, outcome, message, unchanged + unreachable + refused + rolled + skipped)
+        return RolloutResult(self.plan.deployment, ended, message, unchanged + unreachable + refused + rolled + skipped)
 
 
 def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
     """Execute exactly ``plan``, recording each device decision in the ledger as it is made."""
+    runner = WaveRunner(plan, ctx.desired.deployment.obj.spec.rollout, DeviceRoller(ctx), ctx.stop, ctx.reporter)
     if plan.is_noop:
-        return _Roller(plan, ctx).run()
+        return runner.run()
     rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts)
 
     def decided(o: DeviceOutcome) -> None:
@@ -443,7 +463,8 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
                                 release_id=o.release_id, from_release=o.from_release, reason=o.reason,
                                 bytes_moved=o.bytes_moved, measurements=o.measurements)
 
-    result = _Roller(plan, ctx, decided).run()
+    runner.decided = decided
+    result = runner.run()
     result.rollout_id = rollout_id
     ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git})
     return result
@@ -453,6 +474,3 @@ def summarize(result: RolloutResult) -> dict[str, Any]:
     return {"message": result.message, **{str(n).lower(): result.count(n) for n in Decision},
             "bytes_moved": sum(d.bytes_moved for d in result.devices)}
 
-
-def actor() -> str:
-    return os.environ.get("EDGEOPS_ACTOR") or os.environ.get("USER") or "edgeops"

@@ -13,17 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeops.errors import EdgeopsError, InputError, Problem
+from edgeops.settings import Settings
 
 if TYPE_CHECKING:
-    from edgeops.build.cache import Cache as BuildCache
-    from edgeops.build.pipeline import BuildResult
+    from edgeops.compress.cache import Cache as BuildCache
+    from edgeops.compress.pipeline import BuildResult
     from edgeops.gitdiff import Touched
     from edgeops.lab import LabDevice
-    from edgeops.ledger import Ledger
-    from edgeops.operations import StatusRow
+    from edgeops.operations import Repo, StatusRow
     from edgeops.plan import Plan
     from edgeops.render import RenderedConfig
-    from edgeops.rollout import Reporter, RolloutResult
+    from edgeops.rollout import Reporter
+    from edgeops.rollout import RolloutResult as RolloutResult  # re-exported: the CLI names it
     from edgeops.spec.models import Deployment, Fleet
     from edgeops.spec.workspace import Document, Workspace
     from edgeops.targets import TargetDevice
@@ -35,44 +36,44 @@ def _quiet(message: str) -> None:
     """The default progress callback: say nothing."""
 
 
-def workspace_root(paths: tuple[Path, ...] | list[Path], root: Path | None) -> Path:
-    """The repository root: ``root`` when given, else found from the first path (or the working directory)."""
+def workspace_root(paths: tuple[Path, ...] | list[Path], settings: Settings) -> Path:
+    """The repository root: the one configured, else found from the first path (or the working directory)."""
     from edgeops.spec.workspace import find_root
 
-    return root.resolve() if root else find_root(paths[0] if paths else Path.cwd())
+    return settings.root or find_root(paths[0] if paths else Path.cwd())
 
 
 def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
     return [Path(n) for n in names if Path(n).exists()]
 
 
-def _context(deployment: str, root: Path | None) -> tuple[Workspace, Document[Deployment], Ledger]:
-    """The workspace, one deployment (by name or manifest path) and its ledger."""
-    from edgeops.ledger import default_ledger
+def _context(deployment: str, settings: Settings) -> tuple[Repo, Document[Deployment]]:
+    """The repository and one deployment (by name or manifest path)."""
+    from edgeops.operations import Repo
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing([deployment]), root))
-    return ws, ws.deployment(deployment), default_ledger(ws.root)
+    ws = load_workspace(workspace_root(_existing([deployment]), settings))
+    return Repo.open(ws, settings), ws.deployment(deployment)
 
 
 def _selected(manifests: tuple[str, ...], changed_since: str | None,
-              root: Path | None) -> tuple[Workspace, list[Document[Deployment]], Ledger]:
+              settings: Settings) -> tuple[Repo, list[Document[Deployment]]]:
     """The deployments named or touched since ``changed_since``, sorted by name.
 
     Named by path only, a broken manifest elsewhere in the repository does not stop them.
     """
     from edgeops.gitdiff import changed_files, touched_deployments
-    from edgeops.ledger import default_ledger
+    from edgeops.operations import Repo
     from edgeops.spec.workspace import load_workspace
 
     paths = _existing(manifests)
     focused = not changed_since and len(paths) == len(manifests)
-    ws = load_workspace(workspace_root(paths, root), focus=paths if focused else None, deep=True)
+    ws = load_workspace(workspace_root(paths, settings), focus=paths if focused else None, deep=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
     if changed_since:
         for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
             docs[touched.deployment] = ws.deployments[touched.deployment]
-    return ws, [docs[name] for name in sorted(docs)], default_ledger(ws.root)
+    return Repo.open(ws, settings), [docs[name] for name in sorted(docs)]
 
 
 # ------------------------------------------------------------------ offline: validate, schema, build, render
@@ -84,7 +85,7 @@ class Validation:
     warnings: list[Problem]
 
 
-def validate(paths: tuple[Path, ...], root: Path | None) -> Validation:
+def validate(paths: tuple[Path, ...], settings: Settings) -> Validation:
     """The given files (or the whole repository) and the fleets and profiles they use, checked offline."""
     from edgeops.spec.workspace import load_workspace, yaml_files
 
@@ -92,7 +93,7 @@ def validate(paths: tuple[Path, ...], root: Path | None) -> Validation:
         if not path.exists():
             raise InputError.at(str(path), None, "", "file not found")
     files = yaml_files(list(paths))
-    ws = load_workspace(workspace_root(paths, root), extra=files, focus=list(paths) or None, deep=True)
+    ws = load_workspace(workspace_root(paths, settings), extra=files, focus=list(paths) or None, deep=True)
     docs: list[Any] = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
     if paths:
         wanted = {p.resolve() for p in files}
@@ -107,72 +108,75 @@ def json_schema() -> dict[str, Any]:
 
 
 def build_targets(manifest: Path, accelerators: tuple[str, ...],
-                  root: Path | None) -> tuple[Document[Deployment], list[str], BuildCache]:
+                  settings: Settings) -> tuple[Document[Deployment], list[str], BuildCache]:
     """What `build` will build: the deployment, its accelerator classes (or those asked for), the cache."""
-    from edgeops.build.pipeline import default_cache
+    from edgeops.compress.cache import Cache
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root([manifest], root))
+    ws = load_workspace(workspace_root([manifest], settings))
     doc = ws.deployment(str(manifest))
-    return doc, list(accelerators) or sorted(ws.accelerators_of(doc)), default_cache(ws)
+    return doc, list(accelerators) or sorted(ws.accelerators_of(doc)), Cache(settings.cache_in(ws.root))
 
 
 def build(doc: Document[Deployment], accelerator: str, cache: BuildCache, force: bool = False,
           progress: Progress = _quiet) -> BuildResult:
-    from edgeops.build.pipeline import build as run_build
+    from edgeops.compress.pipeline import build as run_build
+    from edgeops.compress.request import BuildRequest
 
-    return run_build(doc, accelerator, cache, force=force, progress=progress)
+    return run_build(BuildRequest.of(doc, accelerator), cache, force=force, progress=progress)
 
 
-def render(manifest: Path, device: str | None, root: Path | None) -> list[tuple[TargetDevice, RenderedConfig]]:
+def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple[TargetDevice, RenderedConfig]]:
     """The runtime config of each target device (or of ``device``); builds first (cache hits are free)."""
-    from edgeops.build.pipeline import build as run_build
-    from edgeops.build.pipeline import default_cache
+    from edgeops.compress.cache import Cache
+    from edgeops.compress.pipeline import build as run_build
+    from edgeops.compress.request import BuildRequest
     from edgeops.render import render_device
     from edgeops.spec.workspace import load_workspace
     from edgeops.targets import target_devices
 
-    ws = load_workspace(workspace_root([manifest], root))
+    ws = load_workspace(workspace_root([manifest], settings))
     doc = ws.deployment(str(manifest))
     targets = [t for t in target_devices(ws, doc.name) if device in (None, t.name, t.key)]
     if not targets:
         raise InputError.at(str(manifest), None, "", f"no target device named {device!r}")
-    cache = default_cache(ws)
-    artifacts = {acc: run_build(doc, acc, cache).report["artifact"] for acc in sorted({t.accelerator for t in targets})}
+    cache = Cache(settings.cache_in(ws.root))
+    artifacts = {acc: run_build(BuildRequest.of(doc, acc), cache).report["artifact"]
+                 for acc in sorted({t.accelerator for t in targets})}
     return [(t, render_device(ws, doc, t, artifacts[t.accelerator])) for t in targets]
 
 
 # ------------------------------------------------------------------ the lab
 
 
-def _lab_fleet(fleet: str, root: Path | None) -> tuple[Workspace, Document[Fleet]]:
+def _lab_fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing([fleet]), root))
+    ws = load_workspace(workspace_root(_existing([fleet]), settings))
     by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
     return ws, (by_path[0] if by_path else ws.fleet(fleet))
 
 
-def lab_up(fleet: str, root: Path | None, login_home: Path | None,
+def lab_up(fleet: str, settings: Settings, login_home: Path | None,
            report: Progress = _quiet) -> tuple[str, list[LabDevice]]:
     from edgeops.lab import lab_up as start
     from edgeops.targets import fleet_targets
 
-    ws, doc = _lab_fleet(fleet, root)
+    ws, doc = _lab_fleet(fleet, settings)
     return doc.name, start(ws, doc, fleet_targets(ws, doc), login_home.resolve() if login_home else None, report)
 
 
-def lab_status(fleet: str, root: Path | None) -> tuple[str, list[LabDevice]]:
+def lab_status(fleet: str, settings: Settings) -> tuple[str, list[LabDevice]]:
     from edgeops.lab import lab_status as read
 
-    ws, doc = _lab_fleet(fleet, root)
+    ws, doc = _lab_fleet(fleet, settings)
     return doc.name, read(ws, doc)
 
 
-def lab_down(fleet: str, root: Path | None, wipe: bool) -> tuple[str, list[LabDevice]]:
+def lab_down(fleet: str, settings: Settings, wipe: bool) -> tuple[str, list[LabDevice]]:
     from edgeops.lab import lab_down as stop
 
-    ws, doc = _lab_fleet(fleet, root)
+    ws, doc = _lab_fleet(fleet, settings)
     return doc.name, stop(ws, doc, wipe)
 
 
@@ -186,17 +190,17 @@ class PlanEntry:
     warnings: list[str]
 
 
-def plan(manifests: tuple[str, ...], changed_since: str | None, root: Path | None,
+def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
          progress: Progress = _quiet) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
     from edgeops.operations import plan_deployment, plan_warnings
 
-    ws, docs, ledger = _selected(manifests, changed_since, root)
+    repo, docs = _selected(manifests, changed_since, settings)
     entries = []
     with Connections(parallelism=16) as connections:
         for doc in docs:
-            result, desired = plan_deployment(ws, doc, connections, ledger, progress=progress)
+            result, desired = plan_deployment(repo, doc, connections, progress=progress)
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
                                      plan_warnings(doc, desired)))
     return entries
@@ -209,21 +213,21 @@ class Applied:
     selected: int                # deployments that were to be applied
 
 
-def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, root: Path | None,
+def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, settings: Settings,
           reporter: Reporter, progress: Progress = _quiet, lock_timeout_s: float = 0,
           on_result: Callable[[RolloutResult], None] = lambda result: None) -> Applied:
     """Roll out each deployment in name order; the first that does not succeed stops the rest."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
 
-    ws, docs, ledger = _selected(manifests, changed_since, root)
+    repo, docs = _selected(manifests, changed_since, settings)
     saved = load_plan(plan_file) if plan_file else None
     if saved and len(docs) != 1:
         raise InputError.at(str(plan_file), None, "", "--plan applies exactly one deployment")
     results: list[RolloutResult] = []
     for doc in docs:
         with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
-            _, result = apply_deployment(ws, doc, connections, ledger, reporter, saved, progress=progress,
+            _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
                                          lock_timeout_s=lock_timeout_s)
         results.append(result)
         on_result(result)
@@ -238,24 +242,24 @@ class Settled:
     continued: RolloutResult | None   # the rollout that resume and promote go on with
 
 
-def settle_paused(deployment: str, accept: bool | None, root: Path | None, reporter: Reporter,
+def settle_paused(deployment: str, accept: bool | None, settings: Settings, reporter: Reporter,
                   progress: Progress = _quiet, lock_timeout_s: float = 0) -> Settled:
     """``accept`` None: resume; True: promote then continue; False: abort."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, paused_devices
     from edgeops.operations import settle_paused as settle
 
-    ws, doc, ledger = _context(deployment, root)
+    repo, doc = _context(deployment, settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
         settled = None
-        if accept is None and not paused_devices(ws, doc, connections):
+        if accept is None and not paused_devices(repo.ws, doc, connections):
             raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
                                hint="edgeops apply starts a new rollout")
         if accept is not None:
-            settled = settle(ws, doc, connections, ledger, accept, lock_timeout_s)
+            settled = settle(repo, doc, connections, accept, lock_timeout_s)
             if not settled.ok or not accept:
                 return Settled(settled, None)
-        _, result = apply_deployment(ws, doc, connections, ledger, reporter, progress=progress,
+        _, result = apply_deployment(repo, doc, connections, reporter, progress=progress,
                                      lock_timeout_s=lock_timeout_s)
     return Settled(settled, result)
 
@@ -263,51 +267,73 @@ def settle_paused(deployment: str, accept: bool | None, root: Path | None, repor
 # ------------------------------------------------------------------ reading: diff, status, history
 
 
-def diff(base: str, head: str | None, root: Path | None) -> list[Touched]:
+def diff(base: str, head: str | None, settings: Settings) -> list[Touched]:
     from edgeops.gitdiff import changed_files, touched_deployments
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root([], root))
+    ws = load_workspace(workspace_root([], settings))
     return touched_deployments(ws, changed_files(ws.root, base, head))
 
 
-def status(manifests: tuple[str, ...], root: Path | None, verify: bool = False,
-           progress: Progress = _quiet) -> dict[str, list[StatusRow]]:
-    """Rows per deployment (every deployment when none is named), read from the devices now."""
+@dataclass(frozen=True)
+class StatusReport:
+    rows: dict[str, list[StatusRow]]     # by deployment
+    broken: dict[str, list[str]]         # deployment (or file) -> what keeps it from being shown
+
+
+def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
+           progress: Progress = _quiet) -> StatusReport:
+    """Rows per deployment (every deployment when none is named), read from the devices now.
+
+    Over the whole repository a broken manifest, fleet or profile is reported on its own and every other
+    deployment still shows; named manifests must be valid (and only what they use must be).
+    """
     from edgeops.connections import Connections
-    from edgeops.operations import status_rows
+    from edgeops.operations import Repo, status_rows
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing(manifests), root))
-    docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)]
+    paths = _existing(manifests)
+    ws = load_workspace(workspace_root(paths, settings), focus=paths if manifests else None, tolerant=not manifests)
+    repo = Repo.open(ws, settings)
+    broken: dict[str, list[str]] = {}
+    for problem in ws.problems:
+        broken.setdefault(problem.file, []).append(str(problem))
+    docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)
+                                                     if ws.deployments[n].display not in broken]
+    rows: dict[str, list[StatusRow]] = {}
     with Connections(parallelism=16) as connections:
-        return {doc.name: status_rows(ws, doc, connections, progress=progress, verify=verify) for doc in docs}
+        for doc in docs:
+            try:
+                rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify)
+            except EdgeopsError as exc:
+                broken[doc.name] = exc.lines()
+    return StatusReport(rows, broken)
 
 
 def reconcile(manifests: tuple[str, ...], interval_s: float, iterations: int, verify_every: int,
-              root: Path | None, log: Progress = _quiet) -> int:
+              settings: Settings, log: Progress = _quiet) -> int:
     """The drift loop; returns how many applies failed."""
     from edgeops.operations import reconcile_loop
     from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing(manifests), root))
+    ws = load_workspace(workspace_root(_existing(manifests), settings))
     names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
-    return reconcile_loop(ws.root, names, interval_s, iterations, log=log, verify_every=verify_every)
+    return reconcile_loop(ws.root, settings, names, interval_s, iterations, log=log, verify_every=verify_every)
 
 
-def history(deployment: str, limit: int, root: Path | None) -> tuple[str, list[dict[str, Any]]]:
-    _, doc, ledger = _context(deployment, root)
-    return doc.name, ledger.history(doc.name, limit)
+def history(deployment: str, limit: int, settings: Settings) -> tuple[str, list[dict[str, Any]]]:
+    repo, doc = _context(deployment, settings)
+    return doc.name, repo.ledger.history(doc.name, limit)
 
 
-def rollback(deployment: str, to: str | None, devices: list[str] | None, root: Path | None, reporter: Reporter,
+def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,
              allow_rejected: bool = False, lock_timeout_s: float = 0) -> RolloutResult:
     from edgeops.connections import Connections
     from edgeops.operations import rollback_deployment
 
-    ws, doc, ledger = _context(deployment, root)
+    repo, doc = _context(deployment, settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
-        return rollback_deployment(ws, doc, connections, ledger, to, devices, reporter, allow_rejected,
+        return rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
                                    lock_timeout_s=lock_timeout_s)
 
 

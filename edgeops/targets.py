@@ -47,8 +47,9 @@ class TargetDevice:
     def power_sensor(self) -> dict[str, Any]:
         """The profile's power sensor as the agent reads it (paths filled in)."""
         power = self.profile.obj.spec.power
-        return deep_substitute({**power.sensor.model_dump(mode="json"), "interval_ms": power.interval_ms},
-                               self.name, self.root)
+        sensor: dict[str, Any] = deep_substitute({**power.sensor.model_dump(mode="json"),
+                                                  "interval_ms": power.interval_ms}, self.name, self.root)
+        return sensor
 
     def needs(self, slo: SLO) -> DeviceNeeds:
         """What this device must have to run a release whose SLOs are ``slo``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,6 +13,10 @@ from rich.table import Table
 
 from edgeops.facts import runtime_of
 from edgeops.types import Action, Decision, Health, Sync
+
+if TYPE_CHECKING:
+    from edgeops.plan import Plan
+    from edgeops.rollout import RolloutResult
 
 # off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -61,7 +65,7 @@ DECISION_STYLE = {Decision.PASSED: "green", Decision.INCONCLUSIVE: "yellow", Dec
                   Decision.PAUSED: "yellow", Decision.SKIPPED: "dim", Decision.UNCHANGED: "dim"}
 
 
-def plan_table(plan: Any) -> Table:
+def plan_table(plan: Plan) -> Table:
     table = Table(title=f"plan for {plan.deployment}", title_justify="left")
     for column in ("wave", "device", "profile", "runtime", "action", "current", "release", "bytes", "reason"):
         table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
@@ -72,7 +76,7 @@ def plan_table(plan: Any) -> Table:
     return table
 
 
-def plan_summary(plan: Any) -> list[str]:
+def plan_summary(plan: Plan) -> list[str]:
     counts: dict[str, int] = {}
     for d in plan.devices:
         counts[d.action] = counts.get(d.action, 0) + 1
@@ -128,7 +132,7 @@ def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]
     return "\n".join(out).rstrip() + "\n"
 
 
-def result_table(result: Any) -> Table:
+def result_table(result: RolloutResult) -> Table:
     table = Table(title=f"{result.deployment}: {result.outcome} — {result.message}", title_justify="left")
     for column in ("wave", "device", "decision", "release", "bytes moved", "p95 ms", "reason"):
         table.add_column(column, justify="right" if column in ("wave", "bytes moved", "p95 ms") else "left")
@@ -157,6 +161,11 @@ def status_table(deployment: str, rows: list[Any]) -> Table:
                       f"[{colors[r.health]}]{r.health}[/]", p95 + slo, escape(r.power), r.last_deploy or "—",
                       escape(r.message))
     return table
+
+
+def broken_lines(name: str, lines: list[str]) -> str:
+    """A deployment (or file) status cannot show, and why."""
+    return "\n".join([f"[red]{escape(name)}: cannot show its devices[/]", *(f"  error: {escape(line)}" for line in lines)])
 
 
 def status_summary(rows: list[Any]) -> str:

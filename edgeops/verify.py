@@ -21,12 +21,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from edgeops.spec.models import SLO, QualityGoal, Regression
+from edgeops.metrics import metric_value
+from edgeops.spec.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
 from edgeops.types import Decision
 
 PASSED, FAILED, INCONCLUSIVE = Decision.PASSED, Decision.FAILED, Decision.INCONCLUSIVE
 BOOTSTRAP_ROUNDS = 2000
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What verifying a release on a device needs, and nothing else of the manifest."""
+
+    slo: SLO
+    regression: Regression
+    quality: QualityGoal
+    verification: Verification
+    verify_timeout_s: float
+    retry_inconclusive: bool           # on_inconclusive: retry
+    memory_limit_mb: float | None = None  # the device profile's limits.max_memory_mb
+
+    @classmethod
+    def of(cls, spec: DeploymentSpec, memory_limit_mb: float | None = None) -> GateSpec:
+        policy = spec.rollout
+        return cls(spec.slo, policy.regression, spec.quality, policy.verification, policy.timeouts.verify_s,
+                   policy.on_inconclusive == "retry", memory_limit_mb)
 
 
 @dataclass(frozen=True)
@@ -64,8 +85,8 @@ def ratio_interval(new: list[float], old: list[float], block: int, confidence: f
     count = min(len(a), len(b))
     a, b = a[:count], b[:count]
 
-    def stat(x: np.ndarray) -> np.ndarray:
-        return np.percentile(x, 95 if statistic == "p95" else 50, axis=-1)
+    def stat(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(np.percentile(x, 95 if statistic == "p95" else 50, axis=-1), dtype=np.float64)
 
     point = float(stat(a.reshape(-1)) / stat(b.reshape(-1)))
     rng = np.random.default_rng(int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16))
@@ -101,9 +122,9 @@ def quality_check(goal: QualityGoal, device_value: float, host_value: float) -> 
                  f"(drop {drop:.3g}, allowed {goal.max_drop:g})")
 
 
-def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: QualityGoal,
-           host_golden: float | None, block: int, seed: str = "") -> Verdict:
+def decide(result: dict[str, Any], gate: GateSpec, host_golden: float | None, seed: str = "") -> Verdict:
     """Passed, Failed or Inconclusive for the agent's ``result`` (``a`` = new, optional ``b`` = previous)."""
+    slo, regression, goal, block = gate.slo, gate.regression, gate.quality, gate.verification.block
     a, b = result["a"], result.get("b")
     checks: list[Check] = []
     p95 = a["latency"]["p95_ms"]
@@ -124,10 +145,13 @@ def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: Quali
                 value = power["average_power_mw"]
                 checks.append(Check("power-slo", PASSED if value <= slo.average_power_mw else FAILED,
                                     f"average power {value:.4g} mW {label} (SLO {slo.average_power_mw:g})"))
+    peak = result.get("peak_rss_mb", 0)
     if slo.peak_memory_mb is not None:
-        peak = result.get("peak_rss_mb", 0)
         checks.append(Check("memory-slo", PASSED if peak <= slo.peak_memory_mb else FAILED,
                             f"peak RSS {peak:.1f} MB (SLO {slo.peak_memory_mb:g} MB)"))
+    if gate.memory_limit_mb is not None:
+        checks.append(Check("memory-limit", PASSED if peak <= gate.memory_limit_mb else FAILED,
+                            f"peak RSS {peak:.1f} MB (device limit {gate.memory_limit_mb:g} MB)"))
     if a.get("golden") and host_golden is not None:
         checks.append(quality_check(goal, a["golden"]["value"], host_golden))
     if b is not None:
@@ -135,6 +159,8 @@ def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: Quali
             point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, regression.confidence,
                                               statistic, seed)
             checks.append(_regression(f"{statistic} latency", point, low, high, tolerance, regression.confidence))
+        if (energy := _energy_regression(power, b.get("power") or {}, regression, seed)) is not None:
+            checks.append(energy)
     outcomes = {c.outcome for c in checks}
     outcome = FAILED if FAILED in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else PASSED
     measurements = {"latency": a["latency"], "power": power, "golden": a.get("golden"),
@@ -144,15 +170,27 @@ def decide(result: dict[str, Any], slo: SLO, regression: Regression, goal: Quali
     return Verdict(outcome, tuple(checks), measurements)
 
 
+def _energy_regression(new: dict[str, Any], old: dict[str, Any], regression: Regression, seed: str) -> Check | None:
+    """Energy of the new release over the previous one's, from the same interleaved blocks; None without readings.
+
+    Like latency: the blocks are resampled in pairs (they ran back to back), and only an interval wholly
+    above the tolerance fails.
+    """
+    a, b = new.get("block_energy_mj") or [], old.get("block_energy_mj") or []
+    count = min(len(a), len(b))
+    if count < 2 or sum(b[:count]) <= 0:
+        return None
+    pairs = np.array([a[:count], b[:count]], dtype=float)
+    rng = np.random.default_rng(int(hashlib.sha256(f"energy:{seed}".encode()).hexdigest()[:8], 16))
+    picks = rng.integers(0, count, size=(BOOTSTRAP_ROUNDS, count))
+    ratios = pairs[0][picks].sum(axis=1) / np.maximum(pairs[1][picks].sum(axis=1), 1e-12)
+    tail = (1 - regression.confidence) / 2 * 100
+    point = float(pairs[0].sum() / pairs[1].sum())
+    low, high = float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+    check = _regression("energy", point, low, high, regression.energy_pct, regression.confidence)
+    return Check(check.name, check.outcome, f"{check.detail} [{new.get('source')}, {new.get('boundary')}]")
+
+
 def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:
     """The goal's metric for the build host's outputs on the golden samples (what the device must match)."""
-    expected = golden["expected"].reshape(len(golden["expected"]), -1).astype(float)
-    reference = golden["reference"].reshape(len(golden["reference"]), -1).astype(float)
-    if goal.metric == "accuracy" and "labels" in golden:
-        return float((expected.argmax(1) == golden["labels"]).mean() * 100)
-    if goal.metric in ("accuracy", "top1_agreement"):
-        return float((expected.argmax(1) == reference.argmax(1)).mean() * 100)
-    if goal.metric == "cosine":
-        norms = np.maximum(np.linalg.norm(expected, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
-        return float(np.mean(np.sum(expected * reference, axis=1) / norms))
-    return float(np.max(np.abs(expected - reference)))
+    return metric_value(goal.metric, golden["expected"], golden["reference"], golden.get("labels"))

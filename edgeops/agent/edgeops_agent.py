@@ -359,6 +359,25 @@ class Release:
                 "session_rss_mb": round(self.load_rss_mb, 2)}
 
 
+def metric_value(metric, outputs, reference, labels=None):
+    """A copy of edgeops.metrics.metric_value (devices run without edgeops); a test keeps them equal."""
+    import numpy as np
+
+    n = min(len(outputs), len(reference))
+    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
+    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    if metric == "accuracy" and labels is not None:
+        return float((out.argmax(1) == np.asarray(labels)[:n]).mean() * 100)
+    if metric in ("accuracy", "top1_agreement"):
+        return float((out.argmax(1) == ref.argmax(1)).mean() * 100)
+    if metric == "cosine":
+        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+        return float(np.mean(np.sum(out * ref, axis=1) / norms))
+    if metric == "max_abs_error":
+        return float(np.max(np.abs(out - ref)))
+    raise AgentError("unknown quality metric %r" % (metric,))
+
+
 def golden_check(release):
     """Run the shipped golden samples and score them like the build did."""
     import numpy as np
@@ -373,28 +392,20 @@ def golden_check(release):
     count = len(data[f"in.{names[0]}"])
     produced = np.concatenate([release.session.run(None, {n: data[f"in.{n}"][i:i + 1] for n in names})[index]
                                for i in range(count)])
-    out = produced.reshape(count, -1).astype(np.float64)
-    ref = data["reference"].reshape(count, -1).astype(np.float64)
-    expected = data["expected"].reshape(count, -1).astype(np.float64)
     metric = golden_cfg["metric"]
-    if metric == "accuracy" and "labels" in data.files:
-        value = float((out.argmax(1) == data["labels"]).mean() * 100)
-    elif metric in ("accuracy", "top1_agreement"):
-        value = float((out.argmax(1) == ref.argmax(1)).mean() * 100)
-    elif metric == "cosine":
-        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-        value = float(np.mean(np.sum(out * ref, axis=1) / norms))
-    else:
-        value = float(np.max(np.abs(out - ref)))
+    labels = data["labels"] if "labels" in data.files else None
+    value = metric_value(metric, produced, data["reference"], labels)
+    out = produced.reshape(count, -1).astype(np.float64)
+    expected = data["expected"].reshape(count, -1).astype(np.float64)
     return {"metric": metric, "value": value, "samples": count,
             "max_abs_deviation_from_build": float(np.max(np.abs(out - expected)))}
 
 
-def _energy_summary(meter, energy_mj, wall_s, runs):
+def _energy_summary(meter, energy_mj, wall_s, runs, blocks=()):
     if energy_mj is None:
         return {"source": "none"}
     out = meter.describe()
-    out.update({"energy_mj": energy_mj, "window_s": wall_s,
+    out.update({"energy_mj": energy_mj, "window_s": wall_s, "block_energy_mj": list(blocks),
                 "average_power_mw": energy_mj / wall_s if wall_s > 0 else None,
                 "energy_per_inference_mj": energy_mj / runs if runs else None})
     return out
@@ -415,6 +426,7 @@ def bench(args):
             b.run_once(i)
     samples = {"a": [], "b": []}
     energy = {"a": 0.0, "b": 0.0}
+    block_energy = {"a": [], "b": []}  # per interleaved block: the gate bootstraps the energy ratio from these
     busy = {"a": 0.0, "b": 0.0}
     deadline = time.perf_counter() + args.duration if args.duration else None
     block, turn, index = max(1, args.block), 0, 0
@@ -436,6 +448,7 @@ def bench(args):
             busy[side] += t1 - t0
             if e0 is not None and e1 is not None:
                 energy[side] += e1 - e0
+                block_energy[side].append(e1 - e0)
         turn += 1
     meter.stop()
     has_energy = meter.source != "none"
@@ -443,11 +456,11 @@ def bench(args):
               "peak_rss_mb": round(_rss_mb(), 2),
               "a": {**a.facts(), "latency": summarize(samples["a"], busy["a"]), "samples_ms": samples["a"],
                     "power": power_error or _energy_summary(meter, energy["a"] if has_energy else None,
-                                                            busy["a"], len(samples["a"]))}}
+                                                            busy["a"], len(samples["a"]), block_energy["a"])}}
     if b:
         result["b"] = {**b.facts(), "latency": summarize(samples["b"], busy["b"]), "samples_ms": samples["b"],
                        "power": power_error or _energy_summary(meter, energy["b"] if has_energy else None,
-                                                               busy["b"], len(samples["b"]))}
+                                                               busy["b"], len(samples["b"]), block_energy["b"])}
     if args.golden:
         result["a"]["golden"] = golden_check(a)
         if b:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeops.errors import Problem
-from edgeops.spec.models import Deployment, Fleet
+from edgeops.spec.models import Deployment, Fleet, RecipeStep
+from edgeops.spec.yamlload import Loc
 
 if TYPE_CHECKING:
     from edgeops.spec.workspace import Document, Workspace
@@ -155,14 +156,14 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
         problems.append(dep.problem(("spec", "quality", "output"), f"the model has no output '{output}'"
                                     + _did_you_mean(output, list(actual["outputs"]))))
     op_types = sorted({node.op_type for node in graph.node})
-    recipes = [(("spec", "recipe"), spec.recipe)] + [(("spec", "recipe_for", acc), steps)
-                                                       for acc, steps in spec.recipe_for.items()]
-    for loc, steps in recipes:
+    recipes: list[tuple[Loc, list[RecipeStep]]] = [(("spec", "recipe"), spec.recipe)]
+    recipes += [(("spec", "recipe_for", acc), steps) for acc, steps in spec.recipe_for.items()]
+    for recipe_loc, steps in recipes:
         for index, step in enumerate(steps):
             wanted = step.quantize.op_types if step.quantize else None
             for position, op in enumerate(wanted or []):
                 if op not in op_types:
-                    problems.append(dep.problem(loc + (index, "quantize", "op_types", position),
+                    problems.append(dep.problem((*recipe_loc, index, "quantize", "op_types", position),
                                                 f"the model has no {op} nodes" + _did_you_mean(op, op_types)))
     return problems
 
@@ -171,9 +172,8 @@ def closure(ws: Workspace, files: list[Path]) -> set[str]:
     """Display names of the given files plus every fleet and profile file the given documents refer to."""
     wanted = {p.resolve() for p in files}
     displays: set[str] = set()
-    docs = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
     fleets = set()
-    for doc in docs:
+    for doc in (*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()):
         if doc.path in wanted:
             displays.add(doc.display)
     for dep in ws.deployments.values():

@@ -6,9 +6,10 @@ import difflib
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from edgeops.errors import Problem
 from edgeops.spec.yamlload import Loc, dotted, line_for
@@ -76,12 +77,12 @@ def _literal_hint(ctx: dict[str, Any], given: Any) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     kind = error["type"]
-    ctx = error.get("ctx", {})
+    ctx: dict[str, Any] = error.get("ctx", {})
     given = error.get("input")
     shown = f" (got {given!r})" if isinstance(given, (int, float, str, bool)) or given is None else ""
-    phrases = {
+    phrases: dict[str, Callable[[], str]] = {
         "greater_than": lambda: f"must be > {_num(ctx.get('gt'))}",
         "greater_than_equal": lambda: f"must be >= {_num(ctx.get('ge'))}",
         "less_than": lambda: f"must be < {_num(ctx.get('lt'))}",

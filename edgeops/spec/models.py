@@ -175,7 +175,9 @@ class RecipeStep(Strict):
 
     @property
     def options(self) -> QuantizeOptions | PruneOptions | DistillOptions:
-        return getattr(self, self.kind)
+        chosen = self.quantize or self.prune or self.distill
+        assert chosen is not None  # the validator requires exactly one
+        return chosen
 
 
 class QualityGoal(Strict):
@@ -210,10 +212,11 @@ class Target(Strict):
 
 
 class Timeouts(Strict):
-    connect_s: PositiveFloat = 10
-    push_s: PositiveFloat = 300
-    verify_s: PositiveFloat = 300
-    switch_s: PositiveFloat = 30
+    """How long each stage may take per device; connecting is the fleet's ``ssh.connect_timeout_s``."""
+
+    push_s: PositiveFloat = Field(default=300, description="sending a release's files")
+    verify_s: PositiveFloat = Field(default=300, description="one on-device measurement (doubled for each retry)")
+    switch_s: PositiveFloat = Field(default=30, description="switching to the new release on the device")
 
 
 class Regression(Strict):
@@ -222,7 +225,9 @@ class Regression(Strict):
                                 "by more than this (the stable signal)")
     latency_p95_pct: Annotated[float, Field(ge=0)] = Field(
         default=10, description="fail when the new release's p95 latency is worse by more than this (the tail)")
-    energy_pct: Annotated[float, Field(ge=0)] = 10
+    energy_pct: Annotated[float, Field(ge=0)] = Field(
+        default=10, description="fail when the new release's energy per inference is worse than the previous "
+                                "one's by more than this (only where the profile reads a power sensor)")
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
 
 
@@ -235,8 +240,12 @@ class Verification(Strict):
                                "a first Failed is always confirmed by one more measurement")
 
 
+def _default_waves() -> list[int | str]:
+    return [1, "25%", "100%"]
+
+
 class RolloutPolicy(Strict):
-    waves: list[CountOrPercent] = Field(default_factory=lambda: [1, "25%", "100%"], min_length=1)
+    waves: list[CountOrPercent] = Field(default_factory=lambda: _default_waves(), min_length=1)
     canary_per_hardware_class: bool = True
     max_failed_devices: CountOrPercent = 0
     max_unreachable_devices: CountOrPercent = "10%"
@@ -280,7 +289,10 @@ class DeploymentSpec(Strict):
     rollout: RolloutPolicy = RolloutPolicy()
 
     def recipe_for_accelerator(self, accelerator: str) -> list[RecipeStep]:
-        return self.recipe_for.get(accelerator, self.recipe)  # type: ignore[call-overload]
+        for name, steps in self.recipe_for.items():
+            if name == accelerator:
+                return steps
+        return self.recipe
 
 
 class Deployment(Strict):
@@ -310,6 +322,13 @@ class SSHSettings(Strict):
     connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
 
+class LabSettings(Strict):
+    cpus: str | None = Field(default=None, pattern=r"^[0-9]+(,[0-9]+)*$",
+                             description="CPUs the lab device's sshd is pinned to, e.g. '0' or '0,1'")
+    power_mw: PositiveFloat | None = Field(default=None, description="what the lab device's simulated power "
+                                                                     "sensor reads while busy")
+
+
 class DeviceEntry(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     host: str = Field(min_length=1)
@@ -317,7 +336,7 @@ class DeviceEntry(Strict):
     labels: dict[str, str] = {}
     profile: Name | None = Field(default=None, description="overrides the fleet's profile for this device")
     root: str | None = Field(default=None, description="overrides the profile's device.root for this device")
-    lab: dict[str, Any] = Field(default={}, description="lab-only settings: cpus, power_mw, rate_kbit")
+    lab: LabSettings = Field(default_factory=lambda: LabSettings(), description="lab-only settings (edgeops lab up)")
 
 
     @field_validator("root")
@@ -376,7 +395,8 @@ class SessionSettings(Strict):
 
 class Limits(Strict):
     max_model_bytes: Annotated[int, Field(ge=1)] | None = None
-    max_memory_mb: PositiveFloat | None = None
+    max_memory_mb: PositiveFloat | None = Field(
+        default=None, description="a release whose peak memory on the device is above this fails verification")
 
 
 class PowerNone(Strict):

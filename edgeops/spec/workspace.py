@@ -11,9 +11,10 @@ import difflib
 import hashlib
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,7 +24,7 @@ from edgeops.spec.locate import problems_from
 from edgeops.spec.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
 from edgeops.spec.yamlload import Loc, dotted, line_for, load_yaml
 
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T", bound=BaseModel, covariant=True)
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -38,7 +39,8 @@ class Document(Generic[T]):
 
     @property
     def name(self) -> str:
-        return self.obj.metadata.name  # type: ignore[attr-defined]
+        metadata = getattr(self.obj, "metadata", None)
+        return str(metadata.name) if metadata else ""
 
     def problem(self, loc: Loc, message: str) -> Problem:
         return Problem(self.display, line_for(self.lines, loc), dotted(loc), message)
@@ -120,6 +122,7 @@ class Workspace:
     profiles: dict[str, Document[DeviceProfile]] = field(default_factory=dict)
     broken_files: dict[str, str] = field(default_factory=dict, repr=False)  # name -> file of documents that failed
     warnings: list[Problem] = field(default_factory=list)   # worth saying, not blocking (a key not created yet)
+    problems: list[Problem] = field(default_factory=list)   # what a tolerant load did not raise
 
     @property
     def broken(self) -> set[str]:
@@ -160,13 +163,14 @@ class Workspace:
 
 
 def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path] | None = None,
-                   deep: bool = False) -> Workspace:
+                   deep: bool = False, tolerant: bool = False) -> Workspace:
     """Load and cross-check the repository at ``root`` plus any extra files.
 
     Every problem is collected and raised together. With ``focus`` (files or directories), only problems
     in those files and in the fleets and profiles they refer to count: a broken manifest elsewhere in the
     repository does not stop work on this one. ``deep`` also opens the ONNX models (declared inputs and
-    outputs, quality output, recipe op types).
+    outputs, quality output, recipe op types). ``tolerant`` (read-only commands over the whole repository)
+    keeps the problems in ``problems`` instead of raising, with every document that loaded.
     """
     files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
     problems: list[Problem] = []
@@ -178,14 +182,15 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
             problems.extend(exc.problems)
             workspace.broken_files[_declared_name(path)] = _display(path)
             continue
-        table = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
-                 "DeviceProfile": workspace.profiles}[doc.obj.kind]  # type: ignore[attr-defined]
+        tables: dict[str, dict[str, Any]] = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
+                                             "DeviceProfile": workspace.profiles}
+        table = tables[getattr(doc.obj, "kind")]
         if doc.name in table:
             problems.append(doc.problem(("metadata", "name"),
-                                        f"{doc.obj.kind} '{doc.name}' is also defined in "  # type: ignore[attr-defined]
+                                        f"{getattr(doc.obj, 'kind')} '{doc.name}' is also defined in "
                                         f"{table[doc.name].display}; names must be unique"))
             continue
-        table[doc.name] = doc  # type: ignore[assignment]
+        table[doc.name] = doc
     problems.extend(check_references(workspace))
     errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()))
     problems.extend(errors)
@@ -197,8 +202,9 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
         keep = closure(workspace, files) | {_display(p) for p in files}
         problems = [p for p in problems if p.file in keep]
         workspace.warnings = [w for w in workspace.warnings if w.file in keep]
-    if problems:
+    if problems and not tolerant:
         raise InputError(problems)
+    workspace.problems = problems
     return workspace
 
 
@@ -219,7 +225,7 @@ def _missing_file(doc: Document[BaseModel], loc: Loc, relative: str, what: str) 
     return None
 
 
-def _name_problem(doc: Document[BaseModel], loc: Loc, kind: str, name: str, known: dict[str, object]) -> Problem:
+def _name_problem(doc: Document[BaseModel], loc: Loc, kind: str, name: str, known: Mapping[str, object]) -> Problem:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
     return doc.problem(loc, f"no {kind} named '{name}'; {hint}")

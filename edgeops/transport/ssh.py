@@ -10,7 +10,6 @@ host key unknown/changed, command timeout, remote command failed.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shlex
 import socket
@@ -33,7 +32,6 @@ from edgeops.errors import (
 )
 from edgeops.transport.base import CommandResult, Progress
 
-logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # we raise named errors; paramiko's logs add noise
 # Printed before each command: what a device's shell startup files print before it is not the command's output.
 OUTPUT_MARKER = "--edgeops-output-begins--"
 

@@ -1,0 +1,233 @@
+"""Run a recipe on a model, evaluate every stage, gate on quality, cache the result."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from edgeops import __version__
+from edgeops.compress.cache import Artifact, Cache, cache_key, explain
+from edgeops.compress.data import file_sha256
+from edgeops.compress.request import BuildRequest
+from edgeops.compress.steps import Step
+from edgeops.errors import BuildError, InputError
+from edgeops.spec.models import QualityGoal, RecipeStep
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+
+    from edgeops.compress.evaluate import Measurement, Quality
+
+REPORT_SCHEMA = "edgeops.compress-report/v1"
+
+
+def build_inputs(request: BuildRequest) -> dict[str, Any]:
+    """Everything that determines the artifact; its canonical hash is the cache key."""
+    recipe = request.recipe
+    extra_files = {}
+    for index, step in enumerate(recipe):
+        if step.distill and step.distill.student.onnx:
+            extra_files[f"recipe[{index}].student"] = file_sha256(request.source.resolve(step.distill.student.onnx))
+    if any(step.kind == "distill" for step in recipe):
+        extra_files["training"] = file_sha256(request.data_path("training"))
+    model_path = request.model_path
+    _check_onnx_file(request, model_path)
+    versions = {"edgeops": __version__, "onnx": importlib.metadata.version("onnx"),
+                "onnxruntime": importlib.metadata.version("onnxruntime"),
+                "numpy": importlib.metadata.version("numpy")}
+    if "training" in extra_files:
+        versions["torch"] = importlib.metadata.version("torch")
+    return {
+        "model_sha256": file_sha256(model_path),
+        "calibration_sha256": file_sha256(request.data_path("calibration")),
+        "evaluation_sha256": file_sha256(request.data_path("evaluation")),
+        "extra_files": extra_files,
+        "model_io": request.model.model_dump(mode="json", include={"inputs", "outputs"}),
+        "recipe": [step.model_dump(mode="json", exclude_none=True) for step in recipe],
+        "quality": request.quality.model_dump(mode="json"),
+        "golden_samples": request.data.golden_samples,
+        "accelerator": request.accelerator,
+        "versions": versions,
+    }
+
+
+def _check_onnx_file(request: BuildRequest, path: Path) -> None:
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    # an ONNX ModelProto starts with field 1 (ir_version, varint): byte 0x08
+    if not head or head[0] != 0x08:
+        raise request.source.error(("spec", "model", "path"), f"{request.model.path} is not an ONNX model "
+                                                              "(expected a serialized ModelProto)")
+
+
+@dataclass
+class BuildResult:
+    artifact: Artifact
+    report: dict[str, Any]
+    why: list[str] = field(default_factory=list)
+
+
+def cached(request: BuildRequest, cache: Cache) -> BuildResult | None:
+    """The artifact the current inputs would build, if the cache has it; never builds."""
+    hit = cache.get(cache_key(build_inputs(request)))
+    return BuildResult(hit, hit.report, ["cache hit"]) if hit else None
+
+
+def build(request: BuildRequest, cache: Cache, *, force: bool = False,
+          progress: Callable[[str], None] = lambda message: None) -> BuildResult:
+    """Build (or fetch from the cache) the artifact ``request`` describes."""
+    inputs = build_inputs(request)
+    key = cache_key(inputs)
+    why = explain(cache.previous_inputs(request.slot), inputs)
+    if not force and (hit := cache.get(key)):
+        cache.remember(request.slot, inputs)
+        return BuildResult(hit, hit.report, ["cache hit: " + key[:16]])
+    with tempfile.TemporaryDirectory(prefix="edgeops-build-") as tmp:
+        report, files = _run(request, inputs, key, Path(tmp), progress)
+        artifact = cache.put(key, files, report)
+    cache.remember(request.slot, inputs)
+    return BuildResult(artifact, report, why)
+
+
+def _load_model_checked(request: BuildRequest, path: Path) -> None:
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for corrupt files
+        raise request.source.error(("spec", "model", "path"), f"{request.model.path} is not a valid ONNX model "
+                                                              f"({str(exc).splitlines()[0][:120]})") from None
+    declared = [t.name for t in request.model.inputs]
+    actual = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if declared != actual:
+        raise request.source.error(("spec", "model", "inputs"),
+                                   f"model inputs are {actual}, the manifest declares {declared}")
+
+
+def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
+         progress: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Path]]:
+    import numpy as np
+
+    from edgeops.compress.data import load_dataset
+    from edgeops.compress.evaluate import Evaluator, output_index, run_all, session
+    from edgeops.compress.steps import StepContext
+
+    goal = request.quality
+    source = work / "00-original.onnx"
+    shutil.copyfile(request.model_path, source)
+    _load_model_checked(request, source)
+    calibration = load_dataset(request, "calibration")
+    evaluation = load_dataset(request, "evaluation")
+    evaluator = Evaluator(goal, evaluation)
+    progress("evaluating the original model")
+    evaluator.reference_from(source)
+    original = evaluator.measure(source)
+    evaluator.baseline = original.quality.value
+    stages: list[dict[str, Any]] = [_stage(0, "original", {}, original, original, [])]
+    current = source
+    recipe = request.recipe
+    for index, step in enumerate(recipe, start=1):
+        ctx = StepContext(work, request, calibration, evaluator, source, progress, index)
+        progress(f"step {index}/{len(recipe)}: {step.kind}")
+        result = step_for(request, index - 1).run(current, ctx)
+        measurement = result.measurement or evaluator.measure(result.path, result.notes)
+        stage = _stage(index, step.kind, step.options.model_dump(mode="json", exclude_none=True),
+                       measurement, original, result.notes)
+        stage["candidates"] = [c.as_dict() for c in result.candidates]
+        stage.update(result.extra)
+        stages.append(stage)
+        recovery_follows = any(later.kind == "distill" for later in recipe[index:])
+        if not measurement.quality.passed and recovery_follows:
+            stage["notes"].append("below the quality goal; a later distill step recovers accuracy, so the gate "
+                                  "applies after it")
+        elif not measurement.quality.passed:
+            where = request.source.where(request.step_loc(index - 1))
+            raise BuildError(_gate_message(where, index, step, measurement.quality, goal),
+                             hint="no artifact was written; loosen spec.quality or make the step gentler")
+        current = result.path
+    progress("writing the golden set")
+    golden = work / "golden.npz"
+    sample = evaluation.take(request.data.golden_samples)
+    sess = session(current, threads=0)
+    expected = run_all(sess, sample)[output_index(sess, goal)]
+    arrays = {f"in.{k}": v for k, v in sample.inputs.items()}
+    arrays.update(reference=evaluator.reference[:sample.count], expected=expected)
+    if sample.labels is not None:
+        arrays["labels"] = sample.labels
+    np.savez(golden, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+    model_bytes = current.read_bytes()
+    report = {
+        "schema": REPORT_SCHEMA,
+        "deployment": request.name,
+        "accelerator": request.accelerator,
+        "key": key,
+        "inputs": inputs,
+        "artifact": {"sha256": hashlib.sha256(model_bytes).hexdigest(), "size_bytes": len(model_bytes),
+                     "golden_sha256": file_sha256(golden), "quality_output": _output_name(sess, goal)},
+        "stages": stages,
+        "passed": True,
+    }
+    return report, {"model.onnx": current, "golden.npz": golden}
+
+
+def _output_name(sess: InferenceSession, goal: QualityGoal) -> str:
+    from edgeops.compress.evaluate import output_index
+
+    return str(sess.get_outputs()[output_index(sess, goal)].name)
+
+
+def step_for(request: BuildRequest, index: int) -> Step[Any]:
+    """Recipe step ``index`` (0-based) as a configured ``Step``; distillation needs PyTorch."""
+    step = request.recipe[index]
+    if step.quantize:
+        from edgeops.compress.quantize import Quantize
+
+        return Quantize(step.quantize)
+    if step.prune:
+        from edgeops.compress.prune import Prune
+
+        return Prune(step.prune)
+    assert step.distill is not None
+    try:
+        from edgeops.compress.distill import Distill
+    except ImportError as exc:
+        raise InputError([request.source.problem(request.step_loc(index, "distill"),
+                                                 f"distillation needs PyTorch ({exc}); "
+                                                 "run: pip install 'edgeops[distill]'")]) from None
+    return Distill(step.distill)
+
+
+def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, original: Measurement,
+           notes: list[str]) -> dict[str, Any]:
+    def ratio(a: float, b: float) -> float | None:
+        return None if not b or math.isnan(a) or math.isnan(b) else round(a / b, 3)
+
+    return {
+        "index": index, "step": kind, "options": options, "notes": notes,
+        "size_bytes": m.size_bytes, "zstd_bytes": m.zstd_bytes, "parameters": m.parameters, "ops": m.ops,
+        "quality": {"metric": m.quality.metric, "value": m.quality.value, "baseline": m.quality.baseline,
+                    "drop": m.quality.drop, "passed": m.quality.passed},
+        "latency_ms": {"p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "where": "host CPU, 1 thread, batch 1"},
+        "size_ratio": ratio(original.size_bytes, m.size_bytes),
+        "zstd_ratio": ratio(original.zstd_bytes, m.zstd_bytes),
+        "speedup": ratio(original.latency_p50_ms, m.latency_p50_ms),
+    }
+
+
+def _gate_message(where: str, index: int, step: RecipeStep, q: Quality, goal: QualityGoal) -> str:
+    mode = getattr(step.options, "mode", None) or getattr(step.options, "method", None) or "student"
+    allowed = goal.max_drop
+    if q.metric == "max_abs_error":
+        detail = f"max abs error {q.value:.4g} > {allowed:g} allowed"
+    else:
+        unit = " points" if q.metric in ("accuracy", "top1_agreement") else ""
+        unit = "%" if goal.drop == "relative" else unit
+        detail = f"{q.metric} {q.value:.4g} vs {q.baseline:.4g} for the original (drop {q.drop:.3g}{unit} > {allowed:g} allowed)"
+    return f"{where}: recipe step {index} ({step.kind} {mode}) breaks the quality goal: {detail}"

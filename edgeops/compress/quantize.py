@@ -1,0 +1,227 @@
+"""The quantize step: static (QDQ), dynamic, weight-only int4, fp16, and auto.
+
+Quality is never assumed from a mode's name: every candidate is measured, and
+``auto`` keeps the fastest one on the host that meets the quality goal.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
+from edgeops.errors import BuildError
+from edgeops.spec.models import QuantizeOptions
+
+AUTO_CANDIDATES = {"cpu": ["static", "dynamic", "weight_only"], "gpu": ["fp16", "static"], "tpu": ["static"]}
+
+
+def _quant() -> Any:  # imported lazily: onnxruntime.quantization is slow to import (and has no type stubs)
+    import onnxruntime.quantization as quantization
+
+    return quantization
+
+
+def preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
+    """Shape inference and graph clean-up before quantizing; falls back when symbolic inference fails."""
+    # symbolic shape inference writes its failures to the working directory: run it in a child
+    # process that starts in ours (no chdir in this threaded program)
+    script = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
+              "quant_pre_process(sys.argv[1], sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(dst)], cwd=dst.parent,
+                          capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return dst
+    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
+    try:
+        _quant().quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as second:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
+        notes.append(f"pre-processing skipped ({str(second).splitlines()[0][:80]})")
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def fix_batch_dimension(src: Path, dst: Path) -> list[str]:
+    """NPU/TPU runtimes want static shapes: pin every symbolic first dimension to 1."""
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    model = onnx.load(str(src))
+    params = {i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input
+              if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param}
+    for param in params:
+        make_dim_param_fixed(model.graph, param, 1)
+    onnx.save(model, str(dst))
+    return [f"symbolic dimension '{p}' fixed to 1 (static shapes for the NPU)" for p in sorted(params)]
+
+
+class CalibrationReader:
+    """Feeds calibration samples one at a time to onnxruntime's calibrator."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], count: int) -> None:
+        self.samples = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(min(count, len(next(iter(inputs.values())))))]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.samples):
+            return None
+        self.position += 1
+        return self.samples[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def has_matmul_weights(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    return any(n.op_type == "MatMul" and n.input[1] in constants for n in model.graph.node)
+
+
+def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str]) -> None:
+    q = _quant()
+    method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+              "percentile": q.CalibrationMethod.Percentile}[options.calibration_method]
+    qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}
+    extra = {"ActivationSymmetric": options.symmetric_activations, "CalibPercentile": options.percentile}
+    if ctx.accelerator == "tpu" and options.op_types:
+        notes.append("op_types is set: ops outside it stay float, which an NPU may reject")
+    reader = CalibrationReader(ctx.calibration.inputs, options.calibration_samples)
+
+    def run(extra_options: dict[str, Any]) -> None:
+        reader.rewind()
+        q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+                          op_types_to_quantize=options.op_types, per_channel=options.per_channel,
+                          activation_type=qtype[options.activation_type],
+                          weight_type=qtype[options.weight_type], calibrate_method=method,
+                          extra_options=extra_options)
+
+    try:
+        run(extra)
+    except Exception as exc:  # noqa: BLE001
+        # per-channel on some exporters' graphs trips the int32-bias weight adjustment
+        notes.append(f"static quantization retried without bias weight adjustment ({str(exc)[:60]})")
+        run({**extra, "QDQDisableWeightAdjustForInt32Bias": True})
+    notes.append(f"static QDQ int8: {options.calibration_method} calibration on "
+                 f"{len(reader.samples)} samples, activations {options.activation_type}, "
+                 f"{'per-channel' if options.per_channel else 'per-tensor'} weights")
+
+
+def quantize_dynamic(src: Path, dst: Path, options: QuantizeOptions, notes: list[str]) -> None:
+    q = _quant()
+    qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}[options.weight_type]
+    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=options.op_types,
+                       per_channel=options.per_channel, weight_type=qtype)
+    notes.append(f"dynamic int8: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
+                 "activations quantized at run time")
+
+
+def quantize_weight_only(src: Path, dst: Path, options: QuantizeOptions, notes: list[str]) -> None:
+    if not has_matmul_weights(src):
+        raise BuildError("weight_only quantization needs MatMul nodes with constant 2-D weights; "
+                         "this model has none", hint="use static or dynamic for conv nets")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=options.bits, block_size=options.block_size,
+                                     is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    notes.append(f"int{options.bits} weight-only MatMulNBits, block {options.block_size}, accuracy_level 4")
+
+
+def quantize_fp16(src: Path, dst: Path, notes: list[str]) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    notes.append("fp16 weights and activations, float32 inputs/outputs; host latency is the CPU's, not the GPU's")
+
+
+def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str]) -> Path:
+    """Quantize ``src`` with one concrete mode; returns the output path."""
+    dst = ctx.path(f"quantize-{mode}")
+    if mode == "fp16":
+        quantize_fp16(src, dst, notes)
+        return dst
+    prepared = preprocess(src, ctx.path(f"pre-{mode}"), notes)
+    if ctx.accelerator == "tpu":
+        notes.extend(fix_batch_dimension(prepared, prepared))
+    if mode == "static":
+        quantize_static(prepared, dst, options, ctx, notes)
+    elif mode == "dynamic":
+        quantize_dynamic(prepared, dst, options, notes)
+    elif mode == "weight_only":
+        quantize_weight_only(prepared, dst, options, notes)
+    else:
+        raise AssertionError(mode)
+    return dst
+
+
+class Quantize(Step[QuantizeOptions]):
+    """Static, dynamic, weight-only or fp16 quantization, or ``auto``: try several, keep the best that passes."""
+
+    kind = "quantize"
+
+    def run(self, model: Path, ctx: StepContext) -> StepResult:
+        options = self.options
+        if options.mode != "auto":
+            notes: list[str] = []
+            ctx.progress(f"quantize {options.mode}")
+            return StepResult(run_mode(options.mode, model, options, ctx, notes), notes)
+        return _auto(model, options, ctx)
+
+
+def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
+    modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
+    if "weight_only" in modes and not has_matmul_weights(src):
+        modes.remove("weight_only")
+    candidates: list[Candidate] = []
+    paths: dict[str, Path] = {}
+    notes_by_mode: dict[str, list[str]] = {}
+    for mode in modes:
+        ctx.progress(f"quantize auto: trying {mode}")
+        notes: list[str] = []
+        try:
+            path = run_mode(mode, src, options, ctx, notes)
+            measurement = ctx.evaluator.measure(path, notes)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
+            candidates.append(Candidate(mode, None, error=str(exc).splitlines()[0][:200]))
+            continue
+        candidates.append(Candidate(mode, measurement))
+        paths[mode], notes_by_mode[mode] = path, notes
+    passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
+    if not passing:
+        summary = "; ".join(f"{c.mode}: " + (c.error or c.measurement.quality.describe()) for c in candidates)  # type: ignore[union-attr]
+        return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
+
+    def rank(c: Candidate) -> tuple[float, float]:
+        m = c.measurement
+        assert m is not None
+        if ctx.accelerator == "gpu":  # the host CPU cannot time a GPU: prefer the given order, then size
+            return (modes.index(c.mode), m.size_bytes)
+        return (m.latency_p50_ms, m.size_bytes)
+
+    best = min(passing, key=rank)
+    best.chosen = True
+    why = "fastest on the host" if ctx.accelerator != "gpu" else "first passing in GPU preference order"
+    rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
+    notes = [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: {rejected or 'none'}",
+             *notes_by_mode[best.mode]]
+    return StepResult(paths[best.mode], notes, candidates, measurement=best.measurement)
+
+
+def _short(c: Candidate) -> str:
+    if c.error:
+        return f"failed: {c.error[:60]}"
+    m = c.measurement
+    assert m is not None
+    verdict = "passes" if m.quality.passed else "misses goal"
+    latency = "" if math.isnan(m.latency_p50_ms) else f", p50 {m.latency_p50_ms:.3f} ms"
+    return f"{m.quality.describe()} {verdict}{latency}"

@@ -1,0 +1,71 @@
+"""The one interface of a recipe step: built from its options, ``run(model, ctx)`` gives the next model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Generic, TypeVar
+
+from edgeops.compress.data import Dataset
+from edgeops.compress.evaluate import Evaluator, Measurement
+from edgeops.compress.request import BuildRequest
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use; steps write only under ``work_dir``."""
+
+    work_dir: Path
+    request: BuildRequest
+    calibration: Dataset
+    evaluator: Evaluator
+    teacher: Path                     # the original model, for distillation
+    progress: Callable[[str], None] = lambda message: None
+    index: int = 0
+
+    @property
+    def accelerator(self) -> str:
+        return self.request.accelerator
+
+    def path(self, name: str) -> Path:
+        return self.work_dir / f"{self.index:02d}-{name}.onnx"
+
+
+@dataclass
+class Candidate:
+    """One option an ``auto`` step tried, with its measurement or why it could not run."""
+
+    mode: str
+    measurement: Measurement | None
+    error: str | None = None
+    chosen: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "chosen": self.chosen, "error": self.error,
+                "measurement": self.measurement.as_dict() if self.measurement else None}
+
+
+@dataclass
+class StepResult:
+    path: Path
+    notes: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    measurement: Measurement | None = None    # set when the step already measured its output
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Options = TypeVar("Options")
+
+
+class Step(ABC, Generic[Options]):
+    """A recipe step (cf. Olive's passes): configured once, run on the previous step's model."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    @abstractmethod
+    def run(self, model: Path, ctx: StepContext) -> StepResult:
+        """Write the transformed model under ``ctx.work_dir`` and say what was done."""

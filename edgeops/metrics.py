@@ -1,0 +1,49 @@
+"""The quality metrics, one definition used by build, distillation and verification.
+
+The agent runs on devices without edgeops installed and keeps its own copy of
+``metric_value``; a test holds the two to the same numbers.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Metric(StrEnum):
+    ACCURACY = "accuracy"              # % of samples whose argmax matches the label
+    TOP1_AGREEMENT = "top1_agreement"  # % of samples whose argmax matches the original model's
+    COSINE = "cosine"                  # mean cosine similarity to the original model's outputs
+    MAX_ABS_ERROR = "max_abs_error"    # largest absolute difference from the original model's outputs
+
+
+CLASSIFICATION = (Metric.ACCURACY, Metric.TOP1_AGREEMENT)
+HIGHER_IS_BETTER = (Metric.ACCURACY, Metric.TOP1_AGREEMENT, Metric.COSINE)
+
+
+def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic],
+                 labels: npt.NDArray[np.generic] | None = None) -> float:
+    """``metric`` for ``outputs`` against the original model's ``reference`` outputs (one row per sample).
+
+    Accuracy without labels falls back to agreement with the reference.
+    """
+    n = min(len(outputs), len(reference))
+    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
+    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    if metric == Metric.ACCURACY and labels is not None:
+        return float((out.argmax(1) == np.asarray(labels)[:n]).mean() * 100)
+    if metric in CLASSIFICATION:
+        return float((out.argmax(1) == ref.argmax(1)).mean() * 100)
+    if metric == Metric.COSINE:
+        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+        return float(np.mean(np.sum(out * ref, axis=1) / norms))
+    if metric == Metric.MAX_ABS_ERROR:
+        return float(np.max(np.abs(out - ref)))
+    raise ValueError(f"unknown quality metric {metric!r}; one of: {', '.join(Metric)}")
+
+
+def score(metric: str, value: float) -> float:
+    """``value`` on a higher-is-better scale, for choosing between candidates."""
+    return value if metric in HIGHER_IS_BETTER else -value

@@ -1,0 +1,39 @@
+"""What the environment configures, read once by the command line and passed down.
+
+Library code never reads ``os.environ``: the CLI builds one ``Settings`` per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+ENVIRONMENT = {
+    "EDGEOPS_CACHE_DIR": "where built artifacts are cached (default: <repo>/.edgeops/cache)",
+    "EDGEOPS_LEDGER": "the SQLite ledger file (default: <repo>/.edgeops/ledger.sqlite)",
+    "EDGEOPS_ACTOR": "who the ledger and the devices record as acting (default: $USER)",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path | None = None          # the repository root; found from the manifests when None
+    cache_dir: Path | None = None
+    ledger_file: Path | None = None
+    actor: str = "edgeops"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
+        def path(name: str) -> Path | None:
+            return Path(environ[name]) if environ.get(name) else None
+
+        return cls(root=root.resolve() if root else None, cache_dir=path("EDGEOPS_CACHE_DIR"),
+                   ledger_file=path("EDGEOPS_LEDGER"),
+                   actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops")
+
+    def cache_in(self, repo: Path) -> Path:
+        return self.cache_dir or repo / ".edgeops" / "cache"
+
+    def ledger_in(self, repo: Path) -> Path:
+        return self.ledger_file or repo / ".edgeops" / "ledger.sqlite"

@@ -1,0 +1,67 @@
+"""Scratch repositories and lab fleets for tests and benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy manifests, profiles, templates and example models/data into ``dest``."""
+    for name in ("manifests", "device_profiles", "templates"):
+        shutil.copytree(REPO / name, dest / name, dirs_exist_ok=True)
+    for name in ("models", "data"):
+        shutil.copytree(REPO / "examples" / name, dest / "examples" / name, dirs_exist_ok=True)
+    return dest
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (bound then released)."""
+    import socket
+
+    sockets, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "lab",
+                    extra_device: str = "") -> Path:
+    """Rewrite the repo copy's lab fleet: ``devices`` sshd devices on free ports, roots under ``device_roots``."""
+    lines = [
+        "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-cpu",
+        "  ssh:", "    user: root", "    identity_file: ../../.edgeops/lab/client_ed25519",
+        "    known_hosts: ../../.edgeops/lab/known_hosts", "    use_ssh_config: false",
+        "    connect_timeout_s: 5", "    connect_retries: 0", "  devices:",
+    ]
+    for index, port in enumerate(free_ports(devices), start=1):
+        ring = "canary" if index == 1 else "main"
+        lines.append(f"    - {{name: {name}-{index:02d}, host: 127.0.0.1, port: {port}, "
+                     f"root: {device_roots / f'{name}-{index:02d}'}, labels: {{ring: {ring}}}}}")
+    if extra_device:
+        lines.append(extra_device)
+    path = root / "manifests" / "fleets" / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_hostile_home(home: Path) -> Path:
+    """A login HOME like a stock machine's, only worse: its shell startup puts a ``python3`` without
+    numpy or onnxruntime first on PATH, and talks on stdout and stderr. Lab devices must not care."""
+    bare = home / "bare-python"
+    if not (bare / "bin" / "python3").exists():
+        base = getattr(sys, "_base_executable", None) or sys.executable
+        subprocess.run([base, "-m", "venv", "--without-pip", str(bare)], check=True)
+    startup = f'export PATH="{bare}/bin:$PATH"\necho "welcome to a hostile login shell"\necho "motd" >&2\n'
+    for name in (".bashrc", ".profile", ".bash_profile"):
+        (home / name).write_text(startup)
+    return home

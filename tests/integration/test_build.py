@@ -1,0 +1,195 @@
+"""The compression pipeline on the example models: real onnxruntime quantization, pruning, evaluation, cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from edgeops.cli import main
+from edgeops.compress import pipeline
+from edgeops.compress.cache import cache_key
+from edgeops.compress.pipeline import build_inputs
+from edgeops.compress.request import BuildRequest
+from edgeops.errors import BuildError
+from edgeops.spec.workspace import load_workspace
+from labkit.artifacts import build_for
+
+CAMERA_RECIPE = "  recipe:\n    - quantize: {mode: auto}\n"
+
+
+def set_recipe(root: Path, manifest: str, recipe_yaml: str, old: str = CAMERA_RECIPE) -> None:
+    path = root / "manifests" / manifest
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, recipe_yaml))
+
+
+def build_camera(root: Path, recipe: str | None = None, accelerator: str = "cpu"):
+    if recipe:
+        set_recipe(root, "camera.yaml", recipe)
+    ws = load_workspace(root)
+    return build_for(ws, "meter-digits", accelerator)
+
+
+def stage(report: dict, index: int) -> dict:
+    return report["stages"][index]
+
+
+def test_static_int8_on_digits_is_much_smaller_at_the_same_accuracy(repo_copy: Path) -> None:
+    result = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: static, per_channel: true}\n")
+    original, quantized = stage(result.report, 0), stage(result.report, 1)
+    assert original["size_bytes"] / quantized["size_bytes"] >= 3.5
+    assert original["quality"]["value"] - quantized["quality"]["value"] <= 0.5
+    assert quantized["ops"].get("QuantizeLinear", 0) > 0
+    session = ort.InferenceSession(str(result.artifact.model))
+    assert session.run(None, {"image": np.zeros((1, 1, 8, 8), np.float32)})[0].shape == (1, 10)
+
+
+def test_auto_keeps_the_fastest_passing_mode(repo_copy: Path) -> None:
+    result = build_camera(repo_copy)
+    candidates = stage(result.report, 1)["candidates"]
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1
+    passing = [c for c in candidates if c["measurement"] and c["measurement"]["quality"]["passed"]]
+    assert {c["mode"] for c in passing} >= {"static", "dynamic"}
+    fastest = min(c["measurement"]["latency_p50_ms"] for c in passing)
+    assert chosen[0]["measurement"]["latency_p50_ms"] == fastest
+
+
+def test_structured_pruning_really_removes_parameters(repo_copy: Path) -> None:
+    result = build_camera(repo_copy, "  recipe:\n    - prune: {method: structured, sparsity: 0.25}\n")
+    original, pruned = stage(result.report, 0), stage(result.report, 1)
+    assert pruned["parameters"] < original["parameters"] * 0.7
+    assert pruned["size_bytes"] < original["size_bytes"] * 0.7
+    assert any("structured pruning: removed" in note for note in pruned["notes"])
+    session = ort.InferenceSession(str(result.artifact.model))
+    assert session.run(None, {"image": np.ones((3, 1, 8, 8), np.float32)})[0].shape == (3, 10)
+
+
+def test_magnitude_pruning_says_it_only_shrinks_compressed_size(repo_copy: Path) -> None:
+    result = build_camera(repo_copy, "  recipe:\n    - prune: {method: magnitude, sparsity: 0.5}\n")
+    original, pruned = stage(result.report, 0), stage(result.report, 1)
+    assert pruned["size_bytes"] == pytest.approx(original["size_bytes"], rel=0.01)
+    assert pruned["zstd_bytes"] < original["zstd_bytes"] * 0.8
+    assert any("latency do not change" in note for note in pruned["notes"])
+
+
+def test_quality_gate_names_the_stage_and_writes_nothing(repo_copy: Path) -> None:
+    with pytest.raises(BuildError) as caught:
+        build_camera(repo_copy, "  recipe:\n    - prune: {method: magnitude, sparsity: 0.97, min_elements: 0}\n"
+                                "    - quantize: {mode: static}\n")
+    message = caught.value.message
+    assert "recipe step 1 (prune magnitude) breaks the quality goal" in message
+    assert "manifests/camera.yaml:" in message and "allowed" in message
+    artifacts = repo_copy / ".edgeops" / "cache" / "artifacts"
+    assert not artifacts.exists() or not any(artifacts.iterdir())
+
+
+def test_second_build_is_a_cache_hit_without_recomputation(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: dynamic}\n")
+    assert not first.artifact.hit
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cache hit must not rebuild")
+
+    monkeypatch.setattr(pipeline, "_run", no_work)
+    ws = load_workspace(repo_copy)
+    second = build_for(ws, "meter-digits", "cpu")
+    assert second.artifact.hit and second.artifact.key == first.artifact.key
+    assert second.artifact.model.read_bytes() == first.artifact.model.read_bytes()
+
+
+def _key(root: Path, accelerator: str = "cpu") -> str:
+    return cache_key(build_inputs(BuildRequest.of(load_workspace(root).deployments["meter-digits"], accelerator)))
+
+
+def test_cache_key_changes_with_every_input_and_only_then(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = {_key(repo_copy)}
+    assert _key(repo_copy) in keys  # nothing changed, same key
+    assert _key(repo_copy, "gpu") not in keys
+    manifest = repo_copy / "manifests" / "camera.yaml"
+    changes = [
+        lambda: manifest.write_text(manifest.read_text().replace("{mode: auto}", "{mode: auto, per_channel: false}")),
+        lambda: manifest.write_text(manifest.read_text().replace("max_drop: 0.5", "max_drop: 0.6")),
+        lambda: (repo_copy / "examples/data/digits_calibration.npz").write_bytes(
+            (repo_copy / "examples/data/digits_calibration.npz").read_bytes() + b"\0"),
+        lambda: (repo_copy / "examples/data/digits_evaluation.npz").write_bytes(
+            (repo_copy / "examples/data/digits_evaluation.npz").read_bytes() + b"\0"),
+        lambda: (repo_copy / "examples/models/digits_cnn.onnx").write_bytes(
+            (repo_copy / "examples/models/digits_cnn.onnx").read_bytes() + b"\0"),
+        lambda: monkeypatch.setattr(pipeline.importlib.metadata, "version", lambda name: "0.0-other"),
+    ]
+    for change in changes:
+        change()
+        key = _key(repo_copy)
+        assert key not in keys
+        keys.add(key)
+
+
+def test_explain_names_what_changed(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - quantize: {mode: dynamic}\n")
+    monkeypatch.chdir(repo_copy)
+    assert CliRunner().invoke(main, ["build", "manifests/camera.yaml", "--accelerator", "cpu"]).exit_code == 0
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - quantize: {mode: dynamic, per_channel: false}\n",
+               old="  recipe:\n    - quantize: {mode: dynamic}\n")
+    result = CliRunner().invoke(main, ["build", "manifests/camera.yaml", "--accelerator", "cpu", "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "why: recipe changed" in result.output
+
+
+@pytest.mark.parametrize("recipe", ["  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n",
+                                    "  recipe:\n    - quantize: {mode: weight_only, block_size: 32}\n"])
+def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str) -> None:
+    set_recipe(repo_copy, "assistant.yaml", recipe, old="  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n")
+    ws = load_workspace(repo_copy)
+    result = build_for(ws, "vehicle-assistant", "cpu")
+    final = result.report["stages"][-1]
+    assert final["quality"]["metric"] == "cosine"
+    assert 0.95 <= final["quality"]["value"] <= 1.0
+    assert final["size_ratio"] > 1.5
+    expected_op = "MatMulNBits" if "weight_only" in recipe else "DynamicQuantizeLinear"
+    assert expected_op in final["ops"]
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def _cli_build(root: Path, monkeypatch: pytest.MonkeyPatch, manifest: str = "manifests/camera.yaml"):
+    monkeypatch.chdir(root)
+    return CliRunner().invoke(main, ["build", manifest, "--accelerator", "cpu"])
+
+
+def test_weight_only_on_a_conv_net_is_refused_with_a_reason(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - quantize: {mode: weight_only}\n")
+    result = _cli_build(repo_copy, monkeypatch)
+    assert result.exit_code == 1
+    assert "weight_only quantization needs MatMul nodes" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["unsupported-option", "calibration-shape", "not-onnx", "corrupt-onnx"])
+def test_bad_build_input_is_located(repo_copy: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    manifest = repo_copy / "manifests" / "camera.yaml"
+    if case == "unsupported-option":
+        set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - quantize: {mode: weight_only, block_size: 48}\n")
+        expected = f"manifests/camera.yaml:{line_of(manifest, 'block_size')}: spec.recipe[0].quantize.block_size: must be one of"
+    elif case == "calibration-shape":
+        np.savez(repo_copy / "examples/data/digits_calibration.npz", image=np.zeros((10, 1, 4, 4), np.float32))
+        expected = f"manifests/camera.yaml:{line_of(manifest, 'calibration:')}: spec.data.calibration: array 'image' has shape [10, 1, 4, 4]"
+    elif case == "not-onnx":
+        (repo_copy / "examples/models/digits_cnn.onnx").write_text("this is a README, not a model\n")
+        expected = f"manifests/camera.yaml:{line_of(manifest, 'path:')}: spec.model.path: ../examples/models/digits_cnn.onnx is not an ONNX model"
+    else:
+        path = repo_copy / "examples/models/digits_cnn.onnx"
+        path.write_bytes(path.read_bytes()[:5000])
+        expected = f"manifests/camera.yaml:{line_of(manifest, 'path:')}: spec.model.path: ../examples/models/digits_cnn.onnx is not a valid ONNX"
+    result = _cli_build(repo_copy, monkeypatch)
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected), lines
+    assert "Traceback" not in result.output
+    assert manifest.exists()

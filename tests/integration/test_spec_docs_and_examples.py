@@ -1,0 +1,79 @@
+"""The schema, the reference docs and the example models stay true to the code."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from edgeops import __version__
+from edgeops.cli import main
+from edgeops.spec.reference import reference_markdown
+from edgeops.spec.schema import json_schema
+from labkit.repo import REPO
+
+EXAMPLE_DOCS = sorted([*REPO.glob("manifests/**/*.yaml"), *REPO.glob("device_profiles/*.yaml")])
+MODELS = {"make_camera.py": "digits_cnn", "make_wearable.py": "wearable_cnn", "make_assistant.py": "assistant_encoder"}
+
+
+def test_reference_doc_is_generated_from_the_code() -> None:
+    assert (REPO / "docs" / "manifest-reference.md").read_text() == reference_markdown(), \
+        "regenerate: python -m edgeops.spec.reference > docs/manifest-reference.md"
+
+
+@pytest.mark.parametrize("path", EXAMPLE_DOCS, ids=lambda p: p.name)
+def test_json_schema_accepts_every_example(path: Path) -> None:
+    jsonschema.Draft202012Validator(json_schema()).validate(yaml.safe_load(path.read_text()))
+
+
+def test_json_schema_rejects_an_unknown_key() -> None:
+    doc = yaml.safe_load((REPO / "manifests" / "wearable.yaml").read_text())
+    doc["spec"]["slo"]["latnecy_p95_ms"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(json_schema()).validate(doc)
+
+
+def test_schema_command_prints_the_schema() -> None:
+    result = CliRunner().invoke(main, ["schema"])
+    assert result.exit_code == 0
+    assert '"edgeops/v1"' in result.output and '"DeviceProfile"' in result.output
+
+
+def test_version_and_module_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "edgeops", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"edgeops, version {__version__}"
+
+
+@pytest.mark.parametrize("model", MODELS.values())
+def test_example_models_run_in_onnxruntime(model: str) -> None:
+    session = ort.InferenceSession(str(REPO / "examples" / "models" / f"{model}.onnx"))
+    data = np.load(REPO / "examples" / "data" / f"{model.split('_')[0]}_evaluation.npz")
+    feed = {i.name: data[i.name][:4] for i in session.get_inputs()}
+    outputs = session.run(None, feed)
+    assert all(o.shape[0] == 4 and np.isfinite(o).all() for o in outputs)
+    if "labels" in data.files:
+        logits = outputs[-1]
+        full = session.run(None, {i.name: data[i.name] for i in session.get_inputs()})[-1]
+        assert (full.argmax(1) == data["labels"]).mean() > 0.9
+        assert logits.shape[1] == full.shape[1]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("script,model", MODELS.items())
+def test_example_scripts_reproduce_the_committed_models(tmp_path: Path, script: str, model: str) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    subprocess.run([sys.executable, str(REPO / "examples" / script), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    built = hashlib.sha256((tmp_path / "models" / f"{model}.onnx").read_bytes()).hexdigest()
+    committed = hashlib.sha256((REPO / "examples" / "models" / f"{model}.onnx").read_bytes()).hexdigest()
+    assert built == committed

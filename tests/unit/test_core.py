@@ -1,0 +1,158 @@
+"""The pure core, without devices: waves, the gate, plan decisions, health, saved plans, ledger locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeops.errors import ExitCode
+from edgeops.facts import DeviceFacts
+from edgeops.health import health_of, sync_of
+from edgeops.ledger import Ledger, LockHeld
+from edgeops.operations import plan_differences
+from edgeops.plan import DesiredDevice, ObservedDevice, assign_waves, make_plan
+from edgeops.spec.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification
+from edgeops.types import Action, Decision, DeviceStatus, Health, Sync
+from edgeops.verify import GateSpec, decide
+
+POLICY = RolloutPolicy(waves=[1, "50%", "100%"])
+
+
+def desired(n: int, classes: tuple[str, ...] = ("x86",), canary: int | None = None) -> list[DesiredDevice]:
+    return [DesiredDevice(f"f/d{i}", "f", f"d{i}", "p", classes[i % len(classes)],
+                          (("ring", "canary" if i == canary else "main"),), f"r-{i}", (("model.onnx", "s", 100),))
+            for i in range(n)]
+
+
+def test_waves_grow_to_their_cumulative_targets_rounding_up() -> None:
+    waves = assign_waves(desired(10), RolloutPolicy(waves=[1, "25%", "100%"]))
+    sizes = [sum(1 for w in waves.values() if w == n) for n in (1, 2, 3)]
+    assert sizes == [1, 2, 7]
+
+
+def test_the_canary_has_one_device_of_every_hardware_class_and_prefers_the_canary_ring() -> None:
+    waves = assign_waves(desired(6, ("x86", "arm"), canary=4), POLICY)
+    first = {k for k, w in waves.items() if w == 1}
+    assert first == {"f/d4", "f/d1"}  # d4 is ring: canary (x86); d1 is the first arm device
+
+
+def test_a_wave_always_adds_a_device_and_never_exceeds_what_is_left() -> None:
+    waves = assign_waves(desired(3), RolloutPolicy(waves=[1, 2, 3, 10]))
+    assert sorted(waves.values()) == [1, 2, 3]
+
+
+def _result(new: list[float], old: list[float] | None = None, p95: float = 1.0) -> dict:
+    out = {"a": {"latency": {"p95_ms": p95}, "samples_ms": new, "power": {}}, "peak_rss_mb": 50}
+    if old is not None:
+        out["b"] = {"latency": {"p95_ms": float(np.percentile(old, 95))}, "samples_ms": old}
+    return out
+
+
+GOAL = QualityGoal(metric="accuracy", max_drop=1.0)
+
+
+def gate(slo: SLO | None = None, memory_limit_mb: float | None = None, **regression: float) -> GateSpec:
+    return GateSpec(slo or SLO(), Regression(**regression), GOAL, Verification(block=10), 60, True, memory_limit_mb)
+
+
+def test_gate_passes_an_equal_release_and_fails_a_much_slower_one() -> None:
+    rng = np.random.default_rng(0)
+    base = list(rng.normal(1.0, 0.02, 400))
+    same = decide(_result(list(rng.normal(1.0, 0.02, 400)), base), gate(), None, seed="s")
+    assert same.outcome == Decision.PASSED
+    slower = decide(_result([x * 1.4 for x in base], base), gate(), None, seed="s")
+    assert slower.outcome == Decision.FAILED and "p50 latency new/previous" in slower.reason
+
+
+def test_gate_checks_absolute_slos_and_says_inconclusive_without_a_power_reading() -> None:
+    over = decide(_result([1.0] * 40, p95=30.0), gate(SLO(latency_p95_ms=25)), None)
+    assert over.outcome == Decision.FAILED and "p95 30.000 ms (SLO 25 ms)" in over.reason
+    blind = decide(_result([1.0] * 40), gate(SLO(energy_per_inference_mj=5)), None)
+    assert blind.outcome == Decision.INCONCLUSIVE and "no power reading" in blind.reason
+
+
+def observed(key: str = "f/d0", **fields) -> ObservedDevice:  # type: ignore[no-untyped-def]
+    base = dict(reachable=True, current="r-0", previous=None, status=DeviceStatus.COMMITTED, blobs=frozenset({"s"}),
+                facts=DeviceFacts(python_version="3.11.2", numpy_version="1", onnxruntime_version="1.20",
+                                  free_bytes=10**9))
+    return ObservedDevice(key, **{**base, **fields})
+
+
+def test_plan_actions_from_what_the_device_reports() -> None:
+    want = desired(1)[0]
+    cases = {
+        Action.NO_CHANGE: observed(),
+        Action.UPDATE: observed(current="r-old"),
+        Action.INSTALL: observed(current=None),
+        Action.REPAIR: observed(damaged=("model.onnx is missing",)),
+        Action.REVERIFY: observed(status=DeviceStatus.VERIFYING),
+        Action.REFUSED: observed(current="r-old", rejected=frozenset({"r-0"})),
+        Action.UNREACHABLE: observed(reachable=False, error="no route"),
+    }
+    for action, seen in cases.items():
+        plan = make_plan("dep", POLICY, {}, {}, None, [want], {want.key: seen})
+        assert plan.devices[0].action == action, (action, plan.devices[0])
+    untrusted = make_plan("dep", POLICY, {}, {}, None, [want],
+                          {want.key: observed(reachable=False, error="host key changed", untrusted=True)})
+    assert untrusted.devices[0].action == Action.REFUSED and not untrusted.is_noop
+
+
+def test_a_changed_slo_plans_a_reverification_naming_devices_over_it() -> None:
+    want = replace(desired(1)[0], slo={"latency_p95_ms": 0.01})
+    seen = observed(verification={"slo": {"latency_p95_ms": 25}, "latency": {"p95_ms": 0.02}})
+    plan = make_plan("dep", POLICY, {}, {}, None, [want], {want.key: seen})
+    device = plan.devices[0]
+    assert device.action == Action.REVERIFY and device.bytes_to_move == 0
+    assert "is over the new SLO of 0.01 ms" in device.warnings[0]
+
+
+def test_health_is_judged_worst_first() -> None:
+    slo = SLO(latency_p95_ms=1.0)
+    assert health_of(observed(reachable=False, error="x"), None, slo)[0] == Health.UNREACHABLE
+    assert health_of(observed(damaged=("x",)), None, slo)[0] == Health.DAMAGED
+    assert health_of(observed(verification={"latency": {"p95_ms": 2.0}}), None, slo)[0] == Health.DEGRADED
+    assert health_of(observed(verification={"latency": {"p95_ms": 0.5}}), None, slo)[0] == Health.HEALTHY
+    assert health_of(observed(status=DeviceStatus.PAUSED), None, slo)[0] == Health.DEGRADED
+    assert sync_of(observed(), "r-0") == Sync.SYNCED and sync_of(observed(), "r-9") == Sync.OUT_OF_SYNC
+
+
+def test_a_saved_plan_must_be_the_plan_made_now() -> None:
+    want = desired(3)
+    seen = {d.key: observed(d.key, current="r-old") for d in want}
+    plan = make_plan("dep", POLICY, {}, {}, None, want, seen)
+    assert plan_differences(plan, plan) == []
+    squashed = replace(plan, waves=1, devices=tuple(replace(d, wave=1) for d in plan.devices))
+    assert any("saved update r-1 in wave 1, now update r-1 in wave 2" in d for d in plan_differences(squashed, plan))
+
+
+def test_lock_refuses_waits_and_takes_over_a_dead_holder(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    with ledger.lock(["lab"], holder="first"):
+        with pytest.raises(LockHeld, match="locked by first") as refused:
+            with ledger.lock(["lab"], holder="second"):
+                pass
+        assert refused.value.exit_code == ExitCode.LOCKED
+    released = threading.Event()
+
+    def hold() -> None:
+        with ledger.lock(["lab"], holder="holder"):
+            released.wait(5)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    time.sleep(0.1)
+    released.set()
+    with ledger.lock(["lab"], holder="waiter", wait_s=10):  # waits for the holder instead of failing
+        pass
+    thread.join()
+    with ledger._connect() as db:  # a holder whose process is gone (a killed apply)
+        db.execute("INSERT INTO locks (fleet, holder, pid, host, acquired_at) VALUES ('lab', 'dead', 999999999, ?, 'x')",
+                   (__import__("socket").gethostname(),))
+    with ledger.lock(["lab"], holder="next"):
+        pass

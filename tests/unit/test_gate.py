@@ -1,0 +1,63 @@
+"""The gate reads only its GateSpec: SLOs, regression tolerances (latency and energy), the device's memory limit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeops.spec.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
+from edgeops.types import Decision
+from edgeops.verify import GateSpec, decide
+
+GOAL = QualityGoal(metric="accuracy", max_drop=1.0)
+
+
+def gate(slo: SLO | None = None, memory_limit_mb: float | None = None, **regression: float) -> GateSpec:
+    return GateSpec(slo or SLO(), Regression(**regression), GOAL, Verification(block=10), 60, True, memory_limit_mb)
+
+
+def result(energy_new: float | None, energy_old: float | None, peak_mb: float = 50) -> dict:  # type: ignore[type-arg]
+    rng = np.random.default_rng(1)
+    same = list(rng.normal(1.0, 0.01, 200))
+
+    def power(mj: float | None) -> dict:  # type: ignore[type-arg]
+        if mj is None:
+            return {"source": "none"}
+        blocks = list(mj * 10 * rng.normal(1.0, 0.02, 20))  # 20 blocks of 10 runs, 2% noise
+        return {"energy_per_inference_mj": mj, "block_energy_mj": blocks, "source": "hwmon", "boundary": "board"}
+
+    return {"a": {"latency": {"p95_ms": 1.0}, "samples_ms": same, "power": power(energy_new)},
+            "b": {"latency": {"p95_ms": 1.0}, "samples_ms": same, "power": power(energy_old)},
+            "peak_rss_mb": peak_mb}
+
+
+def test_energy_regression_fails_past_the_tolerance_and_is_skipped_without_readings() -> None:
+    worse = decide(result(1.25, 1.0), gate(energy_pct=10), None, seed="s")
+    assert worse.outcome == Decision.FAILED and "energy new/previous = 1.2" in worse.reason
+    assert "[hwmon, board]" in worse.reason
+    assert decide(result(1.05, 1.0), gate(energy_pct=10), None, seed="s").outcome == Decision.PASSED
+    assert decide(result(1.25, 1.0), gate(energy_pct=30), None, seed="s").outcome == Decision.PASSED
+    unread = decide(result(None, None), gate(energy_pct=0), None, seed="s")
+    assert unread.outcome == Decision.PASSED and not any(c.name == "energy-regression" for c in unread.checks)
+
+
+def test_the_device_profile_memory_limit_fails_a_release_above_it() -> None:
+    over = decide(result(None, None, peak_mb=80), gate(memory_limit_mb=64), None, seed="s")
+    assert over.outcome == Decision.FAILED and "device limit 64 MB" in over.reason
+    assert decide(result(None, None, peak_mb=40), gate(memory_limit_mb=64), None, seed="s").outcome == Decision.PASSED
+
+
+def test_the_gate_spec_takes_what_the_deployment_says() -> None:
+    spec = DeploymentSpec.model_validate({
+        "model": {"path": "m.onnx", "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
+                  "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}]},
+        "data": {"calibration": "c.npz", "evaluation": "e.npz"},
+        "quality": {"metric": "cosine", "max_drop": 0.01},
+        "slo": {"latency_p95_ms": 5},
+        "targets": [{"fleet": "lab"}],
+        "rollout": {"on_inconclusive": "pause", "timeouts": {"verify_s": 42},
+                    "regression": {"energy_pct": 3}, "verification": {"runs": 100, "block": 5}},
+    })
+    built = GateSpec.of(spec, memory_limit_mb=64)
+    assert (built.slo.latency_p95_ms, built.regression.energy_pct, built.verify_timeout_s) == (5, 3, 42)
+    assert (built.verification.runs, built.verification.block, built.quality.metric) == (100, 5, "cosine")
+    assert built.retry_inconclusive is False and built.memory_limit_mb == 64

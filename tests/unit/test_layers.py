@@ -1,0 +1,107 @@
+"""Imports flow one way: down the layers, the pure core imports no I/O, the CLI only reaches the service."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "edgeops"
+PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health"}
+IO = {"edgeops.transport", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.ledger",
+      "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired"}
+FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
+
+# every module belongs to one layer and imports only from its own layer or those below
+LAYERS = [
+    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
+     "edgeops.agent"},                                                               # vocabulary, leaves
+    {"edgeops.spec"},                                                                # manifests, offline
+    {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
+    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger",
+     "edgeops.gitinfo", "edgeops.gitdiff"},                                          # one job each, one resource
+    {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
+    {"edgeops.rollout"},                                                             # the executor
+    {"edgeops.operations"},                                                          # composed operations
+    {"edgeops.service"},                                                             # the one API of the CLI
+    {"edgeops.ui"},
+    {"edgeops.cli", "edgeops.__main__"},
+]
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgeops"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("edgeops"))
+    return found
+
+
+GRAPH = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _under(module: str, packages: set[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _layer(module: str) -> int:
+    found = [n for n, layer in enumerate(LAYERS) if _under(module, layer)]
+    assert found, f"{module} belongs to no layer: add it to LAYERS in {Path(__file__).name}"
+    return found[0]
+
+
+def test_every_module_imports_only_its_own_layer_or_those_below() -> None:
+    upward = {m: sorted(i for i in imports if i != "edgeops" and _layer(i) > _layer(m))
+              for m, imports in GRAPH.items() if m != "edgeops"}
+    assert not {m: i for m, i in upward.items() if i}
+
+
+def test_the_pure_core_does_no_io() -> None:
+    offenders = {m: sorted(i for i in imports if _under(i, IO)) for m, imports in GRAPH.items() if m in PURE}
+    assert not {m: i for m, i in offenders.items() if i}
+
+
+def test_only_the_cli_reaches_the_ui_and_only_the_service_reaches_the_operations() -> None:
+    for module, imports in GRAPH.items():
+        if not _under(module, FRONT):
+            assert not [i for i in imports if _under(i, FRONT)], module
+        if module != "edgeops.service":
+            assert "edgeops.operations" not in imports, module
+
+
+def test_the_agent_is_one_file_that_imports_nothing_of_edgeops() -> None:
+    assert GRAPH["edgeops.agent.edgeops_agent"] == set()
+
+
+def test_the_cli_talks_to_the_service_layer_only() -> None:
+    allowed = {"edgeops", "edgeops.service", "edgeops.ui", "edgeops.errors", "edgeops.types", "edgeops.settings"}
+    assert GRAPH["edgeops.cli"] <= allowed, GRAPH["edgeops.cli"] - allowed
+
+
+PROCESS_WIDE = {"os.environ", "os.getenv", "os.putenv", "os.chdir", "logging.basicConfig", "setLevel",
+                "torch.set_num_threads"}
+# distillation pins torch to one thread while it trains (and restores it): the same seed then gives the same
+# student on any CPU; builds finish before a rollout starts its threads
+ALLOWED = {("edgeops.cli", "os.environ"), ("edgeops.cli", "logging.basicConfig"),
+           ("edgeops.compress.distill", "torch.set_num_threads")}
+
+
+def _process_wide(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            name = f"{node.value.id}.{node.attr}" if isinstance(node.value, ast.Name) else node.attr
+            found.update(n for n in PROCESS_WIDE if name == n or (n == node.attr and "." not in n))
+    return found
+
+
+def test_library_code_changes_no_process_wide_state_and_reads_no_environment() -> None:
+    offenders = {(m, use) for m, p in ((_module(p), p) for p in PACKAGE.rglob("*.py"))
+                 if not m.startswith("edgeops.agent") for use in _process_wide(p)}
+    assert offenders <= ALLOWED, sorted(offenders - ALLOWED)

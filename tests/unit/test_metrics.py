@@ -1,0 +1,47 @@
+"""One definition of each quality metric; the agent's copy (devices run without edgeops) gives the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeops.metrics import Metric, metric_value, score
+from labkit.artifacts import agent_module
+
+
+def _case(seed: int, rows: int = 64, classes: int = 5):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    reference = rng.normal(size=(rows, classes)).astype(np.float32)
+    outputs = (reference + rng.normal(scale=0.6, size=reference.shape)).astype(np.float32)
+    labels = rng.integers(0, classes, rows)
+    return outputs, reference, labels
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+@pytest.mark.parametrize("seed", range(5))
+def test_the_agent_scores_like_the_build(metric: Metric, seed: int) -> None:
+    outputs, reference, labels = _case(seed)
+    agent = agent_module()
+    for given in (labels, None):
+        assert agent.metric_value(str(metric), outputs, reference, given) == metric_value(metric, outputs, reference,
+                                                                                          given)
+
+
+def test_known_values() -> None:
+    reference = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    outputs = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [0.0, 1.5]])
+    labels = np.array([0, 1, 1, 1])
+    assert metric_value("accuracy", outputs, reference, labels) == 100.0
+    assert metric_value("accuracy", outputs, reference) == 75.0  # no labels: agreement with the reference
+    assert metric_value("top1_agreement", outputs, reference, labels) == 75.0
+    assert metric_value("max_abs_error", outputs, reference) == pytest.approx(0.9)
+    assert metric_value("cosine", reference, reference) == pytest.approx(1.0)
+    assert score("max_abs_error", 0.5) < score("max_abs_error", 0.1) and score("cosine", 0.9) > score("cosine", 0.8)
+
+
+def test_an_unknown_metric_is_an_error_not_a_silent_max_abs_error() -> None:
+    outputs, reference, _ = _case(0)
+    with pytest.raises(ValueError, match="unknown quality metric"):
+        metric_value("f1", outputs, reference)
+    with pytest.raises(agent_module().AgentError):
+        agent_module().metric_value("f1", outputs, reference)
