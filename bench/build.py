@@ -24,7 +24,7 @@ from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.compress.data import load_dataset  # noqa: E402
 from edgeops.compress.evaluate import session  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
+from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from labkit.artifacts import build_for  # noqa: E402
 from labkit.repo import copy_repo  # noqa: E402
 

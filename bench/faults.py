@@ -33,9 +33,9 @@ from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.connections import Connections, ssh_connect  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.operations import apply_deployment, status_rows  # noqa: E402
 from edgeops.rollout import device_for  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from labkit.artifacts import repo_at  # noqa: E402
 from labkit.faults import (  # noqa: E402

@@ -32,8 +32,8 @@ from _common import machine, markdown_table  # noqa: E402
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.desired import desired_state  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.rollout import device_for, measure_release  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.verify import GateSpec  # noqa: E402
 from labkit.artifacts import repo_at  # noqa: E402
@@ -121,7 +121,8 @@ def main() -> None:
                                         else ("30% slower", slow))
                     release = candidate.releases[target.key].id
                     device.activate(release)
-                    verdict = measure_release(device, release, baseline.releases[target.key].id, GateSpec.of(doc.obj.spec), None,
+                    verdict = measure_release(device, release, baseline.releases[target.key].id,
+                                              GateSpec.of(doc.obj.spec), None,
                                               seed=f"{target.key}:{index}")
                     device.activate(baseline.releases[target.key].id)
                     ratio = verdict.measurements["latency"]["p95_ms"] / verdict.measurements["previous_latency"]["p95_ms"]

@@ -25,9 +25,9 @@ from _common import machine, markdown_table  # noqa: E402
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.device import Device  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.release import ReleaseFile, make_release  # noqa: E402
 from edgeops.render import render_device  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.types import DeviceStatus  # noqa: E402
 from labkit.artifacts import build_for  # noqa: E402

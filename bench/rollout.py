@@ -22,8 +22,8 @@ from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.operations import apply_deployment, status_rows  # noqa: E402
-from edgeops.spec.workspace import load_workspace  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from labkit.artifacts import repo_at  # noqa: E402
 from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402

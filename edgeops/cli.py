@@ -31,6 +31,11 @@ def settings(root: Path | None) -> Settings:
     return Settings.from_environment(os.environ, root)
 
 
+def notice(text: str) -> None:
+    """What the user must hear even in -o json runs (on stderr): a host key trusted on first use."""
+    click.echo(f"notice: {text}", err=True)
+
+
 def _fail(exc: EdgeopsError, as_json: bool) -> None:
     if as_json:
         problems = [p.as_dict() for p in exc.problems] if isinstance(exc, InputError) else []
@@ -183,6 +188,23 @@ def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: 
             click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.argument("fleet")
+@click.option("--signed-by", type=click.Path(dir_okay=False, path_type=Path),
+              help="the key that signs the new trust root (rotation: a key the devices trust now); "
+                   "default: the fleet's release key")
+@ROOT_OPTION
+@handle_errors
+def enroll(fleet: str, signed_by: Path | None, root: Path | None) -> None:
+    """Install FLEET's trust.allowed_signers on its devices, or rotate it (signed by a key they trust now)."""
+    name, results = service.enroll(fleet, settings(root), signed_by, notify=notice)
+    for r in results:
+        what = f"failed: {r.error}" if r.error else "rotated" if r.rotated else "enrolled" if r.changed else \
+            "already enrolled"
+        click.echo(f"{name}/{r.device}: {what}")
+    sys.exit(ExitCode.FAILED if any(r.error for r in results) else ExitCode.OK)
+
+
 @main.group(cls=EdgeopsGroup)
 def lab() -> None:
     """A local fleet of real sshd devices on 127.0.0.1 (quick start, tests, benchmarks)."""
@@ -197,7 +219,8 @@ def lab() -> None:
 @handle_errors
 def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
     """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
-    name, devices = service.lab_up(fleet, settings(root), login_home, report=lambda message: click.echo(message, err=True))
+    name, devices = service.lab_up(fleet, settings(root), login_home,
+                                   report=lambda message: click.echo(message, err=True))
     for device in devices:
         click.echo(f"up  {name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
 
@@ -253,7 +276,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
     with err_console.status("planning") as status:
-        found = service.plan(manifests, changed_since, settings(root), progress=status.update)
+        found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice)
     entries = [(e.plan, e.reports, e.warnings) for e in found]
     if out_file:
         if len(entries) != 1:
@@ -313,7 +336,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     with LiveReporter() as reporter:
         applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
-                                on_result=show)
+                                on_result=show, notify=notice)
     results = applied.results
     if applied.not_applied:
         err_console.print(f"stopping: {results[-1].deployment} {results[-1].outcome}; not applied: "
@@ -333,8 +356,9 @@ def _settle_paused_command(deployment: str, accept: bool | None, lock_timeout: s
     from edgeops.ui import LiveReporter, console, err_console, result_table
 
     with LiveReporter() as reporter:  # resume and promote continue the rollout from what git asks for
-        done = service.settle_paused(deployment, accept, settings(root), reporter, progress=lambda m: err_console.print(m),
-                                     lock_timeout_s=_duration(lock_timeout))
+        done = service.settle_paused(deployment, accept, settings(root), reporter,
+                                     progress=lambda m: err_console.print(m),
+                                     lock_timeout_s=_duration(lock_timeout), notify=notice)
     if done.settled is not None:
         console.print(f"{done.settled.outcome}: {done.settled.message}")
     result = done.continued or done.settled
@@ -413,7 +437,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
     from edgeops.ui import broken_lines, console, err_console, status_summary, status_table
 
     with err_console.status("reading devices") as spinner:
-        found = service.status(manifests, settings(root), verify=verify, progress=spinner.update)
+        found = service.status(manifests, settings(root), verify=verify, progress=spinner.update, notify=notice)
     everything = {name: [r for r in rows if r.drifted] if drift_only else rows for name, rows in found.rows.items()}
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
@@ -504,7 +528,7 @@ def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devi
     names = [d.strip() for d in devices.split(",")] if devices else None
     with LiveReporter() as reporter:
         result = service.rollback(deployment, to_release, names, settings(root), reporter, allow_rejected,
-                                  lock_timeout_s=_duration(lock_timeout))
+                                  lock_timeout_s=_duration(lock_timeout), notify=notice)
     if output == "json":
         click.echo(json.dumps({"outcome": result.outcome, "summary": service.summarize(result),
                                "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))

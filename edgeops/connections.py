@@ -25,8 +25,9 @@ class Connections:
     """One transport per device, shared by every stage of a run; close() releases them all."""
 
     def __init__(self, connect: Callable[[TargetDevice], Transport] = ssh_connect,
-                 parallelism: int = DEFAULT_PARALLELISM) -> None:
-        self.connect, self.parallelism = connect, max(1, parallelism)
+                 parallelism: int = DEFAULT_PARALLELISM, notify: Callable[[str], None] = lambda notice: None) -> None:
+        """``notify`` hears what connecting did that the user must know (a host key trusted on first use)."""
+        self.connect, self.parallelism, self.notify = connect, max(1, parallelism), notify
         self._open: dict[str, Transport] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -36,7 +37,10 @@ class Connections:
             lock = self._locks.setdefault(target.key, threading.Lock())
         with lock:
             if target.key not in self._open:
-                self._open[target.key] = self.connect(target)
+                transport = self.connect(target)
+                for notice in getattr(transport, "notices", ()):
+                    self.notify(f"{target.key}: {notice}")
+                self._open[target.key] = transport
             return self._open[target.key]
 
     def drop(self, target: TargetDevice) -> None:

@@ -9,10 +9,10 @@ from edgeops.compress.cache import Artifact, Cache
 from edgeops.compress.pipeline import build, cached
 from edgeops.compress.request import BuildRequest
 from edgeops.errors import EdgeopsError
+from edgeops.manifest.models import Deployment
+from edgeops.manifest.workspace import Document, Workspace
 from edgeops.release import Release, make_release
 from edgeops.render import render_device
-from edgeops.spec.models import Deployment
-from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
 
 

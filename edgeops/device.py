@@ -9,6 +9,7 @@ release keeps running; after it the new one is complete.
 
 from __future__ import annotations
 
+import base64
 import json
 import tempfile
 import uuid
@@ -21,6 +22,7 @@ from edgeops.agent import AGENT_FILE
 from edgeops.errors import DeviceError, RemoteCommandFailed
 from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
+from edgeops.signing import SignedMetadata
 from edgeops.transport.base import Transport, sha256_of
 
 
@@ -30,6 +32,17 @@ class AgentFailed(DeviceError):
     def __init__(self, device: str, kind: str, message: str, detail: str = "") -> None:
         self.device, self.kind, self.detail = device, kind, detail or message
         super().__init__(f"{device}: {message}")
+
+
+TRUST_REFUSALS = ("unsigned", "bad-signature", "expired", "downgrade", "file-mismatch", "metadata-mismatch",
+                  "verifier-unsupported")
+
+
+class ReleaseNotTrusted(AgentFailed):
+    """The device refused to run a release (or a new trust root) whose signature or metadata does not hold."""
+
+    def __init__(self, device: str, kind: str, message: str) -> None:
+        super().__init__(device, kind, f"refused ({kind}): {message}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,10 @@ class Device:
             raise AgentFailed(self.name, "agent-broken", f"agent exited {result.exit_status} without a JSON "
                                                         f"document: {tail}", detail=f"exit {result.exit_status}: {tail}")
         if not document.get("ok"):
-            raise AgentFailed(self.name, str(document.get("error")), str(document.get("message")))
+            kind, message = str(document.get("error")), str(document.get("message"))
+            if kind in TRUST_REFUSALS:
+                raise ReleaseNotTrusted(self.name, kind, message)
+            raise AgentFailed(self.name, kind, message)
         return document
 
     def _common(self) -> list[str]:
@@ -200,15 +216,22 @@ class Device:
 
     def activate(self, release_id: str, by: str = "edgeops", action: str = "activate",
                  allow_rejected: bool = False, trial_window_s: float | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
+                 timeout: float | None = None, signed: SignedMetadata | None = None) -> dict[str, Any]:
         """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``.
 
         With ``trial_window_s`` the device reverts by itself unless ``record`` commits the release in time.
         """
         extra = ["--allow-rejected"] if allow_rejected else []
         extra += ["--trial-window", f"{trial_window_s:g}"] if trial_window_s else []
+        extra += signed.as_args() if signed else []
         return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra,
                           timeout=timeout)
+
+    def enroll(self, signers: bytes, signature: str | None = None) -> dict[str, Any]:
+        """Install the trust root of signed releases; replacing one needs ``signature`` by a key it trusts."""
+        self.ensure_agent()
+        extra = ["--signature", base64.b64encode(signature.encode()).decode()] if signature else []
+        return self.agent("enroll", "--root", self.root, "--signers", base64.b64encode(signers).decode(), *extra)
 
     def revert(self, by: str = "edgeops", verdict: bool = True, reason: str = "") -> dict[str, Any]:
         """Leave the trial release for the last committed one (or none); moves no bytes.

@@ -40,11 +40,13 @@ class DeviceFacts:
     power_source: str = "none"
     power_readable: bool | None = None
     power_error: str | None = None
+    enrolled: bool | None = None             # has a trust root (allowed signers) for signed releases
+    signers_sha256: str | None = None
 
     @classmethod
     def from_agent(cls, doc: dict[str, Any]) -> DeviceFacts:
         python, ort, numpy = doc.get("python") or {}, doc.get("onnxruntime") or {}, doc.get("numpy") or {}
-        disk, power = doc.get("disk") or {}, doc.get("power_sensor") or {}
+        disk, power, trust = doc.get("disk") or {}, doc.get("power_sensor") or {}, doc.get("trust") or {}
         return cls(python_executable=python.get("executable"), python_version=python.get("version"),
                    machine=doc.get("machine"), system=doc.get("system"), kernel=doc.get("kernel"),
                    hostname=doc.get("hostname"), cpus=doc.get("cpus"), memory_total_mb=doc.get("memory_total_mb"),
@@ -54,7 +56,8 @@ class DeviceFacts:
                    providers=tuple(ort.get("available_providers") or ()), free_bytes=disk.get("free_bytes"),
                    used_bytes=disk.get("used_bytes"), root_writable=disk.get("writable"),
                    power_source=power.get("source") or "none", power_readable=power.get("readable"),
-                   power_error=power.get("error"))
+                   power_error=power.get("error"), enrolled=trust.get("enrolled"),
+                   signers_sha256=trust.get("signers_sha256"))
 
     @classmethod
     def unusable_python(cls, message: str) -> DeviceFacts:
@@ -90,6 +93,9 @@ class DeviceNeeds:
     root_at: str = ""
     disk_budget_bytes: int | None = None          # device.disk_budget_mb
     disk_budget_at: str = ""
+    signers_sha256: str | None = None             # the fleet's trust.allowed_signers, when releases are signed
+    signers_at: str = ""
+    enroll_command: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,4 +177,9 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
             refusals.append(f"{text}: fix power.sensor ({needs.power_at}) or drop the energy/power SLO")
         else:
             warnings.append(f"{text}; energy will not be measured")
+    if needs.signers_sha256 and facts.enrolled is not None and facts.signers_sha256 != needs.signers_sha256:
+        what = "is not enrolled for signed releases" if not facts.enrolled else \
+            "trusts another allowed-signers file than the fleet's"
+        refusals.append(f"{device}: {what} (trust.allowed_signers, {needs.signers_at}): run "
+                        f"{needs.enroll_command} (a device that trusts a key takes a new file only signed by it)")
     return Preflight(tuple(refusals), tuple(warnings))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edgeops.errors import InputError
 from edgeops.gitinfo import git
-from edgeops.spec.models import Deployment
-from edgeops.spec.workspace import Document, Workspace
+from edgeops.manifest.models import Deployment
+from edgeops.manifest.workspace import Document, Workspace
 from edgeops.targets import target_devices
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from edgeops.facts import Preflight
+from edgeops.manifest.models import SLO
 from edgeops.plan import ObservedDevice
-from edgeops.spec.models import SLO
 from edgeops.types import DeviceStatus, Health, Sync
 
 

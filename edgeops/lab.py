@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeops.errors import EdgeopsError
-from edgeops.spec.models import Fleet
-from edgeops.spec.workspace import Document, Workspace
+from edgeops.manifest.models import Fleet
+from edgeops.manifest.workspace import Document, Workspace
+from edgeops.signing import allowed_signers_line, generate_key
 from edgeops.targets import TargetDevice, fleet_targets
 
 SSHD = "/usr/sbin/sshd"
@@ -185,7 +186,32 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         host_key = (state / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
     _merge_known_hosts(known_hosts, entries)
+    if fleet.obj.spec.trust:
+        _enroll_lab(fleet, targets, base, report)
     return devices
+
+
+def _enroll_lab(fleet: Document[Fleet], targets: list[TargetDevice], base: Path,
+                report: Callable[[str], None]) -> None:
+    """The lab's release key and trust root, installed on every lab device that has none (as at the factory)."""
+    trust = fleet.obj.spec.trust
+    assert trust is not None
+    key = _resolve(fleet, trust.signing_key, base / "release_ed25519")
+    if not key.is_file():
+        generate_key(key, "edgeops lab release key")
+    signers = fleet.resolve(trust.allowed_signers)
+    if not signers.is_file():
+        signers.parent.mkdir(parents=True, exist_ok=True)
+        signers.write_text(allowed_signers_line(Path(str(key) + ".pub").read_text()))
+    for target in targets:
+        installed = Path(target.root) / "trust" / "allowed_signers"
+        if installed.is_file():
+            if installed.read_bytes() != signers.read_bytes():
+                report(f"{target.name} trusts another allowed-signers file: `edgeops enroll {fleet.name}` rotates it")
+            continue
+        installed.parent.mkdir(parents=True, exist_ok=True)
+        installed.write_bytes(signers.read_bytes())
+        installed.chmod(0o444)
 
 
 def _write_sensor(target: TargetDevice) -> None:

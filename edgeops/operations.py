@@ -18,6 +18,9 @@ from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
 from edgeops.health import health_of, sync_of
 from edgeops.ledger import Ledger
+from edgeops.manifest.checks import missing_identity_file, missing_trust_files
+from edgeops.manifest.models import Deployment
+from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import Plan, make_plan
 from edgeops.rollout import (
     ApplyContext,
@@ -34,9 +37,6 @@ from edgeops.rollout import (
     summarize,
 )
 from edgeops.settings import Settings
-from edgeops.spec.checks import missing_identity_file
-from edgeops.spec.models import Deployment
-from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
 from edgeops.verify import GateSpec
@@ -52,10 +52,12 @@ class Repo:
     ledger: Ledger
     cache: Cache
     actor: str
+    signing_key: Path | None = None   # overrides the fleets' trust.signing_key
 
     @classmethod
     def open(cls, ws: Workspace, settings: Settings) -> Repo:
-        return cls(ws, Ledger(settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)), settings.actor)
+        return cls(ws, Ledger(settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)), settings.actor,
+                   settings.signing_key)
 
 
 def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[str, Any]]]:
@@ -63,15 +65,29 @@ def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[
             for acc in desired.artifacts}
 
 
-def require_identity_files(targets: Iterable[TargetDevice]) -> None:
-    """A fleet whose private key file is missing is an input error, found before any device is dialled."""
+def require_identity_files(targets: Iterable[TargetDevice], signing: bool = False,
+                           signing_key: Path | None = None, will_sign: bool = False) -> None:
+    """A fleet whose private key file is missing is an input error, found before any device is dialled.
+
+    ``signing`` (plan, apply): also the fleets' allowed signers; ``will_sign`` (apply): and the signing key
+    (a pull request's plan runs without the secret), which ``signing_key`` overrides.
+    """
     problems = []
-    for fleet in {t.fleet.path: t.fleet for t in targets}.values():
+    fleets = {t.fleet.path: t.fleet for t in targets}.values()
+    if will_sign and signing_key is not None and not signing_key.is_file() and any(f.obj.spec.trust for f in fleets):
+        raise EdgeopsError(f"EDGEOPS_SIGNING_KEY names {signing_key}, which does not exist",
+                           hint="point it at the private release key")
+    for fleet in fleets:
         if path := missing_identity_file(fleet):
             problems.append(fleet.problem(("spec", "ssh", "identity_file"),
                                           f"identity file {fleet.obj.spec.ssh.identity_file} does not exist "
                                           f"(resolved to {path}): point it at the deploy key, or run "
                                           "`edgeops lab up` for a lab fleet"))
+        for loc, name, path in (missing_trust_files(fleet) if signing else []):
+            if loc[-1] == "signing_key" and (signing_key is not None or not will_sign):
+                continue
+            problems.append(fleet.problem(loc, f"{name} does not exist (resolved to {path}): releases to this "
+                                               "fleet are signed; `edgeops lab up` creates the lab's"))
     if problems:
         raise InputError(problems)
 
@@ -79,7 +95,7 @@ def require_identity_files(targets: Iterable[TargetDevice]) -> None:
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device, and decide."""
-    require_identity_files(target_devices(repo.ws, doc.name))
+    require_identity_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
     desired = desired_state(repo.ws, doc, repo.cache, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
@@ -136,6 +152,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
+    require_identity_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
+                           will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
         plan, desired = plan_deployment(repo, doc, connections, progress)
         if saved is not None:
@@ -152,7 +170,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                                 f"({'; '.join(differences[:3])}); it was edited or made by another version",
                                 hint="run edgeops plan again and apply that")
         git = head_info(repo.ws.root)
-        ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter())
+        ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
+                           signing_key=repo.signing_key)
         result = apply(plan, ctx)
     return plan, result
 
@@ -324,8 +343,8 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             reporter.stage(target.key, "verify")
             # the same measurement as apply (a Failed is confirmed by a second, pooled one); absolute SLOs only:
             # the release we land on was built by another commit, so there is no host golden value for it
-            verdict = measure_release(device, landing, None, GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb),
-                                      None, seed=target.key)
+            gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
+            verdict = measure_release(device, landing, None, gate, None, seed=target.key)
             device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
                                             **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
                           by=actor, release=landing)
@@ -413,12 +432,13 @@ def reconcile_loop(root: Path, settings: Settings, deployments: list[str], inter
     """
     import time
 
-    from edgeops.spec.workspace import load_workspace
+    from edgeops.manifest.workspace import load_workspace
 
     failures, count = 0, 0
     while True:
         count += 1
-        repo = Repo.open(load_workspace(root), settings)  # re-read git's truth every time: a pull may change it
+        # re-read git's truth every time: a pull may have changed it
+        repo = Repo.open(load_workspace(root, allow_code=settings.allow_code), settings)
         for name in deployments:
             doc = repo.ws.deployments[name]
             with Connections(parallelism=16) as connections:

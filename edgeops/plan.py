@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
-from edgeops.spec.models import RolloutPolicy, parse_count
+from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"

@@ -18,9 +18,9 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from edgeops.errors import Problem, RenderError
+from edgeops.manifest.models import Deployment
+from edgeops.manifest.workspace import Document, Workspace
 from edgeops.runtime_config import RuntimeConfig, canonical_json, digest
-from edgeops.spec.models import Deployment
-from edgeops.spec.workspace import Document, Workspace
 from edgeops.targets import TargetDevice, deep_substitute
 
 

@@ -9,9 +9,11 @@ mid-switch), nothing new starts.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,8 +31,10 @@ from edgeops.errors import (
     IdentityFileMissing,
 )
 from edgeops.ledger import Ledger
+from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
-from edgeops.spec.models import RolloutPolicy, parse_count
+from edgeops.release import Release
+from edgeops.signing import RELEASE_NAMESPACE, FileDigest, SignedMetadata, SigningError, release_metadata, sign
 from edgeops.targets import TargetDevice
 from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, decide, host_golden_value
@@ -195,6 +199,7 @@ class ApplyContext:
     git: dict[str, str | None]
     reporter: Reporter = field(default_factory=SilentReporter)
     stop: threading.Event = field(default_factory=threading.Event)
+    signing_key: Path | None = None   # overrides the fleets' trust.signing_key
 
 
 def _allowed(spec: int | str, base: int) -> float:
@@ -207,6 +212,9 @@ class DeviceRoller:
 
     def __init__(self, ctx: ApplyContext) -> None:
         self.ctx = ctx
+        self.generation = time.time_ns() // 1_000_000  # one per apply; devices refuse anything older than committed
+        self._signed: dict[str, SignedMetadata] = {}
+        self._signing = threading.Lock()
         self.doc = ctx.desired.deployment
         self.spec = self.doc.obj.spec
         self.policy = self.spec.rollout
@@ -215,6 +223,23 @@ class DeviceRoller:
 
     def device(self, target: TargetDevice) -> Device:
         return device_for(target, self.ctx.connections, self.doc.name)
+
+    def signed(self, target: TargetDevice, release: Release) -> SignedMetadata | None:
+        """The release's signed metadata when the target's fleet signs releases (signed once per release)."""
+        trust = target.fleet.obj.spec.trust
+        if trust is None:
+            return None
+        key = self.ctx.signing_key or target.signing_key
+        if key is None:
+            raise SigningError(f"fleet {target.fleet.name} signs releases but no signing key is set",
+                               hint="set trust.signing_key in the fleet or EDGEOPS_SIGNING_KEY")
+        with self._signing:
+            if release.id not in self._signed:
+                files = [FileDigest(f.name, f.sha256, f.size) for f in release.files]
+                data = release_metadata(release.deployment, release.id, files, release.config_digest,
+                                        self.generation, trust.release_ttl_s)
+                self._signed[release.id] = SignedMetadata(data, sign(key, RELEASE_NAMESPACE, data))
+            return self._signed[release.id]
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
         target = self.ctx.desired.target(planned.key)
@@ -242,10 +267,11 @@ class DeviceRoller:
             if self.ctx.stop.is_set():
                 outcome.reason = "interrupted after the push, before the switch: still on the previous release"
                 return outcome
-            report.stage(planned.key, "switch")
+            signed = self.signed(target, release)
+            report.stage(planned.key, "switch", "signed" if signed else "")
             switching = True  # from here a cut may or may not have switched: read the device before deciding
             before = device.activate(release.id, by=self.ctx.actor, timeout=self.policy.timeouts.switch_s,
-                                     trial_window_s=target.profile.obj.spec.device.trial_window_s)
+                                     trial_window_s=target.profile.obj.spec.device.trial_window_s, signed=signed)
             # only a committed release is ever a baseline: never a rejected or unverified one
             baseline = before.get("committed") if before.get("committed") != release.id else None
             report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
@@ -410,7 +436,8 @@ class WaveRunner:
                                  measurements={"facts": d.facts})
                    for d in self.plan.refused]
         if self.plan.is_noop:
-            return RolloutResult(self.plan.deployment, Outcome.NO_OP, f"no changes: {len(unchanged)} device(s) already run "
+            return RolloutResult(self.plan.deployment, Outcome.NO_OP,
+                                 f"no changes: {len(unchanged)} device(s) already run "
                                  "the release git asks for; no device was touched", unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []

@@ -20,16 +20,16 @@ if TYPE_CHECKING:
     from edgeops.compress.pipeline import BuildResult
     from edgeops.gitdiff import Touched
     from edgeops.lab import LabDevice
+    from edgeops.manifest.models import Deployment, Fleet
+    from edgeops.manifest.workspace import Document, Workspace
     from edgeops.operations import Repo, StatusRow
     from edgeops.plan import Plan
     from edgeops.render import RenderedConfig
     from edgeops.rollout import Reporter
     from edgeops.rollout import RolloutResult as RolloutResult  # re-exported: the CLI names it
-    from edgeops.spec.models import Deployment, Fleet
-    from edgeops.spec.workspace import Document, Workspace
     from edgeops.targets import TargetDevice
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # progress lines; ``notify`` gets what the user must hear (trust on first use)
 
 
 def _quiet(message: str) -> None:
@@ -38,9 +38,16 @@ def _quiet(message: str) -> None:
 
 def workspace_root(paths: tuple[Path, ...] | list[Path], settings: Settings) -> Path:
     """The repository root: the one configured, else found from the first path (or the working directory)."""
-    from edgeops.spec.workspace import find_root
+    from edgeops.manifest.workspace import find_root
 
     return settings.root or find_root(paths[0] if paths else Path.cwd())
+
+
+def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: Any) -> Workspace:
+    """The repository the paths are in (or the configured one), under the settings' code-execution rule."""
+    from edgeops.manifest.workspace import load_workspace
+
+    return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code, **options)
 
 
 def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
@@ -50,9 +57,8 @@ def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
 def _context(deployment: str, settings: Settings) -> tuple[Repo, Document[Deployment]]:
     """The repository and one deployment (by name or manifest path)."""
     from edgeops.operations import Repo
-    from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing([deployment]), settings))
+    ws = _load(_existing([deployment]), settings)
     return Repo.open(ws, settings), ws.deployment(deployment)
 
 
@@ -64,11 +70,10 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None,
     """
     from edgeops.gitdiff import changed_files, touched_deployments
     from edgeops.operations import Repo
-    from edgeops.spec.workspace import load_workspace
 
     paths = _existing(manifests)
     focused = not changed_since and len(paths) == len(manifests)
-    ws = load_workspace(workspace_root(paths, settings), focus=paths if focused else None, deep=True)
+    ws = _load(paths, settings, focus=paths if focused else None, deep=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
     if changed_since:
         for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
@@ -87,13 +92,13 @@ class Validation:
 
 def validate(paths: tuple[Path, ...], settings: Settings) -> Validation:
     """The given files (or the whole repository) and the fleets and profiles they use, checked offline."""
-    from edgeops.spec.workspace import load_workspace, yaml_files
+    from edgeops.manifest.workspace import yaml_files
 
     for path in paths:
         if not path.exists():
             raise InputError.at(str(path), None, "", "file not found")
     files = yaml_files(list(paths))
-    ws = load_workspace(workspace_root(paths, settings), extra=files, focus=list(paths) or None, deep=True)
+    ws = _load(paths, settings, extra=files, focus=list(paths) or None, deep=True)
     docs: list[Any] = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
     if paths:
         wanted = {p.resolve() for p in files}
@@ -102,7 +107,7 @@ def validate(paths: tuple[Path, ...], settings: Settings) -> Validation:
 
 
 def json_schema() -> dict[str, Any]:
-    from edgeops.spec.schema import json_schema as schema
+    from edgeops.manifest.schema import json_schema as schema
 
     return schema()
 
@@ -111,9 +116,8 @@ def build_targets(manifest: Path, accelerators: tuple[str, ...],
                   settings: Settings) -> tuple[Document[Deployment], list[str], BuildCache]:
     """What `build` will build: the deployment, its accelerator classes (or those asked for), the cache."""
     from edgeops.compress.cache import Cache
-    from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root([manifest], settings))
+    ws = _load([manifest], settings)
     doc = ws.deployment(str(manifest))
     return doc, list(accelerators) or sorted(ws.accelerators_of(doc)), Cache(settings.cache_in(ws.root))
 
@@ -132,10 +136,9 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
     from edgeops.compress.pipeline import build as run_build
     from edgeops.compress.request import BuildRequest
     from edgeops.render import render_device
-    from edgeops.spec.workspace import load_workspace
     from edgeops.targets import target_devices
 
-    ws = load_workspace(workspace_root([manifest], settings))
+    ws = _load([manifest], settings)
     doc = ws.deployment(str(manifest))
     targets = [t for t in target_devices(ws, doc.name) if device in (None, t.name, t.key)]
     if not targets:
@@ -150,9 +153,8 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
 
 
 def _lab_fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
-    from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing([fleet]), settings))
+    ws = _load(_existing([fleet]), settings)
     by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
     return ws, (by_path[0] if by_path else ws.fleet(fleet))
 
@@ -180,6 +182,43 @@ def lab_down(fleet: str, settings: Settings, wipe: bool) -> tuple[str, list[LabD
     return doc.name, stop(ws, doc, wipe)
 
 
+@dataclass(frozen=True)
+class Enrolled:
+    device: str
+    changed: bool = False
+    rotated: bool = False
+    error: str = ""
+
+
+def enroll(fleet: str, settings: Settings, signed_by: Path | None = None,
+           notify: Progress = _quiet) -> tuple[str, list[Enrolled]]:
+    """Install the fleet's trust.allowed_signers on its devices. A device that already trusts a file takes a
+    new one only signed (namespace edgeops-trust) by a key it trusts: ``signed_by``, else the release key."""
+    from edgeops.connections import Connections
+    from edgeops.rollout import device_for
+    from edgeops.signing import TRUST_NAMESPACE, sign
+    from edgeops.targets import fleet_targets
+
+    ws, doc = _lab_fleet(fleet, settings)
+    trust = doc.obj.spec.trust
+    if trust is None:
+        raise InputError([doc.problem(("spec",), "this fleet has no trust block: add trust.allowed_signers (and "
+                                                 "trust.signing_key) to sign its releases")])
+    signers_path = doc.resolve(trust.allowed_signers)
+    if not signers_path.is_file():
+        raise InputError([doc.problem(("spec", "trust", "allowed_signers"), f"{trust.allowed_signers} does not "
+                                                                            f"exist (resolved to {signers_path})")])
+    signers = signers_path.read_bytes()
+    targets = fleet_targets(ws, doc)
+    key = signed_by or settings.signing_key or targets[0].signing_key
+    signature = sign(key, TRUST_NAMESPACE, signers) if key else None
+    with Connections(parallelism=16, notify=notify) as connections:
+        found = connections.map(lambda t: device_for(t, connections, "").enroll(signers, signature), targets)
+    return doc.name, [Enrolled(t.name, error=r.message) if isinstance(r, EdgeopsError) else
+                      Enrolled(t.name, bool(r.get("changed")), bool(r.get("rotated"))) for t, r in
+                      ((t, found[t.key]) for t in targets)]
+
+
 # ------------------------------------------------------------------ plan, apply, the paused rollout
 
 
@@ -191,14 +230,14 @@ class PlanEntry:
 
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
-         progress: Progress = _quiet) -> list[PlanEntry]:
+         progress: Progress = _quiet, notify: Progress = _quiet) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
     from edgeops.operations import plan_deployment, plan_warnings
 
     repo, docs = _selected(manifests, changed_since, settings)
     entries = []
-    with Connections(parallelism=16) as connections:
+    with Connections(parallelism=16, notify=notify) as connections:
         for doc in docs:
             result, desired = plan_deployment(repo, doc, connections, progress=progress)
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
@@ -215,7 +254,7 @@ class Applied:
 
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, settings: Settings,
           reporter: Reporter, progress: Progress = _quiet, lock_timeout_s: float = 0,
-          on_result: Callable[[RolloutResult], None] = lambda result: None) -> Applied:
+          on_result: Callable[[RolloutResult], None] = lambda result: None, notify: Progress = _quiet) -> Applied:
     """Roll out each deployment in name order; the first that does not succeed stops the rest."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
@@ -226,7 +265,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
         raise InputError.at(str(plan_file), None, "", "--plan applies exactly one deployment")
     results: list[RolloutResult] = []
     for doc in docs:
-        with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
+        with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
                                          lock_timeout_s=lock_timeout_s)
         results.append(result)
@@ -243,14 +282,14 @@ class Settled:
 
 
 def settle_paused(deployment: str, accept: bool | None, settings: Settings, reporter: Reporter,
-                  progress: Progress = _quiet, lock_timeout_s: float = 0) -> Settled:
+                  progress: Progress = _quiet, lock_timeout_s: float = 0, notify: Progress = _quiet) -> Settled:
     """``accept`` None: resume; True: promote then continue; False: abort."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, paused_devices
     from edgeops.operations import settle_paused as settle
 
     repo, doc = _context(deployment, settings)
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
         settled = None
         if accept is None and not paused_devices(repo.ws, doc, connections):
             raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
@@ -269,9 +308,8 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
 
 def diff(base: str, head: str | None, settings: Settings) -> list[Touched]:
     from edgeops.gitdiff import changed_files, touched_deployments
-    from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root([], settings))
+    ws = _load([], settings)
     return touched_deployments(ws, changed_files(ws.root, base, head))
 
 
@@ -282,7 +320,7 @@ class StatusReport:
 
 
 def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
-           progress: Progress = _quiet) -> StatusReport:
+           progress: Progress = _quiet, notify: Progress = _quiet) -> StatusReport:
     """Rows per deployment (every deployment when none is named), read from the devices now.
 
     Over the whole repository a broken manifest, fleet or profile is reported on its own and every other
@@ -290,10 +328,9 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     """
     from edgeops.connections import Connections
     from edgeops.operations import Repo, status_rows
-    from edgeops.spec.workspace import load_workspace
 
     paths = _existing(manifests)
-    ws = load_workspace(workspace_root(paths, settings), focus=paths if manifests else None, tolerant=not manifests)
+    ws = _load(paths, settings, focus=paths if manifests else None, tolerant=not manifests)
     repo = Repo.open(ws, settings)
     broken: dict[str, list[str]] = {}
     for problem in ws.problems:
@@ -301,7 +338,7 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)
                                                      if ws.deployments[n].display not in broken]
     rows: dict[str, list[StatusRow]] = {}
-    with Connections(parallelism=16) as connections:
+    with Connections(parallelism=16, notify=notify) as connections:
         for doc in docs:
             try:
                 rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify)
@@ -314,9 +351,8 @@ def reconcile(manifests: tuple[str, ...], interval_s: float, iterations: int, ve
               settings: Settings, log: Progress = _quiet) -> int:
     """The drift loop; returns how many applies failed."""
     from edgeops.operations import reconcile_loop
-    from edgeops.spec.workspace import load_workspace
 
-    ws = load_workspace(workspace_root(_existing(manifests), settings))
+    ws = _load(_existing(manifests), settings)
     names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
     return reconcile_loop(ws.root, settings, names, interval_s, iterations, log=log, verify_every=verify_every)
 
@@ -327,12 +363,12 @@ def history(deployment: str, limit: int, settings: Settings) -> tuple[str, list[
 
 
 def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,
-             allow_rejected: bool = False, lock_timeout_s: float = 0) -> RolloutResult:
+             allow_rejected: bool = False, lock_timeout_s: float = 0, notify: Progress = _quiet) -> RolloutResult:
     from edgeops.connections import Connections
     from edgeops.operations import rollback_deployment
 
     repo, doc = _context(deployment, settings)
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism) as connections:
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
         return rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
                                    lock_timeout_s=lock_timeout_s)
 

@@ -13,6 +13,9 @@ ENVIRONMENT = {
     "EDGEOPS_CACHE_DIR": "where built artifacts are cached (default: <repo>/.edgeops/cache)",
     "EDGEOPS_LEDGER": "the SQLite ledger file (default: <repo>/.edgeops/ledger.sqlite)",
     "EDGEOPS_ACTOR": "who the ledger and the devices record as acting (default: $USER)",
+    "EDGEOPS_ALLOW_CODE": "1: allow manifest fields that run code (a student factory); never set it for a pull "
+                          "request's plan",
+    "EDGEOPS_SIGNING_KEY": "the private release key that signs releases (overrides the fleets' trust.signing_key)",
 }
 
 
@@ -22,6 +25,8 @@ class Settings:
     cache_dir: Path | None = None
     ledger_file: Path | None = None
     actor: str = "edgeops"
+    allow_code: bool = False          # fields that run code (student.factory) are errors
+    signing_key: Path | None = None   # overrides the fleets' trust.signing_key
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
@@ -30,7 +35,9 @@ class Settings:
 
         return cls(root=root.resolve() if root else None, cache_dir=path("EDGEOPS_CACHE_DIR"),
                    ledger_file=path("EDGEOPS_LEDGER"),
-                   actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops")
+                   actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops",
+                   allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
+                   signing_key=path("EDGEOPS_SIGNING_KEY"))
 
     def cache_in(self, repo: Path) -> Path:
         return self.cache_dir or repo / ".edgeops" / "cache"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgeops.facts import DeviceNeeds
-from edgeops.spec.models import SLO, DeviceEntry, DeviceProfile, Fleet
-from edgeops.spec.workspace import Document, Workspace
+from edgeops.manifest.models import SLO, DeviceEntry, DeviceProfile, Fleet
+from edgeops.manifest.workspace import Document, Workspace
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,25 @@ class TargetDevice:
             power_at=profile.where(("spec", "power", "sensor")),
             root=self.root, root_at=root_at,
             disk_budget_bytes=int(budget * 1e6) if (budget := profile.obj.spec.device.disk_budget_mb) else None,
-            disk_budget_at=profile.where(("spec", "device", "disk_budget_mb")))
+            disk_budget_at=profile.where(("spec", "device", "disk_budget_mb")),
+            signers_sha256=self.signers_sha256, signers_at=self.fleet.where(("spec", "trust", "allowed_signers")),
+            enroll_command=f"edgeops enroll {self.fleet.name}")
+
+    @property
+    def allowed_signers(self) -> Path | None:
+        """The fleet's trust root on this machine, when its releases are signed."""
+        trust = self.fleet.obj.spec.trust
+        return self.fleet.resolve(trust.allowed_signers) if trust else None
+
+    @property
+    def signers_sha256(self) -> str | None:
+        path = self.allowed_signers
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None
+
+    @property
+    def signing_key(self) -> Path | None:
+        trust = self.fleet.obj.spec.trust
+        return self.fleet.resolve(os.path.expanduser(trust.signing_key)) if trust and trust.signing_key else None
 
 
 def substitute(text: str, device: str, root: str) -> str:

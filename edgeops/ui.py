@@ -165,7 +165,8 @@ def status_table(deployment: str, rows: list[Any]) -> Table:
 
 def broken_lines(name: str, lines: list[str]) -> str:
     """A deployment (or file) status cannot show, and why."""
-    return "\n".join([f"[red]{escape(name)}: cannot show its devices[/]", *(f"  error: {escape(line)}" for line in lines)])
+    return "\n".join([f"[red]{escape(name)}: cannot show its devices[/]",
+                      *(f"  error: {escape(line)}" for line in lines)])
 
 
 def status_summary(rows: list[Any]) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeops.manifest.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
 from edgeops.metrics import metric_value
-from edgeops.spec.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
 from edgeops.types import Decision
 
 PASSED, FAILED, INCONCLUSIVE = Decision.PASSED, Decision.FAILED, Decision.INCONCLUSIVE
@@ -174,7 +174,10 @@ def _energy_regression(new: dict[str, Any], old: dict[str, Any], regression: Reg
     """Energy of the new release over the previous one's, from the same interleaved blocks; None without readings.
 
     Like latency: the blocks are resampled in pairs (they ran back to back), and only an interval wholly
-    above the tolerance fails.
+    above the tolerance fails. Unlike latency, an interval that straddles the limit does not make the
+    verdict Inconclusive: power sensors are sampled every tens of milliseconds, so per-block energy is
+    coarse (bench/gate.py measured 49 of 60 A/A releases Inconclusive when it did), and latency already
+    holds a slower release back.
     """
     a, b = new.get("block_energy_mj") or [], old.get("block_energy_mj") or []
     count = min(len(a), len(b))
@@ -188,7 +191,9 @@ def _energy_regression(new: dict[str, Any], old: dict[str, Any], regression: Reg
     point = float(pairs[0].sum() / pairs[1].sum())
     low, high = float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
     check = _regression("energy", point, low, high, regression.energy_pct, regression.confidence)
-    return Check(check.name, check.outcome, f"{check.detail} [{new.get('source')}, {new.get('boundary')}]")
+    outcome = FAILED if check.outcome == FAILED else PASSED
+    detail = check.detail.replace(": the interval straddles the limit", ": no regression shown")
+    return Check(check.name, outcome, f"{detail} [{new.get('source')}, {new.get('boundary')}]")
 
 
 def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:

@@ -12,11 +12,11 @@ from edgeops.agent import AGENT_FILE
 from edgeops.compress.cache import Cache
 from edgeops.compress.pipeline import BuildResult, build
 from edgeops.compress.request import BuildRequest
+from edgeops.manifest.workspace import Workspace, load_workspace
 from edgeops.operations import Repo
 from edgeops.release import Release, make_release, write_local
 from edgeops.render import render_device
 from edgeops.settings import Settings
-from edgeops.spec.workspace import Workspace, load_workspace
 from edgeops.targets import target_devices
 
 

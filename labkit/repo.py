@@ -41,7 +41,9 @@ def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "l
         "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-cpu",
         "  ssh:", "    user: root", "    identity_file: ../../.edgeops/lab/client_ed25519",
         "    known_hosts: ../../.edgeops/lab/known_hosts", "    use_ssh_config: false",
-        "    connect_timeout_s: 5", "    connect_retries: 0", "  devices:",
+        "    connect_timeout_s: 5", "    connect_retries: 0",
+        "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",
+        "    signing_key: ../../.edgeops/lab/release_ed25519", "  devices:",
     ]
     for index, port in enumerate(free_ports(devices), start=1):
         ring = "canary" if index == 1 else "main"

@@ -23,7 +23,7 @@ def hostile_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lab_repo(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     """A repo copy whose lab fleet (4 devices) runs as real sshd processes, under a hostile login HOME."""
     from edgeops.lab import lab_down, lab_up
-    from edgeops.spec.workspace import load_workspace
+    from edgeops.manifest.workspace import load_workspace
     from edgeops.targets import target_devices
 
     if not Path("/usr/sbin/sshd").exists():

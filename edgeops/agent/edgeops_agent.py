@@ -529,7 +529,10 @@ def gather_facts(root, power_config=None):
                    "root_exists": os.path.isdir(root),
                    "writable": os.access(measured_at, os.W_OK | os.X_OK)}  # the root, or where it will be made
     sensor = {"source": (power_config or {}).get("source", "none"), "readable": None, "error": None}
-    if sensor["source"] != "none":
+    if sensor["source"] == "command":
+        # reading facts is what a pull request's plan does: it never runs the profile's command (verify does)
+        sensor["not_run"] = "a command sensor runs only when a release is verified"
+    elif sensor["source"] != "none":
         meter = EnergyMeter(power_config)
         try:
             meter.start()
@@ -539,6 +542,7 @@ def gather_facts(root, power_config=None):
         finally:
             meter.stop()
     out["power_sensor"] = sensor
+    out["trust"] = trust_facts(root)
     return out
 
 
@@ -737,6 +741,251 @@ def _copy_verified(blob, dest, sha256):
     os.chmod(dest, 0o444)
     stat = os.stat(dest)
     return {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+# ------------------------------------------------------------------ signed releases (the trust root)
+#
+# A device enrolled with an allowed-signers file (OpenSSH's format, as git uses for SSH-signed commits)
+# activates a new release only with release metadata signed by one of those keys: OpenSSH's
+# `ssh-keygen -Y verify` checks the signature; devices without it (Dropbear images) use the built-in
+# verifier below (ssh-ed25519 keys, the SSHSIG format, RFC 8032 arithmetic in pure Python).
+
+RELEASE_NAMESPACE = "edgeops-release"
+TRUST_NAMESPACE = "edgeops-trust"
+SIGNER_IDENTITY = "release@edgeops"
+
+
+def _trust_file(root):
+    return os.path.join(root, "trust", "allowed_signers")
+
+
+def trust_facts(root):
+    path = _trust_file(root)
+    if not os.path.isfile(path):
+        return {"enrolled": False, "signers_sha256": None}
+    return {"enrolled": True, "signers_sha256": _sha256_file(path),
+            "verifier": "ssh-keygen" if _ssh_keygen() else "builtin"}
+
+
+def _ssh_keygen():
+    for candidate in ("/usr/bin/ssh-keygen", "/bin/ssh-keygen", "/usr/local/bin/ssh-keygen"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("ssh-keygen")
+
+
+def verify_signature(allowed_signers, namespace, data, armored, tool=None):
+    """Raise AgentError("bad-signature") unless ``armored`` signs ``data`` in ``namespace`` by an allowed key."""
+    tool = _ssh_keygen() if tool is None else tool
+    if tool:
+        with tempfile.TemporaryDirectory() as tmp:
+            signature = os.path.join(tmp, "data.sig")
+            with open(signature, "w") as handle:
+                handle.write(armored)
+            done = subprocess.run([tool, "-Y", "verify", "-f", allowed_signers, "-I", SIGNER_IDENTITY,
+                                   "-n", namespace, "-s", signature], input=data, capture_output=True, timeout=60)
+        if done.returncode != 0:
+            why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
+            raise AgentError(f"the signature does not verify against {allowed_signers} ({why})", "bad-signature")
+        return "ssh-keygen"
+    _verify_builtin(allowed_signers, namespace, data, armored)
+    return "builtin"
+
+
+def _ssh_string(blob, offset):
+    if offset + 4 > len(blob):
+        raise ValueError("truncated")
+    length = int.from_bytes(blob[offset:offset + 4], "big")
+    end = offset + 4 + length
+    if end > len(blob):
+        raise ValueError("truncated")
+    return blob[offset + 4:end], end
+
+
+def _allowed_keys(allowed_signers, namespace):
+    keys = []
+    with open(allowed_signers) as handle:
+        for line in handle:
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            principals, rest = fields[0].split(","), fields[1:]
+            options = rest.pop(0) if rest and not rest[0].startswith(("ssh-", "ecdsa-", "sk-")) else ""
+            if SIGNER_IDENTITY not in principals or len(rest) < 2:
+                continue
+            allowed = [o.split("=", 1)[1].strip('"') for o in options.split(",") if o.startswith("namespaces=")]
+            if allowed and namespace not in allowed[0].split(","):
+                continue
+            import base64
+
+            keys.append((rest[0], base64.b64decode(rest[1])))
+    return keys
+
+
+def _verify_builtin(allowed_signers, namespace, data, armored):
+    import base64
+
+    lines = [line.strip() for line in armored.strip().splitlines()]
+    try:
+        if lines[0] != "-----BEGIN SSH SIGNATURE-----" or lines[-1] != "-----END SSH SIGNATURE-----":
+            raise ValueError("not an SSH signature")
+        blob = base64.b64decode("".join(lines[1:-1]))
+        if blob[:6] != b"SSHSIG" or int.from_bytes(blob[6:10], "big") != 1:
+            raise ValueError("not an SSHSIG version 1 signature")
+        public, offset = _ssh_string(blob, 10)
+        signed_namespace, offset = _ssh_string(blob, offset)
+        reserved, offset = _ssh_string(blob, offset)
+        hash_name, offset = _ssh_string(blob, offset)
+        signature, offset = _ssh_string(blob, offset)
+        key_type, key_offset = _ssh_string(public, 0)
+        key_bytes, _ = _ssh_string(public, key_offset)
+        sig_type, sig_offset = _ssh_string(signature, 0)
+        sig_bytes, _ = _ssh_string(signature, sig_offset)
+    except (ValueError, IndexError) as exc:
+        raise AgentError(f"malformed signature: {exc}", "bad-signature")
+    if key_type != b"ssh-ed25519" or sig_type != b"ssh-ed25519":
+        raise AgentError("no ssh-keygen on this device, and the built-in verifier handles ssh-ed25519 keys only "
+                         f"(this signature: {key_type.decode(errors='replace')})", "verifier-unsupported")
+    if signed_namespace.decode(errors="replace") != namespace:
+        raise AgentError(f"the signature is for namespace {signed_namespace!r}, not {namespace}", "bad-signature")
+    if public not in [k for _, k in _allowed_keys(allowed_signers, namespace)]:
+        raise AgentError(f"the signing key is not in {allowed_signers}", "bad-signature")
+    algorithm = {b"sha512": hashlib.sha512, b"sha256": hashlib.sha256}.get(hash_name)
+    if algorithm is None:
+        raise AgentError(f"unsupported signature hash {hash_name!r}", "bad-signature")
+
+    def string(value):
+        return len(value).to_bytes(4, "big") + value
+
+    message = b"SSHSIG" + string(signed_namespace) + string(reserved) + string(hash_name) + \
+        string(algorithm(data).digest())
+    if len(key_bytes) != 32 or len(sig_bytes) != 64 or not _ed25519_verify(key_bytes, message, sig_bytes):
+        raise AgentError(f"the signature does not verify against {allowed_signers}", "bad-signature")
+
+
+_P = 2 ** 255 - 19
+_L = 2 ** 252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+
+
+def _recover_x(y, sign):
+    if y >= _P:
+        return None
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P)
+    if x2 % _P == 0:
+        return None if sign else 0
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    if (x * x - x2) % _P:
+        return None
+    return _P - x if (x & 1) != sign else x
+
+
+def _decompress(encoded):
+    y = int.from_bytes(encoded, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    x = _recover_x(y, sign)
+    return None if x is None else (x, y, 1, x * y % _P)
+
+
+def _point_add(a, b):
+    first = (a[1] - a[0]) * (b[1] - b[0]) % _P
+    second = (a[1] + a[0]) * (b[1] + b[0]) % _P
+    c = 2 * a[3] * b[3] * _D % _P
+    d = 2 * a[2] * b[2] % _P
+    e, f, g, h = second - first, d - c, d + c, second + first
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _point_mul(scalar, point):
+    result = (0, 1, 1, 0)
+    while scalar:
+        if scalar & 1:
+            result = _point_add(result, point)
+        point, scalar = _point_add(point, point), scalar >> 1
+    return result
+
+
+_GY = 4 * pow(5, _P - 2, _P) % _P
+_G = (_recover_x(_GY, 0), _GY, 1, _recover_x(_GY, 0) * _GY % _P)
+
+
+def _ed25519_verify(public, message, signature):
+    """RFC 8032 Ed25519 verification (cofactorless), for devices without OpenSSH."""
+    point_a, point_r = _decompress(public), _decompress(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if point_a is None or point_r is None or s >= _L:
+        return False
+    h = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    left, right = _point_mul(s, _G), _point_add(point_r, _point_mul(h, point_a))
+    return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (left[1] * right[2] - right[1] * left[2]) % _P == 0
+
+
+def _check_signed(root, directory, state, target, metadata_b64, signature_b64):
+    """Before a new release runs on an enrolled device: its metadata must be signed, current, for this
+    deployment and release, list exactly the files on the device, and not be older than the committed one."""
+    import base64
+
+    allowed = _trust_file(root)
+    if not os.path.isfile(allowed):
+        return None
+    if not metadata_b64 or not signature_b64:
+        raise AgentError(f"release {target} is not signed and this device is enrolled for signed releases "
+                         f"({allowed}); not switching to it", "unsigned")
+    data, armored = base64.b64decode(metadata_b64), base64.b64decode(signature_b64).decode()
+    verifier = verify_signature(allowed, RELEASE_NAMESPACE, data, armored)
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        raise AgentError("the signed release metadata is not JSON", "metadata-mismatch")
+    deployment = os.path.basename(directory)
+    if meta.get("deployment") != deployment or meta.get("release") != target:
+        raise AgentError(f"the signed metadata is for {meta.get('deployment')}/{meta.get('release')}, not "
+                         f"{deployment}/{target}", "metadata-mismatch")
+    if float(meta.get("expires", 0)) <= time.time():
+        raise AgentError(f"the signed metadata of {target} expired at {meta.get('expires_at')}; sign it again",
+                         "expired")
+    entry = state["releases"].get(target, {})
+    on_device = {name: {"sha256": f["sha256"], "size": f["size"]} for name, f in (entry.get("files") or {}).items()}
+    if on_device != meta.get("files"):
+        changed = sorted(set(on_device) ^ set(meta.get("files") or {}) | {
+            n for n in on_device if n in (meta.get("files") or {}) and on_device[n] != meta["files"][n]})
+        raise AgentError(f"the files of {target} on the device are not the ones signed ({', '.join(changed)})",
+                         "file-mismatch")
+    committed = state["chain"][-1] if state["chain"] else None
+    floor = int(state["releases"].get(committed, {}).get("generation", 0)) if committed else 0
+    if int(meta.get("generation", -1)) < floor:
+        raise AgentError(f"release {target} has generation {meta.get('generation')}, older than the committed "
+                         f"{committed} ({floor}): a downgrade is refused", "downgrade")
+    return {"generation": int(meta["generation"]), "expires_at": meta.get("expires_at"), "verifier": verifier,
+            "signed_at": meta.get("created_at")}
+
+
+def layout_enroll(args):
+    """Install or rotate the trust root. A device that has one takes a new one only signed by a current key."""
+    import base64
+
+    content = base64.b64decode(args.signers)
+    path = _trust_file(args.root)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    current = None
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            current = handle.read()
+    if current == content:
+        return {"enrolled": True, "changed": False, "signers_sha256": hashlib.sha256(content).hexdigest()}
+    if current is not None:
+        if not args.signature:
+            raise AgentError(f"this device already trusts {path}; a new trust root must be signed with a key it "
+                             "trusts now (edgeops enroll --signed-by OLD_KEY)", "unsigned")
+        verify_signature(path, TRUST_NAMESPACE, content, base64.b64decode(args.signature).decode())
+    if current is not None:
+        os.chmod(path, 0o644)
+    _write_atomic(path, content.decode())
+    os.chmod(path, 0o444)
+    return {"enrolled": True, "changed": True, "rotated": current is not None,
+            "signers_sha256": hashlib.sha256(content).hexdigest()}
 
 
 # ------------------------------------------------------------------ the trial timer
@@ -995,6 +1244,10 @@ def layout_switch(args):
                     raise AgentError(f"release {target} was never committed on this device (committed: "
                                      f"{', '.join(chain) or 'none'})", "release-not-committed")
                 _require_intact(directory, target, releases.get(target, {}))
+                if args.action == "activate" and target not in chain:
+                    signed = _check_signed(args.root, directory, state, target, args.metadata, args.signature)
+                    if signed:
+                        releases[target].update(signed)
             if args.action == "rollback":
                 while chain and chain[-1] != target:
                     releases.setdefault(chain.pop(), {})["state"] = "rolled_back"
@@ -1125,6 +1378,10 @@ def main(argv=None):
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
+    e = sub.add_parser("enroll", help="install or rotate the trust root (allowed signers) of signed releases")
+    e.add_argument("--root", required=True)
+    e.add_argument("--signers", required=True, help="the allowed-signers file (base64)")
+    e.add_argument("--signature", default=None, help="its signature by a key trusted now (base64 of the armor)")
     w = sub.add_parser("watchdog", help="(started by switch) revert a trial release at its deadline")
     w.add_argument("--root", required=True)
     w.add_argument("--deployment", required=True)
@@ -1155,6 +1412,8 @@ def main(argv=None):
             cmd.add_argument("--aborted", action="store_true",
                              help="revert: not a verdict (an error or a cut): the release is not rejected")
             cmd.add_argument("--reason", default=None, help="revert: why, kept in the device's history")
+            cmd.add_argument("--metadata", default=None, help="activate: the signed release metadata (base64)")
+            cmd.add_argument("--signature", default=None, help="activate: its SSH signature (base64 of the armor)")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
         if name == "record":
@@ -1171,7 +1430,7 @@ def main(argv=None):
     commands = {"bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
-                "prune": layout_prune, "watchdog": layout_watchdog}
+                "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll}
     try:
         result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}

@@ -26,9 +26,9 @@ from edgeops.compress.onnx_torch import OnnxModule
 from edgeops.compress.request import Source
 from edgeops.compress.steps import Step, StepContext, StepResult
 from edgeops.errors import BuildError
+from edgeops.manifest.models import DistillOptions, StudentSpec
 from edgeops.metrics import CLASSIFICATION, metric_value
 from edgeops.metrics import score as ranked
-from edgeops.spec.models import DistillOptions, StudentSpec
 
 
 def student_module(spec: StudentSpec, input_shape: tuple[int, ...], outputs: int, current: Path,

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import zstandard
 
 from edgeops.compress.data import Dataset
+from edgeops.manifest.models import QualityGoal
 from edgeops.metrics import metric_value
-from edgeops.spec.models import QualityGoal
 
 LATENCY_WARMUP, LATENCY_RUNS = 20, 200
 

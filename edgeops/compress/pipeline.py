@@ -17,7 +17,7 @@ from edgeops.compress.data import file_sha256
 from edgeops.compress.request import BuildRequest
 from edgeops.compress.steps import Step
 from edgeops.errors import BuildError, InputError
-from edgeops.spec.models import QualityGoal, RecipeStep
+from edgeops.manifest.models import QualityGoal, RecipeStep
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from edgeops.compress.steps import Step, StepContext, StepResult
 from edgeops.errors import BuildError
-from edgeops.spec.models import PruneOptions
+from edgeops.manifest.models import PruneOptions
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
 PASS_THROUGH = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool",

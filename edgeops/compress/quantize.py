@@ -18,7 +18,7 @@ import onnx
 
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
-from edgeops.spec.models import QuantizeOptions
+from edgeops.manifest.models import QuantizeOptions
 
 AUTO_CANDIDATES = {"cpu": ["static", "dynamic", "weight_only"], "gpu": ["fp16", "static"], "tpu": ["static"]}
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edgeops.errors import InputError, Problem
-from edgeops.spec.models import DataSpec, ModelSource, QualityGoal, RecipeStep
-from edgeops.spec.yamlload import Loc
+from edgeops.manifest.models import DataSpec, ModelSource, QualityGoal, RecipeStep
+from edgeops.manifest.yamlload import Loc
 
 if TYPE_CHECKING:
-    from edgeops.spec.models import Deployment
-    from edgeops.spec.workspace import Document
+    from edgeops.manifest.models import Deployment
+    from edgeops.manifest.workspace import Document
 
 
 class Source(Protocol):

@@ -22,6 +22,7 @@ class Transport(Protocol):
     """What edgeops needs from a connection to one device."""
 
     device: str
+    notices: list[str]   # what the user must hear about connecting (a host key trusted on first use)
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> CommandResult:
         """Run ``argv`` on the device (each argument quoted); raise RemoteCommandFailed on non-zero if check."""

@@ -17,6 +17,7 @@ class LocalTransport:
         self.device = device
         self.command_timeout = command_timeout
         self.bytes_sent = 0
+        self.notices: list[str] = []
 
     def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> CommandResult:
         try:

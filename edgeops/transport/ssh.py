@@ -30,6 +30,7 @@ from edgeops.errors import (
     RemoteCommandFailed,
     TransportError,
 )
+from edgeops.manifest.models import SSHSettings
 from edgeops.transport.base import CommandResult, Progress
 
 # Printed before each command: what a device's shell startup files print before it is not the command's output.
@@ -323,7 +324,7 @@ class SSHTransport:
         self._sftp = None
 
 
-def target_for(device_name: str, host: str, port: int, ssh: object, base_dir: Path) -> SSHTarget:
+def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_dir: Path) -> SSHTarget:
     """An SSHTarget from a fleet's SSH settings; relative paths resolve against the fleet file's directory."""
     def resolve(path: str | None) -> str | None:
         if path is None:
@@ -331,9 +332,9 @@ def target_for(device_name: str, host: str, port: int, ssh: object, base_dir: Pa
         expanded = Path(os.path.expanduser(path))
         return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
 
-    return SSHTarget(device=device_name, host=host, port=port, user=ssh.user,  # type: ignore[attr-defined]
-                     identity_file=resolve(ssh.identity_file), use_agent=ssh.use_agent,  # type: ignore[attr-defined]
-                     known_hosts=resolve(ssh.known_hosts), trust_on_first_use=ssh.trust_on_first_use,  # type: ignore[attr-defined]
-                     jump_host=ssh.jump_host, use_ssh_config=ssh.use_ssh_config,  # type: ignore[attr-defined]
-                     connect_timeout_s=ssh.connect_timeout_s, command_timeout_s=ssh.command_timeout_s,  # type: ignore[attr-defined]
-                     keepalive_s=ssh.keepalive_s, connect_retries=ssh.connect_retries)  # type: ignore[attr-defined]
+    return SSHTarget(device=device_name, host=host, port=port, user=ssh.user,
+                     identity_file=resolve(ssh.identity_file), use_agent=ssh.use_agent,
+                     known_hosts=resolve(ssh.known_hosts), trust_on_first_use=ssh.trust_on_first_use,
+                     jump_host=ssh.jump_host, use_ssh_config=ssh.use_ssh_config,
+                     connect_timeout_s=ssh.connect_timeout_s, command_timeout_s=ssh.command_timeout_s,
+                     keepalive_s=ssh.keepalive_s, connect_retries=ssh.connect_retries)

@@ -16,8 +16,8 @@ from edgeops.cli import main
 from edgeops.connections import Connections
 from edgeops.errors import ExitCode
 from edgeops.gitdiff import changed_files, touched_deployments
+from edgeops.manifest.workspace import load_workspace
 from edgeops.rollout import device_for
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.repo import REPO, copy_repo, write_lab_fleet

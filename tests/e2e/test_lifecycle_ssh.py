@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from edgeops.cli import main
 from edgeops.connections import Connections, ssh_connect
 from edgeops.errors import ExitCode
+from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import apply_deployment
 from edgeops.rollout import device_for
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.faults import CutConnection, agent_command
@@ -140,7 +140,8 @@ def test_tampering_that_keeps_size_and_time_is_found_by_verify_and_a_damaged_blo
         device = device_for(target, connections, "wearable-activity")
         from edgeops.desired import desired_state
 
-        release = desired_state(ws, ws.deployments["wearable-activity"], repo_at(ws.root, ws).cache).releases[target.key]
+        doc = ws.deployments["wearable-activity"]
+        release = desired_state(ws, doc, repo_at(ws.root, ws).cache).releases[target.key]
         pushed = device.push(release, repair=True)
     assert pushed.bytes_moved > 10_000  # the damaged blob was dropped on the device and sent again
     assert blob.read_bytes() != b"not the model"
@@ -163,7 +164,8 @@ def test_a_full_disk_at_the_switch_leaves_link_and_state_agreeing(lab: Path) -> 
         change_runtime_config(lab, 2)
         from edgeops.desired import desired_state
 
-        release = desired_state(load_workspace(lab), load_workspace(lab).deployments["wearable-activity"], repo_at(lab).cache).releases[
+        ws = load_workspace(lab)
+        release = desired_state(ws, ws.deployments["wearable-activity"], repo_at(lab).cache).releases[
             target.key]
         with Connections() as connections:
             device = device_for(target, connections, "wearable-activity")

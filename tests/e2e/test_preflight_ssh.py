@@ -25,7 +25,7 @@ MANIFEST = "manifests/wearable.yaml"
 @pytest.fixture(scope="module")
 def small_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     from edgeops.lab import lab_down, lab_up
-    from edgeops.spec.workspace import load_workspace
+    from edgeops.manifest.workspace import load_workspace
     from edgeops.targets import target_devices
 
     base = tmp_path_factory.mktemp("preflight")
@@ -132,7 +132,7 @@ def test_the_lab_device_runtime_holds_only_what_the_agent_needs(small_lab) -> No
     import importlib.metadata
 
     from edgeops.connections import ssh_connect
-    from edgeops.spec.workspace import load_workspace
+    from edgeops.manifest.workspace import load_workspace
     from edgeops.targets import target_devices
 
     target = target_devices(load_workspace(small_lab[0]), "wearable-activity")[1]

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from edgeops.cli import main
 from edgeops.connections import Connections
+from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rollback_deployment
 from edgeops.rollout import device_for
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.slow_model import make_slower

@@ -23,9 +23,9 @@ from edgeops.errors import (
     IdentityFileMissing,
     TransportError,
 )
+from edgeops.manifest.workspace import load_workspace
 from edgeops.release import make_release
 from edgeops.render import render_device
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.transport.ssh import SSHTransport, target_for
 from labkit.artifacts import build_for
@@ -86,6 +86,27 @@ def test_unknown_host_key_is_refused_unless_trusted_on_first_use(lab_repo: Path,
     trusting.close()
     assert f"[127.0.0.1]:{target.port} ssh-ed25519 " in empty.read_text()
     SSHTransport(target).close()  # now known: accepted without opting in
+
+
+def test_a_host_key_trusted_on_first_use_is_told_to_the_user(lab_repo: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgeops.cli import main
+
+    fleet = lab_repo / "manifests" / "fleets" / "lab.yaml"
+    text = fleet.read_text()
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    fleet.write_text(text.replace("    known_hosts: ../../.edgeops/lab/known_hosts",
+                                  f"    known_hosts: {empty}\n    trust_on_first_use: true"))
+    try:
+        result = CliRunner().invoke(main, ["status", "manifests/wearable.yaml", "-o", "json", "--root", str(lab_repo)])
+    finally:
+        fleet.write_text(text)
+    notices = [line for line in result.stderr.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 4 and all("trust on first use: recorded" in n and str(empty) in n for n in notices), \
+        result.stderr
+    assert result.stdout.lstrip().startswith("[")  # the JSON on stdout stays machine-readable
 
 
 def test_changed_host_key_is_refused(lab_repo: Path, tmp_path: Path) -> None:

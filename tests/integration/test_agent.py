@@ -180,6 +180,14 @@ def test_external_command_prints_milliwatts(tmp_path: Path) -> None:
     assert energy == pytest.approx(750 * 0.1, rel=0.5)
 
 
+def test_reading_facts_never_runs_a_command_sensor(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    sensor = {"source": "command", "boundary": "board",
+              "argv": [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x'); print(750)"]}
+    facts = agent_module().gather_facts(str(tmp_path / "root"), sensor)
+    assert not marker.exists() and "not_run" in facts["power_sensor"]  # what a pull request's plan does
+
+
 def test_estimate_from_cpu_time() -> None:
     m = meter({"source": "estimate", "boundary": "estimate", "active_mw_per_core": 1000, "idle_mw": 0}).start()
     end = time.process_time() + 0.1

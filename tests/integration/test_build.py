@@ -15,7 +15,7 @@ from edgeops.compress.cache import cache_key
 from edgeops.compress.pipeline import build_inputs
 from edgeops.compress.request import BuildRequest
 from edgeops.errors import BuildError
-from edgeops.spec.workspace import load_workspace
+from edgeops.manifest.workspace import load_workspace
 from labkit.artifacts import build_for
 
 CAMERA_RECIPE = "  recipe:\n    - quantize: {mode: auto}\n"

@@ -10,9 +10,9 @@ import pytest
 
 from edgeops.device import Device
 from edgeops.errors import DeviceError
+from edgeops.manifest.workspace import load_workspace
 from edgeops.release import make_release
 from edgeops.render import render_device
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import target_devices
 from edgeops.transport.local import LocalTransport
 from labkit.artifacts import build_for

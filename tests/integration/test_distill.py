@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeops.cli import main
-from edgeops.spec.workspace import load_workspace
+from edgeops.manifest.workspace import load_workspace
 from labkit.artifacts import build_for
 
 pytestmark = pytest.mark.torch

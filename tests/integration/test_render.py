@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from edgeops.errors import RenderError
+from edgeops.manifest.workspace import load_workspace
 from edgeops.render import render_device
-from edgeops.spec.workspace import load_workspace
 from edgeops.targets import TargetDevice, target_devices
 from labkit.artifacts import agent_module, build_for
 from labkit.repo import REPO

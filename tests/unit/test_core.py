@@ -14,9 +14,9 @@ from edgeops.errors import ExitCode
 from edgeops.facts import DeviceFacts
 from edgeops.health import health_of, sync_of
 from edgeops.ledger import Ledger, LockHeld
+from edgeops.manifest.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification
 from edgeops.operations import plan_differences
 from edgeops.plan import DesiredDevice, ObservedDevice, assign_waves, make_plan
-from edgeops.spec.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification
 from edgeops.types import Action, Decision, DeviceStatus, Health, Sync
 from edgeops.verify import GateSpec, decide
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeops.spec.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
+from edgeops.manifest.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
 from edgeops.types import Decision
 from edgeops.verify import GateSpec, decide
 
@@ -61,3 +61,14 @@ def test_the_gate_spec_takes_what_the_deployment_says() -> None:
     assert (built.slo.latency_p95_ms, built.regression.energy_pct, built.verify_timeout_s) == (5, 3, 42)
     assert (built.verification.runs, built.verification.block, built.quality.metric) == (100, 5, "cosine")
     assert built.retry_inconclusive is False and built.memory_limit_mb == 64
+
+
+def test_a_noisy_energy_reading_never_holds_a_release_as_inconclusive() -> None:
+    noisy = result(1.08, 1.0)
+    rng = np.random.default_rng(7)
+    for side in ("a", "b"):  # a sensor sampled more slowly than the blocks run: whole samples land in one block
+        blocks = noisy[side]["power"]["block_energy_mj"]
+        noisy[side]["power"]["block_energy_mj"] = [b * rng.choice([0.2, 1.8]) for b in blocks]
+    verdict = decide(noisy, gate(energy_pct=10), None, seed="s")
+    energy = next(c for c in verdict.checks if c.name == "energy-regression")
+    assert energy.outcome == Decision.PASSED and "no regression shown" in energy.detail

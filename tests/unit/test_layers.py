@@ -15,9 +15,9 @@ FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only start
 LAYERS = [
     {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
      "edgeops.agent"},                                                               # vocabulary, leaves
-    {"edgeops.spec"},                                                                # manifests, offline
+    {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
-    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger",
+    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger", "edgeops.signing",
      "edgeops.gitinfo", "edgeops.gitdiff"},                                          # one job each, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
     {"edgeops.rollout"},                                                             # the executor

@@ -104,3 +104,16 @@ def test_a_root_the_ssh_user_cannot_write_is_refused() -> None:
     [refusal] = preflight("cam-01", replace(GOOD, root_writable=False, uid=1000), NEEDS, 0).refusals
     assert refusal == ("cam-01: /opt/edgeops cannot be written (or created) by the SSH user (uid 1000): give that "
                        "user the directory or set device.root (device_profiles/x.yaml:26)")
+
+
+def test_a_fleet_that_signs_releases_refuses_devices_not_enrolled_with_its_trust_root() -> None:
+    needs = replace(NEEDS, signers_sha256="a" * 64, signers_at="manifests/fleets/x.yaml:12",
+                    enroll_command="edgeops enroll x")
+    bare = preflight("d1", replace(GOOD, enrolled=False), needs, 0)
+    assert bare.refusals == ("d1: is not enrolled for signed releases (trust.allowed_signers, "
+                             "manifests/fleets/x.yaml:12): run edgeops enroll x (a device that trusts a key takes a "
+                             "new file only signed by it)",)
+    other = preflight("d1", replace(GOOD, enrolled=True, signers_sha256="b" * 64), needs, 0)
+    assert "trusts another allowed-signers file" in other.refusals[0]
+    assert preflight("d1", replace(GOOD, enrolled=True, signers_sha256="a" * 64), needs, 0).ok
+    assert preflight("d1", replace(GOOD, enrolled=False), NEEDS, 0).ok  # a fleet that does not sign

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from edgeops.manifest.models import RolloutPolicy
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice, make_plan
 from edgeops.rollout import DeviceOutcome, SilentReporter, WaveRunner
-from edgeops.spec.models import RolloutPolicy
 from edgeops.types import Action, Decision, DeviceStatus, Outcome
 
 

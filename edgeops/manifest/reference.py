@@ -1,6 +1,6 @@
 """The manifest reference (docs/manifest-reference.md), generated from the pydantic models.
 
-    python -m edgeops.spec.reference > docs/manifest-reference.md
+    python -m edgeops.manifest.reference > docs/manifest-reference.md
 
 A test regenerates it and compares, so the docs cannot drift from the code.
 """
@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from edgeops.spec.locate import models_in
-from edgeops.spec.models import KINDS
+from edgeops.manifest.locate import models_in
+from edgeops.manifest.models import KINDS
 
 
 def _type_name(annotation: Any) -> str:
@@ -81,7 +81,7 @@ def _rows(model: type[BaseModel], prefix: str, seen: set[tuple[type, str]]) -> l
 def reference_markdown() -> str:
     """The whole reference page."""
     out = ["# Manifest reference", "",
-           "Generated from the code by `python -m edgeops.spec.reference`; a test keeps it in sync.",
+           "Generated from the code by `python -m edgeops.manifest.reference`; a test keeps it in sync.",
            "Every document has `apiVersion: edgeops/v1`, a `kind`, `metadata` and `spec`. Unknown keys are",
            "errors. Paths inside a document are relative to that document's file.", ""]
     for kind, model in KINDS.items():

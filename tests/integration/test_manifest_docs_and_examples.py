@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from edgeops import __version__
 from edgeops.cli import main
-from edgeops.spec.reference import reference_markdown
-from edgeops.spec.schema import json_schema
+from edgeops.manifest.reference import reference_markdown
+from edgeops.manifest.schema import json_schema
 from labkit.repo import REPO
 
 EXAMPLE_DOCS = sorted([*REPO.glob("manifests/**/*.yaml"), *REPO.glob("device_profiles/*.yaml")])
@@ -26,7 +26,7 @@ MODELS = {"make_camera.py": "digits_cnn", "make_wearable.py": "wearable_cnn", "m
 
 def test_reference_doc_is_generated_from_the_code() -> None:
     assert (REPO / "docs" / "manifest-reference.md").read_text() == reference_markdown(), \
-        "regenerate: python -m edgeops.spec.reference > docs/manifest-reference.md"
+        "regenerate: python -m edgeops.manifest.reference > docs/manifest-reference.md"
 
 
 @pytest.mark.parametrize("path", EXAMPLE_DOCS, ids=lambda p: p.name)

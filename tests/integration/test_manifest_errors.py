@@ -164,7 +164,9 @@ def test_a_missing_identity_file_is_a_warning_offline(repo_copy: Path, monkeypat
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", LAB])
     assert result.exit_code == 0, result.output
-    assert "warning: manifests/fleets/lab.yaml:11: spec.ssh.identity_file: ../../.edgeops/lab/client_ed25519 " \
+    assert "warning: manifests/fleets/lab.yaml:12: spec.ssh.identity_file: ../../.edgeops/lab/client_ed25519 " \
+           "does not exist (yet)" in result.stderr
+    assert "warning: manifests/fleets/lab.yaml:17: spec.trust.allowed_signers: ../../.edgeops/lab/allowed_signers " \
            "does not exist (yet)" in result.stderr
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from edgeops.errors import Problem
-from edgeops.spec.yamlload import Loc, dotted, line_for
+from edgeops.manifest.yamlload import Loc, dotted, line_for
 
 
 def models_in(annotation: Any) -> list[type[BaseModel]]:

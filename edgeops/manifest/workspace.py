@@ -19,10 +19,10 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from edgeops.errors import InputError, Problem
-from edgeops.spec.checks import check_fleet_addresses, check_model, closure
-from edgeops.spec.locate import problems_from
-from edgeops.spec.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
-from edgeops.spec.yamlload import Loc, dotted, line_for, load_yaml
+from edgeops.manifest.checks import check_fleet_addresses, check_model, closure
+from edgeops.manifest.locate import problems_from
+from edgeops.manifest.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
+from edgeops.manifest.yamlload import Loc, dotted, line_for, load_yaml
 
 T = TypeVar("T", bound=BaseModel, covariant=True)
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -163,14 +163,15 @@ class Workspace:
 
 
 def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path] | None = None,
-                   deep: bool = False, tolerant: bool = False) -> Workspace:
+                   deep: bool = False, tolerant: bool = False, allow_code: bool = False) -> Workspace:
     """Load and cross-check the repository at ``root`` plus any extra files.
 
     Every problem is collected and raised together. With ``focus`` (files or directories), only problems
     in those files and in the fleets and profiles they refer to count: a broken manifest elsewhere in the
     repository does not stop work on this one. ``deep`` also opens the ONNX models (declared inputs and
     outputs, quality output, recipe op types). ``tolerant`` (read-only commands over the whole repository)
-    keeps the problems in ``problems`` instead of raising, with every document that loaded.
+    keeps the problems in ``problems`` instead of raising, with every document that loaded. Fields that
+    run code (a student factory, a power-sensor command) are errors unless ``allow_code``.
     """
     files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
     problems: list[Problem] = []
@@ -192,6 +193,8 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
             continue
         table[doc.name] = doc
     problems.extend(check_references(workspace))
+    if not allow_code:
+        problems.extend(code_execution(workspace))
     errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()))
     problems.extend(errors)
     if deep:
@@ -217,8 +220,12 @@ def _declared_name(path: Path) -> str:
         return path.stem  # unparseable: by convention the file is named after the document
 
 
-def _missing_file(doc: Document[BaseModel], loc: Loc, relative: str, what: str) -> Problem | None:
+def _missing_file(doc: Document[BaseModel], loc: Loc, relative: str, what: str, root: Path) -> Problem | None:
+    """A file the document names must exist and lie inside the repository (symlinks followed)."""
     path = doc.resolve(relative)
+    if not path.is_relative_to(root):
+        return doc.problem(loc, f"{what} {relative} resolves outside the repository (to {path}); keep it in the "
+                                "repository: edgeops reads only files that are reviewed with the manifests")
     if not path.is_file():
         return doc.problem(loc, f"{what} not found: {relative} (resolved to {_display(path)}); "
                                 "paths are relative to this file")
@@ -231,6 +238,30 @@ def _name_problem(doc: Document[BaseModel], loc: Loc, kind: str, name: str, know
     return doc.problem(loc, f"no {kind} named '{name}'; {hint}")
 
 
+ALLOW_CODE_HINT = ("it runs code; set EDGEOPS_ALLOW_CODE=1 where edgeops runs on trusted input (never for a pull "
+                   "request's plan)")
+
+
+def code_execution(ws: Workspace) -> list[Problem]:
+    """The fields that would run code from the repository on the machine that runs edgeops.
+
+    (A power-sensor command runs on devices only when a release is verified, i.e. by apply after review;
+    reading facts, which plan and status do, never runs it.)
+    """
+    problems = []
+    for dep in ws.deployments.values():
+        spec = dep.obj.spec
+        recipes: list[tuple[Loc, list[RecipeStep]]] = [(("spec", "recipe"), spec.recipe)]
+        recipes += [(("spec", "recipe_for", acc), steps) for acc, steps in spec.recipe_for.items()]
+        for loc, steps in recipes:
+            for index, step in enumerate(steps):
+                if step.distill and step.distill.student.factory:
+                    problems.append(dep.problem((*loc, index, "distill", "student", "factory"),
+                                                f"a student factory ({step.distill.student.factory}) is imported "
+                                                f"and called on the build host: {ALLOW_CODE_HINT}"))
+    return problems
+
+
 def check_references(ws: Workspace) -> list[Problem]:
     """Problems with how documents refer to files and to each other."""
     problems: list[Problem] = []
@@ -241,12 +272,26 @@ def check_references(ws: Workspace) -> list[Problem]:
             wanted = ", ".join(sorted(ACCELERATOR_PROVIDERS[accelerator]))
             problems.append(profile.problem(("spec", "execution_providers"),
                                             f"a {accelerator} profile needs one of {wanted}"))
-        template = ws.templates_dir / profile.obj.spec.template
-        if not template.is_file():
+        template = (ws.templates_dir / profile.obj.spec.template).resolve()
+        if not template.is_relative_to(ws.templates_dir.resolve()):
+            problems.append(profile.problem(("spec", "template"), f"template {profile.obj.spec.template} resolves "
+                                                                  f"outside templates/ (to {template})"))
+        elif not template.is_file():
             problems.append(profile.problem(("spec", "template"),
                                             f"template not found: templates/{profile.obj.spec.template}"))
     for fleet in ws.fleets.values():
         spec = fleet.obj.spec
+        known_hosts = fleet.resolve(os.path.expanduser(spec.ssh.known_hosts)) if spec.ssh.known_hosts else None
+        if known_hosts and not known_hosts.is_relative_to(ws.root):
+            problems.append(fleet.problem(("spec", "ssh", "known_hosts"), f"{spec.ssh.known_hosts} resolves outside "
+                                          f"the repository (to {known_hosts}); commit the fleet's known_hosts "
+                                          "with it (edgeops may write to it on trust_on_first_use)"))
+        if spec.trust:
+            signers = fleet.resolve(spec.trust.allowed_signers)
+            if not signers.is_relative_to(ws.root):
+                problems.append(fleet.problem(("spec", "trust", "allowed_signers"),
+                                              f"{spec.trust.allowed_signers} resolves outside the repository (to "
+                                              f"{signers}); the trust root is reviewed with the fleet"))
         if spec.profile not in ws.profiles and spec.profile not in ws.broken:
             problems.append(_name_problem(fleet, ("spec", "profile"), "DeviceProfile", spec.profile, ws.profiles))
         for index, device in enumerate(spec.devices):
@@ -261,12 +306,12 @@ def check_references(ws: Workspace) -> list[Problem]:
 def _check_deployment(ws: Workspace, dep: Document[Deployment]) -> list[Problem]:
     spec = dep.obj.spec
     problems = [p for p in (
-        _missing_file(dep, ("spec", "model", "path"), spec.model.path, "model file"),
-        _missing_file(dep, ("spec", "data", "calibration"), spec.data.calibration, "calibration data"),
-        _missing_file(dep, ("spec", "data", "evaluation"), spec.data.evaluation, "evaluation data"),
+        _missing_file(dep, ("spec", "model", "path"), spec.model.path, "model file", ws.root),
+        _missing_file(dep, ("spec", "data", "calibration"), spec.data.calibration, "calibration data", ws.root),
+        _missing_file(dep, ("spec", "data", "evaluation"), spec.data.evaluation, "evaluation data", ws.root),
     ) if p]
     if spec.data.training:
-        problem = _missing_file(dep, ("spec", "data", "training"), spec.data.training, "training data")
+        problem = _missing_file(dep, ("spec", "data", "training"), spec.data.training, "training data", ws.root)
         if problem:
             problems.append(problem)
     model_path = dep.resolve(spec.model.path)
@@ -281,11 +326,12 @@ def _check_deployment(ws: Workspace, dep: Document[Deployment]) -> list[Problem]
             problems.append(_name_problem(dep, ("spec", "targets", index, "fleet"), "Fleet", target.fleet, ws.fleets))
     for accelerator in sorted(ws.accelerators_of(dep) | set(spec.recipe_for)):
         loc: Loc = ("spec", "recipe_for", accelerator) if accelerator in spec.recipe_for else ("spec", "recipe")
-        problems.extend(_check_recipe(dep, loc, spec.recipe_for_accelerator(accelerator), accelerator))
+        problems.extend(_check_recipe(dep, loc, spec.recipe_for_accelerator(accelerator), accelerator, ws.root))
     return problems
 
 
-def _check_recipe(dep: Document[Deployment], loc: Loc, recipe: list[RecipeStep], accelerator: str) -> list[Problem]:
+def _check_recipe(dep: Document[Deployment], loc: Loc, recipe: list[RecipeStep], accelerator: str,
+                  root: Path) -> list[Problem]:
     problems: list[Problem] = []
     quantize_modes = []
     for index, step in enumerate(recipe):
@@ -296,7 +342,7 @@ def _check_recipe(dep: Document[Deployment], loc: Loc, recipe: list[RecipeStep],
                                                    "run: pip install 'edgeops[distill]' (torch==2.13.0)"))
             student = step.distill.student  # type: ignore[union-attr]
             if student.onnx:
-                problem = _missing_file(dep, where + ("student", "onnx"), student.onnx, "student model")
+                problem = _missing_file(dep, where + ("student", "onnx"), student.onnx, "student model", root)
                 if problem:
                     problems.append(problem)
         if step.kind == "quantize":

@@ -2,7 +2,7 @@
 
 These only describe shape and local rules (types, ranges, one-of). Rules that
 need other files (a fleet that must exist, a model file that must be ONNX)
-live in ``edgeops.spec.workspace``.
+live in ``edgeops.manifest.workspace``.
 """
 
 from __future__ import annotations
@@ -345,9 +345,23 @@ class DeviceEntry(Strict):
         return None if value is None else _absolute_path(value)
 
 
+class Trust(Strict):
+    """Signed releases: devices enrolled with ``allowed_signers`` run only releases signed by one of its keys."""
+
+    allowed_signers: str = Field(description="OpenSSH allowed-signers file (principal release@edgeops), relative "
+                                             "to the fleet file, inside the repository; `edgeops enroll` installs it")
+    signing_key: str | None = Field(default=None, description="the private release key that signs (OpenSSH); a "
+                                                              "secret, like ssh.identity_file it stays out of the "
+                                                              "repository; EDGEOPS_SIGNING_KEY overrides it")
+    release_ttl_s: PositiveFloat = Field(default=7 * 24 * 3600, description="signed metadata expires after this: "
+                                                                            "devices refuse to start it later")
+
+
 class FleetSpec(Strict):
     profile: Name
     ssh: SSHSettings = SSHSettings()
+    trust: Trust | None = Field(default=None, description="sign every release to these devices; devices verify "
+                                                          "before they run it")
     devices: list[DeviceEntry] = Field(min_length=1)
 
     @field_validator("devices")

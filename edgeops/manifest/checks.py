@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeops.errors import Problem
-from edgeops.spec.models import Deployment, Fleet, RecipeStep
-from edgeops.spec.yamlload import Loc
+from edgeops.manifest.models import Deployment, Fleet, RecipeStep
+from edgeops.manifest.yamlload import Loc
 
 if TYPE_CHECKING:
-    from edgeops.spec.workspace import Document, Workspace
+    from edgeops.manifest.workspace import Document, Workspace
 
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 HOST_PATTERN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -70,6 +70,18 @@ def missing_identity_file(fleet: Document[Fleet]) -> Path | None:
     return path if path is not None and not path.is_file() else None
 
 
+def missing_trust_files(fleet: Document[Fleet]) -> list[tuple[tuple[str, ...], str, Path]]:
+    """(field, as written, resolved) of the fleet's trust files (allowed signers, signing key) that are missing."""
+    trust = fleet.obj.spec.trust
+    if trust is None:
+        return []
+    named = [(("spec", "trust", "allowed_signers"), trust.allowed_signers)]
+    if trust.signing_key:
+        named.append((("spec", "trust", "signing_key"), trust.signing_key))
+    resolved = [(loc, name, fleet.resolve(os.path.expanduser(name))) for loc, name in named]
+    return [(loc, name, path) for loc, name, path in resolved if not path.is_file()]
+
+
 def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings): host and user names, jump hosts, identity files, duplicate host:port."""
     errors: list[Problem] = []
@@ -85,6 +97,9 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
             warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
                                           f"{ssh.identity_file} does not exist (yet): connecting will fail "
                                           "until it does (`edgeops lab up` creates the lab's)"))
+        for loc, name, _ in missing_trust_files(fleet):
+            warnings.append(fleet.problem(loc, f"{name} does not exist (yet): signed releases cannot be made "
+                                               "until it does (`edgeops lab up` creates the lab's)"))
         for index, device in enumerate(fleet.obj.spec.devices):
             if problem := host_problem(device.host):
                 errors.append(fleet.problem(("spec", "devices", index, "host"), problem))

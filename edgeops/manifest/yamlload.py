@@ -5,6 +5,9 @@
 item), so validation errors can point at the exact line. Duplicate keys,
 anchors-with-merge surprises and malformed YAML are reported as located
 ``InputError``s instead of tracebacks.
+
+Files come from pull requests, so loading has limits (size, nesting depth, aliases, values after
+alias expansion): a YAML bomb is a located one-line error in milliseconds, not a MemoryError.
 """
 
 from __future__ import annotations
@@ -18,15 +21,53 @@ from edgeops.errors import InputError
 
 Loc = tuple[str | int, ...]
 
+MAX_BYTES = 1_000_000      # a manifest is a few kB
+MAX_DEPTH = 64             # nested mappings and lists
+MAX_ALIASES = 100          # *alias uses in one file
+MAX_VALUES = 100_000       # values after aliases are expanded
 
-def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, loader: yaml.SafeLoader) -> Any:
+
+class _Budget:
+    def __init__(self, file: str) -> None:
+        self.file, self.values = file, 0
+
+    def spend(self, node: yaml.Node) -> None:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise InputError.at(self.file, node.start_mark.line + 1, "",
+                                f"expands to more than {MAX_VALUES:,} values (aliases of aliases?); "
+                                "write the values out")
+
+
+def _check_structure(text: str, file: str) -> None:
+    """Depth and alias limits, from the event stream (which, unlike composing, does not recurse)."""
+    depth = aliases = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise InputError.at(file, line, "",
+                                    f"nested deeper than {MAX_DEPTH} levels; a manifest needs a handful")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise InputError.at(file, line, "",
+                                    f"more than {MAX_ALIASES} YAML aliases (*name); write the values out")
+
+
+def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, loader: yaml.SafeLoader,
+           budget: _Budget) -> Any:
+    budget.spend(node)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc),
                                     "YAML merge keys (<<) are not supported; write the keys out")
-            key = _build(key_node, loc, {}, file, loader)
+            key = _build(key_node, loc, {}, file, loader, budget)
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc),
                                     f"keys must be strings (got {key!r})")
@@ -34,13 +75,13 @@ def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, loader: 
                 raise InputError.at(file, key_node.start_mark.line + 1, dotted(loc + (key,)),
                                     f"duplicate key '{key}' (first defined on line {lines[loc + (key,)]})")
             lines[loc + (key,)] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, loc + (key,), lines, file, loader)
+            out[key] = _build(value_node, loc + (key,), lines, file, loader, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             lines[loc + (index,)] = item.start_mark.line + 1
-            items.append(_build(item, loc + (index,), lines, file, loader))
+            items.append(_build(item, loc + (index,), lines, file, loader, budget))
         return items
     return loader.construct_object(node, deep=True)  # SafeLoader's tags: ints, floats, bools, null
 
@@ -57,6 +98,9 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
     """Parse one YAML document; return (data, line map). Raises located InputError."""
     file = display or str(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_BYTES:
+            raise InputError.at(file, None, "", f"{path.stat().st_size:,} bytes; a manifest may be at most "
+                                                f"{MAX_BYTES:,}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError.at(file, None, "", "file not found") from None
@@ -65,6 +109,7 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
     except UnicodeDecodeError as exc:
         raise InputError.at(file, None, "", f"not UTF-8 text ({exc.reason})") from None
     try:
+        _check_structure(text, file)
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -84,7 +129,7 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
     lines: dict[Loc, int] = {(): nodes[0].start_mark.line + 1}
     loader = yaml.SafeLoader("")
     try:
-        data = _build(nodes[0], (), lines, file, loader)
+        data = _build(nodes[0], (), lines, file, loader, _Budget(file))
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise InputError.at(file, line, "", f"unsupported YAML value: {exc.problem}") from None

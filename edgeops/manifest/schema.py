@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeops.spec.models import KINDS
+from edgeops.manifest.models import KINDS
 
 
 def json_schema() -> dict[str, Any]:
