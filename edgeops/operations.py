@@ -65,9 +65,9 @@ def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[
             for acc in desired.artifacts}
 
 
-def require_identity_files(targets: Iterable[TargetDevice], signing: bool = False,
-                           signing_key: Path | None = None, will_sign: bool = False) -> None:
-    """A fleet whose private key file is missing is an input error, found before any device is dialled.
+def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
+                      signing_key: Path | None = None, will_sign: bool = False) -> None:
+    """A fleet whose SSH key (or trust) file is missing is an input error, found before any device is dialled.
 
     ``signing`` (plan, apply): also the fleets' allowed signers; ``will_sign`` (apply): and the signing key
     (a pull request's plan runs without the secret), which ``signing_key`` overrides.
@@ -95,7 +95,7 @@ def require_identity_files(targets: Iterable[TargetDevice], signing: bool = Fals
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device, and decide."""
-    require_identity_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
+    require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
     desired = desired_state(repo.ws, doc, repo.cache, progress)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
@@ -152,7 +152,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
-    require_identity_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
+    require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
         plan, desired = plan_deployment(repo, doc, connections, progress)
@@ -220,7 +220,7 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
     rendered now, sync is Unknown and the rows say why; the devices are still read.
     """
     targets = target_devices(repo.ws, doc.name)
-    require_identity_files(targets)
+    require_key_files(targets)
     wanted: dict[str, str] = {}
     unknown = ""
     try:
@@ -298,7 +298,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
     targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
     if not targets:
         raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
-    require_identity_files(targets)
+    require_key_files(targets)
     spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})
     with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s):
@@ -369,7 +369,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
 def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connections) -> list[tuple[Any, Any]]:
     """(target, device state) of every target device left paused by a rollout."""
     targets = target_devices(ws, doc.name)
-    require_identity_files(targets)
+    require_key_files(targets)
     found = connections.map(lambda t: device_for(t, connections, doc.name).observe(), targets)
     failed = [r.message for r in found.values() if isinstance(r, EdgeopsError)]
     if failed:

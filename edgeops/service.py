@@ -152,8 +152,8 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
 # ------------------------------------------------------------------ the lab
 
 
-def _lab_fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
-
+def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
+    """The repository and one fleet (by name or file)."""
     ws = _load(_existing([fleet]), settings)
     by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
     return ws, (by_path[0] if by_path else ws.fleet(fleet))
@@ -164,22 +164,25 @@ def lab_up(fleet: str, settings: Settings, login_home: Path | None,
     from edgeops.lab import lab_up as start
     from edgeops.targets import fleet_targets
 
-    ws, doc = _lab_fleet(fleet, settings)
+    ws, doc = _fleet(fleet, settings)
     return doc.name, start(ws, doc, fleet_targets(ws, doc), login_home.resolve() if login_home else None, report)
 
 
 def lab_status(fleet: str, settings: Settings) -> tuple[str, list[LabDevice]]:
     from edgeops.lab import lab_status as read
 
-    ws, doc = _lab_fleet(fleet, settings)
+    ws, doc = _fleet(fleet, settings)
     return doc.name, read(ws, doc)
 
 
 def lab_down(fleet: str, settings: Settings, wipe: bool) -> tuple[str, list[LabDevice]]:
     from edgeops.lab import lab_down as stop
 
-    ws, doc = _lab_fleet(fleet, settings)
+    ws, doc = _fleet(fleet, settings)
     return doc.name, stop(ws, doc, wipe)
+
+
+# ------------------------------------------------------------------ trust
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def enroll(fleet: str, settings: Settings, signed_by: Path | None = None,
     from edgeops.signing import TRUST_NAMESPACE, sign
     from edgeops.targets import fleet_targets
 
-    ws, doc = _lab_fleet(fleet, settings)
+    ws, doc = _fleet(fleet, settings)
     trust = doc.obj.spec.trust
     if trust is None:
         raise InputError([doc.problem(("spec",), "this fleet has no trust block: add trust.allowed_signers (and "
