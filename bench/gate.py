@@ -36,7 +36,7 @@ from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.rollout import device_for, measure_release  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.verify import GateSpec  # noqa: E402
-from labkit.artifacts import repo_at  # noqa: E402
+from labkit.artifacts import lab_signed, repo_at  # noqa: E402
 from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
 from labkit.slow_model import make_slower  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
                     device = device_for(t, connections, doc.name)
                     for desired in (baseline, aa, slow):
                         device.push(desired.releases[t.key])
-                    device.activate(baseline.releases[t.key].id)
+                    device.activate(baseline.releases[t.key].id, signed=lab_signed(root, baseline.releases[t.key]))
                     return device
 
                 devices = list(ThreadPoolExecutor(4).map(setup, targets))
@@ -120,11 +120,12 @@ def main() -> None:
                     label, candidate = (("A/A (identical model)", aa) if (index // 4) % 2 == 0
                                         else ("30% slower", slow))
                     release = candidate.releases[target.key].id
-                    device.activate(release)
+                    device.activate(release, signed=lab_signed(root, candidate.releases[target.key]))
                     verdict = measure_release(device, release, baseline.releases[target.key].id,
                                               GateSpec.of(doc.obj.spec), None,
                                               seed=f"{target.key}:{index}")
-                    device.activate(baseline.releases[target.key].id)
+                    device.activate(baseline.releases[target.key].id,
+                                    signed=lab_signed(root, baseline.releases[target.key]))
                     ratio = verdict.measurements["latency"]["p95_ms"] / verdict.measurements["previous_latency"]["p95_ms"]
                     return label, verdict.outcome, ratio
 

@@ -30,7 +30,7 @@ from edgeops.release import ReleaseFile, make_release  # noqa: E402
 from edgeops.render import render_device  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.types import DeviceStatus  # noqa: E402
-from labkit.artifacts import build_for  # noqa: E402
+from labkit.artifacts import build_for, lab_signed  # noqa: E402
 from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
 
 PAYLOAD = 5_000_000
@@ -81,7 +81,7 @@ def main() -> None:
 
                     def commit(t, release):  # what a passed verification does: only committed releases are targets
                         d = device(t)
-                        d.activate(release.id)
+                        d.activate(release.id, signed=lab_signed(root, release))
                         d.record({"status": DeviceStatus.COMMITTED}, release=release.id)
 
                     def push(t):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,7 @@ from edgeops.operations import Repo
 from edgeops.release import Release, make_release, write_local
 from edgeops.render import render_device
 from edgeops.settings import Settings
+from edgeops.signing import RELEASE_NAMESPACE, FileDigest, SignedMetadata, release_metadata, sign
 from edgeops.targets import target_devices
 
 
@@ -49,3 +51,11 @@ def build_for(ws: Workspace, deployment: str, accelerator: str, force: bool = Fa
     """Build (or fetch from the cache) one deployment's artifact for one accelerator class."""
     return build(BuildRequest.of(ws.deployments[deployment], accelerator),
                  Cache(Settings.from_environment(os.environ).cache_in(ws.root)), force=force)
+
+
+def lab_signed(root: Path, release: Release, ttl_s: float = 3600) -> SignedMetadata:
+    """``release``'s metadata signed with the lab's release key (what apply does for an enrolled fleet)."""
+    files = [FileDigest(f.name, f.sha256, f.size) for f in release.files]
+    data = release_metadata(release.deployment, release.id, files, release.config_digest, time.time_ns() // 1_000_000,
+                            ttl_s)
+    return SignedMetadata(data, sign(root / ".edgeops" / "lab" / "release_ed25519", RELEASE_NAMESPACE, data))

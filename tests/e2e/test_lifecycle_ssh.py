@@ -24,7 +24,7 @@ from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import apply_deployment
 from edgeops.rollout import device_for
 from edgeops.targets import target_devices
-from labkit.artifacts import repo_at
+from labkit.artifacts import lab_signed, repo_at
 from labkit.faults import CutConnection, agent_command
 from labkit.repo import copy_repo, write_lab_fleet
 
@@ -179,7 +179,7 @@ def test_a_full_disk_at_the_switch_leaves_link_and_state_agreeing(lab: Path) -> 
             deployment.rename(moved)
             deployment.symlink_to(tiny / "d")
             with pytest.raises(Exception, match="No space left|disk"):
-                device.activate(release.id)
+                device.activate(release.id, signed=lab_signed(lab, release))
             after = device.observe()
             assert os.readlink(deployment / "current").endswith(after.current)
             assert after.current == before.current and after.status in ("committed", "inconclusive")

@@ -28,7 +28,7 @@ from edgeops.release import make_release
 from edgeops.render import render_device
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.transport.ssh import SSHTransport, target_for
-from labkit.artifacts import build_for
+from labkit.artifacts import build_for, lab_signed
 
 pytestmark = pytest.mark.ssh
 
@@ -156,13 +156,13 @@ def test_push_dedup_and_rollback_move_no_model_bytes(lab_repo: Path) -> None:
         device = _device(lab_repo, target, connections.get(target))
         pushed = device.push(first)
         assert pushed.bytes_moved > first.model_bytes * 0.9
-        device.activate(first.id)
+        device.activate(first.id, signed=lab_signed(lab_repo, first))
         device.record({"status": "committed"}, release=first.id)
         again = device.push(first)
         assert again.bytes_moved == 0 and again.files_moved == 0
         update = device.push(second)  # same model and golden set: only the small config files move
         assert update.files_moved == 2 and update.bytes_moved < 5000
-        device.activate(second.id)
+        device.activate(second.id, signed=lab_signed(lab_repo, second))
         device.record({"status": "committed"}, release=second.id)
         sent_before = connections.get(target).bytes_sent
         device.rollback()
@@ -178,7 +178,7 @@ def test_interrupted_push_keeps_the_previous_release_and_the_next_push_completes
     first = _release(lab_repo, target)
     device = _device(lab_repo, target)
     device.push(first)
-    device.activate(first.id)
+    device.activate(first.id, signed=lab_signed(lab_repo, first))
     device.transport.close()
     big = _big_release(lab_repo, target)
     transport = ssh_connect(target)
@@ -195,7 +195,7 @@ def test_interrupted_push_keeps_the_previous_release_and_the_next_push_completes
     assert observer.transport.run(["cat", f"{target.root}/deployments/wearable-activity/current/runtime.json"]).stdout
     result = observer.push(big)
     assert result.files_moved >= 1
-    observer.activate(big.id)
+    observer.activate(big.id, signed=lab_signed(lab_repo, big))
     assert observer.observe().current == big.id
     staging = observer.transport.run(["ls", "-A", f"{target.root}/.staging"]).stdout.split()
     assert staging == []  # the interrupted .part file was cleared
@@ -237,7 +237,7 @@ def test_hostile_device_root_stays_one_path(lab_repo: Path, tmp_path: Path) -> N
     device = _device(lab_repo, hostile)
     release = _release(lab_repo, hostile)
     device.push(release)
-    device.activate(release.id)
+    device.activate(release.id, signed=lab_signed(lab_repo, release))
     assert (Path(root) / "deployments/wearable-activity/current/model.onnx").is_file()
     assert not marker.exists()
 
@@ -253,7 +253,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_release(lab_repo: Path, 
         device = _device(lab_repo, small)
         first = _release(lab_repo, small)
         device.push(first)
-        device.activate(first.id)
+        device.activate(first.id, signed=lab_signed(lab_repo, first))
         with pytest.raises(DeviceError, match="not enough free space"):
             device.push(_big_release(lab_repo, small))
         assert device.observe().current == first.id
