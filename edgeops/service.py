@@ -346,6 +346,8 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
             try:
                 rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify)
             except EdgeopsError as exc:
+                if manifests:  # asked for by name: its error is the answer (exit code included)
+                    raise
                 broken[doc.name] = exc.lines()
     return StatusReport(rows, broken)
 

@@ -53,10 +53,10 @@ def line_of(path: Path, text: str) -> int:
 
 
 def pushed(devices: Path, name: str) -> list[str]:
-    """What edgeops wrote under a device root (the lab's simulated power sensor lives there too)."""
+    """What edgeops wrote under a device root (lab up puts the simulated power sensor and the trust root there)."""
     root = devices / name
     found = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-    return [f for f in found if not f.startswith("sensors")]
+    return [f for f in found if not f.startswith(("sensors", "trust"))]
 
 
 @pytest.fixture
