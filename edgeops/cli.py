@@ -5,6 +5,7 @@ No decisions here: every command's work is a function of ``edgeops.service``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -24,6 +25,12 @@ OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), de
                       show_default=True, help="table for people, json for machines")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
                            help="repository root (default: found)")
+
+
+def library_prints_to_stderr() -> contextlib.AbstractContextManager[object]:
+    """What libraries print while edgeops builds (onnxruntime's calibration progress) goes to stderr:
+    stdout carries only the command's output (JSON, markdown, tables)."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def settings(root: Path | None) -> Settings:
@@ -148,7 +155,7 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
     doc, accelerators, cache = service.build_targets(manifest, accelerator, settings(root))
     results = []
     for acc in accelerators:
-        with err_console.status(f"building {doc.name} for {acc}") as status:
+        with err_console.status(f"building {doc.name} for {acc}") as status, library_prints_to_stderr():
             result = service.build(doc, acc, cache, force=force,
                                    progress=lambda message: status.update(f"{doc.name} ({acc}): {message}"))
         results.append(result)
@@ -175,7 +182,8 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
 @handle_errors
 def render(manifest: Path, device_name: str | None, out_dir: Path | None, root: Path | None) -> None:
     """Render the runtime config (JSON) of each target device; builds first (cache hits are free)."""
-    configs = service.render(manifest, device_name, settings(root))
+    with library_prints_to_stderr():
+        configs = service.render(manifest, device_name, settings(root))
     for target, config in configs:
         if out_dir is None:
             if len(configs) > 1:
@@ -275,7 +283,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
-    with err_console.status("planning") as status:
+    with err_console.status("planning") as status, library_prints_to_stderr():
         found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice)
     entries = [(e.plan, e.reports, e.warnings) for e in found]
     if out_file:
@@ -333,7 +341,8 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
             if device.decision == Decision.REFUSED:
                 console.print(f"refused: {device.reason}", soft_wrap=True)
 
-    with LiveReporter() as reporter:
+    machine_output = library_prints_to_stderr() if output == "json" else contextlib.nullcontext()
+    with LiveReporter() as reporter, machine_output:
         applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
                                 on_result=show, notify=notice)

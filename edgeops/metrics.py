@@ -6,6 +6,7 @@ The agent runs on devices without edgeops installed and keeps its own copy of
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 import numpy as np
@@ -42,6 +43,28 @@ def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.N
     if metric == Metric.MAX_ABS_ERROR:
         return float(np.max(np.abs(out - ref)))
     raise ValueError(f"unknown quality metric {metric!r}; one of: {', '.join(Metric)}")
+
+
+GOLDEN_MIN, GOLDEN_MAX = 32, 1000
+
+
+def one_sample_points(metric: str, samples: int) -> float:
+    """How far one differing sample moves a classification metric over ``samples`` (0 for the others)."""
+    return 100.0 / samples if metric in CLASSIFICATION and samples > 0 else 0.0
+
+
+def golden_size(metric: str, max_drop: float, relative: bool, baseline: float, available: int) -> int:
+    """How many evaluation samples a release ships for the on-device check.
+
+    For accuracy and top-1 agreement one differing sample moves the score by 100/n points; n is chosen so
+    that one sample is at most half the allowed drop (so a single flip, e.g. from int8 kernels that round
+    differently on the device, never fails a release by itself); other metrics ship 32 samples.
+    """
+    wanted = GOLDEN_MIN
+    if metric in CLASSIFICATION and max_drop > 0:
+        allowed_points = max_drop * baseline / 100 if relative else max_drop
+        wanted = math.ceil(2 * 100 / allowed_points) if allowed_points > 0 else GOLDEN_MAX
+    return max(1, min(max(wanted, GOLDEN_MIN), GOLDEN_MAX, available))
 
 
 def score(metric: str, value: float) -> float:

@@ -116,6 +116,7 @@ def plan_warnings(doc: Document[Deployment], desired: Desired) -> list[str]:
         if slo is not None and accelerator == "cpu" and host_p95 > slo:
             warnings.append(f"{accelerator} artifact already misses the p95 SLO on the build host "
                             f"({host_p95:.3f} ms > {slo:g} ms)")
+        warnings += [f"{accelerator} artifact: {w}" for w in report.get("warnings", [])]
         size = report["artifact"]["size_bytes"]
         for target in desired.targets:
             limit = target.profile.obj.spec.limits.max_model_bytes

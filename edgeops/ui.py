@@ -53,7 +53,8 @@ def build_table(report: dict[str, Any]) -> Table:
 
 def build_notes(report: dict[str, Any]) -> list[str]:
     """What each stage did, one line per note (latency is host CPU, 1 thread, batch 1)."""
-    return [f"  {stage['index']}: {note}" for stage in report["stages"] for note in stage["notes"]]
+    notes = [f"  {stage['index']}: {note}" for stage in report["stages"] for note in stage["notes"]]
+    return notes + [f"[yellow]warning:[/] {escape(w)}" for w in report.get("warnings", [])]
 
 
 # ------------------------------------------------------------------ plan, apply, status, history

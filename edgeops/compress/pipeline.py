@@ -18,6 +18,7 @@ from edgeops.compress.request import BuildRequest
 from edgeops.compress.steps import Step
 from edgeops.errors import BuildError, InputError
 from edgeops.manifest.models import QualityGoal, RecipeStep
+from edgeops.metrics import golden_size, one_sample_points
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -131,10 +132,11 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
     original = evaluator.measure(source)
     evaluator.baseline = original.quality.value
     stages: list[dict[str, Any]] = [_stage(0, "original", {}, original, original, [])]
-    current = source
+    current, before = source, original
+    warnings: list[str] = []
     recipe = request.recipe
     for index, step in enumerate(recipe, start=1):
-        ctx = StepContext(work, request, calibration, evaluator, source, progress, index)
+        ctx = StepContext(work, request, calibration, evaluator, source, progress, index, before)
         progress(f"step {index}/{len(recipe)}: {step.kind}")
         result = step_for(request, index - 1).run(current, ctx)
         measurement = result.measurement or evaluator.measure(result.path, result.notes)
@@ -142,6 +144,7 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
                        measurement, original, result.notes)
         stage["candidates"] = [c.as_dict() for c in result.candidates]
         stage.update(result.extra)
+        warnings += [f"step {index} ({step.kind}): {w}" for w in result.warnings]
         stages.append(stage)
         recovery_follows = any(later.kind == "distill" for later in recipe[index:])
         if not measurement.quality.passed and recovery_follows:
@@ -151,10 +154,15 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
             where = request.source.where(request.step_loc(index - 1))
             raise BuildError(_gate_message(where, index, step, measurement.quality, goal),
                              hint="no artifact was written; loosen spec.quality or make the step gentler")
-        current = result.path
+        current, before = result.path, measurement
+    if request.accelerator != "gpu" and recipe and before.latency_p50_ms > original.latency_p50_ms * 1.02:
+        warnings.append(f"the result is slower than the original on the host: p50 {before.latency_p50_ms:.3f} ms vs "
+                        f"{original.latency_p50_ms:.3f} ms (host CPU, 1 thread; devices measure for themselves)")
     progress("writing the golden set")
     golden = work / "golden.npz"
-    sample = evaluation.take(request.data.golden_samples)
+    count = request.data.golden_samples or golden_size(goal.metric, goal.max_drop, goal.drop == "relative",
+                                                       original.quality.value, evaluation.count)
+    sample = evaluation.take(count)
     sess = session(current, threads=0)
     expected = run_all(sess, sample)[output_index(sess, goal)]
     arrays = {f"in.{k}": v for k, v in sample.inputs.items()}
@@ -172,6 +180,10 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
         "artifact": {"sha256": hashlib.sha256(model_bytes).hexdigest(), "size_bytes": len(model_bytes),
                      "golden_sha256": file_sha256(golden), "quality_output": _output_name(sess, goal)},
         "stages": stages,
+        "golden": {"samples": sample.count, "one_sample_points": one_sample_points(goal.metric, sample.count),
+                   "chosen": "spec.data.golden_samples" if request.data.golden_samples else
+                   "sized from quality.max_drop: one differing sample is at most half of it"},
+        "warnings": warnings,
         "passed": True,
     }
     return report, {"model.onnx": current, "golden.npz": golden}

@@ -20,6 +20,7 @@ from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
 
+DEFAULT_MIN_SPEEDUP = 1.1
 AUTO_CANDIDATES = {"cpu": ["static", "dynamic", "weight_only"], "gpu": ["fp16", "static"], "tpu": ["static"]}
 
 
@@ -209,6 +210,15 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         return (m.latency_p50_ms, m.size_bytes)
 
     best = min(passing, key=rank)
+    if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None:
+        needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
+        speedup = ctx.before.latency_p50_ms / best.measurement.latency_p50_ms
+        if speedup < needed:
+            kept = Candidate("keep", ctx.before, chosen=True)
+            warning = (f"auto kept the model unquantized: the fastest candidate that meets the goal, {best.mode}, "
+                       f"is {speedup:.2f}x the input's speed (p50, host CPU, 1 thread), below min_speedup "
+                       f"{needed:g}")
+            return StepResult(src, [warning], [*candidates, kept], measurement=ctx.before, warnings=[warning])
     best.chosen = True
     why = "fastest on the host" if ctx.accelerator != "gpu" else "first passing in GPU preference order"
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)

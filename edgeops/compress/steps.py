@@ -23,6 +23,7 @@ class StepContext:
     teacher: Path                     # the original model, for distillation
     progress: Callable[[str], None] = lambda message: None
     index: int = 0
+    before: Measurement | None = None   # the step's input as measured (the original for step 1)
 
     @property
     def accelerator(self) -> str:
@@ -53,6 +54,7 @@ class StepResult:
     candidates: list[Candidate] = field(default_factory=list)
     measurement: Measurement | None = None    # set when the step already measured its output
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the report, `edgeops build` and the plan comment
 
 
 Options = TypeVar("Options")

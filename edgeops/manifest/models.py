@@ -88,8 +88,10 @@ class DataSpec(Strict):
     training: str | None = Field(default=None, description="transfer set for distill steps (.npz like calibration, "
                                                            "optional 'labels'); default: the calibration data")
     evaluation: str = Field(description=".npz with one array per model input, plus 'labels' for accuracy")
-    golden_samples: Annotated[int, Field(ge=1, le=1000)] = Field(
-        default=32, description="evaluation samples shipped with each release for the on-device check")
+    golden_samples: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None, description="evaluation samples shipped with each release for the on-device check; default: "
+                                  "for accuracy/top1_agreement enough that one differing sample is at most half of "
+                                  "quality.max_drop (up to 1000), else 32")
 
 
 class QuantizeOptions(Strict):
@@ -107,11 +109,16 @@ class QuantizeOptions(Strict):
     block_size: Literal[16, 32, 64, 128, 256] = 32
     candidates: list[Literal["static", "dynamic", "weight_only", "fp16"]] | None = Field(
         default=None, description="auto: modes to try; default every mode that applies to the target")
+    min_speedup: Annotated[float, Field(ge=1)] | None = Field(
+        default=None, description="auto: keep the model unquantized unless the fastest candidate that meets the "
+                                  "quality goal is at least this much faster on the build host (default 1.1; "
+                                  "not for gpu targets, which the host cannot time)")
 
     @model_validator(mode="after")
     def _auto_only(self) -> "QuantizeOptions":
-        if self.candidates is not None and self.mode != "auto":
-            raise ValueError("candidates only applies to mode: auto")
+        for name in ("candidates", "min_speedup"):
+            if getattr(self, name) is not None and self.mode != "auto":
+                raise ValueError(f"{name} only applies to mode: auto")
         return self
 
 

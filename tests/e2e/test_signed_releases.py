@@ -97,7 +97,8 @@ def test_an_applied_release_is_signed_and_the_device_records_its_generation(lab:
         state = device.observe()
         entry = state.state["releases"][state.committed]
     assert entry["generation"] > 0 and entry["verifier"] == "ssh-keygen" and entry["expires_at"]
-    assert state.facts is None or state.facts.enrolled is not False
+    assert state.facts is not None and state.facts.enrolled and state.facts.signers_sha256 == \
+        target_of(lab).signers_sha256  # what the preflight compares
 
 
 def test_an_unsigned_release_is_refused(lab: Path) -> None:

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeops.agent import AGENT_FILE
@@ -66,7 +67,8 @@ def test_agent_benchmarks_example_releases_without_edgeops(repo_copy: Path, tmp_
     assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p95_ms"] <= latency["p99_ms"] <= latency["max_ms"]
     assert latency["throughput_per_s"] > 0 and doc["peak_rss_mb"] > 0
     golden = a["golden"]
-    assert golden["samples"] == 32 and golden["max_abs_deviation_from_build"] < 1e-4
+    shipped = len(np.load(tmp_path / "release" / "golden.npz")["expected"])
+    assert golden["samples"] == shipped >= 32 and golden["max_abs_deviation_from_build"] < 1e-4
     if golden["metric"] == "cosine":
         assert golden["value"] > 0.95
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,25 @@ def test_bad_build_input_is_located(repo_copy: Path, monkeypatch: pytest.MonkeyP
     assert len(lines) == 1 and lines[0].startswith("error: " + expected), lines
     assert "Traceback" not in result.output
     assert manifest.exists()
+
+
+def test_auto_keeps_the_unquantized_model_when_no_candidate_is_fast_enough_and_says_so(repo_copy: Path) -> None:
+    result = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: auto, min_speedup: 50}\n")
+    original, step = stage(result.report, 0), stage(result.report, 1)
+    kept = [c for c in step["candidates"] if c["chosen"]]
+    assert [c["mode"] for c in kept] == ["keep"]
+    assert result.report["artifact"]["sha256"] == hashlib.sha256(
+        (repo_copy / "examples/models/digits_cnn.onnx").read_bytes()).hexdigest()
+    assert step["size_bytes"] == original["size_bytes"]
+    warning = next(w for w in result.report["warnings"] if "auto kept the model unquantized" in w)
+    assert "below min_speedup 50" in warning and "host CPU, 1 thread" in warning
+
+
+def test_build_json_is_only_json_even_when_onnxruntime_prints(repo_copy: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - quantize: {mode: static, calibration_method: percentile}\n")
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["build", "manifests/camera.yaml", "--accelerator", "cpu", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)[0]  # onnxruntime's percentile calibration prints its progress
+    assert report["stages"][1]["options"]["calibration_method"] == "percentile"

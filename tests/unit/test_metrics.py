@@ -45,3 +45,29 @@ def test_an_unknown_metric_is_an_error_not_a_silent_max_abs_error() -> None:
         metric_value("f1", outputs, reference)
     with pytest.raises(agent_module().AgentError):
         agent_module().metric_value("f1", outputs, reference)
+
+
+def test_the_golden_set_is_large_enough_that_one_flip_is_at_most_half_the_allowed_drop() -> None:
+    from edgeops.metrics import golden_size, one_sample_points
+
+    assert golden_size("accuracy", 1.0, False, 93.0, 5000) == 200        # 0.5 points per sample
+    assert golden_size("accuracy", 1.0, False, 93.0, 120) == 120         # no more than the evaluation set
+    assert golden_size("top1_agreement", 5.0, False, 100.0, 5000) == 40
+    assert golden_size("accuracy", 0.1, False, 90.0, 5000) == 1000       # capped
+    assert golden_size("accuracy", 1.0, True, 50.0, 5000) == 400         # 1 % of 50 = 0.5 points
+    assert golden_size("cosine", 0.01, False, 1.0, 5000) == 32
+    assert one_sample_points("accuracy", 200) == 0.5 and one_sample_points("cosine", 200) == 0.0
+
+
+def test_one_differing_golden_sample_never_fails_a_release_by_itself() -> None:
+    from edgeops.manifest.models import QualityGoal
+    from edgeops.types import Decision
+    from edgeops.verify import quality_check
+
+    goal = QualityGoal(metric="accuracy", max_drop=1.0)
+    one_flip = quality_check(goal, device_value=90.625, host_value=93.75, samples=32)  # 1 of 32 = 3.125 points
+    assert one_flip.outcome == Decision.PASSED and "one of 32 samples" in one_flip.detail
+    two_flips = quality_check(goal, device_value=87.5, host_value=93.75, samples=32)
+    assert two_flips.outcome == Decision.FAILED
+    assert quality_check(goal, 92.0, 93.0, samples=200).outcome == Decision.PASSED      # 1 point: the goal itself
+    assert quality_check(goal, 91.5, 93.0, samples=200).outcome == Decision.FAILED      # 3 flips of 200
