@@ -34,7 +34,7 @@ from edgeops.ledger import Ledger
 from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.release import Release
-from edgeops.signing import RELEASE_NAMESPACE, FileDigest, SignedMetadata, SigningError, release_metadata, sign
+from edgeops.signing import SignedMetadata, SigningError, sign_release
 from edgeops.targets import TargetDevice
 from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, decide, host_golden_value
@@ -235,10 +235,7 @@ class DeviceRoller:
                                hint="set trust.signing_key in the fleet or EDGEOPS_SIGNING_KEY")
         with self._signing:
             if release.id not in self._signed:
-                files = [FileDigest(f.name, f.sha256, f.size) for f in release.files]
-                data = release_metadata(release.deployment, release.id, files, release.config_digest,
-                                        self.generation, trust.release_ttl_s)
-                self._signed[release.id] = SignedMetadata(data, sign(key, RELEASE_NAMESPACE, data))
+                self._signed[release.id] = sign_release(key, release, self.generation, trust.release_ttl_s)
             return self._signed[release.id]
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeops.errors import EdgeopsError
+from edgeops.release import Release
 
 RELEASE_NAMESPACE = "edgeops-release"
 TRUST_NAMESPACE = "edgeops-trust"
@@ -54,6 +55,13 @@ def release_metadata(deployment: str, release: str, files: list[FileDigest], con
         "created": now, "created_at": _iso(now), "expires": now + ttl_s, "expires_at": _iso(now + ttl_s),
     }
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_release(key: Path, release: Release, generation: int, ttl_s: float) -> SignedMetadata:
+    """``release``'s metadata (its files as they will be on the device), signed with ``key``."""
+    files = [FileDigest(f.name, f.sha256, f.size) for f in release.files]
+    data = release_metadata(release.deployment, release.id, files, release.config_digest, generation, ttl_s)
+    return SignedMetadata(data, sign(key, RELEASE_NAMESPACE, data))
 
 
 def _iso(seconds: float) -> str:

@@ -18,7 +18,7 @@ from edgeops.operations import Repo
 from edgeops.release import Release, make_release, write_local
 from edgeops.render import render_device
 from edgeops.settings import Settings
-from edgeops.signing import RELEASE_NAMESPACE, FileDigest, SignedMetadata, release_metadata, sign
+from edgeops.signing import SignedMetadata, sign_release
 from edgeops.targets import target_devices
 
 
@@ -55,7 +55,4 @@ def build_for(ws: Workspace, deployment: str, accelerator: str, force: bool = Fa
 
 def lab_signed(root: Path, release: Release, ttl_s: float = 3600) -> SignedMetadata:
     """``release``'s metadata signed with the lab's release key (what apply does for an enrolled fleet)."""
-    files = [FileDigest(f.name, f.sha256, f.size) for f in release.files]
-    data = release_metadata(release.deployment, release.id, files, release.config_digest, time.time_ns() // 1_000_000,
-                            ttl_s)
-    return SignedMetadata(data, sign(root / ".edgeops" / "lab" / "release_ed25519", RELEASE_NAMESPACE, data))
+    return sign_release(root / ".edgeops" / "lab" / "release_ed25519", release, time.time_ns() // 1_000_000, ttl_s)
