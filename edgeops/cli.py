@@ -23,6 +23,8 @@ from edgeops.types import Decision, Health
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
                       show_default=True, help="table for people, json for machines")
+SELECTOR = click.option("-l", "--selector", help="only target devices whose labels match, as kubectl -l writes it: "
+                                                 "ring=canary,site!=lab,hw in (x86,arm)")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
                            help="repository root (default: found)")
 
@@ -270,10 +272,11 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
 @click.option("-o", "--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="save the plan (JSON) for apply --plan (one deployment)")
+@SELECTOR
 @ROOT_OPTION
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
-         root: Path | None) -> None:
+         selector: str | None, root: Path | None) -> None:
     """Show what apply would do, with each device's facts and preflight.
 
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
@@ -284,7 +287,8 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
     with err_console.status("planning") as status, library_prints_to_stderr():
-        found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice)
+        found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice,
+                             selector=selector)
     entries = [(e.plan, e.reports, e.warnings) for e in found]
     if out_file:
         if len(entries) != 1:
@@ -314,11 +318,12 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="execute exactly this saved plan (refused if the devices or the repo moved since)")
 @LOCK_TIMEOUT
+@SELECTOR
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, lock_timeout: str,
-          output: str, root: Path | None) -> None:
+          selector: str | None, output: str, root: Path | None) -> None:
     """Build, render, plan and roll out wave by wave with on-device verification and rollback.
 
     Several deployments go one after the other, by name; the first that does not succeed stops the rest.
@@ -345,7 +350,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     with LiveReporter() as reporter, machine_output:
         applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
-                                on_result=show, notify=notice)
+                                on_result=show, notify=notice, selector=selector)
     results = applied.results
     if applied.not_applied:
         err_console.print(f"stopping: {results[-1].deployment} {results[-1].outcome}; not applied: "
@@ -435,10 +440,12 @@ def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
                                                  "exit 1 when there are any (for a scheduled check)")
 @click.option("--verify", is_flag=True, help="hash every file of the running and committed releases on each device "
                                              "(default: sizes and modification times, every time)")
+@SELECTOR
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
-def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: str, root: Path | None) -> None:
+def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector: str | None, output: str,
+           root: Path | None) -> None:
     """Fleet health: one row per device, sync against git, last verification. Non-zero exit when unhealthy.
 
     With no MANIFEST: every deployment of the repository.
@@ -446,7 +453,8 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, output: s
     from edgeops.ui import broken_lines, console, err_console, status_summary, status_table
 
     with err_console.status("reading devices") as spinner:
-        found = service.status(manifests, settings(root), verify=verify, progress=spinner.update, notify=notice)
+        found = service.status(manifests, settings(root), verify=verify, progress=spinner.update, notify=notice,
+                                selector=selector)
     everything = {name: [r for r in rows if r.drifted] if drift_only else rows for name, rows in found.rows.items()}
     if output == "json":
         click.echo(json.dumps([{"deployment": name, "devices": [r.as_dict() for r in rows]}
@@ -520,11 +528,12 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
 @click.option("--allow-rejected", is_flag=True, help="with --to: run the named release even where a device rejected it")
 @click.option("--devices", help="comma-separated device names (default: every target device)")
 @LOCK_TIMEOUT
+@SELECTOR
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
 def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devices: str | None, lock_timeout: str,
-             output: str, root: Path | None) -> None:
+             selector: str | None, output: str, root: Path | None) -> None:
     """Undo the last rollout without any transfer, verify, record (a no-op when there is nothing to undo).
 
     Only committed releases are targets; a device the last rollout did not change, or already reverted by
@@ -537,7 +546,7 @@ def rollback(deployment: str, to_release: str | None, allow_rejected: bool, devi
     names = [d.strip() for d in devices.split(",")] if devices else None
     with LiveReporter() as reporter:
         result = service.rollback(deployment, to_release, names, settings(root), reporter, allow_rejected,
-                                  lock_timeout_s=_duration(lock_timeout), notify=notice)
+                                  lock_timeout_s=_duration(lock_timeout), notify=notice, selector=selector)
     if output == "json":
         click.echo(json.dumps({"outcome": result.outcome, "summary": service.summarize(result),
                                "devices": [d.__dict__ for d in result.devices]}, indent=2, default=str))

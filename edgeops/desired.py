@@ -13,6 +13,7 @@ from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.release import Release, make_release
 from edgeops.render import render_device
+from edgeops.selectors import LabelSelector
 from edgeops.targets import TargetDevice, target_devices
 
 
@@ -25,6 +26,13 @@ class Desired:
 
     def target(self, key: str) -> TargetDevice:
         return next(t for t in self.targets if t.key == key)
+
+    def selected(self, selector: LabelSelector | None) -> Desired:
+        """Only the target devices whose labels ``selector`` matches (all of them without one)."""
+        if selector is None:
+            return self
+        targets = tuple(t for t in self.targets if selector.matches(t.device.labels))
+        return Desired(self.deployment, targets, self.artifacts, {t.key: self.releases[t.key] for t in targets})
 
 
 class NotBuilt(EdgeopsError):

@@ -36,6 +36,7 @@ from edgeops.rollout import (
     observe_targets,
     summarize,
 )
+from edgeops.selectors import LabelSelector
 from edgeops.settings import Settings
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
@@ -93,10 +94,10 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
 
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
-                    progress: Progress = lambda m: None) -> tuple[Plan, Desired]:
-    """Build and render (cache hits are free), read every device, and decide."""
+                    progress: Progress = lambda m: None, selector: LabelSelector | None = None) -> tuple[Plan, Desired]:
+    """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide."""
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
-    desired = desired_state(repo.ws, doc, repo.cache, progress)
+    desired = desired_state(repo.ws, doc, repo.cache, progress).selected(selector)
     progress(f"reading the state of {len(desired.targets)} device(s)")
     observed = observe(desired, connections)
     previous = repo.ledger.last_successful_summary(doc.name)
@@ -150,13 +151,14 @@ def plan_differences(saved: Plan, fresh: Plan) -> list[str]:
 
 def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                      reporter: Reporter | None = None, saved: Plan | None = None,
-                     progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> tuple[Plan, RolloutResult]:
+                     progress: Progress = lambda m: None, lock_timeout_s: float = 0,
+                     selector: LabelSelector | None = None) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
-        plan, desired = plan_deployment(repo, doc, connections, progress)
+        plan, desired = plan_deployment(repo, doc, connections, progress, selector)
         if saved is not None:
             if saved.deployment != doc.name:
                 raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")
@@ -214,13 +216,14 @@ def _power(verification: dict[str, Any] | None) -> str:
 
 
 def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
-                progress: Progress = lambda m: None, verify: bool = False) -> list[StatusRow]:
+                progress: Progress = lambda m: None, verify: bool = False,
+                selector: LabelSelector | None = None) -> list[StatusRow]:
     """One row per target device, read from the device now (``verify``: hash every file, not just sizes).
 
     Never builds: when the artifact git asks for is not in the cache, or the deployment cannot be built or
     rendered now, sync is Unknown and the rows say why; the devices are still read.
     """
-    targets = target_devices(repo.ws, doc.name)
+    targets = [t for t in target_devices(repo.ws, doc.name) if selector is None or selector.matches(t.device.labels)]
     require_key_files(targets)
     wanted: dict[str, str] = {}
     unknown = ""
@@ -287,7 +290,7 @@ def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[st
 def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                         to: str | None = None, devices: list[str] | None = None,
                         reporter: Reporter | None = None, allow_rejected: bool = False,
-                        lock_timeout_s: float = 0) -> RolloutResult:
+                        lock_timeout_s: float = 0, selector: LabelSelector | None = None) -> RolloutResult:
     """Undo the last rollout on the devices it left a release on (no transfer), verify, record.
 
     Only committed releases are targets: after an automatic revert there is nothing to undo, and a
@@ -296,9 +299,11 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
     """
     reporter = reporter or SilentReporter()
     ws, ledger, actor = repo.ws, repo.ledger, repo.actor
-    targets = [t for t in target_devices(ws, doc.name) if not devices or t.name in devices or t.key in devices]
+    targets = [t for t in target_devices(ws, doc.name) if (not devices or t.name in devices or t.key in devices)
+               and (selector is None or selector.matches(t.device.labels))]
     if not targets:
-        raise InputError.at(doc.display, None, "", f"no target device matches {', '.join(devices or [])}")
+        asked = ", ".join([*(devices or []), *([f"selector {selector}"] if selector else [])])
+        raise InputError.at(doc.display, None, "", f"no target device matches {asked}")
     require_key_files(targets)
     spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})

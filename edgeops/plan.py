@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
-from edgeops.manifest.models import RolloutPolicy, parse_count
+from edgeops.manifest.models import RolloutPolicy, WaveSelector, parse_count
 from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"
@@ -171,36 +171,44 @@ def _bytes(want: DesiredDevice, seen: ObservedDevice) -> int:
 
 
 def assign_waves(changing: list[DesiredDevice], policy: RolloutPolicy) -> dict[str, int]:
-    """Wave number (1-based) per device key, in the order given."""
+    """Wave number (1-based) per device key.
+
+    Counts and percentages are cumulative over the devices to change; a ``{selector: ...}`` wave takes
+    every device it matches that no earlier wave took. Whatever is left forms a last wave. Unless the
+    first wave is a selector, it holds one device of every hardware class (ring=canary preferred).
+    """
     total = len(changing)
     if not total:
         return {}
-    targets = []
-    for spec in policy.waves:
-        kind, amount = parse_count(spec)
-        targets.append(min(total, int(amount) if kind == "count" else math.ceil(total * amount / 100)))
+    labels = {d.key: dict(d.labels) for d in changing}
     canary: list[str] = []
-    if policy.canary_per_hardware_class:
+    if policy.canary_per_hardware_class and not isinstance(policy.waves[0], WaveSelector):
         seen_classes: set[str] = set()
-        preferred = sorted(changing, key=lambda d: (dict(d.labels).get("ring") != "canary"))
+        preferred = sorted(changing, key=lambda d: (labels[d.key].get("ring") != "canary"))
         for device in preferred:
             if device.hardware_class not in seen_classes:
                 seen_classes.add(device.hardware_class)
                 canary.append(device.key)
-    order = canary + [d.key for d in sorted(changing, key=lambda d: dict(d.labels).get("ring") != "canary")
-                      if d.key not in canary]
+    pending = canary + [d.key for d in sorted(changing, key=lambda d: labels[d.key].get("ring") != "canary")
+                        if d.key not in canary]
     waves: dict[str, int] = {}
-    done, number = 0, 0
-    for index, target in enumerate(targets + [total]):
-        goal = max(target, done + 1, len(canary) if index == 0 else 0)
-        goal = min(goal, total)
-        if goal <= done:
+    number = 0
+    for index, wave in enumerate([*policy.waves, "100%"]):
+        if isinstance(wave, WaveSelector):
+            selector = wave.parsed
+            members = [key for key in pending if selector.matches(labels[key])]
+        else:
+            kind, amount = parse_count(wave)
+            target = min(total, int(amount) if kind == "count" else math.ceil(total * amount / 100))
+            goal = min(total, max(target, len(waves) + 1, len(canary) if index == 0 else 0))
+            members = pending[:max(0, goal - len(waves))]
+        if not members:
             continue
         number += 1
-        for key in order[done:goal]:
+        for key in members:
             waves[key] = number
-        done = goal
-        if done == total:
+        pending = [key for key in pending if key not in waves]
+        if not pending:
             break
     return waves
 

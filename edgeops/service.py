@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from edgeops.render import RenderedConfig
     from edgeops.rollout import Reporter
     from edgeops.rollout import RolloutResult as RolloutResult  # re-exported: the CLI names it
+    from edgeops.selectors import LabelSelector
     from edgeops.targets import TargetDevice
 
 Progress = Callable[[str], None]  # progress lines; ``notify`` gets what the user must hear (trust on first use)
@@ -48,6 +49,15 @@ def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: A
     from edgeops.manifest.workspace import load_workspace
 
     return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code, **options)
+
+
+def _selector(text: str | None) -> LabelSelector | None:
+    from edgeops.selectors import parse_selector
+
+    try:
+        return parse_selector(text) if text else None
+    except ValueError as exc:
+        raise InputError.at("--selector", None, "", f"{exc}") from None
 
 
 def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
@@ -233,16 +243,17 @@ class PlanEntry:
 
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
-         progress: Progress = _quiet, notify: Progress = _quiet) -> list[PlanEntry]:
+         progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
     from edgeops.operations import plan_deployment, plan_warnings
 
+    picked = _selector(selector)
     repo, docs = _selected(manifests, changed_since, settings)
     entries = []
     with Connections(parallelism=16, notify=notify) as connections:
         for doc in docs:
-            result, desired = plan_deployment(repo, doc, connections, progress=progress)
+            result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked)
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
                                      plan_warnings(doc, desired)))
     return entries
@@ -257,11 +268,13 @@ class Applied:
 
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, settings: Settings,
           reporter: Reporter, progress: Progress = _quiet, lock_timeout_s: float = 0,
-          on_result: Callable[[RolloutResult], None] = lambda result: None, notify: Progress = _quiet) -> Applied:
+          on_result: Callable[[RolloutResult], None] = lambda result: None, notify: Progress = _quiet,
+          selector: str | None = None) -> Applied:
     """Roll out each deployment in name order; the first that does not succeed stops the rest."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
 
+    picked = _selector(selector)
     repo, docs = _selected(manifests, changed_since, settings)
     saved = load_plan(plan_file) if plan_file else None
     if saved and len(docs) != 1:
@@ -270,7 +283,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     for doc in docs:
         with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
-                                         lock_timeout_s=lock_timeout_s)
+                                         lock_timeout_s=lock_timeout_s, selector=picked)
         results.append(result)
         on_result(result)
         if not result.ok:
@@ -323,7 +336,7 @@ class StatusReport:
 
 
 def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
-           progress: Progress = _quiet, notify: Progress = _quiet) -> StatusReport:
+           progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> StatusReport:
     """Rows per deployment (every deployment when none is named), read from the devices now.
 
     Over the whole repository a broken manifest, fleet or profile is reported on its own and every other
@@ -332,6 +345,7 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     from edgeops.connections import Connections
     from edgeops.operations import Repo, status_rows
 
+    picked = _selector(selector)
     paths = _existing(manifests)
     ws = _load(paths, settings, focus=paths if manifests else None, tolerant=not manifests)
     repo = Repo.open(ws, settings)
@@ -344,7 +358,8 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     with Connections(parallelism=16, notify=notify) as connections:
         for doc in docs:
             try:
-                rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify)
+                rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify,
+                                             selector=picked)
             except EdgeopsError as exc:
                 if manifests:  # asked for by name: its error is the answer (exit code included)
                     raise
@@ -368,14 +383,15 @@ def history(deployment: str, limit: int, settings: Settings) -> tuple[str, list[
 
 
 def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,
-             allow_rejected: bool = False, lock_timeout_s: float = 0, notify: Progress = _quiet) -> RolloutResult:
+             allow_rejected: bool = False, lock_timeout_s: float = 0, notify: Progress = _quiet,
+             selector: str | None = None) -> RolloutResult:
     from edgeops.connections import Connections
     from edgeops.operations import rollback_deployment
 
     repo, doc = _context(deployment, settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
         return rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
-                                   lock_timeout_s=lock_timeout_s)
+                                   lock_timeout_s=lock_timeout_s, selector=_selector(selector))
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgeops.selectors import LabelSelector, parse_selector
+
 API_VERSION = "edgeops/v1"
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 PERCENT_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)%$")
@@ -247,12 +249,32 @@ class Verification(Strict):
                                "a first Failed is always confirmed by one more measurement")
 
 
-def _default_waves() -> list[int | str]:
+class WaveSelector(Strict):
+    """A wave of exactly the devices a label selector picks (that earlier waves did not take)."""
+
+    selector: str = Field(description="labels as kubectl -l writes them: ring=canary,site!=lab,hw in (x86,arm)")
+
+    @field_validator("selector")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse_selector(value)
+        return value
+
+    @property
+    def parsed(self) -> LabelSelector:
+        return parse_selector(self.selector)
+
+
+Wave = Union[WaveSelector, CountOrPercent]
+
+
+def _default_waves() -> list[Wave]:
     return [1, "25%", "100%"]
 
 
 class RolloutPolicy(Strict):
-    waves: list[CountOrPercent] = Field(default_factory=lambda: _default_waves(), min_length=1)
+    waves: list[Wave] = Field(default_factory=lambda: _default_waves(), min_length=1,
+                              description="cumulative device counts or percentages, or {selector: ...} waves")
     canary_per_hardware_class: bool = True
     max_failed_devices: CountOrPercent = 0
     max_unreachable_devices: CountOrPercent = "10%"
@@ -266,9 +288,11 @@ class RolloutPolicy(Strict):
 
     @field_validator("waves")
     @classmethod
-    def _waves(cls, waves: list[int | str]) -> list[int | str]:
+    def _waves(cls, waves: list[Wave]) -> list[Wave]:
         previous: tuple[str, float] | None = None
         for wave in waves:
+            if isinstance(wave, WaveSelector):
+                continue
             kind, amount = parse_count(wave)
             if amount == 0:
                 raise ValueError(f"a wave of {wave!r} would deploy to no device")

@@ -13,7 +13,7 @@ FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only start
 
 # every module belongs to one layer and imports only from its own layer or those below
 LAYERS = [
-    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
+    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config", "edgeops.selectors",
      "edgeops.agent"},                                                               # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions

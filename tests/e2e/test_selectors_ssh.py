@@ -1,0 +1,79 @@
+"""Aiming with label selectors over real sshd: plan, apply, status and rollback touch only what they pick."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from edgeops.cli import main
+from edgeops.errors import ExitCode
+from edgeops.manifest.workspace import load_workspace
+from edgeops.targets import target_devices
+from labkit.repo import copy_repo, write_lab_fleet
+
+pytestmark = pytest.mark.ssh
+MANIFEST = "manifests/wearable.yaml"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    from edgeops.lab import lab_down, lab_up
+
+    base = tmp_path_factory.mktemp("selectors")
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, 3, base / "devices")  # lab-01 is ring=canary, the others ring=main
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
+    yield root
+    lab_down(ws, ws.fleets["lab"])
+
+
+def cli(root: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, [*args, "--root", str(root)])
+
+
+def running(root: Path) -> dict[str, str | None]:
+    rows = json.loads(cli(root, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]
+    return {row["device"]: row["release"] for row in rows}
+
+
+def test_apply_with_a_selector_changes_only_the_devices_it_picks(lab: Path) -> None:
+    plan = cli(lab, "plan", MANIFEST, "-l", "ring=main", "-o", "json")
+    assert plan.exit_code == ExitCode.CHANGES, plan.output
+    assert sorted(d["device"] for d in json.loads(plan.stdout)[0]["devices"]) == ["lab-02", "lab-03"]
+    applied = cli(lab, "apply", MANIFEST, "--selector", "ring=canary")
+    assert applied.exit_code == ExitCode.OK, applied.output
+    now = running(lab)
+    assert now["lab-01"] and now["lab-02"] is None and now["lab-03"] is None
+    picked = json.loads(cli(lab, "status", MANIFEST, "-l", "ring in (canary)", "-o", "json").stdout)[0]["devices"]
+    assert [row["device"] for row in picked] == ["lab-01"]
+
+
+def test_a_bad_selector_is_invalid_input_before_any_device_is_touched(lab: Path) -> None:
+    before = running(lab)
+    for command in (("plan", MANIFEST), ("apply", MANIFEST), ("status", MANIFEST), ("rollback", "wearable-activity")):
+        result = cli(lab, *command, "-l", "ring>main")
+        assert result.exit_code == ExitCode.INVALID and "--selector" in result.output, (command, result.output)
+    assert running(lab) == before
+
+
+def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    on = running(lab)
+    assert all(on.values())
+    profile = lab / "device_profiles" / "lab-cpu.yaml"
+    text = profile.read_text()
+    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
+    try:
+        assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+        newer = running(lab)
+        result = cli(lab, "rollback", "wearable-activity", "-l", "ring=main")
+        assert result.exit_code == ExitCode.OK, result.output
+        after = running(lab)
+        assert after["lab-01"] == newer["lab-01"]  # not picked: still on the newer release
+        assert after["lab-02"] == on["lab-02"] and after["lab-03"] == on["lab-03"]
+    finally:
+        profile.write_text(text)
