@@ -236,26 +236,26 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
 
 
 @lab.command("status")
-@click.argument("fleet", default="lab")
+@click.argument("fleet", required=False)
 @ROOT_OPTION
 @handle_errors
-def lab_status_command(fleet: str, root: Path | None) -> None:
-    """Show which lab devices are running."""
-    name, devices = service.lab_status(fleet, settings(root))
-    for device in devices:
-        state = f"running (pid {device.pid})" if device.running else "stopped"
-        click.echo(f"{name}/{device.name}  127.0.0.1:{device.port}  {state}")
+def lab_status_command(fleet: str | None, root: Path | None) -> None:
+    """Show which lab devices of FLEET (default: every lab fleet) are running."""
+    for name, devices in service.lab_status(fleet, settings(root)):
+        for device in devices:
+            state = f"running (pid {device.pid})" if device.running else "stopped"
+            click.echo(f"{name}/{device.name}  127.0.0.1:{device.port}  {state}")
 
 
 @lab.command("down")
-@click.argument("fleet", default="lab")
+@click.argument("fleet", required=False)
 @click.option("--wipe", is_flag=True, help="also delete the devices' lab state (keys, logs)")
 @ROOT_OPTION
 @handle_errors
-def lab_down_command(fleet: str, wipe: bool, root: Path | None) -> None:
-    """Stop exactly the sshd processes `lab up` started (by pid)."""
-    name, stopped = service.lab_down(fleet, settings(root), wipe)
-    click.echo(f"stopped {len(stopped)} lab device(s) of {name}")
+def lab_down_command(fleet: str | None, wipe: bool, root: Path | None) -> None:
+    """Stop exactly the sshd processes `lab up` started (by pid), for FLEET (default: every lab fleet)."""
+    for name, stopped in service.lab_down(fleet, settings(root), wipe):
+        click.echo(f"stopped {len(stopped)} lab device(s) of {name}")
 
 
 LOCK_TIMEOUT = click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",

@@ -197,6 +197,8 @@ class StatusRow:
     message: str
     runtime: str = ""                       # interpreter, onnxruntime and architecture, read just now
     facts: dict[str, Any] | None = None
+    p50_ms: float | None = None
+    energy: dict[str, Any] | None = None    # numbers with their units, source and boundary (power: for people)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -205,6 +207,15 @@ class StatusRow:
     def drifted(self) -> bool:
         """Not what git asks for: another release, or the right one with damaged files."""
         return self.sync != Sync.SYNCED or self.health == Health.DAMAGED
+
+
+def _energy(verification: dict[str, Any] | None) -> dict[str, Any] | None:
+    power = (verification or {}).get("power") or {}
+    if power.get("energy_per_inference_mj") is None:
+        return None
+    return {"energy_per_inference_mj": power["energy_per_inference_mj"],
+            "average_power_mw": power.get("average_power_mw"), "source": power.get("source"),
+            "boundary": power.get("boundary"), "where": "device, during the last verification"}
 
 
 def _power(verification: dict[str, Any] | None) -> str:
@@ -256,7 +267,7 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
                               latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(verification),
                               o.last_change, message, runtime_of(o.facts.as_dict() if o.facts else None),
-                              o.facts.as_dict() if o.facts else None))
+                              o.facts.as_dict() if o.facts else None, latency.get("p50_ms"), _energy(verification)))
     return rows
 
 

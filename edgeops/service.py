@@ -178,18 +178,32 @@ def lab_up(fleet: str, settings: Settings, login_home: Path | None,
     return doc.name, start(ws, doc, fleet_targets(ws, doc), login_home.resolve() if login_home else None, report)
 
 
-def lab_status(fleet: str, settings: Settings) -> tuple[str, list[LabDevice]]:
+def _lab_fleets(fleet: str | None, settings: Settings) -> tuple[Workspace, list[Document[Fleet]]]:
+    """The fleet named, or every fleet `lab up` has started devices for (a broken manifest elsewhere does not
+    keep a lab from being stopped)."""
+    from edgeops.lab import lab_dir
+
+    if fleet is not None:
+        ws, doc = _fleet(fleet, settings)
+        return ws, [doc]
+    ws = _load([], settings, tolerant=True)
+    return ws, [f for name, f in sorted(ws.fleets.items()) if (lab_dir(ws) / name).is_dir()]
+
+
+def lab_status(fleet: str | None, settings: Settings) -> list[tuple[str, list[LabDevice]]]:
+    """Each lab device of the fleet (or of every lab fleet) and whether its sshd runs."""
     from edgeops.lab import lab_status as read
 
-    ws, doc = _fleet(fleet, settings)
-    return doc.name, read(ws, doc)
+    ws, docs = _lab_fleets(fleet, settings)
+    return [(doc.name, read(ws, doc)) for doc in docs]
 
 
-def lab_down(fleet: str, settings: Settings, wipe: bool) -> tuple[str, list[LabDevice]]:
+def lab_down(fleet: str | None, settings: Settings, wipe: bool) -> list[tuple[str, list[LabDevice]]]:
+    """Stop the lab devices of the fleet (or of every lab fleet)."""
     from edgeops.lab import lab_down as stop
 
-    ws, doc = _fleet(fleet, settings)
-    return doc.name, stop(ws, doc, wipe)
+    ws, docs = _lab_fleets(fleet, settings)
+    return [(doc.name, stop(ws, doc, wipe)) for doc in docs]
 
 
 # ------------------------------------------------------------------ trust

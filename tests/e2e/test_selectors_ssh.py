@@ -50,6 +50,9 @@ def test_apply_with_a_selector_changes_only_the_devices_it_picks(lab: Path) -> N
     assert now["lab-01"] and now["lab-02"] is None and now["lab-03"] is None
     picked = json.loads(cli(lab, "status", MANIFEST, "-l", "ring in (canary)", "-o", "json").stdout)[0]["devices"]
     assert [row["device"] for row in picked] == ["lab-01"]
+    row = picked[0]  # numbers in JSON, with where they came from
+    assert row["p50_ms"] > 0 and row["energy"]["energy_per_inference_mj"] > 0
+    assert (row["energy"]["source"], row["energy"]["boundary"]) == ("hwmon", "board")
 
 
 def test_a_bad_selector_is_invalid_input_before_any_device_is_touched(lab: Path) -> None:
