@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -181,6 +182,11 @@ def status_summary(rows: list[Any]) -> str:
             f"{count('health', 'Unreachable')} Unreachable, {count('health', 'Missing')} Missing")
 
 
+def _commit(rollout: dict[str, Any]) -> str:
+    sha, author = (rollout.get("git_commit") or "")[:10], rollout.get("git_author")
+    return f"{sha} by {author}" if sha and author else sha
+
+
 def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
     table = Table(title=f"history of {deployment}", title_justify="left")
     for column in ("#", "when", "kind", "outcome", "who", "commit", "artifact", "device", "decision", "release",
@@ -188,13 +194,13 @@ def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for r in rollouts:
         artifacts = ", ".join(f"{a}:{s[:10]}" for a, s in r["artifacts"].items())
-        who = r.get("git_author") or r.get("actor") or ""
+        who = r.get("actor") or ""  # who ran the command (CI's actor, else the user), not the commit's author
         first = True
         for e in r["devices"] or [{}]:
             latency = (e.get("measurements") or {}).get("latency") or {}
             table.add_row(str(r["id"]) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
                           (r["outcome"] or "unfinished: the controller stopped") if first else "", who if first else "",
-                          (r.get("git_commit") or "")[:10] if first else "", artifacts if first else "",
+                          _commit(r) if first else "", artifacts if first else "",
                           e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",
                           f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "", escape(e.get("reason") or ""))
             first = False
@@ -208,17 +214,23 @@ class LiveReporter:
         from rich.live import Live
 
         self.rows: dict[str, list[str]] = {}
+        self.since: dict[str, float] = {}   # when each device entered its current stage
+        self.started = time.monotonic()
         self.lock = threading.Lock()
         self.live = Live(self._table(), console=err_console, refresh_per_second=8, transient=False) \
             if err_console.is_terminal else None
 
     def _table(self) -> Table:
         table = Table(show_header=True)
-        for column in ("device", "stage", "detail"):
+        for column in ("device", "stage", "for", "detail"):
             table.add_column(column)
+        now = time.monotonic()
         for key, (stage, detail) in self.rows.items():
-            table.add_row(key, stage, detail)
+            table.add_row(key, stage, f"{now - self.since.get(key, now):.0f}s", detail)
         return table
+
+    def _stamp(self) -> str:
+        return f"{time.strftime('%H:%M:%S')} +{time.monotonic() - self.started:.1f}s"
 
     def __enter__(self) -> "LiveReporter":
         if self.live:
@@ -231,11 +243,13 @@ class LiveReporter:
 
     def stage(self, key: str, stage: str, detail: str = "") -> None:
         with self.lock:
+            if (self.rows.get(key) or [""])[0] != stage:
+                self.since[key] = time.monotonic()
             self.rows[key] = [stage, escape(detail)]
             if self.live:
                 self.live.update(self._table())
             else:
-                err_console.print(escape(f"{key}: {stage} {detail}".rstrip()), soft_wrap=True)
+                err_console.print(escape(f"{self._stamp()} {key}: {stage} {detail}".rstrip()), soft_wrap=True)
 
     def transfer(self, key: str, done: int, total: int) -> None:
         if not self.live or not total:
@@ -245,4 +259,4 @@ class LiveReporter:
             self.live.update(self._table())
 
     def message(self, text: str) -> None:
-        err_console.print(escape(text), soft_wrap=True)
+        err_console.print(escape(f"{self._stamp()} {text}"), soft_wrap=True)
