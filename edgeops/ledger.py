@@ -136,10 +136,12 @@ class Ledger:
                  bytes_moved, json.dumps(measurements or {}, sort_keys=True), now()))
 
     def history(self, deployment: str, limit: int = 20) -> list[dict[str, Any]]:
-        """Newest rollouts first, each with its device events."""
+        """Newest rollouts first, each with its device events and its ``number`` within the deployment."""
         with self._connect() as db:
             rollouts = [dict(r) for r in db.execute(
-                "SELECT * FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT ?", (deployment, limit))]
+                "SELECT *, (SELECT COUNT(*) FROM rollouts AS earlier WHERE earlier.deployment = rollouts.deployment "
+                "AND earlier.id <= rollouts.id) AS number FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT ?",
+                (deployment, limit))]
             for rollout in rollouts:
                 rollout["artifacts"] = json.loads(rollout["artifacts"] or "{}")
                 rollout["summary"] = json.loads(rollout["summary"] or "{}")
@@ -149,9 +151,11 @@ class Ledger:
         return rollouts
 
     def last_successful_summary(self, deployment: str) -> dict[str, Any] | None:
+        """The summary of the deployment's last apply that succeeded (rollbacks, promotes and aborts carry no
+        recipe: the plan compares the recipe with the last one that was rolled out)."""
         with self._connect() as db:
             row = db.execute("SELECT summary FROM rollouts WHERE deployment = ? AND outcome = 'succeeded' "
-                             "ORDER BY id DESC LIMIT 1", (deployment,)).fetchone()
+                             "AND kind = 'apply' ORDER BY id DESC LIMIT 1", (deployment,)).fetchone()
         return None if row is None else json.loads(row["summary"] or "{}")
 
     # ---------------------------------------------------------------- locks

@@ -289,10 +289,10 @@ def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[st
         event = next((e for e in last["devices"] if e["device"] == key), None)
         if event is None or event["decision"] not in KEPT:
             why = "already reverted" if event and event["release_id"] != state.current else "not changed"
-            return None, f"{why} by the last rollout (#{last['id']}, {last['outcome']}): nothing to undo"
+            return None, f"{why} by the last rollout (#{last['number']}, {last['outcome']}): nothing to undo"
         if event["release_id"] != state.current:
             return None, f"runs {state.current or 'no release'}, not {event['release_id']} from rollout " \
-                         f"#{last['id']}: nothing to undo"
+                         f"#{last['number']}: nothing to undo"
     if not state.previous:
         return None, "no earlier committed release on the device: nothing to roll back to"
     return state.previous, f"undoes {state.current}"

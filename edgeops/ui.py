@@ -198,7 +198,7 @@ def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
         first = True
         for e in r["devices"] or [{}]:
             latency = (e.get("measurements") or {}).get("latency") or {}
-            table.add_row(str(r["id"]) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
+            table.add_row(str(r.get("number", r["id"])) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
                           (r["outcome"] or "unfinished: the controller stopped") if first else "", who if first else "",
                           _commit(r) if first else "", artifacts if first else "",
                           e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",

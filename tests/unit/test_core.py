@@ -156,3 +156,17 @@ def test_lock_refuses_waits_and_takes_over_a_dead_holder(tmp_path: Path) -> None
                    (__import__("socket").gethostname(),))
     with ledger.lock(["lab"], holder="next"):
         pass
+
+
+def test_history_numbers_rollouts_per_deployment_and_the_recipe_baseline_skips_rollbacks(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    git = {"commit": "abc", "author": "Ada"}
+    first = ledger.start_rollout("a", "apply", "ci", git, {})
+    ledger.finish_rollout(first, "succeeded", {"recipe": {"cpu": [{"quantize": {"mode": "static"}}]}})
+    other = ledger.start_rollout("b", "apply", "ci", git, {})
+    ledger.finish_rollout(other, "succeeded", {"recipe": {}})
+    back = ledger.start_rollout("a", "rollback", "ada", git, {})
+    ledger.finish_rollout(back, "succeeded", {})
+    assert [(r["number"], r["kind"], r["actor"]) for r in ledger.history("a")] == [(2, "rollback", "ada"),
+                                                                                (1, "apply", "ci")]
+    assert ledger.last_successful_summary("a") == {"recipe": {"cpu": [{"quantize": {"mode": "static"}}]}}
