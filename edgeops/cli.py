@@ -441,7 +441,8 @@ def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
 @click.option("--verify", is_flag=True, help="hash every file of the running and committed releases on each device "
                                              "(default: sizes and modification times, every time)")
 @SELECTOR
-@OUTPUT
+@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table", show_default=True,
+              help="table: compact, for a terminal; wide: every column; json: for machines")
 @ROOT_OPTION
 @handle_errors
 def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector: str | None, output: str,
@@ -466,7 +467,7 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector:
             if drift_only and not rows:
                 console.print(f"{name}: no drift, every device runs the release git asks for")
                 continue
-            console.print(status_table(name, rows))
+            console.print(status_table(name, rows, wide=output == "wide"))
             console.print(status_summary(rows))
         for name, lines in found.broken.items():
             err_console.print(broken_lines(name, lines))

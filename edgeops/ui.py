@@ -147,21 +147,33 @@ def result_table(result: RolloutResult) -> Table:
     return table
 
 
-def status_table(deployment: str, rows: list[Any]) -> Table:
+STATUS_COLORS = {Sync.SYNCED: "green", Sync.OUT_OF_SYNC: "yellow", Sync.UNKNOWN: "red", Health.HEALTHY: "green",
+                 Health.DEGRADED: "yellow", Health.DAMAGED: "red", Health.ROLLED_BACK: "magenta",
+                 Health.UNREACHABLE: "red", Health.MISSING: "yellow"}
+
+
+def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:
+    """One row per device; compact by default (fits a terminal), every column with ``wide``."""
     table = Table(title=f"status of {deployment}", title_justify="left")
-    for column in ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", "P95 ms (SLO)", "POWER",
-                   "LAST DEPLOY", "MESSAGE"):
-        table.add_column(column)
-    colors = {Sync.SYNCED: "green", Sync.OUT_OF_SYNC: "yellow", Sync.UNKNOWN: "red", Health.HEALTHY: "green",
-              Health.DEGRADED: "yellow", Health.DAMAGED: "red", Health.ROLLED_BACK: "magenta",
-              Health.UNREACHABLE: "red", Health.MISSING: "yellow"}
+    columns = ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", "P50 / P95 ms (SLO)", "POWER",
+               "LAST DEPLOY", "MESSAGE") if wide else ("DEVICE", "RELEASE", "SYNC", "HEALTH", "P95 (SLO)", "MESSAGE")
+    for column in columns:
+        if wide:
+            table.add_column(column, overflow="fold")
+        else:  # every column but the message keeps its width; the message gets what is left, cut short
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=36 if column == "MESSAGE" else None,
+                             min_width=None if column == "MESSAGE" else len(column))
     for r in rows:
         p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
         slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"
-        table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), r.release or "—",
-                      f"[{colors[r.sync]}]{r.sync}[/]",
-                      f"[{colors[r.health]}]{r.health}[/]", p95 + slo, escape(r.power), r.last_deploy or "—",
-                      escape(r.message))
+        sync, health = f"[{STATUS_COLORS[r.sync]}]{r.sync}[/]", f"[{STATUS_COLORS[r.health]}]{r.health}[/]"
+        if wide:
+            p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.3f}"
+            table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), r.release or "—", sync, health,
+                          f"{p50} / {p95}{slo}", escape(r.power), r.last_deploy or "—", escape(r.message))
+        else:
+            message = r.message if len(r.message) <= 36 else r.message[:35] + "…"
+            table.add_row(f"{r.fleet}/{r.device}", r.release or "—", sync, health, p95 + slo, escape(message))
     return table
 
 

@@ -16,3 +16,26 @@ def test_progress_lines_off_a_terminal_carry_the_time_and_the_elapsed_seconds(ca
     lines = capsys.readouterr().err.splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d \+\d+\.\ds wave 1/2: lab/lab-01", lines[0]), lines
     assert re.fullmatch(r"\d\d:\d\d:\d\d \+\d+\.\ds lab/lab-01: push 1,024 bytes to move", lines[1]), lines
+
+
+def test_status_is_compact_by_default_and_wide_on_request() -> None:
+    from rich.console import Console
+
+    from edgeops.operations import StatusRow
+    from edgeops.types import Health, Sync
+    from edgeops.ui import status_table
+
+    row = StatusRow("lab", "lab-01", "lab-cpu", "r-0123456789abcdef", Sync.SYNCED, Health.HEALTHY, 0.412, 25.0,
+                    "1.2 mJ/inf, 1500 mW [hwmon, board]", "2026-11-25T18:00:00Z", "all 4 checks passed " * 8,
+                    "py 3.11.2 · ort 1.20 · x86_64", None, 0.398, None)
+
+    def text(wide: bool) -> str:
+        console = Console(width=120, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(status_table("wearable-activity", [row], wide=wide))
+        return console.export_text()
+
+    compact, wide = text(False), text(True)
+    assert "lab/lab-01" in compact and "r-0123456789abcdef" in compact and "0.412 (25)" in compact
+    assert "POWER" not in compact and len(compact.splitlines()) == 6  # title, 3 header lines, one row, bottom
+    assert max(len(line.rstrip()) for line in compact.splitlines()) <= 120
+    assert "POWER" in wide and "0.398" in wide and "lab-cpu" in wide
