@@ -441,8 +441,9 @@ def diff(base: str, head: str | None, output: str, root: Path | None) -> None:
 @click.option("--verify", is_flag=True, help="hash every file of the running and committed releases on each device "
                                              "(default: sizes and modification times, every time)")
 @SELECTOR
-@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table", show_default=True,
-              help="table: compact, for a terminal; wide: every column; json: for machines")
+@click.option("-o", "--output", type=click.Choice(["table", "wide", "json", "prometheus"]), default="table",
+              show_default=True, help="table: compact, for a terminal; wide: every column; json: for machines; "
+                                      "prometheus: OpenMetrics text (the last rollout decision included)")
 @ROOT_OPTION
 @handle_errors
 def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector: str | None, output: str,
@@ -453,6 +454,10 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector:
     """
     from edgeops.ui import broken_lines, console, err_console, status_summary, status_table
 
+    if output == "prometheus":
+        with err_console.status("reading devices"):
+            click.echo(service.metrics(manifests, settings(root), notify=notice, selector=selector).decode(), nl=False)
+        return
     with err_console.status("reading devices") as spinner:
         found = service.status(manifests, settings(root), verify=verify, progress=spinner.update, notify=notice,
                                 selector=selector)
@@ -476,6 +481,23 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector:
         sys.exit(ExitCode.FAILED if rows or found.broken else ExitCode.OK)
     healthy = all(r.health == Health.HEALTHY for r in rows) and not found.broken
     sys.exit(ExitCode.OK if healthy else ExitCode.FAILED)
+
+
+@main.command("serve-metrics")
+@click.argument("manifests", nargs=-1)
+@click.option("--address", default="127.0.0.1", show_default=True, help="listen on this address")
+@click.option("--port", type=int, default=9108, show_default=True, help="listen on this port (0: any free one)")
+@click.option("--interval", default="60s", show_default=True, help="how often to read the devices again: 30s, 5m")
+@SELECTOR
+@ROOT_OPTION
+@handle_errors
+def serve_metrics(manifests: tuple[str, ...], address: str, port: int, interval: str, selector: str | None,
+                  root: Path | None) -> None:
+    """Serve fleet health for Prometheus at /metrics (OpenMetrics), read from the devices every --interval."""
+    from edgeops.ui import err_console
+
+    service.serve_metrics(manifests, settings(root), address, port, _duration(interval),
+                          log=lambda m: err_console.print(m), notify=notice, selector=selector)
 
 
 @main.command()

@@ -381,6 +381,63 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     return StatusReport(rows, broken)
 
 
+def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
+            selector: str | None = None) -> bytes:
+    """Fleet health as OpenMetrics text: what status reads from the devices now, and each device's last
+    rollout decision from the ledger."""
+    from edgeops.exporter import openmetrics, registry_of
+
+    report = status(manifests, settings, notify=notify, selector=selector)
+    repo, _ = _context(next(iter(report.rows)), settings) if report.rows else (None, None)
+    last: dict[str, dict[str, str]] = {}
+    for name in report.rows:
+        seen: dict[str, str] = {}
+        for rollout in repo.ledger.history(name, 50) if repo else []:
+            for event in rollout["devices"]:
+                seen.setdefault(event["device"], event["decision"])
+        last[name] = seen
+    return openmetrics(registry_of(report.rows, last, report.broken))
+
+
+def serve_metrics(manifests: tuple[str, ...], settings: Settings, address: str, port: int, interval_s: float,
+                  log: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> None:
+    """Serve /metrics on ``address:port``, read from the devices every ``interval_s``; runs until interrupted."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    latest = {"body": metrics(manifests, settings, notify=notify, selector=selector)}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404, "only /metrics is here")
+                return
+            body = latest["body"]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+            pass
+
+    server = ThreadingHTTPServer((address, port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log(f"serving http://{address}:{server.server_address[1]}/metrics, refreshed every {interval_s:g} s")
+    try:
+        while True:
+            time.sleep(interval_s)
+            try:
+                latest["body"] = metrics(manifests, settings, notify=notify, selector=selector)
+            except EdgeopsError as exc:  # keep serving the last good snapshot; say why it is old
+                log(f"refresh failed, serving the previous snapshot: {exc.message}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def reconcile(manifests: tuple[str, ...], interval_s: float, iterations: int, verify_every: int,
               settings: Settings, log: Progress = _quiet) -> int:
     """The drift loop; returns how many applies failed."""

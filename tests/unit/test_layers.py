@@ -17,7 +17,7 @@ LAYERS = [
      "edgeops.agent"},                                                               # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
-    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger", "edgeops.signing",
+    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger", "edgeops.signing", "edgeops.exporter",
      "edgeops.gitinfo", "edgeops.gitdiff"},                                          # one job each, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
     {"edgeops.rollout"},                                                             # the executor

@@ -1,0 +1,90 @@
+"""Fleet health for Prometheus over real sshd: `status -o prometheus` and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from edgeops.cli import main
+from edgeops.manifest.workspace import load_workspace
+from edgeops.targets import target_devices
+from labkit.repo import copy_repo, free_ports, write_lab_fleet
+
+pytestmark = pytest.mark.ssh
+MANIFEST = "manifests/wearable.yaml"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    from edgeops.lab import lab_down, lab_up
+
+    base = tmp_path_factory.mktemp("metrics")
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, 2, base / "devices")
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
+    assert CliRunner().invoke(main, ["apply", MANIFEST, "--root", str(root)]).exit_code == 0
+    yield root
+    lab_down(ws, ws.fleets["lab"])
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def device(name: str, **more: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({"deployment": "wearable-activity", "fleet": "lab", "device": name, **more}.items()))
+
+
+def check(text: str) -> None:
+    found = samples(text)
+    for name in ("lab-01", "lab-02"):
+        assert found[("edgeops_device_health", device(name, health="Healthy"))] == 1
+        assert found[("edgeops_device_health", device(name, health="Damaged"))] == 0
+        assert found[("edgeops_device_sync", device(name, sync="Synced"))] == 1
+        assert found[("edgeops_device_latency_p95_milliseconds", device(name))] > 0
+        assert found[("edgeops_device_latency_p95_slo_milliseconds", device(name))] == 25
+        assert found[("edgeops_device_energy_per_inference_millijoules",
+                      device(name, source="hwmon", boundary="board"))] > 0
+        assert found[("edgeops_device_last_rollout_decision", device(name, decision="Passed"))] == 1
+
+
+def test_status_prints_openmetrics_that_a_prometheus_parser_reads(lab: Path) -> None:
+    result = CliRunner().invoke(main, ["status", MANIFEST, "-o", "prometheus", "--root", str(lab)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip().endswith("# EOF")
+    check(result.stdout)
+
+
+def test_serve_metrics_answers_scrapes_over_http(lab: Path) -> None:
+    port = free_ports(1)[0]
+    server = subprocess.Popen([sys.executable, "-m", "edgeops", "serve-metrics", MANIFEST, "--port", str(port),
+                               "--interval", "2s", "--root", str(lab)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+                    body = response.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                time.sleep(0.3)
+        assert body is not None, "no answer on /metrics"
+        check(body)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        server.terminate()
+        server.wait(10)
