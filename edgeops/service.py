@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from edgeops.rollout import RolloutResult as RolloutResult  # re-exported: the CLI names it
     from edgeops.selectors import LabelSelector
     from edgeops.targets import TargetDevice
+    from edgeops.webhooks import Webhook
 
 Progress = Callable[[str], None]  # progress lines; ``notify`` gets what the user must hear (trust on first use)
 
@@ -58,6 +59,34 @@ def _selector(text: str | None) -> LabelSelector | None:
         return parse_selector(text) if text else None
     except ValueError as exc:
         raise InputError.at("--selector", None, "", f"{exc}") from None
+
+
+def _hooks(settings: Settings) -> list[Webhook]:
+    from edgeops.webhooks import Webhook
+
+    try:
+        return [Webhook.parse(url) for url in settings.webhooks]
+    except ValueError as exc:
+        raise InputError.at("EDGEOPS_WEBHOOKS", None, "", str(exc)) from None
+
+
+def _announce(kind: str, result: RolloutResult, repo: Repo, hooks: list[Webhook], notify: Progress) -> None:
+    """Tell the webhooks how a rollout ended (a delivery that fails is kept as a dead letter and said)."""
+    if result.outcome == "no-op" or not hooks:
+        return
+    from edgeops.rollout import summarize as counts
+    from edgeops.types import Decision
+    from edgeops.webhooks import deliver
+
+    summary = counts(result)
+    event = {"event": "rollout.finished", "kind": kind, "deployment": result.deployment, "outcome": result.outcome,
+             "message": result.message, "rollout": result.rollout_id, "actor": repo.actor,
+             "decisions": {str(d): summary[str(d).lower()] for d in Decision},
+             "devices": [{"device": d.key, "decision": d.decision, "release": d.release_id, "reason": d.reason}
+                         for d in result.devices]}
+    dead_letter = repo.ws.root / ".edgeops" / "webhooks-dead-letter.jsonl"
+    for url in deliver(hooks, event, dead_letter):
+        notify(f"webhook {url} did not take the {kind} event after its retries; kept in {dead_letter}")
 
 
 def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
@@ -288,7 +317,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
 
-    picked = _selector(selector)
+    picked, hooks = _selector(selector), _hooks(settings)
     repo, docs = _selected(manifests, changed_since, settings)
     saved = load_plan(plan_file) if plan_file else None
     if saved and len(docs) != 1:
@@ -299,6 +328,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
                                          lock_timeout_s=lock_timeout_s, selector=picked)
         results.append(result)
+        _announce("apply", result, repo, hooks, notify)
         on_result(result)
         if not result.ok:
             return Applied(results, [d.name for d in docs[len(results):]], len(docs))
@@ -319,6 +349,7 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
     from edgeops.operations import settle_paused as settle
 
     repo, doc = _context(deployment, settings)
+    hooks = _hooks(settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
         settled = None
         if accept is None and not paused_devices(repo.ws, doc, connections):
@@ -326,10 +357,12 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
                                hint="edgeops apply starts a new rollout")
         if accept is not None:
             settled = settle(repo, doc, connections, accept, lock_timeout_s)
+            _announce("promote" if accept else "abort", settled, repo, hooks, notify)
             if not settled.ok or not accept:
                 return Settled(settled, None)
         _, result = apply_deployment(repo, doc, connections, reporter, progress=progress,
                                      lock_timeout_s=lock_timeout_s)
+    _announce("apply", result, repo, hooks, notify)
     return Settled(settled, result)
 
 
@@ -460,9 +493,12 @@ def rollback(deployment: str, to: str | None, devices: list[str] | None, setting
     from edgeops.operations import rollback_deployment
 
     repo, doc = _context(deployment, settings)
+    picked, hooks = _selector(selector), _hooks(settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
-        return rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
-                                   lock_timeout_s=lock_timeout_s, selector=_selector(selector))
+        result = rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
+                                     lock_timeout_s=lock_timeout_s, selector=picked)
+    _announce("rollback", result, repo, hooks, notify)
+    return result
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:

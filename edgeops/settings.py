@@ -16,6 +16,8 @@ ENVIRONMENT = {
     "EDGEOPS_ALLOW_CODE": "1: allow manifest fields that run code (a student factory); never set it for a pull "
                           "request's plan",
     "EDGEOPS_SIGNING_KEY": "the private release key that signs releases (overrides the fleets' trust.signing_key)",
+    "EDGEOPS_WEBHOOKS": "space-separated URLs that get every rollout's outcome as JSON (prefix slack+ for Slack's "
+                        "payload); failed deliveries go to <repo>/.edgeops/webhooks-dead-letter.jsonl",
 }
 
 
@@ -27,6 +29,7 @@ class Settings:
     actor: str = "edgeops"
     allow_code: bool = False          # fields that run code (student.factory) are errors
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
+    webhooks: tuple[str, ...] = ()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
@@ -37,7 +40,8 @@ class Settings:
                    ledger_file=path("EDGEOPS_LEDGER"),
                    actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops",
                    allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
-                   signing_key=path("EDGEOPS_SIGNING_KEY"))
+                   signing_key=path("EDGEOPS_SIGNING_KEY"),
+                   webhooks=tuple(environ.get("EDGEOPS_WEBHOOKS", "").split()))
 
     def cache_in(self, repo: Path) -> Path:
         return self.cache_dir or repo / ".edgeops" / "cache"

@@ -88,3 +88,37 @@ def test_serve_metrics_answers_scrapes_over_http(lab: Path) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    profile = lab / "device_profiles" / "lab-cpu.yaml"
+    text = profile.read_text()
+    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
+    try:
+        result = CliRunner(env={"EDGEOPS_WEBHOOKS": f"http://127.0.0.1:{server.server_address[1]}/hook"}).invoke(
+            main, ["apply", MANIFEST, "--root", str(lab)])
+    finally:
+        profile.write_text(text)
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert [(e["kind"], e["deployment"], e["outcome"]) for e in received] == [("apply", "wearable-activity",
+                                                                                "succeeded")]
+    assert received[0]["decisions"]["Passed"] + received[0]["decisions"]["Inconclusive"] == 2
+    assert {d["device"] for d in received[0]["devices"]} == {"lab/lab-01", "lab/lab-02"}

@@ -13,12 +13,13 @@ FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only start
 
 # every module belongs to one layer and imports only from its own layer or those below
 LAYERS = [
-    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config", "edgeops.selectors",
-     "edgeops.agent"},                                                               # vocabulary, leaves
+    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
+     "edgeops.selectors", "edgeops.agent"},                                          # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
-    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger", "edgeops.signing", "edgeops.exporter",
-     "edgeops.gitinfo", "edgeops.gitdiff"},                                          # one job each, one resource
+    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger",
+     "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.gitinfo",
+     "edgeops.gitdiff"},                                                             # one job each, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
     {"edgeops.rollout"},                                                             # the executor
     {"edgeops.operations"},                                                          # composed operations
