@@ -127,6 +127,50 @@ def plan_warnings(doc: Document[Deployment], desired: Desired) -> list[str]:
     return list(dict.fromkeys(warnings))
 
 
+def against_what_runs(repo: Repo, doc: Document[Deployment], desired: Desired) -> tuple[list[str], list[str]]:
+    """(comparison lines, warnings): each new artifact against the one the last successful apply rolled out.
+
+    Host numbers from the two build reports (p50, 1 thread): a first look before the devices measure."""
+    last = next((r for r in repo.ledger.history(doc.name, 50) if r["kind"] == "apply" and r["outcome"] == "succeeded"),
+                None)
+    lines: list[str] = []
+    warnings: list[str] = []
+    if last is None:
+        return lines, warnings
+    for accelerator, artifact in sorted(desired.artifacts.items()):
+        running = last.get("artifacts", {}).get(accelerator)
+        if not running or running == artifact.model_sha256:
+            continue
+        where = f"artifact `{running[:12]}`, rollout #{last['number']}"
+        old = repo.cache.report_of(running)
+        if old is None:
+            lines.append(f"{accelerator}: what runs ({where}) is not in this machine's build cache: no comparison")
+            continue
+        line, worse = compare_reports(old, artifact.report)
+        lines.append(f"{accelerator}: against what runs ({where}): {line}")
+        warnings += [f"{accelerator} artifact is {w} than what the fleet runs" for w in worse]
+    return lines, warnings
+
+
+def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, list[str]]:
+    """A one-line comparison of two build reports' results, and what got worse (slower, lower quality)."""
+    a, b = old["stages"][-1], new["stages"][-1]
+    size = b["size_bytes"] / a["size_bytes"]
+    p50_old, p50_new = a["latency_ms"]["p50"], b["latency_ms"]["p50"]
+    q_old, q_new = a["quality"], b["quality"]
+    higher_is_better = q_new["metric"] != "max_abs_error"
+    delta = (q_new["value"] - q_old["value"]) if higher_is_better else (q_old["value"] - q_new["value"])
+    worse = []
+    if p50_old and p50_new > p50_old * 1.10:
+        worse.append(f"{p50_new / p50_old:.2f}x slower on the host (p50)")
+    if q_new["metric"] == q_old["metric"] and delta < -1e-9:
+        worse.append(f"lower in {q_new['metric']} ({q_old['value']:.4g} → {q_new['value']:.4g})")
+    speed = f"{p50_old / p50_new:.2f}x the speed" if p50_new else "speed unknown"
+    return (f"size {a['size_bytes'] / 1000:.1f} → {b['size_bytes'] / 1000:.1f} kB ({size:.2f}x); "
+            f"{q_new['metric']} {q_old['value']:.4g} → {q_new['value']:.4g}; host p50 {p50_old:.3f} → {p50_new:.3f} ms "
+            f"({speed}; one host measurement, 1 thread)"), worse
+
+
 class StalePlan(EdgeopsError):
     """A saved plan no longer matches the repository or the devices."""
 

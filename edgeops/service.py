@@ -283,13 +283,14 @@ class PlanEntry:
     plan: Plan
     reports: dict[str, dict[str, Any]]    # build report by accelerator
     warnings: list[str]
+    compared: list[str]                   # each new artifact against the one the fleet runs
 
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
          progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
-    from edgeops.operations import plan_deployment, plan_warnings
+    from edgeops.operations import against_what_runs, plan_deployment, plan_warnings
 
     picked = _selector(selector)
     repo, docs = _selected(manifests, changed_since, settings)
@@ -297,8 +298,9 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     with Connections(parallelism=16, notify=notify) as connections:
         for doc in docs:
             result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked)
+            compared, worse = against_what_runs(repo, doc, desired)
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
-                                     plan_warnings(doc, desired)))
+                                     plan_warnings(doc, desired) + worse, compared))
     return entries
 
 

@@ -97,22 +97,23 @@ def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
     q = last["quality"]
     return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
             f"{last['size_bytes'] / 1000:.1f} kB ({last['size_ratio'] or 1:.2f}x smaller); {q['metric']} "
-            f"{q['value']:.4g} (original {q['baseline']:.4g}); host p95 {last['latency_ms']['p95']:.3f} ms "
-            f"(original {first['latency_ms']['p95']:.3f} ms, host CPU, 1 thread)")
+            f"{q['value']:.4g} (original {q['baseline']:.4g}); host p50 {last['latency_ms']['p50']:.3f} ms "
+            f"(original {first['latency_ms']['p50']:.3f} ms, host CPU, 1 thread)")
 
 
-def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str]]]) -> str:
+def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str], list[str]]]) -> str:
     """One pull-request comment for several deployments: stable order, no timestamps.
 
-    Each entry is (plan, build reports by accelerator, warnings).
+    Each entry is (plan, build reports by accelerator, warnings, comparisons with what the fleet runs).
     """
     out = ["<!-- edgeops-plan -->", "## edgeops plan", ""]
     if not entries:
         out.append("No deployment is touched by this change.")
-    for plan, reports, warnings in sorted(entries, key=lambda e: e[0].deployment):
+    for plan, reports, warnings, compared in sorted(entries, key=lambda e: e[0].deployment):
         changes = plan.changes
         out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
         out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
+        out += [f"- {line}" for line in compared]
         out += [f"- recipe: {line}" for line in plan.recipe_diff] or ["- recipe: unchanged since the last rollout"]
         out += [f"- :warning: {w}" for w in warnings + [w for d in plan.devices for w in d.warnings]]
         out += [f"- note: {n}" for n in plan.notes]

@@ -69,6 +69,17 @@ class Cache:
             return Artifact(key, entry, hit=True)
         return None
 
+    def report_of(self, model_sha256: str) -> dict[str, Any] | None:
+        """The build report of the artifact whose model has this digest, if this cache built it."""
+        for report_file in sorted((self.root / "artifacts").glob(f"*/{REPORT_FILE}")):
+            try:
+                report: dict[str, Any] = json.loads(report_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if report.get("artifact", {}).get("sha256") == model_sha256:
+                return report
+        return None
+
     def put(self, key: str, files: dict[str, Path], report: dict[str, Any]) -> Artifact:
         """Store files + report under ``key`` atomically (temp dir, fsync, rename)."""
         staging = self.root / "tmp" / f"{key[:16]}-{uuid.uuid4().hex[:8]}"

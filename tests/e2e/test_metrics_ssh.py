@@ -122,3 +122,21 @@ def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
                                                                                 "succeeded")]
     assert received[0]["decisions"]["Passed"] + received[0]["decisions"]["Inconclusive"] == 2
     assert {d["device"] for d in received[0]["devices"]} == {"lab/lab-01", "lab/lab-02"}
+
+
+def test_the_pr_comment_compares_the_new_artifact_with_what_the_fleet_runs(lab: Path) -> None:
+    manifest = lab / MANIFEST
+    text = manifest.read_text()
+    quantized = "  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n        calibration_method: minmax\n"
+    assert quantized in text
+    manifest.write_text(text.replace(quantized, "  recipe: []\n"))  # ship the float model instead
+    try:
+        result = CliRunner().invoke(main, ["plan", MANIFEST, "-o", "markdown", "--root", str(lab)])
+    finally:
+        manifest.write_text(text)
+    assert result.exit_code == 2, result.output
+    line = next(x for x in result.stdout.splitlines() if "against what runs" in x)
+    assert line.startswith("- cpu: against what runs (artifact `") and "rollout #" in line
+    sizes = line.split("size ")[1].split(" kB")[0].split(" → ")
+    assert float(sizes[0]) < float(sizes[1])  # the float model is larger than the int8 one that runs
+    assert "accuracy" in line and "host p50" in line

@@ -170,3 +170,17 @@ def test_history_numbers_rollouts_per_deployment_and_the_recipe_baseline_skips_r
     assert [(r["number"], r["kind"], r["actor"]) for r in ledger.history("a")] == [(2, "rollback", "ada"),
                                                                                 (1, "apply", "ci")]
     assert ledger.last_successful_summary("a") == {"recipe": {"cpu": [{"quantize": {"mode": "static"}}]}}
+
+
+def test_a_new_artifact_is_compared_with_what_the_fleet_runs_and_warned_when_worse() -> None:
+    from edgeops.operations import compare_reports
+
+    def report(size: int, p50: float, accuracy: float) -> dict:  # type: ignore[type-arg]
+        return {"stages": [{"size_bytes": size, "latency_ms": {"p50": p50, "p95": p50 * 3},
+                            "quality": {"metric": "accuracy", "value": accuracy}}]}
+
+    line, worse = compare_reports(report(1_900_000, 0.4, 93.7), report(23_700_000, 1.6, 91.1))
+    assert line.startswith("size 1900.0 → 23700.0 kB (12.47x); accuracy 93.7 → 91.1; host p50 0.400 → 1.600 ms "
+                           "(0.25x the speed")
+    assert worse == ["4.00x slower on the host (p50)", "lower in accuracy (93.7 → 91.1)"]
+    assert compare_reports(report(1_000, 1.0, 90.0), report(900, 1.05, 90.0))[1] == []  # within noise: no warning
