@@ -225,9 +225,30 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
             before = before_steps[index] if index < len(before_steps) else None
             after = after_steps[index] if index < len(after_steps) else None
             if before != after:
-                lines.append(f"{accelerator} step {index + 1}: {json.dumps(before, sort_keys=True)} -> "
-                             f"{json.dumps(after, sort_keys=True)}")
+                lines.append(f"{accelerator} step {index + 1}: {_step_change(before, after)}")
     return lines
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _step_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """Field by field: ``quantize.mode static → dynamic``; a step added or removed is shown whole."""
+    if before is None or after is None:
+        step = after if before is None else before
+        fields = ", ".join(f"{k} {_shown(v)}" for k, v in sorted(_flat(step).items()))
+        return f"{'added' if before is None else 'removed'}: {fields}"
+    old, new = _flat(before), _flat(after)
+    changed = [f"{k} {_shown(old.get(k, '(default)'))} → {_shown(new.get(k, '(default)'))}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(changed)
 
 
 def _checked(want: DesiredDevice, seen: ObservedDevice,

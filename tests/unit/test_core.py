@@ -184,3 +184,14 @@ def test_a_new_artifact_is_compared_with_what_the_fleet_runs_and_warned_when_wor
                            "(0.25x the speed")
     assert worse == ["4.00x slower on the host (p50)", "lower in accuracy (93.7 → 91.1)"]
     assert compare_reports(report(1_000, 1.0, 90.0), report(900, 1.05, 90.0))[1] == []  # within noise: no warning
+
+
+def test_the_recipe_diff_names_the_fields_that_changed() -> None:
+    from edgeops.plan import recipe_diff
+
+    before = {"cpu": [{"quantize": {"mode": "static", "per_channel": True, "calibration_method": "minmax"}}]}
+    after = {"cpu": [{"quantize": {"mode": "dynamic", "per_channel": True, "calibration_method": "minmax"}},
+                     {"prune": {"method": "structured", "sparsity": 0.25}}]}
+    assert recipe_diff(before, after) == ["cpu step 1: quantize.mode static → dynamic",
+                                          "cpu step 2: added: prune.method structured, prune.sparsity 0.25"]
+    assert recipe_diff(after, after) == [] and recipe_diff(None, after) == ["no earlier successful rollout in the ledger"]
