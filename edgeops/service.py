@@ -382,6 +382,7 @@ def diff(base: str, head: str | None, settings: Settings) -> list[Touched]:
 class StatusReport:
     rows: dict[str, list[StatusRow]]     # by deployment
     broken: dict[str, list[str]]         # deployment (or file) -> what keeps it from being shown
+    last_decisions: dict[str, dict[str, str]]  # deployment -> device key -> its decision in the last rollout
 
 
 def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
@@ -413,7 +414,12 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
                 if manifests:  # asked for by name: its error is the answer (exit code included)
                     raise
                 broken[doc.name] = exc.lines()
-    return StatusReport(rows, broken)
+    last: dict[str, dict[str, str]] = {}
+    for name in rows:
+        for rollout in repo.ledger.history(name, 50):
+            for event in rollout["devices"]:
+                last.setdefault(name, {}).setdefault(event["device"], event["decision"])
+    return StatusReport(rows, broken, last)
 
 
 def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
@@ -423,15 +429,7 @@ def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _
     from edgeops.exporter import openmetrics, registry_of
 
     report = status(manifests, settings, notify=notify, selector=selector)
-    repo, _ = _context(next(iter(report.rows)), settings) if report.rows else (None, None)
-    last: dict[str, dict[str, str]] = {}
-    for name in report.rows:
-        seen: dict[str, str] = {}
-        for rollout in repo.ledger.history(name, 50) if repo else []:
-            for event in rollout["devices"]:
-                seen.setdefault(event["device"], event["decision"])
-        last[name] = seen
-    return openmetrics(registry_of(report.rows, last, report.broken))
+    return openmetrics(registry_of(report.rows, report.last_decisions, report.broken))
 
 
 def serve_metrics(manifests: tuple[str, ...], settings: Settings, address: str, port: int, interval_s: float,
