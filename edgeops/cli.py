@@ -289,24 +289,24 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     with err_console.status("planning") as status, library_prints_to_stderr():
         found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice,
                              selector=selector)
-    entries = [(e.plan, e.reports, e.warnings, e.compared) for e in found]
     if out_file:
-        if len(entries) != 1:
+        if len(found) != 1:
             raise click.UsageError("--out saves the plan of exactly one deployment")
-        out_file.write_text(entries[0][0].to_json())
+        out_file.write_text(found[0].plan.to_json())
         err_console.print(f"saved plan to {out_file}")
     if output == "json":
-        click.echo(json.dumps([json.loads(p.to_json()) for p, _, _, _ in entries], indent=2, sort_keys=True))
+        click.echo(json.dumps([json.loads(e.plan.to_json()) for e in found], indent=2, sort_keys=True))
     elif output == "markdown":
-        click.echo(plan_comment(entries), nl=False)
+        click.echo(plan_comment(found), nl=False)
     else:
-        for result, _, warnings, compared in entries:
-            console.print(plan_table(result))
-            for line in plan_summary(result) + compared + [f"warning: {w}" for w in warnings]:
+        for entry in found:
+            console.print(plan_table(entry.plan))
+            for line in plan_summary(entry.plan) + entry.changes + entry.compared + \
+                    [f"warning: {w}" for w in entry.warnings]:
                 console.print(line, soft_wrap=True)
-        if not entries:
+        if not found:
             console.print("no deployment is touched")
-    plans = [p for p, _, _, _ in entries]
+    plans = [e.plan for e in found]
     if any(p.refused for p in plans):
         sys.exit(ExitCode.REFUSED)
     sys.exit(ExitCode.CHANGES if any(p.has_changes for p in plans) else ExitCode.OK)

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from edgeops.errors import InputError
 from edgeops.gitinfo import git
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
+from edgeops.plan import field_changes
 from edgeops.targets import target_devices
 
 
@@ -47,6 +50,26 @@ def changed_files(root: Path, base: str, head: str | None = None) -> list[str]:
         except ValueError:
             continue  # outside this edgeops repository
     return sorted(files)
+
+
+def manifest_changes(ws: Workspace, doc: Document[Deployment], base: str) -> list[str]:
+    """Field by field, what changed since ``base`` in the deployment's manifest and its fleets' and profiles' files."""
+    top = git(ws.root, "rev-parse", "--show-toplevel")
+    if top is None:
+        return []
+    files = {doc.path} | {ws.fleets[t.fleet].path for t in doc.obj.spec.targets if t.fleet in ws.fleets}
+    files |= {t.profile.path for t in target_devices(ws, doc.name)}
+    lines = []
+    for path in sorted(files):
+        shown = path.resolve().relative_to(ws.root)
+        old_text = git(ws.root, "show", f"{base}:{path.resolve().relative_to(Path(top).resolve())}")
+        old = yaml.safe_load(old_text) if old_text else None  # the base branch's file: already reviewed
+        new = yaml.safe_load(path.read_text())
+        if old is None:
+            lines.append(f"`{shown}`: new file")
+            continue
+        lines += [f"`{shown}` {change}" for change in field_changes(old, new)]
+    return lines
 
 
 def dependencies(ws: Workspace, doc: Document[Deployment]) -> dict[str, str]:

@@ -230,9 +230,20 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value:
+        return {k: v for index, item in enumerate(value) for k, v in _flat(item, f"{prefix.rstrip('.')}[{index}].").items()}
     return {prefix.rstrip("."): value}
+
+
+def field_changes(old: Any, new: Any, limit: int = 20) -> list[str]:
+    """``spec.quality.max_drop: 1.0 → 0.5``, one line per field that differs (lists by index), at most ``limit``."""
+    before, after = _flat(old), _flat(new)
+    absent = object()
+    lines = [f"{key}: {_shown(before.get(key, '(absent)'))} → {_shown(after.get(key, '(absent)'))}"
+             for key in sorted(set(before) | set(after)) if before.get(key, absent) != after.get(key, absent)]
+    return lines if len(lines) <= limit else [*lines[:limit], f"… and {len(lines) - limit} more"]
 
 
 def _shown(value: Any) -> str:

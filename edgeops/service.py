@@ -284,12 +284,14 @@ class PlanEntry:
     reports: dict[str, dict[str, Any]]    # build report by accelerator
     warnings: list[str]
     compared: list[str]                   # each new artifact against the one the fleet runs
+    changes: list[str]                    # field by field, since --changed-since (manifest, fleets, profiles)
 
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
          progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
+    from edgeops.gitdiff import manifest_changes
     from edgeops.operations import against_what_runs, plan_deployment, plan_warnings
 
     picked = _selector(selector)
@@ -299,8 +301,9 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
         for doc in docs:
             result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked)
             compared, worse = against_what_runs(repo, doc, desired)
+            changes = manifest_changes(repo.ws, doc, changed_since) if changed_since else []
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
-                                     plan_warnings(doc, desired) + worse, compared))
+                                     plan_warnings(doc, desired) + worse, compared, changes))
     return entries
 
 

@@ -18,6 +18,7 @@ from edgeops.types import Action, Decision, Health, Sync
 if TYPE_CHECKING:
     from edgeops.plan import Plan
     from edgeops.rollout import RolloutResult
+    from edgeops.service import PlanEntry
 
 # off a terminal (CI logs, pipes) rich would wrap at 80 columns: give tables room instead
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -101,19 +102,18 @@ def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
             f"(original {first['latency_ms']['p50']:.3f} ms, host CPU, 1 thread)")
 
 
-def plan_comment(entries: list[tuple[Any, dict[str, dict[str, Any]], list[str], list[str]]]) -> str:
-    """One pull-request comment for several deployments: stable order, no timestamps.
-
-    Each entry is (plan, build reports by accelerator, warnings, comparisons with what the fleet runs).
-    """
+def plan_comment(entries: list[PlanEntry]) -> str:
+    """One pull-request comment for several deployments: stable order, no timestamps."""
     out = ["<!-- edgeops-plan -->", "## edgeops plan", ""]
     if not entries:
         out.append("No deployment is touched by this change.")
-    for plan, reports, warnings, compared in sorted(entries, key=lambda e: e[0].deployment):
+    for entry in sorted(entries, key=lambda e: e.plan.deployment):
+        plan, reports, warnings, compared = entry.plan, entry.reports, entry.warnings, entry.compared
         changes = plan.changes
         out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
         out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
         out += [f"- {line}" for line in compared]
+        out += [f"- changed: {line}" for line in entry.changes]
         out += [f"- recipe: {line}" for line in plan.recipe_diff] or ["- recipe: unchanged since the last rollout"]
         out += [f"- :warning: {w}" for w in warnings + [w for d in plan.devices for w in d.warnings]]
         out += [f"- note: {n}" for n in plan.notes]

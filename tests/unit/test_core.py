@@ -195,3 +195,14 @@ def test_the_recipe_diff_names_the_fields_that_changed() -> None:
     assert recipe_diff(before, after) == ["cpu step 1: quantize.mode static → dynamic",
                                           "cpu step 2: added: prune.method structured, prune.sparsity 0.25"]
     assert recipe_diff(after, after) == [] and recipe_diff(None, after) == ["no earlier successful rollout in the ledger"]
+
+
+def test_field_changes_name_each_field_and_list_item_that_differs() -> None:
+    from edgeops.plan import field_changes
+
+    old = {"spec": {"slo": {"latency_p95_ms": 25}, "devices": [{"name": "a", "host": "10.0.0.1"}], "x": 1}}
+    new = {"spec": {"slo": {"latency_p95_ms": 20}, "devices": [{"name": "a", "host": "10.0.0.2"}, {"name": "b"}]}}
+    assert field_changes(old, new) == ["spec.devices[0].host: 10.0.0.1 → 10.0.0.2",
+                                       "spec.devices[1].name: (absent) → b",
+                                       "spec.slo.latency_p95_ms: 25 → 20", "spec.x: 1 → (absent)"]
+    assert field_changes(old, old) == [] and len(field_changes({}, {"k": list(range(30))}, limit=5)) == 6
