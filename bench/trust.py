@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine, markdown_table  # noqa: E402
 
-from edgeops.signing import RELEASE_NAMESPACE, FileDigest, allowed_signers_line, generate_key, release_metadata, sign  # noqa: E402,E501
+from edgeops.signing import (  # noqa: E402
+    RELEASE_NAMESPACE,
+    FileDigest,
+    allowed_signers_line,
+    generate_key,
+    release_metadata,
+    sign,
+)
 from labkit.artifacts import agent_module  # noqa: E402
 from labkit.repo import copy_repo  # noqa: E402
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,9 +158,10 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
     doc, accelerators, cache = service.build_targets(manifest, accelerator, settings(root))
     results = []
     for acc in accelerators:
+        started = time.monotonic()
         with err_console.status(f"building {doc.name} for {acc}") as status, library_prints_to_stderr():
-            result = service.build(doc, acc, cache, force=force,
-                                   progress=lambda message: status.update(f"{doc.name} ({acc}): {message}"))
+            result = service.build(doc, acc, cache, force=force, progress=lambda message: status.update(
+                f"{doc.name} ({acc}), {time.monotonic() - started:.0f} s: {message}"))
         results.append(result)
         if output == "table":
             console.print(build_table(result.report))

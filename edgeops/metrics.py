@@ -45,6 +45,26 @@ def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.N
     raise ValueError(f"unknown quality metric {metric!r}; one of: {', '.join(Metric)}")
 
 
+def embedding_fidelity(outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic]) -> dict[str, float]:
+    """What a mean cosine hides: the worst sample's cosine, and the share of samples (%) whose nearest
+    neighbour among the others is the same as in the original model's embedding space (retrieval keeps
+    working only if neighbours stay neighbours)."""
+    n = min(len(outputs), len(reference))
+    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
+    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    out_unit = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    ref_unit = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+    fidelity = {"cosine_min": float(np.min(np.sum(out_unit * ref_unit, axis=1)))}
+    if n > 2:
+        def neighbours(unit: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
+            similarity = unit @ unit.T
+            np.fill_diagonal(similarity, -np.inf)
+            return np.asarray(similarity.argmax(axis=1))
+
+        fidelity["neighbour_agreement"] = float((neighbours(out_unit) == neighbours(ref_unit)).mean() * 100)
+    return fidelity
+
+
 GOLDEN_MIN, GOLDEN_MAX = 32, 1000
 
 

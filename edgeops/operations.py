@@ -167,7 +167,8 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, list
         worse.append(f"lower in {q_new['metric']} ({q_old['value']:.4g} → {q_new['value']:.4g})")
     speed = f"{p50_old / p50_new:.2f}x the speed" if p50_new else "speed unknown"
     return (f"size {a['size_bytes'] / 1000:.1f} → {b['size_bytes'] / 1000:.1f} kB ({size:.2f}x); "
-            f"{q_new['metric']} {q_old['value']:.4g} → {q_new['value']:.4g}; host p50 {p50_old:.3f} → {p50_new:.3f} ms "
+            f"{q_new['metric']} {q_old['value']:.4g} → {q_new['value']:.4g}; "
+            f"host p50 {p50_old:.3f} → {p50_new:.3f} ms "
             f"({speed}; one host measurement, 1 thread)"), worse
 
 

@@ -233,7 +233,8 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
         return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
     if isinstance(value, list) and value:
-        return {k: v for index, item in enumerate(value) for k, v in _flat(item, f"{prefix.rstrip('.')}[{index}].").items()}
+        base = prefix.rstrip(".")
+        return {k: v for index, item in enumerate(value) for k, v in _flat(item, f"{base}[{index}].").items()}
     return {prefix.rstrip("."): value}
 
 

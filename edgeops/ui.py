@@ -93,12 +93,21 @@ def plan_summary(plan: Plan) -> list[str]:
     return lines
 
 
+def _fidelity(quality: dict[str, Any]) -> str:
+    """For embeddings, what the mean cosine hides: the worst sample, and whether neighbours stay neighbours."""
+    parts = [f"min {quality['cosine_min']:.4g}"] if "cosine_min" in quality else []
+    if "neighbour_agreement" in quality:
+        parts.append(f"{quality['neighbour_agreement']:.1f}% same nearest neighbour")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
     first, last = report["stages"][0], report["stages"][-1]
     q = last["quality"]
     return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
             f"{last['size_bytes'] / 1000:.1f} kB ({last['size_ratio'] or 1:.2f}x smaller); {q['metric']} "
-            f"{q['value']:.4g} (original {q['baseline']:.4g}); host p50 {last['latency_ms']['p50']:.3f} ms "
+            f"{q['value']:.4g} (original {q['baseline']:.4g}){_fidelity(q)}; "
+            f"host p50 {last['latency_ms']['p50']:.3f} ms "
             f"(original {first['latency_ms']['p50']:.3f} ms, host CPU, 1 thread)")
 
 
@@ -211,7 +220,8 @@ def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
         first = True
         for e in r["devices"] or [{}]:
             latency = (e.get("measurements") or {}).get("latency") or {}
-            table.add_row(str(r.get("number", r["id"])) if first else "", r["started_at"] if first else "", r["kind"] if first else "",
+            table.add_row(str(r.get("number", r["id"])) if first else "", r["started_at"] if first else "",
+                          r["kind"] if first else "",
                           (r["outcome"] or "unfinished: the controller stopped") if first else "", who if first else "",
                           _commit(r) if first else "", artifacts if first else "",
                           e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",

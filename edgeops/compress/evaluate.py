@@ -15,7 +15,7 @@ import zstandard
 
 from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
-from edgeops.metrics import metric_value
+from edgeops.metrics import embedding_fidelity, metric_value
 
 LATENCY_WARMUP, LATENCY_RUNS = 20, 200
 
@@ -27,6 +27,7 @@ class Quality:
     baseline: float
     drop: float           # in the goal's unit: points, percent of baseline, or the error itself
     passed: bool
+    extra: dict[str, float] = field(default_factory=dict)  # cosine: cosine_min, neighbour_agreement
 
     def describe(self) -> str:
         unit = "%" if self.metric in ("accuracy", "top1_agreement") else ""
@@ -71,13 +72,14 @@ def quality(goal: QualityGoal, outputs: np.ndarray, reference: np.ndarray, label
             baseline: float | None) -> Quality:
     """The goal's metric for ``outputs`` against the original model's ``reference`` outputs."""
     value = metric_value(goal.metric, outputs, reference, labels)
+    extra = embedding_fidelity(outputs, reference) if goal.metric == "cosine" else {}
     if goal.metric == "max_abs_error":
         return Quality(goal.metric, value, 0.0, value, value <= goal.max_drop)
     base = value if baseline is None else baseline
     drop = base - value
     if goal.drop == "relative":
         drop = drop / base * 100 if base else 0.0
-    return Quality(goal.metric, value, base, drop, drop <= goal.max_drop + 1e-9)
+    return Quality(goal.metric, value, base, drop, drop <= goal.max_drop + 1e-9, extra)
 
 
 def host_latency(path: Path, data: Dataset, warmup: int = LATENCY_WARMUP, runs: int = LATENCY_RUNS) -> tuple[float, float]:

@@ -225,7 +225,7 @@ def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, origi
         "index": index, "step": kind, "options": options, "notes": notes,
         "size_bytes": m.size_bytes, "zstd_bytes": m.zstd_bytes, "parameters": m.parameters, "ops": m.ops,
         "quality": {"metric": m.quality.metric, "value": m.quality.value, "baseline": m.quality.baseline,
-                    "drop": m.quality.drop, "passed": m.quality.passed},
+                    "drop": m.quality.drop, "passed": m.quality.passed, **m.quality.extra},
         "latency_ms": {"p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "where": "host CPU, 1 thread, batch 1"},
         "size_ratio": ratio(original.size_bytes, m.size_bytes),
         "zstd_ratio": ratio(original.zstd_bytes, m.zstd_bytes),

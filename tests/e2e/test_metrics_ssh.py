@@ -127,7 +127,8 @@ def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
 def test_the_pr_comment_compares_the_new_artifact_with_what_the_fleet_runs(lab: Path) -> None:
     manifest = lab / MANIFEST
     text = manifest.read_text()
-    quantized = "  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n        calibration_method: minmax\n"
+    quantized = ("  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n"
+                 "        calibration_method: minmax\n")
     assert quantized in text
     manifest.write_text(text.replace(quantized, "  recipe: []\n"))  # ship the float model instead
     try:

@@ -61,8 +61,8 @@ def new_release(root: Path, threads: int) -> Release:
     doc, target = ws.deployments[DEPLOYMENT], target_of(root)
     artifact = build_for(ws, DEPLOYMENT, "cpu").artifact
     config = render_device(ws, doc, target, artifact.report["artifact"])
-    config = replace(config, text=config.text.replace('"inter_op_num_threads": 1', f'"inter_op_num_threads": {threads}'),
-                     digest=f"{threads:064d}")
+    text = config.text.replace('"inter_op_num_threads": 1', f'"inter_op_num_threads": {threads}')
+    config = replace(config, text=text, digest=f"{threads:064d}")
     return make_release(DEPLOYMENT, artifact, config)
 
 

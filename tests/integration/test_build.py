@@ -152,6 +152,8 @@ def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str)
     final = result.report["stages"][-1]
     assert final["quality"]["metric"] == "cosine"
     assert 0.95 <= final["quality"]["value"] <= 1.0
+    assert final["quality"]["cosine_min"] <= final["quality"]["value"]  # what the mean hides
+    assert 0 <= final["quality"]["neighbour_agreement"] <= 100
     assert final["size_ratio"] > 1.5
     expected_op = "MatMulNBits" if "weight_only" in recipe else "DynamicQuantizeLinear"
     assert expected_op in final["ops"]

@@ -41,7 +41,8 @@ def receiver():  # type: ignore[no-untyped-def]
     server.shutdown()
 
 
-def test_a_failing_receiver_is_retried_until_it_takes_the_event(receiver, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_receiver_is_retried_until_it_takes_the_event(receiver,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
     url, state = receiver
     state["fail"] = 2
     waits: list[float] = []

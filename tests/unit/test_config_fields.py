@@ -31,8 +31,8 @@ def _fields(model: type[BaseModel], seen: set[type[BaseModel]]) -> list[tuple[st
 
 
 def test_every_field_of_every_kind_is_read_by_the_code_or_a_template() -> None:
-    sources = "\n".join(path.read_text() for path in [*(REPO / "edgeops").rglob("*.py"), *(REPO / "templates").iterdir()]
-                        if path.name != "models.py")
+    files = [*(REPO / "edgeops").rglob("*.py"), *(REPO / "templates").iterdir()]
+    sources = "\n".join(path.read_text() for path in files if path.name != "models.py")
     seen: set[type[BaseModel]] = set()
     fields = [f for kind in (models.Deployment, models.Fleet, models.DeviceProfile) for f in _fields(kind, seen)]
     unread = [f"{owner}.{name}" for owner, name in fields

@@ -194,7 +194,8 @@ def test_the_recipe_diff_names_the_fields_that_changed() -> None:
                      {"prune": {"method": "structured", "sparsity": 0.25}}]}
     assert recipe_diff(before, after) == ["cpu step 1: quantize.mode static → dynamic",
                                           "cpu step 2: added: prune.method structured, prune.sparsity 0.25"]
-    assert recipe_diff(after, after) == [] and recipe_diff(None, after) == ["no earlier successful rollout in the ledger"]
+    assert recipe_diff(after, after) == []
+    assert recipe_diff(None, after) == ["no earlier successful rollout in the ledger"]
 
 
 def test_field_changes_name_each_field_and_list_item_that_differs() -> None:

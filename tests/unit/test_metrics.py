@@ -71,3 +71,19 @@ def test_one_differing_golden_sample_never_fails_a_release_by_itself() -> None:
     assert two_flips.outcome == Decision.FAILED
     assert quality_check(goal, 92.0, 93.0, samples=200).outcome == Decision.PASSED      # 1 point: the goal itself
     assert quality_check(goal, 91.5, 93.0, samples=200).outcome == Decision.FAILED      # 3 flips of 200
+
+
+def test_embedding_fidelity_shows_what_a_mean_cosine_hides() -> None:
+    from edgeops.metrics import embedding_fidelity
+
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(50, 16))
+    same = embedding_fidelity(reference * 2.0, reference)  # scaling keeps directions and neighbours
+    assert same["cosine_min"] == pytest.approx(1.0) and same["neighbour_agreement"] == 100.0
+    one_broken = reference.copy()
+    one_broken[7] = -reference[7]                          # the mean barely moves, the worst sample does
+    broken = embedding_fidelity(one_broken, reference)
+    assert broken["cosine_min"] == pytest.approx(-1.0)
+    assert metric_value("cosine", one_broken, reference) > 0.95
+    noisy = embedding_fidelity(reference + rng.normal(scale=3.0, size=reference.shape), reference)
+    assert noisy["neighbour_agreement"] < 60

@@ -9,7 +9,8 @@ import pytest
 from edgeops.ui import LiveReporter
 
 
-def test_progress_lines_off_a_terminal_carry_the_time_and_the_elapsed_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_lines_off_a_terminal_carry_the_time_and_the_elapsed_seconds(
+        capsys: pytest.CaptureFixture[str]) -> None:
     with LiveReporter() as reporter:
         reporter.message("wave 1/2: lab/lab-01")
         reporter.stage("lab/lab-01", "push", "1,024 bytes to move")
