@@ -385,7 +385,6 @@ def diff(base: str, head: str | None, settings: Settings) -> list[Touched]:
 class StatusReport:
     rows: dict[str, list[StatusRow]]     # by deployment
     broken: dict[str, list[str]]         # deployment (or file) -> what keeps it from being shown
-    last_decisions: dict[str, dict[str, str]]  # deployment -> device key -> its decision in the last rollout
 
 
 def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
@@ -395,6 +394,11 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
     Over the whole repository a broken manifest, fleet or profile is reported on its own and every other
     deployment still shows; named manifests must be valid (and only what they use must be).
     """
+    return _status(manifests, settings, verify, progress, notify, selector)[0]
+
+
+def _status(manifests: tuple[str, ...], settings: Settings, verify: bool, progress: Progress, notify: Progress,
+            selector: str | None) -> tuple[StatusReport, Repo]:
     from edgeops.connections import Connections
     from edgeops.operations import Repo, status_rows
 
@@ -417,12 +421,7 @@ def status(manifests: tuple[str, ...], settings: Settings, verify: bool = False,
                 if manifests:  # asked for by name: its error is the answer (exit code included)
                     raise
                 broken[doc.name] = exc.lines()
-    last: dict[str, dict[str, str]] = {}
-    for name in rows:
-        for rollout in repo.ledger.history(name, 50):
-            for event in rollout["devices"]:
-                last.setdefault(name, {}).setdefault(event["device"], event["decision"])
-    return StatusReport(rows, broken, last)
+    return StatusReport(rows, broken), repo
 
 
 def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
@@ -431,8 +430,13 @@ def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _
     rollout decision from the ledger."""
     from edgeops.exporter import openmetrics, registry_of
 
-    report = status(manifests, settings, notify=notify, selector=selector)
-    return openmetrics(registry_of(report.rows, report.last_decisions, report.broken))
+    report, repo = _status(manifests, settings, False, _quiet, notify, selector)
+    last: dict[str, dict[str, str]] = {name: {} for name in report.rows}
+    for name in report.rows:
+        for rollout in repo.ledger.history(name, 50):  # newest first: the first decision seen is the last made
+            for event in rollout["devices"]:
+                last[name].setdefault(event["device"], event["decision"])
+    return openmetrics(registry_of(report.rows, last, report.broken))
 
 
 def serve_metrics(manifests: tuple[str, ...], settings: Settings, address: str, port: int, interval_s: float,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +69,21 @@ def make_hostile_home(home: Path) -> Path:
     for name in (".bashrc", ".profile", ".bash_profile"):
         (home / name).write_text(startup)
     return home
+
+
+@contextmanager
+def running_lab(base: Path, devices: int, login_home: Path | None = None,
+                deployment: str = "wearable-activity") -> Iterator[Path]:
+    """A repo copy under ``base`` whose lab fleet of ``devices`` real sshd devices runs until the block ends."""
+    from edgeops.lab import lab_down, lab_up
+    from edgeops.manifest.workspace import load_workspace
+    from edgeops.targets import target_devices
+
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, devices, base / "devices")
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, deployment), login_home=login_home)
+    try:
+        yield root
+    finally:
+        lab_down(ws, ws.fleets["lab"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.repo import copy_repo, make_hostile_home, write_lab_fleet
+from labkit.repo import copy_repo, make_hostile_home, running_lab
 
 
 @pytest.fixture
@@ -22,17 +22,7 @@ def hostile_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lab_repo(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     """A repo copy whose lab fleet (4 devices) runs as real sshd processes, under a hostile login HOME."""
-    from edgeops.lab import lab_down, lab_up
-    from edgeops.manifest.workspace import load_workspace
-    from edgeops.targets import target_devices
-
     if not Path("/usr/sbin/sshd").exists():
         pytest.fail("openssh-server is not installed: run scripts/install.sh (CI must not skip these tests)")
-    base = tmp_path_factory.mktemp("lab")
-    root = copy_repo(base / "repo")
-    write_lab_fleet(root, 4, base / "devices")
-    ws = load_workspace(root)
-    fleet = ws.fleets["lab"]
-    lab_up(ws, fleet, target_devices(ws, "wearable-activity"), login_home=hostile_home)
-    yield root
-    lab_down(ws, fleet)
+    with running_lab(tmp_path_factory.mktemp("lab"), 4, hostile_home) as root:
+        yield root

@@ -14,9 +14,7 @@ from click.testing import CliRunner
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from edgeops.cli import main
-from edgeops.manifest.workspace import load_workspace
-from edgeops.targets import target_devices
-from labkit.repo import copy_repo, free_ports, write_lab_fleet
+from labkit.repo import free_ports, running_lab
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -24,16 +22,9 @@ MANIFEST = "manifests/wearable.yaml"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
-    from edgeops.lab import lab_down, lab_up
-
-    base = tmp_path_factory.mktemp("metrics")
-    root = copy_repo(base / "repo")
-    write_lab_fleet(root, 2, base / "devices")
-    ws = load_workspace(root)
-    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
-    assert CliRunner().invoke(main, ["apply", MANIFEST, "--root", str(root)]).exit_code == 0
-    yield root
-    lab_down(ws, ws.fleets["lab"])
+    with running_lab(tmp_path_factory.mktemp("metrics"), 2, hostile_home) as root:
+        assert CliRunner().invoke(main, ["apply", MANIFEST, "--root", str(root)]).exit_code == 0
+        yield root
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

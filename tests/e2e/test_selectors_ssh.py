@@ -10,9 +10,7 @@ from click.testing import CliRunner, Result
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from edgeops.manifest.workspace import load_workspace
-from edgeops.targets import target_devices
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import running_lab
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -20,15 +18,8 @@ MANIFEST = "manifests/wearable.yaml"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
-    from edgeops.lab import lab_down, lab_up
-
-    base = tmp_path_factory.mktemp("selectors")
-    root = copy_repo(base / "repo")
-    write_lab_fleet(root, 3, base / "devices")  # lab-01 is ring=canary, the others ring=main
-    ws = load_workspace(root)
-    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
-    yield root
-    lab_down(ws, ws.fleets["lab"])
+    with running_lab(tmp_path_factory.mktemp("selectors"), 3, hostile_home) as root:  # lab-01: ring=canary
+        yield root
 
 
 def cli(root: Path, *args: str) -> Result:

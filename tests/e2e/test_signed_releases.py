@@ -29,7 +29,7 @@ from edgeops.signing import (
 )
 from edgeops.targets import TargetDevice, target_devices
 from labkit.artifacts import build_for, repo_at
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import running_lab
 
 pytestmark = pytest.mark.ssh
 DEPLOYMENT = "wearable-activity"
@@ -38,17 +38,11 @@ DEPLOYMENT = "wearable-activity"
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     """Two enrolled lab devices (lab up makes the release key and installs the trust root)."""
-    from edgeops.lab import lab_down, lab_up
-
-    base = tmp_path_factory.mktemp("signed")
-    root = copy_repo(base / "repo")
-    write_lab_fleet(root, 2, base / "devices")
-    ws = load_workspace(root)
-    lab_up(ws, ws.fleets["lab"], target_devices(ws, DEPLOYMENT), login_home=hostile_home)
-    with Connections() as connections:
-        assert apply_deployment(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections)[1].ok
-    yield root
-    lab_down(ws, ws.fleets["lab"])
+    with running_lab(tmp_path_factory.mktemp("signed"), 2, hostile_home) as root:
+        ws = load_workspace(root)
+        with Connections() as connections:
+            assert apply_deployment(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections)[1].ok
+        yield root
 
 
 def target_of(root: Path) -> TargetDevice:
