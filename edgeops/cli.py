@@ -548,8 +548,10 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
 
 @main.command()
 @click.argument("deployment")
-@click.option("--to", "to_release", help="an earlier committed release still on the devices (default: undo the "
-                                        "last rollout: each device it changed goes back to its previous committed release)")
+@click.option("--to", "to_release", help="an earlier committed release still on the devices: a fleet-wide id "
+                                        "(rel-..., or a prefix of it; each device goes to its own materialisation) or "
+                                        "one device release (r-...); default: undo the last rollout, each device it "
+                                        "changed back to its previous committed release")
 @click.option("--allow-rejected", is_flag=True, help="with --to: run the named release even where a device rejected it")
 @click.option("--devices", help="comma-separated device names (default: every target device)")
 @LOCK_TIMEOUT

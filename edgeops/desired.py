@@ -11,7 +11,7 @@ from edgeops.compress.request import BuildRequest
 from edgeops.errors import EdgeopsError
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
-from edgeops.release import Release, make_release
+from edgeops.release import Release, fleet_release_id, make_release
 from edgeops.render import render_device
 from edgeops.selectors import LabelSelector
 from edgeops.targets import TargetDevice, target_devices
@@ -23,6 +23,14 @@ class Desired:
     targets: tuple[TargetDevice, ...]
     artifacts: dict[str, Artifact]        # by accelerator class
     releases: dict[str, Release]          # by target key
+    release_id: str = ""                  # the fleet-wide release (all targets, whatever the selector)
+
+    def configs(self) -> dict[str, list[str]]:
+        """Hardware class -> the distinct runtime configs its devices get, device values as placeholders."""
+        found: dict[str, set[str]] = {}
+        for target in self.targets:
+            found.setdefault(target.hardware_class, set()).add(self.releases[target.key].generic_config)
+        return {cls: sorted(texts) for cls, texts in sorted(found.items())}
 
     def target(self, key: str) -> TargetDevice:
         return next(t for t in self.targets if t.key == key)
@@ -32,7 +40,8 @@ class Desired:
         if selector is None:
             return self
         targets = tuple(t for t in self.targets if selector.matches(t.device.labels))
-        return Desired(self.deployment, targets, self.artifacts, {t.key: self.releases[t.key] for t in targets})
+        return Desired(self.deployment, targets, self.artifacts, {t.key: self.releases[t.key] for t in targets},
+                       self.release_id)
 
 
 class NotBuilt(EdgeopsError):
@@ -62,4 +71,5 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
         artifact = artifacts[target.accelerator]
         config = render_device(ws, deployment, target, artifact.report["artifact"])
         releases[target.key] = make_release(deployment.name, artifact, config)
-    return Desired(deployment, targets, artifacts, releases)
+    return Desired(deployment, targets, artifacts, releases,
+                   fleet_release_id(deployment.name, list(releases.values())))

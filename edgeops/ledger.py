@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from edgeops.errors import EdgeopsError, ExitCode
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,6 +58,33 @@ CREATE TABLE IF NOT EXISTS locks (
     acquired_at TEXT NOT NULL
 );
 """
+# version -> what turns the schema before it into that version (run in the transaction that sets the version)
+MIGRATIONS = {
+    2: """
+ALTER TABLE rollouts ADD COLUMN release TEXT;   -- the fleet-wide release an apply rolled out (rel-...)
+CREATE TABLE IF NOT EXISTS releases (
+    deployment TEXT NOT NULL,
+    id TEXT NOT NULL,                 -- rel-...: artifacts + runtime configs without device values
+    created_at TEXT NOT NULL,
+    artifacts TEXT NOT NULL,          -- JSON {accelerator: sha256}
+    configs TEXT NOT NULL,            -- JSON {hardware class: [runtime config, device values as placeholders]}
+    PRIMARY KEY (deployment, id)
+);
+CREATE TABLE IF NOT EXISTS release_members (
+    deployment TEXT NOT NULL,
+    release TEXT NOT NULL,
+    device TEXT NOT NULL,             -- fleet/device
+    materialisation TEXT NOT NULL,    -- r-...: the release directory on that device
+    PRIMARY KEY (deployment, release, device)
+);
+CREATE INDEX IF NOT EXISTS release_members_by_device ON release_members(deployment, device, materialisation);
+""",
+}
+
+
+def _statements(script: str) -> list[str]:
+    lines = [line.split("--")[0] for line in script.splitlines()]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
 
 
 class LedgerError(EdgeopsError):
@@ -83,13 +110,25 @@ class Ledger:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            # one transaction: the schema, its migrations and its version appear together or not at all; the
+            # version is read inside it, so two processes opening an old ledger at once migrate it once
+            db.execute("BEGIN IMMEDIATE")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
+                db.execute("ROLLBACK")
                 raise LedgerError(f"{self.path} was written by a newer edgeops (schema {version})",
                                   hint="upgrade edgeops")
-            # one transaction: the schema and its version appear together or not at all
-            db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            if version < SCHEMA_VERSION:
+                for statement in _statements(SCHEMA) if version == 0 else []:
+                    db.execute(statement)
+                for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    for statement in _statements(MIGRATIONS[step]):
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise LedgerError(f"cannot use the ledger {self.path}: {exc}") from None
         finally:
             db.close()
@@ -112,13 +151,54 @@ class Ledger:
     # ---------------------------------------------------------------- rollouts
 
     def start_rollout(self, deployment: str, kind: str, actor: str, git: dict[str, str | None],
-                      artifacts: dict[str, str]) -> int:
+                      artifacts: dict[str, str], release: str | None = None) -> int:
         with self._connect() as db:
             cursor = db.execute(
-                "INSERT INTO rollouts (deployment, kind, started_at, actor, git_commit, git_author, artifacts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (deployment, kind, now(), actor, git.get("commit"), git.get("author"), json.dumps(artifacts)))
+                "INSERT INTO rollouts (deployment, kind, started_at, actor, git_commit, git_author, artifacts, release) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (deployment, kind, now(), actor, git.get("commit"), git.get("author"), json.dumps(artifacts), release))
             return int(cursor.lastrowid)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- fleet-wide releases
+
+    def record_release(self, deployment: str, release: str, artifacts: dict[str, str], configs: dict[str, list[str]],
+                       members: dict[str, str]) -> None:
+        """A fleet-wide release and each device's materialisation of it (merged with what was recorded before)."""
+        with self._connect() as db:
+            row = db.execute("SELECT configs FROM releases WHERE deployment = ? AND id = ?", (deployment, release)).fetchone()
+            merged = {**json.loads(row["configs"]), **configs} if row else configs
+            db.execute("INSERT OR REPLACE INTO releases (deployment, id, created_at, artifacts, configs) VALUES "
+                       "(?, ?, COALESCE((SELECT created_at FROM releases WHERE deployment = ? AND id = ?), ?), ?, ?)",
+                       (deployment, release, deployment, release, now(), json.dumps(artifacts, sort_keys=True),
+                        json.dumps(merged, sort_keys=True)))
+            db.executemany("INSERT OR REPLACE INTO release_members (deployment, release, device, materialisation) "
+                           "VALUES (?, ?, ?, ?)", [(deployment, release, d, m) for d, m in sorted(members.items())])
+
+    def release(self, deployment: str, name: str) -> dict[str, Any] | None:
+        """A fleet-wide release by its id or an unambiguous prefix of it: artifacts, configs, members."""
+        with self._connect() as db:
+            rows = [dict(r) for r in db.execute("SELECT * FROM releases WHERE deployment = ? ORDER BY created_at, rowid",
+                                                (deployment,)) if r["id"].startswith(name)]
+            if len(rows) > 1:
+                raise LedgerError(f"'{name}' names {len(rows)} releases of {deployment} "
+                                  f"({', '.join(r['id'] for r in rows[:5])})", hint="give more of the id")
+            if not rows:
+                return None
+            found = rows[0]
+            found["artifacts"], found["configs"] = json.loads(found["artifacts"]), json.loads(found["configs"])
+            found["members"] = {r["device"]: r["materialisation"] for r in db.execute(
+                "SELECT device, materialisation FROM release_members WHERE deployment = ? AND release = ?",
+                (deployment, found["id"]))}
+        return found
+
+    def release_names(self, deployment: str) -> dict[tuple[str, str], str]:
+        """(device, materialisation) -> the newest fleet-wide release it belongs to."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT m.device, m.materialisation, m.release FROM release_members AS m JOIN releases AS r ON "
+                "r.deployment = m.deployment AND r.id = m.release WHERE m.deployment = ? "
+                "ORDER BY r.created_at, r.rowid", (deployment,)).fetchall()
+        return {(r["device"], r["materialisation"]): r["release"] for r in rows}
 
     def finish_rollout(self, rollout_id: int, outcome: str, summary: dict[str, Any]) -> None:
         with self._connect() as db:

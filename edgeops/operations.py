@@ -103,7 +103,7 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
     previous = repo.ledger.last_successful_summary(doc.name)
     plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
                      recipes(doc, desired), previous.get("recipe") if previous else None,
-                     desired_devices(desired), observed, importlib.metadata.version("onnxruntime"))
+                     desired_devices(desired), observed, importlib.metadata.version("onnxruntime"), desired.release_id)
     return plan, desired
 
 
@@ -244,6 +244,7 @@ class StatusRow:
     facts: dict[str, Any] | None = None
     p50_ms: float | None = None
     energy: dict[str, Any] | None = None    # numbers with their units, source and boundary (power: for people)
+    fleet_release: str | None = None        # the fleet-wide release (rel-...) whose materialisation the device runs
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -290,6 +291,7 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
         unknown = "the release git asks for is unknown: " + "; ".join(exc.lines())
     progress(f"reading the state of {len(targets)} device(s)")
     observed = observe_targets(doc.name, targets, connections, verify)
+    names = repo.ledger.release_names(doc.name)  # only names what the devices report; never stands in for them
     rows = []
     for target in targets:
         o = observed[target.key]
@@ -312,7 +314,8 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
                               latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(verification),
                               o.last_change, message, runtime_of(o.facts.as_dict() if o.facts else None),
-                              o.facts.as_dict() if o.facts else None, latency.get("p50_ms"), _energy(verification)))
+                              o.facts.as_dict() if o.facts else None, latency.get("p50_ms"), _energy(verification),
+                              names.get((target.key, o.current)) if o.current else None))
     return rows
 
 
@@ -324,8 +327,16 @@ def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
     return next((r for r in ledger.history(deployment, 50) if r["kind"] == "apply"), None)
 
 
-def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[str, Any] | None) -> tuple[str | None, str]:
+def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[str, Any] | None,
+                     fleet_release: dict[str, Any] | None = None) -> tuple[str | None, str]:
     """(release to go back to or None for nothing to do, why)."""
+    if fleet_release is not None:
+        mine = fleet_release["members"].get(key)
+        if mine is None:
+            return None, f"not a device of {fleet_release['id']}"
+        if state.current == mine:
+            return None, f"already runs {fleet_release['id']} ({mine})"
+        return mine, f"named by --to {fleet_release['id']} ({mine} on this device)"
     if to:
         return (None, f"already runs {to}") if state.current == to else (to, "named by --to")
     if state.current and state.current != state.committed:
@@ -363,12 +374,18 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
     require_key_files(targets)
     spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})
+    fleet_release = None
+    if to and to.startswith("rel-"):
+        fleet_release = ledger.release(doc.name, to)
+        if fleet_release is None:
+            raise InputError.at(doc.display, None, "", f"no release '{to}' of {doc.name} in the ledger: "
+                                "`edgeops history` lists the releases rolled out")
     with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s):
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
         # decide first (read-only); only a rollback that changes a device opens a ledger entry
         planned = connections.map(lambda t: _rollback_target(device_for(t, connections, doc.name).observe(),
-                                                             t.key, to, last), targets)
+                                                             t.key, to, last, fleet_release), targets)
         outcomes: dict[str, DeviceOutcome] = {}
         landings: dict[str, tuple[str, str]] = {}
         for target in targets:
@@ -384,7 +401,9 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             reasons = sorted({o.reason for o in outcomes.values()})
             return RolloutResult(doc.name, Outcome.NO_OP, "nothing to roll back: " + "; ".join(reasons),
                                  [outcomes[t.key] for t in targets])
-        rollout_id = ledger.start_rollout(doc.name, "rollback", actor, git, {})
+        rollout_id = ledger.start_rollout(doc.name, "rollback", actor, git,
+                                          fleet_release["artifacts"] if fleet_release else {},
+                                          fleet_release["id"] if fleet_release else None)
 
         def record(o: DeviceOutcome) -> DeviceOutcome:  # written when decided, like apply's
             ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,

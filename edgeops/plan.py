@@ -86,6 +86,7 @@ class Plan:
     observed_digest: str
     desired_digest: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    release: str = ""                         # the fleet-wide release (rel-...); devices list their materialisation
 
     @property
     def changes(self) -> list[PlannedDevice]:
@@ -294,7 +295,7 @@ def _facts(seen: ObservedDevice) -> dict[str, Any] | None:
 
 def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],
               previous_recipe: dict[str, list[dict[str, Any]]] | None, desired: list[DesiredDevice],
-              observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None) -> Plan:
+              observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None, release: str = "") -> Plan:
     """Compare what git asks for with what the devices run and can run; decide per device and assign waves."""
     checked = {d.key: _checked(d, observed[d.key], build_onnxruntime) for d in desired}
     changing = [d for d in desired if checked[d.key][0] in CHANGING]
@@ -318,4 +319,4 @@ def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str],
                      "count against max_failed_devices")
     return Plan(deployment, dict(sorted(artifacts.items())), recipe, recipe_diff(previous_recipe, recipe), devices,
                 max(waves.values(), default=0), digest_observed(observed, refused), digest_desired(desired),
-                tuple(notes))
+                tuple(notes), release)

@@ -2,7 +2,11 @@
 
 The id derives from the digests of everything in it (artifact, golden set,
 runtime config), so the same inputs always name the same release and a
-device that already has it needs nothing.
+device that already has it needs nothing. That id is the device's
+*materialisation*: its runtime config carries the device's own values.
+The fleet-wide release (``rel-…``) names what every device of the deployment
+runs, whatever its name, address or root: the artifacts and the configs with
+those values as placeholders.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from edgeops import __version__
 from edgeops.compress.cache import Artifact
 from edgeops.render import RenderedConfig
+from edgeops.runtime_config import digest
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,12 @@ class Release:
     artifact_sha256: str
     config_digest: str
     files: tuple[ReleaseFile, ...]
+    generic_config: str = ""     # the runtime config with the device's own values as placeholders
+
+    @property
+    def variant(self) -> tuple[str, str, str]:
+        """What this release shares with every device of its class: (model, golden set, generic config) digests."""
+        return self.artifact_sha256, self.files[1].sha256, digest(self.generic_config)
 
     @property
     def model_bytes(self) -> int:
@@ -52,7 +63,14 @@ def make_release(deployment: str, artifact: Artifact, config: RenderedConfig) ->
     meta = {"id": release_id, "deployment": deployment, "artifact_sha256": report["sha256"],
             "config_digest": config.digest, "edgeops_version": __version__, "build_key": artifact.key}
     release_json = _bytes_file("release.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return Release(release_id, deployment, report["sha256"], config.digest, (model, golden, runtime, release_json))
+    return Release(release_id, deployment, report["sha256"], config.digest, (model, golden, runtime, release_json),
+                   config.generic_text or config.text)
+
+
+def fleet_release_id(deployment: str, releases: list[Release]) -> str:
+    """One id for the release a deployment asks of all its devices (stable under adding a device of a known class)."""
+    variants = sorted({r.variant for r in releases})
+    return "rel-" + hashlib.sha256(json.dumps([deployment, variants]).encode()).hexdigest()[:12]
 
 
 def write_local(release: Release, directory: Path) -> Path:

@@ -29,6 +29,12 @@ class RenderedConfig:
     device: TargetDevice
     text: str            # canonical JSON, what lands on the device as runtime.json
     digest: str
+    generic_text: str = ""   # the same config with the device's own values as placeholders ({device}, {root}, ...)
+
+    @property
+    def generic_digest(self) -> str:
+        """Equal for every device of a hardware class that renders the same config but for its own values."""
+        return digest(self.generic_text or self.text)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -54,14 +60,23 @@ def environment(templates: Path) -> SandboxedEnvironment:
     return env
 
 
-def context(deployment: Document[Deployment], target: TargetDevice, artifact: dict[str, Any]) -> dict[str, Any]:
-    """What a template sees: plain data only (copies), never live objects."""
-    profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), target.name, target.root)
+PLACEHOLDERS = {"name": "{device}", "host": "{host}", "port": 0, "root": "{root}"}
+
+
+def context(deployment: Document[Deployment], target: TargetDevice, artifact: dict[str, Any],
+            placeholders: bool = False) -> dict[str, Any]:
+    """What a template sees: plain data only (copies), never live objects.
+
+    ``placeholders``: the device's own values (name, host, port, root) replaced by placeholders, for the
+    config every device of its class shares (what names a fleet-wide release).
+    """
+    own = dict(PLACEHOLDERS) if placeholders else {"name": target.name, "host": target.device.host,
+                                                    "port": target.device.port, "root": target.root}
+    profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), own["name"], own["root"])
     spec = deployment.obj.spec
     return {
         "deployment": {"name": deployment.name, "labels": dict(deployment.obj.metadata.labels)},
-        "device": {"name": target.name, "host": target.device.host, "port": target.device.port,
-                   "labels": dict(target.device.labels), "root": target.root, "fleet": target.fleet.name},
+        "device": {**own, "labels": dict(target.device.labels), "fleet": target.fleet.name},
         "profile": profile,
         "model": spec.model.model_dump(mode="json", include={"inputs", "outputs"}),
         "quality": spec.quality.model_dump(mode="json"),
@@ -82,11 +97,21 @@ def _template_line(exc: BaseException, name: str) -> int | None:
 def render_device(ws: Workspace, deployment: Document[Deployment], target: TargetDevice,
                   artifact: dict[str, Any]) -> RenderedConfig:
     """The runtime config of one device. Raises RenderError (located in the template)."""
+    env = environment(ws.templates_dir)
+    text = _render(env, target, context(deployment, target, artifact))
+    try:
+        generic = _render(env, target, context(deployment, target, artifact, placeholders=True))
+    except RenderError:
+        generic = text  # a template that needs the real values: this device's config is a variant of its own
+    return RenderedConfig(target, text, digest(text), generic)
+
+
+def _render(env: SandboxedEnvironment, target: TargetDevice, values: dict[str, Any]) -> str:
+    """Canonical JSON of one rendering; raises RenderError located in the template."""
     name = target.profile.obj.spec.template
     display = f"templates/{name}"
-    env = environment(ws.templates_dir)
     try:
-        text = env.get_template(name).render(context(deployment, target, artifact))
+        text = env.get_template(name).render(values)
     except jinja2.TemplateSyntaxError as exc:
         file = f"templates/{exc.name or name}"
         raise RenderError([Problem(file, exc.lineno, "", f"template syntax error: {exc.message}")]) from None
@@ -114,8 +139,7 @@ def render_device(ws: Workspace, deployment: Document[Deployment], target: Targe
         field = ".".join(str(p) for p in first["loc"])
         raise RenderError([Problem(display, None, field, f"rendered config does not match edgeops.runtime/v1: "
                                    f"{first['msg']} (device {target.key})")]) from None
-    text = canonical_json(config.model_dump(mode="json", by_alias=True, exclude_none=True))
-    return RenderedConfig(target, text, digest(text))
+    return canonical_json(config.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 def _frame_file(exc: BaseException, default: str) -> str:

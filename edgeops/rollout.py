@@ -480,7 +480,11 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
     runner = WaveRunner(plan, ctx.desired.deployment.obj.spec.rollout, DeviceRoller(ctx), ctx.stop, ctx.reporter)
     if plan.is_noop:
         return runner.run()
-    rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts)
+    desired = ctx.desired
+    ctx.ledger.record_release(plan.deployment, desired.release_id, plan.artifacts, desired.configs(),
+                              {key: release.id for key, release in desired.releases.items()})
+    rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts,
+                                          desired.release_id)
 
     def decided(o: DeviceOutcome) -> None:
         ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,

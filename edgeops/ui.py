@@ -85,6 +85,8 @@ def plan_summary(plan: Plan) -> list[str]:
         counts[d.action] = counts.get(d.action, 0) + 1
     lines = [", ".join(f"{n} {a}" for a, n in sorted(counts.items())) +
              f"; {plan.waves} wave(s); {sum(d.bytes_to_move for d in plan.devices):,} bytes to move"]
+    lines += [f"release: {plan.release} (fleet-wide; the release column is each device's materialisation)"] \
+        if plan.release else []
     lines += [f"artifact ({acc}): {sha[:16]}" for acc, sha in plan.artifacts.items()]
     lines += [f"recipe: {line}" for line in plan.recipe_diff]
     lines += [f"note: {n}" for n in plan.notes]
@@ -120,6 +122,8 @@ def plan_comment(entries: list[PlanEntry]) -> str:
         plan, reports, warnings, compared = entry.plan, entry.reports, entry.warnings, entry.compared
         changes = plan.changes
         out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
+        out += [f"- release `{plan.release}` (fleet-wide; the table lists each device's materialisation)"] \
+            if plan.release else []
         out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
         out += [f"- {line}" for line in compared]
         out += [f"- changed: {line}" for line in entry.changes]
@@ -179,11 +183,13 @@ def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:
         sync, health = f"[{STATUS_COLORS[r.sync]}]{r.sync}[/]", f"[{STATUS_COLORS[r.health]}]{r.health}[/]"
         if wide:
             p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.3f}"
-            table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), r.release or "—", sync, health,
+            release = f"{r.fleet_release} ({r.release})" if r.fleet_release else r.release or "—"
+            table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), release, sync, health,
                           f"{p50} / {p95}{slo}", escape(r.power), r.last_deploy or "—", escape(r.message))
         else:
             message = r.message if len(r.message) <= 36 else r.message[:35] + "…"
-            table.add_row(f"{r.fleet}/{r.device}", r.release or "—", sync, health, p95 + slo, escape(message))
+            table.add_row(f"{r.fleet}/{r.device}", r.fleet_release or r.release or "—", sync, health, p95 + slo,
+                          escape(message))
     return table
 
 
@@ -211,11 +217,12 @@ def _commit(rollout: dict[str, Any]) -> str:
 
 def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
     table = Table(title=f"history of {deployment}", title_justify="left")
-    for column in ("#", "when", "kind", "outcome", "who", "commit", "artifact", "device", "decision", "release",
-                   "p95 ms", "reason"):
+    for column in ("#", "when", "kind", "outcome", "who", "commit", "release / artifact", "device", "decision",
+                   "device release", "p95 ms", "reason"):
         table.add_column(column)
     for r in rollouts:
-        artifacts = ", ".join(f"{a}:{s[:10]}" for a, s in r["artifacts"].items())
+        artifacts = "\n".join([*([r["release"]] if r.get("release") else []),
+                               *(f"{a}:{s[:10]}" for a, s in r["artifacts"].items())])
         who = r.get("actor") or ""  # who ran the command (CI's actor, else the user), not the commit's author
         first = True
         for e in r["devices"] or [{}]:

@@ -71,3 +71,32 @@ def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> N
         assert after["lab-02"] == on["lab-02"] and after["lab-03"] == on["lab-03"]
     finally:
         profile.write_text(text)
+
+
+def fleet_view(root: Path) -> dict[str, tuple[str | None, str | None]]:
+    rows = json.loads(cli(root, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]
+    return {row["device"]: (row["fleet_release"], row["release"]) for row in rows}
+
+
+def test_one_id_names_the_fleet_wide_release_and_rollback_to_it_puts_each_device_on_its_own_copy(lab: Path) -> None:
+    plan = json.loads(cli(lab, "plan", MANIFEST, "-o", "json").stdout)[0]
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    first = fleet_view(lab)
+    assert {fleet for fleet, _ in first.values()} == {plan["release"]} and plan["release"].startswith("rel-")
+    assert len({own for _, own in first.values()}) == 3  # each runtime config names its device: three copies
+    profile = lab / "device_profiles" / "lab-cpu.yaml"
+    text = profile.read_text()
+    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
+    try:
+        assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+        second = fleet_view(lab)
+        assert len({fleet for fleet, _ in second.values()}) == 1 and second["lab-01"][0] != plan["release"]
+        assert cli(lab, "rollback", "wearable-activity", "--to", "rel-000000").exit_code == ExitCode.INVALID
+        result = cli(lab, "rollback", "wearable-activity", "--to", plan["release"][:9])  # a prefix will do
+        assert result.exit_code == ExitCode.OK, result.output
+        assert fleet_view(lab) == first
+        history = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)
+        assert [(r["kind"], r["release"]) for r in history[:2]] == [
+            ("rollback", plan["release"]), ("apply", second["lab-01"][0])]
+    finally:
+        profile.write_text(text)

@@ -130,3 +130,15 @@ def test_nan_from_a_template_is_an_error_not_a_coercion(repo_copy: Path) -> None
 def test_render_is_deterministic(repo_copy: Path) -> None:
     assert _render_first_cpu(repo_copy).text == _render_first_cpu(repo_copy).text
     assert json.loads(_render_first_cpu(repo_copy).text)["device"] == "lab-01"
+
+
+def test_devices_of_one_profile_share_the_config_their_fleet_wide_release_is_named_by(repo_copy: Path) -> None:
+    by_profile: dict[str, set[str]] = {}
+    texts: set[str] = set()
+    for target, _, config in all_configs(repo_copy):
+        assert "{device}" not in config.text and '"device": "{device}"' in config.generic_text
+        assert f"\"{target.name}\"" not in config.generic_text
+        by_profile.setdefault(target.profile.name, set()).add(config.generic_digest)
+        texts.add(config.text)
+    assert all(len(digests) == 1 for digests in by_profile.values())
+    assert len(texts) > len(by_profile)  # while every device's own config differs

@@ -207,3 +207,52 @@ def test_field_changes_name_each_field_and_list_item_that_differs() -> None:
                                        "spec.devices[1].name: (absent) → b",
                                        "spec.slo.latency_p95_ms: 25 → 20", "spec.x: 1 → (absent)"]
     assert field_changes(old, old) == [] and len(field_changes({}, {"k": list(range(30))}, limit=5)) == 6
+
+
+V1_SCHEMA = """
+CREATE TABLE rollouts (id INTEGER PRIMARY KEY AUTOINCREMENT, deployment TEXT NOT NULL, kind TEXT NOT NULL,
+    started_at TEXT NOT NULL, finished_at TEXT, outcome TEXT, actor TEXT, git_commit TEXT, git_author TEXT,
+    artifacts TEXT, summary TEXT);
+CREATE TABLE device_events (id INTEGER PRIMARY KEY AUTOINCREMENT, rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+    deployment TEXT NOT NULL, device TEXT NOT NULL, wave INTEGER, release_id TEXT, from_release TEXT,
+    action TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT, bytes_moved INTEGER, measurements TEXT, at TEXT NOT NULL);
+CREATE TABLE locks (fleet TEXT PRIMARY KEY, holder TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL,
+    acquired_at TEXT NOT NULL);
+INSERT INTO rollouts (deployment, kind, started_at, outcome, actor, artifacts, summary)
+    VALUES ('a', 'apply', '2026-01-01T00:00:00Z', 'succeeded', 'ci', '{"cpu": "abc"}', '{}');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_ledger_from_the_first_schema_is_migrated_in_place_and_keeps_its_history(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    ledger = Ledger(path)
+    assert [(r["kind"], r["artifacts"], r["release"]) for r in ledger.history("a")] == [("apply", {"cpu": "abc"}, None)]
+    ledger.record_release("a", "rel-1234", {"cpu": "abc"}, {"x86": ["{}"]}, {"f/d1": "r-1", "f/d2": "r-2"})
+    ledger.record_release("a", "rel-1234", {"cpu": "abc"}, {"arm": ["{}"]}, {"f/d3": "r-3"})  # merged, not replaced
+    found = ledger.release("a", "rel-12")
+    assert found is not None and found["members"] == {"f/d1": "r-1", "f/d2": "r-2", "f/d3": "r-3"}
+    assert sorted(found["configs"]) == ["arm", "x86"]
+    assert ledger.release("a", "rel-9") is None and ledger.release("b", "rel-12") is None
+    assert ledger.release_names("a")[("f/d2", "r-2")] == "rel-1234"
+    Ledger(path)  # opening a current ledger again changes nothing
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_the_fleet_wide_release_id_ignores_device_values_but_not_what_the_devices_run() -> None:
+    from edgeops.release import Release, ReleaseFile, fleet_release_id
+
+    def release(device: str, config: str = '{"threads": 1}', model: str = "m") -> Release:
+        files = (ReleaseFile("model.onnx", model, 1), ReleaseFile("golden.npz", "g", 1))
+        return Release(f"r-{device}", "dep", model, f"{device}{config}", files, config)
+
+    two = fleet_release_id("dep", [release("d1"), release("d2")])
+    assert two == fleet_release_id("dep", [release("d1"), release("d2"), release("d3")])  # one more of a known class
+    assert two != fleet_release_id("dep", [release("d1"), release("d2", '{"threads": 2}')])
+    assert two != fleet_release_id("dep", [release("d1", model="n"), release("d2", model="n")])
+    assert two != fleet_release_id("other", [release("d1"), release("d2")])
