@@ -60,7 +60,7 @@ def environment(templates: Path) -> SandboxedEnvironment:
     return env
 
 
-PLACEHOLDERS = {"name": "{device}", "host": "{host}", "port": 0, "root": "{root}"}
+PLACEHOLDERS: dict[str, Any] = {"name": "{device}", "host": "{host}", "port": 0, "root": "{root}"}
 
 
 def context(deployment: Document[Deployment], target: TargetDevice, artifact: dict[str, Any],
@@ -72,7 +72,7 @@ def context(deployment: Document[Deployment], target: TargetDevice, artifact: di
     """
     own = dict(PLACEHOLDERS) if placeholders else {"name": target.name, "host": target.device.host,
                                                     "port": target.device.port, "root": target.root}
-    profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), own["name"], own["root"])
+    profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), str(own["name"]), str(own["root"]))
     spec = deployment.obj.spec
     return {
         "deployment": {"name": deployment.name, "labels": dict(deployment.obj.metadata.labels)},
