@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
-from edgeops.manifest.models import RolloutPolicy, WaveSelector, parse_count
+from pydantic import BaseModel
+
+from edgeops.manifest.models import (DistillOptions, PruneOptions, QuantizeOptions, RolloutPolicy, WaveSelector,
+                                     parse_count)
 from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"
@@ -255,13 +258,28 @@ def _shown(value: Any) -> str:
 def _step_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
     """Field by field: ``quantize.mode static → dynamic``; a step added or removed is shown whole."""
     if before is None or after is None:
-        step = after if before is None else before
-        fields = ", ".join(f"{k} {_shown(v)}" for k, v in sorted(_flat(step).items()))
+        step: dict[str, Any] = after if before is None else before  # type: ignore[assignment]
+        kind = next(iter(step), "")
+        defaults = _step_defaults(kind)
+        chosen = {k: v for k, v in sorted(_flat(step).items()) if defaults.get(k, object()) != v}
+        fields = ", ".join(f"{k} {_shown(v)}" for k, v in chosen.items()) or f"{kind}, all defaults"
         return f"{'added' if before is None else 'removed'}: {fields}"
     old, new = _flat(before), _flat(after)
     changed = [f"{k} {_shown(old.get(k, '(default)'))} → {_shown(new.get(k, '(default)'))}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(changed)
+
+
+def _step_defaults(kind: str) -> dict[str, Any]:
+    """What a step of this kind holds when the manifest sets nothing (a shown step lists only what differs)."""
+    kinds: dict[str, type[BaseModel]] = {"quantize": QuantizeOptions, "prune": PruneOptions,
+                                         "distill": DistillOptions}
+    options = kinds.get(kind)
+    if options is None:
+        return {}
+    values = {name: f.default.model_dump(mode="json") if isinstance(f.default, BaseModel) else f.default
+              for name, f in options.model_fields.items() if not f.is_required() and f.default is not None}
+    return _flat({kind: values})
 
 
 def _checked(want: DesiredDevice, seen: ObservedDevice,

@@ -109,8 +109,12 @@ def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
     return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
             f"{last['size_bytes'] / 1000:.1f} kB ({last['size_ratio'] or 1:.2f}x smaller); {q['metric']} "
             f"{q['value']:.4g} (original {q['baseline']:.4g}){_fidelity(q)}; "
-            f"host p50 {last['latency_ms']['p50']:.3f} ms "
-            f"(original {first['latency_ms']['p50']:.3f} ms, host CPU, 1 thread)")
+            f"host p50 {_p50(last['latency_ms'])} (original {_p50(first['latency_ms'])}, host CPU, 1 thread)")
+
+
+def _p50(latency: dict[str, Any]) -> str:
+    interval = latency.get("p50_ci95")
+    return f"{latency['p50']:.3f} ms" + (f" [95% CI {interval[0]:.3f}–{interval[1]:.3f}]" if interval else "")
 
 
 def plan_comment(entries: list[PlanEntry]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class Measurement:
     latency_p50_ms: float
     latency_p95_ms: float
     notes: list[str] = field(default_factory=list)
+    latency_p50_ci_ms: tuple[float, float] = (float("nan"), float("nan"))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +84,9 @@ def quality(goal: QualityGoal, outputs: np.ndarray, reference: np.ndarray, label
     return Quality(goal.metric, value, base, drop, drop <= goal.max_drop + 1e-9, extra)
 
 
-def host_latency(path: Path, data: Dataset, warmup: int = LATENCY_WARMUP, runs: int = LATENCY_RUNS) -> tuple[float, float]:
-    """Single-stream latency on this host's CPU, one thread: (p50, p95) in ms."""
+def host_latency(path: Path, data: Dataset, warmup: int = LATENCY_WARMUP,
+                 runs: int = LATENCY_RUNS) -> tuple[float, float, tuple[float, float]]:
+    """Single-stream latency on this host's CPU, one thread: (p50, p95, 95% interval of the p50) in ms."""
     sess = session(path)
     feeds = [{name: array[i:i + 1] for name, array in data.inputs.items()} for i in range(min(data.count, 64))]
     for i in range(warmup):
@@ -93,7 +96,20 @@ def host_latency(path: Path, data: Dataset, warmup: int = LATENCY_WARMUP, runs: 
         start = time.perf_counter()
         sess.run(None, feeds[i % len(feeds)])
         samples[i] = time.perf_counter() - start
-    return float(np.percentile(samples, 50) * 1e3), float(np.percentile(samples, 95) * 1e3)
+    return (float(np.percentile(samples, 50) * 1e3), float(np.percentile(samples, 95) * 1e3),
+            median_interval(samples * 1e3))
+
+
+def median_interval(samples: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """Distribution-free 95% interval of the median: the order statistics n/2 ± z·√n/2.
+
+    Back-to-back runs are not independent (caches, frequency), so read it as the least uncertainty there is.
+    """
+    ordered = np.sort(samples)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half) - 1), min(n - 1, math.ceil(n / 2 + half))
+    return float(ordered[low]), float(ordered[high])
 
 
 def static_facts(path: Path) -> tuple[int, int, int, dict[str, int]]:
@@ -131,5 +147,6 @@ class Evaluator:
     def measure(self, path: Path, notes: list[str] | None = None, latency: bool = True) -> Measurement:
         size, packed, params, ops = static_facts(path)
         q = self.quality_of(path)
-        p50, p95 = host_latency(path, self.data) if latency else (float("nan"), float("nan"))
-        return Measurement(size, packed, params, ops, q, p50, p95, list(notes or []))
+        nan = float("nan")
+        p50, p95, interval = host_latency(path, self.data) if latency else (nan, nan, (nan, nan))
+        return Measurement(size, packed, params, ops, q, p50, p95, list(notes or []), interval)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
     from edgeops.compress.evaluate import Measurement, Quality
 
-REPORT_SCHEMA = "edgeops.compress-report/v1"
+# part of the cache key: a report with new fields is a new cache entry (v2: the host p50's 95% interval)
+REPORT_SCHEMA = "edgeops.compress-report/v2"
 
 
 def build_inputs(request: BuildRequest) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
         extra_files["training"] = file_sha256(request.data_path("training"))
     model_path = request.model_path
     _check_onnx_file(request, model_path)
-    versions = {"edgeops": __version__, "onnx": importlib.metadata.version("onnx"),
+    versions = {"edgeops": __version__, "report": REPORT_SCHEMA, "onnx": importlib.metadata.version("onnx"),
                 "onnxruntime": importlib.metadata.version("onnxruntime"),
                 "numpy": importlib.metadata.version("numpy")}
     if "training" in extra_files:
@@ -226,7 +227,8 @@ def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, origi
         "size_bytes": m.size_bytes, "zstd_bytes": m.zstd_bytes, "parameters": m.parameters, "ops": m.ops,
         "quality": {"metric": m.quality.metric, "value": m.quality.value, "baseline": m.quality.baseline,
                     "drop": m.quality.drop, "passed": m.quality.passed, **m.quality.extra},
-        "latency_ms": {"p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "where": "host CPU, 1 thread, batch 1"},
+        "latency_ms": {"p50": m.latency_p50_ms, "p95": m.latency_p95_ms, "where": "host CPU, 1 thread, batch 1",
+                       **({} if math.isnan(m.latency_p50_ci_ms[0]) else {"p50_ci95": list(m.latency_p50_ci_ms)})},
         "size_ratio": ratio(original.size_bytes, m.size_bytes),
         "zstd_ratio": ratio(original.zstd_bytes, m.zstd_bytes),
         "speedup": ratio(original.latency_p50_ms, m.latency_p50_ms),

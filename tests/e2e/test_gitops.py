@@ -134,6 +134,7 @@ def lab_git(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 def normalized(markdown: str) -> str:
     """What must match the golden file across machines: numbers, digests and ids measured here vary."""
     text = re.sub(r"r-[0-9a-f]{16}", "r-<release>", markdown)
+    text = re.sub(r"rel-[0-9a-f]{12}", "rel-<release>", text)
     text = re.sub(r"py [\w.]+ · ort [\w.]+ · \w+", "py <version> · ort <version> · <arch>", text)  # device facts
     text = re.sub(r"`[0-9a-f]{12}`", "`<digest>`", text)
     text = re.sub(r"\d+\.\d+", "<n>", text)

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from edgeops.cli import main
 from labkit.repo import free_ports, running_lab
+from labkit.slow_model import make_slower
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -115,20 +116,31 @@ def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
     assert {d["device"] for d in received[0]["devices"]} == {"lab/lab-01", "lab/lab-02"}
 
 
-def test_the_pr_comment_compares_the_new_artifact_with_what_the_fleet_runs(lab: Path) -> None:
-    manifest = lab / MANIFEST
-    text = manifest.read_text()
+def test_the_pr_comment_replays_the_misleading_case_against_what_the_fleet_runs(lab: Path) -> None:
+    """A PR swaps the int8 model the fleet runs for a float one that is larger and slower, and edits the profile."""
+    manifest, profile = lab / MANIFEST, lab / "device_profiles" / "lab-cpu.yaml"
+    texts = {manifest: manifest.read_text(), profile: profile.read_text()}
     quantized = ("  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n"
                  "        calibration_method: minmax\n")
-    assert quantized in text
-    manifest.write_text(text.replace(quantized, "  recipe: []\n"))  # ship the float model instead
+    assert quantized in texts[manifest]
+    make_slower(lab / "examples/models/wearable_cnn.onnx", lab / "examples/models/float-slow.onnx", 1024, 4)
+    manifest.write_text(texts[manifest].replace(quantized, "  recipe: []\n").replace("    sha256: ", "    # sha256: ")
+                        .replace("path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/float-slow.onnx"))
+    profile.write_text(texts[profile].replace("intra_op_num_threads: 1", "intra_op_num_threads: 2"))
     try:
         result = CliRunner().invoke(main, ["plan", MANIFEST, "-o", "markdown", "--root", str(lab)])
     finally:
-        manifest.write_text(text)
+        for path, text in texts.items():
+            path.write_text(text)
     assert result.exit_code == 2, result.output
-    line = next(x for x in result.stdout.splitlines() if "against what runs" in x)
+    comment = result.stdout.splitlines()
+    line = next(x for x in comment if "against what runs" in x)
     assert line.startswith("- cpu: against what runs (artifact `") and "rollout #" in line
     sizes = line.split("size ")[1].split(" kB")[0].split(" → ")
-    assert float(sizes[0]) < float(sizes[1])  # the float model is larger than the int8 one that runs
-    assert "accuracy" in line and "host p50" in line
+    assert float(sizes[0]) * 3 < float(sizes[1])  # the float model with its extra layers against the int8 one
+    assert "accuracy" in line and " → " in line.split("accuracy")[1]  # quality: what runs → what would run
+    speed = float(line.split("x the speed")[0].rsplit("(", 1)[1])
+    assert speed < 0.5 and "95% CI" in line
+    assert any(x.startswith("- :warning: cpu artifact is ") and "slower on the host" in x for x in comment)
+    config = [x for x in comment if x.startswith("- runtime config (")]
+    assert any("session_options.intra_op_num_threads: 1 → 2" in x for x in config), config

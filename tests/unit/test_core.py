@@ -180,7 +180,7 @@ def test_a_new_artifact_is_compared_with_what_the_fleet_runs_and_warned_when_wor
                             "quality": {"metric": "accuracy", "value": accuracy}}]}
 
     line, worse = compare_reports(report(1_900_000, 0.4, 93.7), report(23_700_000, 1.6, 91.1))
-    assert line.startswith("size 1900.0 → 23700.0 kB (12.47x); accuracy 93.7 → 91.1; host p50 0.400 → 1.600 ms "
+    assert line.startswith("size 1900.0 → 23700.0 kB (12.47x larger); accuracy 93.7 → 91.1; host p50 0.400 → 1.600 ms "
                            "(0.25x the speed")
     assert worse == ["4.00x slower on the host (p50)", "lower in accuracy (93.7 → 91.1)"]
     assert compare_reports(report(1_000, 1.0, 90.0), report(900, 1.05, 90.0))[1] == []  # within noise: no warning
@@ -196,6 +196,11 @@ def test_the_recipe_diff_names_the_fields_that_changed() -> None:
                                           "cpu step 2: added: prune.method structured, prune.sparsity 0.25"]
     assert recipe_diff(after, after) == []
     assert recipe_diff(None, after) == ["no earlier successful rollout in the ledger"]
+    from edgeops.manifest.models import RecipeStep
+
+    stored = RecipeStep.model_validate({"quantize": {"mode": "static"}}).model_dump(mode="json", exclude_none=True)
+    assert len(stored["quantize"]) > 5  # the ledger keeps every option, defaults included
+    assert recipe_diff({"cpu": [stored]}, {"cpu": []}) == ["cpu step 1: removed: quantize.mode static"]
 
 
 def test_field_changes_name_each_field_and_list_item_that_differs() -> None:
