@@ -17,11 +17,17 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from pydantic import BaseModel
 
-from edgeops.manifest.models import (DistillOptions, PruneOptions, QuantizeOptions, RolloutPolicy, WaveSelector,
-                                     parse_count)
+from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
+from edgeops.manifest.models import (
+    DistillOptions,
+    PruneOptions,
+    QuantizeOptions,
+    RolloutPolicy,
+    WaveSelector,
+    parse_count,
+)
 from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"
