@@ -548,6 +548,30 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
 
 @main.command()
 @click.argument("deployment")
+@click.option("--rollout", "number", type=int, help="the rollout's number in `edgeops history` (default: the newest "
+                                                    "that measured devices)")
+@click.option("-o", "--output", type=click.Choice(["html", "json"]), default="html", show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the report to this file (default: standard output)")
+@ROOT_OPTION
+@handle_errors
+def report(deployment: str, number: int | None, output: str, out_file: Path | None, root: Path | None) -> None:
+    """A rollout as a page to look at: per device the A/B latency distributions, the gate's intervals, energy;
+    the build stages. HTML is self-contained (inline SVG plots, nothing loaded)."""
+    if output == "html":
+        text = service.report_html(deployment, number, settings(root))
+    else:
+        name, rollout, reports = service.report(deployment, number, settings(root))
+        text = json.dumps({"deployment": name, "rollout": rollout, "builds": reports}, indent=2) + "\n"
+    if out_file is None:
+        click.echo(text, nl=False)
+    else:
+        out_file.write_text(text)
+        click.echo(f"wrote {out_file}", err=True)
+
+
+@main.command()
+@click.argument("deployment")
 @click.option("--to", "to_release", help="an earlier committed release still on the devices: a fleet-wide id "
                                         "(rel-..., or a prefix of it; each device goes to its own materialisation) or "
                                         "one device release (r-...); default: undo the last rollout, each device it "

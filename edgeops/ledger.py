@@ -215,13 +215,14 @@ class Ledger:
                 (rollout_id, deployment, device, wave, release_id, from_release, action, decision, reason,
                  bytes_moved, json.dumps(measurements or {}, sort_keys=True), now()))
 
-    def history(self, deployment: str, limit: int = 20) -> list[dict[str, Any]]:
-        """Newest rollouts first, each with its device events and its ``number`` within the deployment."""
+    def history(self, deployment: str, limit: int = 20, number: int | None = None) -> list[dict[str, Any]]:
+        """Newest rollouts first, each with its device events and its ``number`` within the deployment
+        (``number``: only that one)."""
         with self._connect() as db:
             rollouts = [dict(r) for r in db.execute(
-                "SELECT *, (SELECT COUNT(*) FROM rollouts AS earlier WHERE earlier.deployment = rollouts.deployment "
-                "AND earlier.id <= rollouts.id) AS number FROM rollouts WHERE deployment = ? ORDER BY id DESC LIMIT ?",
-                (deployment, limit))]
+                "SELECT * FROM (SELECT *, (SELECT COUNT(*) FROM rollouts AS earlier WHERE earlier.deployment = "
+                "rollouts.deployment AND earlier.id <= rollouts.id) AS number FROM rollouts WHERE deployment = ?) "
+                "WHERE ? IS NULL OR number = ? ORDER BY id DESC LIMIT ?", (deployment, number, number, limit))]
             for rollout in rollouts:
                 rollout["artifacts"] = json.loads(rollout["artifacts"] or "{}")
                 rollout["summary"] = json.loads(rollout["summary"] or "{}")

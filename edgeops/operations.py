@@ -458,7 +458,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
             verdict = measure_release(device, landing, None, gate, None, seed=target.key)
             device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                            **verdict.measurements, "slo": spec.slo.model_dump(mode="json")}},
+                                            **verdict.on_device, "slo": spec.slo.model_dump(mode="json")}},
                           by=actor, release=landing)
             reporter.stage(target.key, "done", verdict.outcome)
             return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; verification "

@@ -273,7 +273,7 @@ class DeviceRoller:
             baseline = before.get("committed") if before.get("committed") != release.id else None
             report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
             verdict = self.measure(device, planned, baseline)
-            outcome.measurements = {**verdict.measurements, "checks": [c.__dict__ for c in verdict.checks]}
+            outcome.measurements = verdict.measurements
             outcome.reason = verdict.reason
             return self.conclude(device, planned, verdict, outcome)
         except EdgeopsError as exc:
@@ -308,7 +308,7 @@ class DeviceRoller:
 
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
         report = self.ctx.reporter
-        record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.measurements,
+        record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.on_device,
                                    "slo": self.spec.slo.model_dump(mode="json")}}
         pause = (verdict.outcome == FAILED and self.policy.on_failure == "pause") or \
             (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "pause")

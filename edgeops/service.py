@@ -493,6 +493,28 @@ def history(deployment: str, limit: int, settings: Settings) -> tuple[str, list[
     return doc.name, repo.ledger.history(doc.name, limit)
 
 
+def report(deployment: str, number: int | None, settings: Settings) -> tuple[str, dict[str, Any],
+                                                                            dict[str, dict[str, Any] | None]]:
+    """(deployment, rollout, build report per accelerator) for rollout ``number`` (default: the newest that
+    verified devices). Reads the ledger and the build cache only."""
+    repo, doc = _context(deployment, settings)
+    found = repo.ledger.history(doc.name, 1 if number else 50, number)
+    rollout = next((r for r in found if number or any((e["measurements"] or {}).get("latency") for e in r["devices"])),
+                   None)
+    if rollout is None:
+        raise EdgeopsError(f"no rollout #{number} of {doc.name} in the ledger" if number else
+                           f"no rollout of {doc.name} in the ledger measured a device yet",
+                           hint="`edgeops history` lists the rollouts")
+    return doc.name, rollout, {acc: repo.cache.report_of(sha) for acc, sha in rollout["artifacts"].items()}
+
+
+def report_html(deployment: str, number: int | None, settings: Settings) -> str:
+    """``report`` as a self-contained HTML page with its plots."""
+    from edgeops.report import render_html
+
+    return render_html(*report(deployment, number, settings))
+
+
 def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,
              allow_rejected: bool = False, lock_timeout_s: float = 0, notify: Progress = _quiet,
              selector: str | None = None) -> RolloutResult:

@@ -107,9 +107,13 @@ def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
     first, last = report["stages"][0], report["stages"][-1]
     q = last["quality"]
     return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
-            f"{last['size_bytes'] / 1000:.1f} kB ({last['size_ratio'] or 1:.2f}x smaller); {q['metric']} "
+            f"{last['size_bytes'] / 1000:.1f} kB ({_smaller(last['size_ratio'], len(report['stages']))}); {q['metric']} "
             f"{q['value']:.4g} (original {q['baseline']:.4g}){_fidelity(q)}; "
             f"host p50 {_p50(last['latency_ms'])} (original {_p50(first['latency_ms'])}, host CPU, 1 thread)")
+
+
+def _smaller(ratio: float | None, stages: int) -> str:
+    return "no compression step" if stages == 1 else f"{ratio or 1:.2f}x smaller"
 
 
 def _p50(latency: dict[str, Any]) -> str:

@@ -55,6 +55,21 @@ class Check:
     name: str
     outcome: Decision
     detail: str
+    interval: tuple[float, float, float, float] | None = None   # regressions: (point, low, high, limit) of new/previous
+
+    def as_dict(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"name": self.name, "outcome": self.outcome, "detail": self.detail}
+        if self.interval is not None:
+            found.update(zip(("point", "low", "high", "limit"), (round(v, 5) for v in self.interval)))
+        return found
+
+
+MAX_KEPT_SAMPLES = 2000  # per side: what the ledger keeps of a measurement for reports (evenly thinned)
+
+
+def kept_samples(samples: list[float]) -> list[float]:
+    step = max(1, -(-len(samples) // MAX_KEPT_SAMPLES))
+    return [round(float(v), 4) for v in samples[::step]]
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,11 @@ class Verdict:
     outcome: Decision
     checks: tuple[Check, ...]
     measurements: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def on_device(self) -> dict[str, Any]:
+        """The measurements a device keeps beside its release (the raw samples stay in the ledger)."""
+        return {k: v for k, v in self.measurements.items() if k != "samples_ms"}
 
     @property
     def reason(self) -> str:
@@ -100,11 +120,12 @@ def _regression(name: str, point: float, low: float, high: float, tolerance_pct:
     limit = 1 + tolerance_pct / 100
     detail = (f"{name} new/previous = {point:.3f} ({confidence:.0%} CI {low:.3f}–{high:.3f}; "
               f"limit {limit:.2f})")
+    interval = (point, low, high, limit)
     if low > limit:
-        return Check(f"{name}-regression", FAILED, detail)
+        return Check(f"{name}-regression", FAILED, detail, interval)
     if high <= limit:
-        return Check(f"{name}-regression", PASSED, detail)
-    return Check(f"{name}-regression", INCONCLUSIVE, detail + ": the interval straddles the limit")
+        return Check(f"{name}-regression", PASSED, detail, interval)
+    return Check(f"{name}-regression", INCONCLUSIVE, detail + ": the interval straddles the limit", interval)
 
 
 def quality_check(goal: QualityGoal, device_value: float, host_value: float, samples: int = 0) -> Check:
@@ -172,7 +193,10 @@ def decide(result: dict[str, Any], gate: GateSpec, host_golden: float | None, se
     measurements = {"latency": a["latency"], "power": power, "golden": a.get("golden"),
                     "peak_rss_mb": result.get("peak_rss_mb"), "providers": a.get("providers"),
                     "previous_latency": b["latency"] if b else None,
-                    "where": "device (agent), single stream, batch 1"}
+                    "where": "device (agent), single stream, batch 1",
+                    "checks": [c.as_dict() for c in checks],
+                    "samples_ms": {"new": kept_samples(a.get("samples_ms") or []),
+                                   **({"previous": kept_samples(b.get("samples_ms") or [])} if b else {})}}
     return Verdict(outcome, tuple(checks), measurements)
 
 
@@ -199,7 +223,7 @@ def _energy_regression(new: dict[str, Any], old: dict[str, Any], regression: Reg
     check = _regression("energy", point, low, high, regression.energy_pct, regression.confidence)
     outcome = FAILED if check.outcome == FAILED else PASSED
     detail = check.detail.replace(": the interval straddles the limit", ": no regression shown")
-    return Check(check.name, outcome, f"{detail} [{new.get('source')}, {new.get('boundary')}]")
+    return Check(check.name, outcome, f"{detail} [{new.get('source')}, {new.get('boundary')}]", check.interval)
 
 
 def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:

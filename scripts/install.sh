@@ -21,6 +21,8 @@ need_apt=()
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 command -v git >/dev/null || need_apt+=(git)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# the tests open `edgeops report` pages in a real headless browser (scripts/test.sh asks for it)
+if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then command -v chromium >/dev/null || need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive

@@ -3,7 +3,7 @@
 # tests/integration (real onnxruntime, the agent on a local directory), tests/e2e (real sshd lab devices).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+EDGEOPS_TEST_TOOLS=1 bash scripts/install.sh
 echo "type check: mypy --strict on edgeops/ (the on-device agent excepted)"
 .venv/bin/python -m mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -18,7 +18,7 @@ LAYERS = [
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger",
-     "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.gitinfo",
+     "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff"},                                                             # one job each, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
     {"edgeops.rollout"},                                                             # the executor
