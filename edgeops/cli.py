@@ -218,6 +218,33 @@ def enroll(fleet: str, signed_by: Path | None, root: Path | None) -> None:
 
 
 @main.group(cls=EdgeopsGroup)
+def state() -> None:
+    """Where history and locks live (EDGEOPS_STATE): SQLite in the repository, or PostgreSQL for a team."""
+
+
+@state.command("show")
+@ROOT_OPTION
+@handle_errors
+def state_show(root: Path | None) -> None:
+    """Say which ledger this repository's commands use (the password never shown)."""
+    click.echo(service.state_location(settings(root)))
+
+
+@state.command("migrate")
+@click.option("--to", "target", required=True, help="the ledger to copy into, as a URL: postgresql://user@host:port/db")
+@click.option("--from", "source", help="the ledger to copy from (default: the one this repository uses now, "
+                                       "EDGEOPS_STATE or .edgeops/ledger.sqlite)")
+@ROOT_OPTION
+@handle_errors
+def state_migrate(target: str, source: str | None, root: Path | None) -> None:
+    """Copy every rollout, decision and release of one ledger into another that is still empty (one transaction).
+    Then set EDGEOPS_STATE to the new one."""
+    copied = service.state_migrate(source, target, settings(root))
+    click.echo(f"copied {copied['rollouts']} rollout(s), {copied['device_events']} device decision(s) and "
+               f"{copied['releases']} release(s) into {copied['to']}")
+
+
+@main.group(cls=EdgeopsGroup)
 def lab() -> None:
     """A local fleet of real sshd devices on 127.0.0.1 (quick start, tests, benchmarks)."""
 

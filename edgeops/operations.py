@@ -17,7 +17,6 @@ from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
 from edgeops.health import health_of, sync_of
-from edgeops.ledger import Ledger
 from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
@@ -38,6 +37,7 @@ from edgeops.rollout import (
 )
 from edgeops.selectors import LabelSelector
 from edgeops.settings import Settings
+from edgeops.state import Ledger, open_ledger
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
 from edgeops.verify import GateSpec
@@ -57,7 +57,8 @@ class Repo:
 
     @classmethod
     def open(cls, ws: Workspace, settings: Settings) -> Repo:
-        return cls(ws, Ledger(settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)), settings.actor,
+        return cls(ws, open_ledger(settings.state_url, settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)),
+                   settings.actor,
                    settings.signing_key)
 
 

@@ -293,7 +293,7 @@ def _checked(want: DesiredDevice, seen: ObservedDevice,
     """(action, reason, bytes to move, warnings): the device's action after its preflight."""
     action, reason = _action(want, seen)
     moving = _bytes(want, seen) if action in (Action.INSTALL, Action.UPDATE, Action.REPAIR) else 0
-    over = _over_new_slo(want, seen) if action == Action.REVERIFY else ()
+    over = _over_new_slo(want, seen) if action in (Action.REVERIFY, Action.UPDATE) else ()
     if seen.facts is None or want.needs is None:
         return action, reason, moving, over
     release_bytes = sum(size for _, _, size in want.files) if action in (Action.INSTALL, Action.UPDATE) else 0
@@ -309,6 +309,12 @@ def _over_new_slo(want: DesiredDevice, seen: ObservedDevice) -> tuple[str, ...]:
     limit = (want.slo or {}).get("latency_p95_ms")
     if latency is None or limit is None or latency <= limit:
         return ()
+    if seen.current is not None and want.release_id != seen.current:  # an update: the new release may do better
+        measured_under = ((seen.verification or {}).get("slo") or {}).get("latency_p95_ms")
+        if measured_under is None or measured_under <= limit:
+            return ()  # not a tightened SLO: the release that runs met what it was verified against
+        return (f"{want.device}: the SLO is tightened to {limit:g} ms, below the p95 of {latency:.3f} ms the release "
+                "it runs measured: the new release must be faster than that on this device",)
     return (f"{want.device}: measured p95 {latency:.3f} ms is over the new SLO of {limit:g} ms: expect it to fail "
             "its re-verification",)
 

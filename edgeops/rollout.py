@@ -30,11 +30,11 @@ from edgeops.errors import (
     HostUnreachable,
     IdentityFileMissing,
 )
-from edgeops.ledger import Ledger
 from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.release import Release
 from edgeops.signing import SignedMetadata, SigningError, sign_release
+from edgeops.state import Ledger
 from edgeops.targets import TargetDevice
 from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, decide, host_golden_value

@@ -52,6 +52,28 @@ def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: A
     return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code, **options)
 
 
+def state_location(settings: Settings) -> str:
+    """The ledger the repository's commands use, as a URL without a password."""
+    from edgeops.state import open_ledger
+
+    return open_ledger(settings.state_url, settings.ledger_in(workspace_root([], settings))).location
+
+
+def state_migrate(source: str | None, target: str, settings: Settings) -> dict[str, Any]:
+    """Copy one ledger's history into another, empty one (``source`` default: the one in use)."""
+    from edgeops.state import LedgerError, open_ledger
+
+    default = settings.ledger_in(workspace_root([], settings))
+    origin = open_ledger(source or settings.state_url, default)
+    destination = open_ledger(target, default)
+    if origin.location == destination.location:
+        raise LedgerError(f"--to names the ledger in use ({origin.location})", hint="name another ledger")
+    if not destination.is_empty():
+        raise LedgerError(f"{destination.location} already holds rollouts: nothing was copied",
+                          hint="migrate into an empty database, so that no history is mixed or doubled")
+    return {**destination.import_rows(origin.export_rows()), "to": destination.location}
+
+
 def _selector(text: str | None) -> LabelSelector | None:
     from edgeops.selectors import parse_selector
 

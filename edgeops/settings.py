@@ -12,6 +12,8 @@ from pathlib import Path
 ENVIRONMENT = {
     "EDGEOPS_CACHE_DIR": "where built artifacts are cached (default: <repo>/.edgeops/cache)",
     "EDGEOPS_LEDGER": "the SQLite ledger file (default: <repo>/.edgeops/ledger.sqlite)",
+    "EDGEOPS_STATE": "where history and locks live, as a URL: sqlite:///abs/path.sqlite or postgresql://user@host:port/db "
+                     "(shared by a team and its CI; the password from PGPASSWORD or ~/.pgpass); overrides EDGEOPS_LEDGER",
     "EDGEOPS_ACTOR": "who the ledger and the devices record as acting (default: $USER)",
     "EDGEOPS_ALLOW_CODE": "1: allow manifest fields that run code (a student factory); never set it for a pull "
                           "request's plan",
@@ -26,6 +28,7 @@ class Settings:
     root: Path | None = None          # the repository root; found from the manifests when None
     cache_dir: Path | None = None
     ledger_file: Path | None = None
+    state_url: str | None = None      # EDGEOPS_STATE: another ledger than the SQLite file (PostgreSQL)
     actor: str = "edgeops"
     allow_code: bool = False          # fields that run code (student.factory) are errors
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
@@ -37,7 +40,7 @@ class Settings:
             return Path(environ[name]) if environ.get(name) else None
 
         return cls(root=root.resolve() if root else None, cache_dir=path("EDGEOPS_CACHE_DIR"),
-                   ledger_file=path("EDGEOPS_LEDGER"),
+                   ledger_file=path("EDGEOPS_LEDGER"), state_url=environ.get("EDGEOPS_STATE") or None,
                    actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops",
                    allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
                    signing_key=path("EDGEOPS_SIGNING_KEY"),

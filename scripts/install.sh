@@ -22,7 +22,11 @@ command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 command -v git >/dev/null || need_apt+=(git)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # the tests open `edgeops report` pages in a real headless browser (scripts/test.sh asks for it)
-if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then command -v chromium >/dev/null || need_apt+=(chromium); fi
+# and run the shared ledger against a throw-away PostgreSQL cluster
+if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then
+  command -v chromium >/dev/null || need_apt+=(chromium)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
@@ -31,7 +35,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 mkdir -p /run/sshd   # sshd refuses to start without its privilege-separation directory
 
-extras="${EDGEOPS_EXTRAS:-dev,distill,examples}"
+extras="${EDGEOPS_EXTRAS:-dev,distill,examples,postgres}"
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv"
   quietly python3 -m venv .venv

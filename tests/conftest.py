@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from labkit.postgres import fresh_database, running_postgres
 from labkit.repo import copy_repo, make_hostile_home, running_lab
 
 
@@ -26,3 +29,16 @@ def lab_repo(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
         pytest.fail("openssh-server is not installed: run scripts/install.sh (CI must not skip these tests)")
     with running_lab(tmp_path_factory.mktemp("lab"), 4, hostile_home) as root:
         yield root
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster (Debian's package) on 127.0.0.1 for the whole run."""
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> str:
+    """An empty database of its own for one test."""
+    return fresh_database(postgres_server, "t_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16])

@@ -100,3 +100,25 @@ def test_one_id_names_the_fleet_wide_release_and_rollback_to_it_puts_each_device
             ("rollback", plan["release"]), ("apply", second["lab-01"][0])]
     finally:
         profile.write_text(text)
+
+
+def test_a_wave_named_by_a_selector_takes_every_device_it_picks(lab: Path) -> None:
+    manifest, fleet = lab / MANIFEST, lab / "manifests" / "fleets" / "lab.yaml"
+    profile = lab / "device_profiles" / "lab-cpu.yaml"
+    texts = {path: path.read_text() for path in (manifest, fleet, profile)}
+    assert texts[fleet].count("ring: canary") == 1 and "waves: [1, 50%, 100%]" in texts[manifest]
+    fleet.write_text(texts[fleet].replace("labels: {ring: main}", "labels: {ring: canary}", 1))  # two canaries now
+    manifest.write_text(texts[manifest].replace("waves: [1, 50%, 100%]", 'waves: [{selector: "ring=canary"}, 100%]'))
+    profile.write_text(texts[profile].replace("intra_op_num_threads: 1", "intra_op_num_threads: 2"))
+    try:
+        plan = json.loads(cli(lab, "plan", MANIFEST, "-o", "json").stdout)[0]
+        waves = {d["device"]: d["wave"] for d in plan["devices"]}
+        assert waves == {"lab-01": 1, "lab-02": 1, "lab-03": 2}, waves
+        applied = cli(lab, "apply", MANIFEST, "-o", "json")
+        assert applied.exit_code == ExitCode.OK, applied.output
+        history = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)[0]
+        assert {e["device"]: e["wave"] for e in history["devices"]} == {"lab/lab-01": 1, "lab/lab-02": 1,
+                                                                         "lab/lab-03": 2}
+    finally:
+        for path, text in texts.items():
+            path.write_text(text)

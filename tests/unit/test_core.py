@@ -13,10 +13,11 @@ import pytest
 from edgeops.errors import ExitCode
 from edgeops.facts import DeviceFacts
 from edgeops.health import health_of, sync_of
-from edgeops.ledger import Ledger, LockHeld
 from edgeops.manifest.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification
 from edgeops.operations import plan_differences
 from edgeops.plan import DesiredDevice, ObservedDevice, assign_waves, make_plan
+from edgeops.state import LockHeld
+from edgeops.state.sqlite import SqliteLedger as Ledger
 from edgeops.types import Action, Decision, DeviceStatus, Health, Sync
 from edgeops.verify import GateSpec, decide
 
@@ -109,6 +110,11 @@ def test_a_changed_slo_plans_a_reverification_naming_devices_over_it() -> None:
     device = plan.devices[0]
     assert device.action == Action.REVERIFY and device.bytes_to_move == 0
     assert "is over the new SLO of 0.01 ms" in device.warnings[0]
+    updating = replace(want, release_id="r-new")  # a new release and a tighter SLO in one change
+    device = make_plan("dep", POLICY, {}, {}, None, [updating], {want.key: seen}).devices[0]
+    assert device.action == Action.UPDATE and "tightened to 0.01 ms, below the p95 of 0.020 ms" in device.warnings[0]
+    unchanged_slo = observed(verification={"slo": {"latency_p95_ms": 0.01}, "latency": {"p95_ms": 0.02}})
+    assert make_plan("dep", POLICY, {}, {}, None, [updating], {want.key: unchanged_slo}).devices[0].warnings == ()
 
 
 def test_health_is_judged_worst_first() -> None:

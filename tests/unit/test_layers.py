@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edgeops"
 PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health"}
-IO = {"edgeops.transport", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.ledger",
+IO = {"edgeops.transport", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
 
@@ -17,7 +17,7 @@ LAYERS = [
      "edgeops.selectors", "edgeops.agent"},                                          # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
-    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.ledger",
+    {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff"},                                                             # one job each, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
