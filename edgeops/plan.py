@@ -234,8 +234,8 @@ def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,
         for index in range(max(len(before_steps), len(after_steps))):
             before = before_steps[index] if index < len(before_steps) else None
             after = after_steps[index] if index < len(after_steps) else None
-            if before != after:
-                lines.append(f"{accelerator} step {index + 1}: {_step_change(before, after)}")
+            if before != after and (change := _step_change(before, after)):
+                lines.append(f"{accelerator} step {index + 1}: {change}")
     return lines
 
 
@@ -271,8 +271,16 @@ def _step_change(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         fields = ", ".join(f"{k} {_shown(v)}" for k, v in chosen.items()) or f"{kind}, all defaults"
         return f"{'added' if before is None else 'removed'}: {fields}"
     old, new = _flat(before), _flat(after)
+    defaults, absent = _step_defaults(next(iter(after), "")), object()
+
+    def differs(key: str) -> bool:
+        a, b = old.get(key, absent), new.get(key, absent)
+        if a is absent or b is absent:  # an option one side lacks (added by an upgrade) at its default: no change
+            return bool((b if a is absent else a) != defaults.get(key, absent))
+        return bool(a != b)
+
     changed = [f"{k} {_shown(old.get(k, '(default)'))} → {_shown(new.get(k, '(default)'))}"
-               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+               for k in sorted(set(old) | set(new)) if differs(k)]
     return ", ".join(changed)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,11 @@ class Evaluator:
         sess = session(path, threads=0)
         outputs = run_all(sess, self.data)[output_index(sess, self.goal)]
         return quality(self.goal, outputs, self.reference, self.data.labels, self.baseline)
+
+    def with_latency(self, measurement: Measurement, path: Path) -> Measurement:
+        """``measurement`` (taken with ``latency=False``) with the host latency of ``path`` added."""
+        p50, p95, interval = host_latency(path, self.data)
+        return replace(measurement, latency_p50_ms=p50, latency_p95_ms=p95, latency_p50_ci_ms=interval)
 
     def measure(self, path: Path, notes: list[str] | None = None, latency: bool = True) -> Measurement:
         size, packed, params, ops = static_facts(path)

@@ -86,6 +86,30 @@ def has_matmul_weights(path: Path) -> bool:
     return any(n.op_type == "MatMul" and n.input[1] in constants for n in model.graph.node)
 
 
+COMPUTE_OPS = ["Conv", "MatMul", "Gemm"]  # the ops whose int8 kernels pay; the rest mostly adds Q/DQ pairs
+
+
+def quantizable_op_types(path: Path, options: QuantizeOptions, static: bool) -> list[str] | None:
+    """``op_types_to_quantize`` for onnxruntime: the options' list (default every type onnxruntime quantizes in
+    this model) without ``exclude_op_types``; None leaves onnxruntime's default."""
+    if not options.exclude_op_types:
+        return options.op_types
+    registry = _quant().registry
+    known = set(registry.QLinearOpsRegistry) | (set(registry.QDQRegistry) if static else set())
+    present = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return sorted(set(options.op_types or (known & present)) - set(options.exclude_op_types))
+
+
+def depthwise_convs(path: Path) -> list[str]:
+    """Names of the depthwise convolutions (group > 1): int8 often has no fast kernel for them."""
+    found = []
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and node.name:
+            found.append(node.name)
+    return found
+
+
 def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str]) -> None:
     q = _quant()
     method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
@@ -95,11 +119,13 @@ def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepCon
     if ctx.accelerator == "tpu" and options.op_types:
         notes.append("op_types is set: ops outside it stay float, which an NPU may reject")
     reader = CalibrationReader(ctx.calibration.inputs, options.calibration_samples)
+    op_types = quantizable_op_types(src, options, static=True)
 
     def run(extra_options: dict[str, Any]) -> None:
         reader.rewind()
         q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
-                          op_types_to_quantize=options.op_types, per_channel=options.per_channel,
+                          op_types_to_quantize=op_types, nodes_to_exclude=options.exclude_nodes,
+                          per_channel=options.per_channel,
                           activation_type=qtype[options.activation_type],
                           weight_type=qtype[options.weight_type], calibrate_method=method,
                           extra_options=extra_options)
@@ -112,14 +138,20 @@ def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepCon
         run({**extra, "QDQDisableWeightAdjustForInt32Bias": True})
     notes.append(f"static QDQ int8: {options.calibration_method} calibration on "
                  f"{len(reader.samples)} samples, activations {options.activation_type}, "
-                 f"{'per-channel' if options.per_channel else 'per-tensor'} weights")
+                 f"{'per-channel' if options.per_channel else 'per-tensor'} weights{_kept_float(options, op_types)}")
+
+
+def _kept_float(options: QuantizeOptions, op_types: list[str] | None) -> str:
+    parts = [f"only {', '.join(op_types)}"] if op_types and options.exclude_op_types else []
+    parts += [f"{len(options.exclude_nodes)} node(s) kept float"] if options.exclude_nodes else []
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def quantize_dynamic(src: Path, dst: Path, options: QuantizeOptions, notes: list[str]) -> None:
     q = _quant()
     qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}[options.weight_type]
-    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=options.op_types,
-                       per_channel=options.per_channel, weight_type=qtype)
+    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=quantizable_op_types(src, options, static=False),
+                       nodes_to_exclude=options.exclude_nodes, per_channel=options.per_channel, weight_type=qtype)
     notes.append(f"dynamic int8: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
                  "activations quantized at run time")
 
@@ -145,15 +177,24 @@ def quantize_fp16(src: Path, dst: Path, notes: list[str]) -> None:
     notes.append("fp16 weights and activations, float32 inputs/outputs; host latency is the CPU's, not the GPU's")
 
 
-def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str]) -> Path:
+def prepared_for(mode: str, src: Path, ctx: StepContext, notes: list[str]) -> Path:
+    """The pre-processed input of a mode, made once per step (candidates of one mode share it)."""
+    path = ctx.path(f"pre-{mode}")
+    if not path.exists():
+        preprocess(src, path, notes)
+        if ctx.accelerator == "tpu":
+            notes.extend(fix_batch_dimension(path, path))
+    return path
+
+
+def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str],
+             label: str = "") -> Path:
     """Quantize ``src`` with one concrete mode; returns the output path."""
-    dst = ctx.path(f"quantize-{mode}")
+    dst = ctx.path(f"quantize-{label or mode}")
     if mode == "fp16":
         quantize_fp16(src, dst, notes)
         return dst
-    prepared = preprocess(src, ctx.path(f"pre-{mode}"), notes)
-    if ctx.accelerator == "tpu":
-        notes.extend(fix_batch_dimension(prepared, prepared))
+    prepared = prepared_for(mode, src, ctx, notes)
     if mode == "static":
         quantize_static(prepared, dst, options, ctx, notes)
     elif mode == "dynamic":
@@ -179,24 +220,49 @@ class Quantize(Step[QuantizeOptions]):
         return _auto(model, options, ctx)
 
 
+def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
+    """The static int8 options worth trying besides those given: the other weight granularity; only the
+    compute ops (no Q/DQ pairs around activations, squeeze-excite gates and residual adds); and that
+    with depthwise convolutions kept float. Each is (label, options)."""
+    flipped = "per-tensor" if options.per_channel else "per-channel"
+    variants = [(f"static {flipped}", options.model_copy(update={"per_channel": not options.per_channel}))]
+    if options.op_types is None:
+        compute = options.model_copy(update={"op_types": COMPUTE_OPS, "exclude_op_types": None})
+        variants.append(("static compute-ops", compute))
+        depthwise = depthwise_convs(prepared)
+        if depthwise:
+            kept = sorted({*depthwise, *(options.exclude_nodes or [])})
+            variants.append(("static compute-ops depthwise-float", compute.model_copy(update={"exclude_nodes": kept})))
+    return variants
+
+
+def _try(label: str, mode: str, src: Path, options: QuantizeOptions, ctx: StepContext,
+         found: dict[str, tuple[Path, list[str]]]) -> Candidate:
+    """One candidate: quantize, check quality, and time it only if the quality goal is met (early stop)."""
+    ctx.progress(f"quantize auto: trying {label}")
+    notes: list[str] = []
+    try:
+        path = run_mode(mode, src, options, ctx, notes, label=label.replace(" ", "-"))
+        measurement = ctx.evaluator.measure(path, notes, latency=False)
+        if measurement.quality.passed:
+            measurement = ctx.evaluator.with_latency(measurement, path)
+    except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
+        return Candidate(label, None, error=str(exc).splitlines()[0][:200])
+    found[label] = (path, notes)
+    return Candidate(label, measurement)
+
+
 def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
     if "weight_only" in modes and not has_matmul_weights(src):
         modes.remove("weight_only")
-    candidates: list[Candidate] = []
-    paths: dict[str, Path] = {}
-    notes_by_mode: dict[str, list[str]] = {}
-    for mode in modes:
-        ctx.progress(f"quantize auto: trying {mode}")
-        notes: list[str] = []
-        try:
-            path = run_mode(mode, src, options, ctx, notes)
-            measurement = ctx.evaluator.measure(path, notes)
-        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
-            candidates.append(Candidate(mode, None, error=str(exc).splitlines()[0][:200]))
-            continue
-        candidates.append(Candidate(mode, measurement))
-        paths[mode], notes_by_mode[mode] = path, notes
+    found: dict[str, tuple[Path, list[str]]] = {}
+    candidates = [_try(mode, mode, src, options, ctx, found) for mode in modes]
+    if options.search and "static" in modes and ctx.accelerator == "cpu":
+        prepared = ctx.path("pre-static")
+        if prepared.exists():
+            candidates += [_try(label, "static", src, variant, ctx, found)
+                           for label, variant in static_variants(options, prepared)]
     passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
     if not passing:
         summary = "; ".join(f"{c.mode}: " + (c.error or c.measurement.quality.describe()) for c in candidates)  # type: ignore[union-attr]
@@ -222,9 +288,9 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     best.chosen = True
     why = "fastest on the host" if ctx.accelerator != "gpu" else "first passing in GPU preference order"
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
-    notes = [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: {rejected or 'none'}",
-             *notes_by_mode[best.mode]]
-    return StepResult(paths[best.mode], notes, candidates, measurement=best.measurement)
+    path, notes = found[best.mode]
+    return StepResult(path, [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: "
+                             f"{rejected or 'none'}", *notes], candidates, measurement=best.measurement)
 
 
 def _short(c: Candidate) -> str:
@@ -232,6 +298,6 @@ def _short(c: Candidate) -> str:
         return f"failed: {c.error[:60]}"
     m = c.measurement
     assert m is not None
-    verdict = "passes" if m.quality.passed else "misses goal"
+    verdict = "passes" if m.quality.passed else "misses goal (not timed)"
     latency = "" if math.isnan(m.latency_p50_ms) else f", p50 {m.latency_p50_ms:.3f} ms"
     return f"{m.quality.describe()} {verdict}{latency}"

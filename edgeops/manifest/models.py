@@ -106,6 +106,15 @@ class QuantizeOptions(Strict):
     weight_type: Literal["int8", "uint8"] = "int8"
     symmetric_activations: bool = False
     op_types: list[str] | None = Field(default=None, description="restrict to these op types; default all")
+    exclude_op_types: list[str] | None = Field(
+        default=None, description="static/dynamic: op types kept in float (e.g. [Mul, Sigmoid, HardSwish] for "
+                                  "squeeze-excite blocks without fast int8 kernels)")
+    exclude_nodes: list[str] | None = Field(
+        default=None, description="static/dynamic: node names kept in float (the most sensitive layers)")
+    search: bool = Field(
+        default=True, description="auto: besides each mode as given, try the static int8 options that matter "
+                                  "(per-channel or per-tensor; compute ops only; depthwise convolutions in float) "
+                                  "and keep the fastest that meets the goal")
     calibration_samples: Annotated[int, Field(ge=1)] = 128
     bits: Literal[4] = Field(default=4, description="weight_only: bits per weight")
     block_size: Literal[16, 32, 64, 128, 256] = 32
@@ -118,6 +127,8 @@ class QuantizeOptions(Strict):
 
     @model_validator(mode="after")
     def _auto_only(self) -> "QuantizeOptions":
+        if self.op_types and self.exclude_op_types and set(self.op_types) & set(self.exclude_op_types):
+            raise ValueError("an op type cannot be both in op_types and exclude_op_types")
         for name in ("candidates", "min_speedup"):
             if getattr(self, name) is not None and self.mode != "auto":
                 raise ValueError(f"{name} only applies to mode: auto")

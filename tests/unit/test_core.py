@@ -207,6 +207,8 @@ def test_the_recipe_diff_names_the_fields_that_changed() -> None:
     stored = RecipeStep.model_validate({"quantize": {"mode": "static"}}).model_dump(mode="json", exclude_none=True)
     assert len(stored["quantize"]) > 5  # the ledger keeps every option, defaults included
     assert recipe_diff({"cpu": [stored]}, {"cpu": []}) == ["cpu step 1: removed: quantize.mode static"]
+    older = {"quantize": {k: v for k, v in stored["quantize"].items() if k != "search"}}  # before the option existed
+    assert recipe_diff({"cpu": [older]}, {"cpu": [stored]}) == []
 
 
 def test_field_changes_name_each_field_and_list_item_that_differs() -> None:
