@@ -2,8 +2,7 @@
 squeeze-and-excitation) of the kind edge cameras run, reading digits off 64x64 frames.
 
 Real data: scikit-learn's bundled handwritten digits (shipped inside the package, no download),
-upscaled from 8x8 to 64x64 with a little seeded shift and noise so the network has pixels to work
-on. Writes examples/models/mobile_cnn.onnx and examples/data/mobile_{calibration,evaluation}.npz.
+upscaled from 8x8 to 64x64 at a seeded position, in 8-bit levels as a camera sensor gives them. Writes examples/models/mobile_cnn.onnx and examples/data/mobile_{calibration,evaluation}.npz.
 
     python examples/make_mobile_camera.py
 """
@@ -71,15 +70,14 @@ class MobileCNN(nn.Module):
 
 
 def frames(images: np.ndarray, seed: int) -> np.ndarray:
-    """8x8 digits as 64x64 frames: bilinear upscaling, a seeded shift of up to 4 pixels, sensor noise."""
+    """8x8 digits as 64x64 frames: bilinear upscaling, a seeded shift of up to 8 pixels, 8-bit levels."""
     rng = np.random.default_rng(seed)
     big = nn.functional.interpolate(torch.from_numpy(images), size=(SIZE - 8, SIZE - 8), mode="bilinear",
                                     align_corners=False).numpy()
     out = np.zeros((len(images), 1, SIZE, SIZE), np.float32)
     for i, (dy, dx) in enumerate(rng.integers(0, 9, size=(len(images), 2))):
         out[i, 0, dy:dy + SIZE - 8, dx:dx + SIZE - 8] = big[i, 0]
-    out += rng.normal(0, 0.05, out.shape).astype(np.float32)
-    return out
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.float32) / 255
 
 
 def main() -> None:

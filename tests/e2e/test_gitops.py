@@ -73,7 +73,7 @@ def test_a_profile_change_touches_every_deployment_whose_fleets_use_it(git_repo:
     edit(git_repo, "device_profiles/x86-gateway.yaml", "intra_op_num_threads: 2", "intra_op_num_threads: 1")
     commit_all(git_repo, "gateways: one thread")
     # meter-cameras has an x86 gateway (cam-depot-01), vehicles too (van-0042); the lab fleet does not
-    assert touched(git_repo, base) == ["meter-digits", "vehicle-assistant"]
+    assert touched(git_repo, base) == ["meter-digits", "mobile-vision", "vehicle-assistant"]
 
 
 def test_a_model_change_is_followed_through_the_reference(git_repo: Path) -> None:
@@ -90,7 +90,7 @@ def test_a_shared_template_touches_everything_and_uncommitted_work_counts(git_re
     base = git(git_repo, "rev-parse", "HEAD")
     (git_repo / "templates/_common.j2").write_text((git_repo / "templates/_common.j2").read_text() + "\n")
     found = touched_deployments(load_workspace(git_repo), changed_files(git_repo, base))  # work tree vs base
-    assert [t.deployment for t in found] == ["meter-digits", "vehicle-assistant", "wearable-activity"]
+    assert [t.deployment for t in found] == ["meter-digits", "mobile-vision", "vehicle-assistant", "wearable-activity"]
 
 
 def test_shallow_checkout_needs_the_base_fetched(git_repo: Path, tmp_path: Path) -> None:

@@ -219,3 +219,51 @@ def test_build_json_is_only_json_even_when_onnxruntime_prints(repo_copy: Path,
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)[0]  # onnxruntime's percentile calibration prints its progress
     assert report["stages"][1]["options"]["calibration_method"] == "percentile"
+
+
+def build_mobile(root: Path, quantize: str) -> dict:  # type: ignore[type-arg]
+    path = root / "manifests" / "mobile-camera.yaml"
+    text = path.read_text()
+    assert "    - quantize: {mode: auto}\n" in text
+    path.write_text(text.replace("    - quantize: {mode: auto}\n", f"    - quantize: {quantize}\n"))
+    return build_for(load_workspace(root), "mobile-vision", "cpu").report
+
+
+def test_auto_searches_the_static_options_of_a_mobile_cnn_and_times_only_what_meets_the_goal(repo_copy: Path) -> None:
+    report = build_mobile(repo_copy, "{mode: auto, candidates: [static], min_speedup: 1.0}")
+    candidates = {c["mode"]: c for c in stage(report, 1)["candidates"]}
+    assert set(candidates) >= {"static", "static per-tensor", "static compute-ops",
+                               "static compute-ops depthwise-float"}
+    for candidate in candidates.values():
+        m = candidate["measurement"]
+        if m is not None and not m["quality"]["passed"]:
+            assert m["latency_p50_ms"] != m["latency_p50_ms"]  # NaN: a candidate that misses the goal is not timed
+    timed = [c for c in candidates.values() if c["measurement"] and c["measurement"]["quality"]["passed"]]
+    chosen = [c for c in candidates.values() if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["measurement"]["latency_p50_ms"] == min(
+        c["measurement"]["latency_p50_ms"] for c in timed)
+    said = f"auto chose {chosen[0]['mode']}" if chosen[0]["mode"] != "keep" else "auto kept the model unquantized"
+    assert any(said in note for note in stage(report, 1)["notes"])
+
+
+def test_excluded_nodes_and_op_types_stay_float(repo_copy: Path) -> None:
+    import onnx
+
+    from edgeops.compress.quantize import depthwise_convs
+
+    depthwise = depthwise_convs(repo_copy / "examples" / "models" / "mobile_cnn.onnx")
+    assert len(depthwise) == 7  # one per inverted-residual block
+    plain = stage(build_mobile(repo_copy, "{mode: static}"), 1)
+    nodes = ", ".join(f'"{name}"' for name in depthwise)
+    (repo_copy / "manifests" / "mobile-camera.yaml").write_text(
+        (repo_copy / "manifests" / "mobile-camera.yaml").read_text().replace(
+            "{mode: static}", f"{{mode: static, exclude_op_types: [Mul, Add, HardSigmoid], exclude_nodes: [{nodes}]}}"))
+    result = build_for(load_workspace(repo_copy), "mobile-vision", "cpu")
+    kept = stage(result.report, 1)
+    assert kept["ops"]["QuantizeLinear"] < plain["ops"]["QuantizeLinear"]
+    assert "node(s) kept float" in " ".join(kept["notes"]) and "only " in " ".join(kept["notes"])
+    graph = onnx.load(str(result.artifact.model)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    weights = {n.name: made_by.get(n.input[1]) for n in graph.node if n.op_type == "Conv"}
+    assert all(weights[name] is None for name in depthwise)  # float weights, straight from the initializer
+    assert sum(kind == "DequantizeLinear" for kind in weights.values()) == len(weights) - len(depthwise)

@@ -21,7 +21,8 @@ from edgeops.manifest.schema import json_schema
 from labkit.repo import REPO
 
 EXAMPLE_DOCS = sorted([*REPO.glob("manifests/**/*.yaml"), *REPO.glob("device_profiles/*.yaml")])
-MODELS = {"make_camera.py": "digits_cnn", "make_wearable.py": "wearable_cnn", "make_assistant.py": "assistant_encoder"}
+MODELS = {"make_camera.py": "digits_cnn", "make_wearable.py": "wearable_cnn", "make_assistant.py": "assistant_encoder",
+          "make_mobile_camera.py": "mobile_cnn"}
 
 
 def test_reference_doc_is_generated_from_the_code() -> None:
