@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 EDGEOPS_TEST_TOOLS=1 bash scripts/install.sh
 echo "type check: mypy --strict on edgeops/ (the on-device agent excepted)"
 .venv/bin/python -m mypy
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -497,6 +497,69 @@ def _module_fact(name):
     return getattr(module, "__version__", "unknown"), None
 
 
+def _runtime_fingerprint():
+    """What identifies the installed interpreter, numpy and onnxruntime, found without importing them: a
+    reinstall or upgrade rewrites these files, so their paths, sizes and times change with it."""
+    import importlib.util
+
+    parts = [sys.executable, platform.python_version()]
+    for name in ("numpy", "onnxruntime"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec.origin if spec is not None and spec.origin else None
+        if origin is None:
+            parts.append(f"{name}:absent")
+            continue
+        package = os.path.dirname(origin)
+        stamps = []
+        for path in (origin, package, os.path.join(package, "capi")):
+            try:
+                stat = os.stat(path)
+                stamps.append(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}")
+            except OSError:
+                stamps.append("-")
+        parts.append(f"{name}:{origin}:{','.join(stamps)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _runtime_facts(root):
+    """numpy's and onnxruntime's versions and providers. Importing them costs most of a state read, so the
+    answer is kept in <root>/agent/runtime-facts.json under the fingerprint of the installed files and
+    recomputed whenever that changes (never written where the root does not exist yet)."""
+    cache = os.path.join(root, "agent", "runtime-facts.json")
+    fingerprint = _runtime_fingerprint()
+    try:
+        with open(cache) as handle:
+            kept = json.load(handle)
+        if kept.get("fingerprint") == fingerprint:
+            return kept["facts"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    found = {}
+    for name in ("numpy", "onnxruntime"):
+        version, error = _module_fact(name)
+        found[name] = {"version": version, "error": error}
+    found["onnxruntime"]["available_providers"] = []
+    if found["onnxruntime"]["version"] is not None:
+        try:
+            import onnxruntime
+
+            found["onnxruntime"]["available_providers"] = list(onnxruntime.get_available_providers())
+        except Exception as exc:  # noqa: BLE001
+            found["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
+    if os.path.isdir(os.path.dirname(cache)) and not any(f["error"] for f in found.values()):
+        try:
+            temporary = f"{cache}.{os.getpid()}.tmp"
+            with open(temporary, "w") as handle:
+                json.dump({"fingerprint": fingerprint, "facts": found}, handle)
+            os.replace(temporary, cache)
+        except OSError:
+            pass  # a read-only agent directory: facts are still right, only slower
+    return found
+
+
 def gather_facts(root, power_config=None):
     """What this device has, read without changing anything: works even without numpy and onnxruntime."""
     out = {
@@ -506,17 +569,7 @@ def gather_facts(root, power_config=None):
         "hostname": platform.node(), "cpus": os.cpu_count(), "memory_total_mb": _memory_total_mb(),
         "uid": os.getuid() if hasattr(os, "getuid") else None,
     }
-    for name in ("numpy", "onnxruntime"):
-        version, error = _module_fact(name)
-        out[name] = {"version": version, "error": error}
-    out["onnxruntime"]["available_providers"] = []
-    if out["onnxruntime"]["version"] is not None:
-        try:
-            import onnxruntime
-
-            out["onnxruntime"]["available_providers"] = list(onnxruntime.get_available_providers())
-        except Exception as exc:  # noqa: BLE001
-            out["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
+    out.update(_runtime_facts(root))
     measured_at, free = _free_space(root)
     used = 0
     for directory, _, names in os.walk(root):

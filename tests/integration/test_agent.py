@@ -231,3 +231,26 @@ def test_unreadable_rapl_counter_says_so() -> None:
     shutil.rmtree(tmp_path)
     assert "cannot read energy counter" in message and "as uid 65534" in message
     assert "root only" in message
+
+
+def test_runtime_facts_are_kept_under_the_installed_files_fingerprint(tmp_path: Path) -> None:
+    import onnxruntime
+
+    root = tmp_path / "root"
+    args = ("state", "--root", str(root), "--deployment", "d", "--facts", "--power", '{"source": "none"}')
+    _, fresh = run_agent(tmp_path, *args)
+    assert not (root / "agent" / "runtime-facts.json").exists()  # a device without a root gets nothing written
+    (root / "agent").mkdir(parents=True)
+    _, first = run_agent(tmp_path, *args)
+    cache = root / "agent" / "runtime-facts.json"
+    kept = json.loads(cache.read_text())
+    assert kept["facts"]["onnxruntime"]["version"] == onnxruntime.__version__ == first["facts"]["onnxruntime"]["version"]
+    assert first["facts"]["onnxruntime"] == fresh["facts"]["onnxruntime"]
+    kept["facts"]["onnxruntime"]["version"] = "9.9.9"  # what an answer from the cache would show
+    cache.write_text(json.dumps(kept))
+    assert run_agent(tmp_path, *args)[1]["facts"]["onnxruntime"]["version"] == "9.9.9"
+    kept["fingerprint"] = "another installation"  # an upgrade changes the installed files: asked again
+    cache.write_text(json.dumps(kept))
+    assert run_agent(tmp_path, *args)[1]["facts"]["onnxruntime"]["version"] == onnxruntime.__version__
+    cache.write_text("{not json")
+    assert run_agent(tmp_path, *args)[1]["facts"]["onnxruntime"]["version"] == onnxruntime.__version__
