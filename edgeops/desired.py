@@ -12,7 +12,7 @@ from edgeops.errors import EdgeopsError
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.release import Release, fleet_release_id, make_release
-from edgeops.render import render_device
+from edgeops.render import environment, render_device
 from edgeops.selectors import LabelSelector
 from edgeops.targets import TargetDevice, target_devices
 
@@ -67,9 +67,10 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
         progress(f"building {deployment.name} for {accelerator}")
         artifacts[accelerator] = build(BuildRequest.of(deployment, accelerator), cache, progress=progress).artifact
     releases = {}
+    templates = environment(ws.templates_dir)
     for target in targets:
         artifact = artifacts[target.accelerator]
-        config = render_device(ws, deployment, target, artifact.report["artifact"])
+        config = render_device(ws, deployment, target, artifact.report["artifact"], templates)
         releases[target.key] = make_release(deployment.name, artifact, config)
     return Desired(deployment, targets, artifacts, releases,
                    fleet_release_id(deployment.name, list(releases.values())))

@@ -95,9 +95,12 @@ def _template_line(exc: BaseException, name: str) -> int | None:
 
 
 def render_device(ws: Workspace, deployment: Document[Deployment], target: TargetDevice,
-                  artifact: dict[str, Any]) -> RenderedConfig:
-    """The runtime config of one device. Raises RenderError (located in the template)."""
-    env = environment(ws.templates_dir)
+                  artifact: dict[str, Any], env: SandboxedEnvironment | None = None) -> RenderedConfig:
+    """The runtime config of one device. Raises RenderError (located in the template).
+
+    ``env``: one environment for many devices, so each template is compiled once (it reloads a template
+    whose file changed)."""
+    env = env or environment(ws.templates_dir)
     text = _render(env, target, context(deployment, target, artifact))
     try:
         generic = _render(env, target, context(deployment, target, artifact, placeholders=True))

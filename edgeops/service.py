@@ -196,7 +196,7 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
     from edgeops.compress.cache import Cache
     from edgeops.compress.pipeline import build as run_build
     from edgeops.compress.request import BuildRequest
-    from edgeops.render import render_device
+    from edgeops.render import environment, render_device
     from edgeops.targets import target_devices
 
     ws = _load([manifest], settings)
@@ -207,7 +207,8 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
     cache = Cache(settings.cache_in(ws.root))
     artifacts = {acc: run_build(BuildRequest.of(doc, acc), cache).report["artifact"]
                  for acc in sorted({t.accelerator for t in targets})}
-    return [(t, render_device(ws, doc, t, artifacts[t.accelerator])) for t in targets]
+    templates = environment(ws.templates_dir)
+    return [(t, render_device(ws, doc, t, artifacts[t.accelerator], templates)) for t in targets]
 
 
 # ------------------------------------------------------------------ the lab
