@@ -58,8 +58,7 @@ class Repo:
     @classmethod
     def open(cls, ws: Workspace, settings: Settings) -> Repo:
         return cls(ws, open_ledger(settings.state_url, settings.ledger_in(ws.root)), Cache(settings.cache_in(ws.root)),
-                   settings.actor,
-                   settings.signing_key)
+                   settings.actor, settings.signing_key)
 
 
 def recipes(doc: Document[Deployment], desired: Desired) -> dict[str, list[dict[str, Any]]]:
