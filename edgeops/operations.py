@@ -128,11 +128,13 @@ def plan_warnings(doc: Document[Deployment], desired: Desired) -> list[str]:
 
 
 def against_what_runs(repo: Repo, doc: Document[Deployment], desired: Desired) -> tuple[list[str], list[str]]:
-    """(comparison lines, warnings): each new artifact against the one the last successful apply rolled out.
+    """(comparison lines, warnings): each new artifact against the one the fleet was last left on (by an apply,
+    or by a rollback to a known release).
 
     Host numbers from the two build reports (p50, 1 thread): a first look before the devices measure."""
-    last = next((r for r in repo.ledger.history(doc.name, 50) if r["kind"] == "apply" and r["outcome"] == "succeeded"),
-                None)
+    # the newest rollout that left the fleet on a known release: an apply, or a rollback that landed on one
+    last = next((r for r in repo.ledger.history(doc.name, 50) if r["outcome"] == "succeeded" and
+                 (r["kind"] == "apply" or (r["kind"] == "rollback" and r.get("release")))), None)
     lines: list[str] = []
     warnings: list[str] = []
     if last is None:
@@ -385,6 +387,14 @@ def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[st
     return state.previous, f"undoes {state.current}"
 
 
+def _release_landed_on(ledger: Ledger, deployment: str, landings: dict[str, tuple[str, str]]) -> dict[str, Any] | None:
+    """The fleet-wide release every device a rollback moves lands on, when there is exactly one."""
+    names = ledger.release_names(deployment)
+    found = {names.get((key, landing)) for key, (landing, _) in landings.items()}
+    only = found.pop() if len(found) == 1 else None
+    return ledger.release(deployment, only) if only else None
+
+
 def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                         to: str | None = None, devices: list[str] | None = None,
                         reporter: Reporter | None = None, allow_rejected: bool = False,
@@ -432,9 +442,10 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             reasons = sorted({o.reason for o in outcomes.values()})
             return RolloutResult(doc.name, Outcome.NO_OP, "nothing to roll back: " + "; ".join(reasons),
                                  [outcomes[t.key] for t in targets])
+        landed_on = fleet_release or _release_landed_on(ledger, doc.name, landings)
         rollout_id = ledger.start_rollout(doc.name, "rollback", actor, git,
-                                          fleet_release["artifacts"] if fleet_release else {},
-                                          fleet_release["id"] if fleet_release else None)
+                                          landed_on["artifacts"] if landed_on else {},
+                                          landed_on["id"] if landed_on else None)
 
         def record(o: DeviceOutcome) -> DeviceOutcome:  # written when decided, like apply's
             ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,

@@ -56,7 +56,7 @@ def test_a_bad_selector_is_invalid_input_before_any_device_is_touched(lab: Path)
 
 def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> None:
     assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
-    on = running(lab)
+    on, released = running(lab), fleet_view(lab)["lab-02"][0]
     assert all(on.values())
     profile = lab / "device_profiles" / "lab-cpu.yaml"
     text = profile.read_text()
@@ -69,6 +69,8 @@ def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> N
         after = running(lab)
         assert after["lab-01"] == newer["lab-01"]  # not picked: still on the newer release
         assert after["lab-02"] == on["lab-02"] and after["lab-03"] == on["lab-03"]
+        back = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)[0]
+        assert (back["kind"], back["release"]) == ("rollback", released)  # what the devices it moved run now
     finally:
         profile.write_text(text)
 
