@@ -34,6 +34,10 @@ class StatusRow(Protocol):
     def slo_p95_ms(self) -> float | None: ...
     @property
     def energy(self) -> dict[str, Any] | None: ...
+    @property
+    def release(self) -> str | None: ...
+    @property
+    def fleet_release(self) -> str | None: ...
 
 DEVICE = ("deployment", "fleet", "device")
 
@@ -57,6 +61,9 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
                    [*DEVICE, "source", "boundary"], registry=registry)
     decision = Gauge("edgeops_device_last_rollout_decision", "1 for the decision of the last rollout on the device",
                      [*DEVICE, "decision"], registry=registry)
+    running = Gauge("edgeops_device_release_info", "1, labelled with the release the device runs: fleet-wide "
+                    "(rel-..., empty when the ledger does not know it) and the device's own copy (r-...)",
+                    [*DEVICE, "release", "materialisation"], registry=registry)
     unreadable = Gauge("edgeops_deployment_unreadable", "1 when status could not show a deployment (or file)",
                        ["deployment"], registry=registry)
     for deployment, group in rows.items():
@@ -73,6 +80,8 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
             if reading.get("energy_per_inference_mj") is not None:
                 energy.labels(*labels, reading.get("source") or "", reading.get("boundary") or "").set(
                     reading["energy_per_inference_mj"])
+            if row.release:
+                running.labels(*labels, row.fleet_release or "", row.release).set(1)
             last = last_decisions.get(deployment, {}).get(f"{row.fleet}/{row.device}")
             if last is not None:
                 for outcome in Decision:

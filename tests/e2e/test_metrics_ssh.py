@@ -48,6 +48,10 @@ def check(text: str) -> None:
         assert found[("edgeops_device_energy_per_inference_millijoules",
                       device(name, source="hwmon", boundary="board"))] > 0
         assert found[("edgeops_device_last_rollout_decision", device(name, decision="Passed"))] == 1
+        info = [labels for (metric, labels), value in found.items()
+                if metric == "edgeops_device_release_info" and dict(labels)["device"] == name and value == 1]
+        assert len(info) == 1 and dict(info[0])["release"].startswith("rel-")
+        assert dict(info[0])["materialisation"].startswith("r-")
 
 
 def test_status_prints_openmetrics_that_a_prometheus_parser_reads(lab: Path) -> None:
