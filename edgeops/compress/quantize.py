@@ -236,8 +236,78 @@ def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str,
     return variants
 
 
+def quantized_nodes(path: Path) -> list[str]:
+    """Names of the nodes a QDQ model runs on dequantized inputs (what static int8 changed)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    return [n.name for n in graph.node if n.name and n.input and n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and made_by.get(n.input[0]) == "DequantizeLinear"]
+
+
+def sensitivity_order(prepared: Path, quantized: Path, nodes: list[str], inputs: dict[str, np.ndarray],
+                      samples: int = 16) -> list[str]:
+    """``nodes`` most harmful first: the relative error (quantized against float) each adds between its
+    input and its output, on the first ``samples`` evaluation samples. One run of each model."""
+    import onnxruntime as ort
+
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    by_name = {n.name: n for n in graph.node}
+    graph_inputs = {i.name for i in graph.input}
+    tensors = sorted({t for name in nodes for t in (by_name[name].input[0], by_name[name].output[0])} - graph_inputs)
+
+    def run(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(str(path))
+        present = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feed = {name: array[:samples] for name, array in inputs.items()}
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+    exact, approximate = run(prepared), run(quantized)
+
+    def error(tensor: str) -> float:
+        if tensor in graph_inputs or tensor not in exact:
+            return 0.0
+        reference = exact[tensor].astype(np.float64)
+        return float(np.linalg.norm(approximate[tensor] - reference) / (np.linalg.norm(reference) + 1e-12))
+
+    added = {name: error(by_name[name].output[0]) - error(by_name[name].input[0]) for name in nodes}
+    return sorted(nodes, key=lambda name: -added[name])
+
+
+def mixed_precision(src: Path, ctx: StepContext, found: dict[str, tuple[Path, list[str], QuantizeOptions]],
+                    base: Candidate) -> list[Candidate]:
+    """Static int8 missed the goal: from its closest variant, keep the most sensitive quantized nodes float,
+    1, 2, 4, ... of them, until a configuration meets the goal (NNCF's accuracy-aware idea, by measured
+    sensitivity); the fastest passing candidate wins as usual."""
+    quantized, _, options = found[base.mode]
+    prepared = ctx.path("pre-static")
+    if not prepared.exists():
+        return []
+    nodes = quantized_nodes(quantized)
+    if len(nodes) < 2:
+        return []
+    ctx.progress(f"quantize auto: measuring the sensitivity of {len(nodes)} quantized node(s)")
+    order = sensitivity_order(prepared, quantized, nodes, ctx.evaluator.data.inputs)
+    tried: list[Candidate] = []
+    count = 1
+    while count < len(nodes):
+        kept = sorted({*order[:count], *(options.exclude_nodes or [])})
+        variant = options.model_copy(update={"exclude_nodes": kept})
+        candidate = _try(f"{base.mode} mixed {count}-float", "static", src, variant, ctx, found)
+        tried.append(candidate)
+        if candidate.measurement is not None and candidate.measurement.quality.passed:
+            found[candidate.mode][1].append(f"kept float by sensitivity: {', '.join(order[:count])}")
+            break
+        count *= 2
+    return tried
+
+
 def _try(label: str, mode: str, src: Path, options: QuantizeOptions, ctx: StepContext,
-         found: dict[str, tuple[Path, list[str]]]) -> Candidate:
+         found: dict[str, tuple[Path, list[str], QuantizeOptions]]) -> Candidate:
     """One candidate: quantize, check quality, and time it only if the quality goal is met (early stop)."""
     ctx.progress(f"quantize auto: trying {label}")
     notes: list[str] = []
@@ -248,7 +318,7 @@ def _try(label: str, mode: str, src: Path, options: QuantizeOptions, ctx: StepCo
             measurement = ctx.evaluator.with_latency(measurement, path)
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
         return Candidate(label, None, error=str(exc).splitlines()[0][:200])
-    found[label] = (path, notes)
+    found[label] = (path, notes, options)
     return Candidate(label, measurement)
 
 
@@ -256,7 +326,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
     if "weight_only" in modes and not has_matmul_weights(src):
         modes.remove("weight_only")
-    found: dict[str, tuple[Path, list[str]]] = {}
+    found: dict[str, tuple[Path, list[str], QuantizeOptions]] = {}
     candidates = [_try(mode, mode, src, options, ctx, found) for mode in modes]
     if options.search and "static" in modes and ctx.accelerator == "cpu":
         prepared = ctx.path("pre-static")
@@ -264,6 +334,11 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
             candidates += [_try(label, "static", src, variant, ctx, found)
                            for label, variant in static_variants(options, prepared)]
     passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
+    statics = [c for c in candidates if c.mode.startswith("static") and c.measurement is not None]
+    if options.search and not passing and statics and ctx.accelerator == "cpu":
+        closest = min(statics, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
+        candidates += mixed_precision(src, ctx, found, closest)
+        passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
     if not passing:
         summary = "; ".join(f"{c.mode}: " + (c.error or c.measurement.quality.describe()) for c in candidates)  # type: ignore[union-attr]
         return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
@@ -288,7 +363,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     best.chosen = True
     why = "fastest on the host" if ctx.accelerator != "gpu" else "first passing in GPU preference order"
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
-    path, notes = found[best.mode]
+    path, notes, _ = found[best.mode]
     return StepResult(path, [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: "
                              f"{rejected or 'none'}", *notes], candidates, measurement=best.measurement)
 

@@ -267,3 +267,22 @@ def test_excluded_nodes_and_op_types_stay_float(repo_copy: Path) -> None:
     weights = {n.name: made_by.get(n.input[1]) for n in graph.node if n.op_type == "Conv"}
     assert all(weights[name] is None for name in depthwise)  # float weights, straight from the initializer
     assert sum(kind == "DequantizeLinear" for kind in weights.values()) == len(weights) - len(depthwise)
+
+
+def test_mixed_precision_keeps_the_most_sensitive_nodes_float_until_the_goal_is_met(repo_copy: Path) -> None:
+    manifest = repo_copy / "manifests" / "assistant.yaml"
+    text = manifest.read_text().replace("    - quantize: {mode: dynamic, per_channel: true}\n",
+                                        "    - quantize: {mode: auto, candidates: [static], min_speedup: 1.0}\n")
+    manifest.write_text(text)
+    loose = stage(build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu").report, 1)["candidates"]
+    assert not any("mixed" in c["mode"] for c in loose)  # every static variant met the goal: nothing to search
+    closest = min(c["measurement"]["quality"]["drop"] for c in loose if c["mode"].startswith("static"))
+    manifest.write_text(text.replace("max_drop: 0.05", f"max_drop: {closest * 0.9:.3e}"))
+    strict = stage(build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu").report, 1)["candidates"]
+    mixed = [c for c in strict if "mixed" in c["mode"]]
+    assert mixed and all(not c["measurement"]["quality"]["passed"] for c in strict if "mixed" not in c["mode"]
+                         and c["mode"] != "keep")
+    kept = [int(c["mode"].split("mixed ")[1].split("-")[0]) for c in mixed]
+    assert kept == [2 ** i for i in range(len(kept))]  # 1, 2, 4, ... nodes float, stopping at the first that passes
+    assert mixed[-1]["measurement"]["quality"]["passed"] and mixed[-1]["measurement"]["quality"]["drop"] <= closest * 0.9
+    assert not any(c["measurement"]["quality"]["passed"] for c in mixed[:-1])
