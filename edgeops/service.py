@@ -315,7 +315,8 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     """What apply would do, per deployment named or touched, with every device's facts and preflight."""
     from edgeops.connections import Connections
     from edgeops.gitdiff import manifest_changes
-    from edgeops.operations import against_what_runs, plan_deployment, plan_warnings
+    from edgeops.operations import plan_deployment
+    from edgeops.review import against_what_runs, plan_warnings
 
     picked = _selector(selector)
     repo, docs = _selected(manifests, changed_since, settings)

@@ -179,7 +179,7 @@ def test_history_numbers_rollouts_per_deployment_and_the_recipe_baseline_skips_r
 
 
 def test_a_new_artifact_is_compared_with_what_the_fleet_runs_and_warned_when_worse() -> None:
-    from edgeops.operations import compare_reports
+    from edgeops.review import compare_reports
 
     def report(size: int, p50: float, accuracy: float) -> dict:  # type: ignore[type-arg]
         return {"stages": [{"size_bytes": size, "latency_ms": {"p50": p50, "p95": p50 * 3},
