@@ -43,7 +43,8 @@ class Release:
     @property
     def variant(self) -> tuple[str, str, str]:
         """What this release shares with every device of its class: (model, golden set, generic config) digests."""
-        return self.artifact_sha256, self.files[1].sha256, digest(self.generic_config)
+        golden = next(f.sha256 for f in self.files if f.name == "golden.npz")
+        return self.artifact_sha256, golden, digest(self.generic_config)
 
     @property
     def model_bytes(self) -> int:

@@ -12,6 +12,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+@contextmanager
+def edited(*changes: tuple[Path, str, str]) -> Iterator[None]:
+    """Replace the first ``old`` by ``new`` in each file for the block, then put every file back as it was."""
+    texts = {path: path.read_text() for path, _, _ in changes}
+    try:
+        for path, old, new in changes:
+            assert old in path.read_text(), f"{old!r} not in {path}"
+            path.write_text(path.read_text().replace(old, new, 1))
+        yield
+    finally:
+        for path, text in texts.items():
+            path.write_text(text)
+
+
 def copy_repo(dest: Path) -> Path:
     """Copy manifests, profiles, templates and example models/data into ``dest``."""
     for name in ("manifests", "device_profiles", "templates"):

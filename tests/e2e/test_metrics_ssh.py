@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from edgeops.cli import main
-from labkit.repo import free_ports, running_lab
+from labkit.http import webhook_receiver
+from labkit.repo import edited, free_ports, running_lab
 from labkit.slow_model import make_slower
 
 pytestmark = pytest.mark.ssh
@@ -87,32 +88,10 @@ def test_serve_metrics_answers_scrapes_over_http(lab: Path) -> None:
 
 
 def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     profile = lab / "device_profiles" / "lab-cpu.yaml"
-    text = profile.read_text()
-    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
-    try:
-        result = CliRunner(env={"EDGEOPS_WEBHOOKS": f"http://127.0.0.1:{server.server_address[1]}/hook"}).invoke(
-            main, ["apply", MANIFEST, "--root", str(lab)])
-    finally:
-        profile.write_text(text)
-        server.shutdown()
+    with webhook_receiver() as (url, state), edited((profile, "inter_op_num_threads: 1", "inter_op_num_threads: 2")):
+        result = CliRunner(env={"EDGEOPS_WEBHOOKS": url}).invoke(main, ["apply", MANIFEST, "--root", str(lab)])
+    received = state["bodies"]
     assert result.exit_code == 0, result.output
     assert [(e["kind"], e["deployment"], e["outcome"]) for e in received] == [("apply", "wearable-activity",
                                                                                 "succeeded")]
@@ -123,19 +102,13 @@ def test_a_rollout_is_announced_to_the_webhooks(lab: Path) -> None:
 def test_the_pr_comment_replays_the_misleading_case_against_what_the_fleet_runs(lab: Path) -> None:
     """A PR swaps the int8 model the fleet runs for a float one that is larger and slower, and edits the profile."""
     manifest, profile = lab / MANIFEST, lab / "device_profiles" / "lab-cpu.yaml"
-    texts = {manifest: manifest.read_text(), profile: profile.read_text()}
     quantized = ("  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n"
                  "        calibration_method: minmax\n")
-    assert quantized in texts[manifest]
     make_slower(lab / "examples/models/wearable_cnn.onnx", lab / "examples/models/float-slow.onnx", 1024, 4)
-    manifest.write_text(texts[manifest].replace(quantized, "  recipe: []\n").replace("    sha256: ", "    # sha256: ")
-                        .replace("path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/float-slow.onnx"))
-    profile.write_text(texts[profile].replace("intra_op_num_threads: 1", "intra_op_num_threads: 2"))
-    try:
+    with edited((manifest, quantized, "  recipe: []\n"), (manifest, "    sha256: ", "    # sha256: "),
+                (manifest, "path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/float-slow.onnx"),
+                (profile, "intra_op_num_threads: 1", "intra_op_num_threads: 2")):
         result = CliRunner().invoke(main, ["plan", MANIFEST, "-o", "markdown", "--root", str(lab)])
-    finally:
-        for path, text in texts.items():
-            path.write_text(text)
     assert result.exit_code == 2, result.output
     comment = result.stdout.splitlines()
     line = next(x for x in comment if "against what runs" in x)

@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from labkit.repo import running_lab
+from labkit.repo import edited, running_lab
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -58,10 +58,7 @@ def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> N
     assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
     on, released = running(lab), fleet_view(lab)["lab-02"][0]
     assert all(on.values())
-    profile = lab / "device_profiles" / "lab-cpu.yaml"
-    text = profile.read_text()
-    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
-    try:
+    with edited((lab / "device_profiles" / "lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")):
         assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
         newer = running(lab)
         result = cli(lab, "rollback", "wearable-activity", "-l", "ring=main")
@@ -71,8 +68,6 @@ def test_rollback_with_a_selector_leaves_the_other_devices_alone(lab: Path) -> N
         assert after["lab-02"] == on["lab-02"] and after["lab-03"] == on["lab-03"]
         back = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)[0]
         assert (back["kind"], back["release"]) == ("rollback", released)  # what the devices it moved run now
-    finally:
-        profile.write_text(text)
 
 
 def fleet_view(root: Path) -> dict[str, tuple[str | None, str | None]]:
@@ -86,10 +81,7 @@ def test_one_id_names_the_fleet_wide_release_and_rollback_to_it_puts_each_device
     first = fleet_view(lab)
     assert {fleet for fleet, _ in first.values()} == {plan["release"]} and plan["release"].startswith("rel-")
     assert len({own for _, own in first.values()}) == 3  # each runtime config names its device: three copies
-    profile = lab / "device_profiles" / "lab-cpu.yaml"
-    text = profile.read_text()
-    profile.write_text(text.replace("inter_op_num_threads: 1", "inter_op_num_threads: 2"))
-    try:
+    with edited((lab / "device_profiles" / "lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 2")):
         assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
         second = fleet_view(lab)
         assert len({fleet for fleet, _ in second.values()}) == 1 and second["lab-01"][0] != plan["release"]
@@ -100,20 +92,16 @@ def test_one_id_names_the_fleet_wide_release_and_rollback_to_it_puts_each_device
         history = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)
         assert [(r["kind"], r["release"]) for r in history[:2]] == [
             ("rollback", plan["release"]), ("apply", second["lab-01"][0])]
-    finally:
-        profile.write_text(text)
 
 
 def test_a_wave_named_by_a_selector_takes_every_device_it_picks(lab: Path) -> None:
     manifest, fleet = lab / MANIFEST, lab / "manifests" / "fleets" / "lab.yaml"
-    profile = lab / "device_profiles" / "lab-cpu.yaml"
-    texts = {path: path.read_text() for path in (manifest, fleet, profile)}
-    assert texts[fleet].count("ring: canary") == 1 and "waves: [1, 50%, 100%]" in texts[manifest]
-    fleet.write_text(texts[fleet].replace("labels: {ring: main}", "labels: {ring: canary}", 1))  # two canaries now
-    manifest.write_text(texts[manifest].replace("waves: [1, 50%, 100%]", 'waves: [{selector: "ring=canary"}, 100%]'))
-    # a change every device must take that does not slow it down (two intra-op threads did, 1.8x: rolled back)
-    profile.write_text(texts[profile].replace("inter_op_num_threads: 1", "inter_op_num_threads: 3"))
-    try:
+    assert fleet.read_text().count("ring: canary") == 1
+    # two canaries now; and a change every device must take that does not slow it down (two intra-op threads
+    # did, 1.8x: rolled back)
+    with edited((fleet, "labels: {ring: main}", "labels: {ring: canary}"),
+                (manifest, "waves: [1, 50%, 100%]", 'waves: [{selector: "ring=canary"}, 100%]'),
+                (lab / "device_profiles" / "lab-cpu.yaml", "inter_op_num_threads: 1", "inter_op_num_threads: 3")):
         plan = json.loads(cli(lab, "plan", MANIFEST, "-o", "json").stdout)[0]
         waves = {d["device"]: d["wave"] for d in plan["devices"]}
         assert waves == {"lab-01": 1, "lab-02": 1, "lab-03": 2}, waves
@@ -122,6 +110,3 @@ def test_a_wave_named_by_a_selector_takes_every_device_it_picks(lab: Path) -> No
         history = json.loads(cli(lab, "history", "wearable-activity", "-o", "json").stdout)[0]
         assert {e["device"]: e["wave"] for e in history["devices"]} == {"lab/lab-01": 1, "lab/lab-02": 1,
                                                                          "lab/lab-03": 2}
-    finally:
-        for path, text in texts.items():
-            path.write_text(text)

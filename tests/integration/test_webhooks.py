@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from edgeops.webhooks import RETRIES, Webhook, deliver
+from labkit.http import webhook_receiver
 from labkit.repo import free_ports
 
 EVENT = {"event": "rollout.finished", "kind": "apply", "deployment": "wearable-activity", "outcome": "halted",
@@ -19,26 +18,8 @@ EVENT = {"event": "rollout.finished", "kind": "apply", "deployment": "wearable-a
 @pytest.fixture
 def receiver():  # type: ignore[no-untyped-def]
     """An HTTP server that fails the first ``fail`` posts with 500, then records them."""
-    state = {"fail": 0, "seen": 0, "bodies": []}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state["seen"] += 1
-            if state["seen"] <= state["fail"]:
-                self.send_response(500)
-            else:
-                state["bodies"].append(json.loads(body))
-                self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/T0SECRET", state
-    server.shutdown()
+    with webhook_receiver("/hooks/T0SECRET") as found:
+        yield found
 
 
 def test_a_failing_receiver_is_retried_until_it_takes_the_event(receiver,  # type: ignore[no-untyped-def]
