@@ -261,7 +261,8 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
     name, devices = service.lab_up(fleet, settings(root), login_home,
                                    report=lambda message: click.echo(message, err=True))
     for device in devices:
-        click.echo(f"up  {name}/{device.name}  127.0.0.1:{device.port}  pid {device.pid}")
+        where = f"127.0.0.1:{device.port}" if device.port else "pulls"
+        click.echo(f"up  {name}/{device.name}  {where}  pid {device.pid}")
 
 
 @lab.command("status")

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from edgeops.errors import EdgeopsError
+from edgeops.pull.fleet import PullLinks
 from edgeops.targets import TargetDevice
 from edgeops.transport.base import Transport
 from edgeops.transport.ssh import SSHTransport, target_for
@@ -17,6 +18,8 @@ DEFAULT_PARALLELISM = 4  # bench/push.py: a 2-core host stops gaining past about
 
 def ssh_connect(target: TargetDevice) -> Transport:
     fleet = target.fleet
+    if target.device.host is None:
+        raise EdgeopsError(f"{target.key} has no host to connect to (its fleet pulls)")
     return SSHTransport(target_for(target.name, target.device.host, target.device.port, fleet.obj.spec.ssh,
                                    fleet.path.parent))
 
@@ -25,12 +28,15 @@ class Connections:
     """One transport per device, shared by every stage of a run; close() releases them all."""
 
     def __init__(self, connect: Callable[[TargetDevice], Transport] = ssh_connect,
-                 parallelism: int = DEFAULT_PARALLELISM, notify: Callable[[str], None] = lambda notice: None) -> None:
-        """``notify`` hears what connecting did that the user must know (a host key trusted on first use)."""
+                 parallelism: int = DEFAULT_PARALLELISM, notify: Callable[[str], None] = lambda notice: None,
+                 broker_password: str | None = None) -> None:
+        """``notify`` hears what connecting did that the user must know (a host key trusted on first use);
+        ``broker_password`` overrides pull fleets' ``pull.password_file``."""
         self.connect, self.parallelism, self.notify = connect, max(1, parallelism), notify
         self._open: dict[str, Transport] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self.pull = PullLinks(broker_password)  # brokers and registries of pull-mode fleets, connected on first use
 
     def get(self, target: TargetDevice) -> Transport:
         with self._guard:
@@ -69,6 +75,7 @@ class Connections:
             transports, self._open = list(self._open.values()), {}
         for transport in transports:
             transport.close()
+        self.pull.close()
 
     def __enter__(self) -> "Connections":
         return self

@@ -59,6 +59,14 @@ class DeviceState:
     damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
     repaired: tuple[str, ...] = ()          # half-done steps the agent finished while reading
 
+    @classmethod
+    def from_agent(cls, doc: dict[str, Any]) -> DeviceState:
+        """From the agent's ``state --facts`` document (read over SSH, or published by a pull-mode device)."""
+        return cls(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
+                   blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
+                   facts=DeviceFacts.from_agent(doc["facts"]), damaged=doc.get("damaged") or {},
+                   repaired=tuple(doc.get("repaired") or ()))
+
     @property
     def status(self) -> str | None:
         return self.state.get("status")
@@ -156,10 +164,7 @@ class Device:
             state = json.loads(raw) if raw else {}
             return DeviceState(current=state.get("current"), previous=state.get("previous"), blobs=None,
                                state=state, facts=DeviceFacts.unusable_python(exc.detail))
-        return DeviceState(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
-                           blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
-                           facts=DeviceFacts.from_agent(doc["facts"]), damaged=doc.get("damaged") or {},
-                           repaired=tuple(doc.get("repaired") or ()))
+        return DeviceState.from_agent(doc)
 
     # ---------------------------------------------------------------- push
 

@@ -35,6 +35,7 @@ from edgeops.targets import TargetDevice, fleet_targets
 SSHD = "/usr/sbin/sshd"
 DEFAULT_POWER_MW = 1500.0
 RUNTIME_PACKAGES = ("numpy", "onnxruntime")  # all the agent needs on a device
+IMPORT_NAMES = {"paho-mqtt": "paho.mqtt"}
 
 
 class LabError(EdgeopsError):
@@ -102,21 +103,23 @@ def ensure_sshd() -> None:
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
 
 
-def _runtime_usable(python: Path) -> bool:
+def _runtime_usable(python: Path, packages: tuple[str, ...] = RUNTIME_PACKAGES) -> bool:
     if not python.exists():
         return False
-    check = subprocess.run([str(python), "-I", "-c", "import numpy, onnxruntime"], capture_output=True, check=False)
+    modules = ", ".join(IMPORT_NAMES.get(p, p) for p in packages)
+    check = subprocess.run([str(python), "-I", "-c", f"import {modules}"], capture_output=True, check=False)
     return check.returncode == 0
 
 
-def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = lambda message: None) -> bool:
+def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = lambda message: None,
+                      packages: tuple[str, ...] = RUNTIME_PACKAGES) -> bool:
     """Create a device runtime whose interpreter is ``python`` (``<dir>/bin/python3``); True if created.
 
     A virtual environment of this machine's base interpreter with only numpy and onnxruntime, at the
     versions the controller builds with. Built beside its final place and renamed into it, under a lock,
     so lab devices of several clones can share it and never see half of it.
     """
-    if _runtime_usable(python):
+    if _runtime_usable(python, packages):
         return False
     if python.parent.name != "bin" or not python.name.startswith("python"):
         raise LabError(f"device.python {python} does not exist and is not <dir>/bin/python3, so lab up cannot "
@@ -126,9 +129,9 @@ def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = l
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(home.parent / f".{home.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _runtime_usable(python):
+        if _runtime_usable(python, packages):
             return False
-        pins = [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
         report(f"provisioning the lab device runtime {home} ({', '.join(pins)}); details in {log}")
         building = home.with_name(f"{home.name}.building-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
@@ -147,8 +150,8 @@ def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = l
         if home.exists():  # unusable leftovers (an interrupted or foreign install): replace them
             shutil.rmtree(home)
         building.rename(home)
-    if not _runtime_usable(python):
-        raise LabError(f"the lab device runtime {home} was created but cannot import numpy and onnxruntime",
+    if not _runtime_usable(python, packages):
+        raise LabError(f"the lab device runtime {home} was created but cannot import {', '.join(packages)}",
                        hint=f"see {log}")
     return True
 

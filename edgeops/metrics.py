@@ -12,6 +12,8 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from edgeops.agent import edgeops_gate
+
 
 class Metric(StrEnum):
     ACCURACY = "accuracy"              # % of samples whose argmax matches the label
@@ -68,9 +70,7 @@ def embedding_fidelity(outputs: npt.NDArray[np.generic], reference: npt.NDArray[
 GOLDEN_MIN, GOLDEN_MAX = 32, 1000
 
 
-def one_sample_points(metric: str, samples: int) -> float:
-    """How far one differing sample moves a classification metric over ``samples`` (0 for the others)."""
-    return 100.0 / samples if metric in CLASSIFICATION and samples > 0 else 0.0
+one_sample_points = edgeops_gate.one_sample_points  # the device's gate uses the same rule
 
 
 def golden_size(metric: str, max_drop: float, relative: bool, baseline: float, available: int) -> int:

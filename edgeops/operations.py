@@ -21,6 +21,8 @@ from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import Plan, make_plan
+from edgeops.pull.fleet import is_pull
+from edgeops.pull.roller import RoutedWork
 from edgeops.rollout import (
     ApplyContext,
     DeviceOutcome,
@@ -155,7 +157,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
         git = head_info(repo.ws.root)
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
                            signing_key=repo.signing_key)
-        result = apply(plan, ctx)
+        pulled = any(is_pull(t) for t in desired.targets)
+        result = apply(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
     return plan, result
 
 
@@ -241,6 +244,8 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
             why = f" (rejected on this device: {rejected.get('reason') or 'failed verification'})" \
                 if rejected.get("release") == want else ""
             message = (f"git asks for {want}{why}; " + message).rstrip("; ")
+        if o.reachable and o.error:  # a pull device's own last report, while it is offline or has never reported
+            message = f"{o.error}; {message}".rstrip("; ")
         if o.repaired:
             message = ("the device finished a half-done step while it was read: " + "; ".join(o.repaired) + "; "
                        + message).rstrip("; ")
@@ -466,7 +471,7 @@ def reconcile_loop(root: Path, settings: Settings, deployments: list[str], inter
         repo = Repo.open(load_workspace(root, allow_code=settings.allow_code), settings)
         for name in deployments:
             doc = repo.ws.deployments[name]
-            with Connections(parallelism=16) as connections:
+            with Connections(parallelism=16, broker_password=settings.broker_password) as connections:
                 full = verify_every > 0 and (count - 1) % verify_every == 0  # the first check, then every n-th
                 rows = status_rows(repo, doc, connections, verify=full)
                 drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != Health.UNREACHABLE]

@@ -70,7 +70,7 @@ def context(deployment: Document[Deployment], target: TargetDevice, artifact: di
     ``placeholders``: the device's own values (name, host, port, root) replaced by placeholders, for the
     config every device of its class shares (what names a fleet-wide release).
     """
-    own = dict(PLACEHOLDERS) if placeholders else {"name": target.name, "host": target.device.host,
+    own = dict(PLACEHOLDERS) if placeholders else {"name": target.name, "host": target.device.host or "",
                                                     "port": target.device.port, "root": target.root}
     profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), str(own["name"]), str(own["root"]))
     spec = deployment.obj.spec

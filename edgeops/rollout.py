@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,12 +32,13 @@ from edgeops.errors import (
 )
 from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
+from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
 from edgeops.signing import SignedMetadata, SigningError, sign_release
 from edgeops.state import Ledger
 from edgeops.targets import TargetDevice
 from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
-from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, decide, host_golden_value
+from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, host_golden_value, measure
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
@@ -120,10 +121,14 @@ def observe_targets(deployment: str, targets: list[TargetDevice], connections: C
     ``verify`` hashes every file of the running and committed releases instead of checking sizes and times.
     A device refused for a security reason (host key, key refused) is marked untrusted, not unreachable.
     """
+    observed: dict[str, ObservedDevice] = {}
+    pulled = [t for t in targets if is_pull(t)]
+    if pulled:
+        observed.update(observe_pull(deployment, pulled, connections.pull))
+    targets = [t for t in targets if not is_pull(t)]
     by_key = {t.key: t for t in targets}
     results = connections.map(lambda t: device_for(t, connections, deployment).observe(t.power_sensor, verify),
                               targets)
-    observed = {}
     for key, result in results.items():
         if isinstance(result, EdgeopsError):
             connections.drop(by_key[key])
@@ -131,6 +136,31 @@ def observe_targets(deployment: str, targets: list[TargetDevice], connections: C
                                            untrusted=isinstance(result, SECURITY_ERRORS))
         else:
             observed[key] = _observed(key, result)
+    return observed
+
+
+def observe_pull(deployment: str, targets: list[TargetDevice], links: PullLinks) -> dict[str, ObservedDevice]:
+    """Pull-mode devices as they last reported (retained status); an offline one keeps what it last said it runs.
+
+    Its own report is the only source: a device that never reported has no release as far as anyone
+    knows, and is planned as an install (its desired state waits on the broker until it connects).
+    """
+    try:
+        reports = read_reports(links, deployment, targets)
+    except EdgeopsError as exc:
+        return {t.key: ObservedDevice(t.key, False, error=exc.message) for t in targets}
+    observed = {}
+    for target in targets:
+        report = reports[target.key]
+        state = (report.status or {}).get("state") or {}
+        where = "online" if report.online else "never connected" if report.online is None else "offline"
+        age = f", last report {report.age_s:.0f} s ago" if report.age_s is not None else ""
+        note = "" if report.online else f"pull device {where}{age}"
+        if "current" not in state:
+            observed[target.key] = ObservedDevice(target.key, True, error=note or "has not reported this deployment",
+                                                  blobs=None)
+        else:
+            observed[target.key] = replace(_observed(target.key, DeviceState.from_agent(state)), error=note)
     return observed
 
 
@@ -152,42 +182,12 @@ def desired_devices(desired: Desired) -> list[DesiredDevice]:
 def measure_release(device: Device, release_id: str, baseline: str | None, gate: GateSpec,
                     host_golden: float | None, seed: str = "",
                     on_retry: Callable[[int, str], None] = lambda runs, why: None) -> Verdict:
-    """Verify on the device and decide; measure again before any verdict that would cost a rollback.
+    """Verify on the device and decide; a Failed is confirmed (and an Inconclusive retried) before it stands."""
+    def run(runs: int, attempt: int) -> dict[str, Any]:
+        return device.verify(release_id, baseline, runs, gate.verification.block,
+                             timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
 
-    A first Failed is confirmed by a second measurement with twice the runs; with
-    ``on_inconclusive: retry`` an Inconclusive is measured again, up to
-    ``verification.retries`` times. Each new measurement is pooled with the earlier
-    ones (same device, same session), so the interval narrows instead of starting over.
-    """
-    verification = gate.verification
-    runs, attempt, retries, confirming = verification.runs, 0, 0, False
-    pooled: dict[str, Any] | None = None
-    while True:
-        result = device.verify(release_id, baseline, runs, verification.block,
-                               timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
-        pooled = _pool(pooled, result)
-        verdict = decide(pooled, gate, host_golden, seed=f"{seed}:{release_id}:{attempt}")
-        attempt += 1
-        if verdict.outcome == FAILED and not confirming:
-            confirming, runs = True, runs * 2
-            on_retry(runs, "failed once, confirming")
-            continue
-        if verdict.outcome == INCONCLUSIVE and gate.retry_inconclusive and retries < verification.retries:
-            retries, runs = retries + 1, runs * 2
-            on_retry(runs, "inconclusive, measuring again")
-            continue
-        return verdict
-
-
-def _pool(earlier: dict[str, Any] | None, latest: dict[str, Any]) -> dict[str, Any]:
-    """The latest agent result with every earlier raw sample prepended (summaries stay the latest's)."""
-    if earlier is None:
-        return latest
-    merged = dict(latest)
-    for side in ("a", "b"):
-        if side in latest and side in earlier:
-            merged[side] = {**latest[side], "samples_ms": earlier[side]["samples_ms"] + latest[side]["samples_ms"]}
-    return merged
+    return measure(run, gate, host_golden, f"{seed}:{release_id}", on_retry)
 
 
 @dataclass
@@ -402,7 +402,9 @@ class WaveRunner:
 
     def run_wave(self, devices: list[PlannedDevice]) -> list[DeviceOutcome]:
         outcomes: list[DeviceOutcome] = []
-        with ThreadPoolExecutor(max_workers=min(self.policy.parallelism, len(devices))) as pool:
+        limit = getattr(self.work, "parallelism", None)  # 0: every device at once (pull devices only wait)
+        workers = len(devices) if limit == 0 else self.policy.parallelism
+        with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
             pending = {pool.submit(self.work.roll, d) for d in devices}
             while pending:
                 try:
@@ -475,9 +477,13 @@ class WaveRunner:
         return RolloutResult(self.plan.deployment, ended, message, unchanged + unreachable + refused + rolled + skipped)
 
 
-def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
-    """Execute exactly ``plan``, recording each device decision in the ledger as it is made."""
-    runner = WaveRunner(plan, ctx.desired.deployment.obj.spec.rollout, DeviceRoller(ctx), ctx.stop, ctx.reporter)
+def apply(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> RolloutResult:
+    """Execute exactly ``plan``, recording each device decision in the ledger as it is made.
+
+    ``work`` does each device (default: over SSH); one with a ``finish(result)`` method hears how it ended.
+    """
+    work = work or DeviceRoller(ctx)
+    runner = WaveRunner(plan, ctx.desired.deployment.obj.spec.rollout, work, ctx.stop, ctx.reporter)
     if plan.is_noop:
         return runner.run()
     desired = ctx.desired
@@ -494,6 +500,9 @@ def apply(plan: Plan, ctx: ApplyContext) -> RolloutResult:
     runner.decided = decided
     result = runner.run()
     result.rollout_id = rollout_id
+    finish = getattr(work, "finish", None)
+    if finish is not None:
+        finish(result)
     ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git})
     return result
 

@@ -227,6 +227,9 @@ def lab_up(fleet: str, settings: Settings, login_home: Path | None,
     from edgeops.targets import fleet_targets
 
     ws, doc = _fleet(fleet, settings)
+    if doc.obj.spec.pull is not None:
+        from edgeops.labpull import pull_lab_up
+        return doc.name, pull_lab_up(ws, doc, fleet_targets(ws, doc), report=report)
     return doc.name, start(ws, doc, fleet_targets(ws, doc), login_home.resolve() if login_home else None, report)
 
 
@@ -245,17 +248,23 @@ def _lab_fleets(fleet: str | None, settings: Settings) -> tuple[Workspace, list[
 def lab_status(fleet: str | None, settings: Settings) -> list[tuple[str, list[LabDevice]]]:
     """Each lab device of the fleet (or of every lab fleet) and whether its sshd runs."""
     from edgeops.lab import lab_status as read
+    from edgeops.labpull import pull_lab_status
+    from edgeops.targets import fleet_targets
 
     ws, docs = _lab_fleets(fleet, settings)
-    return [(doc.name, read(ws, doc)) for doc in docs]
+    return [(doc.name, pull_lab_status(ws, doc, fleet_targets(ws, doc)) if doc.obj.spec.pull else read(ws, doc))
+            for doc in docs]
 
 
 def lab_down(fleet: str | None, settings: Settings, wipe: bool) -> list[tuple[str, list[LabDevice]]]:
     """Stop the lab devices of the fleet (or of every lab fleet)."""
     from edgeops.lab import lab_down as stop
+    from edgeops.labpull import pull_lab_down
+    from edgeops.targets import fleet_targets
 
     ws, docs = _lab_fleets(fleet, settings)
-    return [(doc.name, stop(ws, doc, wipe)) for doc in docs]
+    return [(doc.name, pull_lab_down(ws, doc, fleet_targets(ws, doc), wipe) if doc.obj.spec.pull
+             else stop(ws, doc, wipe)) for doc in docs]
 
 
 # ------------------------------------------------------------------ trust
@@ -291,7 +300,7 @@ def enroll(fleet: str, settings: Settings, signed_by: Path | None = None,
     targets = fleet_targets(ws, doc)
     key = signed_by or settings.signing_key or targets[0].signing_key
     signature = sign(key, TRUST_NAMESPACE, signers) if key else None
-    with Connections(parallelism=16, notify=notify) as connections:
+    with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         found = connections.map(lambda t: device_for(t, connections, "").enroll(signers, signature), targets)
     return doc.name, [Enrolled(t.name, error=r.message) if isinstance(r, EdgeopsError) else
                       Enrolled(t.name, bool(r.get("changed")), bool(r.get("rotated"))) for t, r in
@@ -321,7 +330,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     picked = _selector(selector)
     repo, docs = _selected(manifests, changed_since, settings)
     entries = []
-    with Connections(parallelism=16, notify=notify) as connections:
+    with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         for doc in docs:
             result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked)
             compared, worse = against_what_runs(repo, doc, desired)
@@ -353,7 +362,8 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
         raise InputError.at(str(plan_file), None, "", "--plan applies exactly one deployment")
     results: list[RolloutResult] = []
     for doc in docs:
-        with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
+        with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+                         broker_password=settings.broker_password) as connections:
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
                                          lock_timeout_s=lock_timeout_s, selector=picked)
         results.append(result)
@@ -379,7 +389,8 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
 
     repo, doc = _context(deployment, settings)
     hooks = _hooks(settings)
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+                         broker_password=settings.broker_password) as connections:
         settled = None
         if accept is None and not paused_devices(repo.ws, doc, connections):
             raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
@@ -436,7 +447,7 @@ def _status(manifests: tuple[str, ...], settings: Settings, verify: bool, progre
     docs = [ws.deployment(m) for m in manifests] or [ws.deployments[n] for n in sorted(ws.deployments)
                                                      if ws.deployments[n].display not in broken]
     rows: dict[str, list[StatusRow]] = {}
-    with Connections(parallelism=16, notify=notify) as connections:
+    with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         for doc in docs:
             try:
                 rows[doc.name] = status_rows(repo, doc, connections, progress=progress, verify=verify,
@@ -547,7 +558,8 @@ def rollback(deployment: str, to: str | None, devices: list[str] | None, setting
 
     repo, doc = _context(deployment, settings)
     picked, hooks = _selector(selector), _hooks(settings)
-    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify) as connections:
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+                         broker_password=settings.broker_password) as connections:
         result = rollback_deployment(repo, doc, connections, to, devices, reporter, allow_rejected,
                                      lock_timeout_s=lock_timeout_s, selector=picked)
     _announce("rollback", result, repo, hooks, notify)

@@ -18,6 +18,8 @@ ENVIRONMENT = {
     "EDGEOPS_ALLOW_CODE": "1: allow manifest fields that run code (a student factory); never set it for a pull "
                           "request's plan",
     "EDGEOPS_SIGNING_KEY": "the private release key that signs releases (overrides the fleets' trust.signing_key)",
+    "EDGEOPS_BROKER_PASSWORD": "the controller's MQTT broker password for pull-mode fleets (overrides their "
+                               "pull.password_file)",
     "EDGEOPS_WEBHOOKS": "space-separated URLs that get every rollout's outcome as JSON (prefix slack+ for Slack's "
                         "payload); failed deliveries go to <repo>/.edgeops/webhooks-dead-letter.jsonl",
 }
@@ -33,6 +35,7 @@ class Settings:
     allow_code: bool = False          # fields that run code (student.factory) are errors
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
     webhooks: tuple[str, ...] = ()
+    broker_password: str | None = None  # pull fleets' MQTT broker (overrides pull.password_file)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
@@ -44,7 +47,8 @@ class Settings:
                    actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops",
                    allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
                    signing_key=path("EDGEOPS_SIGNING_KEY"),
-                   webhooks=tuple(environ.get("EDGEOPS_WEBHOOKS", "").split()))
+                   webhooks=tuple(environ.get("EDGEOPS_WEBHOOKS", "").split()),
+                   broker_password=environ.get("EDGEOPS_BROKER_PASSWORD") or None)
 
     def cache_in(self, repo: Path) -> Path:
         return self.cache_dir or repo / ".edgeops" / "cache"

@@ -101,3 +101,50 @@ def running_lab(base: Path, devices: int, login_home: Path | None = None,
         yield root
     finally:
         lab_down(ws, ws.fleets["lab"])
+
+
+def write_pull_fleet(root: Path, devices: int, device_roots: Path, name: str = "lab-pull",
+                     report_deadline_s: float = 15) -> Path:
+    """Rewrite the repo copy's pull fleet: its broker and registry on free ports, roots under ``device_roots``."""
+    broker, registry = free_ports(2)
+    lines = [
+        "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-pull",
+        "  pull:", f"    broker: mqtt://127.0.0.1:{broker}", f"    registry: http://127.0.0.1:{registry}",
+        f"    password_file: ../../.edgeops/lab/{name}/controller.password",
+        f"    report_deadline_s: {report_deadline_s}", "    heartbeat_s: 2",
+        "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",
+        "    signing_key: ../../.edgeops/lab/release_ed25519", "  devices:",
+    ]
+    for index in range(1, devices + 1):
+        ring = "canary" if index == 1 else "main"
+        lines.append(f"    - {{name: pull-{index:02d}, root: {device_roots / f'pull-{index:02d}'}, "
+                     f"labels: {{ring: {ring}}}}}")
+    path = root / "manifests" / "fleets" / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+PULL_DEPLOYMENT = "wearable-pull"
+
+
+@contextmanager
+def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15) -> Iterator[Path]:
+    """A repo copy under ``base`` with a pull fleet (mosquitto, docker-registry, one agent daemon per device)
+    and ``manifests/wearable-pull.yaml`` (the wearable model) targeting it, until the block ends."""
+    from edgeops.labpull import pull_lab_down, pull_lab_up
+    from edgeops.manifest.workspace import load_workspace
+    from edgeops.targets import fleet_targets
+
+    root = copy_repo(base / "repo")
+    write_pull_fleet(root, devices, base / "devices", report_deadline_s=report_deadline_s)
+    wearable = (root / "manifests" / "wearable.yaml").read_text()
+    (root / "manifests" / f"{PULL_DEPLOYMENT}.yaml").write_text(
+        wearable.replace("name: wearable-activity", f"name: {PULL_DEPLOYMENT}").replace("- fleet: lab\n",
+                                                                                        "- fleet: lab-pull\n"))
+    ws = load_workspace(root)
+    fleet = ws.fleets["lab-pull"]
+    pull_lab_up(ws, fleet, fleet_targets(ws, fleet))
+    try:
+        yield root
+    finally:
+        pull_lab_down(ws, fleet, fleet_targets(ws, fleet))

@@ -22,10 +22,13 @@ command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 command -v git >/dev/null || need_apt+=(git)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # the tests open `edgeops report` pages in a real headless browser (scripts/test.sh asks for it)
-# and run the shared ledger against a throw-away PostgreSQL cluster
+# and run the shared ledger against a throw-away PostgreSQL cluster, and pull-mode devices against mosquitto
+# and docker-registry
 if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+  [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)          # pull-mode lab: the MQTT broker
+  [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)  # and the OCI registry
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"

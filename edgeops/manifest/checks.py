@@ -101,6 +101,8 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
             warnings.append(fleet.problem(loc, f"{name} does not exist (yet): signed releases cannot be made "
                                                "until it does (`edgeops lab up` creates the lab's)"))
         for index, device in enumerate(fleet.obj.spec.devices):
+            if device.host is None:  # a pull fleet's device: nothing dials it
+                continue
             if problem := host_problem(device.host):
                 errors.append(fleet.problem(("spec", "devices", index, "host"), problem))
                 continue

@@ -373,7 +373,8 @@ class LabSettings(Strict):
 
 class DeviceEntry(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-    host: str = Field(min_length=1)
+    host: str | None = Field(default=None, min_length=1, description="how SSH reaches it (required unless the "
+                                                                    "fleet pulls)")
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     labels: dict[str, str] = {}
     profile: Name | None = Field(default=None, description="overrides the fleet's profile for this device")
@@ -399,12 +400,44 @@ class Trust(Strict):
                                                                             "devices refuse to start it later")
 
 
+class PullSettings(Strict):
+    """Devices that pull: an agent daemon on each device follows its desired state on an MQTT broker and fetches
+    release blobs by digest from an OCI registry; no inbound connection to the device is needed."""
+
+    broker: str = Field(pattern=r"^mqtts?://[^/:]+(:[0-9]+)?/?$",
+                        description="mqtt://host:port, or mqtts:// for TLS (any MQTT 3.1.1/5 broker)")
+    registry: str = Field(pattern=r"^https?://[^/]+/?$", description="the OCI registry's base URL")
+    repository: str | None = Field(default=None, pattern=r"^[a-z0-9]+([._/-][a-z0-9]+)*$",
+                                   description="where releases are pushed; default edgeops/<fleet name>")
+    topic_prefix: str = Field(default="edgeops", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    username: str = Field(default="edgeops-controller", description="the controller's broker user")
+    password_file: str | None = Field(default=None, description="the controller's broker password (a secret: kept "
+                                                                "out of the repository; EDGEOPS_BROKER_PASSWORD "
+                                                                "overrides it)")
+    ca_file: str | None = Field(default=None, description="CA bundle for mqtts:// and https://")
+    report_deadline_s: PositiveFloat = Field(default=900, description="a device that has not reported its verdict "
+                                                                      "this long after its desired state was "
+                                                                      "published counts as unreachable")
+    heartbeat_s: PositiveFloat = Field(default=30, description="how often devices say they are alive; a device "
+                                                              "silent for 3 heartbeats shows as stale")
+
+
 class FleetSpec(Strict):
     profile: Name
     ssh: SSHSettings = SSHSettings()
+    pull: PullSettings | None = Field(default=None, description="devices pull their releases (MQTT + OCI registry) instead of the controller pushing over SSH")
     trust: Trust | None = Field(default=None, description="sign every release to these devices; devices verify "
                                                           "before they run it")
     devices: list[DeviceEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _reachable(self) -> FleetSpec:
+        if self.pull is None:
+            missing = [d.name for d in self.devices if d.host is None]
+            if missing:
+                raise ValueError(f"device(s) {', '.join(missing)} have no host: an SSH fleet reaches every device "
+                                 "by host (or give the fleet a pull: section, and its devices pull)")
+        return self
 
     @field_validator("devices")
     @classmethod

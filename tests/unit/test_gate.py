@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from edgeops.manifest.models import SLO, DeploymentSpec, QualityGoal, Regression, Verification
@@ -72,3 +76,35 @@ def test_a_noisy_energy_reading_never_holds_a_release_as_inconclusive() -> None:
     verdict = decide(noisy, gate(energy_pct=10), None, seed="s")
     energy = next(c for c in verdict.checks if c.name == "energy-regression")
     assert energy.outcome == Decision.PASSED and "no regression shown" in energy.detail
+
+
+def test_a_pull_device_decides_with_the_same_gate_from_the_spec_it_receives_as_json() -> None:
+    from edgeops.agent import edgeops_gate
+
+    spec = gate(SLO(latency_p95_ms=0.99, energy_per_inference_mj=2.0), memory_limit_mb=64, energy_pct=10)
+    on_device = edgeops_gate.spec_from_json(json.loads(json.dumps(spec.as_json())))  # as published, as received
+    for measured in (result(1.25, 1.0), result(1.0, 1.0, peak_mb=80), result(None, None)):
+        controller = decide(measured, spec, None, seed="s")
+        device = edgeops_gate.decide(measured, on_device, None, seed="s")
+        assert device["outcome"] == controller.outcome and device["reason"] == controller.reason
+        assert device["checks"] == [c.as_dict() for c in controller.checks]
+
+
+def test_a_failed_measurement_is_confirmed_with_twice_the_runs_before_it_stands() -> None:
+    from edgeops.agent import edgeops_gate
+
+    calls: list[int] = []
+
+    def run(worse: float) -> Callable[[int, int], dict[str, Any]]:
+        def measure(runs: int, attempt: int) -> dict[str, Any]:
+            calls.append(runs)
+            rng = np.random.default_rng(attempt)
+            old = list(rng.normal(1.0, 0.01, runs))
+            return {"a": {"latency": {"p95_ms": 1.0}, "samples_ms": [v * worse for v in old]},
+                    "b": {"latency": {"p95_ms": 1.0}, "samples_ms": old}, "peak_rss_mb": 1}
+        return measure
+
+    spec = gate(latency_p95_pct=10, latency_p50_pct=10)
+    assert edgeops_gate.measure(run(1.5), spec, None)["outcome"] == "Failed" and calls == [400, 800]
+    calls.clear()
+    assert edgeops_gate.measure(run(1.0), spec, None)["outcome"] == "Passed" and calls == [400]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edgeops"
 PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health"}
-IO = {"edgeops.transport", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.state",
+IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
 
@@ -19,9 +19,10 @@ LAYERS = [
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
-     "edgeops.gitdiff"},                                                             # one job each, one resource
-    {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired"},
-    {"edgeops.rollout"},                                                             # the executor
+     "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
+    {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
+     "edgeops.labpull"},
+    {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
     {"edgeops.operations", "edgeops.review"},                                        # composed operations
     {"edgeops.service"},                                                             # the one API of the CLI
     {"edgeops.ui"},
@@ -37,10 +38,10 @@ def _module(path: Path) -> str:
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgeops"):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "edgeops":
             found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("edgeops"))
+        elif isinstance(node, ast.Import):  # the agent's files import each other as siblings (edgeops_gate)
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "edgeops")
     return found
 
 
@@ -52,9 +53,10 @@ def _under(module: str, packages: set[str]) -> bool:
 
 
 def _layer(module: str) -> int:
-    found = [n for n, layer in enumerate(LAYERS) if _under(module, layer)]
+    """The layer of the most specific entry naming ``module`` or a package above it."""
+    found = [(len(p), n) for n, layer in enumerate(LAYERS) for p in layer if _under(module, {p})]
     assert found, f"{module} belongs to no layer: add it to LAYERS in {Path(__file__).name}"
-    return found[0]
+    return max(found)[1]
 
 
 def test_every_module_imports_only_its_own_layer_or_those_below() -> None:

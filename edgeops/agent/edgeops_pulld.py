@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""edgeops pull-mode agent daemon: follow the desired state on an MQTT broker, fetch releases from an OCI registry.
+
+Runs beside ``edgeops_agent.py`` and ``edgeops_gate.py`` (same directory) and needs only
+python3, numpy, onnxruntime and paho-mqtt. No inbound connection to the device: it
+dials out to the broker and the registry, and runs the same lifecycle a controller
+drives over SSH, by calling the same agent commands:
+
+    prepare -> fetch blobs by sha256 -> assemble (hashes checked) -> switch (trial, signature
+    checked, dead-man timer armed) -> bench A/B against the committed release -> the gate
+    (edgeops_gate, the controller's own) -> record (commit) | switch revert
+
+    edgeops_pulld.py --config <root>/agent/pull.json
+
+Topics (``P`` = topic prefix, QoS 1):
+
+    P/<fleet>/<device>/<deployment>/desired   retained, from the controller: what to run
+    P/<fleet>/<device>/<deployment>/status    retained, from here: what runs, the last verdict
+    P/<fleet>/<device>/online                 retained: {"online": true, "at": ...}; the broker
+                                              publishes {"online": false} when this connection dies
+
+A device offline during a rollout gets the retained desired state when it comes back and
+catches up on its own; the controller reads the outcome from the status topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import queue
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import edgeops_gate  # noqa: E402  (shipped beside this file)
+
+STATUS_SCHEMA = "edgeops.status/v1"
+DESIRED_SCHEMA = "edgeops.desired/v1"
+AGENT = os.path.join(HERE, "edgeops_agent.py")
+
+
+class Failure(Exception):
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+def log(message):
+    sys.stderr.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + message + "\n")
+    sys.stderr.flush()
+
+
+def agent(*args, timeout=None):
+    """Run an agent command with this interpreter; its JSON document, or Failure with its message."""
+    try:
+        done = subprocess.run([sys.executable, AGENT, *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise Failure("timeout", "agent %s took longer than %ss" % (args[0], timeout))
+    lines = done.stdout.strip().splitlines()
+    try:
+        document = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise Failure("agent-broken", "agent %s exited %s: %s" % (args[0], done.returncode,
+                                                                  (done.stderr.strip() or "no output")[-300:]))
+    if not document.get("ok"):
+        raise Failure(str(document.get("error")), str(document.get("message")))
+    return document
+
+
+class Daemon:
+    def __init__(self, config):
+        self.config = config
+        self.root = config["root"]
+        self.fleet, self.device = config["fleet"], config["device"]
+        self.base = "%s/%s/%s" % (config.get("topic_prefix", "edgeops"), self.fleet, self.device)
+        self.heartbeat_s = float(config.get("heartbeat_s", 30))
+        self.work = queue.Queue()
+        self.latest = {}          # deployment -> the newest desired document received
+        self.last_status = {}     # deployment -> the status document last published
+        self.stopping = threading.Event()
+        self.client = self._client()
+
+    # ------------------------------------------------------------ broker
+
+    def _client(self):
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgeops-%s-%s" % (self.fleet, self.device),
+                             clean_session=True)  # desired states are retained: on reconnect the broker
+        # sends what is desired now, never a queue of what was desired while this device was away
+        client.username_pw_set(self.config["username"], self.config.get("password"))
+        if self.config["broker"].startswith("mqtts://"):
+            client.tls_set(ca_certs=self.config.get("ca_file"))
+        client.will_set(self.base + "/online", json.dumps({"online": False}), qos=1, retain=True)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            log("broker refused the connection: %s" % reason_code)
+            return
+        client.subscribe(self.base + "/+/desired", qos=1)
+        self._online()
+        log("connected to %s as %s" % (self.config["broker"], self.config["username"]))
+
+    def _on_message(self, client, userdata, message):
+        deployment = message.topic.split("/")[-2]
+        if not message.payload:  # withdrawn (a rollout that did not succeed): stay on what runs
+            self.latest.pop(deployment, None)
+            return
+        try:
+            desired = json.loads(message.payload.decode())
+        except ValueError:
+            log("ignored a desired state that is not JSON on %s" % message.topic)
+            return
+        if not isinstance(desired, dict) or desired.get("schema") != DESIRED_SCHEMA:
+            return
+        if desired.get("deployment") != deployment:
+            log("ignored a desired state for %s on the topic of %s" % (desired.get("deployment"), deployment))
+            return
+        self.latest[deployment] = desired
+        self.work.put(deployment)
+
+    def _online(self):
+        self.client.publish(self.base + "/online", json.dumps({"online": True, "at": time.time()}), qos=1,
+                            retain=True)
+
+    def publish(self, deployment, **fields):
+        try:
+            state = self._state(deployment)
+        except Failure as exc:
+            state = {"error": exc.kind, "message": str(exc)}
+        document = {"schema": STATUS_SCHEMA, "fleet": self.fleet, "device": self.device, "deployment": deployment,
+                    "at": time.time(), "state": state,
+                    **{k: v for k, v in self.last_status.get(deployment, {}).items()
+                       if k in ("generation", "release", "phase", "result", "verdict", "error", "action")},
+                    **fields}
+        self.last_status[deployment] = document
+        self.client.publish("%s/%s/status" % (self.base, deployment), json.dumps(document), qos=1, retain=True)
+
+    def _state(self, deployment):
+        sensor = json.dumps(self.config.get("power_sensor") or {"source": "none"}, sort_keys=True)
+        return agent("state", "--root", self.root, "--deployment", deployment, "--facts", "--power", sensor)
+
+    # ------------------------------------------------------------ the lifecycle
+
+    def handle(self, deployment):
+        desired = self.latest.get(deployment)
+        if desired is None:
+            return
+        done = self._handled(deployment)
+        if done.get("generation") == desired.get("generation") and done.get("action") == desired.get("action"):
+            if deployment not in self.last_status:
+                self.publish(deployment, **done)  # after a restart: say again how it ended
+            return
+        common = {"generation": desired["generation"], "release": desired["release"], "action": desired["action"]}
+        try:
+            if desired["action"] == "rollback":
+                agent("switch", "--root", self.root, "--deployment", deployment, "--action", "rollback",
+                      "--release", desired["release"] or "none", "--by", desired.get("by", "edgeops"))
+                outcome = {**common, "phase": "done", "result": "rolled-back", "verdict": None, "error": None}
+            else:
+                outcome = {**common, **self.install(deployment, desired)}
+        except Failure as exc:
+            log("%s: %s failed: %s" % (deployment, desired["release"], exc))
+            outcome = {**common, "phase": "done", "result": "failed", "verdict": None,
+                       "error": {"kind": exc.kind, "message": str(exc)}}
+        self._remember(deployment, outcome)
+        self.publish(deployment, **outcome)
+
+    def install(self, deployment, desired):
+        common = ["--root", self.root, "--deployment", deployment]
+        release, by = desired["release"], desired.get("by", "edgeops")
+        state = self._state(deployment)
+        entry = (state.get("state") or {}).get("releases", {}).get(release) or {}
+        if state.get("current") == release and entry.get("state") == "committed":
+            return {"phase": "done", "result": "committed", "verdict": None, "error": None, "unchanged": True}
+        self.publish(deployment, **{"generation": desired["generation"], "release": release,
+                                    "action": "install", "phase": "fetching", "result": None, "error": None})
+        observed = agent("prepare", *common)
+        staged = {}
+        try:
+            for name, item in sorted(desired["files"].items()):
+                if item["sha256"] not in set(observed["blobs"]) and item["sha256"] not in staged.values():
+                    staged[self.fetch(desired, name, item)] = item["sha256"]
+            files = json.dumps({n: f["sha256"] for n, f in desired["files"].items()}, sort_keys=True)
+            agent("assemble", *common, "--release", release, "--files", files, "--staged", json.dumps(staged))
+        finally:
+            for path in staged:
+                if os.path.exists(path):
+                    os.unlink(path)
+        signed = desired.get("signed") or {}
+        extra = ["--metadata", signed["metadata"], "--signature", signed["signature"]] if signed else []
+        before = agent("switch", *common, "--release", release, "--action", "activate", "--by", by,
+                       "--trial-window", "%g" % desired["trial_window_s"], *extra)
+        baseline = before.get("committed") if before.get("committed") != release else None
+        self.publish(deployment, phase="verifying")
+        verdict = self.verify(deployment, desired, baseline)
+        record = {"verification": {"outcome": verdict["outcome"], "reason": verdict["reason"],
+                                   **{k: v for k, v in verdict["measurements"].items() if k != "samples_ms"},
+                                   "slo": desired["gate"]["slo"]}}
+        keep = verdict["outcome"] == edgeops_gate.PASSED or (
+            verdict["outcome"] == edgeops_gate.INCONCLUSIVE and desired["gate"]["retry_inconclusive"])
+        if keep:
+            status = "committed" if verdict["outcome"] == edgeops_gate.PASSED else "inconclusive"
+            agent("record", *common, "--json", json.dumps({**record, "status": status}), "--by", by,
+                  "--release", release)
+            try:
+                agent("prune", *common, "--keep", str(desired.get("keep_releases", 3)))
+            except Failure as exc:
+                log("pruning failed: %s" % exc)
+            return {"phase": "done", "result": "committed", "verdict": verdict, "error": None}
+        agent("record", *common, "--json", json.dumps(record), "--by", by)
+        agent("switch", *common, "--action", "revert", "--by", by, "--reason", verdict["outcome"].lower())
+        return {"phase": "done", "result": "rejected", "verdict": verdict, "error": None}
+
+    def verify(self, deployment, desired, baseline):
+        gate = edgeops_gate.spec_from_json(desired["gate"])
+        releases = os.path.join(self.root, "deployments", deployment, "releases")
+
+        def run(runs, attempt):
+            args = ["bench", os.path.join(releases, desired["release"]), "--runs", str(runs),
+                    "--block", str(gate.verification.block), "--golden"]
+            if baseline:
+                args += ["--compare", os.path.join(releases, baseline)]
+            return agent(*args, timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
+
+        return edgeops_gate.measure(run, gate, desired.get("host_golden"),
+                                    "%s/%s:%s" % (self.fleet, self.device, desired["release"]))
+
+    def fetch(self, desired, name, item):
+        """One blob by digest from the registry into staging; the agent's assemble checks its sha256."""
+        registry = self.config.get("registry") or desired["registry"]["url"]
+        repository = desired["registry"]["repository"]
+        url = "%s/v2/%s/blobs/sha256:%s" % (registry.rstrip("/"), repository, item["sha256"])
+        path = os.path.join(self.root, ".staging", "%s.%s.part" % (item["sha256"], uuid.uuid4().hex[:8]))
+        context = ssl.create_default_context(cafile=self.config.get("ca_file")) if url.startswith("https") else None
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60, context=context) as response, open(path, "wb") as out:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError) as exc:
+            raise Failure("registry-unreachable", "fetching %s (%s) from %s: %s" % (
+                name, item["sha256"][:12], registry, getattr(exc, "reason", exc)))
+        if digest.hexdigest() != item["sha256"]:
+            os.unlink(path)
+            raise Failure("checksum-mismatch", "the registry served %s with sha256 %s, not %s: refused, the "
+                          "previous release is untouched" % (name, digest.hexdigest(), item["sha256"]))
+        return path
+
+    # ------------------------------------------------------------ what was handled (survives restarts)
+
+    def _handled_path(self, deployment):
+        return os.path.join(self.root, "deployments", deployment, "pull-handled.json")
+
+    def _handled(self, deployment):
+        try:
+            with open(self._handled_path(deployment)) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, deployment, outcome):
+        path = self._handled_path(deployment)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = "%s.%s" % (path, uuid.uuid4().hex[:8])
+        with open(tmp, "w") as handle:
+            json.dump(outcome, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self):
+        host, _, port = self.config["broker"].split("://", 1)[1].rstrip("/").partition(":")
+        default = 8883 if self.config["broker"].startswith("mqtts://") else 1883
+        self.client.connect_async(host, int(port or default), keepalive=max(5, int(self.heartbeat_s)))
+        self.client.loop_start()
+        next_beat = time.monotonic() + self.heartbeat_s
+        while not self.stopping.is_set():
+            try:
+                deployment = self.work.get(timeout=min(1.0, self.heartbeat_s))
+            except queue.Empty:
+                deployment = None
+            if deployment is not None:
+                self.handle(deployment)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_s
+                if self.client.is_connected():
+                    self._online()
+                    for known in list(self.last_status):  # what runs now (a trial may have expired meanwhile)
+                        self.publish(known)
+        self.client.publish(self.base + "/online", json.dumps({"online": False}), qos=1, retain=True).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="edgeops_pulld.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="JSON: root, fleet, device, broker, username, password, ...")
+    args = parser.parse_args(argv)
+    with open(args.config) as handle:
+        config = json.load(handle)
+    if config.get("password_b64"):
+        config["password"] = base64.b64decode(config["password_b64"]).decode()
+    daemon = Daemon(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *a: daemon.stopping.set())
+    daemon.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

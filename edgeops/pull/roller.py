@@ -1,0 +1,184 @@
+"""Rolling out to devices that pull: publish the release and each device's desired state, collect their verdicts.
+
+The device runs the lifecycle itself (fetch by digest, hash and signature checks, trial with a
+dead-man timer, A/B measurement, the gate, commit or revert) and publishes the verdict; this side
+keeps the rollout's waves, budgets and timeouts: a device that has not reported within
+``pull.report_deadline_s`` counts as unreachable. Its desired state stays published when the
+rollout goes on, so it catches up when it connects; a halted rollout takes it back.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from typing import Any
+
+from edgeops.errors import EdgeopsError
+from edgeops.plan import PlannedDevice
+from edgeops.pull.fleet import DESIRED_SCHEMA, device_topic, is_pull, pull_settings, repository
+from edgeops.pull.registry import PushedRelease
+from edgeops.release import Release
+from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult
+from edgeops.targets import TargetDevice
+from edgeops.types import Decision, Outcome
+from edgeops.verify import FAILED, GateSpec, Verdict
+
+ROLLBACK_DEADLINE_S = 120.0
+
+
+class PullRoller(DeviceRoller):
+    """One pull-mode device: publish its desired state, wait for its report, turn it into the device's outcome."""
+
+    def __init__(self, ctx: ApplyContext) -> None:
+        super().__init__(ctx)
+        self._pushed: dict[str, PushedRelease] = {}
+        self._pushing = threading.Lock()
+        self._ran: dict[str, str | None] = {}  # device key -> the release it ran before this rollout
+
+    def publish_release(self, target: TargetDevice, release: Release) -> PushedRelease | None:
+        """The release's blobs and manifest in the target's registry, once per release; None if already done."""
+        registry = self.ctx.connections.pull.registry(target)
+        key = f"{registry.base}/{registry.repository}:{release.id}"
+        with self._pushing:
+            if key in self._pushed:
+                return None
+            self._pushed[key] = registry.push_release(release)
+            return self._pushed[key]
+
+    def desired(self, target: TargetDevice, release: Release) -> dict[str, Any]:
+        signed = self.signed(target, release)
+        settings = pull_settings(target)
+        profile = target.profile.obj.spec
+        return {
+            "schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "install", "generation": self.generation,
+            "release": release.id, "fleet_release": self.ctx.desired.release_id, "by": self.ctx.actor,
+            "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in release.files},
+            "registry": {"url": settings.registry, "repository": repository(target)},
+            "signed": {"metadata": base64.b64encode(signed.data).decode(),
+                       "signature": base64.b64encode(signed.signature.encode()).decode()} if signed else None,
+            "gate": GateSpec.of(self.spec, profile.limits.max_memory_mb).as_json(),
+            "host_golden": self.host_golden[target.accelerator],
+            "trial_window_s": profile.device.trial_window_s, "keep_releases": profile.device.keep_releases,
+            "power_sensor": target.power_sensor, "published_at": time.time(),
+        }
+
+    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+        target = self.ctx.desired.target(planned.key)
+        release = self.ctx.desired.releases[planned.key]
+        report = self.ctx.reporter
+        outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED, release_id=release.id,
+                                from_release=planned.current, wave=planned.wave)
+        if self.ctx.stop.is_set():
+            outcome.reason = "interrupted before this device started"
+            return outcome
+        self._ran[planned.key] = planned.current
+        deadline_s = pull_settings(target).report_deadline_s
+        try:
+            pushed = self.publish_release(target, release)
+            if pushed is not None:
+                outcome.bytes_moved = pushed.bytes_uploaded
+                report.stage(planned.key, "publish", f"{pushed.blobs_uploaded} blob(s), {pushed.bytes_uploaded} "
+                                                     "bytes to the registry")
+            broker = self.ctx.connections.pull.broker(target)
+            status = device_topic(target, self.doc.name, "status")
+            broker.subscribe([status])
+            broker.publish(device_topic(target, self.doc.name, "desired"), self.desired(target, release))
+            report.stage(planned.key, "waiting", f"for the device's verdict (at most {deadline_s:g} s)")
+            found = broker.wait_for(status, lambda s: s.get("generation") == self.generation
+                                    and s.get("action") == "install" and s.get("phase") == "done",
+                                    time.monotonic() + deadline_s, self.ctx.stop)
+        except EdgeopsError as exc:
+            outcome.decision, outcome.reason = FAILED, exc.message
+            return outcome
+        if found is None:
+            if self.ctx.stop.is_set():
+                outcome.reason = "interrupted while waiting for the device; its desired state stays published"
+                return outcome
+            outcome.decision = Decision.UNREACHABLE
+            outcome.reason = (f"no verdict within {deadline_s:g} s (offline or busy); its desired state stays "
+                              "published: it catches up when it connects")
+            return outcome
+        return self.concluded(planned, found, outcome)
+
+    def concluded(self, planned: PlannedDevice, found: dict[str, Any], outcome: DeviceOutcome) -> DeviceOutcome:
+        verdict = Verdict.of(found["verdict"]) if found.get("verdict") else None
+        if verdict is not None:
+            outcome.measurements, outcome.reason = verdict.measurements, verdict.reason
+        self.ctx.reporter.stage(planned.key, "done", str(found.get("result")))
+        if found.get("result") == "committed":
+            outcome.decision, outcome.committed = (verdict.outcome if verdict else Decision.PASSED), True
+            if verdict is None:
+                outcome.reason = "the device already ran this release, committed"
+            return outcome
+        if found.get("result") == "rejected" and verdict is not None:
+            outcome.decision = FAILED if verdict.outcome == FAILED else Decision.ROLLED_BACK
+            outcome.reason += "; the device reverted to its committed release"
+            return outcome
+        error = found.get("error") or {}
+        outcome.decision = FAILED
+        outcome.reason = f"refused on the device ({error.get('kind')}): {error.get('message')}; the device runs " \
+                         f"{(found.get('state') or {}).get('current') or 'no release'}"
+        return outcome
+
+    def undo(self, key: str, why: str) -> str:
+        """Publish a rollback to the release the device ran before this rollout, and wait for it to land."""
+        target = self.ctx.desired.target(key)
+        back = self._ran.get(key)
+        try:
+            broker = self.ctx.connections.pull.broker(target)
+            status = device_topic(target, self.doc.name, "status")
+            broker.publish(device_topic(target, self.doc.name, "desired"), {
+                "schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "rollback",
+                "generation": self.generation, "release": back, "by": self.ctx.actor, "published_at": time.time()})
+            found = broker.wait_for(status, lambda s: s.get("generation") == self.generation
+                                    and s.get("action") == "rollback" and s.get("phase") == "done",
+                                    time.monotonic() + min(ROLLBACK_DEADLINE_S, pull_settings(target).report_deadline_s))
+        except EdgeopsError as exc:
+            return f"ROLLBACK FAILED: {exc.message}"
+        if found is None:
+            return f"rollback to {back or 'no release'} published; the device has not confirmed it yet ({why})"
+        if found.get("result") != "rolled-back":
+            return f"ROLLBACK FAILED on the device: {(found.get('error') or {}).get('message')}"
+        return f"rolled back to {back} ({why})" if back else f"first install removed ({why})"
+
+    def finish(self, result: RolloutResult) -> None:
+        """A rollout that did not succeed takes back the desired state of devices that never reported."""
+        if result.outcome in (Outcome.SUCCEEDED, Outcome.NO_OP):
+            return
+        for outcome in result.devices:
+            if outcome.decision == Decision.UNREACHABLE and outcome.key in self._ran:
+                target = self.ctx.desired.target(outcome.key)
+                try:
+                    self.ctx.connections.pull.broker(target).publish(
+                        device_topic(target, self.doc.name, "desired"), None)
+                    outcome.reason += "; its desired state was withdrawn (the rollout did not succeed)"
+                except EdgeopsError as exc:
+                    outcome.reason += f"; WITHDRAWING ITS DESIRED STATE FAILED: {exc.message}"
+
+
+class RoutedWork:
+    """Devices of push fleets to the SSH roller (at most ``parallelism`` at once), pull devices to the pull roller."""
+
+    parallelism = 0  # the wave runner may start every device: pull devices only wait
+
+    def __init__(self, ctx: ApplyContext, parallelism: int) -> None:
+        self.ctx, self.push, self.pull = ctx, DeviceRoller(ctx), PullRoller(ctx)
+        self.pull.generation = self.push.generation  # one generation (and one signature) per apply
+        self.pull._signed, self.pull._signing = self.push._signed, self.push._signing
+        self._ssh_slots = threading.BoundedSemaphore(max(1, parallelism))
+
+    def _work(self, key: str) -> DeviceWork:
+        return self.pull if is_pull(self.ctx.desired.target(key)) else self.push
+
+    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+        if self._work(planned.key) is self.pull:
+            return self.pull.roll(planned)
+        with self._ssh_slots:
+            return self.push.roll(planned)
+
+    def undo(self, key: str, why: str) -> str:
+        return self._work(key).undo(key, why)
+
+    def finish(self, result: RolloutResult) -> None:
+        self.pull.finish(result)

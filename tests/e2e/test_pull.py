@@ -1,0 +1,182 @@
+"""Pull mode over the real thing: Debian's mosquitto and docker-registry, one agent daemon per lab device.
+
+The devices accept no connection: each daemon follows its retained desired state, fetches the release's
+blobs by digest from the registry, and runs the lifecycle and the gate itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner, Result
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeops.cli import main
+from edgeops.errors import ExitCode
+from edgeops.labpull import start_daemon, stop_daemon
+from edgeops.manifest.workspace import load_workspace
+from edgeops.targets import fleet_targets
+from labkit.repo import PULL_DEPLOYMENT, edited, running_pull_lab
+
+pytestmark = pytest.mark.pull
+MANIFEST = f"manifests/{PULL_DEPLOYMENT}.yaml"
+PROFILE = "device_profiles/lab-pull.yaml"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    with running_pull_lab(tmp_path_factory.mktemp("pull"), 3, report_deadline_s=10) as root:
+        yield root
+
+
+def cli(root: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, [*args, "--root", str(root)])
+
+
+def devices(root: Path) -> dict[str, dict[str, Any]]:
+    result = cli(root, "status", MANIFEST, "-o", "json")
+    return {row["device"]: row for row in json.loads(result.stdout)[0]["devices"]}
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 90) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def target(root: Path, name: str):  # noqa: ANN201
+    ws = load_workspace(root)
+    fleet = ws.fleets["lab-pull"]
+    return next(t for t in fleet_targets(ws, fleet) if t.name == name), ws.root / ".edgeops" / "lab" / "lab-pull" / name
+
+
+def offline(root: Path, name: str) -> None:
+    device, state = target(root, name)
+    assert stop_daemon(state, device)
+
+
+def online(root: Path, name: str) -> None:
+    device, state = target(root, name)
+    start_daemon(device, state)
+
+
+def last_status(root: Path, name: str) -> dict[str, Any]:
+    """The retained status message as the device published it (read over the broker as the controller)."""
+    ws = load_workspace(root)
+    settings = ws.fleets["lab-pull"].obj.spec.pull
+    password = (root / ".edgeops" / "lab" / "lab-pull" / "controller.password").read_text().strip()
+    got: dict[str, Any] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(settings.username, password)
+    client.on_message = lambda c, u, m: got.update(json.loads(m.payload)) if m.payload else None
+    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
+    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
+    client.loop_start()
+    eventually(lambda: got, 5)
+    client.loop_stop()
+    client.disconnect()
+    return got
+
+
+def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Path) -> None:
+    applied = cli(lab, "apply", MANIFEST, "-o", "json")
+    assert applied.exit_code == ExitCode.OK, applied.output
+    outcome = json.loads(applied.stdout)[0]
+    assert {d["decision"] for d in outcome["devices"]} == {"Passed"}, outcome
+    rows = devices(lab)
+    assert {r["sync"] for r in rows.values()} == {"Synced"} and {r["health"] for r in rows.values()} == {"Healthy"}
+    assert len({r["fleet_release"] for r in rows.values()}) == 1
+    # the devices' own numbers, from their own gate: measured on the device, with the sensor's boundary
+    assert all(r["p50_ms"] > 0 and r["energy"]["boundary"] == "board" for r in rows.values())
+    again = cli(lab, "apply", MANIFEST, "-o", "json")
+    assert again.exit_code == ExitCode.OK and json.loads(again.stdout)[0]["outcome"] == "no-op", again.output
+
+
+def test_a_device_may_read_only_its_own_desired_state(lab: Path) -> None:
+    ws = load_workspace(lab)
+    settings = ws.fleets["lab-pull"].obj.spec.pull
+    config = json.loads((Path(target(lab, "pull-01")[0].root) / "agent" / "pull.json").read_text())
+    got: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(config["username"], config["password"])
+    client.on_message = lambda c, u, m: got.append(m.topic)
+    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
+    client.loop_start()
+    client.subscribe([(f"edgeops/lab-pull/pull-02/{PULL_DEPLOYMENT}/desired", 1),
+                      (f"edgeops/lab-pull/pull-01/{PULL_DEPLOYMENT}/desired", 1)])
+    eventually(lambda: got, 5)
+    time.sleep(1)  # the neighbour's retained desired state would have arrived with its own
+    client.loop_stop()
+    client.disconnect()
+    assert got == [f"edgeops/lab-pull/pull-01/{PULL_DEPLOYMENT}/desired"], got  # the broker's ACL held back pull-02's
+
+
+def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    offline(lab, "pull-03")
+    with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 2"),
+                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 1")):
+        applied = cli(lab, "apply", MANIFEST, "-o", "json")
+        assert applied.exit_code == ExitCode.OK, applied.output
+        decisions = {d["key"].split("/")[1]: d for d in json.loads(applied.stdout)[0]["devices"]}
+        assert decisions["pull-03"]["decision"] == "Unreachable" and "catches up" in decisions["pull-03"]["reason"]
+        assert decisions["pull-01"]["decision"] == decisions["pull-02"]["decision"] == "Passed"
+        rows = devices(lab)
+        assert rows["pull-03"]["sync"] == "OutOfSync" and "offline" in rows["pull-03"]["message"]
+        online(lab, "pull-03")
+        # on its trial release it reads Synced but Degraded (not verified yet), then Healthy once it committed
+        caught_up = eventually(lambda: (devices(lab)["pull-03"]["sync"], devices(lab)["pull-03"]["health"]) ==
+                               ("Synced", "Healthy"))
+        assert caught_up, devices(lab)["pull-03"]
+        assert devices(lab)["pull-03"]["fleet_release"] == rows["pull-01"]["fleet_release"]
+
+
+def test_a_silent_device_past_the_unreachable_budget_halts_and_its_desired_state_is_withdrawn(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    before = {name: row["release"] for name, row in devices(lab).items()}
+    offline(lab, "pull-03")
+    with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 3"),
+                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 0")):
+        applied = cli(lab, "apply", MANIFEST, "-o", "json")
+        assert applied.exit_code == ExitCode.FAILED, applied.output
+        result = json.loads(applied.stdout)[0]
+        assert result["outcome"] == "halted" and "max_unreachable_devices" in result["message"]
+        decisions = {d["key"].split("/")[1]: d["decision"] for d in result["devices"]}
+        assert decisions == {"pull-01": "RolledBack", "pull-02": "RolledBack", "pull-03": "Unreachable"}
+        assert {n: r["release"] for n, r in devices(lab).items() if n != "pull-03"} == \
+            {n: r for n, r in before.items() if n != "pull-03"}
+        online(lab, "pull-03")
+        assert eventually(lambda: last_status(lab, "pull-03").get("state", {}).get("facts"), 30)
+        time.sleep(3)  # a withdrawn desired state must not be installed late
+        assert devices(lab)["pull-03"]["release"] == before["pull-03"]
+
+
+def test_a_tampered_blob_in_the_registry_is_refused_on_the_device(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    before = devices(lab)["pull-03"]["release"]
+    offline(lab, "pull-03")
+    with edited((lab / MANIFEST, "per_channel: true", "per_channel: false"),
+                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 1")):
+        applied = cli(lab, "apply", MANIFEST, "-o", "json")
+        assert applied.exit_code == ExitCode.OK, applied.output
+        model = json.loads(cli(lab, "plan", MANIFEST, "-o", "json").stdout)[0]["artifacts"]["cpu"]
+        storage = lab / ".edgeops" / "lab" / "lab-pull" / "registry" / "storage"
+        blob = storage / "docker" / "registry" / "v2" / "blobs" / "sha256" / model[:2] / model / "data"
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        online(lab, "pull-03")
+        refused = eventually(lambda: (last_status(lab, "pull-03").get("error") or {}).get("kind"))
+        assert refused == "checksum-mismatch", last_status(lab, "pull-03")
+        row = devices(lab)["pull-03"]
+        assert row["release"] == before and row["health"] == "Healthy"
+        assert not (Path(target(lab, "pull-03")[0].root) / "blobs" / "sha256" / model).exists()
