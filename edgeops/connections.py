@@ -19,7 +19,7 @@ DEFAULT_PARALLELISM = 4  # bench/push.py: a 2-core host stops gaining past about
 def ssh_connect(target: TargetDevice) -> Transport:
     fleet = target.fleet
     if target.device.host is None:
-        raise EdgeopsError(f"{target.key} has no host to connect to (its fleet pulls)")
+        raise EdgeopsError(f"{target.key} pulls its releases: nothing connects to it over SSH")
     return SSHTransport(target_for(target.name, target.device.host, target.device.port, fleet.obj.spec.ssh,
                                    fleet.path.parent))
 

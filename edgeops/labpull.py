@@ -180,14 +180,20 @@ def _stop(pid: int) -> bool:
     return True
 
 
-def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice], start_devices: bool = True,
-                report: Callable[[str], None] = lambda message: None) -> list[LabDevice]:
-    """Broker, registry and one daemon per device for a pull fleet; idempotent (running parts are kept)."""
+def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
+                report: Callable[[str], None] = lambda message: None,
+                simulate: frozenset[str] = frozenset()) -> list[LabDevice]:
+    """Broker, registry and one daemon per device for a pull fleet; idempotent (running parts are kept).
+
+    Devices named in ``simulate`` get their broker user and password (``<lab>/<device>/broker.password``)
+    but no agent or daemon: a benchmark speaks the protocol for them.
+    """
     settings = fleet.obj.spec.pull
     assert settings is not None
     state = pull_dir(ws, fleet)
     state.mkdir(parents=True, exist_ok=True)
-    for python in sorted({t.python for t in targets if os.path.isabs(t.python)}):
+    real = [t for t in targets if t.name not in simulate]
+    for python in sorted({t.python for t in real if os.path.isabs(t.python)}):
         provision_runtime(Path(python), lab_dir(ws) / "runtime-install.log", report, PULL_RUNTIME_PACKAGES)
     controller_file = fleet.resolve(settings.password_file) if settings.password_file else state / "controller.password"
     if not controller_file.is_file():
@@ -212,17 +218,16 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
     _broker(state, settings, users, acl)
     _registry(state, settings)
     devices = []
-    for target in targets:
+    for target in real:
         root = Path(target.root)
         install_agent(root)
         config = root / "agent" / "pull.json"
         config.write_text(json.dumps(daemon_config(target, passwords[target.key]), indent=1))
         config.chmod(0o600)
         _write_sensor(target)
-        pid = start_daemon(target, state / target.name) if start_devices else None
-        devices.append(LabDevice(target.name, 0, state / target.name, pid))
+        devices.append(LabDevice(target.name, 0, state / target.name, start_daemon(target, state / target.name)))
     if fleet.obj.spec.trust:
-        _enroll_lab(fleet, targets, lab_dir(ws), report)
+        _enroll_lab(fleet, real, lab_dir(ws), report)
     return devices
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import Plan, make_plan
-from edgeops.pull.fleet import is_pull
-from edgeops.pull.roller import RoutedWork
+from edgeops.pull.fleet import is_pull, read_reports, reported_state
+from edgeops.pull.roller import RoutedWork, roll_back
 from edgeops.rollout import (
     ApplyContext,
     DeviceOutcome,
@@ -42,7 +43,7 @@ from edgeops.settings import Settings
 from edgeops.state import Ledger, open_ledger
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
-from edgeops.verify import GateSpec
+from edgeops.verify import GateSpec, Verdict
 
 Progress = Callable[[str], None]
 
@@ -332,8 +333,16 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
         # decide first (read-only); only a rollback that changes a device opens a ledger entry
-        planned = connections.map(lambda t: _rollback_target(device_for(t, connections, doc.name).observe(),
-                                                             t.key, to, last, fleet_release), targets)
+        pulled = {t.key: t for t in targets if is_pull(t)}
+        generation = time.time_ns() // 1_000_000  # names this rollback in the desired states it publishes
+        reports = read_reports(connections.pull, doc.name, list(pulled.values())) if pulled else {}
+
+        def state_of(target: TargetDevice) -> DeviceState:
+            if target.key in pulled:
+                return reported_state(target, reports[target.key])
+            return device_for(target, connections, doc.name).observe()
+
+        planned = connections.map(lambda t: _rollback_target(state_of(t), t.key, to, last, fleet_release), targets)
         outcomes: dict[str, DeviceOutcome] = {}
         landings: dict[str, tuple[str, str]] = {}
         for target in targets:
@@ -360,7 +369,27 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
                                 measurements=o.measurements)
             return o
 
+        def over_broker(target: TargetDevice) -> DeviceOutcome:
+            landing, why = landings[target.key]
+            before = reports[target.key].status["state"]["current"]  # type: ignore[index]
+            gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
+            reporter.stage(target.key, "rollback", f"{why} (published; the device measures it)")
+            found = roll_back(connections.pull, target, doc.name, None if landing == "none" else landing, generation,
+                              actor, gate.as_json(), allow_rejected)
+            if found is None or found.get("result") != "rolled-back":
+                error = (found or {}).get("error") or {"message": "no report within its deadline (offline?)"}
+                raise EdgeopsError(f"{target.key}: rollback to {landing} did not land: {error['message']}")
+            if found.get("verdict") is None:
+                return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
+                                            f"{why}; the device runs no release", None, before))
+            verdict = Verdict.of(found["verdict"])
+            return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; "
+                                        f"verification {verdict.outcome}: {verdict.reason}", landing, before, 0,
+                                        measurements={**verdict.measurements, "verification": verdict.outcome}))
+
         def one(target: TargetDevice) -> DeviceOutcome:
+            if target.key in pulled:
+                return over_broker(target)
             landing, why = landings[target.key]
             device = device_for(target, connections, doc.name)
             reporter.stage(target.key, "rollback", why)
@@ -398,7 +427,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
 
 def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connections) -> list[tuple[Any, Any]]:
     """(target, device state) of every target device left paused by a rollout."""
-    targets = target_devices(ws, doc.name)
+    targets = [t for t in target_devices(ws, doc.name) if not is_pull(t)]  # pull devices revert, never pause
     require_key_files(targets)
     found = connections.map(lambda t: device_for(t, connections, doc.name).observe(), targets)
     failed = [r.message for r in found.values() if isinstance(r, EdgeopsError)]

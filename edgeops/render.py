@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def environment(templates: Path) -> SandboxedEnvironment:
     return env
 
 
+_GENERIC: weakref.WeakKeyDictionary[SandboxedEnvironment, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
 PLACEHOLDERS: dict[str, Any] = {"name": "{device}", "host": "{host}", "port": 0, "root": "{root}"}
 
 
@@ -102,10 +104,16 @@ def render_device(ws: Workspace, deployment: Document[Deployment], target: Targe
     whose file changed)."""
     env = env or environment(ws.templates_dir)
     text = _render(env, target, context(deployment, target, artifact))
-    try:
-        generic = _render(env, target, context(deployment, target, artifact, placeholders=True))
-    except RenderError:
-        generic = text  # a template that needs the real values: this device's config is a variant of its own
+    shared = context(deployment, target, artifact, placeholders=True)
+    key = (target.profile.obj.spec.template, json.dumps(shared, sort_keys=True))
+    generic = _GENERIC.get(env, {}).get(key)  # devices of a class mostly share it: rendered once per environment
+    if generic is None:
+        try:
+            generic = _render(env, target, shared)
+        except RenderError:
+            generic = text  # a template that needs the real values: this device's config is a variant of its own
+        else:
+            _GENERIC.setdefault(env, {})[key] = generic
     return RenderedConfig(target, text, digest(text), generic)
 
 

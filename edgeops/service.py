@@ -289,6 +289,10 @@ def enroll(fleet: str, settings: Settings, signed_by: Path | None = None,
 
     ws, doc = _fleet(fleet, settings)
     trust = doc.obj.spec.trust
+    if doc.obj.spec.pull is not None:
+        raise InputError([doc.problem(("spec", "pull"), "this fleet's devices pull: nothing connects to them, so "
+                                                        "they get trust/allowed_signers when they are provisioned "
+                                                        "(see docs/pull.md); enroll does not reach them")])
     if trust is None:
         raise InputError([doc.problem(("spec",), "this fleet has no trust block: add trust.allowed_signers (and "
                                                  "trust.signing_key) to sign its releases")])

@@ -57,7 +57,7 @@ class TargetDevice:
     def needs(self, slo: SLO) -> DeviceNeeds:
         """What this device must have to run a release whose SLOs are ``slo``."""
         profile = self.profile
-        index = self.fleet.obj.spec.devices.index(self.device)
+        index = next(i for i, d in enumerate(self.fleet.obj.spec.devices) if d is self.device)  # not ==: O(n)
         root_at = self.fleet.where(("spec", "devices", index, "root")) if self.device.root \
             else profile.where(("spec", "device", "root"))
         return DeviceNeeds(

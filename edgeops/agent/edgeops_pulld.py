@@ -82,6 +82,13 @@ def agent(*args, timeout=None):
     return document
 
 
+def kept_verdict(verdict, desired):
+    """What the device keeps beside the release: the verdict and its numbers (the raw samples are published)."""
+    return {"verification": {"outcome": verdict["outcome"], "reason": verdict["reason"],
+                             **{k: v for k, v in verdict["measurements"].items() if k != "samples_ms"},
+                             "slo": desired["gate"]["slo"]}}
+
+
 class Daemon:
     def __init__(self, config):
         self.config = config
@@ -173,9 +180,7 @@ class Daemon:
         common = {"generation": desired["generation"], "release": desired["release"], "action": desired["action"]}
         try:
             if desired["action"] == "rollback":
-                agent("switch", "--root", self.root, "--deployment", deployment, "--action", "rollback",
-                      "--release", desired["release"] or "none", "--by", desired.get("by", "edgeops"))
-                outcome = {**common, "phase": "done", "result": "rolled-back", "verdict": None, "error": None}
+                outcome = {**common, **self.roll_back(deployment, desired)}
             else:
                 outcome = {**common, **self.install(deployment, desired)}
         except Failure as exc:
@@ -213,9 +218,7 @@ class Daemon:
         baseline = before.get("committed") if before.get("committed") != release else None
         self.publish(deployment, phase="verifying")
         verdict = self.verify(deployment, desired, baseline)
-        record = {"verification": {"outcome": verdict["outcome"], "reason": verdict["reason"],
-                                   **{k: v for k, v in verdict["measurements"].items() if k != "samples_ms"},
-                                   "slo": desired["gate"]["slo"]}}
+        record = kept_verdict(verdict, desired)
         keep = verdict["outcome"] == edgeops_gate.PASSED or (
             verdict["outcome"] == edgeops_gate.INCONCLUSIVE and desired["gate"]["retry_inconclusive"])
         if keep:
@@ -230,6 +233,19 @@ class Daemon:
         agent("record", *common, "--json", json.dumps(record), "--by", by)
         agent("switch", *common, "--action", "revert", "--by", by, "--reason", verdict["outcome"].lower())
         return {"phase": "done", "result": "rejected", "verdict": verdict, "error": None}
+
+    def roll_back(self, deployment, desired):
+        """Back to an earlier committed release (or none); with a gate, measured there against the absolute SLOs."""
+        common = ["--root", self.root, "--deployment", deployment]
+        by = desired.get("by", "edgeops")
+        agent("switch", *common, "--action", "rollback", "--release", desired["release"] or "none", "--by", by,
+              *(["--allow-rejected"] if desired.get("allow_rejected") else []))
+        if not desired.get("gate") or not desired["release"]:
+            return {"phase": "done", "result": "rolled-back", "verdict": None, "error": None}
+        verdict = self.verify(deployment, desired, None)
+        record = kept_verdict(verdict, desired)
+        agent("record", *common, "--json", json.dumps(record), "--by", by, "--release", desired["release"])
+        return {"phase": "done", "result": "rolled-back", "verdict": verdict, "error": None}
 
     def verify(self, deployment, desired, baseline):
         gate = edgeops_gate.spec_from_json(desired["gate"])

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgeops.device import DeviceState
 from edgeops.errors import EdgeopsError
 from edgeops.manifest.models import PullSettings
 from edgeops.pull.broker import Broker, controller_password
@@ -117,3 +118,12 @@ def read_reports(links: PullLinks, deployment: str, targets: list[TargetDevice])
             reports[target.key] = Report(status if status and status.get("schema") == STATUS_SCHEMA else None,
                                          None if online is None else bool(online.get("online")), seen)
     return reports
+
+
+def reported_state(target: TargetDevice, report: Report) -> DeviceState:
+    """The device state in a pull device's last report; an error when it never reported one."""
+    state = (report.status or {}).get("state") or {}
+    if "current" not in state:
+        raise EdgeopsError(f"{target.key} has not reported this deployment (its agent daemon never connected, or "
+                           "it never received a release)")
+    return DeviceState.from_agent(state)

@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeops.errors import EdgeopsError
 from edgeops.plan import PlannedDevice
-from edgeops.pull.fleet import DESIRED_SCHEMA, device_topic, is_pull, pull_settings, repository
+from edgeops.pull.fleet import DESIRED_SCHEMA, PullLinks, device_topic, is_pull, pull_settings, repository
 from edgeops.pull.registry import PushedRelease
 from edgeops.release import Release
 from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult
@@ -126,14 +126,7 @@ class PullRoller(DeviceRoller):
         target = self.ctx.desired.target(key)
         back = self._ran.get(key)
         try:
-            broker = self.ctx.connections.pull.broker(target)
-            status = device_topic(target, self.doc.name, "status")
-            broker.publish(device_topic(target, self.doc.name, "desired"), {
-                "schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "rollback",
-                "generation": self.generation, "release": back, "by": self.ctx.actor, "published_at": time.time()})
-            found = broker.wait_for(status, lambda s: s.get("generation") == self.generation
-                                    and s.get("action") == "rollback" and s.get("phase") == "done",
-                                    time.monotonic() + min(ROLLBACK_DEADLINE_S, pull_settings(target).report_deadline_s))
+            found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation, self.ctx.actor)
         except EdgeopsError as exc:
             return f"ROLLBACK FAILED: {exc.message}"
         if found is None:
@@ -182,3 +175,22 @@ class RoutedWork:
 
     def finish(self, result: RolloutResult) -> None:
         self.pull.finish(result)
+
+
+def roll_back(links: PullLinks, target: TargetDevice, deployment: str, release: str | None, generation: int,
+              by: str, gate: dict[str, Any] | None = None, allow_rejected: bool = False) -> dict[str, Any] | None:
+    """Ask a pull device to go back to ``release`` (None: to no release) and wait for its report.
+
+    With ``gate`` the device measures the release it lands on against the absolute SLOs and records the
+    verdict (as ``edgeops rollback`` does over SSH). None when it did not report in time.
+    """
+    broker = links.broker(target)
+    status = device_topic(target, deployment, "status")
+    broker.subscribe([status])
+    broker.publish(device_topic(target, deployment, "desired"), {
+        "schema": DESIRED_SCHEMA, "deployment": deployment, "action": "rollback", "generation": generation,
+        "release": release, "by": by, "gate": gate, "allow_rejected": allow_rejected, "published_at": time.time()})
+    deadline = min(ROLLBACK_DEADLINE_S + (gate or {}).get("verify_timeout_s", 0),
+                   pull_settings(target).report_deadline_s)
+    return broker.wait_for(status, lambda s: s.get("generation") == generation and s.get("action") == "rollback"
+                           and s.get("phase") == "done", time.monotonic() + deadline)

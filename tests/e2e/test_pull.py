@@ -120,6 +120,23 @@ def test_a_device_may_read_only_its_own_desired_state(lab: Path) -> None:
     assert got == [f"edgeops/lab-pull/pull-01/{PULL_DEPLOYMENT}/desired"], got  # the broker's ACL held back pull-02's
 
 
+def test_rollback_goes_over_the_broker_and_each_device_measures_where_it_lands(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    before = {name: row["release"] for name, row in devices(lab).items()}
+    with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 4")):
+        assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+        assert {name: row["release"] for name, row in devices(lab).items()} != before
+        rolled = cli(lab, "rollback", PULL_DEPLOYMENT, "-o", "json")
+        assert rolled.exit_code == ExitCode.OK, rolled.output
+        outcome = json.loads(rolled.stdout)
+        outcome = outcome[0] if isinstance(outcome, list) else outcome
+        assert {d["decision"] for d in outcome["devices"]} == {"RolledBack"}, outcome
+        assert all("verification Passed" in d["reason"] for d in outcome["devices"]), outcome
+        rows = devices(lab)
+        assert {name: row["release"] for name, row in rows.items()} == before
+        assert {row["health"] for row in rows.values()} == {"RolledBack"}  # as over SSH: until the next apply
+
+
 def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects(lab: Path) -> None:
     assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
     offline(lab, "pull-03")
