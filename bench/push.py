@@ -31,7 +31,7 @@ from edgeops.render import render_device  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.types import DeviceStatus  # noqa: E402
 from labkit.artifacts import build_for, lab_signed  # noqa: E402
-from labkit.repo import copy_repo, write_lab_fleet  # noqa: E402
+from labkit.repo import copy_repo, lab_device_cpu_s, write_lab_fleet  # noqa: E402
 
 PAYLOAD = 5_000_000
 
@@ -84,16 +84,33 @@ def main() -> None:
                         d.activate(release.id, signed=lab_signed(root, release))
                         d.record({"status": DeviceStatus.COMMITTED}, release=release.id)
 
-                    def push(t):
-                        return device(t).push(first[t.key])
+                    def push(t):  # as apply does: one agent session per device
+                        d = device(t)
+                        with d.session():
+                            return d.push(first[t.key])
 
+                    if count == 16:  # for comparison: every step its own SSH exec (login shell, Python start)
+                        cpu = lab_device_cpu_s(ws)
+                        wall, _ = run(connections, targets, lambda t: device(t).push(first[t.key]))
+                        connections.close()
+                        time.sleep(0.3)
+                        rows.append([count, "first push, one exec per step", f"{wall:.2f}", "", "",
+                                     f"{(lab_device_cpu_s(ws) - cpu) / count:.2f}"])
+                        for t in targets:
+                            os.system(f"rm -rf '{t.root}'")
+
+                    cpu = lab_device_cpu_s(ws)
                     wall, results = run(connections, targets, push)
+                    connections.close()  # the device's sshd accounts a connection's CPU when it ends
+                    time.sleep(0.3)
+                    per_device = (lab_device_cpu_s(ws) - cpu) / count
                     moved = sum(r.bytes_moved for r in results.values())
-                    rows.append([count, "first push", f"{wall:.2f}", f"{moved / 1e6:.1f}", f"{moved / 1e6 / wall:.1f}"])
+                    rows.append([count, "first push", f"{wall:.2f}", f"{moved / 1e6:.1f}", f"{moved / 1e6 / wall:.1f}",
+                                 f"{per_device:.2f}"])
                     run(connections, targets, lambda t: commit(t, first[t.key]))
                     wall, results = run(connections, targets, push)
                     moved = sum(r.bytes_moved for r in results.values())
-                    rows.append([count, "repeat push", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—"])
+                    rows.append([count, "repeat push", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—", "—"])
                     # a second release (other runtime config, same model): then roll back to the first
                     second = {k: replace(r, id=r.id + "-b", files=tuple(
                         replace(f, content=(f.content or b"") + b" ", sha256=hashlib.sha256((f.content or b"") + b" ").hexdigest(),
@@ -103,7 +120,7 @@ def main() -> None:
                     sent = sum(connections.get(t).bytes_sent for t in targets)  # type: ignore[attr-defined]
                     wall, _ = run(connections, targets, lambda t: device(t).rollback())
                     moved = sum(connections.get(t).bytes_sent for t in targets) - sent  # type: ignore[attr-defined]
-                    rows.append([count, "rollback", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—"])
+                    rows.append([count, "rollback", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—", "—"])
             for workers in (1, 2, 4, 8, 16):
                 for t in all_targets:
                     os.system(f"rm -rf '{t.root}'")
@@ -115,7 +132,8 @@ def main() -> None:
         finally:
             lab_down(ws, fleet)
     print(f"Machine: {machine()}; devices: real sshd on 127.0.0.1 sharing this host; payload 5 MB + model\n")
-    print(markdown_table(["devices", "operation", "wall s", "MB moved", "aggregate MB/s"], rows))
+    print(markdown_table(["devices", "operation", "wall s", "MB moved", "aggregate MB/s", "device CPU s per device"],
+                         rows))
     print("\n16 devices, first push, by worker-pool size:\n")
     print(markdown_table(["parallel connections", "wall s", "aggregate MB/s"], pool_rows))
 

@@ -12,18 +12,22 @@ from __future__ import annotations
 import base64
 import json
 import tempfile
+import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edgeops.agent import AGENT_FILE
-from edgeops.errors import DeviceError, RemoteCommandFailed
+from edgeops.errors import DeviceError, RemoteCommandFailed, TransportError
 from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
 from edgeops.signing import SignedMetadata
-from edgeops.transport.base import Transport, sha256_of
+from edgeops.transport.base import AgentSession, CommandResult, FileView, Transport, sha256_of
+
+FACTS_MAX_AGE_S = 600  # a read over SFTP takes the facts the agent kept when they are younger than this
 
 
 class AgentFailed(DeviceError):
@@ -77,6 +81,20 @@ class DeviceState:
         return self.state.get("committed")
 
 
+def _file_problems(files: dict[str, dict[str, Any]], found: dict[str, tuple[int, int] | None]) -> list[str]:
+    """The agent's cheap check of a release's files (``_release_problems``), from sizes and whole-second times."""
+    problems = []
+    for name, meta in sorted(files.items()):
+        seen = found.get(name)
+        if seen is None:
+            problems.append(f"{name} is missing")
+        elif seen[0] != meta["size"]:
+            problems.append(f"{name} has {seen[0]} bytes, not {meta['size']}")
+        elif "mtime_ns" in meta and seen[1] != meta["mtime_ns"] // 1_000_000_000:
+            problems.append(f"{name} was modified after it was installed")
+    return problems
+
+
 @dataclass(frozen=True)
 class PushResult:
     bytes_moved: int
@@ -93,6 +111,7 @@ class Device:
         self.agent_path = f"{self.root}/agent/edgeops_agent.py"
         self._agent_bytes = AGENT_FILE.read_bytes()
         self.agent_sha256 = sha256_of(self._agent_bytes)
+        self._session: AgentSession | None = None
 
     # ---------------------------------------------------------------- agent
 
@@ -104,12 +123,20 @@ class Device:
         file: reading commands then work, in this controller's version, on a device that has no
         agent yet or an older one, and nothing is installed on it.
         """
-        program = ["-c", self._agent_bytes.decode()] if inline else [agent_path or self.agent_path]
-        argv = [self.python, *program, *args]
-        try:
-            result = self.transport.run(argv, timeout=timeout, check=False)
-        except RemoteCommandFailed as exc:  # pragma: no cover - check=False
-            raise AgentFailed(self.name, "command-failed", exc.message) from None
+        if self._session is not None and not inline and agent_path is None:
+            try:
+                answer = self._session.call(json.dumps(list(args)), timeout, what=args[0])
+            except TransportError:
+                self._session = None  # broken: later commands run one by one
+                raise
+            result = CommandResult([self.python, self.agent_path, *args], 0, answer, "")
+        else:
+            program = ["-c", self._agent_bytes.decode()] if inline else [agent_path or self.agent_path]
+            argv = [self.python, *program, *args]
+            try:
+                result = self.transport.run(argv, timeout=timeout, check=False)
+            except RemoteCommandFailed as exc:  # pragma: no cover - check=False
+                raise AgentFailed(self.name, "command-failed", exc.message) from None
         lines = result.stdout.strip().splitlines()
         try:
             document = json.loads(lines[-1]) if lines else None
@@ -126,6 +153,23 @@ class Device:
             raise AgentFailed(self.name, kind, message)
         return document
 
+    @contextmanager
+    def session(self) -> Iterator[Device]:
+        """Run the agent commands of the block in one agent process over one channel (``serve``): the device's
+        login shell and Python start once. Transports without sessions run each command on its own."""
+        opener = getattr(self.transport, "open_session", None)
+        if opener is None or self._session is not None:
+            yield self
+            return
+        self.ensure_agent()
+        self._session = opener([self.python, self.agent_path, "serve"])
+        try:
+            yield self
+        finally:
+            session, self._session = self._session, None
+            if session is not None:
+                session.close()
+
     def _common(self) -> list[str]:
         return ["--root", self.root, "--deployment", self.deployment]
 
@@ -133,6 +177,10 @@ class Device:
         """Ship the agent when the device lacks it or has another version; True if shipped."""
         if self.transport.read_bytes(self.agent_path) == self._agent_bytes:
             return False
+        installer = getattr(self.transport, "install", None)
+        if installer is not None:  # over SFTP alone: no login shell, no Python start
+            installer(self._agent_bytes, self.agent_path)
+            return True
         staged = f"{self.root}/.staging/agent-{uuid.uuid4().hex[:8]}.py"
         self.transport.run(["mkdir", "-p", f"{self.root}/.staging", f"{self.root}/agent"])
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +202,10 @@ class Device:
         readable over SFTP, what it runs.
         """
         sensor = json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
+        if not verify:
+            found = self._observe_files(sensor)
+            if found is not None:
+                return found
         try:
             doc = self.agent("state", *self._common(), "--facts", "--power", sensor, *(["--verify"] if verify else []),
                              inline=True)
@@ -165,6 +217,49 @@ class Device:
             return DeviceState(current=state.get("current"), previous=state.get("previous"), blobs=None,
                                state=state, facts=DeviceFacts.unusable_python(exc.detail))
         return DeviceState.from_agent(doc)
+
+    def _observe_files(self, sensor: str) -> DeviceState | None:
+        """The state read from the device's files alone (SFTP: no login shell, no Python), or None when only
+        the agent can say: no such transport, a trial running (it may have expired), the link and the state
+        disagreeing (a switch to finish), no fresh facts for this power sensor, no free-space answer.
+
+        The file check is the agent's cheap one (sizes and times, times to the second that SFTP gives);
+        ``status --verify`` hashes through the agent.
+        """
+        look = getattr(self.transport, "look", None)
+        if look is None:
+            return None
+        directory = f"{self.root}/deployments/{self.deployment}"
+        state_file, facts_file = f"{directory}/state.json", f"{self.root}/agent/facts.json"
+        blobs, releases = f"{self.root}/blobs/sha256", f"{directory}/releases"
+        view: FileView = look([state_file, facts_file], [blobs, releases], [], [f"{directory}/current"], self.root)
+        try:
+            state = json.loads(view.files[state_file] or b"null")
+            kept = json.loads(view.files[facts_file] or b"null")
+        except ValueError:
+            return None
+        link = view.links[f"{directory}/current"]
+        current = state.get("current") if state else None
+        fresh = isinstance(kept, dict) and kept.get("power") == sensor and \
+            0 <= time.time() - float(kept.get("at") or 0) < FACTS_MAX_AGE_S
+        if (state is None and link is not None) or (state or {}).get("trial") or not fresh or \
+                (link and link.rsplit("/", 1)[-1]) != current or view.free_bytes is None:
+            return None
+        damaged: dict[str, list[str]] = {}
+        if current is not None:
+            files = (state["releases"].get(current) or {}).get("files") or {}
+            if current not in (view.listings[releases] or []):
+                damaged[current] = ["the release directory is missing"]
+            else:
+                paths = {name: f"{releases}/{current}/{name}" for name in files}
+                stats = look([], [], list(paths.values()), [], self.root).stats
+                if problems := _file_problems(files, {name: stats.get(path) for name, path in paths.items()}):
+                    damaged[current] = problems
+        facts = replace(DeviceFacts.from_agent(kept["facts"]), free_bytes=view.free_bytes)
+        return DeviceState(current=current, previous=(state or {}).get("previous"),
+                           releases=tuple(view.listings[releases] or ()),
+                           blobs=frozenset(view.listings[blobs] or ()), free_bytes=view.free_bytes,
+                           state=state or {}, facts=facts, damaged=damaged)
 
     # ---------------------------------------------------------------- push
 

@@ -13,7 +13,7 @@ from typing import Any
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
-from edgeops.device import DeviceState
+from edgeops.device import Device, DeviceState
 from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
@@ -390,8 +390,11 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
         def one(target: TargetDevice) -> DeviceOutcome:
             if target.key in pulled:
                 return over_broker(target)
+            with device_for(target, connections, doc.name).session() as device:  # one agent process
+                return over_ssh(target, device)
+
+        def over_ssh(target: TargetDevice, device: Device) -> DeviceOutcome:
             landing, why = landings[target.key]
-            device = device_for(target, connections, doc.name)
             reporter.stage(target.key, "rollback", why)
             before = device.observe().current
             device.rollback(to=landing, by=actor, allow_rejected=allow_rejected)

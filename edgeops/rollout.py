@@ -257,25 +257,26 @@ class DeviceRoller:
         switching, verdict = False, None
         try:
             device = self.device(target)
-            report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
-            pushed = device.push(release, progress=lambda done: report.transfer(planned.key, done, release.model_bytes),
-                                 timeout=self.policy.timeouts.push_s, repair=planned.action == Action.REPAIR)
-            outcome.bytes_moved = pushed.bytes_moved
-            if self.ctx.stop.is_set():
-                outcome.reason = "interrupted after the push, before the switch: still on the previous release"
-                return outcome
-            signed = self.signed(target, release)
-            report.stage(planned.key, "switch", "signed" if signed else "")
-            switching = True  # from here a cut may or may not have switched: read the device before deciding
-            before = device.activate(release.id, by=self.ctx.actor, timeout=self.policy.timeouts.switch_s,
-                                     trial_window_s=target.profile.obj.spec.device.trial_window_s, signed=signed)
-            # only a committed release is ever a baseline: never a rejected or unverified one
-            baseline = before.get("committed") if before.get("committed") != release.id else None
-            report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
-            verdict = self.measure(device, planned, baseline)
-            outcome.measurements = verdict.measurements
-            outcome.reason = verdict.reason
-            return self.conclude(device, planned, verdict, outcome)
+            with device.session():  # one agent process for the whole device: push, switch, verify, commit
+                report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
+                pushed = device.push(release, timeout=self.policy.timeouts.push_s, repair=planned.action == Action.REPAIR,
+                                     progress=lambda done: report.transfer(planned.key, done, release.model_bytes))
+                outcome.bytes_moved = pushed.bytes_moved
+                if self.ctx.stop.is_set():
+                    outcome.reason = "interrupted after the push, before the switch: still on the previous release"
+                    return outcome
+                signed = self.signed(target, release)
+                report.stage(planned.key, "switch", "signed" if signed else "")
+                switching = True  # from here a cut may or may not have switched: read the device before deciding
+                before = device.activate(release.id, by=self.ctx.actor, timeout=self.policy.timeouts.switch_s,
+                                         trial_window_s=target.profile.obj.spec.device.trial_window_s, signed=signed)
+                # only a committed release is ever a baseline: never a rejected or unverified one
+                baseline = before.get("committed") if before.get("committed") != release.id else None
+                report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
+                verdict = self.measure(device, planned, baseline)
+                outcome.measurements = verdict.measurements
+                outcome.reason = verdict.reason
+                return self.conclude(device, planned, verdict, outcome)
         except EdgeopsError as exc:
             self.ctx.connections.drop(target)
             outcome.reason = exc.message

@@ -44,8 +44,36 @@ class _CutTransport:
             raise HostUnreachable(self.device, f"the connection dropped during `{_command(argv)}`")
         return result
 
+    def open_session(self, argv: list[str]) -> Any:
+        return _CutSession(self, self.inner.open_session(argv), argv)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class _CutSession:
+    """The agent's serve session, cut at the same command a ``run`` would be (the argv it would have run)."""
+
+    def __init__(self, transport: _CutTransport, inner: Any, argv: list[str]) -> None:
+        self.transport, self.inner, self.program = transport, inner, argv[:2]
+
+    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
+        plan, device = self.transport.plan, self.transport.device
+        argv = [*self.program, *json.loads(request)]
+        fire = not plan.fired and plan.when(argv)
+        if fire and not plan.after:
+            plan.fired = True
+            self.transport.inner.close()
+            raise HostUnreachable(device, f"the connection dropped before `{_command(argv)}`")
+        answer = self.inner.call(request, timeout, what)
+        if fire:
+            plan.fired = True
+            self.transport.inner.close()
+            raise HostUnreachable(device, f"the connection dropped during `{_command(argv)}`")
+        return str(answer)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _command(argv: list[str]) -> str:

@@ -148,3 +148,19 @@ def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15) ->
         yield root
     finally:
         pull_lab_down(ws, fleet, fleet_targets(ws, fleet))
+
+
+def lab_device_cpu_s(ws: object, fleet_name: str = "lab") -> float:
+    """CPU seconds used on the lab devices so far: every sshd listener's own and its finished children's
+    (a connection's sshd, its shells and the agents they ran, once the connection has closed). Detached
+    processes (trial timers) are not counted."""
+    import os
+
+    from edgeops.lab import lab_status
+
+    total = 0.0
+    for device in lab_status(ws, ws.fleets[fleet_name]):  # type: ignore[attr-defined]
+        if device.pid:
+            fields = Path(f"/proc/{device.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total

@@ -9,6 +9,7 @@ Every command prints exactly one JSON document on stdout (``"schema":
     edgeops_agent.py bench RELEASE_DIR [--runs N | --duration S] [--warmup N]
                                        [--compare OTHER_RELEASE_DIR] [--block N] [--golden]
     edgeops_agent.py power RELEASE_DIR [--seconds S]
+    edgeops_agent.py serve      (many commands over stdin/stdout, one JSON line each)
 
 RELEASE_DIR holds runtime.json, the model file it names and optionally golden.npz.
 """
@@ -1129,6 +1130,24 @@ def layout_watchdog(args):
 # ------------------------------------------------------------------ commands
 
 
+FACTS_FILE = "facts.json"
+
+
+def _keep_facts(root, power, found):
+    """The facts just gathered, in <root>/agent/facts.json with when and for which power sensor: a controller
+    that reads the device's files over SFTP alone (no shell, no Python) takes them from there while fresh."""
+    agent_dir = os.path.join(root, "agent")
+    if not os.path.isdir(agent_dir):
+        return
+    try:
+        temporary = os.path.join(agent_dir, f".{FACTS_FILE}.{os.getpid()}")
+        with open(temporary, "w") as handle:
+            json.dump({"at": time.time(), "power": power, "facts": found}, handle)
+        os.replace(temporary, os.path.join(agent_dir, FACTS_FILE))
+    except OSError:
+        pass  # a read-only agent directory: reads run the agent every time
+
+
 def layout_state(args):
     """The deployment's state as the device holds it (finishing any half-done step first)."""
     directory = _deployment_dir(args.root, args.deployment)
@@ -1164,6 +1183,7 @@ def layout_state(args):
     }
     if facts:
         out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None)
+        _keep_facts(args.root, args.power, out["facts"])
     return out
 
 
@@ -1414,6 +1434,44 @@ def layout_prune(args):
     return {"removed_releases": removed, "removed_blobs": len(dropped)}
 
 
+def serve():
+    """Answer many commands in one process: one JSON array (a command's arguments) per stdin line, one JSON
+    document per stdout line. The controller's single channel for a whole push: the device's login shell and
+    Python start once, not once per step. ``bench`` runs in a child process of its own (a fresh process:
+    an honest peak RSS, and a crash in a model run cannot take the session down)."""
+    import io
+
+    for line in sys.stdin:
+        try:
+            argv = json.loads(line)
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise ValueError("expected a JSON array of strings")
+            if argv[0] in ("serve", "watchdog"):
+                raise ValueError(f"{argv[0]} cannot run inside serve")
+            if argv[0] == "bench":
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], stdin=subprocess.DEVNULL,
+                                      capture_output=True, text=True)
+                output = done.stdout
+            else:
+                captured = io.StringIO()
+                with contextlib.redirect_stdout(captured):
+                    main(argv)
+                output = captured.getvalue()
+            lines = output.strip().splitlines()
+            answer = lines[-1] if lines else json.dumps(
+                {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": "agent-broken",
+                 "message": f"{argv[0]} printed nothing"})
+        except SystemExit:  # argparse refused the arguments (its message went to stderr)
+            answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": "usage",
+                                 "message": f"invalid arguments: {line.strip()[:200]}"})
+        except Exception as exc:  # noqa: BLE001 - the session answers every line, whatever went wrong
+            answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False,
+                                 "error": "agent-broken", "message": f"{type(exc).__name__}: {exc}"})
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="edgeops_agent.py", description="edgeops on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1502,4 +1560,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["serve"] else main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -16,6 +16,17 @@ class CommandResult:
     exit_status: int
     stdout: str
     stderr: str
+
+
+@dataclass
+class FileView:
+    """What a transport's optional ``look`` read of the device's files: None where a path does not exist."""
+
+    files: dict[str, bytes | None] = field(default_factory=dict)
+    listings: dict[str, list[str] | None] = field(default_factory=dict)
+    stats: dict[str, tuple[int, int] | None] = field(default_factory=dict)   # (size, mtime in whole seconds)
+    links: dict[str, str | None] = field(default_factory=dict)
+    free_bytes: int | None = None
 
 
 class Transport(Protocol):
@@ -38,6 +49,16 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release the connection (idempotent)."""
+
+
+class AgentSession(Protocol):
+    """A command kept running on the device and spoken to in lines (a transport's optional ``open_session``)."""
+
+    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
+        """Send one request line, return the answer line; a broken session raises a TransportError."""
+
+    def close(self) -> None:
+        """End the command (idempotent)."""
 
 
 def sha256_of(data: bytes) -> str:

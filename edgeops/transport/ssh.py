@@ -14,6 +14,7 @@ import os
 import shlex
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from edgeops.errors import (
     TransportError,
 )
 from edgeops.manifest.models import SSHSettings
-from edgeops.transport.base import CommandResult, Progress
+from edgeops.transport.base import CommandResult, FileView, Progress
 
 # Printed before each command: what a device's shell startup files print before it is not the command's output.
 OUTPUT_MARKER = "--edgeops-output-begins--"
@@ -264,6 +265,19 @@ class SSHTransport:
             raise RemoteCommandFailed(self.device, argv, status, result.stderr)
         return result
 
+    def open_session(self, argv: list[str]) -> SSHSession:
+        """Start ``argv`` (a line-oriented server, the agent's ``serve``) on one channel and keep it open."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise HostUnreachable(self.device, "the SSH connection dropped")
+        try:
+            channel = transport.open_session(timeout=self.target.connect_timeout_s)
+            channel.exec_command(f"echo {OUTPUT_MARKER}; exec {shlex.join(argv)}")
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostUnreachable(self.device, f"cannot start `{argv[0]}`: the connection failed "
+                                  f"({type(exc).__name__}: {exc or 'closed'})") from None
+        return SSHSession(self.device, channel, argv, self.target.command_timeout_s)
+
     # ---------------------------------------------------------------- files
 
     def _sftp_client(self) -> paramiko.SFTPClient:
@@ -300,6 +314,68 @@ class SSHTransport:
         except OSError as exc:
             raise TransportError(self.device, f"download of {remote} failed: {exc}") from None
         return local.stat().st_size
+
+    def install(self, data: bytes, remote: str) -> None:
+        """Put a small file at ``remote`` atomically over SFTP alone (no shell, no process on the device):
+        the directories made, a temporary name beside it written and read back, then renamed over it."""
+        sftp = self._sftp_client()
+        parent, _, name = remote.rpartition("/")
+        temporary = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}"
+        try:
+            built = ""
+            for part in parent.strip("/").split("/"):
+                built += "/" + part
+                try:
+                    sftp.stat(built)
+                except FileNotFoundError:
+                    sftp.mkdir(built)
+            with sftp.open(temporary, "wb") as handle:
+                handle.write(data)
+            with sftp.open(temporary, "rb") as handle:
+                if handle.read() != data:
+                    raise TransportError(self.device, f"{remote} did not read back as written")
+            sftp.posix_rename(temporary, remote)
+        except (paramiko.SSHException, EOFError) as exc:
+            raise HostUnreachable(self.device, f"connection lost while installing {remote}: {exc}") from None
+        except OSError as exc:
+            raise TransportError(self.device, f"cannot install {remote}: {exc}") from None
+        self.bytes_sent += len(data)
+
+    def look(self, reads: list[str], lists: list[str], stats: list[str], links: list[str],
+             free_at: str) -> FileView:
+        """Files, directory listings, sizes and times, link targets and free space, over SFTP alone (no shell,
+        no process on the device). What is missing is None."""
+        sftp = self._sftp_client()
+        view = FileView()
+        try:
+            for path in reads:
+                try:
+                    with sftp.open(path, "rb") as handle:
+                        view.files[path] = handle.read()
+                except FileNotFoundError:
+                    view.files[path] = None
+            for path in lists:
+                try:
+                    view.listings[path] = sorted(sftp.listdir(path))
+                except FileNotFoundError:
+                    view.listings[path] = None
+            for path in stats:
+                try:
+                    found = sftp.stat(path)
+                    view.stats[path] = (int(found.st_size or 0), int(found.st_mtime or 0))
+                except FileNotFoundError:
+                    view.stats[path] = None
+            for path in links:
+                try:
+                    view.links[path] = sftp.readlink(path)
+                except (FileNotFoundError, OSError):
+                    view.links[path] = None
+            view.free_bytes = _statvfs_free(sftp, free_at)
+        except (paramiko.SSHException, EOFError, socket.timeout) as exc:
+            raise HostUnreachable(self.device, f"connection lost while reading files: {exc}") from None
+        except OSError as exc:
+            raise TransportError(self.device, f"cannot read files: {exc}") from None
+        return view
 
     def read_bytes(self, remote: str) -> bytes | None:
         try:
@@ -338,3 +414,67 @@ def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_di
                      jump_host=ssh.jump_host, use_ssh_config=ssh.use_ssh_config,
                      connect_timeout_s=ssh.connect_timeout_s, command_timeout_s=ssh.command_timeout_s,
                      keepalive_s=ssh.keepalive_s, connect_retries=ssh.connect_retries)
+
+
+class SSHSession:
+    """One long-running command on the device spoken to in lines: a request line in, an answer line out."""
+
+    def __init__(self, device: str, channel: paramiko.Channel, argv: list[str], default_timeout_s: float) -> None:
+        self.device, self.channel, self.argv, self.default_timeout_s = device, channel, argv, default_timeout_s
+        self._buffer = bytearray()
+        self._started = False  # the login shell's own output ends at the marker line
+
+    def _line(self, deadline: float, what: str, limit: float) -> bytes:
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise CommandTimeout(self.device, f"`{what}` did not finish in {limit:g} s")
+            self.channel.settimeout(min(left, 1.0))
+            try:
+                chunk = self.channel.recv(65536)
+            except socket.timeout:
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                self.close()
+                raise HostUnreachable(self.device, f"the connection failed during `{what}` "
+                                      f"({type(exc).__name__}: {exc or 'closed'})") from None
+            if not chunk:
+                stderr = self.channel.recv_stderr(4096).decode(errors="replace").strip().splitlines()
+                self.close()
+                raise HostUnreachable(self.device, f"`{self.argv[0]}` ended during `{what}`"
+                                      + (f": {stderr[-1][:300]}" if stderr else ""))
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line
+
+    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
+        """Send one request line; the answer line."""
+        limit = timeout or self.default_timeout_s
+        deadline = time.monotonic() + limit
+        what = what or request[:60]
+        try:
+            self.channel.sendall(request.encode() + b"\n")
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.close()
+            raise HostUnreachable(self.device, f"the connection failed before `{what}` "
+                                  f"({type(exc).__name__}: {exc or 'closed'})") from None
+        while not self._started:
+            self._started = self._line(deadline, what, limit).decode(errors="replace").strip() == OUTPUT_MARKER
+        return self._line(deadline, what, limit).decode(errors="replace")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _statvfs_free(sftp: paramiko.SFTPClient, path: str) -> int | None:
+    """Bytes free for an unprivileged writer at ``path`` (OpenSSH's statvfs@openssh.com), None if unsupported."""
+    try:
+        kind, message = getattr(sftp, "_request")(paramiko.sftp.CMD_EXTENDED, "statvfs@openssh.com", path)
+    except (IOError, paramiko.SSHException):
+        return None
+    if kind != paramiko.sftp.CMD_EXTENDED_REPLY or message is None:
+        return None
+    _bsize, frsize, _blocks, _bfree, bavail = (message.get_int64() for _ in range(5))
+    return int(frsize * bavail)
