@@ -333,8 +333,9 @@ class DeviceRoller:
             report.stage(planned.key, "done", f"{verdict.outcome}: kept")
             try:
                 device.prune(self.doc_keep(planned))
-            except EdgeopsError as exc:  # pruning is housekeeping: the release stays committed
-                report.message(f"{planned.key}: pruning old releases failed: {exc.message}")
+                device.keep_facts(self.ctx.desired.target(planned.key).power_sensor)  # next reads: files only
+            except EdgeopsError as exc:  # housekeeping: the release stays committed
+                report.message(f"{planned.key}: housekeeping after the commit failed: {exc.message}")
             outcome.decision, outcome.committed = verdict.outcome, True
             return outcome
         report.stage(planned.key, "rollback", verdict.reason[:80])

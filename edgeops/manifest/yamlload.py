@@ -12,6 +12,7 @@ alias expansion): a YAML bomb is a located one-line error in milliseconds, not a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,20 @@ class _Budget:
 
 
 def _check_structure(text: str, file: str) -> None:
-    """Depth and alias limits, from the event stream (which, unlike composing, does not recurse)."""
+    """Depth and alias limits, from the event stream (which, unlike composing, does not recurse).
+
+    libyaml stops at its own nesting limit with a message of its own: the pure-Python parser then says
+    what the limit is here.
+    """
+    try:
+        _walk(yaml.parse(text, Loader=FAST_LOADER), file)
+    except yaml.YAMLError:
+        _walk(yaml.parse(text, Loader=yaml.SafeLoader), file)
+
+
+def _walk(events: Iterator[yaml.Event], file: str) -> None:
     depth = aliases = 0
-    for event in yaml.parse(text, Loader=FAST_LOADER):
+    for event in events:
         line = event.start_mark.line + 1 if event.start_mark else None
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
