@@ -10,7 +10,9 @@ own runtime (numpy, onnxruntime, paho-mqtt). ``lab down`` stops exactly these pr
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -46,6 +48,41 @@ def password_line(user: str, password: str, salt: bytes | None = None) -> str:
     salt = salt or secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
     return f"{user}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def lab_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1/localhost (ECDSA P-256, a year), made once: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    if ca_file.is_file() and cert_file.is_file() and key_file.is_file():
+        return ca_file, cert_file, key_file
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeops lab CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return ca_file, cert_file, key_file
 
 
 def _port(url: str, default: int) -> int:
@@ -85,7 +122,8 @@ def _wait_port(port: int, name: str, log: Path, pid: int) -> None:
     raise LabError(f"{name} did not come up on 127.0.0.1:{port} (port in use?) {tail}")
 
 
-def _broker(state: Path, settings: PullSettings, users: dict[str, str], acl: list[str]) -> int:
+def _broker(state: Path, settings: PullSettings, users: dict[str, str], acl: list[str],
+            tls: tuple[Path, Path, Path] | None) -> int:
     if not Path(MOSQUITTO).exists():
         raise LabError(f"{MOSQUITTO} not found", hint="install Debian's mosquitto (scripts/install.sh does)")
     broker = state / "broker"
@@ -101,7 +139,8 @@ def _broker(state: Path, settings: PullSettings, users: dict[str, str], acl: lis
         f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {broker / 'passwd'}",
         f"acl_file {broker / 'acl'}", "persistence true", f"persistence_location {broker / 'data'}/",
         "log_dest stderr", "log_type error", "log_type warning", "max_queued_messages 10000",
-        "max_inflight_messages 100", "",
+        "max_inflight_messages 100",
+        *([f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}", "tls_version tlsv1.2"] if tls else []), "",
     ]))
     pid = _pid(broker / "pid", str(config))
     if pid is not None:  # running: it rereads passwords and ACLs on SIGHUP
@@ -112,7 +151,7 @@ def _broker(state: Path, settings: PullSettings, users: dict[str, str], acl: lis
     return pid
 
 
-def _registry(state: Path, settings: PullSettings) -> int:
+def _registry(state: Path, settings: PullSettings, tls: tuple[Path, Path, Path] | None) -> int:
     if not Path(REGISTRY).exists():
         raise LabError(f"{REGISTRY} not found", hint="install Debian's docker-registry (scripts/install.sh does)")
     registry = state / "registry"
@@ -122,7 +161,8 @@ def _registry(state: Path, settings: PullSettings) -> int:
     config.write_text(json.dumps({  # YAML is a superset of JSON
         "version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(registry / "storage")}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16),
+                 **({"tls": {"certificate": str(tls[1]), "key": str(tls[2])}} if tls else {})},
     }, indent=1))
     pid = _pid(registry / "pid", str(config))
     if pid is None:
@@ -215,14 +255,27 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         own = f"{settings.topic_prefix}/{fleet.name}/{target.name}"
         acl += [f"user {user}", f"topic read {own}/+/desired", f"topic write {own}/+/status",
                 f"topic write {own}/online", ""]
-    _broker(state, settings, users, acl)
-    _registry(state, settings)
+    tls = None
+    if settings.broker.startswith("mqtts://") or settings.registry.startswith("https://"):
+        if settings.ca_file is None:
+            raise LabError(f"fleet {fleet.name} uses TLS: set pull.ca_file (where `lab up` writes the lab's CA)")
+        tls = lab_certificates(state / "tls")
+        ca_copy = fleet.resolve(settings.ca_file)
+        if not ca_copy.is_file():
+            ca_copy.parent.mkdir(parents=True, exist_ok=True)
+            ca_copy.write_bytes(tls[0].read_bytes())
+    _broker(state, settings, users, acl, tls if settings.broker.startswith("mqtts://") else None)
+    _registry(state, settings, tls if settings.registry.startswith("https://") else None)
     devices = []
     for target in real:
         root = Path(target.root)
         install_agent(root)
         config = root / "agent" / "pull.json"
-        config.write_text(json.dumps(daemon_config(target, passwords[target.key]), indent=1))
+        device_config = daemon_config(target, passwords[target.key])
+        if tls:  # the device trusts the lab's CA, as a real one trusts its broker's and registry's
+            (root / "agent" / "ca.pem").write_bytes(tls[0].read_bytes())
+            device_config["ca_file"] = str(root / "agent" / "ca.pem")
+        config.write_text(json.dumps(device_config, indent=1))
         config.chmod(0o600)
         _write_sensor(target)
         devices.append(LabDevice(target.name, 0, state / target.name, start_daemon(target, state / target.name)))

@@ -111,15 +111,19 @@ def _announce(kind: str, result: RolloutResult, repo: Repo, hooks: list[Webhook]
         notify(f"webhook {url} did not take the {kind} event after its retries; kept in {dead_letter}")
 
 
-def _existing(names: tuple[str, ...] | list[str]) -> list[Path]:
-    return [Path(n) for n in names if Path(n).exists()]
+def _existing(names: tuple[str, ...] | list[str], settings: Settings) -> list[Path]:
+    """The names that are files: relative ones inside the configured repository (``--root``), else here."""
+    def where(name: str) -> Path:
+        return settings.root / name if settings.root and not Path(name).is_absolute() else Path(name)
+
+    return [where(n) for n in names if where(n).exists()]
 
 
 def _context(deployment: str, settings: Settings) -> tuple[Repo, Document[Deployment]]:
     """The repository and one deployment (by name or manifest path)."""
     from edgeops.operations import Repo
 
-    ws = _load(_existing([deployment]), settings)
+    ws = _load(_existing([deployment], settings), settings)
     return Repo.open(ws, settings), ws.deployment(deployment)
 
 
@@ -132,7 +136,7 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None,
     from edgeops.gitdiff import changed_files, touched_deployments
     from edgeops.operations import Repo
 
-    paths = _existing(manifests)
+    paths = _existing(manifests, settings)
     focused = not changed_since and len(paths) == len(manifests)
     ws = _load(paths, settings, focus=paths if focused else None, deep=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
@@ -216,8 +220,9 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
 
 def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
     """The repository and one fleet (by name or file)."""
-    ws = _load(_existing([fleet]), settings)
-    by_path = [f for f in ws.fleets.values() if f.path == Path(fleet).resolve()]
+    named = _existing([fleet], settings)
+    ws = _load(named, settings)
+    by_path = [f for f in ws.fleets.values() if named and f.path == named[0].resolve()]
     return ws, (by_path[0] if by_path else ws.fleet(fleet))
 
 
@@ -442,7 +447,7 @@ def _status(manifests: tuple[str, ...], settings: Settings, verify: bool, progre
     from edgeops.operations import Repo, status_rows
 
     picked = _selector(selector)
-    paths = _existing(manifests)
+    paths = _existing(manifests, settings)
     ws = _load(paths, settings, focus=paths if manifests else None, tolerant=not manifests)
     repo = Repo.open(ws, settings)
     broken: dict[str, list[str]] = {}
@@ -522,7 +527,7 @@ def reconcile(manifests: tuple[str, ...], interval_s: float, iterations: int, ve
     """The drift loop; returns how many applies failed."""
     from edgeops.operations import reconcile_loop
 
-    ws = _load(_existing(manifests), settings)
+    ws = _load(_existing(manifests, settings), settings)
     names = [ws.deployment(m).name for m in manifests] or sorted(ws.deployments)
     return reconcile_loop(ws.root, settings, names, interval_s, iterations, log=log, verify_every=verify_every)
 

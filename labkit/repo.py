@@ -104,12 +104,15 @@ def running_lab(base: Path, devices: int, login_home: Path | None = None,
 
 
 def write_pull_fleet(root: Path, devices: int, device_roots: Path, name: str = "lab-pull",
-                     report_deadline_s: float = 15) -> Path:
-    """Rewrite the repo copy's pull fleet: its broker and registry on free ports, roots under ``device_roots``."""
+                     report_deadline_s: float = 15, tls: bool = False) -> Path:
+    """Rewrite the repo copy's pull fleet: its broker and registry on free ports, roots under ``device_roots``;
+    with ``tls`` both speak TLS (mqtts://, https://) with the lab's CA in ``.edgeops/lab/<name>/ca.pem``."""
     broker, registry = free_ports(2)
+    mqtt, http = ("mqtts", "https") if tls else ("mqtt", "http")
     lines = [
         "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-pull",
-        "  pull:", f"    broker: mqtt://127.0.0.1:{broker}", f"    registry: http://127.0.0.1:{registry}",
+        "  pull:", f"    broker: {mqtt}://127.0.0.1:{broker}", f"    registry: {http}://127.0.0.1:{registry}",
+        *([f"    ca_file: ../../.edgeops/lab/{name}/ca.pem"] if tls else []),
         f"    password_file: ../../.edgeops/lab/{name}/controller.password",
         f"    report_deadline_s: {report_deadline_s}", "    heartbeat_s: 2",
         "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",
@@ -128,7 +131,7 @@ PULL_DEPLOYMENT = "wearable-pull"
 
 
 @contextmanager
-def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15) -> Iterator[Path]:
+def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15, tls: bool = False) -> Iterator[Path]:
     """A repo copy under ``base`` with a pull fleet (mosquitto, docker-registry, one agent daemon per device)
     and ``manifests/wearable-pull.yaml`` (the wearable model) targeting it, until the block ends."""
     from edgeops.labpull import pull_lab_down, pull_lab_up
@@ -136,7 +139,7 @@ def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15) ->
     from edgeops.targets import fleet_targets
 
     root = copy_repo(base / "repo")
-    write_pull_fleet(root, devices, base / "devices", report_deadline_s=report_deadline_s)
+    write_pull_fleet(root, devices, base / "devices", report_deadline_s=report_deadline_s, tls=tls)
     wearable = (root / "manifests" / "wearable.yaml").read_text()
     (root / "manifests" / f"{PULL_DEPLOYMENT}.yaml").write_text(
         wearable.replace("name: wearable-activity", f"name: {PULL_DEPLOYMENT}").replace("- fleet: lab\n",

@@ -292,6 +292,10 @@ def check_references(ws: Workspace) -> list[Problem]:
                 problems.append(fleet.problem(("spec", "trust", "allowed_signers"),
                                               f"{spec.trust.allowed_signers} resolves outside the repository (to "
                                               f"{signers}); the trust root is reviewed with the fleet"))
+        if spec.pull and spec.pull.ca_file and not fleet.resolve(spec.pull.ca_file).is_relative_to(ws.root):
+            problems.append(fleet.problem(("spec", "pull", "ca_file"), f"{spec.pull.ca_file} resolves outside the "
+                                          f"repository (to {fleet.resolve(spec.pull.ca_file)}); the CA the "
+                                          "controller trusts is reviewed with the fleet"))
         if spec.profile not in ws.profiles and spec.profile not in ws.broken:
             problems.append(_name_problem(fleet, ("spec", "profile"), "DeviceProfile", spec.profile, ws.profiles))
         for index, device in enumerate(spec.devices):

@@ -40,6 +40,8 @@ class Broker:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgeops-ctl-{uuid.uuid4().hex[:12]}")
         self.client.username_pw_set(username, password)
         if parsed.scheme == "mqtts":
+            if ca_file is not None and not ca_file.is_file():
+                raise BrokerError(f"pull.ca_file {ca_file} does not exist", hint="`edgeops lab up` writes the lab's")
             self.client.tls_set(ca_certs=str(ca_file) if ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
         self.client.on_message = self._on_message
         connected = threading.Event()
@@ -54,6 +56,9 @@ class Broker:
         try:
             self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or (8883 if parsed.scheme == "mqtts"
                                                                                  else 1883), keepalive=30)
+        except ssl.SSLError as exc:
+            raise BrokerError(f"broker {url}: TLS failed ({getattr(exc, 'verify_message', None) or exc.reason or exc})",
+                              hint="pull.ca_file must hold the CA that signed the broker's certificate") from None
         except OSError as exc:
             raise BrokerError(f"broker {url} unreachable: {exc.strerror or exc}",
                               hint="is the broker running and pull.broker right? (`edgeops lab up` starts the "

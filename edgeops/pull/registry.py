@@ -56,6 +56,9 @@ class Registry:
             return exc.code, dict(exc.headers), exc.read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise RegistryError(f"registry {self.base}: TLS failed ({reason})",
+                                    hint="pull.ca_file must hold the CA that signed the registry's certificate") from None
             raise RegistryError(f"registry {self.base} unreachable: {reason}",
                                 hint="is the registry running and pull.registry right? (`edgeops lab up` starts "
                                      "the lab's)") from None

@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from edgeops.labpull import start_daemon, stop_daemon
+from edgeops.labpull import lab_certificates, start_daemon, stop_daemon
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import fleet_targets
 from labkit.repo import PULL_DEPLOYMENT, edited, running_pull_lab
@@ -197,3 +197,27 @@ def test_a_tampered_blob_in_the_registry_is_refused_on_the_device(lab: Path) -> 
         row = devices(lab)["pull-03"]
         assert row["release"] == before and row["health"] == "Healthy"
         assert not (Path(target(lab, "pull-03")[0].root) / "blobs" / "sha256" / model).exists()
+
+
+@pytest.fixture(scope="module")
+def tls_lab(tmp_path_factory: pytest.TempPathFactory):
+    with running_pull_lab(tmp_path_factory.mktemp("pull-tls"), 1, report_deadline_s=10, tls=True) as root:
+        yield root
+
+
+def test_over_tls_devices_verify_the_broker_and_registry_and_so_does_the_controller(tls_lab: Path) -> None:
+    fleet = load_workspace(tls_lab).fleets["lab-pull"].obj.spec.pull
+    assert fleet.broker.startswith("mqtts://") and fleet.registry.startswith("https://")
+    applied = cli(tls_lab, "apply", MANIFEST)
+    assert applied.exit_code == ExitCode.OK, applied.output
+    assert devices(tls_lab)["pull-01"]["health"] == "Healthy"
+    other_ca = lab_certificates(tls_lab / "another-ca")[0]  # a CA that did not sign the broker's certificate
+    fleet_file = tls_lab / "manifests" / "fleets" / "lab-pull.yaml"
+    with edited((fleet_file, "ca_file: ../../.edgeops/lab/lab-pull/ca.pem", f"ca_file: {other_ca}")):
+        refused = cli(tls_lab, "status", MANIFEST, "-o", "json")
+        row = json.loads(refused.stdout)[0]["devices"][0]
+        assert refused.exit_code == ExitCode.FAILED and row["health"] == "Unreachable"
+        assert "TLS failed" in row["message"] and "certificate" in row["message"], row["message"]
+    with edited((fleet_file, "ca_file: ../../.edgeops/lab/lab-pull/ca.pem", "ca_file: /etc/ssl/certs/ca.pem")):
+        outside = cli(tls_lab, "status", MANIFEST)
+        assert outside.exit_code == ExitCode.INVALID and "resolves outside the repository" in outside.output
