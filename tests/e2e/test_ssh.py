@@ -76,7 +76,7 @@ def test_put_run_get_round_trip(lab_repo: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_host_key_is_refused_unless_trusted_on_first_use(lab_repo: Path, tmp_path: Path) -> None:
-    empty = tmp_path / "known_hosts"
+    empty = lab_repo / ".edgeops" / "tofu_known_hosts"  # inside the repository, as a fleet's known_hosts must be
     empty.write_text("")
     target = replace(_ssh_target(lab_repo), known_hosts=str(empty))
     with pytest.raises(HostKeyUnknown, match="is not in .*refusing to connect"):
@@ -88,14 +88,14 @@ def test_unknown_host_key_is_refused_unless_trusted_on_first_use(lab_repo: Path,
     SSHTransport(target).close()  # now known: accepted without opting in
 
 
-def test_a_host_key_trusted_on_first_use_is_told_to_the_user(lab_repo: Path, tmp_path: Path) -> None:
+def test_a_host_key_trusted_on_first_use_is_told_to_the_user(lab_repo: Path) -> None:
     from click.testing import CliRunner
 
     from edgeops.cli import main
 
     fleet = lab_repo / "manifests" / "fleets" / "lab.yaml"
     text = fleet.read_text()
-    empty = tmp_path / "known_hosts"
+    empty = lab_repo / ".edgeops" / "tofu_known_hosts"  # inside the repository, as a fleet's known_hosts must be
     empty.write_text("")
     fleet.write_text(text.replace("    known_hosts: ../../.edgeops/lab/known_hosts",
                                   f"    known_hosts: {empty}\n    trust_on_first_use: true"))
