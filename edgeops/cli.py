@@ -261,8 +261,11 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
     name, devices = service.lab_up(fleet, settings(root), login_home,
                                    report=lambda message: click.echo(message, err=True))
     for device in devices:
-        where = f"127.0.0.1:{device.port}" if device.port else "pulls"
-        click.echo(f"up  {name}/{device.name}  {where}  pid {device.pid}")
+        click.echo(f"up  {name}/{device.name}  {_lab_address(device)}  pid {device.pid}")
+
+
+def _lab_address(device: Any) -> str:
+    return f"127.0.0.1:{device.port}" if device.port else "pulls (agent daemon)"
 
 
 @lab.command("status")
@@ -274,7 +277,7 @@ def lab_status_command(fleet: str | None, root: Path | None) -> None:
     for name, devices in service.lab_status(fleet, settings(root)):
         for device in devices:
             state = f"running (pid {device.pid})" if device.running else "stopped"
-            click.echo(f"{name}/{device.name}  127.0.0.1:{device.port}  {state}")
+            click.echo(f"{name}/{device.name}  {_lab_address(device)}  {state}")
 
 
 @lab.command("down")

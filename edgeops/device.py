@@ -194,7 +194,8 @@ class Device:
     # ---------------------------------------------------------------- observe
 
     def observe(self, power_sensor: dict[str, Any] | None = None, verify: bool = False) -> DeviceState:
-        """The deployment's state on the device and the device's facts, in one command.
+        """The deployment's state on the device and the device's facts: from its files alone when they can
+        say it (``_observe_files``), else in one agent command.
 
         Changes nothing the controller asked for; the agent may finish a half-done step of its own
         first (an interrupted switch, an expired trial) and says so in ``repaired``. A device whose
