@@ -69,7 +69,7 @@ def _pid_alive(pid_file: Path, config: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # sshd rewrites it to "sshd: ... -f CONFIG ..."
     except (OSError, ValueError):
         return None
-    return pid if str(config).encode() in cmdline and _alive(pid) else None
+    return pid if str(config).encode() in cmdline and process_alive(pid) else None
 
 
 def _keygen(path: Path) -> None:
@@ -181,7 +181,7 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         _keygen(state / "ssh_host_ed25519_key")
         config = state / "sshd_config"
         config.write_text(_sshd_config(device.name, device.port, state, authorized, login_home))
-        _write_sensor(target)
+        write_sensor(target)
         pid = _pid_alive(state / "sshd.pid", config)
         if pid is None:
             pid = _start(device.name, config, state, device.lab.cpus)
@@ -190,11 +190,11 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
     _merge_known_hosts(known_hosts, entries)
     if fleet.obj.spec.trust:
-        _enroll_lab(fleet, targets, base, report)
+        enroll_lab(fleet, targets, base, report)
     return devices
 
 
-def _enroll_lab(fleet: Document[Fleet], targets: list[TargetDevice], base: Path,
+def enroll_lab(fleet: Document[Fleet], targets: list[TargetDevice], base: Path,
                 report: Callable[[str], None]) -> None:
     """The lab's release key and trust root, installed on every lab device that has none (as at the factory)."""
     trust = fleet.obj.spec.trust
@@ -217,7 +217,7 @@ def _enroll_lab(fleet: Document[Fleet], targets: list[TargetDevice], base: Path,
         installed.chmod(0o444)
 
 
-def _write_sensor(target: TargetDevice) -> None:
+def write_sensor(target: TargetDevice) -> None:
     """A simulated board power sensor in hwmon layout (microwatts), where the lab profile points."""
     sensor = target.profile.obj.spec.power.sensor
     path = getattr(sensor, "path", None)
@@ -262,7 +262,7 @@ def _start(name: str, config: Path, state: Path, cpus: str | None) -> int:
     raise LabError(f"sshd for {name} did not come up (port in use?) {log}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
@@ -313,7 +313,7 @@ def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and _alive(device.pid):
+            while time.monotonic() < deadline and process_alive(device.pid):
                 time.sleep(0.02)
             stopped.append(device)
         if wipe:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from edgeops.lab import LabDevice, LabError, _alive, _enroll_lab, _write_sensor, lab_dir, provision_runtime
+from edgeops.lab import LabDevice, LabError, enroll_lab, lab_dir, process_alive, provision_runtime, write_sensor
 from edgeops.manifest.models import Fleet, PullSettings
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.targets import TargetDevice
@@ -95,7 +95,7 @@ def _pid(pid_file: Path, marker: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if marker.encode() in cmdline and _alive(pid) else None
+    return pid if marker.encode() in cmdline and process_alive(pid) else None
 
 
 def _spawn(argv: list[str], log: Path, pid_file: Path, env: dict[str, str] | None = None) -> int:
@@ -111,7 +111,7 @@ def _wait_port(port: int, name: str, log: Path, pid: int) -> None:
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             break
         with socket.socket() as probe:
             probe.settimeout(0.2)
@@ -213,9 +213,9 @@ def _stop(pid: int) -> bool:
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + 8
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.05)
-    if _alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
     return True
 
@@ -277,10 +277,10 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
             device_config["ca_file"] = str(root / "agent" / "ca.pem")
         config.write_text(json.dumps(device_config, indent=1))
         config.chmod(0o600)
-        _write_sensor(target)
+        write_sensor(target)
         devices.append(LabDevice(target.name, 0, state / target.name, start_daemon(target, state / target.name)))
     if fleet.obj.spec.trust:
-        _enroll_lab(fleet, real, lab_dir(ws), report)
+        enroll_lab(fleet, real, lab_dir(ws), report)
     return devices
 
 

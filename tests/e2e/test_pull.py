@@ -7,6 +7,8 @@ blobs by digest from the registry, and runs the lifecycle and the gate itself.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from edgeops.labpull import lab_certificates, start_daemon, stop_daemon
+from edgeops.lab import process_alive
+from edgeops.labpull import lab_certificates, pull_lab_up, start_daemon, stop_daemon
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import fleet_targets
 from labkit.repo import PULL_DEPLOYMENT, edited, running_pull_lab
@@ -135,6 +138,21 @@ def test_rollback_goes_over_the_broker_and_each_device_measures_where_it_lands(l
         rows = devices(lab)
         assert {name: row["release"] for name, row in rows.items()} == before
         assert {row["health"] for row in rows.values()} == {"RolledBack"}  # as over SSH: until the next apply
+
+
+def test_daemons_ride_out_a_broker_restart(lab: Path) -> None:
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    ws = load_workspace(lab)
+    fleet = ws.fleets["lab-pull"]
+    broker = lab / ".edgeops" / "lab" / "lab-pull" / "broker"
+    pid = int((broker / "pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    assert eventually(lambda: not process_alive(pid), 10)
+    pull_lab_up(ws, fleet, fleet_targets(ws, fleet))  # starts the broker again (retained messages persisted)
+    with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 5")):
+        applied = cli(lab, "apply", MANIFEST, "-o", "json")  # every daemon reconnected and follows again
+        assert applied.exit_code == ExitCode.OK, applied.output
+        assert {d["decision"] for d in json.loads(applied.stdout)[0]["devices"]} == {"Passed"}
 
 
 def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects(lab: Path) -> None:
