@@ -210,14 +210,24 @@ def _allowed(spec: int | str, base: int) -> float:
 class DeviceRoller:
     """One device at a time: push, switch, verify, then commit, pause or revert."""
 
-    def __init__(self, ctx: ApplyContext) -> None:
+    def __init__(self, ctx: ApplyContext, sharing: DeviceRoller | None = None) -> None:
+        """``sharing``: another roller of the same apply, whose generation, signatures and golden values this one
+        uses (one apply signs each release once, whichever way its devices are reached)."""
         self.ctx = ctx
-        self.generation = time.time_ns() // 1_000_000  # one per apply; devices refuse anything older than committed
-        self._signed: dict[str, SignedMetadata] = {}
-        self._signing = threading.Lock()
         self.doc = ctx.desired.deployment
         self.spec = self.doc.obj.spec
         self.policy = self.spec.rollout
+        self.generation: int
+        self._signed: dict[str, SignedMetadata]
+        self._signing: threading.Lock
+        self.host_golden: dict[str, float]
+        if sharing is not None:
+            self.generation, self._signed, self._signing = sharing.generation, sharing._signed, sharing._signing
+            self.host_golden = sharing.host_golden
+            return
+        self.generation = time.time_ns() // 1_000_000  # one per apply; devices refuse anything older than committed
+        self._signed = {}
+        self._signing = threading.Lock()
         self.host_golden = {acc: host_golden_value(dict(np.load(a.golden)), self.spec.quality)
                             for acc, a in ctx.desired.artifacts.items()}
 
@@ -245,15 +255,20 @@ class DeviceRoller:
                                seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
                                    planned.key, "verify", f"{why} ({runs} runs)"))
 
-    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
-        target = self.ctx.desired.target(planned.key)
+    def starting(self, planned: PlannedDevice) -> tuple[TargetDevice, Release, DeviceOutcome]:
+        """The device's target, release and outcome so far (Skipped; with a reason when the apply was stopped)."""
         release = self.ctx.desired.releases[planned.key]
-        report = self.ctx.reporter
         outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED, release_id=release.id,
                                 from_release=planned.current, wave=planned.wave)
         if self.ctx.stop.is_set():
             outcome.reason = "interrupted before this device started"
+        return self.ctx.desired.target(planned.key), release, outcome
+
+    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+        target, release, outcome = self.starting(planned)
+        if outcome.reason:
             return outcome
+        report = self.ctx.reporter
         switching, verdict = False, None
         try:
             device = self.device(target)

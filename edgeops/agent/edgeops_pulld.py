@@ -149,9 +149,10 @@ class Daemon:
         self.client.publish(self.base + "/online", json.dumps({"online": True, "at": time.time()}), qos=1,
                             retain=True)
 
-    def publish(self, deployment, **fields):
+    def publish(self, deployment, state=None, **fields):
+        """The status of ``deployment`` with ``fields`` changed; ``state``: the agent's state, if just read."""
         try:
-            state = self._state(deployment)
+            state = state or self._state(deployment)
         except Failure as exc:
             state = {"error": exc.kind, "message": str(exc)}
         document = {"schema": STATUS_SCHEMA, "fleet": self.fleet, "device": self.device, "deployment": deployment,
@@ -197,8 +198,8 @@ class Daemon:
         entry = (state.get("state") or {}).get("releases", {}).get(release) or {}
         if state.get("current") == release and entry.get("state") == "committed":
             return {"phase": "done", "result": "committed", "verdict": None, "error": None, "unchanged": True}
-        self.publish(deployment, **{"generation": desired["generation"], "release": release,
-                                    "action": "install", "phase": "fetching", "result": None, "error": None})
+        self.publish(deployment, state, generation=desired["generation"], release=release, action="install",
+                     phase="fetching", result=None, error=None)
         observed = agent("prepare", *common)
         staged = {}
         try:

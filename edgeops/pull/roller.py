@@ -30,8 +30,8 @@ ROLLBACK_DEADLINE_S = 120.0
 class PullRoller(DeviceRoller):
     """One pull-mode device: publish its desired state, wait for its report, turn it into the device's outcome."""
 
-    def __init__(self, ctx: ApplyContext) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: ApplyContext, sharing: DeviceRoller | None = None) -> None:
+        super().__init__(ctx, sharing)
         self._pushed: dict[str, PushedRelease] = {}
         self._pushing = threading.Lock()
         self._ran: dict[str, str | None] = {}  # device key -> the release it ran before this rollout
@@ -64,14 +64,10 @@ class PullRoller(DeviceRoller):
         }
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
-        target = self.ctx.desired.target(planned.key)
-        release = self.ctx.desired.releases[planned.key]
-        report = self.ctx.reporter
-        outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED, release_id=release.id,
-                                from_release=planned.current, wave=planned.wave)
-        if self.ctx.stop.is_set():
-            outcome.reason = "interrupted before this device started"
+        target, release, outcome = self.starting(planned)
+        if outcome.reason:
             return outcome
+        report = self.ctx.reporter
         self._ran[planned.key] = planned.current
         deadline_s = pull_settings(target).report_deadline_s
         try:
@@ -156,9 +152,8 @@ class RoutedWork:
     parallelism = 0  # the wave runner may start every device: pull devices only wait
 
     def __init__(self, ctx: ApplyContext, parallelism: int) -> None:
-        self.ctx, self.push, self.pull = ctx, DeviceRoller(ctx), PullRoller(ctx)
-        self.pull.generation = self.push.generation  # one generation (and one signature) per apply
-        self.pull._signed, self.pull._signing = self.push._signed, self.push._signing
+        self.ctx, self.push = ctx, DeviceRoller(ctx)
+        self.pull = PullRoller(ctx, sharing=self.push)  # one generation, one signature per release, per apply
         self._ssh_slots = threading.BoundedSemaphore(max(1, parallelism))
 
     def _work(self, key: str) -> DeviceWork:
