@@ -33,9 +33,19 @@ PROFILE = "device_profiles/lab-pull.yaml"
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory):
+def running_lab(tmp_path_factory: pytest.TempPathFactory):
     with running_pull_lab(tmp_path_factory.mktemp("pull"), 3, report_deadline_s=10) as root:
         yield root
+
+
+@pytest.fixture
+def lab(running_lab: Path) -> Path:
+    """The module's lab with its broker, registry and every daemon running (a test that failed with a device
+    offline must not fail the ones after it)."""
+    ws = load_workspace(running_lab)
+    fleet = ws.fleets["lab-pull"]
+    pull_lab_up(ws, fleet, fleet_targets(ws, fleet))
+    return running_lab
 
 
 def cli(root: Path, *args: str) -> Result:
@@ -45,6 +55,11 @@ def cli(root: Path, *args: str) -> Result:
 def devices(root: Path) -> dict[str, dict[str, Any]]:
     result = cli(root, "status", MANIFEST, "-o", "json")
     return {row["device"]: row for row in json.loads(result.stdout)[0]["devices"]}
+
+
+# Three daemons measure at once on the test host's few cores: an A/B between two equally fast releases may end
+# Inconclusive, which keeps the new release just as Passed does.
+KEPT = {"Passed", "Inconclusive"}
 
 
 def eventually(check: Callable[[], Any], timeout_s: float = 90) -> Any:
@@ -152,7 +167,7 @@ def test_daemons_ride_out_a_broker_restart(lab: Path) -> None:
     with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 5")):
         applied = cli(lab, "apply", MANIFEST, "-o", "json")  # every daemon reconnected and follows again
         assert applied.exit_code == ExitCode.OK, applied.output
-        assert {d["decision"] for d in json.loads(applied.stdout)[0]["devices"]} == {"Passed"}
+        assert {d["decision"] for d in json.loads(applied.stdout)[0]["devices"]} <= KEPT, applied.stdout
 
 
 def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects(lab: Path) -> None:
@@ -164,7 +179,7 @@ def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects
         assert applied.exit_code == ExitCode.OK, applied.output
         decisions = {d["key"].split("/")[1]: d for d in json.loads(applied.stdout)[0]["devices"]}
         assert decisions["pull-03"]["decision"] == "Unreachable" and "catches up" in decisions["pull-03"]["reason"]
-        assert decisions["pull-01"]["decision"] == decisions["pull-02"]["decision"] == "Passed"
+        assert {decisions[name]["decision"] for name in ("pull-01", "pull-02")} <= KEPT, decisions
         rows = devices(lab)
         assert rows["pull-03"]["sync"] == "OutOfSync" and "offline" in rows["pull-03"]["message"]
         online(lab, "pull-03")
