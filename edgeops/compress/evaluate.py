@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -18,7 +18,9 @@ from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
 from edgeops.metrics import embedding_fidelity, metric_value
 
-LATENCY_WARMUP, LATENCY_RUNS = 20, 200
+LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 200, 1.0
+ZSTD_LEVEL = 9  # level 19 compressed these float models no smaller and took 18 s for 55 MB
+SCREEN_SAMPLES = 64  # candidates are screened on this many evaluation samples first
 
 
 @dataclass(frozen=True)
@@ -84,20 +86,29 @@ def quality(goal: QualityGoal, outputs: np.ndarray, reference: np.ndarray, label
     return Quality(goal.metric, value, base, drop, drop <= goal.max_drop + 1e-9, extra)
 
 
-def host_latency(path: Path, data: Dataset, warmup: int = LATENCY_WARMUP,
-                 runs: int = LATENCY_RUNS) -> tuple[float, float, tuple[float, float]]:
-    """Single-stream latency on this host's CPU, one thread: (p50, p95, 95% interval of the p50) in ms."""
+def host_latency(path: Path, data: Dataset, budget_s: float = LATENCY_BUDGET_S,
+                 min_runs: int = LATENCY_MIN_RUNS, max_runs: int = LATENCY_MAX_RUNS,
+                 warmup: int = LATENCY_WARMUP) -> tuple[float, float, tuple[float, float]]:
+    """Single-stream latency on this host's CPU, one thread: (p50, p95, 95% interval of the p50) in ms.
+
+    Runs until ``budget_s`` is spent (at least ``min_runs``, at most ``max_runs``): a 0.1 ms model gets its
+    200 runs, a 30 ms encoder the runs 1 s allows; the interval says how much that settled.
+    """
     sess = session(path)
     feeds = [{name: array[i:i + 1] for name, array in data.inputs.items()} for i in range(min(data.count, 64))]
+    started = time.perf_counter()
     for i in range(warmup):
         sess.run(None, feeds[i % len(feeds)])
-    samples = np.empty(runs)
-    for i in range(runs):
+        if i >= 2 and time.perf_counter() - started > budget_s / 5:
+            break
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - started < budget_s):
         start = time.perf_counter()
-        sess.run(None, feeds[i % len(feeds)])
-        samples[i] = time.perf_counter() - start
-    return (float(np.percentile(samples, 50) * 1e3), float(np.percentile(samples, 95) * 1e3),
-            median_interval(samples * 1e3))
+        sess.run(None, feeds[len(samples) % len(feeds)])
+        samples.append(time.perf_counter() - start)
+    ms = np.array(samples) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), median_interval(ms)
 
 
 def median_interval(samples: np.ndarray, z: float = 1.96) -> tuple[float, float]:
@@ -118,7 +129,7 @@ def static_facts(path: Path) -> tuple[int, int, int, dict[str, int]]:
     model = onnx.load_from_string(data)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     ops = dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-    return len(data), len(zstandard.ZstdCompressor(level=19).compress(data)), params, ops
+    return len(data), len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)), params, ops
 
 
 def output_index(sess: ort.InferenceSession, goal: QualityGoal) -> int:
@@ -135,23 +146,54 @@ class Evaluator:
     reference: np.ndarray = field(init=False)
     baseline: float | None = field(default=None, init=False)
 
-    def reference_from(self, original: Path) -> None:
+    def reference_from(self, original: Path, settle: Callable[[], None] = lambda: None) -> Measurement:
+        """Run the original once: its outputs become the reference; returns its measurement. ``settle`` waits
+        for work started in the background, so that none runs while the original is timed."""
         sess = session(original, threads=0)
         self.reference = run_all(sess, self.data)[output_index(sess, self.goal)]
+        measurement = self.measure(original, outputs=self.reference, latency=False)
+        settle()
+        return self.with_latency(measurement, original)
 
-    def quality_of(self, path: Path) -> Quality:
-        sess = session(path, threads=0)
-        outputs = run_all(sess, self.data)[output_index(sess, self.goal)]
+    def quality_of(self, path: Path, outputs: np.ndarray | None = None) -> Quality:
+        if outputs is None:
+            sess = session(path, threads=0)
+            outputs = run_all(sess, self.data)[output_index(sess, self.goal)]
         return quality(self.goal, outputs, self.reference, self.data.labels, self.baseline)
+
+    def screen(self, path: Path) -> Quality | None:
+        """The quality on the first ``SCREEN_SAMPLES`` samples (marked ``screened_samples``); None when the
+        evaluation set is too small for a sample to save time."""
+        if self.data.count <= SCREEN_SAMPLES * 2:
+            return None
+        sample = self.data.take(SCREEN_SAMPLES)
+        sess = session(path, threads=0)
+        outputs = run_all(sess, sample)[output_index(sess, self.goal)]
+        reference = self.reference[:sample.count]
+        baseline = quality(self.goal, reference, reference, sample.labels, None).value  # the original on the sample
+        screened = quality(self.goal, outputs, reference, sample.labels, baseline)
+        return replace(screened, extra={**screened.extra, "screened_samples": float(sample.count)})
+
+    def clearly_missed(self, screened: Quality) -> bool:
+        """A screened quality that misses the goal by more than twice the allowed drop plus what one sample
+        weighs: the whole set would not change the verdict."""
+        samples = screened.extra.get("screened_samples", 0.0)
+        one_sample = 100 / samples if samples and self.goal.metric in ("accuracy", "top1_agreement") else 0.0
+        if self.goal.drop == "relative" and screened.baseline:
+            one_sample = one_sample / screened.baseline * 100
+        return screened.drop > 2 * self.goal.max_drop + one_sample
 
     def with_latency(self, measurement: Measurement, path: Path) -> Measurement:
         """``measurement`` (taken with ``latency=False``) with the host latency of ``path`` added."""
         p50, p95, interval = host_latency(path, self.data)
         return replace(measurement, latency_p50_ms=p50, latency_p95_ms=p95, latency_p50_ci_ms=interval)
 
-    def measure(self, path: Path, notes: list[str] | None = None, latency: bool = True) -> Measurement:
+    def measure(self, path: Path, notes: list[str] | None = None, latency: bool = True,
+                outputs: np.ndarray | None = None, known: Quality | None = None) -> Measurement:
+        """Size, quality and (unless ``latency=False``) host latency of ``path``; ``known``: a quality already
+        found (on a sample, say), used instead of running the evaluation set."""
         size, packed, params, ops = static_facts(path)
-        q = self.quality_of(path)
+        q = known or self.quality_of(path, outputs)
         nan = float("nan")
         p50, p95, interval = host_latency(path, self.data) if latency else (nan, nan, (nan, nan))
         return Measurement(size, packed, params, ops, q, p50, p95, list(notes or []), interval)

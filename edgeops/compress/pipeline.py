@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
     from edgeops.compress.evaluate import Measurement, Quality
 
-# part of the cache key: a report with new fields is a new cache entry (v2: the host p50's 95% interval)
-REPORT_SCHEMA = "edgeops.compress-report/v2"
+# part of the cache key: a report with new fields is a new cache entry (v2: the host p50's 95% interval;
+# v3: latency by time budget, zstd level 9, screened candidates)
+REPORT_SCHEMA = "edgeops.compress-report/v3"
 
 
 def build_inputs(request: BuildRequest) -> dict[str, Any]:
@@ -128,18 +129,23 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
     calibration = load_dataset(request, "calibration")
     evaluation = load_dataset(request, "evaluation")
     evaluator = Evaluator(goal, evaluation)
+    recipe = request.recipe
+    steps = [step_for(request, index) for index in range(len(recipe))]
+    first = StepContext(work, request, calibration, evaluator, source, progress, 1)
+    settle = steps[0].start(source, first) if steps else (lambda: None)
     progress("evaluating the original model")
-    evaluator.reference_from(source)
-    original = evaluator.measure(source)
+    try:
+        original = evaluator.reference_from(source, settle)
+    finally:
+        settle()  # no child process outlives a failed evaluation
     evaluator.baseline = original.quality.value
     stages: list[dict[str, Any]] = [_stage(0, "original", {}, original, original, [])]
     current, before = source, original
     warnings: list[str] = []
-    recipe = request.recipe
     for index, step in enumerate(recipe, start=1):
         ctx = StepContext(work, request, calibration, evaluator, source, progress, index, before)
         progress(f"step {index}/{len(recipe)}: {step.kind}")
-        result = step_for(request, index - 1).run(current, ctx)
+        result = steps[index - 1].run(current, ctx)
         measurement = result.measurement or evaluator.measure(result.path, result.notes)
         stage = _stage(index, step.kind, step.options.model_dump(mode="json", exclude_none=True),
                        measurement, original, result.notes)

@@ -10,12 +10,15 @@ import math
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
+from edgeops.compress.evaluate import host_latency
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
@@ -30,24 +33,44 @@ def _quant() -> Any:  # imported lazily: onnxruntime.quantization is slow to imp
     return quantization
 
 
-def preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
-    """Shape inference and graph clean-up before quantizing; falls back when symbolic inference fails."""
-    # symbolic shape inference writes its failures to the working directory: run it in a child
-    # process that starts in ours (no chdir in this threaded program)
-    script = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
+class Preprocessing:
+    """onnxruntime's quantization pre-processing (symbolic shape inference, graph clean-up) in a child process,
+    which may start early (while the original model is evaluated) and is awaited where its output is needed."""
+
+    # symbolic shape inference writes its failures to the working directory: the child starts in the
+    # build's scratch directory (no chdir in this threaded program)
+    SCRIPT = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
               "quant_pre_process(sys.argv[1], sys.argv[2])")
-    done = subprocess.run([sys.executable, "-c", script, str(src), str(dst)], cwd=dst.parent,
-                          capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        return dst
-    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-    notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
-    try:
-        _quant().quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-    except Exception as second:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
-        notes.append(f"pre-processing skipped ({str(second).splitlines()[0][:80]})")
-        shutil.copyfile(src, dst)
-    return dst
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.src, self.dst = src, dst
+        self.process = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(src), str(dst)], cwd=dst.parent,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> None:
+        self.process.wait()
+
+    def result(self, notes: list[str]) -> Path:
+        """The pre-processed model; falls back to ``skip_symbolic_shape`` when symbolic inference fails."""
+        _, stderr = self.process.communicate()
+        if self.process.returncode == 0:
+            return self.dst
+        last = (stderr.strip().splitlines() or ["no message"])[-1]
+        notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
+        try:
+            _quant().quant_pre_process(str(self.src), str(self.dst), skip_symbolic_shape=True)
+        except Exception as second:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
+            notes.append(f"pre-processing skipped ({str(second).splitlines()[0][:80]})")
+            shutil.copyfile(self.src, self.dst)
+        return self.dst
+
+
+_STARTED: dict[Path, Preprocessing] = {}  # by output path: unique per build's scratch directory
+
+
+def preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
+    """Shape inference and graph clean-up before quantizing (awaiting a pre-processing started early)."""
+    return (_STARTED.pop(dst, None) or Preprocessing(src, dst)).result(notes)
 
 
 def fix_batch_dimension(src: Path, dst: Path) -> list[str]:
@@ -177,13 +200,25 @@ def quantize_fp16(src: Path, dst: Path, notes: list[str]) -> None:
     notes.append("fp16 weights and activations, float32 inputs/outputs; host latency is the CPU's, not the GPU's")
 
 
-def prepared_for(mode: str, src: Path, ctx: StepContext, notes: list[str]) -> Path:
-    """The pre-processed input of a mode, made once per step (candidates of one mode share it)."""
-    path = ctx.path(f"pre-{mode}")
+def prepared_for(src: Path, ctx: StepContext, notes: list[str]) -> Path:
+    """The pre-processed input, made once per step (every candidate shares it)."""
+    path = ctx.path("pre")
     if not path.exists():
         preprocess(src, path, notes)
         if ctx.accelerator == "tpu":
             notes.extend(fix_batch_dimension(path, path))
+    return path
+
+
+def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -> Path:
+    """``prepared`` with its MatMul activations smoothed (made once per strength and step)."""
+    from edgeops.compress.smooth import smooth
+
+    path = prepared.with_name(f"{prepared.stem}-smooth-{alpha:g}.onnx")
+    if not path.exists():
+        ctx.progress(f"quantize: smoothing activations (alpha {alpha:g})")
+        path.with_suffix(".txt").write_text(smooth(prepared, path, ctx.calibration.inputs, alpha))
+    notes.append(path.with_suffix(".txt").read_text())
     return path
 
 
@@ -194,7 +229,9 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, n
     if mode == "fp16":
         quantize_fp16(src, dst, notes)
         return dst
-    prepared = prepared_for(mode, src, ctx, notes)
+    prepared = prepared_for(src, ctx, notes) if options.preprocess or ctx.accelerator == "tpu" else src
+    if options.smooth is not None and mode in ("static", "dynamic"):
+        prepared = smoothed(prepared, options.smooth, ctx, notes)
     if mode == "static":
         quantize_static(prepared, dst, options, ctx, notes)
     elif mode == "dynamic":
@@ -210,6 +247,15 @@ class Quantize(Step[QuantizeOptions]):
     """Static, dynamic, weight-only or fp16 quantization, or ``auto``: try several, keep the best that passes."""
 
     kind = "quantize"
+
+    def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
+        """Begin pre-processing ``model`` in a child process; returns what waits for it."""
+        options = self.options
+        if options.mode == "fp16" or not (options.preprocess or ctx.accelerator == "tpu"):
+            return lambda: None
+        dst = ctx.path("pre")
+        _STARTED[dst] = started = Preprocessing(model, dst)
+        return started.wait
 
     def run(self, model: Path, ctx: StepContext) -> StepResult:
         options = self.options
@@ -244,6 +290,15 @@ def quantized_nodes(path: Path) -> list[str]:
             and made_by.get(n.input[0]) == "DequantizeLinear"]
 
 
+def weighted_matmuls(prepared: Path, quantized: Path) -> list[str]:
+    """Names of the MatMuls with a constant weight in ``prepared`` that dynamic quantization replaced."""
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    kept = {n.name for n in onnx.load(str(quantized), load_external_data=False).graph.node}
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and n.name and n.input[1] in constants and n.name not in kept]
+
+
 def sensitivity_order(prepared: Path, quantized: Path, nodes: list[str], inputs: dict[str, np.ndarray],
                       samples: int = 16) -> list[str]:
     """``nodes`` most harmful first: the relative error (quantized against float) each adds between its
@@ -257,19 +312,21 @@ def sensitivity_order(prepared: Path, quantized: Path, nodes: list[str], inputs:
 
     def run(path: Path) -> dict[str, np.ndarray]:
         model = onnx.load(str(path))
+        made = {o for n in model.graph.node for o in n.output}
         present = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present and t in made)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = {name: array[:samples] for name, array in inputs.items()}
-        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        runs = [session.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(len(next(iter(feed.values()))))]
+        return {o.name: np.concatenate([r[i] for r in runs]) for i, o in enumerate(session.get_outputs())}
 
     exact, approximate = run(prepared), run(quantized)
 
     def error(tensor: str) -> float:
-        if tensor in graph_inputs or tensor not in exact:
+        if tensor in graph_inputs or tensor not in exact or tensor not in approximate:
             return 0.0
         reference = exact[tensor].astype(np.float64)
         return float(np.linalg.norm(approximate[tensor] - reference) / (np.linalg.norm(reference) + 1e-12))
@@ -278,79 +335,173 @@ def sensitivity_order(prepared: Path, quantized: Path, nodes: list[str], inputs:
     return sorted(nodes, key=lambda name: -added[name])
 
 
-def mixed_precision(src: Path, ctx: StepContext, found: dict[str, tuple[Path, list[str], QuantizeOptions]],
-                    base: Candidate) -> list[Candidate]:
-    """Static int8 missed the goal: from its closest variant, keep the most sensitive quantized nodes float,
-    1, 2, 4, ... of them, until a configuration meets the goal (NNCF's accuracy-aware idea, by measured
-    sensitivity); the fastest passing candidate wins as usual."""
-    quantized, _, options = found[base.mode]
-    prepared = ctx.path("pre-static")
+def mixed_precision(search: "Search", base: Candidate) -> None:
+    """int8 missed the goal: from its closest variant (static or dynamic), keep the most sensitive quantized
+    nodes float, 1, 2, 4, ... of them, until a configuration meets the goal (NNCF's accuracy-aware idea, by
+    measured sensitivity); the fastest passing candidate wins as usual."""
+    ctx = search.ctx
+    quantized, _, options = search.found[base.mode]
+    mode = family(base.mode)
+    prepared = ctx.path("pre") if options.preprocess else search.src
     if not prepared.exists():
-        return []
-    nodes = quantized_nodes(quantized)
+        return
+    if options.smooth is not None:
+        prepared = smoothed(prepared, options.smooth, ctx, [])
+    nodes = quantized_nodes(quantized) if mode == "static" else weighted_matmuls(prepared, quantized)
     if len(nodes) < 2:
-        return []
+        return
     ctx.progress(f"quantize auto: measuring the sensitivity of {len(nodes)} quantized node(s)")
     order = sensitivity_order(prepared, quantized, nodes, ctx.evaluator.data.inputs)
-    tried: list[Candidate] = []
     count = 1
     while count < len(nodes):
         kept = sorted({*order[:count], *(options.exclude_nodes or [])})
         variant = options.model_copy(update={"exclude_nodes": kept})
-        candidate = _try(f"{base.mode} mixed {count}-float", "static", src, variant, ctx, found)
-        tried.append(candidate)
-        if candidate.measurement is not None and candidate.measurement.quality.passed:
-            found[candidate.mode][1].append(f"kept float by sensitivity: {', '.join(order[:count])}")
+        candidate = search.attempt(f"{base.mode} mixed {count}-float", mode, variant)
+        if _passes(candidate):
+            search.found[candidate.mode][1].append(f"kept float by sensitivity: {', '.join(order[:count])}")
             break
         count *= 2
-    return tried
 
 
-def _try(label: str, mode: str, src: Path, options: QuantizeOptions, ctx: StepContext,
-         found: dict[str, tuple[Path, list[str], QuantizeOptions]]) -> Candidate:
-    """One candidate: quantize, check quality, and time it only if the quality goal is met (early stop)."""
-    ctx.progress(f"quantize auto: trying {label}")
-    notes: list[str] = []
-    try:
-        path = run_mode(mode, src, options, ctx, notes, label=label.replace(" ", "-"))
-        measurement = ctx.evaluator.measure(path, notes, latency=False)
+QUICK_TIMING_S = 0.3
+SEARCH_CALIBRATION = 32  # static candidates are calibrated on this many samples; the chosen one on all of them
+CANNOT_WIN = 1.25    # a candidate this much slower than a passing one (quick timing) is not evaluated further
+SAME_SPEED = 1.05    # candidates within this of the fastest count as equally fast: the higher fidelity wins
+
+
+class Search:
+    """The candidates one ``auto`` step tries, what each produced, and the early stops between them."""
+
+    def __init__(self, src: Path, ctx: StepContext) -> None:
+        self.src, self.ctx = src, ctx
+        self.found: dict[str, tuple[Path, list[str], QuantizeOptions]] = {}
+        self.candidates: list[Candidate] = []
+        self.recalibrate: set[str] = set()  # static candidates calibrated on fewer samples while searching
+        self.started = time.monotonic()
+
+    def passing(self) -> list[Candidate]:
+        return [c for c in self.candidates if _passes(c)]
+
+    def fastest_passing_ms(self) -> float | None:
+        timed = [c.measurement.latency_p50_ms for c in self.passing()  # type: ignore[union-attr]
+                 if not math.isnan(c.measurement.latency_p50_ms)]  # type: ignore[union-attr]
+        return min(timed) if timed else None
+
+    def attempt(self, label: str, mode: str, options: QuantizeOptions) -> Candidate:
+        """One candidate: quantize; stop early if a quick timing shows it cannot beat a passing candidate or a
+        sample of the evaluation set shows it clearly misses the goal; else measure quality on everything,
+        and time it only if it meets the goal."""
+        ctx = self.ctx
+        done = len(self.candidates)
+        pace = f", {(time.monotonic() - self.started) / done:.0f} s per candidate so far" if done else ""
+        ctx.progress(f"quantize auto: candidate {done + 1}, {label}{pace}")
+        notes: list[str] = []
+        built = options
+        if mode == "static" and options.calibration_samples > SEARCH_CALIBRATION:
+            built = options.model_copy(update={"calibration_samples": SEARCH_CALIBRATION})
+            self.recalibrate.add(label)
+        try:
+            path = run_mode(mode, self.src, built, ctx, notes, label=label.replace(" ", "-"))
+            candidate = self._early_stop(label, path) or self._measured(label, path, notes)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
+            candidate = Candidate(label, None, error=str(exc).splitlines()[0][:200])
+        if candidate.error is None:
+            self.found[label] = (path, notes, options)
+        self.candidates.append(candidate)
+        return candidate
+
+    def _early_stop(self, label: str, path: Path) -> Candidate | None:
+        best = self.fastest_passing_ms()
+        if best is None or self.ctx.accelerator == "gpu":
+            return None
+        quick, _, _ = host_latency(path, self.ctx.evaluator.data, budget_s=QUICK_TIMING_S, min_runs=5, max_runs=50)
+        if quick <= best * CANNOT_WIN:
+            return None
+        return Candidate(label, None, skipped=f"cannot win: quick timing p50 {quick:.3f} ms against {best:.3f} ms "
+                                              "for a candidate that meets the goal; quality not evaluated")
+
+    def _measured(self, label: str, path: Path, notes: list[str]) -> Candidate:
+        """Quality on a sample of the evaluation set first: a clear miss stops there; a pass is timed and
+        confirmed on the whole set only if it is chosen (``confirm``); anything in between is measured whole."""
+        evaluator = self.ctx.evaluator
+        screened = evaluator.screen(path)
+        if screened is not None and evaluator.clearly_missed(screened):
+            notes.append(f"screened on {screened.extra['screened_samples']:.0f} evaluation samples: misses the goal "
+                         "by more than twice the allowed drop, not evaluated further")
+        elif screened is not None and not screened.passed:
+            screened = None
+        measurement = evaluator.measure(path, notes, latency=False, known=screened)
         if measurement.quality.passed:
-            measurement = ctx.evaluator.with_latency(measurement, path)
-    except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
-        return Candidate(label, None, error=str(exc).splitlines()[0][:200])
-    found[label] = (path, notes, options)
-    return Candidate(label, measurement)
+            measurement = evaluator.with_latency(measurement, path)
+        return Candidate(label, measurement)
+
+    def confirm(self, candidate: Candidate) -> bool:
+        """The chosen candidate as it will ship: calibrated on every calibration sample (static) and measured on
+        the whole evaluation set; False if it misses the goal there."""
+        m = candidate.measurement
+        label = candidate.mode
+        if m is None or ("screened_samples" not in m.quality.extra and label not in self.recalibrate):
+            return _passes(candidate)
+        path, notes, options = self.found[label]
+        if label in self.recalibrate:
+            self.ctx.progress(f"quantize auto: calibrating {label} on all {options.calibration_samples} samples")
+            notes = []
+            path = run_mode("static", self.src, options, self.ctx, notes, label=label.replace(" ", "-") + "-final")
+            self.found[label] = (path, notes, options)
+            self.recalibrate.discard(label)
+        self.ctx.progress(f"quantize auto: confirming {label} on the whole evaluation set")
+        full = self.ctx.evaluator.quality_of(path)
+        candidate.measurement = replace(m, quality=full, size_bytes=path.stat().st_size)
+        return full.passed
+
+
+def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
+    """The dynamic int8 options worth trying: without pre-processing (its graph optimisations made an encoder's
+    int8 graph slower here, see docs/build.md), and activation smoothing on whichever graph was faster."""
+    if options.preprocess:
+        search.attempt("dynamic unprocessed", "dynamic", options.model_copy(update={"preprocess": False}))
+    if options.smooth is not None or not has_matmul_weights(search.src):
+        return
+    timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
+    fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
+    graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess
+    label = "dynamic smoothed" + ("" if graph else " unprocessed")
+    search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
+
+
+def family(label: str) -> str:
+    return label.split(" ")[0]
 
 
 def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
+    """Try each mode; search the options that matter in the winning family (the fastest mode that met the goal,
+    or every int8 family when none did); keep the fastest that meets the goal, the original unless it is
+    ``min_speedup`` faster."""
     modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
     if "weight_only" in modes and not has_matmul_weights(src):
         modes.remove("weight_only")
-    found: dict[str, tuple[Path, list[str], QuantizeOptions]] = {}
-    candidates = [_try(mode, mode, src, options, ctx, found) for mode in modes]
-    if options.search and "static" in modes and ctx.accelerator == "cpu":
-        prepared = ctx.path("pre-static")
-        if prepared.exists():
-            candidates += [_try(label, "static", src, variant, ctx, found)
-                           for label, variant in static_variants(options, prepared)]
-    passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
-    statics = [c for c in candidates if c.mode.startswith("static") and c.measurement is not None]
-    if options.search and not passing and statics and ctx.accelerator == "cpu":
-        closest = min(statics, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
-        candidates += mixed_precision(src, ctx, found, closest)
-        passing = [c for c in candidates if c.measurement and c.measurement.quality.passed]
-    if not passing:
-        summary = "; ".join(f"{c.mode}: " + (c.error or c.measurement.quality.describe()) for c in candidates)  # type: ignore[union-attr]
+    search = Search(src, ctx)
+    for mode in modes:
+        search.attempt(mode, mode, options)
+    if options.search and ctx.accelerator == "cpu":
+        best = _best(search.passing(), modes, ctx)
+        families = {family(best.mode)} if best else {"static", "dynamic"} & set(modes)
+        if "static" in families and ctx.path("pre").exists():
+            for label, variant in static_variants(options, ctx.path("pre")):
+                search.attempt(label, "static", variant)
+        if "dynamic" in families:
+            dynamic_variants(search, options)
+        int8 = [c for c in search.candidates if family(c.mode) in ("static", "dynamic") and c.measurement]
+        if not search.passing() and int8:
+            closest = min(int8, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
+            mixed_precision(search, closest)
+    best = _best(search.passing(), modes, ctx)
+    while best is not None and not search.confirm(best):
+        best = _best(search.passing(), modes, ctx)
+    candidates = search.candidates
+    if best is None:
+        summary = "; ".join(f"{c.mode}: {_short(c)}" for c in candidates)
         return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
-
-    def rank(c: Candidate) -> tuple[float, float]:
-        m = c.measurement
-        assert m is not None
-        if ctx.accelerator == "gpu":  # the host CPU cannot time a GPU: prefer the given order, then size
-            return (modes.index(c.mode), m.size_bytes)
-        return (m.latency_p50_ms, m.size_bytes)
-
-    best = min(passing, key=rank)
     if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None:
         needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
         speedup = ctx.before.latency_p50_ms / best.measurement.latency_p50_ms
@@ -361,18 +512,41 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
                        f"{needed:g}")
             return StepResult(src, [warning], [*candidates, kept], measurement=ctx.before, warnings=[warning])
     best.chosen = True
-    why = "fastest on the host" if ctx.accelerator != "gpu" else "first passing in GPU preference order"
+    why = (f"fastest on the host (candidates within {SAME_SPEED - 1:.0%} of the fastest p50 count as equally fast; "
+           "the most faithful of those wins)" if ctx.accelerator != "gpu" else "first passing in GPU preference order")
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
-    path, notes, _ = found[best.mode]
+    path, notes, _ = search.found[best.mode]
     return StepResult(path, [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: "
                              f"{rejected or 'none'}", *notes], candidates, measurement=best.measurement)
+
+
+def _best(passing: list[Candidate], modes: list[str], ctx: StepContext) -> Candidate | None:
+    """The fastest passing candidate on the host; among those within ``SAME_SPEED`` of it, the smallest quality
+    drop, then the smallest file. GPU classes (the host cannot time a GPU): the given order, then size."""
+    timed = [c for c in passing if c.measurement is not None]
+    if not timed:
+        return None
+    if ctx.accelerator == "gpu":
+        return min(timed, key=lambda c: (modes.index(family(c.mode)) if family(c.mode) in modes else len(modes),
+                                         c.measurement.size_bytes))  # type: ignore[union-attr]
+    fastest = min(c.measurement.latency_p50_ms for c in timed)  # type: ignore[union-attr]
+    near = [c for c in timed if c.measurement.latency_p50_ms <= fastest * SAME_SPEED]  # type: ignore[union-attr]
+    return min(near, key=lambda c: (c.measurement.quality.drop, c.measurement.size_bytes))  # type: ignore[union-attr]
+
+
+def _passes(c: Candidate) -> bool:
+    return c.measurement is not None and c.measurement.quality.passed
 
 
 def _short(c: Candidate) -> str:
     if c.error:
         return f"failed: {c.error[:60]}"
+    if c.skipped:
+        return c.skipped
     m = c.measurement
     assert m is not None
     verdict = "passes" if m.quality.passed else "misses goal (not timed)"
+    if sample := m.quality.extra.get("screened_samples"):
+        verdict += f" on a {sample:.0f}-sample screen"
     latency = "" if math.isnan(m.latency_p50_ms) else f", p50 {m.latency_p50_ms:.3f} ms"
     return f"{m.quality.describe()} {verdict}{latency}"

@@ -41,9 +41,10 @@ class Candidate:
     measurement: Measurement | None
     error: str | None = None
     chosen: bool = False
+    skipped: str | None = None  # stopped early: why it could not win
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "chosen": self.chosen, "error": self.error,
+        return {"mode": self.mode, "chosen": self.chosen, "error": self.error, "skipped": self.skipped,
                 "measurement": self.measurement.as_dict() if self.measurement else None}
 
 
@@ -67,6 +68,11 @@ class Step(ABC, Generic[Options]):
 
     def __init__(self, options: Options) -> None:
         self.options = options
+
+    def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
+        """Begin slow preparation in the background while the original model is evaluated (the first step
+        only); returns what waits for it to finish. Default: nothing to start."""
+        return lambda: None
 
     @abstractmethod
     def run(self, model: Path, ctx: StepContext) -> StepResult:

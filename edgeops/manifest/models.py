@@ -112,10 +112,19 @@ class QuantizeOptions(Strict):
     exclude_nodes: list[str] | None = Field(
         default=None, description="static/dynamic: node names kept in float (the most sensitive layers)")
     search: bool = Field(
-        default=True, description="auto: besides each mode as given, try the static int8 options that matter "
-                                  "(per-channel or per-tensor; compute ops only; depthwise convolutions in float) "
-                                  "and keep the fastest that meets the goal")
+        default=True, description="auto (cpu): besides each mode as given, search the options that matter in the "
+                                  "winning family (static: per-channel or per-tensor, compute ops only, depthwise "
+                                  "convolutions in float; dynamic: without pre-processing, activation smoothing), "
+                                  "then mixed precision if nothing met the goal")
     calibration_samples: Annotated[int, Field(ge=1)] = 128
+    preprocess: bool = Field(
+        default=True, description="static/dynamic/weight_only: run onnxruntime's quantization pre-processing "
+                                  "(shape inference, graph optimisation) first; auto also tries dynamic without "
+                                  "it (faster on some encoders); NPU targets always pre-process")
+    smooth: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="static/dynamic: SmoothQuant strength alpha: move per-channel activation outliers "
+                                  "of MatMul inputs into the weights before quantizing (exact in float); auto "
+                                  "tries 0.5 when dynamic int8 is the winning family")
     bits: Literal[4] = Field(default=4, description="weight_only: bits per weight")
     block_size: Literal[16, 32, 64, 128, 256] = 32
     candidates: list[Literal["static", "dynamic", "weight_only", "fp16"]] | None = Field(

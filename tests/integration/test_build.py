@@ -51,15 +51,18 @@ def test_static_int8_on_digits_is_much_smaller_at_the_same_accuracy(repo_copy: P
     assert session.run(None, {"image": np.zeros((1, 1, 8, 8), np.float32)})[0].shape == (1, 10)
 
 
-def test_auto_keeps_the_fastest_passing_mode(repo_copy: Path) -> None:
+def test_auto_keeps_the_fastest_passing_mode_and_stops_what_cannot_win(repo_copy: Path) -> None:
     result = build_camera(repo_copy)
-    candidates = stage(result.report, 1)["candidates"]
-    chosen = [c for c in candidates if c["chosen"]]
-    assert len(chosen) == 1
-    passing = [c for c in candidates if c["measurement"] and c["measurement"]["quality"]["passed"]]
-    assert {c["mode"] for c in passing} >= {"static", "dynamic"}
+    candidates = {c["mode"]: c for c in stage(result.report, 1)["candidates"]}
+    chosen = [c for c in candidates.values() if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["mode"].startswith("static")
+    passing = [c for c in candidates.values() if c["measurement"] and c["measurement"]["quality"]["passed"]]
     fastest = min(c["measurement"]["latency_p50_ms"] for c in passing)
-    assert chosen[0]["measurement"]["latency_p50_ms"] == fastest
+    assert chosen[0]["measurement"]["latency_p50_ms"] <= fastest * 1.05  # ties within 5% go to fidelity
+    # dynamic int8 runs several times slower than static on a conv net: a quick timing stops it before its
+    # quality is measured, and the report says why
+    dynamic = candidates["dynamic"]
+    assert dynamic["measurement"] is None and dynamic["skipped"].startswith("cannot win: quick timing p50")
 
 
 def test_structured_pruning_really_removes_parameters(repo_copy: Path) -> None:
@@ -269,7 +272,13 @@ def test_excluded_nodes_and_op_types_stay_float(repo_copy: Path) -> None:
     assert sum(kind == "DequantizeLinear" for kind in weights.values()) == len(weights) - len(depthwise)
 
 
-def test_mixed_precision_keeps_the_most_sensitive_nodes_float_until_the_goal_is_met(repo_copy: Path) -> None:
+def test_mixed_precision_keeps_the_most_sensitive_nodes_float_until_the_goal_is_met(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeops.compress import evaluate, quantize
+
+    # every candidate measured, on the whole set: the goal below is set from what the first run found
+    monkeypatch.setattr(evaluate, "SCREEN_SAMPLES", 10_000)
+    monkeypatch.setattr(quantize, "CANNOT_WIN", float("inf"))
     manifest = repo_copy / "manifests" / "assistant.yaml"
     text = manifest.read_text().replace("    - quantize: {mode: dynamic, per_channel: true}\n",
                                         "    - quantize: {mode: auto, candidates: [static], min_speedup: 1.0}\n")
