@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from _common import REPO, machine, markdown_table  # noqa: E402
 
 from edgeops.compress.data import load_dataset  # noqa: E402
-from edgeops.compress.evaluate import session  # noqa: E402
+from edgeops.compress.evaluate import interleaved_p50, session  # noqa: E402
 from edgeops.compress.request import BuildRequest  # noqa: E402
 from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from labkit.artifacts import build_for  # noqa: E402
@@ -87,28 +87,6 @@ RECIPES: dict[str, list[tuple[str, str]]] = {
         ("auto", "- quantize: {mode: auto}"),
     ],
 }
-
-
-def interleaved_p50(original: Path, final: Path, inputs: dict[str, np.ndarray]) -> tuple[float, float]:
-    """Median latency (ms) of two models measured in alternating blocks, one thread, batch 1."""
-    sessions = [session(original), session(final)]
-    feeds = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(min(32, len(next(iter(inputs.values())))))]
-    samples: list[list[float]] = [[], []]
-    started = time.perf_counter()
-    for s in sessions:
-        for i in range(100):
-            s.run(None, feeds[i % len(feeds)])
-            if i >= 5 and time.perf_counter() - started > 2:
-                break
-    per_run = (time.perf_counter() - started) / 12
-    block_runs = max(5, min(50, int(0.25 / max(per_run, 1e-6))))
-    for block in range(40):
-        for index in ((0, 1) if block % 2 == 0 else (1, 0)):
-            for i in range(block_runs):
-                started = time.perf_counter()
-                sessions[index].run(None, feeds[i % len(feeds)])
-                samples[index].append(time.perf_counter() - started)
-    return float(np.median(samples[0]) * 1000), float(np.median(samples[1]) * 1000)
 
 
 def with_recipe(manifest: Path, recipe: str) -> None:

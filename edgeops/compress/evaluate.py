@@ -111,6 +111,32 @@ def host_latency(path: Path, data: Dataset, budget_s: float = LATENCY_BUDGET_S,
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), median_interval(ms)
 
 
+def interleaved_p50(first: Path, second: Path, inputs: dict[str, np.ndarray], blocks: int = 40,
+                    block_s: float = 0.25) -> tuple[float, float]:
+    """Median latency (ms) of two models timed in alternating blocks (ABBA...), one thread, batch 1: what a
+    comparison between them rests on, since the host's speed drifts between two separate measurements."""
+    sessions = [session(first), session(second)]
+    feeds = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(min(32, len(next(iter(inputs.values())))))]
+    started = time.perf_counter()
+    warm = 0
+    for s in sessions:
+        for i in range(100):
+            s.run(None, feeds[i % len(feeds)])
+            warm += 1
+            if i >= 5 and time.perf_counter() - started > 2:
+                break
+    per_run = (time.perf_counter() - started) / warm
+    block_runs = max(5, min(50, int(block_s / max(per_run, 1e-6))))
+    samples: list[list[float]] = [[], []]
+    for block in range(blocks):
+        for index in ((0, 1) if block % 2 == 0 else (1, 0)):
+            for i in range(block_runs):
+                start = time.perf_counter()
+                sessions[index].run(None, feeds[i % len(feeds)])
+                samples[index].append(time.perf_counter() - start)
+    return float(np.median(samples[0]) * 1000), float(np.median(samples[1]) * 1000)
+
+
 def median_interval(samples: np.ndarray, z: float = 1.96) -> tuple[float, float]:
     """Distribution-free 95% interval of the median: the order statistics n/2 ± z·√n/2.
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from edgeops.compress.evaluate import host_latency
+from edgeops.compress.evaluate import host_latency, interleaved_p50
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
@@ -146,7 +146,8 @@ def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepCon
 
     def run(extra_options: dict[str, Any]) -> None:
         reader.rewind()
-        q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+        quant_format = {"qdq": q.QuantFormat.QDQ, "qoperator": q.QuantFormat.QOperator}[options.quant_format]
+        q.quantize_static(str(src), str(dst), reader, quant_format=quant_format,
                           op_types_to_quantize=op_types, nodes_to_exclude=options.exclude_nodes,
                           per_channel=options.per_channel,
                           activation_type=qtype[options.activation_type],
@@ -159,7 +160,8 @@ def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepCon
         # per-channel on some exporters' graphs trips the int32-bias weight adjustment
         notes.append(f"static quantization retried without bias weight adjustment ({str(exc)[:60]})")
         run({**extra, "QDQDisableWeightAdjustForInt32Bias": True})
-    notes.append(f"static QDQ int8: {options.calibration_method} calibration on "
+    notes.append(f"static {'QDQ' if options.quant_format == 'qdq' else 'operator-oriented'} int8: "
+                 f"{options.calibration_method} calibration on "
                  f"{len(reader.samples)} samples, activations {options.activation_type}, "
                  f"{'per-channel' if options.per_channel else 'per-tensor'} weights{_kept_float(options, op_types)}")
 
@@ -269,9 +271,15 @@ class Quantize(Step[QuantizeOptions]):
 def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
     """The static int8 options worth trying besides those given: the other weight granularity; only the
     compute ops (no Q/DQ pairs around activations, squeeze-excite gates and residual adds); and that
-    with depthwise convolutions kept float. Each is (label, options)."""
+    with depthwise convolutions kept float; the operator-oriented format (QLinear* kernels, no Q/DQ pairs);
+    percentile calibration (ranges that ignore extremes such as an attention mask's float32 minimum).
+    Each is (label, options)."""
     flipped = "per-tensor" if options.per_channel else "per-channel"
     variants = [(f"static {flipped}", options.model_copy(update={"per_channel": not options.per_channel}))]
+    if options.quant_format == "qdq":
+        variants.append(("static qoperator", options.model_copy(update={"quant_format": "qoperator"})))
+    if options.calibration_method == "minmax":
+        variants.append(("static percentile", options.model_copy(update={"calibration_method": "percentile"})))
     if options.op_types is None:
         compute = options.model_copy(update={"op_types": COMPUTE_OPS, "exclude_op_types": None})
         variants.append(("static compute-ops", compute))
@@ -367,6 +375,7 @@ QUICK_TIMING_S = 0.3
 SEARCH_CALIBRATION = 32  # static candidates are calibrated on this many samples; the chosen one on all of them
 CANNOT_WIN = 1.25    # a candidate this much slower than a passing one (quick timing) is not evaluated further
 SAME_SPEED = 1.05    # candidates within this of the fastest count as equally fast: the higher fidelity wins
+CLOSE_CALL = 1.5     # a speedup within this factor of min_speedup is timed again side by side before deciding
 
 
 class Search:
@@ -491,7 +500,8 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
                 search.attempt(label, "static", variant)
         if "dynamic" in families:
             dynamic_variants(search, options)
-        int8 = [c for c in search.candidates if family(c.mode) in ("static", "dynamic") and c.measurement]
+        int8 = [c for c in search.candidates if family(c.mode) in ("static", "dynamic") and c.measurement
+                and search.found[c.mode][2].quant_format == "qdq"]  # mixed precision reads Q/DQ pairs
         if not search.passing() and int8:
             closest = min(int8, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
             mixed_precision(search, closest)
@@ -505,11 +515,17 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None:
         needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
         speedup = ctx.before.latency_p50_ms / best.measurement.latency_p50_ms
+        how = "p50, host CPU, 1 thread"
+        if needed / CLOSE_CALL <= speedup <= needed * CLOSE_CALL:
+            # two measurements taken seconds apart on a shared host: decide a close call on an A/B instead
+            ctx.progress(f"quantize auto: timing the input and {best.mode} side by side")
+            input_ms, best_ms = interleaved_p50(src, search.found[best.mode][0], ctx.evaluator.data.inputs,
+                                                blocks=8, block_s=0.1)
+            speedup, how = input_ms / best_ms, "p50 timed side by side, host CPU, 1 thread"
         if speedup < needed:
             kept = Candidate("keep", ctx.before, chosen=True)
             warning = (f"auto kept the model unquantized: the fastest candidate that meets the goal, {best.mode}, "
-                       f"is {speedup:.2f}x the input's speed (p50, host CPU, 1 thread), below min_speedup "
-                       f"{needed:g}")
+                       f"is {speedup:.2f}x the input's speed ({how}), below min_speedup {needed:g}")
             return StepResult(src, [warning], [*candidates, kept], measurement=ctx.before, warnings=[warning])
     best.chosen = True
     why = (f"fastest on the host (candidates within {SAME_SPEED - 1:.0%} of the fastest p50 count as equally fast; "

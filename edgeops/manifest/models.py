@@ -100,6 +100,9 @@ class QuantizeOptions(Strict):
     mode: Literal["static", "dynamic", "weight_only", "fp16", "auto"]
     per_channel: bool = True
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    quant_format: Literal["qdq", "qoperator"] = Field(
+        default="qdq", description="static: QDQ (QuantizeLinear/DequantizeLinear around float ops: what NPU "
+                                   "toolchains read) or operator-oriented (QLinearConv, QLinearMatMul, ...)")
     percentile: Annotated[float, Field(gt=90, le=100)] = 99.999
     activation_type: Literal["uint8", "int8"] = Field(
         default="uint8", description="uint8 (U8S8) runs faster on x86 for MatMul-heavy models")
@@ -114,7 +117,8 @@ class QuantizeOptions(Strict):
     search: bool = Field(
         default=True, description="auto (cpu): besides each mode as given, search the options that matter in the "
                                   "winning family (static: per-channel or per-tensor, compute ops only, depthwise "
-                                  "convolutions in float; dynamic: without pre-processing, activation smoothing), "
+                                  "convolutions in float, operator-oriented format, percentile calibration; "
+                                  "dynamic: without pre-processing, activation smoothing), "
                                   "then mixed precision if nothing met the goal")
     calibration_samples: Annotated[int, Field(ge=1)] = 128
     preprocess: bool = Field(
@@ -141,6 +145,9 @@ class QuantizeOptions(Strict):
         for name in ("candidates", "min_speedup"):
             if getattr(self, name) is not None and self.mode != "auto":
                 raise ValueError(f"{name} only applies to mode: auto")
+        if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
+            raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
+                             "already)")
         return self
 
 

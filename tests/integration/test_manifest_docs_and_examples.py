@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import yaml
@@ -78,3 +79,28 @@ def test_example_scripts_reproduce_the_committed_models(tmp_path: Path, script: 
     built = hashlib.sha256((tmp_path / "models" / f"{model}.onnx").read_bytes()).hexdigest()
     committed = hashlib.sha256((REPO / "examples" / "models" / f"{model}.onnx").read_bytes()).hexdigest()
     assert built == committed
+
+
+@pytest.mark.torch
+def test_the_sentence_encoder_script_writes_a_model_its_data_and_a_manifest_edgeops_accepts(tmp_path: Path) -> None:
+    """The 6-layer encoder is generated, not committed (53 MB): one training step here proves the script's
+    outputs fit together; bench/build.py trains it fully."""
+    pytest.importorskip("torch")
+    from edgeops.manifest.workspace import load_workspace
+    from labkit.repo import copy_repo
+
+    root = copy_repo(tmp_path / "repo")
+    out = root / "examples" / "generated"
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_sentence_encoder.py"), "--out", str(out),
+                    "--steps", "1"], check=True, capture_output=True)
+    (root / "manifests" / "sentence-encoder.yaml").write_text((out / "sentence-encoder.yaml").read_text())
+    ws = load_workspace(root)  # model, data and declared inputs/outputs check out, or this raises
+    spec = ws.deployments["sentence-encoder"].obj.spec
+    session = ort.InferenceSession(str(out / "sentence_encoder.onnx"))
+    assert [i.name for i in session.get_inputs()] == [i.name for i in spec.model.inputs] == ["input_ids",
+                                                                                             "attention_mask"]
+    data = np.load(out / "sentence_evaluation.npz")
+    embedding = session.run(None, {name: data[name][:2] for name in ("input_ids", "attention_mask")})[0]
+    assert embedding.shape == (2, 384) and np.isfinite(embedding).all()
+    graph = onnx.load(str(out / "sentence_encoder.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "Softmax" for n in graph.node) == 6  # six attention layers
