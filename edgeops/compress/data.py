@@ -30,8 +30,11 @@ class Dataset:
         return len(next(iter(self.inputs.values())))
 
     def take(self, count: int) -> "Dataset":
-        return Dataset({k: v[:count] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:count], self.sha256)
+        return self.slice(0, count)
+
+    def slice(self, start: int, stop: int | None = None) -> "Dataset":
+        return Dataset({k: v[start:stop] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[start:stop], self.sha256)
 
 
 def file_sha256(path: Path) -> str:

@@ -114,6 +114,8 @@ def test_auto_smooths_when_plain_dynamic_int8_misses_a_fidelity_goal_and_confirm
     name = encoder_deployment(repo_copy, 0.0, "{mode: auto, candidates: [dynamic], min_speedup: 1.0}")
     manifest = repo_copy / "manifests" / "outliers.yaml"
     loose = build_for(load_workspace(repo_copy), name, "cpu").report["stages"][1]["candidates"]
+    # the dynamic family is searched with and without onnxruntime's pre-processing, each measured
+    assert {"dynamic", "dynamic unprocessed"} <= {c["mode"] for c in loose}
     plain = next(c for c in loose if c["mode"] == "dynamic")["measurement"]["quality"]
     smoothed = [c for c in loose if c["mode"].startswith("dynamic smoothed")]
     assert smoothed, [c["mode"] for c in loose]  # searched even when plain misses (max_drop 0: nothing passes)
