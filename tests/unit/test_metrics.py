@@ -87,3 +87,20 @@ def test_embedding_fidelity_shows_what_a_mean_cosine_hides() -> None:
     assert metric_value("cosine", one_broken, reference) > 0.95
     noisy = embedding_fidelity(reference + rng.normal(scale=3.0, size=reference.shape), reference)
     assert noisy["neighbour_agreement"] < 60
+
+
+@pytest.mark.parametrize("metric,max_drop,drop,missed", [
+    ("accuracy", 1.0, 3.5, False),    # 2 x 1.0 + one of 64 samples (1.56 points) is 3.56: the whole set could differ
+    ("accuracy", 1.0, 3.6, True),
+    ("cosine", 0.005, 0.009, False),  # no sample granularity for a mean cosine: twice the allowed drop
+    ("cosine", 0.005, 0.011, True),
+])
+def test_a_screened_candidate_is_dropped_only_when_it_misses_the_goal_clearly(metric: str, max_drop: float,
+                                                                              drop: float, missed: bool) -> None:
+    from edgeops.compress.data import Dataset
+    from edgeops.compress.evaluate import Evaluator, Quality
+    from edgeops.manifest.models import QualityGoal
+
+    evaluator = Evaluator(QualityGoal(metric=metric, max_drop=max_drop), Dataset({"x": np.zeros((300, 2))}, None, ""))
+    screened = Quality(metric, 100 - drop, 100.0, drop, drop <= max_drop, {"screened_samples": 64.0})
+    assert evaluator.clearly_missed(screened) is missed
