@@ -21,6 +21,7 @@ and ``edgeops build`` (the CLI, cold cache) with a single recipe and with ``auto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -204,7 +205,8 @@ def main() -> None:
                 doc = next(d for d in ws.deployments.values() if d.path.name == manifest)
                 started = time.perf_counter()
                 try:
-                    result = build_for(ws, doc.name, "cpu")
+                    with contextlib.redirect_stdout(sys.stderr):  # onnxruntime's calibration prints progress
+                        result = build_for(ws, doc.name, "cpu")
                 except Exception as exc:  # noqa: BLE001 - a failing recipe is a row too
                     rows.append([doc.name, label, "failed", "", "", "", "", "", str(exc)[:80]])
                     continue
