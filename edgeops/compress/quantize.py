@@ -46,16 +46,18 @@ class Preprocessing:
         self.src, self.dst = src, dst
         self.process = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(src), str(dst)], cwd=dst.parent,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.stderr: str | None = None
 
     def wait(self) -> None:
-        self.process.wait()
+        if self.stderr is None:  # communicate, not wait: a long traceback must not fill the pipe and block
+            self.stderr = self.process.communicate()[1]
 
     def result(self, notes: list[str]) -> Path:
         """The pre-processed model; falls back to ``skip_symbolic_shape`` when symbolic inference fails."""
-        _, stderr = self.process.communicate()
+        self.wait()
         if self.process.returncode == 0:
             return self.dst
-        last = (stderr.strip().splitlines() or ["no message"])[-1]
+        last = ((self.stderr or "").strip().splitlines() or ["no message"])[-1]
         notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
         try:
             _quant().quant_pre_process(str(self.src), str(self.dst), skip_symbolic_shape=True)

@@ -295,3 +295,26 @@ def test_mixed_precision_keeps_the_most_sensitive_nodes_float_until_the_goal_is_
     assert kept == [2 ** i for i in range(len(kept))]  # 1, 2, 4, ... nodes float, stopping at the first that passes
     assert mixed[-1]["measurement"]["quality"]["passed"] and mixed[-1]["measurement"]["quality"]["drop"] <= closest * 0.9
     assert not any(c["measurement"]["quality"]["passed"] for c in mixed[:-1])
+
+
+def test_pre_processing_that_fails_falls_back_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeops.compress.quantize import Preprocessing
+
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")  # no shape inference knows this op
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    src, dst = tmp_path / "model.onnx", tmp_path / "work" / "pre.onnx"
+    dst.parent.mkdir()
+    onnx.save(model, str(src))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    notes: list[str] = []
+    assert Preprocessing(src, dst).result(notes) == dst and dst.exists()
+    assert notes and notes[0].startswith("symbolic shape inference failed (")
+    # onnxruntime leaves its temporary files in the working directory when inference fails: the child ran in the
+    # build's scratch directory (deleted with it), so the user's working directory stays clean
+    assert not list((tmp_path / "cwd").iterdir())
