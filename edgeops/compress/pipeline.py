@@ -157,10 +157,14 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
         if not measurement.quality.passed and recovery_follows:
             stage["notes"].append("below the quality goal; a later distill step recovers accuracy, so the gate "
                                   "applies after it")
-        elif not measurement.quality.passed:
+        elif not measurement.quality.passed and goal.enforce:
             where = request.source.where(request.step_loc(index - 1))
             raise BuildError(_gate_message(where, index, step, measurement.quality, goal),
                              hint="no artifact was written; loosen spec.quality or make the step gentler")
+        elif not measurement.quality.passed:
+            where = request.source.where(request.step_loc(index - 1))
+            warnings.append(_gate_message(where, index, step, measurement.quality, goal,
+                                          "misses the quality goal (not enforced: spec.quality.enforce is false)"))
         current, before = result.path, measurement
     if request.accelerator != "gpu" and recipe and before.latency_p50_ms > original.latency_p50_ms * 1.02:
         warnings.append(f"the result is slower than the original on the host: p50 {before.latency_p50_ms:.3f} ms vs "
@@ -241,7 +245,8 @@ def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, origi
     }
 
 
-def _gate_message(where: str, index: int, step: RecipeStep, q: Quality, goal: QualityGoal) -> str:
+def _gate_message(where: str, index: int, step: RecipeStep, q: Quality, goal: QualityGoal,
+                  verdict: str = "breaks the quality goal") -> str:
     mode = getattr(step.options, "mode", None) or getattr(step.options, "method", None) or "student"
     allowed = goal.max_drop
     if q.metric == "max_abs_error":
@@ -250,4 +255,4 @@ def _gate_message(where: str, index: int, step: RecipeStep, q: Quality, goal: Qu
         unit = " points" if q.metric in ("accuracy", "top1_agreement") else ""
         unit = "%" if goal.drop == "relative" else unit
         detail = f"{q.metric} {q.value:.4g} vs {q.baseline:.4g} for the original (drop {q.drop:.3g}{unit} > {allowed:g} allowed)"
-    return f"{where}: recipe step {index} ({step.kind} {mode}) breaks the quality goal: {detail}"
+    return f"{where}: recipe step {index} ({step.kind} {mode}) {verdict}: {detail}"

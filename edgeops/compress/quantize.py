@@ -189,11 +189,20 @@ def quantize_weight_only(src: Path, dst: Path, options: QuantizeOptions, notes: 
                          "this model has none", hint="use static or dynamic for conv nets")
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=options.bits, block_size=options.block_size,
-                                     is_symmetric=True, accuracy_level=4)
+    model = onnx.load(str(src))
+    if options.embeddings:  # GatherBlockQuantized needs opset 21 throughout, or onnxruntime rejects the mix
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, 21)
+    quantizer = MatMulNBitsQuantizer(model, bits=options.bits, block_size=options.block_size, is_symmetric=True,
+                                     accuracy_level=options.accuracy_level,
+                                     op_types_to_quantize=("MatMul", "Gather") if options.embeddings else None,
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)) if options.embeddings else None)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-    notes.append(f"int{options.bits} weight-only MatMulNBits, block {options.block_size}, accuracy_level 4")
+    embedded = "; embedding lookups GatherBlockQuantized (opset 21)" if options.embeddings else ""
+    notes.append(f"int{options.bits} weight-only MatMulNBits, block {options.block_size}, "
+                 f"accuracy_level {options.accuracy_level}{embedded}")
 
 
 def quantize_fp16(src: Path, dst: Path, notes: list[str]) -> None:

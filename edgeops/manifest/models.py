@@ -129,7 +129,13 @@ class QuantizeOptions(Strict):
         default=None, description="static/dynamic: SmoothQuant strength alpha: move per-channel activation outliers "
                                   "of MatMul inputs into the weights before quantizing (exact in float); auto "
                                   "tries 0.5 when dynamic int8 is the winning family")
-    bits: Literal[4] = Field(default=4, description="weight_only: bits per weight")
+    bits: Literal[4, 8] = Field(default=4, description="weight_only: bits per MatMul weight (MatMulNBits)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        default=4, description="weight_only: MatMulNBits compute type; 4 computes on int8 activations (fastest on "
+                               "x86), 0 leaves it to the runtime, 1-3 compute in fp32/fp16/bf16")
+    embeddings: bool = Field(
+        default=False, description="weight_only with 4 bits: also quantize embedding lookups (Gather on a constant "
+                                   "table) to GatherBlockQuantized; the model is converted to opset 21 first")
     block_size: Literal[16, 32, 64, 128, 256] = 32
     candidates: list[Literal["static", "dynamic", "weight_only", "fp16"]] | None = Field(
         default=None, description="auto: modes to try; default every mode that applies to the target")
@@ -145,6 +151,8 @@ class QuantizeOptions(Strict):
         for name in ("candidates", "min_speedup"):
             if getattr(self, name) is not None and self.mode != "auto":
                 raise ValueError(f"{name} only applies to mode: auto")
+        if self.embeddings and (self.bits != 4 or self.mode not in ("weight_only", "auto")):
+            raise ValueError("embeddings only applies to weight_only with bits: 4 (GatherBlockQuantized is 4-bit)")
         if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
             raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
                              "already)")
@@ -223,6 +231,9 @@ class QualityGoal(Strict):
         description="accuracy/top1_agreement: points (absolute) or percent of the baseline (relative); "
                     "cosine: drop from 1.0; max_abs_error: the largest error allowed")
     drop: Literal["absolute", "relative"] = "absolute"
+    enforce: bool = Field(
+        default=True, description="false: measure and report every stage against the goal, warn when it is missed, "
+                                  "but do not fail the build (exploring a recipe); devices still check the golden set")
 
     @model_validator(mode="after")
     def _relative_needs_baseline(self) -> "QualityGoal":

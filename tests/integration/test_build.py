@@ -94,6 +94,16 @@ def test_quality_gate_names_the_stage_and_writes_nothing(repo_copy: Path) -> Non
     assert not artifacts.exists() or not any(artifacts.iterdir())
 
 
+def test_a_goal_that_is_not_enforced_is_measured_and_warned_about(repo_copy: Path) -> None:
+    manifest = repo_copy / "manifests" / "camera.yaml"
+    manifest.write_text(manifest.read_text().replace("    max_drop:", "    enforce: false\n    max_drop:", 1))
+    result = build_camera(repo_copy, "  recipe:\n    - prune: {method: magnitude, sparsity: 0.97, min_elements: 0}\n")
+    pruned = stage(result.report, 1)
+    assert not pruned["quality"]["passed"] and pruned["quality"]["drop"] > 1
+    assert any("recipe step 1 (prune magnitude) misses the quality goal (not enforced" in w
+               for w in result.report["warnings"])
+
+
 def test_second_build_is_a_cache_hit_without_recomputation(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: dynamic}\n")
     assert not first.artifact.hit
@@ -147,7 +157,9 @@ def test_explain_names_what_changed(repo_copy: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("recipe", ["  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n",
-                                    "  recipe:\n    - quantize: {mode: weight_only, block_size: 32}\n"])
+                                    "  recipe:\n    - quantize: {mode: weight_only, block_size: 32}\n",
+                                    "  recipe:\n    - quantize: {mode: weight_only, bits: 8, accuracy_level: 0}\n",
+                                    "  recipe:\n    - quantize: {mode: weight_only, embeddings: true}\n"])
 def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str) -> None:
     set_recipe(repo_copy, "assistant.yaml", recipe, old="  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n")
     ws = load_workspace(repo_copy)
@@ -160,6 +172,10 @@ def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str)
     assert final["size_ratio"] > 1.5
     expected_op = "MatMulNBits" if "weight_only" in recipe else "DynamicQuantizeLinear"
     assert expected_op in final["ops"]
+    if "embeddings" in recipe:  # the 512x128 embedding table too: well past what MatMul weights alone give
+        assert "GatherBlockQuantized" in final["ops"] and final["size_ratio"] > 4.5
+    if "bits: 8" in recipe:
+        assert "accuracy_level 0" in " ".join(final["notes"]) and final["size_ratio"] < 2.85  # int4's ratio
 
 
 def line_of(path: Path, text: str) -> int:
