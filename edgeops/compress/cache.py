@@ -115,6 +115,40 @@ class Cache:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
+class CandidateCache:
+    """Quantized candidates of ``auto`` searches, by the digest of what made them (input model, mode and options,
+    calibration data, versions): a rebuild after a changed goal, rollout or unrelated recipe field quantizes
+    nothing again. Candidates are evaluated anew each time (the goal may differ); the newest ``keep`` stay."""
+
+    def __init__(self, root: Path, keep: int = 24) -> None:
+        self.root, self.keep = root, keep
+
+    def get(self, key: str) -> tuple[Path, list[str]] | None:
+        entry = self.root / key
+        if not (entry / MODEL_FILE).is_file() or not (entry / "notes.json").is_file():
+            return None
+        os.utime(entry)  # recently used: kept longest
+        return entry / MODEL_FILE, list(json.loads((entry / "notes.json").read_text()))
+
+    def put(self, key: str, model: Path, notes: list[str]) -> None:
+        """Store atomically (a temp dir renamed into place), then drop the least recently used beyond ``keep``."""
+        staging = self.root / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            shutil.copyfile(model, staging / MODEL_FILE)
+            (staging / "notes.json").write_text(json.dumps(notes))
+            try:
+                os.rename(staging, self.root / key)
+            except OSError:
+                pass  # another build stored the same candidate first: identical
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        entries = sorted((e for e in self.root.iterdir() if not e.name.startswith(".tmp-")),
+                         key=lambda e: e.stat().st_mtime, reverse=True)
+        for old in entries[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def explain(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
     """Why a build key differs from the last build of the same slot, one line per changed input."""
     if previous is None:

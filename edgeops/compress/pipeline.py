@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from edgeops import __version__
-from edgeops.compress.cache import Artifact, Cache, cache_key, explain
+from edgeops.compress.cache import Artifact, Cache, CandidateCache, cache_key, explain
 from edgeops.compress.data import file_sha256
 from edgeops.compress.request import BuildRequest
 from edgeops.compress.steps import Step
@@ -92,7 +92,7 @@ def build(request: BuildRequest, cache: Cache, *, force: bool = False,
         cache.remember(request.slot, inputs)
         return BuildResult(hit, hit.report, ["cache hit: " + key[:16]])
     with tempfile.TemporaryDirectory(prefix="edgeops-build-") as tmp:
-        report, files = _run(request, inputs, key, Path(tmp), progress)
+        report, files = _run(request, inputs, key, Path(tmp), progress, CandidateCache(cache.root / "candidates"))
         artifact = cache.put(key, files, report)
     cache.remember(request.slot, inputs)
     return BuildResult(artifact, report, why)
@@ -114,8 +114,8 @@ def _load_model_checked(request: BuildRequest, path: Path) -> None:
                                    f"model inputs are {actual}, the manifest declares {declared}")
 
 
-def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
-         progress: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Path]]:
+def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, progress: Callable[[str], None],
+         candidates: CandidateCache | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     import numpy as np
 
     from edgeops.compress.data import load_dataset
@@ -143,7 +143,7 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path,
     current, before = source, original
     warnings: list[str] = []
     for index, step in enumerate(recipe, start=1):
-        ctx = StepContext(work, request, calibration, evaluator, source, progress, index, before)
+        ctx = StepContext(work, request, calibration, evaluator, source, progress, index, before, candidates)
         progress(f"step {index}/{len(recipe)}: {step.kind}")
         result = steps[index - 1].run(current, ctx)
         measurement = result.measurement or evaluator.measure(result.path, result.notes)

@@ -272,11 +272,14 @@ class Quantize(Step[QuantizeOptions]):
 
     def run(self, model: Path, ctx: StepContext) -> StepResult:
         options = self.options
-        if options.mode != "auto":
-            notes: list[str] = []
-            ctx.progress(f"quantize {options.mode}")
-            return StepResult(run_mode(options.mode, model, options, ctx, notes), notes)
-        return _auto(model, options, ctx)
+        try:
+            if options.mode != "auto":
+                notes: list[str] = []
+                ctx.progress(f"quantize {options.mode}")
+                return StepResult(run_mode(options.mode, model, options, ctx, notes), notes)
+            return _auto(model, options, ctx)
+        finally:
+            _STARTED.pop(ctx.path("pre"), None)  # started early but never needed (every candidate was cached)
 
 
 def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
@@ -361,9 +364,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     ctx = search.ctx
     quantized, _, options = search.found[base.mode]
     mode = family(base.mode)
-    prepared = ctx.path("pre") if options.preprocess else search.src
-    if not prepared.exists():
-        return
+    prepared = prepared_for(search.src, ctx, []) if options.preprocess else search.src
     if options.smooth is not None:
         prepared = smoothed(prepared, options.smooth, ctx, [])
     nodes = quantized_nodes(quantized) if mode == "static" else weighted_matmuls(prepared, quantized)
@@ -397,6 +398,7 @@ class Search:
         self.found: dict[str, tuple[Path, list[str], QuantizeOptions]] = {}
         self.candidates: list[Candidate] = []
         self.recalibrate: set[str] = set()  # static candidates calibrated on fewer samples while searching
+        self.src_sha256: str | None = None
         self.started = time.monotonic()
 
     def passing(self) -> list[Candidate]:
@@ -421,7 +423,7 @@ class Search:
             built = options.model_copy(update={"calibration_samples": SEARCH_CALIBRATION})
             self.recalibrate.add(label)
         try:
-            path = run_mode(mode, self.src, built, ctx, notes, label=label.replace(" ", "-"))
+            path = self._quantized(label, mode, built, notes)
             candidate = self._early_stop(label, path) or self._measured(label, path, notes)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is recorded, not fatal
             candidate = Candidate(label, None, error=str(exc).splitlines()[0][:200])
@@ -429,6 +431,34 @@ class Search:
             self.found[label] = (path, notes, options)
         self.candidates.append(candidate)
         return candidate
+
+    def _quantized(self, label: str, mode: str, options: QuantizeOptions, notes: list[str]) -> Path:
+        """The candidate's model: from the candidate cache, or quantized now (and cached)."""
+        ctx, cache = self.ctx, self.ctx.candidates
+        path = ctx.path(f"quantize-{label.replace(' ', '-')}")
+        key = self._key(mode, options) if cache else ""
+        if cache and (hit := cache.get(key)):
+            shutil.copyfile(hit[0], path)
+            notes.extend([*hit[1], "quantized by an earlier build (candidate cache)"])
+            return path
+        made = run_mode(mode, self.src, options, ctx, notes, label=label.replace(" ", "-"))
+        if cache:
+            cache.put(key, made, notes)
+        return made
+
+    def _key(self, mode: str, options: QuantizeOptions) -> str:
+        import onnxruntime
+
+        from edgeops import __version__
+        from edgeops.compress.cache import cache_key
+        from edgeops.compress.data import file_sha256
+
+        if self.src_sha256 is None:
+            self.src_sha256 = file_sha256(self.src)
+        return cache_key({"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
+                          "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search"}),
+                          "calibration": self.ctx.calibration.sha256,
+                          "versions": [__version__, onnx.__version__, onnxruntime.__version__]})
 
     def _early_stop(self, label: str, path: Path) -> Candidate | None:
         best = self.fastest_passing_ms()
@@ -466,7 +496,7 @@ class Search:
         if label in self.recalibrate:
             self.ctx.progress(f"quantize auto: calibrating {label} on all {options.calibration_samples} samples")
             notes = []
-            path = run_mode("static", self.src, options, self.ctx, notes, label=label.replace(" ", "-") + "-final")
+            path = self._quantized(f"{label} final", "static", options, notes)
             self.found[label] = (path, notes, options)
             self.recalibrate.discard(label)
         self.ctx.progress(f"quantize auto: confirming {label} on the whole evaluation set")
@@ -506,8 +536,8 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     if options.search and ctx.accelerator == "cpu":
         best = _best(search.passing(), modes, ctx)
         families = {family(best.mode)} if best else {"static", "dynamic"} & set(modes)
-        if "static" in families and ctx.path("pre").exists():
-            for label, variant in static_variants(options, ctx.path("pre")):
+        if "static" in families:
+            for label, variant in static_variants(options, prepared_for(src, ctx, [])):
                 search.attempt(label, "static", variant)
         if "dynamic" in families:
             dynamic_variants(search, options)

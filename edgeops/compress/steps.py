@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Generic, TypeVar
 
+from edgeops.compress.cache import CandidateCache
 from edgeops.compress.data import Dataset
 from edgeops.compress.evaluate import Evaluator, Measurement
 from edgeops.compress.request import BuildRequest
@@ -24,6 +25,7 @@ class StepContext:
     progress: Callable[[str], None] = lambda message: None
     index: int = 0
     before: Measurement | None = None   # the step's input as measured (the original for step 1)
+    candidates: CandidateCache | None = None  # auto's quantized candidates across builds
 
     @property
     def accelerator(self) -> str:

@@ -334,3 +334,25 @@ def test_pre_processing_that_fails_falls_back_and_says_so(tmp_path: Path, monkey
     # onnxruntime leaves its temporary files in the working directory when inference fails: the child ran in the
     # build's scratch directory (deleted with it), so the user's working directory stays clean
     assert not list((tmp_path / "cwd").iterdir())
+
+
+def test_a_rebuild_for_another_goal_quantizes_nothing_again(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeops.compress import quantize
+
+    calls: list[str] = []
+    real = quantize.run_mode
+    monkeypatch.setattr(quantize, "run_mode",
+                        lambda mode, *args, **kw: calls.append(kw.get("label", mode)) or real(mode, *args, **kw))
+    first = build_camera(repo_copy)
+    quantized_first, calls[:] = set(calls), []
+    manifest = repo_copy / "manifests" / "camera.yaml"
+    manifest.write_text(manifest.read_text().replace("max_drop: 0.5", "max_drop: 0.6"))
+    second = build_for(load_workspace(repo_copy), "meter-digits", "cpu")
+    assert second.artifact.key != first.artifact.key  # a new artifact: the goal is part of its key
+    # what the first build quantized comes from the candidate cache (the search may take another path on
+    # timings that differ, and quantize what it had not tried before)
+    assert quantized_first and not quantized_first & set(calls), (quantized_first, calls)
+    step = stage(second.report, 1)
+    static = next(c for c in step["candidates"] if c["mode"] == "static")  # always tried first
+    assert "quantized by an earlier build (candidate cache)" in static["measurement"]["notes"]
+    assert all(c["measurement"] or c["skipped"] or c["error"] for c in step["candidates"])  # evaluated anew
