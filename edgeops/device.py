@@ -81,6 +81,11 @@ class DeviceState:
         return self.state.get("committed")
 
 
+def _sensor_argument(power_sensor: dict[str, Any] | None) -> str:
+    """The agent's ``--power`` argument; also what kept facts are matched by."""
+    return json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
+
+
 def _file_problems(files: dict[str, dict[str, Any]], found: dict[str, tuple[int, int] | None]) -> list[str]:
     """The agent's cheap check of a release's files (``_release_problems``), from sizes and whole-second times."""
     problems = []
@@ -202,7 +207,7 @@ class Device:
         interpreter cannot run the agent still reports why (as its facts) and, when state.json is
         readable over SFTP, what it runs.
         """
-        sensor = json.dumps(power_sensor or {"source": "none"}, sort_keys=True)
+        sensor = _sensor_argument(power_sensor)
         if not verify:
             found = self._observe_files(sensor)
             if found is not None:
@@ -368,8 +373,7 @@ class Device:
     def keep_facts(self, power_sensor: dict[str, Any] | None) -> None:
         """Have the agent gather its facts and keep them (``agent/facts.json``), so the next reads can be
         file reads; in a session this costs no new process."""
-        self.agent("state", *self._common(), "--facts", "--power",
-                   json.dumps(power_sensor or {"source": "none"}, sort_keys=True))
+        self.agent("state", *self._common(), "--facts", "--power", _sensor_argument(power_sensor))
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._common(), "--keep", str(keep))

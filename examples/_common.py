@@ -49,13 +49,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean()) * 100
 
 
-def export(model: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str,
-           output_names: list[str]) -> str:
-    """Export with a symbolic batch dimension; return the file's sha256."""
+def export(model: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], path: Path,
+           input_name: str | list[str], output_names: list[str]) -> str:
+    """Export with a symbolic batch dimension (one input, or a tuple of inputs and their names); return the
+    file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    axes = {input_name: {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
-    torch.onnx.export(model, (example,), buffer, input_names=[input_name], output_names=output_names,
+    examples = example if isinstance(example, tuple) else (example,)
+    input_names = [input_name] if isinstance(input_name, str) else input_name
+    axes = {**{name: {0: "batch"} for name in input_names}, **{name: {0: "batch"} for name in output_names}}
+    torch.onnx.export(model, examples, buffer, input_names=input_names, output_names=output_names,
                       dynamic_axes=axes, opset_version=17, dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "edgeops-examples"

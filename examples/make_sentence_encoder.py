@@ -18,16 +18,13 @@ minutes on 2 cores) to ``examples/generated/`` with its data and a manifest, whi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import math
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from _common import HERE, deterministic, save_data
+from _common import HERE, deterministic, export, save_data
 
 VOCAB, SEQ, WIDTH, HEADS, FFN, LAYERS, INTENTS = 8192, 128, 384, 12, 1536, 6, 16
 PAD = 0
@@ -113,21 +110,6 @@ def train(model: SentenceEncoder, data: tuple[np.ndarray, np.ndarray, np.ndarray
     model.eval()
 
 
-def export(model: SentenceEncoder, ids: np.ndarray, mask: np.ndarray, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "embedding": {0: "batch"}}
-    torch.onnx.export(model, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), buffer,
-                      input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                      dynamic_axes=axes, opset_version=17, dynamo=False)
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.producer_name, proto.producer_version = "edgeops-examples", ""
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
 MANIFEST = """\
 # A sentence encoder of realistic shape (6 layers, 384 wide, 128 tokens; synthetic data), written by
 # examples/make_sentence_encoder.py. Only the quality goal is given: auto chooses the rest.
@@ -177,7 +159,8 @@ def main() -> None:
     started = time.perf_counter()
     train(model, (train_ids, train_mask, train_labels), args.steps)
     trained_s = time.perf_counter() - started
-    digest = export(model, train_ids, train_mask, args.out / "sentence_encoder.onnx")
+    digest = export(model, (torch.from_numpy(train_ids[:1]), torch.from_numpy(train_mask[:1])),
+                    args.out / "sentence_encoder.onnx", ["input_ids", "attention_mask"], ["embedding"])
     save_data(args.out / "sentence_calibration.npz", input_ids=train_ids[:128], attention_mask=train_mask[:128])
     save_data(args.out / "sentence_evaluation.npz", input_ids=eval_ids, attention_mask=eval_mask)
     (args.out / "sentence-encoder.yaml").write_text(MANIFEST)

@@ -62,6 +62,20 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
+    """A session of ``model`` (left unchanged) that also outputs ``tensors``, those the graph makes or takes as
+    inputs; graph optimisations off, so every tensor still exists."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o for n in probe.graph.node for o in n.output} | {i.name for i in probe.graph.input}
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t in known and t not in present)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def run_all(sess: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
     """Outputs over every sample, one sample per run as on a device.
 

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from edgeops.compress.evaluate import host_latency, interleaved_p50
+from edgeops.compress.data import Dataset
+from edgeops.compress.evaluate import host_latency, interleaved_p50, probe_session, run_all
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
@@ -223,6 +224,11 @@ def prepared_for(src: Path, ctx: StepContext, notes: list[str]) -> Path:
     return path
 
 
+def preprocesses(options: QuantizeOptions, ctx: StepContext) -> bool:
+    """Whether quantizing runs onnxruntime's pre-processing first (NPU targets always: static shapes)."""
+    return options.preprocess or ctx.accelerator == "tpu"
+
+
 def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -> Path:
     """``prepared`` with its MatMul activations smoothed (made once per strength and step)."""
     from edgeops.compress.smooth import smooth
@@ -242,7 +248,7 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, n
     if mode == "fp16":
         quantize_fp16(src, dst, notes)
         return dst
-    prepared = prepared_for(src, ctx, notes) if options.preprocess or ctx.accelerator == "tpu" else src
+    prepared = prepared_for(src, ctx, notes) if preprocesses(options, ctx) else src
     if options.smooth is not None and mode in ("static", "dynamic"):
         prepared = smoothed(prepared, options.smooth, ctx, notes)
     if mode == "static":
@@ -264,7 +270,7 @@ class Quantize(Step[QuantizeOptions]):
     def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
         """Begin pre-processing ``model`` in a child process; returns what waits for it."""
         options = self.options
-        if options.mode == "fp16" or not (options.preprocess or ctx.accelerator == "tpu"):
+        if options.mode == "fp16" or not preprocesses(options, ctx):
             return lambda: None
         dst = ctx.path("pre")
         _STARTED[dst] = started = Preprocessing(model, dst)
@@ -325,25 +331,15 @@ def sensitivity_order(prepared: Path, quantized: Path, nodes: list[str], inputs:
                       samples: int = 16) -> list[str]:
     """``nodes`` most harmful first: the relative error (quantized against float) each adds between its
     input and its output, on the first ``samples`` evaluation samples. One run of each model."""
-    import onnxruntime as ort
-
     graph = onnx.load(str(prepared), load_external_data=False).graph
     by_name = {n.name: n for n in graph.node}
     graph_inputs = {i.name for i in graph.input}
     tensors = sorted({t for name in nodes for t in (by_name[name].input[0], by_name[name].output[0])} - graph_inputs)
 
     def run(path: Path) -> dict[str, np.ndarray]:
-        model = onnx.load(str(path))
-        made = {o for n in model.graph.node for o in n.output}
-        present = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present and t in made)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feed = {name: array[:samples] for name, array in inputs.items()}
-        runs = [session.run(None, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(len(next(iter(feed.values()))))]
-        return {o.name: np.concatenate([r[i] for r in runs]) for i, o in enumerate(session.get_outputs())}
+        session = probe_session(onnx.load(str(path)), tensors)
+        sample = Dataset({name: array[:samples] for name, array in inputs.items()}, None, "")
+        return dict(zip([o.name for o in session.get_outputs()], run_all(session, sample)))
 
     exact, approximate = run(prepared), run(quantized)
 
@@ -399,6 +395,7 @@ class Search:
         self.candidates: list[Candidate] = []
         self.recalibrate: set[str] = set()  # static candidates calibrated on fewer samples while searching
         self.src_sha256: str | None = None
+        self.matmul_weights = has_matmul_weights(src)  # read once: the model may be tens of MB
         self.started = time.monotonic()
 
     def passing(self) -> list[Candidate]:
@@ -434,14 +431,14 @@ class Search:
 
     def _quantized(self, label: str, mode: str, options: QuantizeOptions, notes: list[str]) -> Path:
         """The candidate's model: from the candidate cache, or quantized now (and cached)."""
-        ctx, cache = self.ctx, self.ctx.candidates
-        path = ctx.path(f"quantize-{label.replace(' ', '-')}")
+        ctx, cache, name = self.ctx, self.ctx.candidates, label.replace(" ", "-")
         key = self._key(mode, options) if cache else ""
         if cache and (hit := cache.get(key)):
+            path = ctx.path(f"quantize-{name}")
             shutil.copyfile(hit[0], path)
             notes.extend([*hit[1], "quantized by an earlier build (candidate cache)"])
             return path
-        made = run_mode(mode, self.src, options, ctx, notes, label=label.replace(" ", "-"))
+        made = run_mode(mode, self.src, options, ctx, notes, label=name)
         if cache:
             cache.put(key, made, notes)
         return made
@@ -510,7 +507,7 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     int8 graph slower here, see docs/build.md), and activation smoothing on whichever graph was faster."""
     if options.preprocess:
         search.attempt("dynamic unprocessed", "dynamic", options.model_copy(update={"preprocess": False}))
-    if options.smooth is not None or not has_matmul_weights(search.src):
+    if options.smooth is not None or not search.matmul_weights:
         return
     timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
@@ -528,9 +525,9 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     or every int8 family when none did); keep the fastest that meets the goal, the original unless it is
     ``min_speedup`` faster."""
     modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
-    if "weight_only" in modes and not has_matmul_weights(src):
-        modes.remove("weight_only")
     search = Search(src, ctx)
+    if "weight_only" in modes and not search.matmul_weights:
+        modes.remove("weight_only")
     for mode in modes:
         search.attempt(mode, mode, options)
     if options.search and ctx.accelerator == "cpu":

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeops.compress.evaluate import probe_session
+
 
 def smoothable_groups(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Activation tensor -> the MatMuls that multiply it by a constant 2-D weight used nowhere else."""
@@ -40,16 +42,7 @@ def smoothable_groups(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]
 def channel_maxima(model: onnx.ModelProto, tensors: list[str], inputs: dict[str, np.ndarray],
                    samples: int) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over the first ``samples`` samples (one run each)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(model, tensors)
     names = [o.name for o in session.get_outputs()]
     wanted = [names.index(t) for t in tensors]
     maxima = {t: np.zeros(0) for t in tensors}
