@@ -43,7 +43,7 @@ def write_fleet(root: Path, simulated: int, real: int, device_roots: Path) -> Pa
     broker, registry = free_ports(2)
     lines = ["apiVersion: edgeops/v1", "kind: Fleet", "metadata: {name: scale}", "spec:", "  profile: lab-pull",
              "  pull:", f"    broker: mqtt://127.0.0.1:{broker}", f"    registry: http://127.0.0.1:{registry}",
-             "    password_file: ../../.edgeops/lab/scale/controller.password", "    report_deadline_s: 120",
+             "    password_file: lab/scale/controller.password", "    report_deadline_s: 120",
              "    heartbeat_s: 30", "  devices:"]
     for index in range(1, real + 1):
         lines.append(f"    - {{name: real-{index:02d}, root: {device_roots / f'real-{index:02d}'}, labels: {{kind: real}}}}")

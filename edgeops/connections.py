@@ -20,8 +20,10 @@ def ssh_connect(target: TargetDevice) -> Transport:
     fleet = target.fleet
     if target.device.host is None:
         raise EdgeopsError(f"{target.key} pulls its releases: nothing connects to it over SSH")
-    return SSHTransport(target_for(target.name, target.device.host, target.device.port, fleet.obj.spec.ssh,
-                                   fleet.path.parent))
+    ssh = fleet.obj.spec.ssh
+    identity = str(target.secret(ssh.identity_file)) if ssh.identity_file else None
+    return SSHTransport(target_for(target.name, target.device.host, target.device.port, ssh, fleet.path.parent,
+                                   identity))
 
 
 class Connections:

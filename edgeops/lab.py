@@ -28,6 +28,7 @@ from pathlib import Path
 
 from edgeops.errors import EdgeopsError
 from edgeops.manifest.models import Fleet
+from edgeops.manifest.secrets import secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.signing import allowed_signers_line, generate_key
 from edgeops.targets import TargetDevice, fleet_targets
@@ -165,7 +166,8 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
     ensure_sshd()
     base = lab_dir(ws)
     ssh = fleet.obj.spec.ssh
-    client_key = _resolve(fleet, ssh.identity_file, base / "client_ed25519")
+    ws.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    client_key = secret_path(ws.secrets_dir, ssh.identity_file) if ssh.identity_file else base / "client_ed25519"
     known_hosts = _resolve(fleet, ssh.known_hosts, base / "known_hosts")
     _keygen(client_key)
     authorized = base / "authorized_keys"
@@ -190,16 +192,16 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
     _merge_known_hosts(known_hosts, entries)
     if fleet.obj.spec.trust:
-        enroll_lab(fleet, targets, base, report)
+        enroll_lab(ws, fleet, targets, report)
     return devices
 
 
-def enroll_lab(fleet: Document[Fleet], targets: list[TargetDevice], base: Path,
-                report: Callable[[str], None]) -> None:
+def enroll_lab(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
+               report: Callable[[str], None]) -> None:
     """The lab's release key and trust root, installed on every lab device that has none (as at the factory)."""
     trust = fleet.obj.spec.trust
     assert trust is not None
-    key = _resolve(fleet, trust.signing_key, base / "release_ed25519")
+    key = secret_path(ws.secrets_dir, trust.signing_key) if trust.signing_key else lab_dir(ws) / "release_ed25519"
     if not key.is_file():
         generate_key(key, "edgeops lab release key")
     signers = fleet.resolve(trust.allowed_signers)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from edgeops.lab import LabDevice, LabError, enroll_lab, lab_dir, process_alive, provision_runtime, write_sensor
 from edgeops.manifest.models import Fleet, PullSettings
+from edgeops.manifest.secrets import secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.targets import TargetDevice
 
@@ -235,7 +236,8 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
     real = [t for t in targets if t.name not in simulate]
     for python in sorted({t.python for t in real if os.path.isabs(t.python)}):
         provision_runtime(Path(python), lab_dir(ws) / "runtime-install.log", report, PULL_RUNTIME_PACKAGES)
-    controller_file = fleet.resolve(settings.password_file) if settings.password_file else state / "controller.password"
+    controller_file = secret_path(ws.secrets_dir, settings.password_file) if settings.password_file else \
+        state / "controller.password"
     if not controller_file.is_file():
         controller_file.parent.mkdir(parents=True, exist_ok=True)
         controller_file.write_text(secrets.token_urlsafe(24) + "\n")
@@ -280,7 +282,7 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         write_sensor(target)
         devices.append(LabDevice(target.name, 0, state / target.name, start_daemon(target, state / target.name)))
     if fleet.obj.spec.trust:
-        enroll_lab(fleet, real, lab_dir(ws), report)
+        enroll_lab(ws, fleet, real, report)
     return devices
 
 

@@ -77,17 +77,19 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
     (a pull request's plan runs without the secret), which ``signing_key`` overrides.
     """
     problems = []
-    fleets = {t.fleet.path: t.fleet for t in targets}.values()
+    by_fleet = {t.fleet.path: t for t in targets}
+    fleets = [t.fleet for t in by_fleet.values()]
+    secrets = {t.fleet.path: t.secrets_dir for t in by_fleet.values()}
     if will_sign and signing_key is not None and not signing_key.is_file() and any(f.obj.spec.trust for f in fleets):
         raise EdgeopsError(f"EDGEOPS_SIGNING_KEY names {signing_key}, which does not exist",
                            hint="point it at the private release key")
     for fleet in fleets:
-        if path := missing_identity_file(fleet):
+        if path := missing_identity_file(fleet, secrets[fleet.path]):
             problems.append(fleet.problem(("spec", "ssh", "identity_file"),
                                           f"identity file {fleet.obj.spec.ssh.identity_file} does not exist "
-                                          f"(resolved to {path}): point it at the deploy key, or run "
+                                          f"(in the secrets directory: {path}): put the deploy key there, or run "
                                           "`edgeops lab up` for a lab fleet"))
-        for loc, name, path in (missing_trust_files(fleet) if signing else []):
+        for loc, name, path in (missing_trust_files(fleet, secrets[fleet.path]) if signing else []):
             if loc[-1] == "signing_key" and (signing_key is not None or not will_sign):
                 continue
             problems.append(fleet.problem(loc, f"{name} does not exist (resolved to {path}): releases to this "
@@ -500,7 +502,8 @@ def reconcile_loop(root: Path, settings: Settings, deployments: list[str], inter
     while True:
         count += 1
         # re-read git's truth every time: a pull may have changed it
-        repo = Repo.open(load_workspace(root, allow_code=settings.allow_code), settings)
+        repo = Repo.open(load_workspace(root, allow_code=settings.allow_code, secrets_dir=settings.secrets_dir),
+                         settings)
         for name in deployments:
             doc = repo.ws.deployments[name]
             with Connections(parallelism=16, broker_password=settings.broker_password) as connections:

@@ -49,7 +49,8 @@ def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: A
     """The repository the paths are in (or the configured one), under the settings' code-execution rule."""
     from edgeops.manifest.workspace import load_workspace
 
-    return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code, **options)
+    return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code,
+                          secrets_dir=settings.secrets_dir, **options)
 
 
 def state_location(settings: Settings) -> str:

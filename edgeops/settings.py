@@ -20,6 +20,8 @@ ENVIRONMENT = {
     "EDGEOPS_SIGNING_KEY": "the private release key that signs releases (overrides the fleets' trust.signing_key)",
     "EDGEOPS_BROKER_PASSWORD": "the controller's MQTT broker password for pull-mode fleets (overrides their "
                                "pull.password_file)",
+    "EDGEOPS_SECRETS_DIR": "the controller's secrets directory: fleets name their credential files (ssh.identity_file, "
+                           "pull.password_file, trust.signing_key) inside it (default: ~/.config/edgeops/secrets)",
     "EDGEOPS_WEBHOOKS": "space-separated URLs that get every rollout's outcome as JSON (prefix slack+ for Slack's "
                         "payload); failed deliveries go to <repo>/.edgeops/webhooks-dead-letter.jsonl",
 }
@@ -36,6 +38,7 @@ class Settings:
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
     webhooks: tuple[str, ...] = ()
     broker_password: str | None = None  # pull fleets' MQTT broker (overrides pull.password_file)
+    secrets_dir: Path | None = None     # where fleets' credential files lie (None: ~/.config/edgeops/secrets)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
@@ -48,7 +51,8 @@ class Settings:
                    allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
                    signing_key=path("EDGEOPS_SIGNING_KEY"),
                    webhooks=tuple(environ.get("EDGEOPS_WEBHOOKS", "").split()),
-                   broker_password=environ.get("EDGEOPS_BROKER_PASSWORD") or None)
+                   broker_password=environ.get("EDGEOPS_BROKER_PASSWORD") or None,
+                   secrets_dir=path("EDGEOPS_SECRETS_DIR"))
 
     def cache_in(self, repo: Path) -> Path:
         return self.cache_dir or repo / ".edgeops" / "cache"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeops.facts import DeviceNeeds
 from edgeops.manifest.models import SLO, DeviceEntry, DeviceProfile, Fleet
+from edgeops.manifest.secrets import default_secrets_dir, secret_path
 from edgeops.manifest.workspace import Document, Workspace
 
 
@@ -18,6 +18,7 @@ class TargetDevice:
     fleet: Document[Fleet]
     device: DeviceEntry
     profile: Document[DeviceProfile]
+    secrets_dir: Path = field(default_factory=lambda: default_secrets_dir(Path.home()), compare=False)
 
     @property
     def name(self) -> str:
@@ -86,7 +87,11 @@ class TargetDevice:
     @property
     def signing_key(self) -> Path | None:
         trust = self.fleet.obj.spec.trust
-        return self.fleet.resolve(os.path.expanduser(trust.signing_key)) if trust and trust.signing_key else None
+        return self.secret(trust.signing_key) if trust and trust.signing_key else None
+
+    def secret(self, name: str) -> Path:
+        """A credential file the fleet names, in the controller's secrets directory (checked when loaded)."""
+        return secret_path(self.secrets_dir, name)
 
 
 def substitute(text: str, device: str, root: str) -> str:
@@ -107,7 +112,8 @@ def deep_substitute(value: Any, device: str, root: str) -> Any:
 
 def fleet_targets(ws: Workspace, fleet: Document[Fleet]) -> list[TargetDevice]:
     """Every device of a fleet with its resolved profile."""
-    return [TargetDevice(fleet, d, ws.profiles[d.profile or fleet.obj.spec.profile]) for d in fleet.obj.spec.devices]
+    return [TargetDevice(fleet, d, ws.profiles[d.profile or fleet.obj.spec.profile], ws.secrets_dir)
+            for d in fleet.obj.spec.devices]
 
 
 def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:
@@ -120,6 +126,6 @@ def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:
         for device in fleet.obj.spec.devices:
             if all(device.labels.get(k) == v for k, v in wanted.items()):
                 profile = ws.profiles[device.profile or fleet.obj.spec.profile]
-                item = TargetDevice(fleet, device, profile)
+                item = TargetDevice(fleet, device, profile, ws.secrets_dir)
                 found.setdefault(item.key, item)
     return list(found.values())

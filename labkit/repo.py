@@ -55,11 +55,11 @@ def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "l
     """Rewrite the repo copy's lab fleet: ``devices`` sshd devices on free ports, roots under ``device_roots``."""
     lines = [
         "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-cpu",
-        "  ssh:", "    user: root", "    identity_file: ../../.edgeops/lab/client_ed25519",
+        "  ssh:", "    user: root", "    identity_file: lab/client_ed25519",
         "    known_hosts: ../../.edgeops/lab/known_hosts", "    use_ssh_config: false",
         "    connect_timeout_s: 5", "    connect_retries: 0",
         "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",
-        "    signing_key: ../../.edgeops/lab/release_ed25519", "  devices:",
+        "    signing_key: lab/release_ed25519", "  devices:",
     ]
     for index, port in enumerate(free_ports(devices), start=1):
         ring = "canary" if index == 1 else "main"
@@ -113,10 +113,10 @@ def write_pull_fleet(root: Path, devices: int, device_roots: Path, name: str = "
         "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-pull",
         "  pull:", f"    broker: {mqtt}://127.0.0.1:{broker}", f"    registry: {http}://127.0.0.1:{registry}",
         *([f"    ca_file: ../../.edgeops/lab/{name}/ca.pem"] if tls else []),
-        f"    password_file: ../../.edgeops/lab/{name}/controller.password",
+        f"    password_file: lab/{name}/controller.password",
         f"    report_deadline_s: {report_deadline_s}", "    heartbeat_s: 2",
         "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",
-        "    signing_key: ../../.edgeops/lab/release_ed25519", "  devices:",
+        "    signing_key: lab/release_ed25519", "  devices:",
     ]
     for index in range(1, devices + 1):
         ring = "canary" if index == 1 else "main"

@@ -5,13 +5,13 @@ model, fleets against each other. Each check returns located problems; the loade
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeops.errors import Problem
 from edgeops.manifest.models import Deployment, Fleet, RecipeStep
+from edgeops.manifest.secrets import SecretNameError, secret_path
 from edgeops.manifest.yamlload import Loc
 
 if TYPE_CHECKING:
@@ -63,26 +63,34 @@ def jump_host_problem(spec: str) -> str | None:
     return None
 
 
-def missing_identity_file(fleet: Document[Fleet]) -> Path | None:
-    """Where the fleet's ssh.identity_file resolves to, when it names a file that is not there."""
+def _secret(secrets_dir: Path, name: str) -> Path | None:
+    try:
+        return secret_path(secrets_dir, name)
+    except SecretNameError:
+        return None  # an error of its own (credential_problems); nothing to look at
+
+
+def missing_identity_file(fleet: Document[Fleet], secrets_dir: Path) -> Path | None:
+    """Where the fleet's ssh.identity_file lies in the secrets directory, when it is not there."""
     name = fleet.obj.spec.ssh.identity_file
-    path = fleet.resolve(os.path.expanduser(name)) if name else None
+    path = _secret(secrets_dir, name) if name else None
     return path if path is not None and not path.is_file() else None
 
 
-def missing_trust_files(fleet: Document[Fleet]) -> list[tuple[tuple[str, ...], str, Path]]:
-    """(field, as written, resolved) of the fleet's trust files (allowed signers, signing key) that are missing."""
+def missing_trust_files(fleet: Document[Fleet], secrets_dir: Path) -> list[tuple[tuple[str, ...], str, Path]]:
+    """(field, as written, resolved) of the fleet's trust files (allowed signers in the repository, signing key
+    in the secrets directory) that are missing."""
     trust = fleet.obj.spec.trust
     if trust is None:
         return []
-    named = [(("spec", "trust", "allowed_signers"), trust.allowed_signers)]
+    resolved: list[tuple[tuple[str, ...], str, Path | None]] = [
+        (("spec", "trust", "allowed_signers"), trust.allowed_signers, fleet.resolve(trust.allowed_signers))]
     if trust.signing_key:
-        named.append((("spec", "trust", "signing_key"), trust.signing_key))
-    resolved = [(loc, name, fleet.resolve(os.path.expanduser(name))) for loc, name in named]
-    return [(loc, name, path) for loc, name, path in resolved if not path.is_file()]
+        resolved.append((("spec", "trust", "signing_key"), trust.signing_key, _secret(secrets_dir, trust.signing_key)))
+    return [(loc, name, path) for loc, name, path in resolved if path is not None and not path.is_file()]
 
 
-def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem], list[Problem]]:
+def check_fleet_addresses(fleets: list[Document[Fleet]], secrets_dir: Path) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings): host and user names, jump hosts, identity files, duplicate host:port."""
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -93,11 +101,11 @@ def check_fleet_addresses(fleets: list[Document[Fleet]]) -> tuple[list[Problem],
             errors.append(fleet.problem(("spec", "ssh", "user"), problem))
         if ssh.jump_host and (problem := jump_host_problem(ssh.jump_host)):
             errors.append(fleet.problem(("spec", "ssh", "jump_host"), problem))
-        if missing_identity_file(fleet):
+        if missing_identity_file(fleet, secrets_dir):
             warnings.append(fleet.problem(("spec", "ssh", "identity_file"),
                                           f"{ssh.identity_file} does not exist (yet): connecting will fail "
                                           "until it does (`edgeops lab up` creates the lab's)"))
-        for loc, name, _ in missing_trust_files(fleet):
+        for loc, name, _ in missing_trust_files(fleet, secrets_dir):
             warnings.append(fleet.problem(loc, f"{name} does not exist (yet): signed releases cannot be made "
                                                "until it does (`edgeops lab up` creates the lab's)"))
         for index, device in enumerate(fleet.obj.spec.devices):

@@ -7,7 +7,9 @@ live in ``edgeops.manifest.workspace``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import urllib.parse
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -442,11 +444,33 @@ class PullSettings(Strict):
                                                                 "out of the repository; EDGEOPS_BROKER_PASSWORD "
                                                                 "overrides it)")
     ca_file: str | None = Field(default=None, description="CA bundle for mqtts:// and https://")
+    insecure: bool = Field(default=False, description="allow the controller's broker password over plain mqtt:// to "
+                                                      "a host other than this machine (never in an untrusted plan)")
     report_deadline_s: PositiveFloat = Field(default=900, description="a device that has not reported its verdict "
                                                                       "this long after its desired state was "
                                                                       "published counts as unreachable")
     heartbeat_s: PositiveFloat = Field(default=30, description="how often devices say they are alive; a device "
                                                               "silent for 3 heartbeats shows as stale")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves this machine."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_host(url: str) -> str | None:
+    """The host a plain (not TLS) mqtt:// or http:// URL sends to, unless it is this machine."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("mqtt", "http"):
+        return None
+    host = parsed.hostname or ""
+    return None if is_loopback(host) else host
 
 
 class FleetSpec(Strict):

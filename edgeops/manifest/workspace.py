@@ -21,7 +21,16 @@ from pydantic import BaseModel, ValidationError
 from edgeops.errors import InputError, Problem
 from edgeops.manifest.checks import check_fleet_addresses, check_model, closure
 from edgeops.manifest.locate import problems_from
-from edgeops.manifest.models import ACCELERATOR_PROVIDERS, KINDS, Deployment, DeviceProfile, Fleet, RecipeStep
+from edgeops.manifest.models import (
+    ACCELERATOR_PROVIDERS,
+    KINDS,
+    Deployment,
+    DeviceProfile,
+    Fleet,
+    RecipeStep,
+    plaintext_host,
+)
+from edgeops.manifest.secrets import credential_problems, default_secrets_dir
 from edgeops.manifest.yamlload import Loc, dotted, line_for, load_yaml
 
 T = TypeVar("T", bound=BaseModel, covariant=True)
@@ -117,6 +126,7 @@ class Workspace:
     """Every document of a repository, by kind and name."""
 
     root: Path
+    secrets_dir: Path = field(default_factory=lambda: default_secrets_dir(Path.home()))
     deployments: dict[str, Document[Deployment]] = field(default_factory=dict)
     fleets: dict[str, Document[Fleet]] = field(default_factory=dict)
     profiles: dict[str, Document[DeviceProfile]] = field(default_factory=dict)
@@ -163,7 +173,8 @@ class Workspace:
 
 
 def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path] | None = None,
-                   deep: bool = False, tolerant: bool = False, allow_code: bool = False) -> Workspace:
+                   deep: bool = False, tolerant: bool = False, allow_code: bool = False,
+                   secrets_dir: Path | None = None) -> Workspace:
     """Load and cross-check the repository at ``root`` plus any extra files.
 
     Every problem is collected and raised together. With ``focus`` (files or directories), only problems
@@ -171,11 +182,14 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
     repository does not stop work on this one. ``deep`` also opens the ONNX models (declared inputs and
     outputs, quality output, recipe op types). ``tolerant`` (read-only commands over the whole repository)
     keeps the problems in ``problems`` instead of raising, with every document that loaded. Fields that
-    run code (a student factory, a power-sensor command) are errors unless ``allow_code``.
+    run code (a student factory, a power-sensor command) are errors unless ``allow_code``. Credential files
+    are named inside ``secrets_dir`` (default ``~/.config/edgeops/secrets``).
     """
     files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
     problems: list[Problem] = []
     workspace = Workspace(root.resolve())
+    if secrets_dir is not None:
+        workspace.secrets_dir = Path(os.path.abspath(secrets_dir))
     for path in files:
         try:
             doc = load_document(path)
@@ -195,7 +209,7 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
     problems.extend(check_references(workspace))
     if not allow_code:
         problems.extend(code_execution(workspace))
-    errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()))
+    errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()), workspace.secrets_dir)
     problems.extend(errors)
     if deep:
         for dep in workspace.deployments.values():
@@ -281,6 +295,7 @@ def check_references(ws: Workspace) -> list[Problem]:
                                             f"template not found: templates/{profile.obj.spec.template}"))
     for fleet in ws.fleets.values():
         spec = fleet.obj.spec
+        problems.extend(fleet.problem(loc, message) for loc, message in credential_problems(fleet.obj, ws.secrets_dir))
         known_hosts = fleet.resolve(os.path.expanduser(spec.ssh.known_hosts)) if spec.ssh.known_hosts else None
         if known_hosts and not known_hosts.is_relative_to(ws.root):
             problems.append(fleet.problem(("spec", "ssh", "known_hosts"), f"{spec.ssh.known_hosts} resolves outside "
@@ -296,6 +311,10 @@ def check_references(ws: Workspace) -> list[Problem]:
             problems.append(fleet.problem(("spec", "pull", "ca_file"), f"{spec.pull.ca_file} resolves outside the "
                                           f"repository (to {fleet.resolve(spec.pull.ca_file)}); the CA the "
                                           "controller trusts is reviewed with the fleet"))
+        if spec.pull and spec.pull.password_file and not spec.pull.insecure and plaintext_host(spec.pull.broker):
+            problems.append(fleet.problem(("spec", "pull", "broker"), f"{spec.pull.broker} is plain MQTT to another "
+                                          "host: the controller's password would cross the network in clear; use "
+                                          "mqtts:// (with pull.ca_file), or say pull.insecure: true"))
         if spec.profile not in ws.profiles and spec.profile not in ws.broken:
             problems.append(_name_problem(fleet, ("spec", "profile"), "DeviceProfile", spec.profile, ws.profiles))
         for index, device in enumerate(spec.devices):

@@ -15,8 +15,8 @@ from typing import Any
 
 from edgeops.device import DeviceState
 from edgeops.errors import EdgeopsError
-from edgeops.manifest.models import PullSettings
-from edgeops.pull.broker import Broker, controller_password
+from edgeops.manifest.models import PullSettings, plaintext_host
+from edgeops.pull.broker import Broker, BrokerError, controller_password
 from edgeops.pull.registry import Registry
 from edgeops.targets import TargetDevice
 
@@ -64,7 +64,11 @@ class PullLinks:
             if key not in self._brokers:
                 fleet = target.fleet
                 password = self.password or controller_password(
-                    fleet.resolve(settings.password_file) if settings.password_file else None)
+                    target.secret(settings.password_file) if settings.password_file else None)
+                if password and not settings.insecure and (host := plaintext_host(settings.broker)):
+                    raise BrokerError(f"{settings.broker}: not sending the controller's broker password to {host} "
+                                      "over plain MQTT", hint="use mqtts:// with pull.ca_file, or say pull.insecure: "
+                                                              "true in the fleet")
                 self._brokers[key] = Broker(settings.broker, settings.username, password,
                                             fleet.resolve(settings.ca_file) if settings.ca_file else None)
             return self._brokers[key]

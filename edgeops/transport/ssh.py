@@ -149,7 +149,7 @@ class SSHTransport:
         if t.identity_file and not Path(t.identity_file).expanduser().is_file():
             raise IdentityFileMissing(self.device, f"identity file {t.identity_file} does not exist; nothing was "
                                       f"sent to {t.host}:{t.port}",
-                                      hint="fix ssh.identity_file in the fleet (relative to the fleet file), or run "
+                                      hint="fix ssh.identity_file in the fleet (a name in the secrets directory), or run "
                                            "`edgeops lab up` for a lab fleet")
         sock = None
         if t.jump_host:
@@ -400,8 +400,10 @@ class SSHTransport:
         self._sftp = None
 
 
-def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_dir: Path) -> SSHTarget:
-    """An SSHTarget from a fleet's SSH settings; relative paths resolve against the fleet file's directory."""
+def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_dir: Path,
+               identity_file: str | None = None) -> SSHTarget:
+    """An SSHTarget from a fleet's SSH settings; known_hosts resolves against the fleet file's directory, the
+    identity file is the one the secrets directory holds (resolved by the caller)."""
     def resolve(path: str | None) -> str | None:
         if path is None:
             return None
@@ -409,7 +411,7 @@ def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_di
         return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
 
     return SSHTarget(device=device_name, host=host, port=port, user=ssh.user,
-                     identity_file=resolve(ssh.identity_file), use_agent=ssh.use_agent,
+                     identity_file=identity_file, use_agent=ssh.use_agent,
                      known_hosts=resolve(ssh.known_hosts), trust_on_first_use=ssh.trust_on_first_use,
                      jump_host=ssh.jump_host, use_ssh_config=ssh.use_ssh_config,
                      connect_timeout_s=ssh.connect_timeout_s, command_timeout_s=ssh.command_timeout_s,

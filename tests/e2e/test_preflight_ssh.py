@@ -156,13 +156,12 @@ def test_a_missing_identity_file_stops_before_any_device_is_dialled(small_lab, m
     fleet = root / "manifests/fleets/lab.yaml"
     original = fleet.read_text()
     try:
-        fleet.write_text(original.replace("identity_file: ../../.edgeops/lab/client_ed25519",
-                                          "identity_file: ../../.edgeops/lab/deploy_key"))
+        fleet.write_text(original.replace("identity_file: lab/client_ed25519", "identity_file: lab/deploy_key"))
         for command in ("plan", "apply", "status"):
             result = cli(root, command, MANIFEST)
             assert result.exit_code == ExitCode.INVALID, result.output
             assert result.stderr.startswith(f"error: manifests/fleets/lab.yaml:{line_of(fleet, 'identity_file')}: "
-                                            "spec.ssh.identity_file: identity file ../../.edgeops/lab/deploy_key "
+                                            "spec.ssh.identity_file: identity file lab/deploy_key "
                                             "does not exist"), result.stderr
     finally:
         fleet.write_text(original)

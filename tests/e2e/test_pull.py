@@ -91,7 +91,7 @@ def last_status(root: Path, name: str) -> dict[str, Any]:
     """The retained status message as the device published it (read over the broker as the controller)."""
     ws = load_workspace(root)
     settings = ws.fleets["lab-pull"].obj.spec.pull
-    password = (root / ".edgeops" / "lab" / "lab-pull" / "controller.password").read_text().strip()
+    password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
     got: dict[str, Any] = {}
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.username_pw_set(settings.username, password)

@@ -39,7 +39,9 @@ def _targets(root: Path) -> list[TargetDevice]:
 
 def _ssh_target(root: Path, index: int = 0):
     t = _targets(root)[index]
-    return target_for(t.name, t.device.host, t.device.port, t.fleet.obj.spec.ssh, t.fleet.path.parent)
+    ssh = t.fleet.obj.spec.ssh
+    return target_for(t.name, t.device.host, t.device.port, ssh, t.fleet.path.parent,
+                      str(t.secret(ssh.identity_file)) if ssh.identity_file else None)
 
 
 def _release(root: Path, target: TargetDevice, tweak: str = ""):

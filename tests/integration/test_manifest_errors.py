@@ -160,11 +160,13 @@ def test_validate_reports_on_the_files_given_and_what_they_use(repo_copy: Path, 
     assert whole.exit_code == 3 and "manifests/camera.yaml" in whole.stderr
 
 
-def test_a_missing_identity_file_is_a_warning_offline(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_identity_file_is_a_warning_offline(repo_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
     monkeypatch.chdir(repo_copy)
+    monkeypatch.setenv("EDGEOPS_SECRETS_DIR", str(tmp_path / "empty-secrets"))
     result = CliRunner().invoke(main, ["validate", LAB])
     assert result.exit_code == 0, result.output
-    assert "warning: manifests/fleets/lab.yaml:12: spec.ssh.identity_file: ../../.edgeops/lab/client_ed25519 " \
+    assert "warning: manifests/fleets/lab.yaml:12: spec.ssh.identity_file: lab/client_ed25519 " \
            "does not exist (yet)" in result.stderr
     assert "warning: manifests/fleets/lab.yaml:17: spec.trust.allowed_signers: ../../.edgeops/lab/allowed_signers " \
            "does not exist (yet)" in result.stderr
