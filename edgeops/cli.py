@@ -305,11 +305,15 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
 @click.option("-o", "--output", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="save the plan (JSON) for apply --plan (one deployment)")
+@click.option("--untrusted", is_flag=True,
+              help="a pull request's plan: contact only devices whose endpoints and credentials are as in the base "
+                   "revision (--base, default the --changed-since REV); code-running fields stay refused")
+@click.option("--base", metavar="REV", help="with --untrusted: the reviewed revision endpoints are taken from")
 @SELECTOR
 @ROOT_OPTION
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
-         selector: str | None, root: Path | None) -> None:
+         untrusted: bool, base: str | None, selector: str | None, root: Path | None) -> None:
     """Show what apply would do, with each device's facts and preflight.
 
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
@@ -319,9 +323,13 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
+    if base and not untrusted:
+        raise click.UsageError("--base goes with --untrusted")
+    if untrusted and not (base or changed_since):
+        raise click.UsageError("--untrusted needs the base revision: --base REV or --changed-since REV")
     with err_console.status("planning") as status, library_prints_to_stderr():
         found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice,
-                             selector=selector)
+                             selector=selector, untrusted_base=(base or changed_since) if untrusted else None)
     if out_file:
         if len(found) != 1:
             raise click.UsageError("--out saves the plan of exactly one deployment")

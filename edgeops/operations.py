@@ -14,6 +14,7 @@ from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.device import Device, DeviceState
+from edgeops.endpoints import Withheld, withhold
 from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
@@ -21,7 +22,7 @@ from edgeops.health import health_of, sync_of
 from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
-from edgeops.plan import Plan, make_plan
+from edgeops.plan import ObservedDevice, Plan, make_plan
 from edgeops.pull.fleet import is_pull, read_reports, reported_state
 from edgeops.pull.roller import RoutedWork, roll_back
 from edgeops.rollout import (
@@ -34,7 +35,6 @@ from edgeops.rollout import (
     desired_devices,
     device_for,
     measure_release,
-    observe,
     observe_targets,
     summarize,
 )
@@ -99,12 +99,20 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
 
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
-                    progress: Progress = lambda m: None, selector: LabelSelector | None = None) -> tuple[Plan, Desired]:
-    """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide."""
+                    progress: Progress = lambda m: None, selector: LabelSelector | None = None,
+                    untrusted_base: str | None = None) -> tuple[Plan, Desired]:
+    """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide.
+
+    ``untrusted_base``: the plan of a pull request; only devices whose endpoints and credentials are the
+    ones this base revision has are contacted (the rest are shown, contacted only after merge).
+    """
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
     desired = desired_state(repo.ws, doc, repo.cache, progress).selected(selector)
-    progress(f"reading the state of {len(desired.targets)} device(s)")
-    observed = observe(desired, connections)
+    targets = list(desired.targets)
+    withheld = withhold(repo.ws, untrusted_base, targets) if untrusted_base else Withheld({})
+    progress(f"reading the state of {len(targets) - len(withheld.reasons)} device(s)")
+    observed = observe_targets(doc.name, [t for t in targets if withheld.allows(t)], connections)
+    observed |= {key: ObservedDevice(key, False, error=reason) for key, reason in withheld.reasons.items()}
     previous = repo.ledger.last_successful_summary(doc.name)
     plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
                      recipes(doc, desired), previous.get("recipe") if previous else None,

@@ -8,7 +8,7 @@ so `edgeops --help` and `validate` stay quick.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -330,19 +330,27 @@ class PlanEntry:
 
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
-         progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> list[PlanEntry]:
-    """What apply would do, per deployment named or touched, with every device's facts and preflight."""
+         progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None,
+         untrusted_base: str | None = None) -> list[PlanEntry]:
+    """What apply would do, per deployment named or touched, with every device's facts and preflight.
+
+    ``untrusted_base``: a pull request's plan; devices are contacted only where the endpoints and credentials
+    are as in that revision, and no field that runs code is allowed whatever the settings say.
+    """
     from edgeops.connections import Connections
     from edgeops.gitdiff import manifest_changes
     from edgeops.operations import plan_deployment
     from edgeops.review import against_what_runs, plan_warnings
 
     picked = _selector(selector)
+    if untrusted_base:
+        settings = replace(settings, allow_code=False, signing_key=None)
     repo, docs = _selected(manifests, changed_since, settings)
     entries = []
     with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         for doc in docs:
-            result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked)
+            result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked,
+                                              untrusted_base=untrusted_base)
             compared, worse = against_what_runs(repo, doc, desired)
             changes = manifest_changes(repo.ws, doc, changed_since) if changed_since else []
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},

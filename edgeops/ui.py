@@ -152,6 +152,8 @@ def plan_comment(entries: list[PlanEntry]) -> str:
             for d in sorted(devices, key=lambda d: (d.wave or 999, d.key)):
                 out.append(f"| {d.wave or '—'} | `{d.device}` | {d.profile} | {runtime_of(d.facts)} | **{d.action}** | "
                            f"{d.current or '—'} | {d.release_id} | {d.bytes_to_move:,} |")
+            unreachable = [d for d in sorted(devices, key=lambda d: d.key) if d.action == Action.UNREACHABLE]
+            out += [""] * bool(unreachable) + [f"- `{d.key}` not read: {d.reason}" for d in unreachable]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
