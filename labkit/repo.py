@@ -167,3 +167,15 @@ def lab_device_cpu_s(ws: object, fleet_name: str = "lab") -> float:
             fields = Path(f"/proc/{device.pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def lab_credentials(root: Path, secrets: Path) -> None:
+    """The lab fleet's deploy and release keys in ``secrets`` and its allowed signers where `lab up` leaves
+    them (outside git), without starting any device: enough for plan to run against the lab fleet."""
+    from edgeops.signing import allowed_signers_line, generate_key
+
+    generate_key(secrets / "lab" / "client_ed25519", "deploy key")
+    generate_key(secrets / "lab" / "release_ed25519", "release key")
+    signers = root / ".edgeops" / "lab" / "allowed_signers"
+    signers.parent.mkdir(parents=True, exist_ok=True)
+    signers.write_text(allowed_signers_line((secrets / "lab" / "release_ed25519.pub").read_text()))

@@ -14,9 +14,8 @@ from click.testing import CliRunner, Result
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from edgeops.signing import allowed_signers_line, generate_key
 from labkit.capture import capturing_listener
-from labkit.repo import copy_repo
+from labkit.repo import copy_repo, lab_credentials
 
 BROKER_SECRET = "ci-broker-s3cret"
 
@@ -30,11 +29,7 @@ def pr_repo(tmp_path: Path) -> tuple[Path, Path]:
     """(repository with a base commit, secrets directory holding the deploy key)."""
     root = copy_repo(tmp_path / "repo")
     secrets = tmp_path / "secrets"
-    generate_key(secrets / "lab" / "client_ed25519", "deploy key")
-    generate_key(secrets / "lab" / "release_ed25519", "release key")
-    signers = root / ".edgeops" / "lab" / "allowed_signers"  # as lab up leaves it: not in git
-    signers.parent.mkdir(parents=True)
-    signers.write_text(allowed_signers_line((secrets / "lab" / "release_ed25519.pub").read_text()))
+    lab_credentials(root, secrets)
     (root / ".gitignore").write_text(".edgeops/\n")
     git(root, "init", "-q", "-b", "main")
     git(root, "-c", "user.email=t@example.org", "-c", "user.name=t", "add", "-A")
