@@ -90,7 +90,8 @@ def _hooks(settings: Settings) -> list[Webhook]:
     try:
         return [Webhook.parse(url) for url in settings.webhooks]
     except ValueError as exc:
-        raise InputError.at("EDGEOPS_WEBHOOKS", None, "", str(exc)) from None
+        raise InputError.at("EDGEOPS_WEBHOOKS", None, "", f"{exc}; the variable holds URLs separated by white "
+                                                          "space") from None
 
 
 def _announce(kind: str, result: RolloutResult, repo: Repo, hooks: list[Webhook], notify: Progress) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,18 +30,51 @@ class Webhook:
 
     @classmethod
     def parse(cls, text: str) -> Webhook:
-        """``https://...`` (generic JSON) or ``slack+https://...`` (Slack-compatible)."""
+        """``https://...`` (generic JSON) or ``slack+https://...`` (Slack-compatible); checked whole, so a URL
+        that cannot be posted to is refused when it is read, never after a rollout. Messages are redacted."""
         slack = text.startswith("slack+")
         url = text.removeprefix("slack+")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook {text!r} is not an http(s) URL (prefix slack+ for Slack's payload)")
+        shown = redacted(url)
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+            raise ValueError(f"webhook {shown} has white space or a control character (percent-encode it)")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port  # raises on a port that is not a number from 0 to 65535
+        except ValueError as exc:
+            raise ValueError(f"webhook {shown} is not a valid URL ({_without(str(exc), url)})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"webhook {shown} is not an http(s) URL (prefix slack+ for Slack's payload)")
+        if not parts.hostname or port == 0:
+            raise ValueError(f"webhook {shown} names no host (or port 0)")
         return cls(url, slack)
 
 
+def _without(message: str, url: str) -> str:
+    return message.replace(url, "…")
+
+
 def redacted(url: str) -> str:
-    """A webhook URL as logs may show it: its host, and a digest instead of the path (which is often the secret)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/')[0]}/…#{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    """A webhook URL as logs may show it: scheme, host and port only, and a digest of the whole. User names,
+    passwords, paths, queries and fragments (where tokens live) never appear."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return f"(malformed URL)#{digest}"
+    scheme = parts.scheme if parts.scheme.isalnum() else "?"
+    host = host if all(c.isalnum() or c in ".-:" for c in host) else "?"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}{port}/…#{digest}"
+
+
+def _append_private(path: Path, line: str) -> None:
+    """Append to a file only its owner can read (dead letters carry device names and reasons)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "a") as log:
+        log.write(line)
 
 
 def slack_text(event: dict[str, Any]) -> str:
@@ -69,16 +104,18 @@ def deliver(hooks: list[Webhook], event: dict[str, Any], dead_letter: Path,
                     error = f"HTTP {response.status}"
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                error = str(getattr(exc, "reason", exc))
+            except Exception as exc:  # noqa: BLE001 - a delivery never ends the command that announced
+                error = _without(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", hook.url)
             if attempt < RETRIES:
                 sleep(delay)
                 delay *= 2
         if error:
             failed.append(redacted(hook.url))
-            dead_letter.parent.mkdir(parents=True, exist_ok=True)
-            with dead_letter.open("a") as log:
-                log.write(json.dumps({"url": redacted(hook.url), "error": error, "attempts": RETRIES + 1,
-                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event},
-                                     sort_keys=True, default=str) + "\n")
+            try:
+                _append_private(dead_letter, json.dumps({
+                    "url": redacted(hook.url), "error": error, "attempts": RETRIES + 1,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event},
+                    sort_keys=True, default=str) + "\n")
+            except OSError as exc:
+                failed[-1] += f" (its dead letter could not be written either: {exc.strerror})"
     return failed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeops.webhooks import RETRIES, Webhook, deliver
+from edgeops.webhooks import RETRIES, Webhook, deliver, redacted
 from labkit.http import webhook_receiver
 from labkit.repo import free_ports
 
@@ -51,3 +51,56 @@ def test_an_event_nobody_takes_is_a_dead_letter_without_the_secret_url(tmp_path:
 def test_a_webhook_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="is not an http"):
         Webhook.parse("ftp://example.org/hook")
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:PW0SECRET@hooks.example.org/services/T0SECRET",
+    "http://hooks.example.org?token=Q0SECRET",
+    "https://hooks.example.org/ok#F0SECRET",
+    "https://hooks.example.org:8443/hooks/P0SECRET/B0SECRET?x=1",
+])
+def test_redaction_keeps_only_scheme_host_and_port(url: str) -> None:
+    shown = redacted(url)
+    assert "SECRET" not in shown and "@" not in shown and "?" not in shown
+    assert shown.startswith(url.split(":")[0] + "://") and "hooks.example.org" in shown
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://hooks.example.org:notaport/T0SECRET", "is not a valid URL"),
+    ("http://[::1/T0SECRET", "is not a valid URL"),
+    ("http://hooks.example.org/T0 SECRET", "white space"),
+    ("https:///T0SECRET", "names no host"),
+])
+def test_a_malformed_webhook_is_refused_when_read_and_the_message_is_redacted(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem) as caught:
+        Webhook.parse(url)
+    assert "SECRET" not in str(caught.value)
+
+
+def test_malformed_webhooks_exit_3_before_any_device_is_touched(repo_copy: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from edgeops.cli import main
+
+    for value in ("http://host:notaport/T0SECRET", "http://[::1/T0SECRET", "http://h/a T0SECRET"):
+        result = CliRunner(env={"EDGEOPS_WEBHOOKS": value}).invoke(
+            main, ["apply", str(repo_copy / "manifests/wearable.yaml"), "--root", str(repo_copy)])
+        assert result.exit_code == 3, result.output
+        assert result.stderr.startswith("error: EDGEOPS_WEBHOOKS: webhook ") and "SECRET" not in result.output
+        assert "Traceback" not in result.output
+    assert not (repo_copy / ".edgeops").exists()  # nothing built, no ledger, no device dialled
+
+
+def test_a_delivery_that_raises_is_a_dead_letter_only_the_owner_reads(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("something unexpected in http.client about http://h/T0SECRET")
+
+    monkeypatch.setattr(urllib.request, "urlopen", broken)
+    dead = tmp_path / "dead.jsonl"
+    failed = deliver([Webhook.parse("http://h/T0SECRET")], EVENT, dead, sleep=lambda s: None)
+    assert len(failed) == 1 and (dead.stat().st_mode & 0o777) == 0o600
+    assert "SECRET" not in dead.read_text() and "ValueError" in dead.read_text()
