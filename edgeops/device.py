@@ -61,7 +61,7 @@ class DeviceState:
     state: dict[str, Any] = field(default_factory=dict)
     facts: DeviceFacts = field(default_factory=DeviceFacts)
     damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
-    repaired: tuple[str, ...] = ()          # half-done steps the agent finished while reading
+    half_done: tuple[str, ...] = ()         # what a crash or a cut left half done (a read reports, never finishes)
 
     @classmethod
     def from_agent(cls, doc: dict[str, Any]) -> DeviceState:
@@ -69,7 +69,7 @@ class DeviceState:
         return cls(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
                    blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
                    facts=DeviceFacts.from_agent(doc["facts"]), damaged=doc.get("damaged") or {},
-                   repaired=tuple(doc.get("repaired") or ()))
+                   half_done=tuple(doc.get("half_done") or ()))
 
     @property
     def status(self) -> str | None:
@@ -105,6 +105,9 @@ class PushResult:
     bytes_moved: int
     files_moved: int
     files_skipped: int
+
+
+DEFAULT_TRIAL_WINDOW_S = 1800.0  # a device profile's default (device.trial_window_s)
 
 
 class Device:
@@ -237,8 +240,10 @@ class Device:
             return None
         directory = f"{self.root}/deployments/{self.deployment}"
         state_file, facts_file = f"{directory}/state.json", f"{self.root}/agent/facts.json"
+        trust_file = f"{self.root}/trust/allowed_signers"  # read every time: a changed trust root shows at once
         blobs, releases = f"{self.root}/blobs/sha256", f"{directory}/releases"
-        view: FileView = look([state_file, facts_file], [blobs, releases], [], [f"{directory}/current"], self.root)
+        view: FileView = look([state_file, facts_file, trust_file], [blobs, releases], [], [f"{directory}/current"],
+                              self.root)
         try:
             state = json.loads(view.files[state_file] or b"null")
             kept = json.loads(view.files[facts_file] or b"null")
@@ -261,7 +266,9 @@ class Device:
                 stats = look([], [], list(paths.values()), [], self.root).stats
                 if problems := _file_problems(files, {name: stats.get(path) for name, path in paths.items()}):
                     damaged[current] = problems
-        facts = replace(DeviceFacts.from_agent(kept["facts"]), free_bytes=view.free_bytes)
+        signers = view.files[trust_file]
+        facts = replace(DeviceFacts.from_agent(kept["facts"]), free_bytes=view.free_bytes, enrolled=signers is not None,
+                        signers_sha256=sha256_of(signers) if signers is not None else None)
         return DeviceState(current=current, previous=(state or {}).get("previous"),
                            releases=tuple(view.listings[releases] or ()),
                            blobs=frozenset(view.listings[blobs] or ()), free_bytes=view.free_bytes,
@@ -321,14 +328,15 @@ class Device:
     # ---------------------------------------------------------------- switch, verify, record
 
     def activate(self, release_id: str, by: str = "edgeops", action: str = "activate",
-                 allow_rejected: bool = False, trial_window_s: float | None = None,
+                 allow_rejected: bool = False, trial_window_s: float = DEFAULT_TRIAL_WINDOW_S,
                  timeout: float | None = None, signed: SignedMetadata | None = None) -> dict[str, Any]:
         """Run ``release_id`` as a trial release (``action="activate"``); see the agent's ``switch``.
 
-        With ``trial_window_s`` the device reverts by itself unless ``record`` commits the release in time.
+        The device reverts by itself unless ``record`` commits the release within ``trial_window_s`` (a
+        release this device committed before, rolled back to, is not a trial).
         """
         extra = ["--allow-rejected"] if allow_rejected else []
-        extra += ["--trial-window", f"{trial_window_s:g}"] if trial_window_s else []
+        extra += ["--trial-window", f"{trial_window_s:g}"]
         extra += signed.as_args() if signed else []
         return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra,
                           timeout=timeout)
@@ -347,12 +355,21 @@ class Device:
         extra = ([] if verdict else ["--aborted"]) + (["--reason", reason] if reason else [])
         return self.agent("switch", *self._common(), "--action", "revert", "--by", by, *extra)
 
-    def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False) -> dict[str, Any]:
-        """Back to an earlier committed release (default: the previous one); moves no bytes."""
+    def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False,
+                 trial_window_s: float = DEFAULT_TRIAL_WINDOW_S, signed: SignedMetadata | None = None) -> dict[str, Any]:
+        """Back to an earlier committed release (default: the previous one); moves no bytes. A rejected release
+        named with ``allow_rejected`` runs as a trial instead (its signature checked on an enrolled device)."""
         target = to or self.observe().previous
         if not target:
             raise DeviceError(f"{self.name}: no earlier committed release to roll back to")
-        return self.activate(target, by, action="rollback", allow_rejected=allow_rejected)
+        if target == "none":
+            return self.uninstall(by)
+        return self.activate(target, by, action="rollback", allow_rejected=allow_rejected,
+                             trial_window_s=trial_window_s, signed=signed)
+
+    def uninstall(self, by: str = "edgeops") -> dict[str, Any]:
+        """No release runs any more (only when the user asks for it)."""
+        return self.agent("switch", *self._common(), "--action", "uninstall", "--by", by)
 
     def verify(self, release_id: str, baseline: str | None, runs: int, block: int, timeout: float | None,
                golden: bool = True) -> dict[str, Any]:
@@ -373,7 +390,7 @@ class Device:
     def keep_facts(self, power_sensor: dict[str, Any] | None) -> None:
         """Have the agent gather its facts and keep them (``agent/facts.json``), so the next reads can be
         file reads; in a session this costs no new process."""
-        self.agent("state", *self._common(), "--facts", "--power", _sensor_argument(power_sensor))
+        self.agent("state", *self._common(), "--facts", "--keep", "--power", _sensor_argument(power_sensor))
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._common(), "--keep", str(keep))

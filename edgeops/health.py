@@ -29,7 +29,7 @@ def over_slo(verification: dict[str, Any] | None, slo: SLO) -> str | None:
 
 def health_of(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[Health, str]:
     """The device's health and why, worst first: unreachable, unable to run releases, missing, damaged,
-    over the SLO in git now, then by the status of the release it runs."""
+    a step left half done, over the SLO in git now, then by the status of the release it runs."""
     if not o.reachable:
         return Health.UNREACHABLE, o.error
     if checked is not None and not checked.ok:
@@ -38,6 +38,8 @@ def health_of(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[H
         return Health.MISSING, "no release of this deployment on the device"
     if o.damaged:
         return Health.DAMAGED, f"{o.current} is damaged: {'; '.join(o.damaged)} (apply repairs it)"
+    if o.half_done:
+        return Health.INTERRUPTED, "half done: " + "; ".join(o.half_done)
     verdict = (o.verification or {}).get("reason", "")
     kept = (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE, DeviceStatus.ROLLED_BACK)
     if o.status in kept and (missed := over_slo(o.verification, slo)):

@@ -257,9 +257,6 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
             message = (f"git asks for {want}{why}; " + message).rstrip("; ")
         if o.reachable and o.error:  # a pull device's own last report, while it is offline or has never reported
             message = f"{o.error}; {message}".rstrip("; ")
-        if o.repaired:
-            message = ("the device finished a half-done step while it was read: " + "; ".join(o.repaired) + "; "
-                       + message).rstrip("; ")
         verification = o.verification if o.current else None  # a removed release's numbers no longer apply
         latency = (verification or {}).get("latency") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
@@ -407,7 +404,8 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             landing, why = landings[target.key]
             reporter.stage(target.key, "rollback", why)
             before = device.observe().current
-            device.rollback(to=landing, by=actor, allow_rejected=allow_rejected)
+            switched = device.rollback(to=landing, by=actor, allow_rejected=allow_rejected,
+                                       trial_window_s=target.profile.obj.spec.device.trial_window_s)
             if landing == "none":
                 return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
                                             f"{why}; the device runs no release",
@@ -417,9 +415,16 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             # the release we land on was built by another commit, so there is no host golden value for it
             gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
             verdict = measure_release(device, landing, None, gate, None, seed=target.key)
-            device.record({"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                            **verdict.on_device, "slo": spec.slo.model_dump(mode="json")}},
-                          by=actor, release=landing)
+            kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.on_device,
+                                     "slo": spec.slo.model_dump(mode="json")}}
+            if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
+                if verdict.outcome not in KEPT:
+                    device.record(kept, by=actor, release=landing)
+                    device.revert(by=actor, reason=f"{landing} named by --allow-rejected failed again")
+                    raise EdgeopsError(f"{target.key}: {landing} failed its verification again ({verdict.reason}); "
+                                       "the device is back on its committed release")
+                kept["status"] = "committed" if verdict.outcome == Decision.PASSED else "inconclusive"
+            device.record(kept, by=actor, release=landing)
             reporter.stage(target.key, "done", verdict.outcome)
             return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; verification "
                                         f"{verdict.outcome}: {verdict.reason}", landing, before, 0,

@@ -64,7 +64,7 @@ class ObservedDevice:
     damaged: tuple[str, ...] = ()             # what is wrong with the current release's files
     untrusted: bool = False                   # unreachable for a security reason (host key, refused key)
     rejected: frozenset[str] = frozenset()    # releases that failed verification on this device
-    repaired: tuple[str, ...] = ()            # half-done steps the agent finished while it was read
+    half_done: tuple[str, ...] = ()           # what a crash or a cut left half done (the next apply finishes it)
 
 
 @dataclass(frozen=True)

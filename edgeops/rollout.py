@@ -106,7 +106,7 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
                           last_rejected=state.state.get("last_rejected"),
                           damaged=tuple(state.damaged.get(state.current, ())) if state.current else (),
                           rejected=frozenset(r for r, e in (state.state.get("releases") or {}).items()
-                                             if e.get("state") == ReleaseState.REJECTED), repaired=state.repaired)
+                                             if e.get("state") == ReleaseState.REJECTED), half_done=state.half_done)
 
 
 def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:

@@ -65,6 +65,7 @@ class Health(StrEnum):
     ROLLED_BACK = "RolledBack"
     UNREACHABLE = "Unreachable"
     MISSING = "Missing"
+    INTERRUPTED = "Interrupted"
 
 
 class DeviceStatus(StrEnum):
@@ -131,6 +132,8 @@ MEANING: dict[type[StrEnum], dict[StrEnum, str]] = {
         Health.ROLLED_BACK: "back on an earlier release after a revert (failed, aborted, expired trial) or a rollback",
         Health.UNREACHABLE: "could not be read now",
         Health.MISSING: "runs no release of this deployment",
+        Health.INTERRUPTED: "a step was left half done (a crash, a cut, a link changed by hand); a read only reports "
+                            "it, the next apply or reconcile finishes it",
     },
     DeviceStatus: {
         DeviceStatus.VERIFYING: "a trial release, its timer armed: it reverts by itself unless committed in time",

@@ -173,7 +173,7 @@ def result_table(result: RolloutResult) -> Table:
 
 STATUS_COLORS = {Sync.SYNCED: "green", Sync.OUT_OF_SYNC: "yellow", Sync.UNKNOWN: "red", Health.HEALTHY: "green",
                  Health.DEGRADED: "yellow", Health.DAMAGED: "red", Health.ROLLED_BACK: "magenta",
-                 Health.UNREACHABLE: "red", Health.MISSING: "yellow"}
+                 Health.UNREACHABLE: "red", Health.MISSING: "yellow", Health.INTERRUPTED: "yellow"}
 
 
 def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:

@@ -1013,7 +1013,56 @@ def _check_signed(root, directory, state, target, metadata_b64, signature_b64):
         raise AgentError(f"release {target} has generation {meta.get('generation')}, older than the committed "
                          f"{committed} ({floor}): a downgrade is refused", "downgrade")
     return {"generation": int(meta["generation"]), "expires_at": meta.get("expires_at"), "verifier": verifier,
-            "signed_at": meta.get("created_at")}
+            "signed_at": meta.get("created_at"), "signed_files": meta.get("files"),
+            "signed": {"metadata": metadata_b64, "signature": signature_b64}}
+
+
+def _committed_before(state, release):
+    """This device committed ``release`` itself at some point (it is, or was, in the committed chain)."""
+    entry = state["releases"].get(release) or {}
+    return release in state["chain"] or bool(entry.get("ever_committed")) or entry.get("state") in (
+        "committed", "rolled_back")
+
+
+def _may_become_current(root, directory, state, target, action, allow_rejected=False, metadata=None,
+                        signature=None, trial_window=None):
+    """The one set of preconditions for ``target`` to become the release that runs, on every path (activate,
+    rollback, trial expiry, revert, abort, pull messages, the daemon's own steps). Raises AgentError.
+
+    The release is on the device and complete; every file hashes to what was recorded when it was assembled
+    (and, when signed, to the signed metadata); on an enrolled device a release this device never committed
+    needs a valid signature, unexpired, not older than the committed one; a release not committed here runs
+    only as a trial with its timer armed. ``allow_rejected`` relaxes only the "it was rejected here" rule.
+    """
+    releases = state["releases"]
+    entry = releases.get(target) or {}
+    if not os.path.isdir(os.path.join(directory, "releases", target)):
+        raise AgentError(f"release {target} is not on the device", "release-missing")
+    known_good = _committed_before(state, target)
+    if not known_good and entry.get("state") == "rejected" and not allow_rejected:
+        raise AgentError(f"release {target} was rejected on this device; name it with --allow-rejected to run "
+                         "it anyway", "release-rejected")
+    if action == "rollback" and not known_good and not allow_rejected:
+        raise AgentError(f"release {target} was never committed on this device (committed: "
+                         f"{', '.join(state['chain']) or 'none'})", "release-not-committed")
+    if not entry.get("files"):
+        raise AgentError(f"release {target} has no record of its files on this device; not switching to it",
+                         "release-damaged")
+    _require_intact(directory, target, entry)
+    signed_files = entry.get("signed_files")
+    if signed_files is not None and signed_files != {n: {"sha256": f["sha256"], "size": f["size"]}
+                                                     for n, f in entry["files"].items()}:
+        raise AgentError(f"the files recorded for {target} are not the ones its signed metadata lists; not "
+                         "switching to it", "file-mismatch")
+    if known_good:
+        return None
+    kept = entry.get("signed") or {}
+    signed = _check_signed(root, directory, state, target, metadata or kept.get("metadata"),
+                           signature or kept.get("signature"))
+    if not trial_window or trial_window <= 0:
+        raise AgentError(f"release {target} was never committed here: it runs only as a trial with its timer "
+                         "armed (--trial-window)", "timer-required")
+    return signed
 
 
 def layout_enroll(args):
@@ -1061,7 +1110,7 @@ def _revert(state, directory, by, reason, verdict=True):
                                       "reason": reason or (entry.get("verification") or {}).get("reason", "")}
     target = chain[-1] if chain else None
     if target is not None:
-        _require_intact(directory, target, releases.get(target, {}))
+        _may_become_current(None, directory, state, target, "revert")
     state["current"] = target
     state["status"] = releases[target].get("status", "committed") if target else "removed"
     state.pop("trial", None)
@@ -1088,6 +1137,28 @@ def _expire_trial(state, directory, now):
                                             "the controller: reverted by the device", verdict=False)
         return f"trial of {trial['release']} expired: reverted"
     return None
+
+
+def _half_done(state, directory, now):
+    """What a crash, a cut or a dead timer left half done, as a read reports it (nothing is changed)."""
+    found = []
+    trial = state.get("trial") or {}
+    if trial and now >= trial["deadline"] and state.get("current") == trial["release"] \
+            and trial["release"] not in state["chain"]:
+        found.append(f"the trial of {trial['release']} ended at {trial.get('until')} without a commit; its revert "
+                     "is pending (the next apply or reconcile finishes it)")
+    link, current = _link(directory, "current"), state.get("current")
+    if link != current:
+        found.append(f"current points at {link or 'nothing'} while the state says {current or 'nothing'} (since "
+                     f"{_mtime_text(os.path.join(directory, 'current'))}); the next apply or reconcile settles it")
+    return found
+
+
+def _mtime_text(path):
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.lstat(path).st_mtime))
+    except OSError:
+        return "an unknown time"
 
 
 def _repair(state, directory):
@@ -1153,25 +1224,27 @@ def layout_state(args):
     directory = _deployment_dir(args.root, args.deployment)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     releases_dir = os.path.join(directory, "releases")
-    repaired, state = [], _read_state(directory)
+    state = _read_state(directory)  # a read: never finishes, repairs or prunes anything
+    half_done = []
     if state is not None:
-        with _locked(directory):
-            state = _load(directory, args.deployment)
-            repaired = _repair(state, directory)
+        state = _lifecycle(state)
+        half_done = _half_done(state, directory, time.time())
     _, free_bytes = _free_space(args.root)
     agent_file = os.path.join(args.root, "agent", "edgeops_agent.py")
     verify, facts = getattr(args, "verify", False), getattr(args, "facts", False)  # prepare reports state too
     damaged = {}
     if state is not None:
-        checked = [state.get("current")] + ([state.get("committed")] if verify else [])
+        checked = [_link(directory, "current") or state.get("current")] + (
+            [state.get("committed"), state.get("previous")] if verify else [])
         for release in dict.fromkeys(r for r in checked if r):
             problems = _release_problems(directory, release, state["releases"].get(release, {}), verify)
             if problems:
                 damaged[release] = problems
+    running = _link(directory, "current")  # what runs is what the link points at, whatever the state says
     out = {
         "root": args.root,
         "state": state,
-        "current": state.get("current") if state else _link(directory, "current"),
+        "current": running,
         "previous": state.get("previous") if state else None,
         "releases": sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else [],
         "blobs": sorted(os.listdir(blobs_dir)) if os.path.isdir(blobs_dir) else [],
@@ -1179,11 +1252,13 @@ def layout_state(args):
         "agent_sha256": _sha256_file(agent_file) if os.path.exists(agent_file) else None,
         "damaged": damaged,
         "verified": bool(verify),
-        "repaired": repaired,
+        "half_done": half_done,
+        "trust": trust_facts(args.root),
     }
     if facts:
         out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None)
-        _keep_facts(args.root, args.power, out["facts"])
+        if getattr(args, "keep", False):  # asked for by a mutating command only: reads write nothing
+            _keep_facts(args.root, args.power, out["facts"])
     return out
 
 
@@ -1253,14 +1328,19 @@ def layout_assemble(args):
         if os.path.isdir(final):
             if not args.repair:
                 return {"release": args.release, "assembled": False}
-            entry.setdefault("files", {})
+            recorded = entry.get("files") or {}
             fixed = []
             for name, digest in sorted(files.items()):
-                entry["files"].setdefault(name, {"sha256": digest, "size": -1})
-                if _release_problems(directory, args.release, {"files": {name: entry["files"][name]}}, True):
+                meta = recorded.get(name)
+                if meta is None or meta.get("sha256") != digest:
+                    raise AgentError(f"a repair restores the bytes recorded for {args.release}: {name} is recorded "
+                                     f"as {(meta or {}).get('sha256') or 'no file'}, not {digest}; nothing changed",
+                                     "file-mismatch")
+                if _release_problems(directory, args.release, {"files": {name: meta}}, True):
                     tmp = os.path.join(final, f".{name}.repair-{uuid.uuid4().hex[:8]}")
-                    entry["files"][name] = _copy_verified(_blob(args.root, digest, name), tmp, digest)
+                    restored = _copy_verified(_blob(args.root, digest, name), tmp, meta["sha256"])
                     os.replace(tmp, os.path.join(final, name))
+                    meta["mtime_ns"] = restored["mtime_ns"]  # the recorded hash and size never change
                     fixed.append(name)
             _fsync_dir(final)
             _event(state, "repair", args.release, "edgeops", files=fixed)
@@ -1290,11 +1370,14 @@ def _blob(root, digest, name):
 def layout_switch(args):
     """Change the release that runs. One of:
 
-    activate  R: R becomes a trial release (the committed one stays the baseline and the way back); with
-                 --trial-window S the device reverts by itself unless the controller commits within S seconds
+    activate  R: R becomes a trial release (the committed one stays the baseline and the way back); the
+                 device reverts by itself unless the controller commits within --trial-window S seconds
     revert     : the trial release is rejected; back to the last committed release (or to none)
     rollback  R: back to R, an earlier committed release; the releases committed after it leave the chain
-    Every target's files are hashed before the switch: a damaged release is never activated.
+                 (a release never committed here, named with --allow-rejected, runs as a trial instead)
+    uninstall  : no release runs (only when the user asks for it)
+    Every target passes ``_may_become_current``: complete, hashes as recorded and signed, signature on an
+    enrolled device, timer armed.
     """
     directory = _deployment_dir(args.root, args.deployment)
     os.makedirs(os.path.join(directory, "releases"), exist_ok=True)
@@ -1306,44 +1389,36 @@ def layout_switch(args):
             old, target = _revert(state, directory, args.by, args.reason or "", verdict=not args.aborted)
         else:
             target = None if args.release in (None, "none") else args.release
+            if target is None and args.action != "uninstall":
+                raise AgentError("no release to switch to: leaving the device without a model takes --action "
+                                 "uninstall (the user asks for it)", "release-missing")
+            known_good = target is not None and _committed_before(state, target)
             if target is not None:
-                if not os.path.isdir(os.path.join(directory, "releases", target)):
-                    raise AgentError(f"release {target} is not on the device", "release-missing")
-                if target not in chain and releases.get(target, {}).get("state") == "rejected" \
-                        and not args.allow_rejected:
-                    raise AgentError(f"release {target} was rejected on this device; name it with "
-                                     "--allow-rejected to run it anyway", "release-rejected")
-                if args.action == "rollback" and target not in chain and not args.allow_rejected:
-                    raise AgentError(f"release {target} was never committed on this device (committed: "
-                                     f"{', '.join(chain) or 'none'})", "release-not-committed")
-                _require_intact(directory, target, releases.get(target, {}))
-                if args.action == "activate" and target not in chain:
-                    signed = _check_signed(args.root, directory, state, target, args.metadata, args.signature)
-                    if signed:
-                        releases[target].update(signed)
-            if args.action == "rollback":
+                signed = _may_become_current(args.root, directory, state, target, args.action, args.allow_rejected,
+                                             args.metadata, args.signature, None if known_good else args.trial_window)
+                if signed:
+                    releases[target].update(signed)
+            if target is None:  # uninstall, asked for by the user
+                state["chain"] = []
+                state["status"] = "removed"
+                state.pop("trial", None)
+            elif args.action == "rollback" and known_good:
                 while chain and chain[-1] != target:
                     releases.setdefault(chain.pop(), {})["state"] = "rolled_back"
-                if target is not None and not chain:
+                if not chain:
                     chain.append(target)
                     releases.setdefault(target, {})["state"] = "committed"
-                state["status"] = "rolled_back" if target else "removed"
-                state.pop("trial", None)
-            elif target is None:
-                state["status"] = "removed"
+                state["status"] = "rolled_back"
                 state.pop("trial", None)
             elif target in chain:
                 state["status"] = releases[target].get("status", "committed")
                 state.pop("trial", None)
-            else:
+            else:  # never committed here (a new release, or a rejected one named): a trial, its timer armed
                 releases.setdefault(target, {})["state"] = "trial"
                 state["status"] = "verifying"
-                if args.trial_window:
-                    deadline = time.time() + args.trial_window
-                    state["trial"] = {"release": target, "deadline": deadline, "window_s": args.trial_window,
-                                      "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline))}
-                else:
-                    state.pop("trial", None)
+                deadline = time.time() + args.trial_window
+                state["trial"] = {"release": target, "deadline": deadline, "window_s": args.trial_window,
+                                  "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline))}
             state["current"] = target
             _event(state, args.action, target, args.by, **{"from": old})
         if state.get("trial"):
@@ -1380,7 +1455,7 @@ def layout_record(args):
         status = update.get("status")
         if status:
             if status in ("committed", "inconclusive"):
-                entry.update(state="committed", status=status)
+                entry.update(state="committed", status=status, ever_committed=True)
                 if current in state["chain"]:
                     state["chain"].remove(current)
                 state["chain"] = (state["chain"] + [current])[-CHAIN_LENGTH:]
@@ -1515,7 +1590,7 @@ def main(argv=None):
             cmd.add_argument("--files", required=True, help="JSON object: file name -> sha256")
             cmd.add_argument("--staged", default=None, help="JSON object: uploaded staging path -> sha256")
         if name == "switch":
-            cmd.add_argument("--action", choices=["activate", "revert", "rollback"], default="activate")
+            cmd.add_argument("--action", choices=["activate", "revert", "rollback", "uninstall"], default="activate")
             cmd.add_argument("--allow-rejected", action="store_true",
                              help="run a release this device rejected (the user named it explicitly)")
             cmd.add_argument("--trial-window", type=float, default=None,
@@ -1537,6 +1612,8 @@ def main(argv=None):
             cmd.add_argument("--verify", action="store_true", help="hash every file of the current and committed "
                                                                    "releases (default: sizes and times only)")
             cmd.add_argument("--power", default=None, help="JSON: the power sensor to check (with --facts)")
+            cmd.add_argument("--keep", action="store_true", help="keep the facts in agent/facts.json (a mutating "
+                                                                  "command's refresh; reads never write)")
     args = parser.parse_args(argv)
     commands = {"bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,

@@ -236,15 +236,27 @@ class Daemon:
         return {"phase": "done", "result": "rejected", "verdict": verdict, "error": None}
 
     def roll_back(self, deployment, desired):
-        """Back to an earlier committed release (or none); with a gate, measured there against the absolute SLOs."""
+        """Back to an earlier committed release (or none); with a gate, measured there against the absolute SLOs.
+        A rejected release named with allow_rejected runs as a trial: committed only when it passes now."""
         common = ["--root", self.root, "--deployment", deployment]
         by = desired.get("by", "edgeops")
-        agent("switch", *common, "--action", "rollback", "--release", desired["release"] or "none", "--by", by,
-              *(["--allow-rejected"] if desired.get("allow_rejected") else []))
-        if not desired.get("gate") or not desired["release"]:
+        if not desired["release"]:
+            agent("switch", *common, "--action", "uninstall", "--by", by)
+            return {"phase": "done", "result": "rolled-back", "verdict": None, "error": None}
+        switched = agent("switch", *common, "--action", "rollback", "--release", desired["release"], "--by", by,
+                         "--trial-window", "%g" % desired.get("trial_window_s", 1800),
+                         *(["--allow-rejected"] if desired.get("allow_rejected") else []))
+        if not desired.get("gate"):
             return {"phase": "done", "result": "rolled-back", "verdict": None, "error": None}
         verdict = self.verify(deployment, desired, None)
         record = kept_verdict(verdict, desired)
+        if switched.get("trial_until"):
+            if verdict["outcome"] not in (edgeops_gate.PASSED, edgeops_gate.INCONCLUSIVE):
+                agent("record", *common, "--json", json.dumps(record), "--by", by, "--release", desired["release"])
+                agent("switch", *common, "--action", "revert", "--by", by, "--reason", "failed again")
+                raise Failure("verification-failed", "%s failed its verification again: %s" % (
+                    desired["release"], verdict["reason"]))
+            record["status"] = "committed" if verdict["outcome"] == edgeops_gate.PASSED else "inconclusive"
         agent("record", *common, "--json", json.dumps(record), "--by", by, "--release", desired["release"])
         return {"phase": "done", "result": "rolled-back", "verdict": verdict, "error": None}
 

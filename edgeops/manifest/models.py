@@ -380,7 +380,8 @@ class Deployment(Strict):
 
 class SSHSettings(Strict):
     user: str = "root"
-    identity_file: str | None = Field(default=None, description="private key, relative to the fleet file")
+    identity_file: str | None = Field(default=None, description="the deploy key: its name in the controller's secrets "
+                                                                "directory (EDGEOPS_SECRETS_DIR), e.g. lab/client_ed25519")
     use_agent: bool = False
     known_hosts: str | None = Field(default=None, description="relative to the fleet file; default ~/.ssh/known_hosts")
     trust_on_first_use: bool = Field(
@@ -422,9 +423,9 @@ class Trust(Strict):
 
     allowed_signers: str = Field(description="OpenSSH allowed-signers file (principal release@edgeops), relative "
                                              "to the fleet file, inside the repository; `edgeops enroll` installs it")
-    signing_key: str | None = Field(default=None, description="the private release key that signs (OpenSSH); a "
-                                                              "secret, like ssh.identity_file it stays out of the "
-                                                              "repository; EDGEOPS_SIGNING_KEY overrides it")
+    signing_key: str | None = Field(default=None, description="the private release key that signs (OpenSSH): its "
+                                                              "name in the secrets directory, like ssh.identity_file; "
+                                                              "EDGEOPS_SIGNING_KEY overrides it")
     release_ttl_s: PositiveFloat = Field(default=7 * 24 * 3600, description="signed metadata expires after this: "
                                                                             "devices refuse to start it later")
 
@@ -440,8 +441,8 @@ class PullSettings(Strict):
                                    description="where releases are pushed; default edgeops/<fleet name>")
     topic_prefix: str = Field(default="edgeops", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
     username: str = Field(default="edgeops-controller", description="the controller's broker user")
-    password_file: str | None = Field(default=None, description="the controller's broker password (a secret: kept "
-                                                                "out of the repository; EDGEOPS_BROKER_PASSWORD "
+    password_file: str | None = Field(default=None, description="the controller's broker password: its name in the "
+                                                                "secrets directory (EDGEOPS_BROKER_PASSWORD "
                                                                 "overrides it)")
     ca_file: str | None = Field(default=None, description="CA bundle for mqtts:// and https://")
     insecure: bool = Field(default=False, description="allow the controller's broker password over plain mqtt:// to "

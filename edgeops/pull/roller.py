@@ -184,7 +184,8 @@ def roll_back(links: PullLinks, target: TargetDevice, deployment: str, release: 
     broker.subscribe([status])
     broker.publish(device_topic(target, deployment, "desired"), {
         "schema": DESIRED_SCHEMA, "deployment": deployment, "action": "rollback", "generation": generation,
-        "release": release, "by": by, "gate": gate, "allow_rejected": allow_rejected, "published_at": time.time()})
+        "release": release, "by": by, "gate": gate, "allow_rejected": allow_rejected, "published_at": time.time(),
+        "trial_window_s": target.profile.obj.spec.device.trial_window_s})
     deadline = min(ROLLBACK_DEADLINE_S + (gate or {}).get("verify_timeout_s", 0),
                    pull_settings(target).report_deadline_s)
     return broker.wait_for(status, lambda s: s.get("generation") == generation and s.get("action") == "rollback"

@@ -181,7 +181,7 @@ def test_a_device_changed_by_hand_shows_out_of_sync_and_apply_restores_it(lab_gi
     ws = load_workspace(lab_git)
     target = target_devices(ws, "wearable-activity")[2]
     with Connections() as connections:
-        device_for(target, connections, "wearable-activity").activate("none", by="someone-by-hand")
+        device_for(target, connections, "wearable-activity").uninstall(by="someone-by-hand")
     drift = CliRunner().invoke(main, ["status", "manifests/wearable.yaml", "--drift-only", "-o", "json",
                                       "--root", str(lab_git)])
     assert drift.exit_code == 1
