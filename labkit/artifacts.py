@@ -55,4 +55,10 @@ def build_for(ws: Workspace, deployment: str, accelerator: str, force: bool = Fa
 
 def lab_signed(root: Path, release: Release, ttl_s: float = 3600) -> SignedMetadata:
     """``release``'s metadata signed with the lab's release key (what apply does for an enrolled fleet)."""
-    return sign_release(root / ".edgeops" / "lab" / "release_ed25519", release, time.time_ns() // 1_000_000, ttl_s)
+    return sign_release(lab_release_key(), release, time.time_ns() // 1_000_000, ttl_s)
+
+
+def lab_release_key() -> Path:
+    """The lab fleets' release key (trust.signing_key: lab/release_ed25519) in the secrets directory."""
+    secrets = Settings.from_environment(os.environ).secrets_dir or Workspace(Path("/")).secrets_dir
+    return secrets / "lab" / "release_ed25519"

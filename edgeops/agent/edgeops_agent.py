@@ -525,10 +525,10 @@ def _runtime_fingerprint():
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _runtime_facts(root):
+def _runtime_facts(root, keep=False):
     """numpy's and onnxruntime's versions and providers. Importing them costs most of a state read, so the
     answer is kept in <root>/agent/runtime-facts.json under the fingerprint of the installed files and
-    recomputed whenever that changes (never written where the root does not exist yet)."""
+    recomputed whenever that changes; written only for a mutating command (``keep``: reads write nothing)."""
     cache = os.path.join(root, "agent", "runtime-facts.json")
     fingerprint = _runtime_fingerprint()
     try:
@@ -550,7 +550,7 @@ def _runtime_facts(root):
             found["onnxruntime"]["available_providers"] = list(onnxruntime.get_available_providers())
         except Exception as exc:  # noqa: BLE001
             found["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
-    if os.path.isdir(os.path.dirname(cache)) and not any(f["error"] for f in found.values()):
+    if keep and os.path.isdir(os.path.dirname(cache)) and not any(f["error"] for f in found.values()):
         try:
             temporary = f"{cache}.{os.getpid()}.tmp"
             with open(temporary, "w") as handle:
@@ -561,7 +561,7 @@ def _runtime_facts(root):
     return found
 
 
-def gather_facts(root, power_config=None):
+def gather_facts(root, power_config=None, keep=False):
     """What this device has, read without changing anything: works even without numpy and onnxruntime."""
     out = {
         "python": {"executable": sys.executable, "version": platform.python_version(),
@@ -570,7 +570,7 @@ def gather_facts(root, power_config=None):
         "hostname": platform.node(), "cpus": os.cpu_count(), "memory_total_mb": _memory_total_mb(),
         "uid": os.getuid() if hasattr(os, "getuid") else None,
     }
-    out.update(_runtime_facts(root))
+    out.update(_runtime_facts(root, keep))
     measured_at, free = _free_space(root)
     used = 0
     for directory, _, names in os.walk(root):
@@ -1256,7 +1256,8 @@ def layout_state(args):
         "trust": trust_facts(args.root),
     }
     if facts:
-        out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None)
+        out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None,
+                                    keep=getattr(args, "keep", False))
         if getattr(args, "keep", False):  # asked for by a mutating command only: reads write nothing
             _keep_facts(args.root, args.power, out["facts"])
     return out

@@ -28,7 +28,7 @@ from edgeops.signing import (
     sign,
 )
 from edgeops.targets import TargetDevice, target_devices
-from labkit.artifacts import build_for, repo_at
+from labkit.artifacts import build_for, lab_release_key, repo_at
 from labkit.repo import running_lab
 
 pytestmark = pytest.mark.ssh
@@ -67,7 +67,7 @@ def metadata(release: Release, generation: int, ttl_s: float = 3600, now: float 
 
 
 def release_key(root: Path) -> Path:
-    return root / ".edgeops" / "lab" / "release_ed25519"
+    return lab_release_key()
 
 
 def attempt(root: Path, release: Release, signed: SignedMetadata | None) -> tuple[str, Device]:
