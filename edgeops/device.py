@@ -24,7 +24,7 @@ from edgeops.agent import AGENT_FILE
 from edgeops.errors import DeviceError, RemoteCommandFailed, TransportError
 from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
-from edgeops.signing import SignedMetadata
+from edgeops.signing import SignedMetadata, SignedOrder
 from edgeops.transport.base import AgentSession, CommandResult, FileView, Transport, sha256_of
 
 FACTS_MAX_AGE_S = 600  # a read over SFTP takes the facts the agent kept when they are younger than this
@@ -356,20 +356,26 @@ class Device:
         return self.agent("switch", *self._common(), "--action", "revert", "--by", by, *extra)
 
     def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False,
-                 trial_window_s: float = DEFAULT_TRIAL_WINDOW_S, signed: SignedMetadata | None = None) -> dict[str, Any]:
+                 trial_window_s: float = DEFAULT_TRIAL_WINDOW_S,
+                 order: Callable[[str, str | None], SignedOrder | None] = lambda action, release: None,
+                 ) -> dict[str, Any]:
         """Back to an earlier committed release (default: the previous one); moves no bytes. A rejected release
-        named with ``allow_rejected`` runs as a trial instead (its signature checked on an enrolled device)."""
+        named with ``allow_rejected`` runs as a trial instead (its signature checked on an enrolled device).
+        ``order(action, release)``: the signed order an enrolled device needs for the change."""
         target = to or self.observe().previous
         if not target:
             raise DeviceError(f"{self.name}: no earlier committed release to roll back to")
         if target == "none":
-            return self.uninstall(by)
-        return self.activate(target, by, action="rollback", allow_rejected=allow_rejected,
-                             trial_window_s=trial_window_s, signed=signed)
+            return self.uninstall(by, order("uninstall", None))
+        signed = order("rollback", target)
+        extra = (["--allow-rejected"] if allow_rejected else []) + (signed.as_args() if signed else [])
+        return self.agent("switch", *self._common(), "--release", target, "--action", "rollback", "--by", by,
+                          "--trial-window", f"{trial_window_s:g}", *extra)
 
-    def uninstall(self, by: str = "edgeops") -> dict[str, Any]:
+    def uninstall(self, by: str = "edgeops", order: SignedOrder | None = None) -> dict[str, Any]:
         """No release runs any more (only when the user asks for it)."""
-        return self.agent("switch", *self._common(), "--action", "uninstall", "--by", by)
+        return self.agent("switch", *self._common(), "--action", "uninstall", "--by", by,
+                          *(order.as_args() if order else []))
 
     def verify(self, release_id: str, baseline: str | None, runs: int, block: int, timeout: float | None,
                golden: bool = True) -> dict[str, Any]:

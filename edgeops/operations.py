@@ -33,6 +33,7 @@ from edgeops.rollout import (
     SilentReporter,
     apply,
     desired_devices,
+    orders_for,
     device_for,
     measure_release,
     observe_targets,
@@ -327,7 +328,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
     if not targets:
         asked = ", ".join([*(devices or []), *([f"selector {selector}"] if selector else [])])
         raise InputError.at(doc.display, None, "", f"no target device matches {asked}")
-    require_key_files(targets)
+    require_key_files(targets, signing=True, signing_key=repo.signing_key, will_sign=True)
     spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})
     fleet_release = None
@@ -381,8 +382,11 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             before = reports[target.key].status["state"]["current"]  # type: ignore[index]
             gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
             reporter.stage(target.key, "rollback", f"{why} (published; the device measures it)")
-            found = roll_back(connections.pull, target, doc.name, None if landing == "none" else landing, generation,
-                              actor, gate.as_json(), allow_rejected)
+            back = None if landing == "none" else landing
+            order = orders_for(target, repo.signing_key, doc.name, allow_rejected)(
+                "rollback" if back else "uninstall", back)
+            found = roll_back(connections.pull, target, doc.name, back, generation, actor, gate.as_json(),
+                              allow_rejected, order)
             if found is None or found.get("result") != "rolled-back":
                 error = (found or {}).get("error") or {"message": "no report within its deadline (offline?)"}
                 raise EdgeopsError(f"{target.key}: rollback to {landing} did not land: {error['message']}")
@@ -405,7 +409,8 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
             reporter.stage(target.key, "rollback", why)
             before = device.observe().current
             switched = device.rollback(to=landing, by=actor, allow_rejected=allow_rejected,
-                                       trial_window_s=target.profile.obj.spec.device.trial_window_s)
+                                       trial_window_s=target.profile.obj.spec.device.trial_window_s,
+                                       order=orders_for(target, repo.signing_key, doc.name, allow_rejected))
             if landing == "none":
                 return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
                                             f"{why}; the device runs no release",

@@ -34,7 +34,7 @@ from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
-from edgeops.signing import SignedMetadata, SigningError, sign_release
+from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
 from edgeops.state import Ledger
 from edgeops.targets import TargetDevice
 from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
@@ -73,6 +73,8 @@ class DeviceOutcome:
     wave: int | None = None
     committed: bool = False  # left on the new release
     measurements: dict[str, Any] = field(default_factory=dict)
+    switched: bool = False   # this rollout changed what the device runs (a halt undoes exactly these)
+    switched_from: str | None = None  # the committed release the device ran before this rollout switched it
 
 
 @dataclass
@@ -207,6 +209,23 @@ def _allowed(spec: int | str, base: int) -> float:
     return amount if kind == "count" else amount * base / 100
 
 
+def orders_for(target: TargetDevice, key: Path | None, deployment: str,
+               allow_rejected: bool = False) -> Callable[[str, str | None], SignedOrder | None]:
+    """What signs the controller's orders to ``target`` (rollback, uninstall, desired states): the release key
+    when its fleet signs releases (``key`` overrides the fleet's), else nothing (the device is not enrolled)."""
+    def order(action: str, release: str | None) -> SignedOrder | None:
+        if target.fleet.obj.spec.trust is None:
+            return None
+        signing_key = key or target.signing_key
+        if signing_key is None:
+            raise SigningError(f"fleet {target.fleet.name} signs releases: its devices take a {action} only as an "
+                               "order signed by the release key, and no signing key is set",
+                               hint="set trust.signing_key in the fleet or EDGEOPS_SIGNING_KEY")
+        return sign_order(signing_key, deployment, target.key, action, release,
+                          allow_rejected and action == "rollback")
+    return order
+
+
 class DeviceRoller:
     """One device at a time: push, switch, verify, then commit, pause or revert."""
 
@@ -285,6 +304,7 @@ class DeviceRoller:
                 switching = True  # from here a cut may or may not have switched: read the device before deciding
                 before = device.activate(release.id, by=self.ctx.actor, timeout=self.policy.timeouts.switch_s,
                                          trial_window_s=target.profile.obj.spec.device.trial_window_s, signed=signed)
+                outcome.switched, outcome.switched_from = bool(before.get("switched")), before.get("committed")
                 # only a committed release is ever a baseline: never a rejected or unverified one
                 baseline = before.get("committed") if before.get("committed") != release.id else None
                 report.stage(planned.key, "verify", f"interleaved with the committed {baseline}" if baseline else "")
@@ -372,26 +392,25 @@ class DeviceRoller:
             return f"rolled back to {back['current']} ({why})"
         return f"first install removed ({why}); the device runs no release of this deployment"
 
-    def undo_commit(self, target: TargetDevice, why: str) -> str:
-        """Take back a release this rollout committed: back to the committed release before it (or to none)."""
+    def undo(self, key: str, why: str, back: str | None) -> str:
+        """Take back a release this rollout switched to and committed: to ``back``, the committed release the
+        device ran before (none: it ran none before this rollout's first install)."""
+        target = self.ctx.desired.target(key)
         try:
-            device = self.device(target)
-            back = device.rollback(to=device.observe().previous or "none", by=self.ctx.actor)
+            done = self.device(target).rollback(to=back or "none", by=self.ctx.actor,
+                                                order=orders_for(target, self.ctx.signing_key, self.doc.name))
         except EdgeopsError as exc:
             return f"ROLLBACK FAILED: {exc.message}"
-        if back.get("current"):
-            return f"rolled back to {back['current']} ({why})"
-        return f"first install removed ({why}); the device runs no release of this deployment"
-
-    def undo(self, key: str, why: str) -> str:
-        return self.undo_commit(self.ctx.desired.target(key), why)
+        if done.get("current"):
+            return f"rolled back to {done['current']} ({why})"
+        return f"first install removed ({why}); the device ran no release of this deployment before it"
 
 
 class DeviceWork(Protocol):
     """What the wave runner asks of each device: take it to the planned release, or take that back."""
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome: ...
-    def undo(self, key: str, why: str) -> str: ...
+    def undo(self, key: str, why: str, back: str | None) -> str: ...
 
 
 class WaveRunner:
@@ -437,10 +456,15 @@ class WaveRunner:
         return sorted(outcomes, key=lambda o: order.index(o.key))
 
     def halt_rollback(self, outcomes: list[DeviceOutcome]) -> None:
+        """Undo exactly what this rollout switched: a device it moved and committed goes back to the committed
+        release it ran before; one it only verified or repaired in place stays on what it runs."""
         for outcome in outcomes:
-            if outcome.committed:
-                outcome.reason += "; " + self.work.undo(outcome.key, "rollout halted")
+            if outcome.committed and outcome.switched:
+                outcome.reason += "; " + self.work.undo(outcome.key, "rollout halted", outcome.switched_from)
                 outcome.decision, outcome.committed = Decision.ROLLED_BACK, False
+                self.decided(outcome)
+            elif outcome.committed:
+                outcome.reason += f"; rollout halted: left on {outcome.release_id}, which this rollout did not switch"
                 self.decided(outcome)
 
     def run(self) -> RolloutResult:

@@ -64,6 +64,38 @@ def sign_release(key: Path, release: Release, generation: int, ttl_s: float) -> 
     return SignedMetadata(data, sign(key, RELEASE_NAMESPACE, data))
 
 
+ORDER_KIND = "edgeops.order/v1"
+
+
+@dataclass(frozen=True)
+class SignedOrder:
+    """The controller's order for one change of what a device runs, signed by the release key: enrolled
+    devices take a rollback or an uninstall (and, in pull mode, any desired state) only with one, newer than
+    the last they took."""
+
+    data: bytes
+    signature: str
+
+    def as_args(self) -> list[str]:
+        return ["--order", base64.b64encode(self.data).decode(),
+                "--order-signature", base64.b64encode(self.signature.encode()).decode()]
+
+    def as_json(self) -> dict[str, str]:
+        return {"order": base64.b64encode(self.data).decode(),
+                "signature": base64.b64encode(self.signature.encode()).decode()}
+
+
+def sign_order(key: Path, deployment: str, device: str, action: str, release: str | None,
+               allow_rejected: bool = False) -> SignedOrder:
+    """An order for ``device`` (fleet/device) to ``action`` ``release`` (None: no release), numbered by the
+    clock in nanoseconds so a device refuses it a second time and refuses any older one."""
+    document = {"kind": ORDER_KIND, "deployment": deployment, "device": device, "action": action,
+                "release": release, "allow_rejected": allow_rejected, "sequence": time.time_ns(),
+                "issued_at": _iso(time.time())}
+    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return SignedOrder(data, sign(key, RELEASE_NAMESPACE, data))
+
+
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 

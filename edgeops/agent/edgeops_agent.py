@@ -1017,6 +1017,54 @@ def _check_signed(root, directory, state, target, metadata_b64, signature_b64):
             "signed": {"metadata": metadata_b64, "signature": signature_b64}}
 
 
+ORDER_KIND = "edgeops.order/v1"
+
+
+def _identity(root):
+    try:
+        with open(os.path.join(root, "trust", "identity")) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _check_order(root, state, deployment, action, release, allow_rejected, order_b64, signature_b64,
+                 required, record=True):
+    """The controller's signed order for a change of what runs: by the release key, for this device,
+    deployment, action and release, newer than every order this device took (no replays). Required on an
+    enrolled device for what no release signature covers (rollback, uninstall); checked whenever given."""
+    import base64
+
+    allowed = _trust_file(root)
+    if not os.path.isfile(allowed):
+        return None
+    if not order_b64 or not signature_b64:
+        if required:
+            raise AgentError(f"{action} of {deployment} needs an order signed by the release key on this enrolled "
+                             "device (a deploy key or a broker password alone cannot change what runs)", "unsigned")
+        return None
+    data = base64.b64decode(order_b64)
+    verify_signature(allowed, RELEASE_NAMESPACE, data, base64.b64decode(signature_b64).decode())
+    try:
+        order = json.loads(data)
+    except ValueError:
+        raise AgentError("the signed order is not JSON", "order-mismatch")
+    wanted = {"kind": ORDER_KIND, "deployment": deployment, "action": action, "release": release}
+    got = {k: order.get(k) for k in wanted}
+    if got != wanted or bool(order.get("allow_rejected")) != bool(allow_rejected):
+        raise AgentError(f"the signed order is for {got}, not {wanted}", "order-mismatch")
+    identity = _identity(root)
+    if identity is not None and order.get("device") != identity:
+        raise AgentError(f"the signed order is for device {order.get('device')}, this is {identity}", "order-mismatch")
+    last = int(state.get("order_sequence") or 0)
+    if int(order.get("sequence") or 0) <= last:
+        raise AgentError(f"the signed order {order.get('sequence')} is not newer than the last taken ({last}): a "
+                         "replay is refused", "replay")
+    if record:
+        state["order_sequence"] = int(order["sequence"])
+    return order
+
+
 def _committed_before(state, release):
     """This device committed ``release`` itself at some point (it is, or was, in the committed chain)."""
     entry = state["releases"].get(release) or {}
@@ -1072,6 +1120,9 @@ def layout_enroll(args):
     content = base64.b64decode(args.signers)
     path = _trust_file(args.root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    identity = os.path.join(os.path.dirname(path), "identity")
+    if getattr(args, "identity", None) and not os.path.exists(identity):
+        _write_atomic(identity, args.identity + "\n")
     current = None
     if os.path.isfile(path):
         with open(path, "rb") as handle:
@@ -1394,6 +1445,8 @@ def layout_switch(args):
                 raise AgentError("no release to switch to: leaving the device without a model takes --action "
                                  "uninstall (the user asks for it)", "release-missing")
             known_good = target is not None and _committed_before(state, target)
+            _check_order(args.root, state, args.deployment, args.action, target, args.allow_rejected, args.order,
+                         args.order_signature, required=args.action in ("rollback", "uninstall"))
             if target is not None:
                 signed = _may_become_current(args.root, directory, state, target, args.action, args.allow_rejected,
                                              args.metadata, args.signature, None if known_good else args.trial_window)
@@ -1429,6 +1482,16 @@ def layout_switch(args):
     return {"current": target, "previous": state["previous"], "committed": state["committed"],
             "switched": old != target, "rejected": old if args.action == "revert" and old != target else None,
             "trial_until": (state.get("trial") or {}).get("until")}
+
+
+def layout_check_order(args):
+    """Whether an order would be taken now (a read: nothing recorded), so a daemon refuses before it fetches."""
+    directory = _deployment_dir(args.root, args.deployment)
+    state = _lifecycle(_read_state(directory) or {"deployment": args.deployment})
+    release = None if args.release in (None, "none") else args.release
+    order = _check_order(args.root, state, args.deployment, args.action, release, args.allow_rejected, args.order,
+                         args.order_signature, required=True, record=False)
+    return {"order": order}
 
 
 def layout_record(args):
@@ -1569,6 +1632,16 @@ def main(argv=None):
     e.add_argument("--root", required=True)
     e.add_argument("--signers", required=True, help="the allowed-signers file (base64)")
     e.add_argument("--signature", default=None, help="its signature by a key trusted now (base64 of the armor)")
+    e.add_argument("--identity", default=None, help="fleet/device: the name signed orders must carry (kept "
+                                                     "from the first enrollment)")
+    c = sub.add_parser("check-order", help="would this signed order be taken now (nothing recorded)")
+    c.add_argument("--root", required=True)
+    c.add_argument("--deployment", required=True)
+    c.add_argument("--action", required=True)
+    c.add_argument("--release", default=None)
+    c.add_argument("--allow-rejected", action="store_true")
+    c.add_argument("--order", default=None)
+    c.add_argument("--order-signature", default=None)
     w = sub.add_parser("watchdog", help="(started by switch) revert a trial release at its deadline")
     w.add_argument("--root", required=True)
     w.add_argument("--deployment", required=True)
@@ -1600,6 +1673,10 @@ def main(argv=None):
                              help="revert: not a verdict (an error or a cut): the release is not rejected")
             cmd.add_argument("--reason", default=None, help="revert: why, kept in the device's history")
             cmd.add_argument("--metadata", default=None, help="activate: the signed release metadata (base64)")
+            cmd.add_argument("--order", default=None, help="the controller's order (base64 JSON), signed by the "
+                                                           "release key: required for rollback/uninstall on an "
+                                                           "enrolled device")
+            cmd.add_argument("--order-signature", default=None, help="its SSH signature (base64 of the armor)")
             cmd.add_argument("--signature", default=None, help="activate: its SSH signature (base64 of the armor)")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
@@ -1619,7 +1696,8 @@ def main(argv=None):
     commands = {"bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
-                "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll}
+                "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll,
+                "check-order": layout_check_order}
     try:
         result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}

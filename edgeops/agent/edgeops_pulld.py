@@ -180,6 +180,7 @@ class Daemon:
             return
         common = {"generation": desired["generation"], "release": desired["release"], "action": desired["action"]}
         try:
+            self.check_order(deployment, desired)
             if desired["action"] == "rollback":
                 outcome = {**common, **self.roll_back(deployment, desired)}
             else:
@@ -190,6 +191,26 @@ class Daemon:
                        "error": {"kind": exc.kind, "message": str(exc)}}
         self._remember(deployment, outcome)
         self.publish(deployment, **outcome)
+
+    @staticmethod
+    def order_action(desired):
+        if desired["action"] == "install":
+            return "activate"
+        return "rollback" if desired.get("release") else "uninstall"
+
+    @staticmethod
+    def order_args(desired):
+        order = desired.get("order") or {}
+        return ["--order", order["order"], "--order-signature", order["signature"]] if order else []
+
+    def check_order(self, deployment, desired):
+        """On an enrolled device every desired state carries an order signed by the release key, newer than the
+        last one taken: a broker credential alone can withhold updates, never install or roll back."""
+        action = self.order_action(desired)
+        agent("check-order", "--root", self.root, "--deployment", deployment, "--action", action,
+              "--release", desired.get("release") or "none",
+              *(["--allow-rejected"] if desired.get("allow_rejected") and action == "rollback" else []),
+              *self.order_args(desired))
 
     def install(self, deployment, desired):
         common = ["--root", self.root, "--deployment", deployment]
@@ -215,7 +236,7 @@ class Daemon:
         signed = desired.get("signed") or {}
         extra = ["--metadata", signed["metadata"], "--signature", signed["signature"]] if signed else []
         before = agent("switch", *common, "--release", release, "--action", "activate", "--by", by,
-                       "--trial-window", "%g" % desired["trial_window_s"], *extra)
+                       "--trial-window", "%g" % desired["trial_window_s"], *extra, *self.order_args(desired))
         baseline = before.get("committed") if before.get("committed") != release else None
         self.publish(deployment, phase="verifying")
         verdict = self.verify(deployment, desired, baseline)
@@ -241,11 +262,11 @@ class Daemon:
         common = ["--root", self.root, "--deployment", deployment]
         by = desired.get("by", "edgeops")
         if not desired["release"]:
-            agent("switch", *common, "--action", "uninstall", "--by", by)
+            agent("switch", *common, "--action", "uninstall", "--by", by, *self.order_args(desired))
             return {"phase": "done", "result": "rolled-back", "verdict": None, "error": None}
         switched = agent("switch", *common, "--action", "rollback", "--release", desired["release"], "--by", by,
                          "--trial-window", "%g" % desired.get("trial_window_s", 1800),
-                         *(["--allow-rejected"] if desired.get("allow_rejected") else []))
+                         *(["--allow-rejected"] if desired.get("allow_rejected") else []), *self.order_args(desired))
         if not desired.get("gate"):
             return {"phase": "done", "result": "rolled-back", "verdict": None, "error": None}
         verdict = self.verify(deployment, desired, None)

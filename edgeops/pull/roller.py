@@ -19,7 +19,8 @@ from edgeops.plan import PlannedDevice
 from edgeops.pull.fleet import DESIRED_SCHEMA, PullLinks, device_topic, is_pull, pull_settings, repository
 from edgeops.pull.registry import PushedRelease
 from edgeops.release import Release
-from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult
+from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult, orders_for
+from edgeops.signing import SignedOrder
 from edgeops.targets import TargetDevice
 from edgeops.types import Decision, Outcome
 from edgeops.verify import FAILED, GateSpec, Verdict
@@ -48,6 +49,7 @@ class PullRoller(DeviceRoller):
 
     def desired(self, target: TargetDevice, release: Release) -> dict[str, Any]:
         signed = self.signed(target, release)
+        order = orders_for(target, self.ctx.signing_key, self.doc.name)("activate", release.id)
         settings = pull_settings(target)
         profile = target.profile.obj.spec
         return {
@@ -61,6 +63,7 @@ class PullRoller(DeviceRoller):
             "host_golden": self.host_golden[target.accelerator],
             "trial_window_s": profile.device.trial_window_s, "keep_releases": profile.device.keep_releases,
             "power_sensor": target.power_sensor, "published_at": time.time(),
+            "order": order.as_json() if order else None,
         }
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
@@ -104,6 +107,7 @@ class PullRoller(DeviceRoller):
         self.ctx.reporter.stage(planned.key, "done", str(found.get("result")))
         if found.get("result") == "committed":
             outcome.decision, outcome.committed = (verdict.outcome if verdict else Decision.PASSED), True
+            outcome.switched, outcome.switched_from = not found.get("unchanged"), planned.current
             if verdict is None:
                 outcome.reason = "the device already ran this release, committed"
             return outcome
@@ -117,12 +121,13 @@ class PullRoller(DeviceRoller):
                          f"{(found.get('state') or {}).get('current') or 'no release'}"
         return outcome
 
-    def undo(self, key: str, why: str) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> str:
         """Publish a rollback to the release the device ran before this rollout, and wait for it to land."""
         target = self.ctx.desired.target(key)
-        back = self._ran.get(key)
         try:
-            found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation, self.ctx.actor)
+            order = orders_for(target, self.ctx.signing_key, self.doc.name)("rollback" if back else "uninstall", back)
+            found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation, self.ctx.actor,
+                              order=order)
         except EdgeopsError as exc:
             return f"ROLLBACK FAILED: {exc.message}"
         if found is None:
@@ -165,15 +170,16 @@ class RoutedWork:
         with self._ssh_slots:
             return self.push.roll(planned)
 
-    def undo(self, key: str, why: str) -> str:
-        return self._work(key).undo(key, why)
+    def undo(self, key: str, why: str, back: str | None) -> str:
+        return self._work(key).undo(key, why, back)
 
     def finish(self, result: RolloutResult) -> None:
         self.pull.finish(result)
 
 
 def roll_back(links: PullLinks, target: TargetDevice, deployment: str, release: str | None, generation: int,
-              by: str, gate: dict[str, Any] | None = None, allow_rejected: bool = False) -> dict[str, Any] | None:
+              by: str, gate: dict[str, Any] | None = None, allow_rejected: bool = False,
+              order: SignedOrder | None = None) -> dict[str, Any] | None:
     """Ask a pull device to go back to ``release`` (None: to no release) and wait for its report.
 
     With ``gate`` the device measures the release it lands on against the absolute SLOs and records the
@@ -185,7 +191,7 @@ def roll_back(links: PullLinks, target: TargetDevice, deployment: str, release: 
     broker.publish(device_topic(target, deployment, "desired"), {
         "schema": DESIRED_SCHEMA, "deployment": deployment, "action": "rollback", "generation": generation,
         "release": release, "by": by, "gate": gate, "allow_rejected": allow_rejected, "published_at": time.time(),
-        "trial_window_s": target.profile.obj.spec.device.trial_window_s})
+        "trial_window_s": target.profile.obj.spec.device.trial_window_s, "order": order.as_json() if order else None})
     deadline = min(ROLLBACK_DEADLINE_S + (gate or {}).get("verify_timeout_s", 0),
                    pull_settings(target).report_deadline_s)
     return broker.wait_for(status, lambda s: s.get("generation") == generation and s.get("action") == "rollback"

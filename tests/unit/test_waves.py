@@ -30,12 +30,14 @@ class ScriptedWork:
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         self.rolled.append(planned.key)
         decision = self.script.get(planned.key, Decision.PASSED)
+        switched = planned.action != Action.REVERIFY and planned.current != planned.release_id
         return DeviceOutcome(planned.key, planned.action, decision, f"scripted {decision}", planned.release_id,
-                             planned.current, wave=planned.wave, committed=decision == Decision.PASSED)
+                             planned.current, wave=planned.wave, committed=decision == Decision.PASSED,
+                             switched=switched, switched_from=planned.current if switched else None)
 
-    def undo(self, key: str, why: str) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> str:
         self.undone.append(key)
-        return f"rolled back ({why})"
+        return f"rolled back to {back} ({why})"
 
 
 class RecordingStop(threading.Event):
@@ -120,3 +122,21 @@ def test_too_many_unreachable_devices_halt_before_the_first_wave() -> None:
     work = ScriptedWork()
     result = WaveRunner(plan, policy, work, RecordingStop(), SilentReporter()).run()
     assert result.outcome == Outcome.HALTED and "before the first wave" in result.message and work.rolled == []
+
+
+def test_a_halted_reverification_leaves_every_device_on_what_it_runs() -> None:
+    """Tightening an SLO plans REVERIFY (0 bytes); 3 of 8 miss it: the halt must not take a model off the 5
+    that passed (it used to 'roll back' their first install: 5 of 8 devices left without a model)."""
+    policy = RolloutPolicy(waves=[1, "50%", "100%"], max_failed_devices=0)
+    desired = [DesiredDevice(f"f/d{i}", "f", f"d{i}", "p", "x86", (("ring", "main"),), "r-run",
+                             (("model.onnx", "s", 100),), slo={"latency_p95_ms": 5}) for i in range(8)]
+    observed = {d.key: ObservedDevice(d.key, True, current="r-run", status=DeviceStatus.COMMITTED,
+                                      verification={"latency": {"p95_ms": 7.0}, "slo": {"latency_p95_ms": 10}})
+                for d in desired}
+    plan = make_plan("dep", policy, {}, {}, None, desired, observed)
+    assert {d.action for d in plan.devices} == {Action.REVERIFY}
+    work = ScriptedWork({"f/d1": Decision.FAILED, "f/d5": Decision.FAILED, "f/d6": Decision.FAILED})
+    result = WaveRunner(plan, policy, work, RecordingStop(), SilentReporter()).run()
+    assert result.outcome == Outcome.HALTED and work.undone == []
+    kept = [o for o in result.devices if o.decision == Decision.PASSED]
+    assert kept and all("did not switch" in o.reason for o in kept)
