@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeops.agent import AGENT_FILE
-from edgeops.errors import DeviceError, RemoteCommandFailed, TransportError
+from edgeops.errors import DeviceError, ReadOnlyFiles, RemoteCommandFailed, TransportError
 from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
 from edgeops.signing import SignedMetadata, SignedOrder
@@ -39,7 +39,7 @@ class AgentFailed(DeviceError):
 
 
 TRUST_REFUSALS = ("unsigned", "bad-signature", "expired", "downgrade", "file-mismatch", "metadata-mismatch",
-                  "verifier-unsupported")
+                  "order-mismatch", "replay", "verifier-unsupported")
 
 
 class ReleaseNotTrusted(AgentFailed):
@@ -156,6 +156,8 @@ class Device:
                                                         f"document: {tail}", detail=f"exit {result.exit_status}: {tail}")
         if not document.get("ok"):
             kind, message = str(document.get("error")), str(document.get("message"))
+            if kind == "restricted" and inline:  # a restricted deploy key runs only the installed agent
+                return self.agent(*args, timeout=timeout)
             if kind in TRUST_REFUSALS:
                 raise ReleaseNotTrusted(self.name, kind, message)
             raise AgentFailed(self.name, kind, message)
@@ -182,12 +184,21 @@ class Device:
         return ["--root", self.root, "--deployment", self.deployment]
 
     def ensure_agent(self) -> bool:
-        """Ship the agent when the device lacks it or has another version; True if shipped."""
-        if self.transport.read_bytes(self.agent_path) == self._agent_bytes:
+        """Ship the agent when the device lacks it or has another version; True if shipped. A device whose deploy
+        key is restricted (read-only files) keeps the agent its administrator installed: a different one is
+        refused here, before any session, never run."""
+        installed = self.transport.read_bytes(self.agent_path)
+        if installed == self._agent_bytes:
             return False
         installer = getattr(self.transport, "install", None)
         if installer is not None:  # over SFTP alone: no login shell, no Python start
-            installer(self._agent_bytes, self.agent_path)
+            try:
+                installer(self._agent_bytes, self.agent_path)
+            except ReadOnlyFiles:
+                found = f"sha256 {sha256_of(installed)[:12]}" if installed is not None else "none"
+                raise AgentFailed(self.name, "agent-outdated", f"the device's agent ({found}) is not this "
+                                  f"controller's (sha256 {self.agent_sha256[:12]}) and its restricted deploy key "
+                                  "may not replace it", detail="restricted") from None
             return True
         staged = f"{self.root}/.staging/agent-{uuid.uuid4().hex[:8]}.py"
         self.transport.run(["mkdir", "-p", f"{self.root}/.staging", f"{self.root}/agent"])
@@ -284,12 +295,13 @@ class Device:
         A blob found damaged on the device is dropped there and sent again (once).
         """
         self.ensure_agent()
-        for attempt in (1, 2):
-            try:
-                return self._push_once(release, progress, timeout, repair)
-            except AgentFailed as exc:
-                if exc.kind != "blob-damaged" or attempt == 2:
-                    raise
+        with self.session():  # uploads go through the agent: SFTP may be read-only
+            for attempt in (1, 2):
+                try:
+                    return self._push_once(release, progress, timeout, repair)
+                except AgentFailed as exc:
+                    if exc.kind != "blob-damaged" or attempt == 2:
+                        raise
         raise AssertionError("unreachable")
 
     def _push_once(self, release: Release, progress: Callable[[int], None] | None, timeout: float | None,
@@ -308,14 +320,42 @@ class Device:
         with tempfile.TemporaryDirectory() as tmp:
             for item in needed:
                 local = self._local_copy(item, Path(tmp))
-                remote = f"{self.root}/.staging/{item.sha256}.{uuid.uuid4().hex[:8]}.part"
-                moved += self.transport.put(local, remote,
-                                            progress=(lambda done, total: progress(done)) if progress else None)
+                name = f"{item.sha256}.{uuid.uuid4().hex[:8]}.part"
+                report = (lambda done, total: progress(done)) if progress else None
+                if self._session is not None:  # through the agent: SFTP may be read-only
+                    remote = self._receive(local, name, item.sha256, timeout, report)
+                    moved += item.size
+                else:
+                    remote = f"{self.root}/.staging/{name}"
+                    moved += self.transport.put(local, remote, progress=report)
                 staged[remote] = item.sha256
         files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
         self.agent("assemble", *self._common(), "--release", release.id, "--files", files,
                    "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
         return PushResult(moved, len(needed), len(release.files) - len(needed))
+
+    def _receive(self, local: Path, name: str, sha256: str, timeout: float | None,
+                 progress: Callable[[int, int], None] | None) -> str:
+        """Upload one file over the agent session (``receive``); where it landed, its hash checked."""
+        assert self._session is not None
+        request = json.dumps(["receive", "--root", self.root, "--name", name, "--size", str(local.stat().st_size)])
+        try:
+            answer = self._session.call(request, timeout, what=f"upload of {local.name}", payload=local,
+                                        progress=progress)
+        except TransportError:
+            self._session = None
+            raise
+        document = json.loads(answer) if answer.strip().startswith("{") else {}
+        if not document.get("ok"):
+            raise AgentFailed(self.name, str(document.get("error") or "agent-broken"),
+                              str(document.get("message") or f"upload of {local.name} failed"))
+        if document.get("sha256") != sha256:
+            raise AgentFailed(self.name, "checksum-mismatch", f"{local.name} arrived with sha256 "
+                                                              f"{document.get('sha256')}, not {sha256}")
+        sent = getattr(self.transport, "bytes_sent", None)
+        if isinstance(sent, int):
+            self.transport.bytes_sent = sent + int(document["received"])  # type: ignore[attr-defined]
+        return str(document["path"])
 
     @staticmethod
     def _local_copy(item: ReleaseFile, tmp: Path) -> Path:
@@ -341,10 +381,12 @@ class Device:
         return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra,
                           timeout=timeout)
 
-    def enroll(self, signers: bytes, signature: str | None = None) -> dict[str, Any]:
-        """Install the trust root of signed releases; replacing one needs ``signature`` by a key it trusts."""
+    def enroll(self, signers: bytes, signature: str | None = None, identity: str | None = None) -> dict[str, Any]:
+        """Install the trust root of signed releases; replacing one needs ``signature`` by a key it trusts.
+        ``identity`` (fleet/device): the name the device's signed orders must carry, kept from the first time."""
         self.ensure_agent()
         extra = ["--signature", base64.b64encode(signature.encode()).decode()] if signature else []
+        extra += ["--identity", identity] if identity else []
         return self.agent("enroll", "--root", self.root, "--signers", base64.b64encode(signers).decode(), *extra)
 
     def revert(self, by: str = "edgeops", verdict: bool = True, reason: str = "") -> dict[str, Any]:

@@ -101,6 +101,10 @@ class CommandTimeout(TransportError):
     """A remote command did not finish in time."""
 
 
+class ReadOnlyFiles(TransportError):
+    """The device lets this key read its files but not write them (a restricted deploy key)."""
+
+
 class AuthRefused(TransportError):
     """The device refused every key we offered."""
 

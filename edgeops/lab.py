@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeops.agent import AGENT_FILE
 from edgeops.errors import EdgeopsError
 from edgeops.manifest.models import Fleet
 from edgeops.manifest.secrets import secret_path
@@ -80,7 +82,7 @@ def _keygen(path: Path) -> None:
                         "-f", str(path)], check=True, capture_output=True)
 
 
-def _sshd_config(device: str, port: int, state: Path, authorized_keys: Path, login_home: Path | None) -> str:
+def _sshd_config(device: str, port: int, state: Path, login_home: Path | None) -> str:
     # SetEnv overrides the session defaults; a login HOME lets tests give devices hostile shell startup files
     env = f"EDGEOPS_LAB_DEVICE={device}" + (f" HOME={login_home}" if login_home else "")
     return "\n".join([
@@ -88,7 +90,7 @@ def _sshd_config(device: str, port: int, state: Path, authorized_keys: Path, log
         f"Port {port}", "ListenAddress 127.0.0.1",
         f"HostKey {state / 'ssh_host_ed25519_key'}",
         f"PidFile {state / 'sshd.pid'}",
-        f"AuthorizedKeysFile {authorized_keys}",
+        f"AuthorizedKeysFile {state}/authorized_keys.%u",  # per login: the deploy user's key is restricted
         "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "UsePAM no", "StrictModes no", "UseDNS no", "PrintMotd no",
         "MaxStartups 200:30:400", "MaxSessions 100", "ClientAliveInterval 30",
@@ -166,13 +168,17 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
     ensure_sshd()
     base = lab_dir(ws)
     ssh = fleet.obj.spec.ssh
+    if ssh.user != LAB_USER:
+        raise LabError(f"lab fleet {fleet.name} logs in as {ssh.user}: lab devices give the deploy key only the "
+                       f"agent, as the user {LAB_USER} (the administrator logs in as root with the lab's admin key)",
+                       hint=f"set ssh.user: {LAB_USER} in {fleet.display}")
+    ensure_lab_user()
     ws.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     client_key = secret_path(ws.secrets_dir, ssh.identity_file) if ssh.identity_file else base / "client_ed25519"
     known_hosts = _resolve(fleet, ssh.known_hosts, base / "known_hosts")
     _keygen(client_key)
-    authorized = base / "authorized_keys"
-    authorized.parent.mkdir(parents=True, exist_ok=True)
-    authorized.write_text(Path(str(client_key) + ".pub").read_text())
+    admin_key = admin_key_of(ws)
+    _keygen(admin_key)
     for python in sorted({t.python for t in targets if os.path.isabs(t.python)}):
         provision_runtime(Path(python), base / "runtime-install.log", report)
     devices, entries = [], []
@@ -181,8 +187,12 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         state = base / fleet.name / device.name
         state.mkdir(parents=True, exist_ok=True)
         _keygen(state / "ssh_host_ed25519_key")
+        install_agent(target)  # as the administrator: the deploy key may run the agent, never replace it
+        (state / f"authorized_keys.{LAB_USER}").write_text(restricted_key_line(
+            target, Path(str(client_key) + ".pub").read_text()))
+        (state / "authorized_keys.root").write_text(Path(str(admin_key) + ".pub").read_text())
         config = state / "sshd_config"
-        config.write_text(_sshd_config(device.name, device.port, state, authorized, login_home))
+        config.write_text(_sshd_config(device.name, device.port, state, login_home))
         write_sensor(target)
         pid = _pid_alive(state / "sshd.pid", config)
         if pid is None:
@@ -194,6 +204,57 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
     if fleet.obj.spec.trust:
         enroll_lab(ws, fleet, targets, report)
     return devices
+
+
+LAB_USER = "edgeops"  # the deploy key's login on lab devices: uid 0 (to reach any root) with a quiet /bin/sh
+
+
+def ensure_lab_user() -> None:
+    """The lab's deploy user: an alias of uid 0 whose login shell reads no startup files (sshd runs a forced
+    command through it, and SFTP through that: a noisy shell would corrupt SFTP), with no password but not
+    locked (sshd refuses locked accounts even for keys). Created once, as root."""
+    try:
+        entry = pwd.getpwnam(LAB_USER)
+    except KeyError:
+        done = subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/", "-s", "/bin/sh", "-p", "*",
+                               "-c", "edgeops lab deploy user", LAB_USER],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise LabError(f"cannot create the lab's deploy user {LAB_USER}: {done.stderr.strip()}",
+                           hint="run lab up as root on a machine with useradd (scripts/install.sh)") from None
+        return
+    if entry.pw_uid != 0 or entry.pw_shell != "/bin/sh":
+        raise LabError(f"user {LAB_USER} exists but is not the lab's (uid {entry.pw_uid}, shell {entry.pw_shell})",
+                       hint="remove it, or run the lab on another machine")
+    shadow = Path("/etc/shadow")
+    locked = shadow.is_file() and any(line.startswith(f"{LAB_USER}:!") for line in shadow.read_text().splitlines())
+    if locked:
+        subprocess.run(["usermod", "-p", "*", LAB_USER], capture_output=True, check=False)
+
+
+def admin_key_of(ws: Workspace) -> Path:
+    """The lab administrator's key (root, a shell): what lab up and tests of the raw transport use, never apply."""
+    return ws.secrets_dir / "lab" / "admin_ed25519"
+
+
+def restricted_key_line(target: TargetDevice, public_key: str) -> str:
+    """authorized_keys for a deploy key that runs only the agent, confined to the device root, SFTP read-only."""
+    command = f"{target.python} {target.root}/agent/edgeops_agent.py gate --root {target.root}"
+    if '"' in command or "\\" in command:
+        raise LabError(f"{target.key}: a device root or python path with quotes cannot be put in authorized_keys")
+    return f'restrict,command="{command}" {public_key.strip()}\n'
+
+
+def install_agent(target: TargetDevice) -> None:
+    """The controller's agent at <root>/agent/edgeops_agent.py, written by the administrator (not the deploy key)."""
+    path = Path(target.root) / "agent" / "edgeops_agent.py"
+    if path.is_file() and path.read_bytes() == AGENT_FILE.read_bytes():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    shutil.copyfile(AGENT_FILE, temporary)
+    temporary.chmod(0o444)
+    os.replace(temporary, path)
 
 
 def enroll_lab(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
@@ -209,6 +270,10 @@ def enroll_lab(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice
         signers.parent.mkdir(parents=True, exist_ok=True)
         signers.write_text(allowed_signers_line(Path(str(key) + ".pub").read_text()))
     for target in targets:
+        identity = Path(target.root) / "trust" / "identity"  # the name signed orders must carry
+        identity.parent.mkdir(parents=True, exist_ok=True)
+        if not identity.exists():
+            identity.write_text(target.key + "\n")
         installed = Path(target.root) / "trust" / "allowed_signers"
         if installed.is_file():
             if installed.read_bytes() != signers.read_bytes():

@@ -312,7 +312,7 @@ def enroll(fleet: str, settings: Settings, signed_by: Path | None = None,
     key = signed_by or settings.signing_key or targets[0].signing_key
     signature = sign(key, TRUST_NAMESPACE, signers) if key else None
     with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
-        found = connections.map(lambda t: device_for(t, connections, "").enroll(signers, signature), targets)
+        found = connections.map(lambda t: device_for(t, connections, "").enroll(signers, signature, t.key), targets)
     return doc.name, [Enrolled(t.name, error=r.message) if isinstance(r, EdgeopsError) else
                       Enrolled(t.name, bool(r.get("changed")), bool(r.get("rotated"))) for t, r in
                       ((t, found[t.key]) for t in targets)]

@@ -57,7 +57,8 @@ class _CutSession:
     def __init__(self, transport: _CutTransport, inner: Any, argv: list[str]) -> None:
         self.transport, self.inner, self.program = transport, inner, argv[:2]
 
-    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
+    def call(self, request: str, timeout: float | None = None, what: str = "", payload: Any = None,
+             progress: Any = None) -> str:
         plan, device = self.transport.plan, self.transport.device
         argv = [*self.program, *json.loads(request)]
         fire = not plan.fired and plan.when(argv)
@@ -65,7 +66,7 @@ class _CutSession:
             plan.fired = True
             self.transport.inner.close()
             raise HostUnreachable(device, f"the connection dropped before `{_command(argv)}`")
-        answer = self.inner.call(request, timeout, what)
+        answer = self.inner.call(request, timeout, what, payload, progress)
         if fire:
             plan.fired = True
             self.transport.inner.close()

@@ -55,7 +55,7 @@ def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "l
     """Rewrite the repo copy's lab fleet: ``devices`` sshd devices on free ports, roots under ``device_roots``."""
     lines = [
         "apiVersion: edgeops/v1", "kind: Fleet", f"metadata: {{name: {name}}}", "spec:", "  profile: lab-cpu",
-        "  ssh:", "    user: root", "    identity_file: lab/client_ed25519",
+        "  ssh:", "    user: edgeops", "    identity_file: lab/client_ed25519",
         "    known_hosts: ../../.edgeops/lab/known_hosts", "    use_ssh_config: false",
         "    connect_timeout_s: 5", "    connect_retries: 0",
         "  trust:", "    allowed_signers: ../../.edgeops/lab/allowed_signers",

@@ -1345,13 +1345,38 @@ def _commit_blob(root, staged, sha256):
     _fsync_dir(os.path.dirname(target))
 
 
+AGENT_KIND = "edgeops.agent/v1"
+
+
+def agent_statement(sha256):
+    """What the release key signs to let an enrolled device run a new agent."""
+    return json.dumps({"kind": AGENT_KIND, "sha256": sha256}, sort_keys=True, separators=(",", ":")).encode()
+
+
 def layout_install_agent(args):
+    """Replace the installed agent with an uploaded one; on an enrolled device only one the release key signed."""
+    import base64
+
+    _require_staged(args.root, args.staged)
     actual = _sha256_file(args.staged)
     if actual != args.sha256:
         os.unlink(args.staged)
         raise AgentError("checksum mismatch for the uploaded agent", "checksum-mismatch")
+    if os.path.isfile(_trust_file(args.root)):
+        if not args.signature:
+            os.unlink(args.staged)
+            raise AgentError("this device is enrolled: a new agent needs the release key's signature of its "
+                             "sha256", "unsigned")
+        verify_signature(_trust_file(args.root), RELEASE_NAMESPACE, agent_statement(actual),
+                         base64.b64decode(args.signature).decode())
     os.replace(args.staged, os.path.join(args.root, "agent", "edgeops_agent.py"))
     return {"agent_sha256": actual}
+
+
+def _require_staged(root, path):
+    if not _inside(os.path.join(root, ".staging"), path) or os.path.realpath(path) == os.path.realpath(
+            os.path.join(root, ".staging")):
+        raise AgentError(f"{path} is not an upload in {root}/.staging", "restricted")
 
 
 def layout_assemble(args):
@@ -1361,6 +1386,8 @@ def layout_assemble(args):
     """
     directory = _deployment_dir(args.root, args.deployment)
     uploads = sorted(json.loads(args.staged or "{}").items())
+    for staged, _ in uploads:
+        _require_staged(args.root, staged)
     try:
         for staged, sha256 in uploads:
             _commit_blob(args.root, staged, sha256)
@@ -1573,21 +1600,96 @@ def layout_prune(args):
     return {"removed_releases": removed, "removed_blobs": len(dropped)}
 
 
+RECEIVE_NAME = "receive"
+
+
+def _staging_name(name):
+    if not name or "/" in name or name.startswith(".") or len(name) > 200 or "\0" in name:
+        raise AgentError(f"invalid upload name {name!r}", "usage")
+    return name
+
+
+def _receive(argv, stream):
+    """``receive --root R --name N --size S`` then S raw bytes: an upload into <root>/.staging/N over the
+    session itself (no SFTP write needed, so a device can keep SFTP read-only). The bytes are read whatever
+    happens, so the session stays in step; the answer says what arrived and its sha256."""
+    parser = argparse.ArgumentParser(prog="receive")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--size", type=int, required=True)
+    args = parser.parse_args(argv[1:])
+    if args.size < 0:
+        raise AgentError("invalid upload size", "usage")
+    digest, left, handle, error = hashlib.sha256(), args.size, None, None
+    try:
+        _confine(["--root", args.root])
+        staging = os.path.join(args.root, ".staging")
+        os.makedirs(staging, exist_ok=True)
+        path = os.path.join(staging, _staging_name(args.name))
+        handle = open(path, "wb")
+    except (AgentError, OSError) as exc:
+        error = exc
+    while left > 0:
+        block = stream.read(min(left, 1 << 20))
+        if not block:
+            raise AgentError("the upload ended early", "upload-cut")
+        left -= len(block)
+        digest.update(block)
+        if handle is not None and error is None:
+            try:
+                handle.write(block)
+            except OSError as exc:
+                error = exc
+    if handle is not None:
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            error = error or exc
+        handle.close()
+    if error is not None:
+        if handle is not None:
+            os.unlink(path)
+        raise error
+    return {"received": args.size, "sha256": digest.hexdigest(), "path": path}
+
+
 def serve():
     """Answer many commands in one process: one JSON array (a command's arguments) per stdin line, one JSON
     document per stdout line. The controller's single channel for a whole push: the device's login shell and
     Python start once, not once per step. ``bench`` runs in a child process of its own (a fresh process:
-    an honest peak RSS, and a crash in a model run cannot take the session down)."""
+    an honest peak RSS, and a crash in a model run cannot take the session down). ``receive`` is followed by
+    the raw bytes of an upload."""
     import io
 
-    for line in sys.stdin:
+    stream = sys.stdin.buffer
+    while True:
+        raw = stream.readline()
+        if not raw:
+            break
+        line = raw.decode("utf-8", "replace")
         try:
             argv = json.loads(line)
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
                 raise ValueError("expected a JSON array of strings")
-            if argv[0] in ("serve", "watchdog"):
+            if argv[0] in ("serve", "watchdog", "gate"):
                 raise ValueError(f"{argv[0]} cannot run inside serve")
+            if argv[0] == RECEIVE_NAME:
+                try:
+                    answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True,
+                                         **_receive(argv, stream)})
+                except AgentError as exc:
+                    answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False,
+                                         "error": exc.kind, "message": str(exc)})
+                except OSError as exc:
+                    answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False,
+                                         "error": "disk-full" if exc.errno == 28 else "os-error",
+                                         "message": f"{exc.strerror or exc}"})
+                sys.stdout.write(answer + "\n")
+                sys.stdout.flush()
+                continue
             if argv[0] == "bench":
+                _confine(argv)
                 done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], stdin=subprocess.DEVNULL,
                                       capture_output=True, text=True)
                 output = done.stdout
@@ -1603,12 +1705,109 @@ def serve():
         except SystemExit:  # argparse refused the arguments (its message went to stderr)
             answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": "usage",
                                  "message": f"invalid arguments: {line.strip()[:200]}"})
+        except AgentError as exc:
+            answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": exc.kind,
+                                 "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - the session answers every line, whatever went wrong
             answer = json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False,
                                  "error": "agent-broken", "message": f"{type(exc).__name__}: {exc}"})
         sys.stdout.write(answer + "\n")
         sys.stdout.flush()
     return 0
+
+
+# ------------------------------------------------------------------ the gate: what a deploy key may run
+#
+# A device can give the controller's deploy key nothing but this agent: authorized_keys with
+#   restrict,command="<python> <root>/agent/edgeops_agent.py gate --root <root>" ssh-ed25519 AAAA...
+# The gate runs the agent commands the controller sends (and nothing else: no shell, no `python -c`),
+# confined to <root>, and SFTP read-only (sftp-server -R). Uploads arrive through the agent (receive),
+# so the trust root, the installed agent and state.json change only through the agent's own checks.
+
+CONFINED_ENV = "EDGEOPS_AGENT_ROOT"
+GATED_COMMANDS = ("serve", "state", "prepare", "assemble", "switch", "record", "prune", "bench", "facts", "power",
+                  "enroll", "install-agent", "check-order")
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server", "/usr/libexec/openssh/sftp-server",
+                "/usr/lib/ssh/sftp-server")
+MARKER = "--edgeops-output-begins--"
+
+
+def _inside(root, path):
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path) == real_root or os.path.realpath(path).startswith(real_root + os.sep)
+
+
+def _confine(argv):
+    """Under the gate (EDGEOPS_AGENT_ROOT set by it, never by the client): every --root is the device root and
+    every path argument lies inside it."""
+    root = os.environ.get(CONFINED_ENV)
+    if not root:
+        return
+    paths = []
+    for index, word in enumerate(argv):
+        if word in ("--root", "--staged", "--compare") and index + 1 < len(argv):
+            value = argv[index + 1]
+            if word == "--root" and os.path.realpath(value) != os.path.realpath(root):
+                raise AgentError(f"this device's agent serves {root} only, not {value}", "restricted")
+            if word == "--staged" and value.startswith("{"):
+                try:
+                    paths.extend(json.loads(value))
+                except ValueError:
+                    raise AgentError("invalid --staged", "usage")
+            elif word != "--root":
+                paths.append(value)
+    if argv and argv[0] in ("bench", "power") and len(argv) > 1:
+        paths.append(argv[1])
+    for path in paths:
+        if not _inside(root, path):
+            raise AgentError(f"{path} is outside this device's root {root}", "restricted")
+
+
+def _refuse(message, markers):
+    if markers:
+        sys.stdout.write(MARKER + "\n")
+    sys.stdout.write(json.dumps({"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False,
+                                 "error": "restricted", "message": message}) + "\n")
+    sys.stdout.flush()
+    sys.stderr.write(f"edgeops gate: {message}\n")
+    return 126
+
+
+def gate(args):
+    """The forced command of a restricted deploy key: SFTP read-only, or one agent command, or nothing."""
+    original = os.environ.get("SSH_ORIGINAL_COMMAND", "").strip()
+    if original == "internal-sftp" or original.endswith("sftp-server"):
+        server = next((p for p in SFTP_SERVERS if os.access(p, os.X_OK)), None)
+        if server is None:
+            sys.stderr.write("edgeops gate: no sftp-server on this device\n")
+            return 1
+        os.execv(server, [server, "-R", "-d", args.root])
+    # what the controller sends: "echo MARKER; [echo MARKER >&2;] exec PYTHON AGENT COMMAND ARGS..."
+    parts = [p.strip() for p in original.split(";")]
+    to_stdout = sum(1 for p in parts if p == f"echo {MARKER}")
+    to_stderr = sum(1 for p in parts if p == f"echo {MARKER} >&2")
+    rest = [p for p in parts if p not in (f"echo {MARKER}", f"echo {MARKER} >&2")]
+    try:
+        words = shlex.split(rest[0][len("exec "):]) if len(rest) == 1 and rest[0].startswith("exec ") else []
+    except ValueError:
+        words = []
+    agent_file = os.path.realpath(os.path.abspath(__file__))
+    if len(words) < 3 or os.path.realpath(words[1]) != agent_file or words[2] not in GATED_COMMANDS:
+        shown = original if len(original) < 200 else original[:200] + "..."
+        return _refuse(f"this key runs only the edgeops agent's commands, not {shown!r}", to_stdout)
+    argv = words[2:]
+    try:
+        os.environ[CONFINED_ENV] = args.root
+        _confine(argv)
+    except AgentError as exc:
+        return _refuse(str(exc), to_stdout)
+    if to_stdout:
+        sys.stdout.write(MARKER + "\n")
+        sys.stdout.flush()
+    if to_stderr:
+        sys.stderr.write(MARKER + "\n")
+        sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, agent_file, *argv], dict(os.environ))
 
 
 def main(argv=None):
@@ -1634,6 +1833,8 @@ def main(argv=None):
     e.add_argument("--signature", default=None, help="its signature by a key trusted now (base64 of the armor)")
     e.add_argument("--identity", default=None, help="fleet/device: the name signed orders must carry (kept "
                                                      "from the first enrollment)")
+    g = sub.add_parser("gate", help="the forced command of a restricted deploy key (authorized_keys)")
+    g.add_argument("--root", required=True)
     c = sub.add_parser("check-order", help="would this signed order be taken now (nothing recorded)")
     c.add_argument("--root", required=True)
     c.add_argument("--deployment", required=True)
@@ -1655,6 +1856,8 @@ def main(argv=None):
         if name == "install-agent":
             cmd.add_argument("--staged", required=True)
             cmd.add_argument("--sha256", required=True)
+            cmd.add_argument("--signature", default=None, help="enrolled devices: the release key's signature of "
+                                                               "the agent's sha256 (base64 of the armor)")
         if name == "assemble":
             cmd.add_argument("--release", required=True)
         if name == "switch":
@@ -1693,12 +1896,15 @@ def main(argv=None):
             cmd.add_argument("--keep", action="store_true", help="keep the facts in agent/facts.json (a mutating "
                                                                   "command's refresh; reads never write)")
     args = parser.parse_args(argv)
-    commands = {"bench": bench, "facts": facts, "power": power, "state": layout_state,
+    commands = {"gate": gate, "bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll,
                 "check-order": layout_check_order}
+    if args.command == "gate":
+        return gate(args)
     try:
+        _confine(list(argv if argv is not None else sys.argv[1:]))
         result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}
         code = 0

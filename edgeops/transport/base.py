@@ -54,8 +54,10 @@ class Transport(Protocol):
 class AgentSession(Protocol):
     """A command kept running on the device and spoken to in lines (a transport's optional ``open_session``)."""
 
-    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
-        """Send one request line, return the answer line; a broken session raises a TransportError."""
+    def call(self, request: str, timeout: float | None = None, what: str = "", payload: Path | None = None,
+             progress: Progress | None = None) -> str:
+        """Send one request line (and ``payload``'s bytes after it), return the answer line; a broken session
+        raises a TransportError."""
 
     def close(self) -> None:
         """End the command (idempotent)."""

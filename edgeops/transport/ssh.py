@@ -28,6 +28,7 @@ from edgeops.errors import (
     HostKeyUnknown,
     HostUnreachable,
     IdentityFileMissing,
+    ReadOnlyFiles,
     RemoteCommandFailed,
     TransportError,
 )
@@ -337,6 +338,9 @@ class SSHTransport:
             sftp.posix_rename(temporary, remote)
         except (paramiko.SSHException, EOFError) as exc:
             raise HostUnreachable(self.device, f"connection lost while installing {remote}: {exc}") from None
+        except PermissionError:
+            raise ReadOnlyFiles(self.device, f"cannot install {remote}: the device's SFTP is read-only for this "
+                                             "key") from None
         except OSError as exc:
             raise TransportError(self.device, f"cannot install {remote}: {exc}") from None
         self.bytes_sent += len(data)
@@ -451,16 +455,30 @@ class SSHSession:
         self._buffer = bytearray(rest)
         return line
 
-    def call(self, request: str, timeout: float | None = None, what: str = "") -> str:
-        """Send one request line; the answer line."""
+    def call(self, request: str, timeout: float | None = None, what: str = "", payload: Path | None = None,
+             progress: Progress | None = None) -> str:
+        """Send one request line (followed by the raw bytes of ``payload``, for the agent's ``receive``); the
+        answer line."""
         limit = timeout or self.default_timeout_s
         deadline = time.monotonic() + limit
         what = what or request[:60]
         try:
+            self.channel.settimeout(limit)
             self.channel.sendall(request.encode() + b"\n")
+            if payload is not None:
+                total, sent = payload.stat().st_size, 0
+                with payload.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 18), b""):
+                        self.channel.sendall(block)
+                        sent += len(block)
+                        if progress:
+                            progress(sent, total)
+        except (socket.timeout, TimeoutError):
+            self.close()
+            raise CommandTimeout(self.device, f"`{what}` stalled") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self.close()
-            raise HostUnreachable(self.device, f"the connection failed before `{what}` "
+            raise HostUnreachable(self.device, f"the connection failed during `{what}` "
                                   f"({type(exc).__name__}: {exc or 'closed'})") from None
         while not self._started:
             self._started = self._line(deadline, what, limit).decode(errors="replace").strip() == OUTPUT_MARKER

@@ -17,7 +17,7 @@ from edgeops.connections import Connections
 from edgeops.errors import ExitCode
 from edgeops.gitdiff import changed_files, touched_deployments
 from edgeops.manifest.workspace import load_workspace
-from edgeops.rollout import device_for
+from edgeops.rollout import device_for, orders_for
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.repo import REPO, copy_repo, write_lab_fleet
@@ -181,7 +181,8 @@ def test_a_device_changed_by_hand_shows_out_of_sync_and_apply_restores_it(lab_gi
     ws = load_workspace(lab_git)
     target = target_devices(ws, "wearable-activity")[2]
     with Connections() as connections:
-        device_for(target, connections, "wearable-activity").uninstall(by="someone-by-hand")
+        device_for(target, connections, "wearable-activity").uninstall(  # an operator holding the release key
+            by="someone-by-hand", order=orders_for(target, None, "wearable-activity")("uninstall", None))
     drift = CliRunner().invoke(main, ["status", "manifests/wearable.yaml", "--drift-only", "-o", "json",
                                       "--root", str(lab_git)])
     assert drift.exit_code == 1

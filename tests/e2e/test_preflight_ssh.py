@@ -131,12 +131,16 @@ def test_the_lab_device_runtime_holds_only_what_the_agent_needs(small_lab) -> No
     """Over SSH, as the agent sees it: numpy, onnxruntime and their own dependencies, nothing of the controller's."""
     import importlib.metadata
 
-    from edgeops.connections import ssh_connect
+    from edgeops.lab import admin_key_of
     from edgeops.manifest.workspace import load_workspace
     from edgeops.targets import target_devices
+    from edgeops.transport.ssh import SSHTransport, target_for
 
-    target = target_devices(load_workspace(small_lab[0]), "wearable-activity")[1]
-    transport = ssh_connect(target)
+    ws = load_workspace(small_lab[0])
+    target = target_devices(ws, "wearable-activity")[1]
+    transport = SSHTransport(target_for(target.name, target.device.host, target.device.port,  # the admin's shell
+                                        target.fleet.obj.spec.ssh.model_copy(update={"user": "root"}),
+                                        target.fleet.path.parent, str(admin_key_of(ws))))
     try:
         listed = transport.run([target.python, "-I", "-c", "import importlib.metadata as m; "
                                 "print(' '.join(sorted(d.metadata['Name'].lower() for d in m.distributions())))"])

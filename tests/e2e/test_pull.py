@@ -105,6 +105,21 @@ def last_status(root: Path, name: str) -> dict[str, Any]:
     return got
 
 
+def publish_as_controller(root: Path, name: str, document: dict[str, Any]) -> None:
+    """What a holder of the controller's broker password can do: publish any desired state for a device."""
+    ws = load_workspace(root)
+    settings = ws.fleets["lab-pull"].obj.spec.pull
+    password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(settings.username, password)
+    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
+    client.loop_start()
+    client.publish(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/desired", json.dumps(document), qos=1,
+                   retain=True).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
 def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Path) -> None:
     applied = cli(lab, "apply", MANIFEST, "-o", "json")
     assert applied.exit_code == ExitCode.OK, applied.output
@@ -153,6 +168,31 @@ def test_rollback_goes_over_the_broker_and_each_device_measures_where_it_lands(l
         rows = devices(lab)
         assert {name: row["release"] for name, row in rows.items()} == before
         assert {row["health"] for row in rows.values()} == {"RolledBack"}  # as over SSH: until the next apply
+
+
+def test_the_broker_password_alone_cannot_roll_back_uninstall_or_install(lab: Path) -> None:
+    """Desired states are orders signed by the release key: with only the broker's controller password an
+    attacker can withhold updates, never change what a device runs (the pull half of the one door)."""
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    before = devices(lab)["pull-01"]["release"]
+    state = json.loads((Path(target(lab, "pull-01")[0].root) / "deployments" / PULL_DEPLOYMENT / "state.json")
+                       .read_text())
+    other = next((r for r in state["releases"] if r != before), before)
+    generation = int(time.time() * 1000) + 10_000
+    attacks = [
+        {"action": "rollback", "release": None},                                      # uninstall
+        {"action": "rollback", "release": other, "allow_rejected": True},              # an old or rejected one
+        {"action": "install", "release": before, "files": {}, "trial_window_s": 60,   # a replay without an order
+         "registry": {"url": "http://127.0.0.1:1", "repository": "x"}},
+    ]
+    for index, attack in enumerate(attacks):
+        document = {"schema": "edgeops.desired/v1", "deployment": PULL_DEPLOYMENT, "generation": generation + index,
+                    "by": "attacker", "gate": None, **attack}
+        publish_as_controller(lab, "pull-01", document)
+        status = eventually(lambda: (s := last_status(lab, "pull-01")).get("generation") == generation + index
+                            and s.get("phase") == "done" and s, 30)
+        assert status and status["result"] == "failed" and status["error"]["kind"] == "unsigned", status
+        assert devices(lab)["pull-01"]["release"] == before and devices(lab)["pull-01"]["health"] == "Healthy"
 
 
 def test_daemons_ride_out_a_broker_restart(lab: Path) -> None:

@@ -23,6 +23,7 @@ from edgeops.errors import (
     IdentityFileMissing,
     TransportError,
 )
+from edgeops.lab import admin_key_of
 from edgeops.manifest.workspace import load_workspace
 from edgeops.release import make_release
 from edgeops.render import render_device
@@ -44,6 +45,16 @@ def _ssh_target(root: Path, index: int = 0):
                       str(t.secret(ssh.identity_file)) if ssh.identity_file else None)
 
 
+def _admin_target(root: Path, index: int = 0):
+    """The lab administrator's login to a device (root, a shell, the admin key): for tests of the raw transport
+    and of device roots the deploy key may not reach. The deploy key runs only the agent."""
+    return replace(_ssh_target(root, index), user="root", identity_file=str(admin_key_of(load_workspace(root))))
+
+
+def _admin_for(root: Path, target: TargetDevice) -> SSHTransport:
+    return SSHTransport(_admin_target(root, [t.name for t in _targets(root)].index(target.name)))
+
+
 def _release(root: Path, target: TargetDevice, tweak: str = ""):
     ws = load_workspace(root)
     doc = ws.deployments["wearable-activity"]
@@ -60,7 +71,7 @@ def _device(root: Path, target: TargetDevice, transport=None) -> Device:
 
 
 def test_put_run_get_round_trip(lab_repo: Path, tmp_path: Path) -> None:
-    transport = SSHTransport(_ssh_target(lab_repo))
+    transport = SSHTransport(_admin_target(lab_repo))
     try:
         local = tmp_path / "hello.txt"
         local.write_text("hello device\n")
@@ -194,12 +205,14 @@ def test_interrupted_push_keeps_the_previous_release_and_the_next_push_completes
     observer = _device(lab_repo, target)
     state = observer.observe()
     assert state.current == first.id and big.id not in state.releases
-    assert observer.transport.run(["cat", f"{target.root}/deployments/wearable-activity/current/runtime.json"]).stdout
+    admin = _admin_for(lab_repo, target)
+    assert admin.run(["cat", f"{target.root}/deployments/wearable-activity/current/runtime.json"]).stdout
     result = observer.push(big)
     assert result.files_moved >= 1
     observer.activate(big.id, signed=lab_signed(lab_repo, big))
     assert observer.observe().current == big.id
-    staging = observer.transport.run(["ls", "-A", f"{target.root}/.staging"]).stdout.split()
+    staging = admin.run(["ls", "-A", f"{target.root}/.staging"]).stdout.split()
+    admin.close()
     assert staging == []  # the interrupted .part file was cleared
 
 
@@ -221,7 +234,7 @@ def _big_release(root: Path, target: TargetDevice):
 
 
 def test_hostile_arguments_do_not_escape_quoting(lab_repo: Path, tmp_path: Path) -> None:
-    transport = SSHTransport(_ssh_target(lab_repo))
+    transport = SSHTransport(_admin_target(lab_repo))
     marker = tmp_path / "pwned"
     hostile = [f"a; touch {marker}", f"$(touch {marker})", f"`touch {marker}`", "it's \"quoted\"", "x\ny"]
     try:
@@ -236,7 +249,7 @@ def test_hostile_device_root_stays_one_path(lab_repo: Path, tmp_path: Path) -> N
     marker = tmp_path / "pwned"
     root = str(tmp_path / f"dev root; touch {marker} '$(touch {marker})'")
     hostile = replace(target, device=target.device.model_copy(update={"root": root}))
-    device = _device(lab_repo, hostile)
+    device = _device(lab_repo, hostile, _admin_for(lab_repo, target))  # a root the deploy key is not confined to
     release = _release(lab_repo, hostile)
     device.push(release)
     device.activate(release.id, signed=lab_signed(lab_repo, release))
@@ -252,7 +265,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_release(lab_repo: Path, 
     try:
         target = _targets(lab_repo)[3]
         small = replace(target, device=target.device.model_copy(update={"root": str(mount / "edgeops")}))
-        device = _device(lab_repo, small)
+        device = _device(lab_repo, small, _admin_for(lab_repo, target))
         first = _release(lab_repo, small)
         device.push(first)
         device.activate(first.id, signed=lab_signed(lab_repo, first))
@@ -265,7 +278,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_previous_release(lab_repo: Path, 
 
 
 def test_jump_host_reaches_a_device_through_another(lab_repo: Path) -> None:
-    bastion, device = _ssh_target(lab_repo, 0), _ssh_target(lab_repo, 1)
+    bastion, device = _admin_target(lab_repo, 0), _admin_target(lab_repo, 1)
     through = SSHTransport(replace(device, jump_host=f"root@127.0.0.1:{bastion.port}"))
     try:
         assert through.run(["sh", "-c", "echo $EDGEOPS_LAB_DEVICE"]).stdout.strip() == device.device
@@ -274,7 +287,7 @@ def test_jump_host_reaches_a_device_through_another(lab_repo: Path) -> None:
 
 
 def test_ssh_config_alias_is_honoured(lab_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = _ssh_target(lab_repo, 0)
+    target = _admin_target(lab_repo, 0)
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "config").write_text(f"Host lab-alias\n  HostName 127.0.0.1\n  Port {target.port}\n")
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -286,7 +299,7 @@ def test_ssh_config_alias_is_honoured(lab_repo: Path, tmp_path: Path, monkeypatc
 
 
 def test_key_from_ssh_agent(lab_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = _ssh_target(lab_repo, 0)
+    target = _admin_target(lab_repo, 0)
     started = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
     env = dict(line.split(";")[0].split("=", 1) for line in started.splitlines() if "=" in line.split(";")[0])
     try:

@@ -77,7 +77,7 @@ CASES = [
     ("duplicate-address-across-fleets", CAMS, "host: cam-plant-a-01.cameras.example.net,", "host: 127.0.0.1, port: 22203,", "127.0.0.1, port: 22203", "is also manifests/fleets/lab.yaml device lab-03"),
     ("host-with-user", LAB, "lab-03, host: 127.0.0.1", "lab-03, host: root@127.0.0.1", "root@", "put the user in ssh.user"),
     ("host-garbage", LAB, "lab-03, host: 127.0.0.1", "lab-03, host: 'cam 01; rm -rf /'", "lab-03", "is not a valid host name"),
-    ("bad-user", LAB, "user: root", "user: 'ro ot'", "user:", "'ro ot' is not a valid user name"),
+    ("bad-user", LAB, "user: edgeops", "user: 'ro ot'", "user:", "'ro ot' is not a valid user name"),
     ("bad-jump-host", WB, "jump_host: ops@bastion.wristbands.example.net:22", "jump_host: ops@bastion.wristbands.example.net:99999", "jump_host", "port '99999'"),
     ("provider-typo", JET, "- name: CUDAExecutionProvider", "- name: CUDAExecutionProvidr", "CUDAExecutionProvidr", "did you mean 'CUDAExecutionProvider'?"),
     ("device-name-path", LAB, "name: lab-02", "name: ../lab-02", "../lab-02", "spec.devices[1].name: does not match"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgeops.device import AgentFailed, Device, ReleaseNotTrusted
-from edgeops.signing import RELEASE_NAMESPACE, allowed_signers_line, generate_key, release_metadata, sign
+from edgeops.signing import RELEASE_NAMESPACE, allowed_signers_line, generate_key, release_metadata, sign, sign_order
 from edgeops.signing import FileDigest, SignedMetadata
 from edgeops.transport.local import LocalTransport
 from tests.integration.test_device_local import releases
@@ -56,6 +56,12 @@ def signed(key: Path, release, generation: int | None = None) -> SignedMetadata:
     return SignedMetadata(data, sign(key, RELEASE_NAMESPACE, data))
 
 
+def orders(key: Path, allow_rejected: bool = False):  # type: ignore[no-untyped-def]
+    """What signs the controller's orders (rollback, uninstall) for the local device."""
+    return lambda action, release: sign_order(key, DEPLOYMENT, "lab/local-01", action, release,
+                                              allow_rejected and action == "rollback")
+
+
 def commit(device: Device, release, key: Path) -> None:  # type: ignore[no-untyped-def]
     device.push(release)
     device.activate(release.id, signed=signed(key, release))
@@ -67,9 +73,9 @@ def test_rollback_allow_rejected_to_an_unsigned_release_is_refused(repo_copy: Pa
     good, unsigned = releases(repo_copy, 2)
     commit(device, good, key)
     device.push(unsigned)  # on the device, never signed
-    with pytest.raises(ReleaseNotTrusted) as refused:
-        device.rollback(to=unsigned.id, allow_rejected=True)
-    assert refused.value.kind == "unsigned"
+    with pytest.raises(ReleaseNotTrusted) as refused:  # even with a signed order: the release is not signed
+        device.rollback(to=unsigned.id, allow_rejected=True, order=orders(key, True))
+    assert refused.value.kind == "unsigned" and "not signed" in refused.value.message
     state = device.observe()
     assert (state.current, state.committed) == (good.id, good.id)
 
@@ -82,8 +88,8 @@ def test_a_rejected_signed_release_named_again_runs_as_a_trial_not_committed(rep
     device.activate(bad.id, signed=signed(key, bad))
     device.revert(reason="failed verification")
     with pytest.raises(AgentFailed, match="rejected on this device"):
-        device.rollback(to=bad.id)
-    switched = device.rollback(to=bad.id, allow_rejected=True, trial_window_s=60)
+        device.rollback(to=bad.id, order=orders(key))
+    switched = device.rollback(to=bad.id, allow_rejected=True, trial_window_s=60, order=orders(key, True))
     assert switched["current"] == bad.id and switched["trial_until"]  # a trial, its timer armed
     state = device.observe()
     assert state.committed == good.id and state.state["trial"]["release"] == bad.id
@@ -162,5 +168,33 @@ def test_leaving_a_device_without_a_model_takes_an_explicit_uninstall(repo_copy:
             device.agent("switch", "--root", device.root, "--deployment", DEPLOYMENT, "--release", "none",
                          "--action", action)
     assert device.observe().current == first.id
-    device.uninstall()
+    device.uninstall(order=orders(key)("uninstall", None))
     assert device.observe().current is None
+
+
+def test_a_rollback_on_an_enrolled_device_takes_a_fresh_order_signed_by_the_release_key(repo_copy: Path, enrolled,
+                                                                                        tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    device, key = enrolled
+    first, second = releases(repo_copy, 2)
+    commit(device, first, key)
+    commit(device, second, key)
+    (Path(device.root) / "trust" / "identity").write_text("lab/local-01\n")
+    with pytest.raises(ReleaseNotTrusted) as refused:  # the deploy key alone
+        device.rollback(to=first.id)
+    assert refused.value.kind == "unsigned"
+    generate_key(tmp_path / "intruder", "not the release key")
+    cases = {
+        "bad-signature": sign_order(tmp_path / "intruder", DEPLOYMENT, "lab/local-01", "rollback", first.id),
+        "order-mismatch": sign_order(key, DEPLOYMENT, "lab/local-02", "rollback", first.id),  # another device
+    }
+    for kind, order in cases.items():
+        with pytest.raises(AgentFailed) as wrong:
+            device.rollback(to=first.id, order=lambda action, release, o=order: o)
+        assert wrong.value.kind == kind
+    assert device.observe().current == second.id
+    order = sign_order(key, DEPLOYMENT, "lab/local-01", "rollback", first.id)
+    assert device.rollback(to=first.id, order=lambda action, release: order)["current"] == first.id
+    device.activate(second.id)  # committed before: back on it without a new signature
+    with pytest.raises(AgentFailed) as replayed:
+        device.rollback(to=first.id, order=lambda action, release: order)
+    assert replayed.value.kind == "replay" and device.observe().current == second.id
