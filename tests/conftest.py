@@ -42,3 +42,17 @@ def postgres_server() -> Iterator[str]:
 def postgres_url(postgres_server: str, request: pytest.FixtureRequest) -> str:
     """An empty database of its own for one test."""
     return fresh_database(postgres_server, "t_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16])
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaves_this_machine(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The boundary fuzzer's audit hook over every end-to-end test: no connection, and no name lookup, that would
+    leave this machine (loopback and unix sockets only); one is refused when tried and fails the test."""
+    if "e2e" not in request.node.nodeid.split("::")[0]:
+        yield
+        return
+    from labkit.audit import off_machine, watching
+
+    with watching(block_off_machine=True) as seen:
+        yield
+    assert not [a for a in seen.connected if off_machine(a)], seen.connected

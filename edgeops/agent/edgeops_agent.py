@@ -1792,7 +1792,9 @@ def gate(args):
     except ValueError:
         words = []
     agent_file = os.path.realpath(os.path.abspath(__file__))
-    if len(words) < 3 or os.path.realpath(words[1]) != agent_file or words[2] not in GATED_COMMANDS:
+    interpreter = _interpreter(words[0]) if words else None
+    if len(words) < 3 or interpreter is None or os.path.realpath(words[1]) != agent_file \
+            or words[2] not in GATED_COMMANDS:
         shown = original if len(original) < 200 else original[:200] + "..."
         return _refuse(f"this key runs only the edgeops agent's commands, not {shown!r}", to_stdout)
     argv = words[2:]
@@ -1807,7 +1809,17 @@ def gate(args):
     if to_stderr:
         sys.stderr.write(MARKER + "\n")
         sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, agent_file, *argv], dict(os.environ))
+    os.execve(interpreter, [interpreter, agent_file, *argv], dict(os.environ))
+
+
+def _interpreter(word):
+    """The Python the controller asked for (the profile's device.python), if it is one: only a python runs,
+    and it runs only this agent file."""
+    name = os.path.basename(word)
+    if not name.startswith("python") or not all(c.isdigit() or c == "." for c in name[len("python"):]):
+        return None
+    found = word if os.path.isabs(word) else shutil.which(word)
+    return found if found and os.access(found, os.X_OK) else None
 
 
 def main(argv=None):
