@@ -318,16 +318,20 @@ class DeviceRoller:
             if not switching:
                 outcome.decision = Decision.UNREACHABLE if isinstance(exc, UNREACHABLE_ERRORS) else FAILED
                 return outcome
-            return self.settle_after_error(target, release.id, verdict, outcome)
+            return self.settle_after_error(target, release.id, verdict, outcome,
+                                           lost=isinstance(exc, UNREACHABLE_ERRORS))
 
     def settle_after_error(self, target: TargetDevice, release_id: str, verdict: Verdict | None,
-                           outcome: DeviceOutcome) -> DeviceOutcome:
-        """After a failure past the push: reconnect, read what the device runs, then revert or keep."""
+                           outcome: DeviceOutcome, lost: bool = False) -> DeviceOutcome:
+        """After a failure past the push: reconnect, read what the device runs, then revert or keep. A device lost
+        mid-rollout that cannot be read again is Unreachable (it counts against max_unreachable_devices)."""
         outcome.decision = FAILED
         try:
             state = self.device(target).observe()
         except EdgeopsError as exc:
             self.ctx.connections.drop(target)
+            if lost or isinstance(exc, UNREACHABLE_ERRORS):
+                outcome.decision = Decision.UNREACHABLE
             outcome.reason += (f"; state unknown ({exc.message}): if it switched, the device reverts by itself "
                                f"within its trial window of {target.profile.obj.spec.device.trial_window_s:g} s")
             return outcome

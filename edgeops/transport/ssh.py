@@ -185,6 +185,10 @@ class SSHTransport:
         except socket.gaierror as exc:
             client.close()
             raise HostUnreachable(self.device, f"cannot resolve {t.host}: {exc.strerror}") from None
+        except EOFError:
+            client.close()
+            raise HostUnreachable(self.device, f"{t.host}:{t.port} closed the connection during the SSH handshake "
+                                               "(sshd stopped, a full MaxStartups, or a cut)") from None
         except paramiko.SSHException as exc:
             client.close()
             # a server that accepts TCP but never speaks SSH ends in a banner error after the timeout
@@ -281,6 +285,10 @@ class SSHTransport:
 
     # ---------------------------------------------------------------- files
 
+    def _connected(self) -> bool:
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
+
     def _sftp_client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
             try:
@@ -300,6 +308,8 @@ class SSHTransport:
         except OSError as exc:
             if isinstance(exc, IOError) and exc.errno == errno.ENOSPC or "No space" in str(exc):
                 raise TransportError(self.device, f"device disk full while writing {remote}") from None
+            if not self._connected():
+                raise HostUnreachable(self.device, f"connection lost during upload of {local.name}: {exc}") from None
             raise TransportError(self.device, f"upload to {remote} failed: {exc}") from None
         except (paramiko.SSHException, EOFError) as exc:
             raise HostUnreachable(self.device, f"connection lost during upload of {local.name}: {exc}") from None
