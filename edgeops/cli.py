@@ -294,6 +294,10 @@ def lab_down_command(fleet: str | None, wipe: bool, root: Path | None) -> None:
 LOCK_TIMEOUT = click.option("--lock-timeout", default="0s", show_default=True, metavar="DURATION",
                             help="wait this long (30s, 5m) for another apply or rollback on the same fleet "
                                  "to finish; 0s: refuse at once (exit 5)")
+ACCEPT_QUALITY_DROP = click.option(
+    "--accept-quality-drop", is_flag=True,
+    help="go on with a release whose quality on the evaluation data is lower than what the fleet runs by more "
+         "than regression.quality_drop (refused otherwise, exit 4)")
 CHANGED_SINCE = click.option("--changed-since", metavar="REV",
                              help="also every deployment a change since REV touches (manifests, models, data, "
                                   "fleets, profiles, templates)")
@@ -309,11 +313,12 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
               help="a pull request's plan: contact only devices whose endpoints and credentials are as in the base "
                    "revision (--base, default the --changed-since REV); code-running fields stay refused")
 @click.option("--base", metavar="REV", help="with --untrusted: the reviewed revision endpoints are taken from")
+@ACCEPT_QUALITY_DROP
 @SELECTOR
 @ROOT_OPTION
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
-         untrusted: bool, base: str | None, selector: str | None, root: Path | None) -> None:
+         untrusted: bool, base: str | None, accept_quality_drop: bool, selector: str | None, root: Path | None) -> None:
     """Show what apply would do, with each device's facts and preflight.
 
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
@@ -329,7 +334,8 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
         raise click.UsageError("--untrusted needs the base revision: --base REV or --changed-since REV")
     with err_console.status("planning") as status, library_prints_to_stderr():
         found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice,
-                             selector=selector, untrusted_base=(base or changed_since) if untrusted else None)
+                             selector=selector, untrusted_base=(base or changed_since) if untrusted else None,
+                             accept_quality_drop=accept_quality_drop)
     if out_file:
         if len(found) != 1:
             raise click.UsageError("--out saves the plan of exactly one deployment")
@@ -359,11 +365,13 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="execute exactly this saved plan (refused if the devices or the repo moved since)")
 @LOCK_TIMEOUT
+@ACCEPT_QUALITY_DROP
 @SELECTOR
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, lock_timeout: str,
+          accept_quality_drop: bool,
           selector: str | None, output: str, root: Path | None) -> None:
     """Build, render, plan and roll out wave by wave with on-device verification and rollback.
 
@@ -391,7 +399,8 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
     with LiveReporter() as reporter, machine_output:
         applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
-                                on_result=show, notify=notice, selector=selector)
+                                on_result=show, notify=notice, selector=selector,
+                                accept_quality_drop=accept_quality_drop)
     results = applied.results
     if applied.not_applied:
         err_console.print(f"stopping: {results[-1].deployment} {results[-1].outcome}; not applied: "

@@ -15,6 +15,7 @@ from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.device import Device, DeviceState
 from edgeops.endpoints import Withheld, withhold
+from edgeops.running_quality import quality_drops
 from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
@@ -101,11 +102,13 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None, selector: LabelSelector | None = None,
-                    untrusted_base: str | None = None) -> tuple[Plan, Desired]:
+                    untrusted_base: str | None = None, accept_quality_drop: bool = False) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide.
 
     ``untrusted_base``: the plan of a pull request; only devices whose endpoints and credentials are the
-    ones this base revision has are contacted (the rest are shown, contacted only after merge).
+    ones this base revision has are contacted (the rest are shown, contacted only after merge). A release
+    whose quality is lower than what the fleet runs is refused on every device it would change, unless
+    ``accept_quality_drop``.
     """
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
     desired = desired_state(repo.ws, doc, repo.cache, progress).selected(selector)
@@ -115,9 +118,13 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
     observed = observe_targets(doc.name, [t for t in targets if withheld.allows(t)], connections)
     observed |= {key: ObservedDevice(key, False, error=reason) for key, reason in withheld.reasons.items()}
     previous = repo.ledger.last_successful_summary(doc.name)
+    drops = {} if accept_quality_drop else {d.accelerator: d for d in quality_drops(repo.ledger, repo.cache, doc,
+                                                                                     desired)}
+    refuse = {t.key: drops[t.accelerator].message() for t in targets if t.accelerator in drops}
     plan = make_plan(doc.name, doc.obj.spec.rollout, {a: x.model_sha256 for a, x in desired.artifacts.items()},
                      recipes(doc, desired), previous.get("recipe") if previous else None,
-                     desired_devices(desired), observed, importlib.metadata.version("onnxruntime"), desired.release_id)
+                     desired_devices(desired), observed, importlib.metadata.version("onnxruntime"), desired.release_id,
+                     refuse)
     return plan, desired
 
 
@@ -146,13 +153,15 @@ def plan_differences(saved: Plan, fresh: Plan) -> list[str]:
 def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                      reporter: Reporter | None = None, saved: Plan | None = None,
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0,
-                     selector: LabelSelector | None = None) -> tuple[Plan, RolloutResult]:
+                     selector: LabelSelector | None = None, accept_quality_drop: bool = False,
+                     ) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
-        plan, desired = plan_deployment(repo, doc, connections, progress, selector)
+        plan, desired = plan_deployment(repo, doc, connections, progress, selector,
+                                        accept_quality_drop=accept_quality_drop)
         if saved is not None:
             if saved.deployment != doc.name:
                 raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")

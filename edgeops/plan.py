@@ -333,9 +333,16 @@ def _facts(seen: ObservedDevice) -> dict[str, Any] | None:
 
 def make_plan(deployment: str, policy: RolloutPolicy, artifacts: dict[str, str], recipe: dict[str, list[dict[str, Any]]],
               previous_recipe: dict[str, list[dict[str, Any]]] | None, desired: list[DesiredDevice],
-              observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None, release: str = "") -> Plan:
-    """Compare what git asks for with what the devices run and can run; decide per device and assign waves."""
+              observed: dict[str, ObservedDevice], build_onnxruntime: str | None = None, release: str = "",
+              refuse: dict[str, str] | None = None) -> Plan:
+    """Compare what git asks for with what the devices run and can run; decide per device and assign waves.
+
+    ``refuse``: device key -> why a change to it is refused before any device check (a release of lower
+    quality than what runs); a device that would not change is not affected."""
     checked = {d.key: _checked(d, observed[d.key], build_onnxruntime) for d in desired}
+    for key, why in (refuse or {}).items():
+        if key in checked and checked[key][0] in (Action.INSTALL, Action.UPDATE):
+            checked[key] = (Action.REFUSED, why, 0, checked[key][3])
     changing = [d for d in desired if checked[d.key][0] in CHANGING]
     waves = assign_waves(changing, policy)
     devices = tuple(

@@ -11,6 +11,7 @@ from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document
 from edgeops.operations import Repo
 from edgeops.plan import field_changes
+from edgeops.running_quality import last_landing
 
 
 def plan_warnings(doc: Document[Deployment], desired: Desired) -> list[str]:
@@ -38,9 +39,7 @@ def against_what_runs(repo: Repo, doc: Document[Deployment], desired: Desired) -
     or by a rollback to a known release).
 
     Host numbers from the two build reports (p50, 1 thread): a first look before the devices measure."""
-    # the newest rollout that left the fleet on a known release: an apply, or a rollback that landed on one
-    last = next((r for r in repo.ledger.history(doc.name, 50) if r["outcome"] == "succeeded" and
-                 (r["kind"] == "apply" or (r["kind"] == "rollback" and r.get("release")))), None)
+    last = last_landing(repo.ledger, doc.name)
     lines: list[str] = []
     warnings: list[str] = []
     if last is None:

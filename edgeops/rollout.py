@@ -548,7 +548,9 @@ def apply(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Roll
     finish = getattr(work, "finish", None)
     if finish is not None:
         finish(result)
-    ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git})
+    quality = {acc: (a.report.get("stages") or [{}])[-1].get("quality") for acc, a in ctx.desired.artifacts.items()}
+    ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git,
+                                                           "quality": quality})
     return result
 
 

@@ -332,7 +332,7 @@ class PlanEntry:
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
          progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None,
-         untrusted_base: str | None = None) -> list[PlanEntry]:
+         untrusted_base: str | None = None, accept_quality_drop: bool = False) -> list[PlanEntry]:
     """What apply would do, per deployment named or touched, with every device's facts and preflight.
 
     ``untrusted_base``: a pull request's plan; devices are contacted only where the endpoints and credentials
@@ -351,7 +351,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         for doc in docs:
             result, desired = plan_deployment(repo, doc, connections, progress=progress, selector=picked,
-                                              untrusted_base=untrusted_base)
+                                              untrusted_base=untrusted_base, accept_quality_drop=accept_quality_drop)
             compared, worse = against_what_runs(repo, doc, desired)
             changes = manifest_changes(repo.ws, doc, changed_since) if changed_since else []
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
@@ -369,7 +369,7 @@ class Applied:
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, settings: Settings,
           reporter: Reporter, progress: Progress = _quiet, lock_timeout_s: float = 0,
           on_result: Callable[[RolloutResult], None] = lambda result: None, notify: Progress = _quiet,
-          selector: str | None = None) -> Applied:
+          selector: str | None = None, accept_quality_drop: bool = False) -> Applied:
     """Roll out each deployment in name order; the first that does not succeed stops the rest."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
@@ -384,7 +384,8 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
         with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
                          broker_password=settings.broker_password) as connections:
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
-                                         lock_timeout_s=lock_timeout_s, selector=picked)
+                                         lock_timeout_s=lock_timeout_s, selector=picked,
+                                         accept_quality_drop=accept_quality_drop)
         results.append(result)
         _announce("apply", result, repo, hooks, notify)
         on_result(result)

@@ -109,3 +109,12 @@ def measure(run: Callable[[int, int], dict[str, Any]], gate: GateSpec, host_gold
 def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:
     """The goal's metric for the build host's outputs on the golden samples (what the device must match)."""
     return metric_value(goal.metric, golden["expected"], golden["reference"], golden.get("labels"))
+
+
+def quality_drop(metric: str, running: float, new: float, relative: bool) -> float:
+    """How much lower the new release's quality is than what runs, in the goal's unit (points, percent of what
+    runs, or the error's increase for max_abs_error); negative when it is better."""
+    if metric == "max_abs_error":
+        return new - running
+    drop = running - new
+    return drop / running * 100 if relative and running else drop

@@ -69,6 +69,18 @@ class Cache:
             return Artifact(key, entry, hit=True)
         return None
 
+    def model_of(self, model_sha256: str) -> Path | None:
+        """The model file of the artifact whose model has this digest, if this cache holds it."""
+        for report_file in sorted((self.root / "artifacts").glob(f"*/{REPORT_FILE}")):
+            try:
+                report = json.loads(report_file.read_text())
+            except (OSError, ValueError):
+                continue
+            model = report_file.parent / "model.onnx"
+            if report.get("artifact", {}).get("sha256") == model_sha256 and model.is_file():
+                return model
+        return None
+
     def report_of(self, model_sha256: str) -> dict[str, Any] | None:
         """The build report of the artifact whose model has this digest, if this cache built it."""
         for report_file in sorted((self.root / "artifacts").glob(f"*/{REPORT_FILE}")):

@@ -278,6 +278,10 @@ class Regression(Strict):
         default=10, description="fail when the new release's energy per inference is worse than the previous "
                                 "one's by more than this (only where the profile reads a power sensor)")
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    quality_drop: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="plan refuses (exit 4) a release whose quality on the repository's evaluation "
+                                  "data is lower than the running release's by more than this, in quality.max_drop's "
+                                  "unit (default: quality.max_drop); --accept-quality-drop goes on")
 
 
 class Verification(Strict):

@@ -9,13 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from edgeops.cli import main
+from edgeops.errors import ExitCode
 from edgeops.connections import Connections
 from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rollback_deployment
 from edgeops.rollout import device_for
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
-from labkit.slow_model import make_slower
+from labkit.repo import edited
+from labkit.slow_model import make_mislabelled, make_slower
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -71,6 +73,26 @@ def test_clean_apply_then_a_second_apply_is_a_no_op(lab_repo: Path) -> None:
 
     plan_again = cli(lab_repo, "plan", MANIFEST)
     assert plan_again.exit_code == 0  # 0 = no changes (terraform's -detailed-exitcode convention)
+
+
+def test_a_model_swapped_for_a_much_worse_one_is_refused_at_plan(lab_repo: Path) -> None:
+    """Every build gate passes a worse model (it is compared with itself); the plan compares it with what runs."""
+    assert do_apply(lab_repo)[1].ok
+    before = {k: s.current for k, s in observe_all(lab_repo).items()}
+    worse = make_mislabelled(lab_repo / "examples/models/wearable_cnn.onnx", lab_repo / "examples/models/worse.onnx")
+    with edited((lab_repo / MANIFEST, "path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/worse.onnx"),
+                (lab_repo / MANIFEST, "    sha256: ", "    # sha256: ")):
+        planned = cli(lab_repo, "plan", MANIFEST, "-o", "json")
+        assert planned.exit_code == ExitCode.REFUSED, planned.output
+        devices = json.loads(planned.stdout)[0]["devices"]
+        assert {d["action"] for d in devices} == {"refused"}, devices
+        assert all("quality regression: accuracy" in d["reason"] and "--accept-quality-drop" in d["reason"]
+                   for d in devices), devices
+        applied = cli(lab_repo, "apply", MANIFEST)
+        assert applied.exit_code != ExitCode.OK, applied.output
+        assert {k: s.current for k, s in observe_all(lab_repo).items()} == before  # nothing switched
+        accepted = cli(lab_repo, "plan", MANIFEST, "--accept-quality-drop")
+        assert accepted.exit_code == ExitCode.CHANGES, accepted.output
 
 
 def test_much_slower_model_is_caught_in_the_canary_and_rolled_back(lab_repo: Path) -> None:
