@@ -411,6 +411,9 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                                 "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
     elif not applied.selected:
         console.print("no deployment is touched")
+    if lost := next((r for r in results if r.lock_lost), None):
+        err_console.print(f"error: {lost.message}", soft_wrap=True)
+        sys.exit(ExitCode.LOCKED)
     if any(r.count(Decision.REFUSED) for r in results):
         sys.exit(ExitCode.REFUSED)
     sys.exit(ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED)

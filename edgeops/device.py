@@ -120,6 +120,7 @@ class Device:
         self._agent_bytes = AGENT_FILE.read_bytes()
         self.agent_sha256 = sha256_of(self._agent_bytes)
         self._session: AgentSession | None = None
+        self.fence: int | None = None  # the fleet lock's fencing token: a device refuses changes from older holders
 
     # ---------------------------------------------------------------- agent
 
@@ -182,6 +183,10 @@ class Device:
 
     def _common(self) -> list[str]:
         return ["--root", self.root, "--deployment", self.deployment]
+
+    def _changing(self) -> list[str]:
+        """The arguments of a command that changes the device: the common ones and the lock's fencing token."""
+        return self._common() + (["--fence", str(self.fence)] if self.fence is not None else [])
 
     def ensure_agent(self) -> bool:
         """Ship the agent when the device lacks it or has another version; True if shipped. A device whose deploy
@@ -330,7 +335,7 @@ class Device:
                     moved += self.transport.put(local, remote, progress=report)
                 staged[remote] = item.sha256
         files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
-        self.agent("assemble", *self._common(), "--release", release.id, "--files", files,
+        self.agent("assemble", *self._changing(), "--release", release.id, "--files", files,
                    "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
         return PushResult(moved, len(needed), len(release.files) - len(needed))
 
@@ -378,7 +383,7 @@ class Device:
         extra = ["--allow-rejected"] if allow_rejected else []
         extra += ["--trial-window", f"{trial_window_s:g}"]
         extra += signed.as_args() if signed else []
-        return self.agent("switch", *self._common(), "--release", release_id, "--action", action, "--by", by, *extra,
+        return self.agent("switch", *self._changing(), "--release", release_id, "--action", action, "--by", by, *extra,
                           timeout=timeout)
 
     def enroll(self, signers: bytes, signature: str | None = None, identity: str | None = None) -> dict[str, Any]:
@@ -395,7 +400,7 @@ class Device:
         ``verdict``: it failed verification and is rejected; otherwise (an error) it is only aborted.
         """
         extra = ([] if verdict else ["--aborted"]) + (["--reason", reason] if reason else [])
-        return self.agent("switch", *self._common(), "--action", "revert", "--by", by, *extra)
+        return self.agent("switch", *self._changing(), "--action", "revert", "--by", by, *extra)
 
     def rollback(self, to: str | None = None, by: str = "edgeops", allow_rejected: bool = False,
                  trial_window_s: float = DEFAULT_TRIAL_WINDOW_S,
@@ -411,12 +416,12 @@ class Device:
             return self.uninstall(by, order("uninstall", None))
         signed = order("rollback", target)
         extra = (["--allow-rejected"] if allow_rejected else []) + (signed.as_args() if signed else [])
-        return self.agent("switch", *self._common(), "--release", target, "--action", "rollback", "--by", by,
+        return self.agent("switch", *self._changing(), "--release", target, "--action", "rollback", "--by", by,
                           "--trial-window", f"{trial_window_s:g}", *extra)
 
     def uninstall(self, by: str = "edgeops", order: SignedOrder | None = None) -> dict[str, Any]:
         """No release runs any more (only when the user asks for it)."""
-        return self.agent("switch", *self._common(), "--action", "uninstall", "--by", by,
+        return self.agent("switch", *self._changing(), "--action", "uninstall", "--by", by,
                           *(order.as_args() if order else []))
 
     def verify(self, release_id: str, baseline: str | None, runs: int, block: int, timeout: float | None,
@@ -433,7 +438,7 @@ class Device:
     def record(self, update: dict[str, Any], by: str = "edgeops", release: str | None = None) -> None:
         """Store a verdict; with ``release``, only while that release still runs (else AgentFailed)."""
         named = ["--release", release] if release else []
-        self.agent("record", *self._common(), "--json", json.dumps(update, sort_keys=True), "--by", by, *named)
+        self.agent("record", *self._changing(), "--json", json.dumps(update, sort_keys=True), "--by", by, *named)
 
     def keep_facts(self, power_sensor: dict[str, Any] | None) -> None:
         """Have the agent gather its facts and keep them (``agent/facts.json``), so the next reads can be
@@ -441,4 +446,4 @@ class Device:
         self.agent("state", *self._common(), "--facts", "--keep", "--power", _sensor_argument(power_sensor))
 
     def prune(self, keep: int) -> dict[str, Any]:
-        return self.agent("prune", *self._common(), "--keep", str(keep))
+        return self.agent("prune", *self._changing(), "--keep", str(keep))

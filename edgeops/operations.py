@@ -159,7 +159,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     fleets = [t.fleet for t in doc.obj.spec.targets]
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
-    with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s):
+    with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s) as lease:
         plan, desired = plan_deployment(repo, doc, connections, progress, selector,
                                         accept_quality_drop=accept_quality_drop)
         if saved is not None:
@@ -177,7 +177,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                                 hint="run edgeops plan again and apply that")
         git = head_info(repo.ws.root)
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
-                           signing_key=repo.signing_key)
+                           signing_key=repo.signing_key, lease=lease)
         pulled = any(is_pull(t) for t in desired.targets)
         result = apply(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
     return plan, result
@@ -346,7 +346,7 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
         if fleet_release is None:
             raise InputError.at(doc.display, None, "", f"no release '{to}' of {doc.name} in the ledger: "
                                 "`edgeops history` lists the releases rolled out")
-    with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s):
+    with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s) as lease:
         last = None if to else _last_apply(ledger, doc.name)
         git = head_info(ws.root)
         # decide first (read-only); only a rollback that changes a device opens a ledger entry
@@ -410,7 +410,9 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
         def one(target: TargetDevice) -> DeviceOutcome:
             if target.key in pulled:
                 return over_broker(target)
+            lease.check()  # no device step once the lock is gone
             with device_for(target, connections, doc.name).session() as device:  # one agent process
+                device.fence = lease.token(target.fleet.name)
                 return over_ssh(target, device)
 
         def over_ssh(target: TargetDevice, device: Device) -> DeviceOutcome:
@@ -474,7 +476,7 @@ def settle_paused(repo: Repo, doc: Document[Deployment], connections: Connection
     ws, ledger, actor = repo.ws, repo.ledger, repo.actor
     kind = "promote" if accept else "abort"
     fleets = sorted({t.fleet.name for t in target_devices(ws, doc.name)})
-    with ledger.lock(fleets, holder=f"{actor} {kind} {doc.name}", wait_s=lock_timeout_s):
+    with ledger.lock(fleets, holder=f"{actor} {kind} {doc.name}", wait_s=lock_timeout_s) as lease:
         paused = paused_devices(ws, doc, connections)
         if not paused:
             return RolloutResult(doc.name, Outcome.NO_OP, f"nothing to {kind}: no device of {doc.name} is paused", [])
@@ -482,7 +484,9 @@ def settle_paused(repo: Repo, doc: Document[Deployment], connections: Connection
         outcomes = []
         for target, state in paused:
             device = device_for(target, connections, doc.name)
+            device.fence = lease.token(target.fleet.name)
             try:
+                lease.check()
                 if accept:
                     device.record({"status": DeviceStatus.COMMITTED}, by=actor, release=state.current)
                     outcome = DeviceOutcome(target.key, kind, Decision.PASSED, f"{state.current} accepted by {actor} "

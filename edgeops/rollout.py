@@ -34,6 +34,7 @@ from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
+from edgeops.state.ledger import Lease, LockLost
 from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
 from edgeops.state import Ledger
 from edgeops.targets import TargetDevice
@@ -84,6 +85,7 @@ class RolloutResult:
     message: str
     devices: list[DeviceOutcome]
     rollout_id: int | None = None
+    lock_lost: str | None = None   # why the fleets' lock was gone mid-rollout (the command exits 5)
 
     def count(self, decision: str) -> int:
         return sum(1 for d in self.devices if d.decision == decision)
@@ -202,6 +204,7 @@ class ApplyContext:
     reporter: Reporter = field(default_factory=SilentReporter)
     stop: threading.Event = field(default_factory=threading.Event)
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
+    lease: Lease | None = None        # the fleets' lock: checked before every device step, its fencing tokens sent
 
 
 def _allowed(spec: int | str, base: int) -> float:
@@ -251,7 +254,21 @@ class DeviceRoller:
                             for acc, a in ctx.desired.artifacts.items()}
 
     def device(self, target: TargetDevice) -> Device:
-        return device_for(target, self.ctx.connections, self.doc.name)
+        device = device_for(target, self.ctx.connections, self.doc.name)
+        device.fence = self.ctx.lease.token(target.fleet.name) if self.ctx.lease else None
+        return device
+
+    def lease_held(self, outcome: DeviceOutcome, when: str) -> bool:
+        """Whether the fleets' lock is still ours; when it is gone nothing new starts (and the reason says so)."""
+        if self.ctx.lease is None:
+            return True
+        try:
+            self.ctx.lease.check()
+        except LockLost as exc:
+            self.ctx.stop.set()
+            outcome.reason = f"{when}: {exc.message}"
+            return False
+        return True
 
     def signed(self, target: TargetDevice, release: Release) -> SignedMetadata | None:
         """The release's signed metadata when the target's fleet signs releases (signed once per release)."""
@@ -285,7 +302,7 @@ class DeviceRoller:
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         target, release, outcome = self.starting(planned)
-        if outcome.reason:
+        if outcome.reason or not self.lease_held(outcome, "not started"):
             return outcome
         report = self.ctx.reporter
         switching, verdict = False, None
@@ -296,6 +313,8 @@ class DeviceRoller:
                 pushed = device.push(release, timeout=self.policy.timeouts.push_s, repair=planned.action == Action.REPAIR,
                                      progress=lambda done: report.transfer(planned.key, done, release.model_bytes))
                 outcome.bytes_moved = pushed.bytes_moved
+                if not self.lease_held(outcome, "after the push, before the switch: still on the previous release"):
+                    return outcome
                 if self.ctx.stop.is_set():
                     outcome.reason = "interrupted after the push, before the switch: still on the previous release"
                     return outcome
@@ -400,6 +419,9 @@ class DeviceRoller:
         """Take back a release this rollout switched to and committed: to ``back``, the committed release the
         device ran before (none: it ran none before this rollout's first install)."""
         target = self.ctx.desired.target(key)
+        held = DeviceOutcome(key, "rollback", Decision.SKIPPED)
+        if not self.lease_held(held, "not rolled back"):
+            return held.reason
         try:
             done = self.device(target).rollback(to=back or "none", by=self.ctx.actor,
                                                 order=orders_for(target, self.ctx.signing_key, self.doc.name))
@@ -545,6 +567,10 @@ def apply(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Roll
     runner.decided = decided
     result = runner.run()
     result.rollout_id = rollout_id
+    if ctx.lease is not None and ctx.lease.lost:
+        result.outcome, result.lock_lost = Outcome.INTERRUPTED, ctx.lease.lost
+        result.message = (f"stopped: the fleets' lock was lost ({ctx.lease.lost}); no device step started after "
+                          f"that, steps in flight finished or reverted; {result.message}")
     finish = getattr(work, "finish", None)
     if finish is not None:
         finish(result)

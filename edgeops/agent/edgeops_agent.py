@@ -1065,6 +1065,19 @@ def _check_order(root, state, deployment, action, release, allow_rejected, order
     return order
 
 
+def _fenced(state, args):
+    """Refuse a change from a controller whose lock is older than the newest one this device has seen; remember
+    the newest (the fleet lock's fencing token)."""
+    fence = getattr(args, "fence", None)
+    if fence is None:
+        return
+    last = int(state.get("fence") or 0)
+    if fence < last:
+        raise AgentError(f"a newer controller (fencing token {last}) has changed this device since; this one "
+                         f"(token {fence}) lost its lock and is refused", "fenced")
+    state["fence"] = fence
+
+
 def _committed_before(state, release):
     """This device committed ``release`` itself at some point (it is, or was, in the committed chain)."""
     entry = state["releases"].get(release) or {}
@@ -1402,6 +1415,7 @@ def layout_assemble(args):
             raise AgentError(f"invalid release file name {name!r}")
     with _locked(directory):
         state = _load(directory, args.deployment)
+        _fenced(state, args)
         entry = state["releases"].setdefault(args.release, {"state": "staged"})
         final = os.path.join(directory, "releases", args.release)
         if os.path.isdir(final):
@@ -1462,6 +1476,7 @@ def layout_switch(args):
     os.makedirs(os.path.join(directory, "releases"), exist_ok=True)
     with _locked(directory):
         state = _load(directory, args.deployment)
+        _fenced(state, args)
         _repair(state, directory)
         old, chain, releases = state.get("current"), state["chain"], state["releases"]
         if args.action == "revert":
@@ -1530,6 +1545,7 @@ def layout_record(args):
     directory = _deployment_dir(args.root, args.deployment)
     with _locked(directory):
         state = _load(directory, args.deployment)
+        _fenced(state, args)
         _repair(state, directory)
         update = json.loads(args.json)
         current = state.get("current")
@@ -1565,6 +1581,7 @@ def layout_prune(args):
     releases_dir = os.path.join(directory, "releases")
     with _locked(directory):
         state = _load(directory, args.deployment)
+        _fenced(state, args)
         keep = {r for r in (state.get("current"), state.get("previous"), state.get("committed")) if r}
         existing = sorted(os.listdir(releases_dir), key=lambda r: os.stat(os.path.join(releases_dir, r)).st_mtime,
                           reverse=True) if os.path.isdir(releases_dir) else []
@@ -1895,6 +1912,9 @@ def main(argv=None):
             cmd.add_argument("--signature", default=None, help="activate: its SSH signature (base64 of the armor)")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
+        if name in ("switch", "record", "assemble", "prune"):
+            cmd.add_argument("--fence", type=int, default=None, help="the fleet lock's fencing token: refused when "
+                                                                     "older than the newest this device has seen")
         if name == "record":
             cmd.add_argument("--json", required=True)
             cmd.add_argument("--release", default=None, help="the release the verdict is for (must be current)")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 from edgeops.errors import EdgeopsError, ExitCode
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class LedgerError(EdgeopsError):
@@ -27,6 +28,34 @@ class LockHeld(EdgeopsError):
     """Another apply holds the lock on a fleet."""
 
     exit_code = ExitCode.LOCKED
+
+
+class LockLost(EdgeopsError):
+    """The lock this controller held was lost (its connection dropped, or another controller took it)."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class Lease:
+    """A held lock on some fleets: a fencing token per fleet (grows with every acquisition, so a device can
+    refuse a change from a holder older than the last it saw) and ``check``, which raises LockLost the moment
+    the lock is gone. The executor checks before every device step."""
+
+    def __init__(self, tokens: dict[str, int], alive: Callable[[], str | None] = lambda: None) -> None:
+        self.tokens = tokens
+        self._alive = alive
+        self.lost: str | None = None
+
+    def token(self, fleet: str) -> int | None:
+        return self.tokens.get(fleet)
+
+    def check(self) -> None:
+        if self.lost is None:
+            self.lost = self._alive()
+        if self.lost is not None:
+            raise LockLost(f"the lock on fleet(s) {', '.join(sorted(self.tokens))} was lost: {self.lost}; no new "
+                           "device step was started after that",
+                           hint="another controller may now hold the fleet: read `edgeops status`, then run again")
 
 
 def now() -> str:
@@ -51,8 +80,18 @@ class Ledger(ABC):
         """The engine's spelling of a query written with ``?`` placeholders."""
 
     @abstractmethod
-    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> AbstractContextManager[None]:
+    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> AbstractContextManager[Lease]:
         """Hold the lock on every fleet (apply and rollback), waiting up to ``wait_s``; else raise LockHeld."""
+
+    def next_tokens(self, fleets: list[str]) -> dict[str, int]:
+        """One more fencing token per fleet (taken with the lock: a later holder always has a larger one)."""
+        tokens = {}
+        with self._connect() as db:
+            for fleet in sorted(set(fleets)):
+                row = db.execute(self._sql("INSERT INTO fences (fleet, token) VALUES (?, 1) ON CONFLICT (fleet) DO "
+                                           "UPDATE SET token = fences.token + 1 RETURNING token"), (fleet,)).fetchone()
+                tokens[fleet] = int(row["token"])
+        return tokens
 
     @property
     @abstractmethod

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from edgeops.state.ledger import SCHEMA_VERSION, Ledger, LedgerError, held_message, now
+from edgeops.state.ledger import SCHEMA_VERSION, Lease, Ledger, LedgerError, held_message, now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS edgeops_schema (version INTEGER NOT NULL);
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS release_members (
     deployment TEXT NOT NULL, release TEXT NOT NULL, device TEXT NOT NULL, materialisation TEXT NOT NULL,
     PRIMARY KEY (deployment, release, device)
 );
+CREATE TABLE IF NOT EXISTS fences (fleet TEXT PRIMARY KEY, token BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (
     fleet TEXT PRIMARY KEY, holder TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, acquired_at TEXT NOT NULL
 )
@@ -80,6 +81,8 @@ class PostgresLedger(Ledger):
             elif row["version"] > SCHEMA_VERSION:
                 raise LedgerError(f"{self.location} was written by a newer edgeops (schema {row['version']})",
                                   hint="upgrade edgeops")
+            elif row["version"] < SCHEMA_VERSION:  # the tables above are created if missing: that is the migration
+                db.execute("UPDATE edgeops_schema SET version = %s", (SCHEMA_VERSION,))
 
     @property
     def location(self) -> str:
@@ -109,7 +112,7 @@ class PostgresLedger(Ledger):
             db.close()
 
     @contextmanager
-    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> Iterator[None]:
+    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> Iterator[Lease]:
         session = self._open(autocommit=True)  # the locks live as long as this connection
         names, held = sorted(set(fleets)), False
         try:
@@ -135,10 +138,21 @@ class PostgresLedger(Ledger):
                                 "host = excluded.host, acquired_at = excluded.acquired_at",
                                 (fleet, holder, os.getpid(), socket.gethostname(), now()))
             held = True
-            yield
+            yield Lease(self.next_tokens(names), lambda: self._still_held(session))
         finally:
-            if held:
-                for fleet in names:
-                    session.execute("DELETE FROM locks WHERE fleet = %s AND pid = %s AND host = %s",
-                                    (fleet, os.getpid(), socket.gethostname()))
+            try:
+                if held and not session.closed:
+                    for fleet in names:
+                        session.execute("DELETE FROM locks WHERE fleet = %s AND pid = %s AND host = %s",
+                                        (fleet, os.getpid(), socket.gethostname()))
+            except self._psycopg.Error:
+                pass  # the lock's connection is gone: so are its advisory locks (a row may stay, for people only)
             session.close()  # frees every advisory lock this session held
+
+    def _still_held(self, session: Any) -> str | None:
+        """The advisory locks live as long as their session: a session that still answers still holds them."""
+        try:
+            session.execute("SELECT 1").fetchone()
+        except self._psycopg.Error as exc:
+            return f"its PostgreSQL session ended ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        return None

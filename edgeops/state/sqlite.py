@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edgeops.state.ledger import SCHEMA_VERSION, Ledger, LedgerError, LockHeld, held_message, now
+from edgeops.state.ledger import SCHEMA_VERSION, Lease, Ledger, LedgerError, LockHeld, held_message, now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS device_events (
     at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS device_events_by_deployment ON device_events(deployment, device);
+CREATE TABLE IF NOT EXISTS fences (fleet TEXT PRIMARY KEY, token INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (
     fleet TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -72,6 +73,9 @@ CREATE TABLE IF NOT EXISTS release_members (
     PRIMARY KEY (deployment, release, device)
 );
 CREATE INDEX IF NOT EXISTS release_members_by_device ON release_members(deployment, device, materialisation);
+""",
+    3: """
+CREATE TABLE IF NOT EXISTS fences (fleet TEXT PRIMARY KEY, token INTEGER NOT NULL);  -- a lock's fencing tokens
 """,
 }
 
@@ -136,7 +140,7 @@ class SqliteLedger(Ledger):
             db.close()
 
     @contextmanager
-    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> Iterator[None]:
+    def lock(self, fleets: list[str], holder: str, wait_s: float = 0) -> Iterator[Lease]:
         me = (holder, os.getpid(), socket.gethostname())
         deadline = time.monotonic() + wait_s
         while True:
@@ -148,11 +152,19 @@ class SqliteLedger(Ledger):
                     raise
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         try:
-            yield
+            yield Lease(self.next_tokens(fleets), lambda: self._still_held(fleets, me))
         finally:
             with self._connect() as db:
                 for fleet in set(fleets):
                     db.execute("DELETE FROM locks WHERE fleet = ? AND pid = ? AND host = ?", (fleet, me[1], me[2]))
+
+    def _still_held(self, fleets: list[str], me: tuple[str, int, str]) -> str | None:
+        with self._connect() as db:
+            for fleet in sorted(set(fleets)):
+                row = db.execute("SELECT * FROM locks WHERE fleet = ?", (fleet,)).fetchone()
+                if row is None or (row["pid"], row["host"]) != (me[1], me[2]):
+                    return f"fleet {fleet}'s lock row is gone or another controller's"
+        return None
 
     def _take(self, fleets: list[str], me: tuple[str, int, str]) -> None:
         with self._connect() as db:

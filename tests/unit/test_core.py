@@ -254,7 +254,7 @@ def test_a_ledger_from_the_first_schema_is_migrated_in_place_and_keeps_its_histo
     assert ledger.release("a", "rel-9") is None and ledger.release("b", "rel-12") is None
     assert ledger.release_names("a")[("f/d2", "r-2")] == "rel-1234"
     Ledger(path)  # opening a current ledger again changes nothing
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_the_fleet_wide_release_id_ignores_device_values_but_not_what_the_devices_run() -> None:
