@@ -62,6 +62,7 @@ class DeviceState:
     facts: DeviceFacts = field(default_factory=DeviceFacts)
     damaged: dict[str, list[str]] = field(default_factory=dict)   # release -> what is wrong with its files
     half_done: tuple[str, ...] = ()         # what a crash or a cut left half done (a read reports, never finishes)
+    state_error: str | None = None          # state.json is corrupt (Damaged: the next apply rebuilds it)
 
     @classmethod
     def from_agent(cls, doc: dict[str, Any]) -> DeviceState:
@@ -69,7 +70,7 @@ class DeviceState:
         return cls(current=doc["current"], previous=doc["previous"], releases=tuple(doc["releases"]),
                    blobs=frozenset(doc["blobs"]), free_bytes=doc["free_bytes"], state=doc["state"] or {},
                    facts=DeviceFacts.from_agent(doc["facts"]), damaged=doc.get("damaged") or {},
-                   half_done=tuple(doc.get("half_done") or ()))
+                   half_done=tuple(doc.get("half_done") or ()), state_error=doc.get("state_error"))
 
     @property
     def status(self) -> str | None:
@@ -444,6 +445,12 @@ class Device:
         """Have the agent gather its facts and keep them (``agent/facts.json``), so the next reads can be
         file reads; in a session this costs no new process."""
         self.agent("state", *self._common(), "--facts", "--keep", "--power", _sensor_argument(power_sensor))
+
+    def heal(self, committed: str | None = None, by: str = "edgeops") -> dict[str, Any]:
+        """Restore damaged files of the running, committed and previous releases from the device's blobs (the
+        recorded bytes, never new ones) and rebuild a corrupt state.json (``committed``: the ledger's word)."""
+        extra = ["--committed", committed] if committed else []
+        return self.agent("heal", *self._changing(), "--by", by, *extra)
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._changing(), "--keep", str(keep))

@@ -34,10 +34,14 @@ def health_of(o: ObservedDevice, checked: Preflight | None, slo: SLO) -> tuple[H
         return Health.UNREACHABLE, o.error
     if checked is not None and not checked.ok:
         return Health.DEGRADED, "the device cannot run releases now: " + "; ".join(checked.refusals)
+    if o.state_error:
+        return Health.DAMAGED, f"{o.state_error} (apply rebuilds it)"
     if o.current is None:
         return Health.MISSING, "no release of this deployment on the device"
     if o.damaged:
         return Health.DAMAGED, f"{o.current} is damaged: {'; '.join(o.damaged)} (apply repairs it)"
+    if o.damaged_other:
+        return Health.DAMAGED, f"the rollback target is damaged: {'; '.join(o.damaged_other)} (apply repairs it)"
     if o.half_done:
         return Health.INTERRUPTED, "half done: " + "; ".join(o.half_done)
     verdict = (o.verification or {}).get("reason", "")

@@ -102,7 +102,8 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None, selector: LabelSelector | None = None,
-                    untrusted_base: str | None = None, accept_quality_drop: bool = False) -> tuple[Plan, Desired]:
+                    untrusted_base: str | None = None, accept_quality_drop: bool = False,
+                    verify: bool = False) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide.
 
     ``untrusted_base``: the plan of a pull request; only devices whose endpoints and credentials are the
@@ -115,7 +116,7 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
     targets = list(desired.targets)
     withheld = withhold(repo.ws, untrusted_base, targets) if untrusted_base else Withheld({})
     progress(f"reading the state of {len(targets) - len(withheld.reasons)} device(s)")
-    observed = observe_targets(doc.name, [t for t in targets if withheld.allows(t)], connections)
+    observed = observe_targets(doc.name, [t for t in targets if withheld.allows(t)], connections, verify)
     observed |= {key: ObservedDevice(key, False, error=reason) for key, reason in withheld.reasons.items()}
     previous = repo.ledger.last_successful_summary(doc.name)
     drops = {} if accept_quality_drop else {d.accelerator: d for d in quality_drops(repo.ledger, repo.cache, doc,
@@ -160,8 +161,9 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s) as lease:
+        # apply hashes what runs and the rollback targets (sizes and times cannot prove a same-size change)
         plan, desired = plan_deployment(repo, doc, connections, progress, selector,
-                                        accept_quality_drop=accept_quality_drop)
+                                        accept_quality_drop=accept_quality_drop, verify=True)
         if saved is not None:
             if saved.deployment != doc.name:
                 raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")

@@ -65,6 +65,8 @@ class ObservedDevice:
     untrusted: bool = False                   # unreachable for a security reason (host key, refused key)
     rejected: frozenset[str] = frozenset()    # releases that failed verification on this device
     half_done: tuple[str, ...] = ()           # what a crash or a cut left half done (the next apply finishes it)
+    damaged_other: tuple[str, ...] = ()       # damaged files of the committed or previous (rollback target) release
+    state_error: str | None = None            # state.json is corrupt
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ def digest_desired(desired: list[DesiredDevice]) -> str:
 def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[Action, str]:
     if not seen.reachable:
         return (Action.REFUSED, f"not trusted: {seen.error}") if seen.untrusted else (Action.UNREACHABLE, seen.error)
+    if seen.state_error:
+        return Action.REPAIR, f"{seen.state_error}: it is rebuilt from the release directories and the ledger"
     if seen.current is None:
         return Action.INSTALL, "no release of this deployment on the device"
     if seen.current != want.release_id and want.release_id in seen.rejected:
@@ -160,6 +164,9 @@ def _action(want: DesiredDevice, seen: ObservedDevice) -> tuple[Action, str]:
     if seen.damaged:
         return Action.REPAIR, f"the running release is damaged ({'; '.join(seen.damaged)}): its files are restored " \
                          "and it is verified again"
+    if seen.damaged_other:
+        return Action.REPAIR, f"the rollback target is damaged ({'; '.join(seen.damaged_other)}): its files are " \
+                         "restored from the device's blobs"
     if seen.status not in (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE):
         return Action.REVERIFY, f"release is there but its last verification did not finish (status {seen.status})"
     judged = (seen.verification or {}).get("slo")

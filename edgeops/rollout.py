@@ -38,7 +38,7 @@ from edgeops.state.ledger import Lease, LockLost
 from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
 from edgeops.state import Ledger
 from edgeops.targets import TargetDevice
-from edgeops.types import Action, Decision, DeviceStatus, Outcome, ReleaseState
+from edgeops.types import KEPT, Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, host_golden_value, measure
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
@@ -110,7 +110,10 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
                           last_rejected=state.state.get("last_rejected"),
                           damaged=tuple(state.damaged.get(state.current, ())) if state.current else (),
                           rejected=frozenset(r for r, e in (state.state.get("releases") or {}).items()
-                                             if e.get("state") == ReleaseState.REJECTED), half_done=state.half_done)
+                                             if e.get("state") == ReleaseState.REJECTED), half_done=state.half_done,
+                          damaged_other=tuple(f"{release}: {'; '.join(problems)}" for release, problems
+                                              in sorted(state.damaged.items()) if release != state.current),
+                          state_error=state.state_error)
 
 
 def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
@@ -258,6 +261,14 @@ class DeviceRoller:
         device.fence = self.ctx.lease.token(target.fleet.name) if self.ctx.lease else None
         return device
 
+    def last_committed(self, key: str) -> str | None:
+        """The release the ledger last saw kept on this device (what a rebuilt state.json takes as committed)."""
+        for rollout in self.ctx.ledger.history(self.doc.name, 50):
+            for event in rollout.get("devices") or []:
+                if event["device"] == key and event["decision"] in KEPT and event.get("release_id"):
+                    return str(event["release_id"])
+        return None
+
     def lease_held(self, outcome: DeviceOutcome, when: str) -> bool:
         """Whether the fleets' lock is still ours; when it is gone nothing new starts (and the reason says so)."""
         if self.ctx.lease is None:
@@ -309,6 +320,10 @@ class DeviceRoller:
         try:
             device = self.device(target)
             with device.session():  # one agent process for the whole device: push, switch, verify, commit
+                if planned.action == Action.REPAIR:
+                    healed = device.heal(self.last_committed(planned.key), by=self.ctx.actor)
+                    report.stage(planned.key, "heal", f"{len(healed['healed'])} restored from the device's blobs"
+                                 + (f", {len(healed['unhealed'])} not" if healed["unhealed"] else ""))
                 report.stage(planned.key, "push", f"{planned.bytes_to_move} bytes to move")
                 pushed = device.push(release, timeout=self.policy.timeouts.push_s, repair=planned.action == Action.REPAIR,
                                      progress=lambda done: report.transfer(planned.key, done, release.model_bytes))

@@ -1288,7 +1288,11 @@ def layout_state(args):
     directory = _deployment_dir(args.root, args.deployment)
     blobs_dir = os.path.join(args.root, "blobs", "sha256")
     releases_dir = os.path.join(directory, "releases")
-    state = _read_state(directory)  # a read: never finishes, repairs or prunes anything
+    state_error = None
+    try:
+        state = _read_state(directory)  # a read: never finishes, repairs or prunes anything
+    except AgentError as exc:  # a corrupt state.json: Damaged, rebuilt by the next apply (heal)
+        state, state_error = None, str(exc)
     half_done = []
     if state is not None:
         state = _lifecycle(state)
@@ -1318,6 +1322,7 @@ def layout_state(args):
         "verified": bool(verify),
         "half_done": half_done,
         "trust": trust_facts(args.root),
+        "state_error": state_error,
     }
     if facts:
         out["facts"] = gather_facts(args.root, json.loads(args.power) if args.power else None,
@@ -1524,6 +1529,67 @@ def layout_switch(args):
     return {"current": target, "previous": state["previous"], "committed": state["committed"],
             "switched": old != target, "rejected": old if args.action == "revert" and old != target else None,
             "trial_until": (state.get("trial") or {}).get("until")}
+
+
+def _rebuilt_state(directory, deployment, committed):
+    """A state.json rebuilt from what is on the device: every release directory with its files as they are, the
+    link as what runs, and ``committed`` (the controller's word, from its ledger) as the one committed release."""
+    releases_dir = os.path.join(directory, "releases")
+    state = _lifecycle({"deployment": deployment})
+    for release in sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else []:
+        files = {}
+        base = os.path.join(releases_dir, release)
+        for name in sorted(os.listdir(base)):
+            path = os.path.join(base, name)
+            if os.path.isfile(path) and not name.startswith("."):
+                stat = os.stat(path)
+                files[name] = {"sha256": _sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        state["releases"][release] = {"state": "staged", "files": files, "rebuilt": True}
+    if committed and committed in state["releases"]:
+        state["releases"][committed].update(state="committed", status="committed", ever_committed=True)
+        state["chain"] = [committed]
+    current = _link(directory, "current")
+    state["current"] = current if current in state["releases"] else (committed if committed in state["releases"]
+                                                                     else None)
+    state["status"] = "committed" if state["current"] and state["current"] == committed else "verifying" \
+        if state["current"] else "removed"
+    return state
+
+
+def layout_heal(args):
+    """Make the device whole again without new bytes from anywhere: a corrupt state.json rebuilt (see
+    ``_rebuilt_state``), and every damaged file of the running, committed and previous releases restored from
+    its blob, checked against the sha256 recorded for it (never a new hash). Says what it could not heal."""
+    directory = _deployment_dir(args.root, args.deployment)
+    healed, unhealed = [], []
+    with _locked(directory):
+        try:
+            state = _load(directory, args.deployment)
+        except AgentError as exc:
+            state = _rebuilt_state(directory, args.deployment, args.committed)
+            healed.append(f"state.json rebuilt ({exc})")
+        _fenced(state, args)
+        for release in dict.fromkeys(r for r in (state.get("current"), state["chain"][-1] if state["chain"] else None,
+                                                 state.get("previous")) if r):
+            entry = state["releases"].get(release) or {}
+            base = os.path.join(directory, "releases", release)
+            for name, meta in sorted((entry.get("files") or {}).items()):
+                if not _release_problems(directory, release, {"files": {name: meta}}, True):
+                    continue
+                blob = os.path.join(args.root, "blobs", "sha256", meta["sha256"])
+                try:
+                    os.makedirs(base, exist_ok=True)
+                    tmp = os.path.join(base, f".{name}.heal-{uuid.uuid4().hex[:8]}")
+                    restored = _copy_verified(blob, tmp, meta["sha256"])
+                    os.replace(tmp, os.path.join(base, name))
+                    meta["mtime_ns"] = restored["mtime_ns"]
+                    healed.append(f"{release}/{name}")
+                except (AgentError, OSError):
+                    unhealed.append(f"{release}/{name}")
+        _event(state, "heal", state.get("current"), args.by, healed=healed, unhealed=unhealed)
+        _settle(state, directory)
+    return {"healed": healed, "unhealed": unhealed, "current": state.get("current"),
+            "committed": state["committed"]}
 
 
 def layout_check_order(args):
@@ -1743,7 +1809,7 @@ def serve():
 
 CONFINED_ENV = "EDGEOPS_AGENT_ROOT"
 GATED_COMMANDS = ("serve", "state", "prepare", "assemble", "switch", "record", "prune", "bench", "facts", "power",
-                  "enroll", "install-agent", "check-order")
+                  "enroll", "install-agent", "check-order", "heal")
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server", "/usr/libexec/openssh/sftp-server",
                 "/usr/lib/ssh/sftp-server")
 MARKER = "--edgeops-output-begins--"
@@ -1877,7 +1943,7 @@ def main(argv=None):
     w.add_argument("--deployment", required=True)
     w.add_argument("--release", required=True)
     w.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
-    for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune"):
+    for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune", "heal"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--root", required=True)
         if name != "install-agent":
@@ -1912,7 +1978,11 @@ def main(argv=None):
             cmd.add_argument("--signature", default=None, help="activate: its SSH signature (base64 of the armor)")
         if name in ("switch", "record"):
             cmd.add_argument("--by", default="edgeops")
-        if name in ("switch", "record", "assemble", "prune"):
+        if name == "heal":
+            cmd.add_argument("--committed", default=None, help="a corrupt state.json: the release the controller's "
+                                                                "ledger last saw committed here")
+            cmd.add_argument("--by", default="edgeops")
+        if name in ("switch", "record", "assemble", "prune", "heal"):
             cmd.add_argument("--fence", type=int, default=None, help="the fleet lock's fencing token: refused when "
                                                                      "older than the newest this device has seen")
         if name == "record":
@@ -1932,7 +2002,7 @@ def main(argv=None):
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll,
-                "check-order": layout_check_order}
+                "check-order": layout_check_order, "heal": layout_heal}
     if args.command == "gate":
         return gate(args)
     try:

@@ -198,3 +198,39 @@ def test_a_rollback_on_an_enrolled_device_takes_a_fresh_order_signed_by_the_rele
     with pytest.raises(AgentFailed) as replayed:
         device.rollback(to=first.id, order=lambda action, release: order)
     assert replayed.value.kind == "replay" and device.observe().current == second.id
+
+
+def test_a_damaged_rollback_target_is_seen_by_a_verifying_read_and_healed_from_the_blobs(repo_copy: Path,
+                                                                                       enrolled) -> None:  # type: ignore[no-untyped-def]
+    device, key = enrolled
+    first, second = releases(repo_copy, 2)
+    commit(device, first, key)
+    commit(device, second, key)  # first is now the previous release: the rollback target
+    config = Path(device.root) / "deployments" / DEPLOYMENT / "releases" / first.id / "runtime.json"
+    original = config.read_bytes()
+    os.chmod(config, 0o644)
+    config.write_bytes(original.replace(b"1", b"2", 1))  # same size, another byte
+    assert device.observe().damaged == {}  # sizes and times: the running release only
+    seen = device.observe(verify=True)
+    assert first.id in seen.damaged and second.id not in seen.damaged
+    healed = device.heal()
+    assert healed["healed"] == [f"{first.id}/runtime.json"] and config.read_bytes() == original
+    assert device.observe(verify=True).damaged == {}
+
+
+def test_a_corrupt_state_file_reads_as_damaged_and_is_rebuilt(repo_copy: Path, enrolled) -> None:  # type: ignore[no-untyped-def]
+    device, key = enrolled
+    first, second = releases(repo_copy, 2)
+    commit(device, first, key)
+    commit(device, second, key)
+    state_file = Path(device.root) / "deployments" / DEPLOYMENT / "state.json"
+    state_file.write_text(state_file.read_text()[:40])  # a torn write
+    before = tree_digest(Path(device.root))
+    seen = device.observe()
+    assert seen.state_error and "corrupt" in seen.state_error and seen.current == second.id
+    assert tree_digest(Path(device.root)) == before  # read: nothing rebuilt yet
+    healed = device.heal(committed=second.id)
+    assert healed["healed"][0].startswith("state.json rebuilt")
+    after = device.observe(verify=True)
+    assert after.state_error is None and (after.current, after.committed) == (second.id, second.id)
+    assert after.damaged == {}
