@@ -1075,6 +1075,10 @@ def _fenced(state, args):
     if fence < last:
         raise AgentError(f"a newer controller (fencing token {last}) has changed this device since; this one "
                          f"(token {fence}) lost its lock and is refused", "fenced")
+    if fence > last and os.path.exists(os.path.join(_deployment_dir(args.root, args.deployment), "state.json")):
+        state["fence"] = fence  # kept at once: a newer holder is known even if its step then fails
+        _write_atomic(os.path.join(_deployment_dir(args.root, args.deployment), "state.json"),
+                      json.dumps(state, indent=2, sort_keys=True))
     state["fence"] = fence
 
 
@@ -1174,6 +1178,8 @@ def _revert(state, directory, by, reason, verdict=True):
                                       "reason": reason or (entry.get("verification") or {}).get("reason", "")}
     target = chain[-1] if chain else None
     if target is not None:
+        _heal_release(None if directory is None else os.path.dirname(os.path.dirname(directory)), directory, state,
+                      target)  # the way back restores its recorded bytes from the blobs when it can
         _may_become_current(None, directory, state, target, "revert")
     state["current"] = target
     state["status"] = releases[target].get("status", "committed") if target else "removed"
@@ -1549,11 +1555,38 @@ def _rebuilt_state(directory, deployment, committed):
         state["releases"][committed].update(state="committed", status="committed", ever_committed=True)
         state["chain"] = [committed]
     current = _link(directory, "current")
-    state["current"] = current if current in state["releases"] else (committed if committed in state["releases"]
-                                                                     else None)
-    state["status"] = "committed" if state["current"] and state["current"] == committed else "verifying" \
-        if state["current"] else "removed"
+    if committed and committed in state["releases"]:  # what ran may have been a trial: back on the committed one
+        state["current"] = committed
+    elif current in state["releases"]:  # nothing known to be committed: keep what runs, never remove a model
+        state["current"] = current
+        state["releases"][current].update(state="committed", status="committed", ever_committed=True)
+        state["chain"] = [current]
+    else:
+        state["current"] = None
+    state["status"] = "committed" if state["current"] else "removed"
     return state
+
+
+def _heal_release(root, directory, state, release):
+    """Restore every damaged file of ``release`` from its blob, checked against the recorded sha256 (the bytes
+    it was assembled with: never new ones); (healed, unhealed) as release/file names."""
+    healed, unhealed = [], []
+    entry = state["releases"].get(release) or {}
+    base = os.path.join(directory, "releases", release)
+    for name, meta in sorted((entry.get("files") or {}).items()):
+        if not _release_problems(directory, release, {"files": {name: meta}}, True):
+            continue
+        blob = os.path.join(root, "blobs", "sha256", meta["sha256"])
+        try:
+            os.makedirs(base, exist_ok=True)
+            tmp = os.path.join(base, f".{name}.heal-{uuid.uuid4().hex[:8]}")
+            restored = _copy_verified(blob, tmp, meta["sha256"])
+            os.replace(tmp, os.path.join(base, name))
+            meta["mtime_ns"] = restored["mtime_ns"]
+            healed.append(f"{release}/{name}")
+        except (AgentError, OSError):
+            unhealed.append(f"{release}/{name}")
+    return healed, unhealed
 
 
 def layout_heal(args):
@@ -1571,21 +1604,9 @@ def layout_heal(args):
         _fenced(state, args)
         for release in dict.fromkeys(r for r in (state.get("current"), state["chain"][-1] if state["chain"] else None,
                                                  state.get("previous")) if r):
-            entry = state["releases"].get(release) or {}
-            base = os.path.join(directory, "releases", release)
-            for name, meta in sorted((entry.get("files") or {}).items()):
-                if not _release_problems(directory, release, {"files": {name: meta}}, True):
-                    continue
-                blob = os.path.join(args.root, "blobs", "sha256", meta["sha256"])
-                try:
-                    os.makedirs(base, exist_ok=True)
-                    tmp = os.path.join(base, f".{name}.heal-{uuid.uuid4().hex[:8]}")
-                    restored = _copy_verified(blob, tmp, meta["sha256"])
-                    os.replace(tmp, os.path.join(base, name))
-                    meta["mtime_ns"] = restored["mtime_ns"]
-                    healed.append(f"{release}/{name}")
-                except (AgentError, OSError):
-                    unhealed.append(f"{release}/{name}")
+            done, left = _heal_release(args.root, directory, state, release)
+            healed += done
+            unhealed += left
         _event(state, "heal", state.get("current"), args.by, healed=healed, unhealed=unhealed)
         _settle(state, directory)
     return {"healed": healed, "unhealed": unhealed, "current": state.get("current"),

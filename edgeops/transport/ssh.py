@@ -495,7 +495,10 @@ class SSHSession:
         return self._line(deadline, what, limit).decode(errors="replace")
 
     def close(self) -> None:
-        self.channel.close()
+        try:
+            self.channel.close()
+        except (paramiko.SSHException, EOFError, OSError):
+            pass  # a dead connection has nothing left to close
 
 
 def _statvfs_free(sftp: paramiko.SFTPClient, path: str) -> int | None:

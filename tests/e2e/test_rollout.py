@@ -13,7 +13,7 @@ from edgeops.errors import ExitCode
 from edgeops.connections import Connections
 from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rollback_deployment
-from edgeops.rollout import device_for
+from edgeops.rollout import device_for, orders_for
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.repo import edited
@@ -170,13 +170,16 @@ def test_saved_plan_is_refused_when_devices_moved(lab_repo: Path, tmp_path: Path
     ws, doc = ws_doc(lab_repo)
     do_apply(lab_repo)
     target = target_devices(ws, doc.name)[1]
+    orders = orders_for(target, None, doc.name)  # an operator holding the release key, by hand
     with Connections() as connections:
-        device_for(target, connections, doc.name).activate("none")  # somebody changes a device by hand
+        device = device_for(target, connections, doc.name)
+        running = device.observe().current
+        device.uninstall(order=orders("uninstall", None))  # somebody changes a device by hand
     saved = tmp_path / "plan.json"
     assert cli(lab_repo, "plan", MANIFEST, "--out", str(saved)).exit_code == 2
     with Connections() as connections:
         plan, _ = plan_deployment(repo_at(lab_repo, ws), doc, connections)
-        device_for(target, connections, doc.name).rollback()  # ...and again, after the plan was saved
+        device_for(target, connections, doc.name).rollback(to=running, order=orders)  # ...and after the plan
     from edgeops.plan import Plan
 
     with pytest.raises(StalePlan, match="devices changed since"):

@@ -17,7 +17,7 @@ from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import apply_deployment
 from edgeops.release import Release, make_release
 from edgeops.render import render_device
-from edgeops.rollout import device_for
+from edgeops.rollout import device_for, orders_for
 from edgeops.signing import (
     RELEASE_NAMESPACE,
     FileDigest,
@@ -148,9 +148,9 @@ def test_a_replayed_older_release_is_refused_but_a_rollback_to_a_committed_one_n
         assert device.observe().committed == newer.id
     kind, _ = attempt(lab, first, old_signed)  # replaying the older signed metadata
     assert kind == "downgrade"
-    with Connections() as connections:  # an explicit rollback to a release verified on arrival: no new signature
-        device = device_for(target_of(lab), connections, DEPLOYMENT)
-        assert device.rollback(to=was)["current"] == was
+    with Connections() as connections:  # an explicit rollback to a release verified on arrival: no new release
+        device = device_for(target_of(lab), connections, DEPLOYMENT)  # signature, only the signed order
+        assert device.rollback(to=was, order=orders_for(target_of(lab), None, DEPLOYMENT))["current"] == was
         assert device.observe().current == was
 
 

@@ -24,6 +24,7 @@ from edgeops.errors import (
     TransportError,
 )
 from edgeops.lab import admin_key_of
+from edgeops.rollout import orders_for
 from edgeops.manifest.workspace import load_workspace
 from edgeops.release import make_release
 from edgeops.render import render_device
@@ -178,7 +179,7 @@ def test_push_dedup_and_rollback_move_no_model_bytes(lab_repo: Path) -> None:
         device.activate(second.id, signed=lab_signed(lab_repo, second))
         device.record({"status": "committed"}, release=second.id)
         sent_before = connections.get(target).bytes_sent
-        device.rollback()
+        device.rollback(order=orders_for(target, None, "wearable-activity"))  # signed, as the rollback command does
         assert connections.get(target).bytes_sent == sent_before
         state = device.observe()
         assert (state.current, state.committed, state.previous) == (first.id, first.id, None)

@@ -237,10 +237,13 @@ def test_runtime_facts_are_kept_under_the_installed_files_fingerprint(tmp_path: 
     import onnxruntime
 
     root = tmp_path / "root"
-    args = ("state", "--root", str(root), "--deployment", "d", "--facts", "--power", '{"source": "none"}')
+    read = ("state", "--root", str(root), "--deployment", "d", "--facts", "--power", '{"source": "none"}')
+    args = (*read, "--keep")  # a mutating command's refresh keeps them; a read writes nothing
     _, fresh = run_agent(tmp_path, *args)
     assert not (root / "agent" / "runtime-facts.json").exists()  # a device without a root gets nothing written
     (root / "agent").mkdir(parents=True)
+    run_agent(tmp_path, *read)
+    assert not (root / "agent" / "runtime-facts.json").exists()  # nor does a read
     _, first = run_agent(tmp_path, *args)
     cache = root / "agent" / "runtime-facts.json"
     kept = json.loads(cache.read_text())
