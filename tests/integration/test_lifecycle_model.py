@@ -124,6 +124,7 @@ class Lifecycle(RuleBasedStateMachine):
                 self.device.revert(reason="failed verification")
             except AgentFailed as exc:  # the way back could not be healed: the trial stays, its timer armed
                 self.allowed(exc, "release-damaged")
+            self.settled()
 
     @precondition(lambda self: not self.torn)
     @rule(index=st.integers(0, COUNT - 1))
@@ -348,3 +349,53 @@ def test_the_lifecycle_holds_its_invariants_under_random_steps_and_faults(lifecy
                                                   "the_trial_timer_fires", "a_stale_controller_is_refused")), ran
     pairs = sum(1 for a, b in zip(STEPS_RUN, STEPS_RUN[1:]) if a == "repointed" and b == "read")
     print(f"{len(steps)} steps: {ran}; a read right after a repointed link: {pairs}")
+
+
+# ---------------------------------------------------------------- what the machine found, kept as named tests
+
+
+def machine(lifecycle) -> Lifecycle:  # type: ignore[no-untyped-def]
+    state = lifecycle()
+    state.enroll()
+    return state
+
+
+def check(state: Lifecycle) -> None:
+    state.a_committed_release_is_never_lost()
+    state.only_verified_releases_are_committed()
+    state.what_runs_is_committed_or_a_trial_with_its_timer()
+    state.files_hash_as_recorded_unless_tampered()
+
+
+def test_found_a_revert_to_a_damaged_committed_release_restores_it_from_the_blobs(lifecycle) -> None:  # type: ignore[no-untyped-def]
+    state = machine(lifecycle)
+    state.install(0, True)
+    state.tamper(0)
+    state.install(1, False)  # its verdict fails: the way back is the damaged committed release
+    check(state)
+    assert state.state()["current"] == lifecycle.releases[0].id and not state.tampered
+
+
+def test_found_a_rebuilt_state_file_goes_back_to_the_committed_release(lifecycle) -> None:  # type: ignore[no-untyped-def]
+    state = machine(lifecycle)
+    state.install(0, True)
+    state.leave_a_trial(1)
+    state.tear_the_state_file()
+    state.heal()
+    check(state)
+    assert state.state()["current"] == lifecycle.releases[0].id
+
+
+def test_found_a_newer_controllers_token_is_kept_even_when_its_step_fails(lifecycle) -> None:  # type: ignore[no-untyped-def]
+    state = machine(lifecycle)
+    state.install(0, True)
+    state.device.fence = 7
+    try:
+        state.device.rollback(to="r-not-there", order=state.order())  # a step that fails
+    except AgentFailed:
+        pass
+    stale = Device(state.device.transport, state.device.root, sys.executable, DEPLOYMENT)
+    stale.fence = 6
+    with pytest.raises(AgentFailed) as refused:
+        stale.revert(verdict=False, reason="stale")
+    assert refused.value.kind == "fenced"
