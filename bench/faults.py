@@ -8,7 +8,8 @@ was killed), then checks the invariants on every device:
 
 - the active link points at the release state.json names, which is committed (or a trial
   whose timer is armed), whose files hash right, and which was never rejected;
-- status tells the truth: a tampered device shows Damaged, every other one what it runs;
+- status tells the truth: a tampered device shows Damaged (a repointed link: Interrupted), every other one
+  what it runs, and reading twice gives the same answer (reads change nothing);
 
 then runs a plain `apply` and checks that it converges: every device Synced and Healthy,
 every invariant holding. It prints counts per fault kind as a markdown table.
@@ -58,10 +59,10 @@ CUTS = {
     "cut after verify": (agent_command("bench"), True),
     "cut after commit": (agent_command("record", "committed"), True),
 }
-TAMPERS = {  # kind -> (fault, whether status must then show the device Damaged)
-    "flip a model byte": (flip_byte, True), "delete runtime.json": (delete_file, True),
-    "damage a blob": (damage_blob, False),  # the running release is intact: Healthy is the truth
-    "repoint current by hand": (point_current_elsewhere, False),  # the agent restores the link when read
+TAMPERS = {  # kind -> (fault, the health status must then show on that device; None: what it runs, truthfully)
+    "flip a model byte": (flip_byte, "Damaged"), "delete runtime.json": (delete_file, "Damaged"),
+    "damage a blob": (damage_blob, None),  # the running release is intact: Healthy is the truth
+    "repoint current by hand": (point_current_elsewhere, "Interrupted"),  # a read reports it, never restores it
 }
 KILLS = {"SIGKILL the controller": signal.SIGKILL, "SIGINT the controller": signal.SIGINT}
 
@@ -102,27 +103,32 @@ def violations(root: Path) -> list[str]:
     return found
 
 
-def status_truthful(root: Path, damaged: str | None) -> bool:
-    """Status shows Damaged exactly on the device whose running release was damaged."""
+def status_truthful(root: Path, damaged: str | None, health: str | None) -> bool:
+    """Status shows ``health`` (Damaged, Interrupted) exactly on the device that was tampered with, and reading
+    changes nothing: the same answer twice."""
     ws = load_workspace(root)
     with Connections() as connections:
-        rows = status_rows(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections)
-    return all((row.health == "Damaged") == (row.device == damaged) for row in rows)
+        rows = status_rows(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections, verify=True)
+        again = status_rows(repo_at(root, ws), ws.deployments[DEPLOYMENT], connections, verify=True)
+    same = [(r.device, r.health, r.release) for r in rows] == [(r.device, r.health, r.release) for r in again]
+    marked = {"Damaged", "Interrupted"}
+    return same and all((row.health == health) if row.device == damaged else row.health not in marked
+                        for row in rows)
 
 
 def one_round(root: Path, number: int, rng: random.Random) -> dict[str, object]:
     change_config(root, number)
     kind = rng.choice(sorted(CUTS) + sorted(TAMPERS) + sorted(KILLS))
-    tampered, damaged = None, None
+    tampered, damaged, health = None, None, None
     if kind in CUTS:
         when, after = CUTS[kind]
         apply(root, CutConnection(when, after))
     elif kind in TAMPERS:
         assert apply(root).ok
         target = rng.choice(target_devices(load_workspace(root), DEPLOYMENT))
-        fault, visible = TAMPERS[kind]
+        fault, health = TAMPERS[kind]
         fault(target, DEPLOYMENT)
-        tampered, damaged = target.name, (target.name if visible else None)
+        tampered, damaged = target.name, (target.name if health else None)
     else:
         process = subprocess.Popen([sys.executable, "-m", "edgeops", "apply", "manifests/wearable.yaml", "--root",
                                     str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,7 +140,7 @@ def one_round(root: Path, number: int, rng: random.Random) -> dict[str, object]:
             process.kill()
             process.wait()
         time.sleep(TRIAL_WINDOW_S + 2.5)  # nobody calls the devices: their own timers act
-    truthful = status_truthful(root, damaged)
+    truthful = status_truthful(root, damaged, health)
     before = [] if tampered else violations(root)
     converged = apply(root).ok
     after = violations(root)
