@@ -100,6 +100,18 @@ class Lifecycle(RuleBasedStateMachine):
     def allowed(self, exc: AgentFailed, *kinds: str) -> None:
         assert exc.kind in kinds, (exc.kind, exc.message)
 
+    def switched_to(self, release) -> bool:  # type: ignore[no-untyped-def]
+        """Push a release and run it as a trial (signed, timer armed); False when the device refused."""
+        try:
+            self.device.push(release)
+            self.device.activate(release.id, signed=self.signed(release), trial_window_s=60)
+            return True
+        except AgentFailed as exc:
+            self.allowed(exc, "release-rejected", "release-damaged", "blob-damaged", "file-mismatch")
+            return False
+        finally:
+            self.settled()
+
     # ---------------------------------------------------------------- rules
 
     @precondition(lambda self: not self.torn)
@@ -107,14 +119,8 @@ class Lifecycle(RuleBasedStateMachine):
     def install(self, index: int, passes: bool) -> None:
         STEPS_RUN.append("install")
         release = self.releases[index]
-        try:
-            self.device.push(release)
-            self.device.activate(release.id, signed=self.signed(release), trial_window_s=60)
-        except AgentFailed as exc:
-            self.allowed(exc, "release-rejected", "release-damaged", "blob-damaged", "file-mismatch")
+        if not self.switched_to(release):
             return
-        finally:
-            self.settled()
         if passes:
             self.device.record({"status": "committed"}, release=release.id)
             self.had_committed, self.uninstalled = True, False
@@ -130,13 +136,7 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(index=st.integers(0, COUNT - 1))
     def leave_a_trial(self, index: int) -> None:
         STEPS_RUN.append("leave_a_trial")
-        release = self.releases[index]
-        try:
-            self.device.push(release)
-            self.device.activate(release.id, signed=self.signed(release), trial_window_s=60)
-        except AgentFailed as exc:
-            self.allowed(exc, "release-rejected", "release-damaged", "blob-damaged", "file-mismatch")
-        self.settled()
+        self.switched_to(self.releases[index])
 
     @precondition(lambda self: not self.torn)
     @rule()
