@@ -166,9 +166,9 @@ def test_a_missing_identity_file_is_a_warning_offline(repo_copy: Path, monkeypat
     monkeypatch.setenv("EDGEOPS_SECRETS_DIR", str(tmp_path / "empty-secrets"))
     result = CliRunner().invoke(main, ["validate", LAB])
     assert result.exit_code == 0, result.output
-    assert "warning: manifests/fleets/lab.yaml:12: spec.ssh.identity_file: lab/client_ed25519 " \
+    assert "warning: manifests/fleets/lab.yaml:14: spec.ssh.identity_file: lab/client_ed25519 " \
            "does not exist (yet)" in result.stderr
-    assert "warning: manifests/fleets/lab.yaml:17: spec.trust.allowed_signers: ../../.edgeops/lab/allowed_signers " \
+    assert "warning: manifests/fleets/lab.yaml:19: spec.trust.allowed_signers: ../../.edgeops/lab/allowed_signers " \
            "does not exist (yet)" in result.stderr
 
 
