@@ -35,13 +35,15 @@ def test_a_tightened_slo_degrades_the_devices_that_miss_it_and_removes_no_model(
     fleet.write_text(re.sub(r"(name: (" + "|".join(HOT) + r"), [^\n]*)\}\n", r"\1, lab: {power_mw: 1000000}}\n",
                             fleet.read_text()))
     manifest = root / MANIFEST
-    manifest.write_text(manifest.read_text().replace("waves: [1, 50%, 100%]", "waves: [1, 25%, 100%]"))
+    manifest.write_text(manifest.read_text().replace("waves: [1, 50%, 100%]", "waves: [1, 25%, 100%]")
+                        .replace("energy_per_inference_mj: 50", "energy_per_inference_mj: 10000"))  # all pass
     ws = load_workspace(root)
     lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
     try:
         first = cli(root, "apply", MANIFEST)
         assert first.exit_code == ExitCode.OK, first.output
-        manifest.write_text(manifest.read_text().replace("energy_per_inference_mj: 50", "energy_per_inference_mj: 5"))
+        # hot devices measure ~20-50 mJ (1 kW x 0.02-0.05 ms), the others ~0.05 mJ: 5 mJ splits them on any load
+        manifest.write_text(manifest.read_text().replace("energy_per_inference_mj: 10000", "energy_per_inference_mj: 5"))
         planned = cli(root, "plan", MANIFEST, "-o", "json")
         assert {d["action"] for d in json.loads(planned.stdout)[0]["devices"]} == {"reverify"}, planned.output
         assert all(d["bytes_to_move"] == 0 for d in json.loads(planned.stdout)[0]["devices"])
