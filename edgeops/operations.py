@@ -15,7 +15,6 @@ from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
 from edgeops.device import Device, DeviceState
 from edgeops.endpoints import Withheld, withhold
-from edgeops.running_quality import quality_drops
 from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
 from edgeops.gitinfo import head_info
@@ -26,6 +25,7 @@ from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import ObservedDevice, Plan, make_plan
 from edgeops.pull.fleet import is_pull, read_reports, reported_state
 from edgeops.pull.roller import RoutedWork, roll_back
+from edgeops.running_quality import quality_drops
 from edgeops.rollout import (
     ApplyContext,
     DeviceOutcome,
@@ -34,10 +34,10 @@ from edgeops.rollout import (
     SilentReporter,
     apply,
     desired_devices,
-    orders_for,
     device_for,
     measure_release,
     observe_targets,
+    orders_for,
     summarize,
 )
 from edgeops.selectors import LabelSelector

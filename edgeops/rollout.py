@@ -34,9 +34,9 @@ from edgeops.manifest.models import RolloutPolicy, parse_count
 from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
-from edgeops.state.ledger import Lease, LockLost
 from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
 from edgeops.state import Ledger
+from edgeops.state.ledger import Lease, LockLost
 from edgeops.targets import TargetDevice
 from edgeops.types import KEPT, Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, host_golden_value, measure
@@ -114,11 +114,6 @@ def _observed(key: str, state: DeviceState) -> ObservedDevice:
                           damaged_other=tuple(f"{release}: {'; '.join(problems)}" for release, problems
                                               in sorted(state.damaged.items()) if release != state.current),
                           state_error=state.state_error)
-
-
-def observe(desired: Desired, connections: Connections, verify: bool = False) -> dict[str, ObservedDevice]:
-    """Read every target device of ``desired``; see ``observe_targets``."""
-    return observe_targets(desired.deployment.name, list(desired.targets), connections, verify)
 
 
 def observe_targets(deployment: str, targets: list[TargetDevice], connections: Connections,

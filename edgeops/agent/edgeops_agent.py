@@ -1075,11 +1075,10 @@ def _fenced(state, args):
     if fence < last:
         raise AgentError(f"a newer controller (fencing token {last}) has changed this device since; this one "
                          f"(token {fence}) lost its lock and is refused", "fenced")
-    if fence > last and os.path.exists(os.path.join(_deployment_dir(args.root, args.deployment), "state.json")):
-        state["fence"] = fence  # kept at once: a newer holder is known even if its step then fails
-        _write_atomic(os.path.join(_deployment_dir(args.root, args.deployment), "state.json"),
-                      json.dumps(state, indent=2, sort_keys=True))
     state["fence"] = fence
+    state_file = os.path.join(_deployment_dir(args.root, args.deployment), "state.json")
+    if fence > last and os.path.exists(state_file):  # kept at once: a newer holder is known even if its step fails
+        _write_atomic(state_file, json.dumps(state, indent=2, sort_keys=True))
 
 
 def _committed_before(state, release):
@@ -1178,8 +1177,8 @@ def _revert(state, directory, by, reason, verdict=True):
                                       "reason": reason or (entry.get("verification") or {}).get("reason", "")}
     target = chain[-1] if chain else None
     if target is not None:
-        _heal_release(None if directory is None else os.path.dirname(os.path.dirname(directory)), directory, state,
-                      target)  # the way back restores its recorded bytes from the blobs when it can
+        root = os.path.dirname(os.path.dirname(directory))  # <root>/deployments/<name>
+        _heal_release(root, directory, state, target)  # the way back restores its recorded bytes from the blobs
         _may_become_current(None, directory, state, target, "revert")
     state["current"] = target
     state["status"] = releases[target].get("status", "committed") if target else "removed"
