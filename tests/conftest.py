@@ -56,3 +56,24 @@ def nothing_leaves_this_machine(request: pytest.FixtureRequest) -> Iterator[None
     with watching(block_off_machine=True) as seen:
         yield
     assert not [a for a in seen.connected if off_machine(a)], seen.connected
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_trial_timer_outlives_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every switch arms a device's trial timer (a process that waits out the window); a test that ends with a
+    trial running leaves one behind: stop those of this run's device roots when the run ends."""
+    yield
+    import os
+    import signal
+
+    base = str(tmp_path_factory.getbasetemp())
+    for entry in Path("/proc").iterdir():
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "watchdog" in words and "--root" in words and words[words.index("--root") + 1].startswith(base):
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
