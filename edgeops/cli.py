@@ -313,19 +313,38 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
               help="a pull request's plan: contact only devices whose endpoints and credentials are as in the base "
                    "revision (--base, default the --changed-since REV); code-running fields stay refused")
 @click.option("--base", metavar="REV", help="with --untrusted: the reviewed revision endpoints are taken from")
+@click.option("--rollback", "rollback_of", metavar="DEPLOYMENT",
+              help="show what `edgeops rollback DEPLOYMENT` would do instead (read from the devices and the ledger)")
+@click.option("--to", "to_release", metavar="RELEASE", help="with --rollback: the release `rollback --to` names")
 @ACCEPT_QUALITY_DROP
 @SELECTOR
 @ROOT_OPTION
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
-         untrusted: bool, base: str | None, accept_quality_drop: bool, selector: str | None, root: Path | None) -> None:
-    """Show what apply would do, with each device's facts and preflight.
+         untrusted: bool, base: str | None, rollback_of: str | None, to_release: str | None,
+         accept_quality_drop: bool, selector: str | None, root: Path | None) -> None:
+    """Show what apply (or, with --rollback, rollback) would do, with each device's facts and preflight.
 
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
     preflight; 1: a failure; 3: invalid input. See docs/exit-codes.md.
     """
     from edgeops.ui import console, err_console, plan_comment, plan_summary, plan_table
 
+    if rollback_of:
+        if manifests or changed_since or untrusted or out_file:
+            raise click.UsageError("--rollback DEPLOYMENT plans one rollback: no MANIFEST, --changed-since, "
+                                   "--untrusted or --out with it")
+        with err_console.status("planning the rollback"), library_prints_to_stderr():
+            back = service.plan_rollback(rollback_of, to_release, settings(root), notify=notice, selector=selector)
+        if output == "json":
+            click.echo(back.to_json(), nl=False)
+        else:
+            console.print(plan_table(back))
+            for line in plan_summary(back):
+                console.print(line, soft_wrap=True)
+        sys.exit(ExitCode.REFUSED if back.refused else ExitCode.CHANGES if back.has_changes else ExitCode.OK)
+    if to_release:
+        raise click.UsageError("--to goes with --rollback")
     if not manifests and not changed_since:
         raise click.UsageError("give MANIFEST(s) or --changed-since REV")
     if base and not untrusted:

@@ -6,14 +6,13 @@ import importlib.metadata
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
-from edgeops.device import Device, DeviceState
 from edgeops.endpoints import Withheld, withhold
 from edgeops.errors import EdgeopsError, InputError
 from edgeops.facts import preflight, runtime_of
@@ -23,29 +22,25 @@ from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import ObservedDevice, Plan, make_plan
-from edgeops.pull.fleet import is_pull, read_reports, reported_state
-from edgeops.pull.roller import RoutedWork, roll_back
-from edgeops.running_quality import quality_drops
+from edgeops.plan_operations import rollback_plan, settle_plan
+from edgeops.pull.fleet import is_pull
+from edgeops.pull.roller import RoutedWork
 from edgeops.rollout import (
     ApplyContext,
-    DeviceOutcome,
     Reporter,
     RolloutResult,
     SilentReporter,
-    apply,
     desired_devices,
-    device_for,
-    measure_release,
+    execute,
     observe_targets,
-    orders_for,
-    summarize,
 )
+from edgeops.running_quality import quality_drops
 from edgeops.selectors import LabelSelector
 from edgeops.settings import Settings
 from edgeops.state import Ledger, open_ledger
+from edgeops.state.ledger import Lease
 from edgeops.targets import TargetDevice, target_devices
-from edgeops.types import KEPT, Decision, DeviceStatus, Health, Outcome, Sync
-from edgeops.verify import GateSpec, Verdict
+from edgeops.types import Health, Sync
 
 Progress = Callable[[str], None]
 
@@ -181,7 +176,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
                            signing_key=repo.signing_key, lease=lease)
         pulled = any(is_pull(t) for t in desired.targets)
-        result = apply(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
+        result = execute(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
     return plan, result
 
 
@@ -279,7 +274,7 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
     return rows
 
 
-# ------------------------------------------------------------------ rollback
+# ------------------------------------------------------------------ rollback, promote, abort
 
 
 def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
@@ -287,227 +282,89 @@ def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
     return next((r for r in ledger.history(deployment, 50) if r["kind"] == "apply"), None)
 
 
-def _rollback_target(state: DeviceState, key: str, to: str | None, last: dict[str, Any] | None,
-                     fleet_release: dict[str, Any] | None = None) -> tuple[str | None, str]:
-    """(release to go back to or None for nothing to do, why)."""
-    if fleet_release is not None:
-        mine = fleet_release["members"].get(key)
-        if mine is None:
-            return None, f"not a device of {fleet_release['id']}"
-        if state.current == mine:
-            return None, f"already runs {fleet_release['id']} ({mine})"
-        return mine, f"named by --to {fleet_release['id']} ({mine} on this device)"
-    if to:
-        return (None, f"already runs {to}") if state.current == to else (to, "named by --to")
-    if state.current and state.current != state.committed:
-        return state.committed or "none", f"{state.current} was never committed: back to the committed release"
-    if last is not None:
-        event = next((e for e in last["devices"] if e["device"] == key), None)
-        if event is None or event["decision"] not in KEPT:
-            why = "already reverted" if event and event["release_id"] != state.current else "not changed"
-            return None, f"{why} by the last rollout (#{last['number']}, {last['outcome']}): nothing to undo"
-        if event["release_id"] != state.current:
-            return None, f"runs {state.current or 'no release'}, not {event['release_id']} from rollout " \
-                         f"#{last['number']}: nothing to undo"
-    if not state.previous:
-        return None, "no earlier committed release on the device: nothing to roll back to"
-    return state.previous, f"undoes {state.current}"
-
-
-def _release_landed_on(ledger: Ledger, deployment: str, landings: dict[str, tuple[str, str]]) -> dict[str, Any] | None:
+def _release_landed_on(ledger: Ledger, deployment: str, plan: Plan) -> dict[str, Any] | None:
     """The fleet-wide release every device a rollback moves lands on, when there is exactly one."""
     names = ledger.release_names(deployment)
-    found = {names.get((key, landing)) for key, (landing, _) in landings.items()}
+    found = {names.get((d.key, d.release_id)) for d in plan.changes}
     only = found.pop() if len(found) == 1 else None
     return ledger.release(deployment, only) if only else None
+
+
+def _picked(repo: Repo, doc: Document[Deployment], devices: list[str] | None,
+            selector: LabelSelector | None) -> list[TargetDevice]:
+    targets = [t for t in target_devices(repo.ws, doc.name) if (not devices or t.name in devices or t.key in devices)
+               and (selector is None or selector.matches(t.device.labels))]
+    if not targets:
+        asked = ", ".join([*(devices or []), *([f"selector {selector}"] if selector else [])])
+        raise InputError.at(doc.display, None, "", f"no target device matches {asked}")
+    return targets
+
+
+def plan_rollback(repo: Repo, doc: Document[Deployment], connections: Connections, to: str | None = None,
+                  devices: list[str] | None = None, allow_rejected: bool = False,
+                  selector: LabelSelector | None = None) -> tuple[Plan, list[TargetDevice]]:
+    """Read the devices (and the ledger) and plan the rollback: the last apply undone where it left a
+    release, or every device to ``to`` (a release on the devices, or a fleet-wide rel-... from the ledger)."""
+    targets = _picked(repo, doc, devices, selector)
+    require_key_files(targets, signing=True, signing_key=repo.signing_key)
+    fleet_release = None
+    if to and to.startswith("rel-"):
+        fleet_release = repo.ledger.release(doc.name, to)
+        if fleet_release is None:
+            raise InputError.at(doc.display, None, "", f"no release '{to}' of {doc.name} in the ledger: "
+                                "`edgeops history` lists the releases rolled out")
+    last = None if to else _last_apply(repo.ledger, doc.name)
+    observed = observe_targets(doc.name, targets, connections)
+    plan = rollback_plan(doc.name, targets, observed, to, last, fleet_release, allow_rejected)
+    landed = fleet_release or _release_landed_on(repo.ledger, doc.name, plan)
+    if landed:
+        plan = replace(plan, artifacts=dict(landed["artifacts"]), release=landed["id"])
+    return plan, targets
+
+
+def _execute(repo: Repo, doc: Document[Deployment], connections: Connections, plan: Plan,
+             targets: list[TargetDevice], lease: Lease, reporter: Reporter | None,
+             allow_rejected: bool = False) -> RolloutResult:
+    ctx = ApplyContext(None, connections, repo.ledger, repo.actor, head_info(repo.ws.root),
+                       reporter or SilentReporter(), signing_key=repo.signing_key, lease=lease, doc=doc,
+                       members={t.key: t for t in targets}, allow_rejected=allow_rejected)
+    pulled = any(is_pull(t) for t in targets)
+    return execute(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
 
 
 def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                         to: str | None = None, devices: list[str] | None = None,
                         reporter: Reporter | None = None, allow_rejected: bool = False,
                         lock_timeout_s: float = 0, selector: LabelSelector | None = None) -> RolloutResult:
-    """Undo the last rollout on the devices it left a release on (no transfer), verify, record.
-
-    Only committed releases are targets: after an automatic revert there is nothing to undo, and a
-    device the last rollout did not change is left alone. ``to`` names a release still on the devices
-    (a rejected one only with ``allow_rejected``). Takes the fleets' lock like apply.
-    """
-    reporter = reporter or SilentReporter()
-    ws, ledger, actor = repo.ws, repo.ledger, repo.actor
-    targets = [t for t in target_devices(ws, doc.name) if (not devices or t.name in devices or t.key in devices)
-               and (selector is None or selector.matches(t.device.labels))]
-    if not targets:
-        asked = ", ".join([*(devices or []), *([f"selector {selector}"] if selector else [])])
-        raise InputError.at(doc.display, None, "", f"no target device matches {asked}")
+    """Under the fleets' lock: read the devices, plan the rollback, execute it (no transfer; each device is
+    measured on the release it lands on)."""
+    targets = _picked(repo, doc, devices, selector)
     require_key_files(targets, signing=True, signing_key=repo.signing_key, will_sign=True)
-    spec = doc.obj.spec
     fleets = sorted({t.fleet.name for t in targets})
-    fleet_release = None
-    if to and to.startswith("rel-"):
-        fleet_release = ledger.release(doc.name, to)
-        if fleet_release is None:
-            raise InputError.at(doc.display, None, "", f"no release '{to}' of {doc.name} in the ledger: "
-                                "`edgeops history` lists the releases rolled out")
-    with ledger.lock(fleets, holder=f"{actor} rolling back {doc.name}", wait_s=lock_timeout_s) as lease:
-        last = None if to else _last_apply(ledger, doc.name)
-        git = head_info(ws.root)
-        # decide first (read-only); only a rollback that changes a device opens a ledger entry
-        pulled = {t.key: t for t in targets if is_pull(t)}
-        generation = time.time_ns() // 1_000_000  # names this rollback in the desired states it publishes
-        reports = read_reports(connections.pull, doc.name, list(pulled.values())) if pulled else {}
-
-        def state_of(target: TargetDevice) -> DeviceState:
-            if target.key in pulled:
-                return reported_state(target, reports[target.key])
-            return device_for(target, connections, doc.name).observe()
-
-        planned = connections.map(lambda t: _rollback_target(state_of(t), t.key, to, last, fleet_release), targets)
-        outcomes: dict[str, DeviceOutcome] = {}
-        landings: dict[str, tuple[str, str]] = {}
-        for target in targets:
-            r = planned[target.key]
-            if isinstance(r, EdgeopsError):
-                outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.FAILED, r.message)
-            elif r[0] is None:
-                outcomes[target.key] = DeviceOutcome(target.key, "rollback", Decision.UNCHANGED, r[1])
-            else:
-                landings[target.key] = (r[0], r[1])
-        moving = [t for t in targets if t.key in landings]
-        if not moving and not any(o.decision == Decision.FAILED for o in outcomes.values()):
-            reasons = sorted({o.reason for o in outcomes.values()})
-            return RolloutResult(doc.name, Outcome.NO_OP, "nothing to roll back: " + "; ".join(reasons),
-                                 [outcomes[t.key] for t in targets])
-        landed_on = fleet_release or _release_landed_on(ledger, doc.name, landings)
-        rollout_id = ledger.start_rollout(doc.name, "rollback", actor, git,
-                                          landed_on["artifacts"] if landed_on else {},
-                                          landed_on["id"] if landed_on else None)
-
-        def record(o: DeviceOutcome) -> DeviceOutcome:  # written when decided, like apply's
-            ledger.device_event(rollout_id, doc.name, o.key, "rollback", o.decision, release_id=o.release_id,
-                                from_release=o.from_release, reason=o.reason, bytes_moved=o.bytes_moved,
-                                measurements=o.measurements)
-            return o
-
-        def over_broker(target: TargetDevice) -> DeviceOutcome:
-            landing, why = landings[target.key]
-            before = reports[target.key].status["state"]["current"]  # type: ignore[index]
-            gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
-            reporter.stage(target.key, "rollback", f"{why} (published; the device measures it)")
-            back = None if landing == "none" else landing
-            order = orders_for(target, repo.signing_key, doc.name, allow_rejected)(
-                "rollback" if back else "uninstall", back)
-            found = roll_back(connections.pull, target, doc.name, back, generation, actor, gate.as_json(),
-                              allow_rejected, order)
-            if found is None or found.get("result") != "rolled-back":
-                error = (found or {}).get("error") or {"message": "no report within its deadline (offline?)"}
-                raise EdgeopsError(f"{target.key}: rollback to {landing} did not land: {error['message']}")
-            if found.get("verdict") is None:
-                return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
-                                            f"{why}; the device runs no release", None, before))
-            verdict = Verdict.of(found["verdict"])
-            return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; "
-                                        f"verification {verdict.outcome}: {verdict.reason}", landing, before, 0,
-                                        measurements={**verdict.measurements, "verification": verdict.outcome}))
-
-        def one(target: TargetDevice) -> DeviceOutcome:
-            if target.key in pulled:
-                return over_broker(target)
-            lease.check()  # no device step once the lock is gone
-            with device_for(target, connections, doc.name).session() as device:  # one agent process
-                device.fence = lease.token(target.fleet.name)
-                return over_ssh(target, device)
-
-        def over_ssh(target: TargetDevice, device: Device) -> DeviceOutcome:
-            landing, why = landings[target.key]
-            reporter.stage(target.key, "rollback", why)
-            before = device.observe().current
-            switched = device.rollback(to=landing, by=actor, allow_rejected=allow_rejected,
-                                       trial_window_s=target.profile.obj.spec.device.trial_window_s,
-                                       order=orders_for(target, repo.signing_key, doc.name, allow_rejected))
-            if landing == "none":
-                return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK,
-                                            f"{why}; the device runs no release",
-                                            None, before))
-            reporter.stage(target.key, "verify")
-            # the same measurement as apply (a Failed is confirmed by a second, pooled one); absolute SLOs only:
-            # the release we land on was built by another commit, so there is no host golden value for it
-            gate = GateSpec.of(spec, target.profile.obj.spec.limits.max_memory_mb)
-            verdict = measure_release(device, landing, None, gate, None, seed=target.key)
-            kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.on_device,
-                                     "slo": spec.slo.model_dump(mode="json")}}
-            if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
-                if verdict.outcome not in KEPT:
-                    device.record(kept, by=actor, release=landing)
-                    device.revert(by=actor, reason=f"{landing} named by --allow-rejected failed again")
-                    raise EdgeopsError(f"{target.key}: {landing} failed its verification again ({verdict.reason}); "
-                                       "the device is back on its committed release")
-                kept["status"] = "committed" if verdict.outcome == Decision.PASSED else "inconclusive"
-            device.record(kept, by=actor, release=landing)
-            reporter.stage(target.key, "done", verdict.outcome)
-            return record(DeviceOutcome(target.key, "rollback", Decision.ROLLED_BACK, f"{why}: on {landing}; verification "
-                                        f"{verdict.outcome}: {verdict.reason}", landing, before, 0,
-                                        measurements={**verdict.measurements, "verification": verdict.outcome}))
-
-        for key, done in connections.map(one, moving).items():
-            outcomes[key] = record(DeviceOutcome(key, "rollback", Decision.FAILED, done.message)) \
-                if isinstance(done, EdgeopsError) else done
-        ordered = [outcomes[t.key] for t in targets]
-        failed = sum(o.decision == Decision.FAILED for o in ordered)
-        moved = sum(o.decision == Decision.ROLLED_BACK for o in ordered)
-        result = RolloutResult(doc.name, Outcome.HALTED if failed else Outcome.SUCCEEDED,
-                               f"{moved} device(s) rolled back, {failed} failed, {len(ordered) - moved - failed} "
-                               "unchanged", ordered, rollout_id)
-        ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "git": git})
-    return result
+    with repo.ledger.lock(fleets, holder=f"{repo.actor} rolling back {doc.name}", wait_s=lock_timeout_s) as lease:
+        plan, targets = plan_rollback(repo, doc, connections, to, devices, allow_rejected, selector)
+        return _execute(repo, doc, connections, plan, targets, lease, reporter, allow_rejected)
 
 
-def paused_devices(ws: Workspace, doc: Document[Deployment], connections: Connections) -> list[tuple[Any, Any]]:
-    """(target, device state) of every target device left paused by a rollout."""
-    targets = [t for t in target_devices(ws, doc.name) if not is_pull(t)]  # pull devices revert, never pause
-    require_key_files(targets)
-    found = connections.map(lambda t: device_for(t, connections, doc.name).observe(), targets)
-    failed = [r.message for r in found.values() if isinstance(r, EdgeopsError)]
-    if failed:
-        raise EdgeopsError(f"cannot read every device: {'; '.join(failed)}", hint="try again when they answer")
-    return [(t, found[t.key]) for t in targets if found[t.key].status == DeviceStatus.PAUSED]  # type: ignore[union-attr]
+def plan_settle(repo: Repo, doc: Document[Deployment], connections: Connections, accept: bool) -> Plan:
+    """Read the devices and plan a promote (``accept``) or abort of those a rollout left paused."""
+    targets = target_devices(repo.ws, doc.name)
+    require_key_files([t for t in targets if not is_pull(t)])
+    pulled = frozenset(t.key for t in targets if is_pull(t))  # they revert by themselves, never pause
+    observed = observe_targets(doc.name, [t for t in targets if t.key not in pulled], connections)
+    observed |= {key: ObservedDevice(key, True) for key in pulled}
+    return settle_plan(doc.name, targets, observed, accept, pulled)
 
 
 def settle_paused(repo: Repo, doc: Document[Deployment], connections: Connections, accept: bool,
-                  lock_timeout_s: float = 0) -> RolloutResult:
+                  lock_timeout_s: float = 0, reporter: Reporter | None = None) -> RolloutResult:
     """``accept``: commit what the paused devices run (promote); else reject it and revert them (abort)."""
-    ws, ledger, actor = repo.ws, repo.ledger, repo.actor
     kind = "promote" if accept else "abort"
-    fleets = sorted({t.fleet.name for t in target_devices(ws, doc.name)})
-    with ledger.lock(fleets, holder=f"{actor} {kind} {doc.name}", wait_s=lock_timeout_s) as lease:
-        paused = paused_devices(ws, doc, connections)
-        if not paused:
-            return RolloutResult(doc.name, Outcome.NO_OP, f"nothing to {kind}: no device of {doc.name} is paused", [])
-        rollout_id = ledger.start_rollout(doc.name, kind, actor, head_info(ws.root), {})
-        outcomes = []
-        for target, state in paused:
-            device = device_for(target, connections, doc.name)
-            device.fence = lease.token(target.fleet.name)
-            try:
-                lease.check()
-                if accept:
-                    device.record({"status": DeviceStatus.COMMITTED}, by=actor, release=state.current)
-                    outcome = DeviceOutcome(target.key, kind, Decision.PASSED, f"{state.current} accepted by {actor} "
-                                            "as it was measured", state.current, state.current, committed=True)
-                else:
-                    back = device.revert(by=actor, reason=f"rollout aborted by {actor}")
-                    outcome = DeviceOutcome(target.key, kind, Decision.ROLLED_BACK, f"{state.current} rejected; back on "
-                                            f"{back.get('current') or 'no release'}", back.get("current"), state.current)
-            except EdgeopsError as exc:
-                outcome = DeviceOutcome(target.key, kind, Decision.FAILED, exc.message, state.current, state.current)
-            ledger.device_event(rollout_id, doc.name, outcome.key, kind, outcome.decision, release_id=outcome.release_id,
-                                from_release=outcome.from_release, reason=outcome.reason)
-            outcomes.append(outcome)
-        failed = sum(o.decision == Decision.FAILED for o in outcomes)
-        result = RolloutResult(doc.name, Outcome.HALTED if failed else Outcome.SUCCEEDED,
-                               f"{len(outcomes) - failed} paused device(s) {'promoted' if accept else 'aborted'}, "
-                               f"{failed} failed", outcomes, rollout_id)
-        ledger.finish_rollout(rollout_id, result.outcome, summarize(result))
-    return result
+    targets = target_devices(repo.ws, doc.name)
+    fleets = sorted({t.fleet.name for t in targets})
+    with repo.ledger.lock(fleets, holder=f"{repo.actor} {kind} {doc.name}", wait_s=lock_timeout_s) as lease:
+        plan = plan_settle(repo, doc, connections, accept)
+        return _execute(repo, doc, connections, plan, targets, lease, reporter)
 
 
 def load_plan(path: Path) -> Plan:
@@ -527,7 +384,6 @@ def reconcile_loop(root: Path, settings: Settings, deployments: list[str], inter
     Every ``verify_every``-th check hashes every release file on the devices (the others check sizes and
     times), so damage that kept a file's size and time is found too.
     """
-    import time
 
     from edgeops.manifest.workspace import load_workspace
 

@@ -31,7 +31,9 @@ from edgeops.manifest.models import (
 from edgeops.types import Action, DeviceStatus
 
 PLAN_SCHEMA = "edgeops.plan/v1"
-CHANGING = (Action.INSTALL, Action.UPDATE, Action.REPAIR, Action.REVERIFY)  # the actions that touch a device
+CHANGING = (Action.INSTALL, Action.UPDATE, Action.REPAIR, Action.REVERIFY,  # the actions that touch a device
+            Action.ROLLBACK, Action.PROMOTE, Action.ABORT)
+APPLY = "apply"  # the kind of plan apply makes; rollback, promote and abort plans are made in plan_operations
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ObservedDevice:
     current: str | None = None
     previous: str | None = None
     status: str | None = None
+    committed: str | None = None              # the release the device last committed (a rollback's landing)
     blobs: frozenset[str] | None = None       # None: unknown (agent not installed yet)
     verification: dict[str, Any] | None = None
     last_change: str | None = None            # time of the last switch or verdict on the device
@@ -98,6 +101,7 @@ class Plan:
     desired_digest: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     release: str = ""                         # the fleet-wide release (rel-...); devices list their materialisation
+    kind: str = APPLY                         # apply, rollback, promote or abort: what the rollout is recorded as
 
     @property
     def changes(self) -> list[PlannedDevice]:

@@ -30,8 +30,10 @@ from edgeops.errors import (
     HostUnreachable,
     IdentityFileMissing,
 )
-from edgeops.manifest.models import RolloutPolicy, parse_count
-from edgeops.plan import DesiredDevice, ObservedDevice, Plan, PlannedDevice
+from edgeops.manifest.models import Deployment, RolloutPolicy, parse_count
+from edgeops.manifest.workspace import Document
+from edgeops.plan import APPLY, DesiredDevice, ObservedDevice, Plan, PlannedDevice
+from edgeops.plan_operations import ABORT, PROMOTE, ROLLBACK, UNINSTALL, policy_for
 from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
 from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
@@ -42,6 +44,8 @@ from edgeops.types import KEPT, Action, Decision, DeviceStatus, Outcome, Release
 from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, host_golden_value, measure
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
+# where a rollback, promote or abort leaves a device that it counts as done
+SETTLED = (Decision.UNCHANGED, Decision.ROLLED_BACK, Decision.PASSED, Decision.INCONCLUSIVE)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
 
 
@@ -105,6 +109,7 @@ def device_for(target: TargetDevice, connections: Connections, deployment: str) 
 def _observed(key: str, state: DeviceState) -> ObservedDevice:
     history = state.state.get("history") or []
     return ObservedDevice(key, True, current=state.current, previous=state.previous, status=state.status,
+                          committed=state.committed,
                           blobs=state.blobs, verification=state.state.get("verification"),
                           last_change=history[-1]["at"] if history else None, facts=state.facts,
                           last_rejected=state.state.get("last_rejected"),
@@ -194,7 +199,10 @@ def measure_release(device: Device, release_id: str, baseline: str | None, gate:
 
 @dataclass
 class ApplyContext:
-    desired: Desired
+    """What the executor works with. ``desired`` for an apply (what git asks for); a rollback, promote or abort
+    plan names releases already on the devices and comes with ``doc`` and its ``members`` instead."""
+
+    desired: Desired | None
     connections: Connections
     ledger: Ledger
     actor: str
@@ -203,6 +211,19 @@ class ApplyContext:
     stop: threading.Event = field(default_factory=threading.Event)
     signing_key: Path | None = None   # overrides the fleets' trust.signing_key
     lease: Lease | None = None        # the fleets' lock: checked before every device step, its fencing tokens sent
+    doc: Document[Deployment] | None = None
+    members: dict[str, TargetDevice] = field(default_factory=dict)
+    allow_rejected: bool = False      # a rollback plan may land on a release a device rejected (as a trial)
+
+    @property
+    def deployment(self) -> Document[Deployment]:
+        if self.desired is not None:
+            return self.desired.deployment
+        assert self.doc is not None, "an ApplyContext needs desired or doc"
+        return self.doc
+
+    def target(self, key: str) -> TargetDevice:
+        return self.desired.target(key) if self.desired is not None else self.members[key]
 
 
 def _allowed(spec: int | str, base: int) -> float:
@@ -234,7 +255,7 @@ class DeviceRoller:
         """``sharing``: another roller of the same apply, whose generation, signatures and golden values this one
         uses (one apply signs each release once, whichever way its devices are reached)."""
         self.ctx = ctx
-        self.doc = ctx.desired.deployment
+        self.doc = ctx.deployment
         self.spec = self.doc.obj.spec
         self.policy = self.spec.rollout
         self.generation: int
@@ -249,7 +270,7 @@ class DeviceRoller:
         self._signed = {}
         self._signing = threading.Lock()
         self.host_golden = {acc: host_golden_value(dict(np.load(a.golden)), self.spec.quality)
-                            for acc, a in ctx.desired.artifacts.items()}
+                            for acc, a in (ctx.desired.artifacts if ctx.desired else {}).items()}
 
     def device(self, target: TargetDevice) -> Device:
         device = device_for(target, self.ctx.connections, self.doc.name)
@@ -291,25 +312,36 @@ class DeviceRoller:
             return self._signed[release.id]
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
-        target = self.ctx.desired.target(planned.key)
+        target = self.ctx.target(planned.key)
         gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
         return measure_release(device, planned.release_id, baseline, gate, self.host_golden[target.accelerator],
                                seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
                                    planned.key, "verify", f"{why} ({runs} runs)"))
 
-    def starting(self, planned: PlannedDevice) -> tuple[TargetDevice, Release, DeviceOutcome]:
-        """The device's target, release and outcome so far (Skipped; with a reason when the apply was stopped)."""
-        release = self.ctx.desired.releases[planned.key]
-        outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED, release_id=release.id,
+    def starting(self, planned: PlannedDevice) -> tuple[TargetDevice, DeviceOutcome]:
+        """The device's target and outcome so far (Skipped; with a reason when the rollout was stopped)."""
+        outcome = DeviceOutcome(planned.key, planned.action, Decision.SKIPPED,
+                                release_id=None if planned.release_id == UNINSTALL else planned.release_id,
                                 from_release=planned.current, wave=planned.wave)
         if self.ctx.stop.is_set():
             outcome.reason = "interrupted before this device started"
-        return self.ctx.desired.target(planned.key), release, outcome
+        return self.ctx.target(planned.key), outcome
+
+    STEPS = {Action.INSTALL: "install", Action.UPDATE: "install", Action.REPAIR: "install",
+             Action.REVERIFY: "install", Action.ROLLBACK: "roll_back", Action.PROMOTE: "promote",
+             Action.ABORT: "abort"}
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
-        target, release, outcome = self.starting(planned)
+        """Carry out the planned action on one device (the only code that changes what a device runs)."""
+        target, outcome = self.starting(planned)
         if outcome.reason or not self.lease_held(outcome, "not started"):
             return outcome
+        return getattr(self, self.STEPS[planned.action])(planned, target, outcome)  # type: ignore[no-any-return]
+
+    def install(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Push, switch, verify, then commit, pause or revert (install, update, repair, re-verification)."""
+        assert self.ctx.desired is not None
+        release = self.ctx.desired.releases[planned.key]
         report = self.ctx.reporter
         switching, verdict = False, None
         try:
@@ -401,19 +433,19 @@ class DeviceRoller:
             report.stage(planned.key, "done", f"{verdict.outcome}: kept")
             try:
                 device.prune(self.doc_keep(planned))
-                device.keep_facts(self.ctx.desired.target(planned.key).power_sensor)  # next reads: files only
+                device.keep_facts(self.ctx.target(planned.key).power_sensor)  # next reads: files only
             except EdgeopsError as exc:  # housekeeping: the release stays committed
                 report.message(f"{planned.key}: housekeeping after the commit failed: {exc.message}")
             outcome.decision, outcome.committed = verdict.outcome, True
             return outcome
         report.stage(planned.key, "rollback", verdict.reason[:80])
         device.record(record, by=self.ctx.actor)  # the rejected release keeps the numbers that rejected it
-        outcome.reason += "; " + self.revert(self.ctx.desired.target(planned.key), verdict.outcome.lower())
+        outcome.reason += "; " + self.revert(self.ctx.target(planned.key), verdict.outcome.lower())
         outcome.decision = FAILED if verdict.outcome == FAILED else Decision.ROLLED_BACK
         return outcome
 
     def doc_keep(self, planned: PlannedDevice) -> int:
-        return self.ctx.desired.target(planned.key).profile.obj.spec.device.keep_releases
+        return self.ctx.target(planned.key).profile.obj.spec.device.keep_releases
 
     def revert(self, target: TargetDevice, why: str, verdict: bool = True) -> str:
         """Leave the trial release (rejected on a verdict, aborted on an error) for the last committed one."""
@@ -428,7 +460,7 @@ class DeviceRoller:
     def undo(self, key: str, why: str, back: str | None) -> str:
         """Take back a release this rollout switched to and committed: to ``back``, the committed release the
         device ran before (none: it ran none before this rollout's first install)."""
-        target = self.ctx.desired.target(key)
+        target = self.ctx.target(key)
         held = DeviceOutcome(key, "rollback", Decision.SKIPPED)
         if not self.lease_held(held, "not rolled back"):
             return held.reason
@@ -440,6 +472,72 @@ class DeviceRoller:
         if done.get("current"):
             return f"rolled back to {done['current']} ({why})"
         return f"first install removed ({why}); the device ran no release of this deployment before it"
+
+    def roll_back(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Back to a release the device holds (signed order on enrolled devices), then measure it there against
+        the SLO: absolute limits only, since the release was built by another commit (no host golden value).
+        A release named with --allow-rejected runs as a trial and stays only if it passes this time."""
+        landing, report, actor = planned.release_id, self.ctx.reporter, self.ctx.actor
+        report.stage(planned.key, "rollback", planned.reason)
+        outcome.decision = FAILED
+        try:
+            with self.device(target).session() as device:
+                switched = device.rollback(to=landing, by=actor, allow_rejected=self.ctx.allow_rejected,
+                                           trial_window_s=target.profile.obj.spec.device.trial_window_s,
+                                           order=orders_for(target, self.ctx.signing_key, self.doc.name,
+                                                            self.ctx.allow_rejected))
+                outcome.decision = Decision.ROLLED_BACK
+                if landing == UNINSTALL:
+                    outcome.reason = f"{planned.reason}; the device runs no release"
+                    return outcome
+                report.stage(planned.key, "verify")
+                gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
+                verdict = measure_release(device, landing, None, gate, None, seed=planned.key)
+                kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
+                                                         **verdict.on_device, "slo": self.spec.slo.model_dump(mode="json")}}
+                if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
+                    if verdict.outcome not in KEPT:
+                        device.record(kept, by=actor, release=landing)
+                        back = device.revert(by=actor, reason=f"{landing} named by --allow-rejected failed again")
+                        outcome.decision = FAILED
+                        outcome.reason = (f"{landing} failed its verification again ({verdict.reason}); the device "
+                                          f"is back on {back.get('current') or 'no release'}")
+                        return outcome
+                    kept["status"] = DeviceStatus.COMMITTED if verdict.outcome == PASSED else DeviceStatus.INCONCLUSIVE
+                device.record(kept, by=actor, release=landing)
+                report.stage(planned.key, "done", verdict.outcome)
+                outcome.measurements = {**verdict.measurements, "verification": verdict.outcome}
+                outcome.reason = f"{planned.reason}: on {landing}; verification {verdict.outcome}: {verdict.reason}"
+                return outcome
+        except EdgeopsError as exc:
+            self.ctx.connections.drop(target)
+            if isinstance(exc, UNREACHABLE_ERRORS) and outcome.decision != Decision.ROLLED_BACK:
+                outcome.decision = Decision.UNREACHABLE
+            outcome.reason = f"{planned.reason}: {exc.message}"
+            return outcome
+
+    def promote(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Commit the paused release as it was measured."""
+        try:
+            self.device(target).record({"status": DeviceStatus.COMMITTED}, by=self.ctx.actor,
+                                       release=planned.release_id)
+        except EdgeopsError as exc:
+            outcome.decision, outcome.reason = FAILED, exc.message
+            return outcome
+        outcome.decision, outcome.committed = Decision.PASSED, True
+        outcome.reason = f"{planned.release_id} accepted by {self.ctx.actor} as it was measured"
+        return outcome
+
+    def abort(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Reject the paused release; the device goes back to its committed one."""
+        try:
+            back = self.device(target).revert(by=self.ctx.actor, reason=f"rollout aborted by {self.ctx.actor}")
+        except EdgeopsError as exc:
+            outcome.decision, outcome.reason = FAILED, exc.message
+            return outcome
+        outcome.decision, outcome.release_id = Decision.ROLLED_BACK, back.get("current")
+        outcome.reason = f"{planned.release_id} rejected; back on {back.get('current') or 'no release'}"
+        return outcome
 
 
 class DeviceWork(Protocol):
@@ -512,9 +610,7 @@ class WaveRunner:
                                  measurements={"facts": d.facts})
                    for d in self.plan.refused]
         if self.plan.is_noop:
-            return RolloutResult(self.plan.deployment, Outcome.NO_OP,
-                                 f"no changes: {len(unchanged)} device(s) already run "
-                                 "the release git asks for; no device was touched", unchanged)
+            return RolloutResult(self.plan.deployment, Outcome.NO_OP, self.nothing_to_do(unchanged), unchanged)
         total = len(self.plan.devices)
         rolled: list[DeviceOutcome] = []
         for outcome in unreachable + refused:
@@ -546,28 +642,50 @@ class WaveRunner:
             self.decided(skip)
         if halted and not pausing and self.policy.on_failure == "rollback":
             self.halt_rollback(rolled)
+        every = unchanged + unreachable + refused + rolled + skipped
+        if self.plan.kind != APPLY and not halted and any(o.decision not in SETTLED for o in every):
+            halted = self.tally(every)  # every device was tried; one that did not get there makes it Halted
         ended = Outcome.INTERRUPTED if self.stop.is_set() else (
             Outcome.PAUSED if pausing else Outcome.HALTED if halted
             else Outcome.SUCCEEDED)
         message = halted or ("interrupted by the user" if ended == Outcome.INTERRUPTED else
-                             f"{sum(o.committed for o in rolled)} device(s) updated and verified")
-        return RolloutResult(self.plan.deployment, ended, message, unchanged + unreachable + refused + rolled + skipped)
+                             f"{sum(o.committed for o in rolled)} device(s) updated and verified" if self.plan.kind == APPLY
+                             else self.tally(every))
+        return RolloutResult(self.plan.deployment, ended, message, every)
+
+    def nothing_to_do(self, unchanged: list[DeviceOutcome]) -> str:
+        if self.plan.kind == APPLY:
+            return f"no changes: {len(unchanged)} device(s) already run the release git asks for; no device was touched"
+        return f"nothing to {self.plan.kind}: " + "; ".join(sorted({o.reason for o in unchanged if o.reason}))
+
+    def tally(self, outcomes: list[DeviceOutcome]) -> str:
+        """``2 device(s) rolled back, 1 failed, 1 unreachable, 3 unchanged`` (a rollback, promote or abort)."""
+        done = {ROLLBACK: "rolled back", PROMOTE: "promoted", ABORT: "aborted"}[self.plan.kind]
+        goal = Decision.PASSED if self.plan.kind == PROMOTE else Decision.ROLLED_BACK
+        counts = {"failed": sum(o.decision in (FAILED, Decision.REFUSED) for o in outcomes),
+                  "unreachable": sum(o.decision == Decision.UNREACHABLE for o in outcomes),
+                  "not started": sum(o.decision == Decision.SKIPPED for o in outcomes),
+                  "unchanged": sum(o.decision == Decision.UNCHANGED for o in outcomes)}
+        return ", ".join([f"{sum(o.decision == goal for o in outcomes)} device(s) {done}",
+                          *(f"{n} {what}" for what, n in counts.items() if n or what in ("failed", "unchanged"))])
 
 
-def apply(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> RolloutResult:
-    """Execute exactly ``plan``, recording each device decision in the ledger as it is made.
+def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> RolloutResult:
+    """Execute exactly ``plan`` (apply, rollback, promote or abort), recording each device decision in the
+    ledger as it is made. The only code that changes devices and writes rollout records.
 
     ``work`` does each device (default: over SSH); one with a ``finish(result)`` method hears how it ended.
     """
     work = work or DeviceRoller(ctx)
-    runner = WaveRunner(plan, ctx.desired.deployment.obj.spec.rollout, work, ctx.stop, ctx.reporter)
+    runner = WaveRunner(plan, policy_for(plan, ctx.deployment.obj.spec.rollout), work, ctx.stop, ctx.reporter)
     if plan.is_noop:
         return runner.run()
     desired = ctx.desired
-    ctx.ledger.record_release(plan.deployment, desired.release_id, plan.artifacts, desired.configs(),
-                              {key: release.id for key, release in desired.releases.items()})
-    rollout_id = ctx.ledger.start_rollout(plan.deployment, "apply", ctx.actor, ctx.git, plan.artifacts,
-                                          desired.release_id)
+    if desired is not None:
+        ctx.ledger.record_release(plan.deployment, desired.release_id, plan.artifacts, desired.configs(),
+                                  {key: release.id for key, release in desired.releases.items()})
+    rollout_id = ctx.ledger.start_rollout(plan.deployment, plan.kind, ctx.actor, ctx.git, plan.artifacts,
+                                          desired.release_id if desired is not None else plan.release or None)
 
     def decided(o: DeviceOutcome) -> None:
         ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,
@@ -584,9 +702,11 @@ def apply(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Roll
     finish = getattr(work, "finish", None)
     if finish is not None:
         finish(result)
-    quality = {acc: (a.report.get("stages") or [{}])[-1].get("quality") for acc, a in ctx.desired.artifacts.items()}
-    ctx.ledger.finish_rollout(rollout_id, result.outcome, {**summarize(result), "recipe": plan.recipe, "git": ctx.git,
-                                                           "quality": quality})
+    summary: dict[str, Any] = {**summarize(result), "git": ctx.git}
+    if desired is not None:
+        summary |= {"recipe": plan.recipe, "quality": {acc: (a.report.get("stages") or [{}])[-1].get("quality")
+                                                       for acc, a in desired.artifacts.items()}}
+    ctx.ledger.finish_rollout(rollout_id, result.outcome, summary)
     return result
 
 

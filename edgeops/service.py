@@ -359,6 +359,17 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     return entries
 
 
+def plan_rollback(deployment: str, to: str | None, settings: Settings, notify: Progress = _quiet,
+                  selector: str | None = None) -> Plan:
+    """What ``edgeops rollback`` would do, device by device, read from the devices and the ledger now."""
+    from edgeops.connections import Connections
+    from edgeops.operations import plan_rollback as planned
+
+    repo, doc = _context(deployment, settings)
+    with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
+        return planned(repo, doc, connections, to, selector=_selector(selector))[0]
+
+
 @dataclass(frozen=True)
 class Applied:
     results: list[RolloutResult]
@@ -404,19 +415,26 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
                   progress: Progress = _quiet, lock_timeout_s: float = 0, notify: Progress = _quiet) -> Settled:
     """``accept`` None: resume; True: promote then continue; False: abort."""
     from edgeops.connections import Connections
-    from edgeops.operations import apply_deployment, paused_devices
+    from edgeops.operations import apply_deployment, plan_settle
     from edgeops.operations import settle_paused as settle
+    from edgeops.types import Action
 
     repo, doc = _context(deployment, settings)
     hooks = _hooks(settings)
     with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
                          broker_password=settings.broker_password) as connections:
         settled = None
-        if accept is None and not paused_devices(repo.ws, doc, connections):
-            raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
-                               hint="edgeops apply starts a new rollout")
+        if accept is None:
+            paused = plan_settle(repo, doc, connections, accept=True)
+            unread = [d.key for d in paused.devices if d.action in (Action.UNREACHABLE, Action.REFUSED)]
+            if unread:
+                raise EdgeopsError(f"cannot read every device ({', '.join(unread)}): one of them may be paused",
+                                   hint="try again when they answer")
+            if not paused.has_changes:
+                raise EdgeopsError(f"nothing to resume: no device of {doc.name} is paused",
+                                   hint="edgeops apply starts a new rollout")
         if accept is not None:
-            settled = settle(repo, doc, connections, accept, lock_timeout_s)
+            settled = settle(repo, doc, connections, accept, lock_timeout_s, reporter)
             _announce("promote" if accept else "abort", settled, repo, hooks, notify)
             if not settled.ok or not accept:
                 return Settled(settled, None)

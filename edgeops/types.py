@@ -19,6 +19,9 @@ class Action(StrEnum):
     NO_CHANGE = "no-change"
     UNREACHABLE = "unreachable"
     REFUSED = "refused"
+    ROLLBACK = "rollback"    # back to a release already on the device (edgeops rollback)
+    PROMOTE = "promote"      # accept the paused release as it was measured (edgeops promote)
+    ABORT = "abort"          # reject the paused release and revert (edgeops abort)
 
 
 class Decision(StrEnum):
@@ -101,6 +104,10 @@ MEANING: dict[type[StrEnum], dict[StrEnum, str]] = {
         Action.UNREACHABLE: "the device could not be read; it counts against max_unreachable_devices",
         Action.REFUSED: "the device cannot run the release (preflight), cannot be trusted (host key, key refused), "
             "or rejected this release before: nothing is sent",
+        Action.ROLLBACK: "`edgeops rollback`: back to a release the device holds (no transfer), measured there "
+            "against the SLO",
+        Action.PROMOTE: "`edgeops promote`: the paused release is committed as it was measured",
+        Action.ABORT: "`edgeops abort`: the paused release is rejected; the device reverts to its committed release",
     },
     Decision: {
         Decision.PASSED: "verified on the device and committed",

@@ -69,7 +69,8 @@ DECISION_STYLE = {Decision.PASSED: "green", Decision.INCONCLUSIVE: "yellow", Dec
 
 
 def plan_table(plan: Plan) -> Table:
-    table = Table(title=f"plan for {plan.deployment}", title_justify="left")
+    kind = "" if plan.kind == "apply" else f"{plan.kind} "
+    table = Table(title=f"{kind}plan for {plan.deployment}", title_justify="left")
     for column in ("wave", "device", "profile", "runtime", "action", "current", "release", "bytes", "reason"):
         table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
     for d in sorted(plan.devices, key=lambda d: (d.wave or 999, d.key)):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from edgeops.errors import Problem
 from edgeops.manifest.models import Fleet
 from edgeops.manifest.yamlload import Loc
 

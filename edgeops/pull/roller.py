@@ -16,6 +16,7 @@ from typing import Any
 
 from edgeops.errors import EdgeopsError
 from edgeops.plan import PlannedDevice
+from edgeops.plan_operations import UNINSTALL
 from edgeops.pull.fleet import DESIRED_SCHEMA, PullLinks, device_topic, is_pull, pull_settings, repository
 from edgeops.pull.registry import PushedRelease
 from edgeops.release import Release
@@ -54,7 +55,8 @@ class PullRoller(DeviceRoller):
         profile = target.profile.obj.spec
         return {
             "schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "install", "generation": self.generation,
-            "release": release.id, "fleet_release": self.ctx.desired.release_id, "by": self.ctx.actor,
+            "release": release.id, "fleet_release": self.ctx.desired.release_id if self.ctx.desired else None,
+            "by": self.ctx.actor,
             "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in release.files},
             "registry": {"url": settings.registry, "repository": repository(target)},
             "signed": {"metadata": base64.b64encode(signed.data).decode(),
@@ -66,10 +68,9 @@ class PullRoller(DeviceRoller):
             "order": order.as_json() if order else None,
         }
 
-    def roll(self, planned: PlannedDevice) -> DeviceOutcome:
-        target, release, outcome = self.starting(planned)
-        if outcome.reason:
-            return outcome
+    def install(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        assert self.ctx.desired is not None
+        release = self.ctx.desired.releases[planned.key]
         report = self.ctx.reporter
         self._ran[planned.key] = planned.current
         deadline_s = pull_settings(target).report_deadline_s
@@ -121,9 +122,44 @@ class PullRoller(DeviceRoller):
                          f"{(found.get('state') or {}).get('current') or 'no release'}"
         return outcome
 
+    def roll_back(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Publish a rollback to the planned release (signed order); the device switches, measures it against the
+        SLO and reports."""
+        landing = planned.release_id
+        back = None if landing == UNINSTALL else landing
+        gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
+        self.ctx.reporter.stage(planned.key, "rollback", f"{planned.reason} (published; the device measures it)")
+        outcome.decision = FAILED
+        try:
+            order = orders_for(target, self.ctx.signing_key, self.doc.name, self.ctx.allow_rejected)(
+                "rollback" if back else "uninstall", back)
+            found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation,
+                              self.ctx.actor, gate.as_json(), self.ctx.allow_rejected, order)
+        except EdgeopsError as exc:
+            outcome.reason = f"{planned.reason}: {exc.message}"
+            return outcome
+        if found is None:
+            outcome.decision = Decision.UNREACHABLE
+            outcome.reason = f"{planned.reason}: the device has not confirmed the rollback within its deadline " \
+                             "(offline?); the rollback stays published: it lands when the device connects"
+            return outcome
+        if found.get("result") != "rolled-back":
+            error = found.get("error") or {}
+            outcome.reason = f"{planned.reason}: refused on the device ({error.get('kind')}): {error.get('message')}"
+            return outcome
+        outcome.decision = Decision.ROLLED_BACK
+        if found.get("verdict") is None:
+            outcome.reason = f"{planned.reason}; the device runs no release" if back is None else planned.reason
+            return outcome
+        verdict = Verdict.of(found["verdict"])
+        outcome.measurements = {**verdict.measurements, "verification": verdict.outcome}
+        outcome.reason = f"{planned.reason}: on {landing}; verification {verdict.outcome}: {verdict.reason}"
+        self.ctx.reporter.stage(planned.key, "done", verdict.outcome)
+        return outcome
+
     def undo(self, key: str, why: str, back: str | None) -> str:
         """Publish a rollback to the release the device ran before this rollout, and wait for it to land."""
-        target = self.ctx.desired.target(key)
+        target = self.ctx.target(key)
         try:
             order = orders_for(target, self.ctx.signing_key, self.doc.name)("rollback" if back else "uninstall", back)
             found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation, self.ctx.actor,
@@ -142,7 +178,7 @@ class PullRoller(DeviceRoller):
             return
         for outcome in result.devices:
             if outcome.decision == Decision.UNREACHABLE and outcome.key in self._ran:
-                target = self.ctx.desired.target(outcome.key)
+                target = self.ctx.target(outcome.key)
                 try:
                     self.ctx.connections.pull.broker(target).publish(
                         device_topic(target, self.doc.name, "desired"), None)
@@ -162,7 +198,7 @@ class RoutedWork:
         self._ssh_slots = threading.BoundedSemaphore(max(1, parallelism))
 
     def _work(self, key: str) -> DeviceWork:
-        return self.pull if is_pull(self.ctx.desired.target(key)) else self.push
+        return self.pull if is_pull(self.ctx.target(key)) else self.push
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         if self._work(planned.key) is self.pull:

@@ -228,7 +228,8 @@ def test_history_command_shows_decisions(lab_repo: Path) -> None:
 
 
 def test_interrupt_lets_devices_in_flight_finish_and_starts_nothing_new(lab_repo: Path) -> None:
-    from edgeops.rollout import ApplyContext, SilentReporter, apply
+    from edgeops.rollout import ApplyContext, SilentReporter
+    from edgeops.rollout import execute as apply
 
     profile = (lab_repo / "device_profiles/lab-cpu.yaml").read_text()
     try:
@@ -326,7 +327,7 @@ def test_on_failure_pause_leaves_the_device_as_it_is_until_abort_or_promote(lab_
         rows = {f"{r['fleet']}/{r['device']}": r for r in json.loads(cli(lab_repo, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
         assert rows[canary.key]["health"] == "Degraded" and "paused" in rows[canary.key]["message"]
         aborted = cli(lab_repo, "abort", "wearable-activity")
-        assert aborted.exit_code == 0 and "1 paused device(s) aborted" in aborted.output, aborted.output
+        assert aborted.exit_code == 0 and "1 device(s) aborted" in aborted.output, aborted.output
         state = observe_all(lab_repo)[canary.key]
         assert state.current == before[canary.key] and state.state["releases"][canary.release_id]["state"] == "rejected"
         assert cli(lab_repo, "resume", "wearable-activity").exit_code == 1  # nothing is paused now
@@ -336,7 +337,7 @@ def test_on_failure_pause_leaves_the_device_as_it_is_until_abort_or_promote(lab_
         canary = next(d for d in paused.devices if d.wave == 1)
         assert paused.outcome == "paused" and canary.decision == "Paused"
         promoted = cli(lab_repo, "promote", "wearable-activity")  # accept it as measured, then continue
-        assert "1 paused device(s) promoted" in promoted.output, promoted.output
+        assert "1 device(s) promoted" in promoted.output, promoted.output
         state = observe_all(lab_repo)[canary.key]
         assert state.current == canary.release_id and state.committed == canary.release_id
         history = repo_at(lab_repo).ledger.history("wearable-activity", 3)

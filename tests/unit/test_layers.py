@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "edgeops"
-PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health"}
+PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.plan_operations", "edgeops.verify",
+        "edgeops.health"}
 IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired",
       "edgeops.endpoints", "edgeops.running_quality"}
@@ -18,6 +19,7 @@ LAYERS = [
      "edgeops.selectors", "edgeops.agent"},                                          # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
+    {"edgeops.plan_operations"},                                                     # plans of rollback, ...
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
