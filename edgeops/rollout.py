@@ -214,6 +214,7 @@ class ApplyContext:
     doc: Document[Deployment] | None = None
     members: dict[str, TargetDevice] = field(default_factory=dict)
     allow_rejected: bool = False      # a rollback plan may land on a release a device rejected (as a trial)
+    rollout_id: int | None = None     # set by the executor once the ledger has the rollout
 
     @property
     def deployment(self) -> Document[Deployment]:
@@ -457,21 +458,21 @@ class DeviceRoller:
             return f"rolled back to {back['current']} ({why})"
         return f"first install removed ({why}); the device runs no release of this deployment"
 
-    def undo(self, key: str, why: str, back: str | None) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
         """Take back a release this rollout switched to and committed: to ``back``, the committed release the
-        device ran before (none: it ran none before this rollout's first install)."""
+        device ran before (none: it ran none before this rollout's first install). (done, what happened)."""
         target = self.ctx.target(key)
         held = DeviceOutcome(key, "rollback", Decision.SKIPPED)
         if not self.lease_held(held, "not rolled back"):
-            return held.reason
+            return False, held.reason
         try:
             done = self.device(target).rollback(to=back or "none", by=self.ctx.actor,
                                                 order=orders_for(target, self.ctx.signing_key, self.doc.name))
         except EdgeopsError as exc:
-            return f"ROLLBACK FAILED: {exc.message}"
+            return False, f"ROLLBACK FAILED: {exc.message}"
         if done.get("current"):
-            return f"rolled back to {done['current']} ({why})"
-        return f"first install removed ({why}); the device ran no release of this deployment before it"
+            return True, f"rolled back to {done['current']} ({why})"
+        return True, f"first install removed ({why}); the device ran no release of this deployment before it"
 
     def roll_back(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
         """Back to a release the device holds (signed order on enrolled devices), then measure it there against
@@ -544,7 +545,7 @@ class DeviceWork(Protocol):
     """What the wave runner asks of each device: take it to the planned release, or take that back."""
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome: ...
-    def undo(self, key: str, why: str, back: str | None) -> str: ...
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]: ...
 
 
 class WaveRunner:
@@ -594,8 +595,10 @@ class WaveRunner:
         release it ran before; one it only verified or repaired in place stays on what it runs."""
         for outcome in outcomes:
             if outcome.committed and outcome.switched:
-                outcome.reason += "; " + self.work.undo(outcome.key, "rollout halted", outcome.switched_from)
-                outcome.decision, outcome.committed = Decision.ROLLED_BACK, False
+                undone, what = self.work.undo(outcome.key, "rollout halted", outcome.switched_from)
+                outcome.reason += "; " + what
+                if undone:  # otherwise it stays what it is: the device still runs the release it committed
+                    outcome.decision, outcome.committed = Decision.ROLLED_BACK, False
                 self.decided(outcome)
             elif outcome.committed:
                 outcome.reason += f"; rollout halted: left on {outcome.release_id}, which this rollout did not switch"
@@ -674,10 +677,14 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
     """Execute exactly ``plan`` (apply, rollback, promote or abort), recording each device decision in the
     ledger as it is made. The only code that changes devices and writes rollout records.
 
-    ``work`` does each device (default: over SSH); one with a ``finish(result)`` method hears how it ended.
+    ``work`` does each device (default: over SSH); one with a ``begin()`` method is called first (even for a
+    plan with nothing to do), one with a ``finish(result)`` method hears how it ended.
     """
     work = work or DeviceRoller(ctx)
     runner = WaveRunner(plan, policy_for(plan, ctx.deployment.obj.spec.rollout), work, ctx.stop, ctx.reporter)
+    begin = getattr(work, "begin", None)
+    if begin is not None:
+        begin()
     if plan.is_noop:
         return runner.run()
     desired = ctx.desired
@@ -686,6 +693,7 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
                                   {key: release.id for key, release in desired.releases.items()})
     rollout_id = ctx.ledger.start_rollout(plan.deployment, plan.kind, ctx.actor, ctx.git, plan.artifacts,
                                           desired.release_id if desired is not None else plan.release or None)
+    ctx.rollout_id = rollout_id
 
     def decided(o: DeviceOutcome) -> None:
         ctx.ledger.device_event(rollout_id, plan.deployment, o.key, o.action, o.decision, wave=o.wave,

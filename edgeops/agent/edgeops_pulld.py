@@ -19,8 +19,13 @@ Topics (``P`` = topic prefix, QoS 1):
     P/<fleet>/<device>/online                 retained: {"online": true, "at": ...}; the broker
                                               publishes {"online": false} when this connection dies
 
-A device offline during a rollout gets the retained desired state when it comes back and
-catches up on its own; the controller reads the outcome from the status topic.
+Commits are the controller's decision during a rollout: a desired state with ``commit: on-order``
+is installed, switched (trial, timer armed) and measured, and the verdict published as
+``awaiting-commit``; the release is committed only when the same desired state comes again with
+``commit: on-pass``. A ``withdraw`` document, a newer desired state, or the trial window running
+out reverts it: a device cut off from its controller never commits a release the rollout gave up
+on. After a rollout succeeded the controller republishes ``on-pass`` for devices that were away,
+so they catch up on their own.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ import edgeops_gate  # noqa: E402  (shipped beside this file)
 STATUS_SCHEMA = "edgeops.status/v1"
 DESIRED_SCHEMA = "edgeops.desired/v1"
 AGENT = os.path.join(HERE, "edgeops_agent.py")
+
+
+class Stopping(Exception):
+    """The daemon is stopping while a release waits for its commit order: the trial is left as it is (its
+    timer reverts it; after a restart the desired state is handled again)."""
 
 
 class Failure(Exception):
@@ -100,6 +110,7 @@ class Daemon:
         self.latest = {}          # deployment -> the newest desired document received
         self.last_status = {}     # deployment -> the status document last published
         self.stopping = threading.Event()
+        self.next_beat = 0.0
         self.client = self._client()
 
     # ------------------------------------------------------------ broker
@@ -129,7 +140,7 @@ class Daemon:
 
     def _on_message(self, client, userdata, message):
         deployment = message.topic.split("/")[-2]
-        if not message.payload:  # withdrawn (a rollout that did not succeed): stay on what runs
+        if not message.payload:  # cleared: stay on what runs
             self.latest.pop(deployment, None)
             return
         try:
@@ -149,6 +160,16 @@ class Daemon:
         self.client.publish(self.base + "/online", json.dumps({"online": True, "at": time.time()}), qos=1,
                             retain=True)
 
+    def beat_if_due(self):
+        """Say this device is alive, and what runs now (a trial may have expired meanwhile), every heartbeat."""
+        if time.monotonic() < self.next_beat:
+            return
+        self.next_beat = time.monotonic() + self.heartbeat_s
+        if self.client.is_connected():
+            self._online()
+            for known in list(self.last_status):
+                self.publish(known)
+
     def publish(self, deployment, state=None, **fields):
         """The status of ``deployment`` with ``fields`` changed; ``state``: the agent's state, if just read."""
         try:
@@ -158,7 +179,8 @@ class Daemon:
         document = {"schema": STATUS_SCHEMA, "fleet": self.fleet, "device": self.device, "deployment": deployment,
                     "at": time.time(), "state": state,
                     **{k: v for k, v in self.last_status.get(deployment, {}).items()
-                       if k in ("generation", "release", "phase", "result", "verdict", "error", "action")},
+                       if k in ("generation", "release", "phase", "result", "verdict", "error", "action", "rollout",
+                                "bytes_fetched")},
                     **fields}
         self.last_status[deployment] = document
         self.client.publish("%s/%s/status" % (self.base, deployment), json.dumps(document), qos=1, retain=True)
@@ -178,13 +200,19 @@ class Daemon:
             if deployment not in self.last_status:
                 self.publish(deployment, **done)  # after a restart: say again how it ended
             return
-        common = {"generation": desired["generation"], "release": desired["release"], "action": desired["action"]}
+        common = {"generation": desired["generation"], "release": desired.get("release"),
+                  "action": desired["action"], "rollout": desired.get("rollout")}
+        if desired["action"] == "withdraw":  # a rollout that did not succeed took this device's desired state back
+            self._remember(deployment, {**common, "phase": "done", "result": "withdrawn"})
+            return
         try:
             self.check_order(deployment, desired)
             if desired["action"] == "rollback":
                 outcome = {**common, **self.roll_back(deployment, desired)}
             else:
                 outcome = {**common, **self.install(deployment, desired)}
+        except Stopping:
+            return
         except Failure as exc:
             log("%s: %s failed: %s" % (deployment, desired["release"], exc))
             outcome = {**common, "phase": "done", "result": "failed", "verdict": None,
@@ -220,13 +248,15 @@ class Daemon:
         if state.get("current") == release and entry.get("state") == "committed":
             return {"phase": "done", "result": "committed", "verdict": None, "error": None, "unchanged": True}
         self.publish(deployment, state, generation=desired["generation"], release=release, action="install",
+                     rollout=desired.get("rollout"), bytes_fetched=0,
                      phase="fetching", result=None, error=None)
         observed = agent("prepare", *common)
-        staged = {}
+        staged, fetched = {}, 0
         try:
             for name, item in sorted(desired["files"].items()):
                 if item["sha256"] not in set(observed["blobs"]) and item["sha256"] not in staged.values():
                     staged[self.fetch(desired, name, item)] = item["sha256"]
+                    fetched += item["size"]
             files = json.dumps({n: f["sha256"] for n, f in desired["files"].items()}, sort_keys=True)
             agent("assemble", *common, "--release", release, "--files", files, "--staged", json.dumps(staged))
         finally:
@@ -237,12 +267,20 @@ class Daemon:
         extra = ["--metadata", signed["metadata"], "--signature", signed["signature"]] if signed else []
         before = agent("switch", *common, "--release", release, "--action", "activate", "--by", by,
                        "--trial-window", "%g" % desired["trial_window_s"], *extra, *self.order_args(desired))
+        switched_at = time.monotonic()  # the trial window runs from here
         baseline = before.get("committed") if before.get("committed") != release else None
-        self.publish(deployment, phase="verifying")
+        self.publish(deployment, phase="verifying", bytes_fetched=fetched)
         verdict = self.verify(deployment, desired, baseline)
         record = kept_verdict(verdict, desired)
         keep = verdict["outcome"] == edgeops_gate.PASSED or (
             verdict["outcome"] == edgeops_gate.INCONCLUSIVE and desired["gate"]["retry_inconclusive"])
+        if keep and desired.get("commit") == "on-order":
+            undecided = self.await_commit(deployment, desired, verdict, fetched, switched_at)
+            if undecided:
+                agent("record", *common, "--json", json.dumps(record), "--by", by, "--release", release)
+                agent("switch", *common, "--action", "revert", "--by", by, "--reason", undecided)
+                return {"phase": "done", "result": "withdrawn", "verdict": verdict, "error": None,
+                        "bytes_fetched": fetched, "reason": undecided}
         if keep:
             status = "committed" if verdict["outcome"] == edgeops_gate.PASSED else "inconclusive"
             agent("record", *common, "--json", json.dumps({**record, "status": status}), "--by", by,
@@ -251,10 +289,40 @@ class Daemon:
                 agent("prune", *common, "--keep", str(desired.get("keep_releases", 3)))
             except Failure as exc:
                 log("pruning failed: %s" % exc)
-            return {"phase": "done", "result": "committed", "verdict": verdict, "error": None}
+            return {"phase": "done", "result": "committed", "verdict": verdict, "error": None, "bytes_fetched": fetched}
         agent("record", *common, "--json", json.dumps(record), "--by", by)
         agent("switch", *common, "--action", "revert", "--by", by, "--reason", verdict["outcome"].lower())
-        return {"phase": "done", "result": "rejected", "verdict": verdict, "error": None}
+        return {"phase": "done", "result": "rejected", "verdict": verdict, "error": None, "bytes_fetched": fetched}
+
+    def await_commit(self, deployment, desired, verdict, fetched, switched_at):
+        """Publish the verdict and wait for the controller's decision. None: commit (the same desired state came
+        again with ``commit: on-pass`` and a valid order); else why the release is reverted."""
+        self.publish(deployment, phase="verified", result="awaiting-commit", verdict=verdict, bytes_fetched=fetched)
+        window = float(desired["trial_window_s"])
+        deadline = switched_at + window - min(30.0, window / 10)  # decide before the watchdog does
+        seen = desired
+        while not self.stopping.is_set():
+            latest = self.latest.get(deployment)
+            if latest is None:
+                return "the controller cleared this desired state"
+            if latest is not seen:
+                seen = latest
+                same = all(latest.get(k) == desired.get(k) for k in ("generation", "release", "action"))
+                if not same:
+                    return "superseded by another desired state (%s %s)" % (latest.get("action"),
+                                                                          latest.get("release"))
+                if latest.get("commit") == "on-pass":
+                    try:
+                        self.check_order(deployment, latest)
+                    except Failure as exc:
+                        log("%s: a commit order was refused: %s" % (deployment, exc))
+                        continue
+                    return None
+            if time.monotonic() >= deadline:
+                return "no commit order from the controller within the trial window"
+            self.beat_if_due()
+            self.stopping.wait(0.5)
+        raise Stopping()
 
     def roll_back(self, deployment, desired):
         """Back to an earlier committed release (or none); with a gate, measured there against the absolute SLOs.
@@ -349,7 +417,7 @@ class Daemon:
         default = 8883 if self.config["broker"].startswith("mqtts://") else 1883
         self.client.connect_async(host, int(port or default), keepalive=max(5, int(self.heartbeat_s)))
         self.client.loop_start()
-        next_beat = time.monotonic() + self.heartbeat_s
+        self.next_beat = time.monotonic() + self.heartbeat_s
         while not self.stopping.is_set():
             try:
                 deployment = self.work.get(timeout=min(1.0, self.heartbeat_s))
@@ -357,12 +425,7 @@ class Daemon:
                 deployment = None
             if deployment is not None:
                 self.handle(deployment)
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + self.heartbeat_s
-                if self.client.is_connected():
-                    self._online()
-                    for known in list(self.last_status):  # what runs now (a trial may have expired meanwhile)
-                        self.publish(known)
+            self.beat_if_due()
         self.client.publish(self.base + "/online", json.dumps({"online": False}), qos=1, retain=True).wait_for_publish(5)
         self.client.disconnect()
         self.client.loop_stop()

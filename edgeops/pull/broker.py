@@ -44,15 +44,30 @@ class Broker:
                 raise BrokerError(f"pull.ca_file {ca_file} does not exist", hint="`edgeops lab up` writes the lab's")
             self.client.tls_set(ca_certs=str(ca_file) if ca_file else None, cert_reqs=ssl.CERT_REQUIRED)
         self.client.on_message = self._on_message
+        self.patterns: list[str] = []
+        self.up = threading.Event()           # the link to the broker is up now
+        self.down_since: float | None = None  # monotonic time the link went down (None: up)
         connected = threading.Event()
         refused: list[str] = []
 
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
             if reason.is_failure:
                 refused.append(str(reason))
+            else:
+                for pattern in self.patterns:  # a clean session: after a reconnect the broker knows none of them
+                    client.subscribe(pattern, qos=1)
+                self.down_since = None
+                self.up.set()
             connected.set()
 
+        def on_disconnect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+            self.up.clear()
+            self.down_since = self.down_since or time.monotonic()
+            with self.arrived:
+                self.arrived.notify_all()
+
         self.client.on_connect = on_connect
+        self.client.on_disconnect = on_disconnect
         try:
             self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or (8883 if parsed.scheme == "mqtts"
                                                                                  else 1883), keepalive=30)
@@ -84,22 +99,36 @@ class Broker:
                 self.messages.pop(message.topic, None)
             self.arrived.notify_all()
 
+    def down_for(self) -> float:
+        """Seconds the link to the broker has been down (0 while it is up)."""
+        since = self.down_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def subscribe(self, patterns: list[str]) -> None:
         for pattern in patterns:
+            if pattern not in self.patterns:
+                self.patterns.append(pattern)
             result, _ = self.client.subscribe(pattern, qos=1)
-            if result != mqtt.MQTT_ERR_SUCCESS:
+            if result not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: subscribed on reconnect
                 raise BrokerError(f"could not subscribe to {pattern} on {self.url} ({mqtt.error_string(result)})")
 
     def publish(self, topic: str, document: dict[str, Any] | None, timeout_s: float = 10) -> None:
-        """Publish retained at QoS 1 and wait for the broker's acknowledgement (None clears the topic)."""
+        """Publish retained at QoS 1 and wait for the broker's acknowledgement (None clears the topic); while the
+        link is down, publish again each time it comes back, until ``timeout_s``."""
         payload = json.dumps(document, sort_keys=True) if document is not None else b""
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        try:
-            info.wait_for_publish(timeout_s)
-        except (ValueError, RuntimeError) as exc:
-            raise BrokerError(f"publishing to {topic} on {self.url} failed: {exc}") from None
-        if not info.is_published():
-            raise BrokerError(f"the broker {self.url} did not acknowledge {topic} within {timeout_s:g} s")
+        deadline = time.monotonic() + timeout_s
+        failure = "no acknowledgement"
+        while True:
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.1, min(5.0, deadline - time.monotonic())))
+                if info.is_published():
+                    return
+            except (ValueError, RuntimeError) as exc:
+                failure = str(exc)
+            if time.monotonic() >= deadline:
+                raise BrokerError(f"publishing to {topic} on {self.url} failed within {timeout_s:g} s: {failure}")
+            self.up.wait(max(0.1, min(1.0, deadline - time.monotonic())))
 
     def wait_for(self, topic: str, accept: Callable[[dict[str, Any]], bool], deadline: float,
                  stop: threading.Event | None = None) -> dict[str, Any] | None:

@@ -12,12 +12,22 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgeops.errors import EdgeopsError
 from edgeops.plan import PlannedDevice
 from edgeops.plan_operations import UNINSTALL
-from edgeops.pull.fleet import DESIRED_SCHEMA, PullLinks, device_topic, is_pull, pull_settings, repository
+from edgeops.pull.fleet import (
+    DESIRED_SCHEMA,
+    PullLinks,
+    device_topic,
+    is_pull,
+    online_topic,
+    pull_settings,
+    read_reports,
+    repository,
+)
 from edgeops.pull.registry import PushedRelease
 from edgeops.release import Release
 from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult, orders_for
@@ -37,6 +47,7 @@ class PullRoller(DeviceRoller):
         self._pushed: dict[str, PushedRelease] = {}
         self._pushing = threading.Lock()
         self._ran: dict[str, str | None] = {}  # device key -> the release it ran before this rollout
+        self._published: dict[str, dict[str, Any]] = {}  # device key -> the desired state this rollout sent it
 
     def publish_release(self, target: TargetDevice, release: Release) -> PushedRelease | None:
         """The release's blobs and manifest in the target's registry, once per release; None if already done."""
@@ -66,9 +77,13 @@ class PullRoller(DeviceRoller):
             "trial_window_s": profile.device.trial_window_s, "keep_releases": profile.device.keep_releases,
             "power_sensor": target.power_sensor, "published_at": time.time(),
             "order": order.as_json() if order else None,
+            "commit": "on-order",  # the verdict comes back first; this side decides (see commit())
+            "rollout": self.ctx.rollout_id,  # a verdict that comes after the rollout ended names it (see begin())
         }
 
     def install(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
+        """Publish the desired state, wait for the verdict, then commit it here (the device never commits a
+        release during a rollout on its own: one cut off from this controller reverts when its trial ends)."""
         assert self.ctx.desired is not None
         release = self.ctx.desired.releases[planned.key]
         report = self.ctx.reporter
@@ -77,29 +92,96 @@ class PullRoller(DeviceRoller):
         try:
             pushed = self.publish_release(target, release)
             if pushed is not None:
-                outcome.bytes_moved = pushed.bytes_uploaded
                 report.stage(planned.key, "publish", f"{pushed.blobs_uploaded} blob(s), {pushed.bytes_uploaded} "
-                                                     "bytes to the registry")
+                                                     "bytes uploaded to the registry")
             broker = self.ctx.connections.pull.broker(target)
-            status = device_topic(target, self.doc.name, "status")
-            broker.subscribe([status])
-            broker.publish(device_topic(target, self.doc.name, "desired"), self.desired(target, release))
+            document = self.desired(target, release)
+            self._published[planned.key] = document
+            broker.subscribe([device_topic(target, self.doc.name, "status"), online_topic(target)])
+            broker.publish(device_topic(target, self.doc.name, "desired"), document)
             report.stage(planned.key, "waiting", f"for the device's verdict (at most {deadline_s:g} s)")
-            found = broker.wait_for(status, lambda s: s.get("generation") == self.generation
-                                    and s.get("action") == "install" and s.get("phase") == "done",
-                                    time.monotonic() + deadline_s, self.ctx.stop)
+            found, gone = self.await_report(target, lambda s: s.get("phase") == "done" or
+                                            s.get("result") == "awaiting-commit", deadline_s)
+            if found is not None:
+                outcome.bytes_moved = int(found.get("bytes_fetched") or 0)
+            if found is not None and found.get("result") == "awaiting-commit":
+                found, gone = self.commit(planned, target, found, outcome)
         except EdgeopsError as exc:
             outcome.decision, outcome.reason = FAILED, exc.message
             return outcome
         if found is None:
-            if self.ctx.stop.is_set():
-                outcome.reason = "interrupted while waiting for the device; its desired state stays published"
+            if self.ctx.stop.is_set() or self.ctx.lease is not None and self.ctx.lease.lost:
+                outcome.reason = outcome.reason or "interrupted while waiting for the device"
                 return outcome
             outcome.decision = Decision.UNREACHABLE
-            outcome.reason = (f"no verdict within {deadline_s:g} s (offline or busy); its desired state stays "
-                              "published: it catches up when it connects")
+            outcome.reason = f"{gone}; its desired state stays published: it catches up when it connects, " \
+                             "and commits only once this rollout succeeded"
             return outcome
         return self.concluded(planned, found, outcome)
+
+    def await_report(self, target: TargetDevice, accept: Callable[[dict[str, Any]], bool],
+                     deadline_s: float) -> tuple[dict[str, Any] | None, str]:
+        """The device's report of this rollout's generation that ``accept`` takes, or (None, why not). A device
+        the broker reports offline (its last will), or a broker this controller lost, for a heartbeat interval
+        is given up at once rather than at the deadline."""
+        broker = self.ctx.connections.pull.broker(target)
+        status, presence = device_topic(target, self.doc.name, "status"), online_topic(target)
+        grace = pull_settings(target).heartbeat_s
+        end = time.monotonic() + deadline_s
+        offline_since: float | None = None
+        while True:
+            found = broker.wait_for(status, lambda s: s.get("generation") == self.generation
+                                    and s.get("action") == "install" and accept(s),
+                                    min(end, time.monotonic() + 1.0), self.ctx.stop)
+            now = time.monotonic()
+            if found is not None or self.ctx.stop.is_set():
+                return found, ""
+            if now >= end:
+                return None, f"no verdict within {deadline_s:g} s (offline or busy)"
+            if broker.down_for() >= grace:
+                return None, f"this controller lost the broker {broker.url} for {broker.down_for():.0f} s"
+            if (broker.messages.get(presence) or {}).get("online") is False:
+                offline_since = offline_since or now
+                if now - offline_since >= grace:
+                    return None, "the broker reports the device offline (its last will)"
+            else:
+                offline_since = None
+
+    def commit(self, planned: PlannedDevice, target: TargetDevice, found: dict[str, Any],
+               outcome: DeviceOutcome) -> tuple[dict[str, Any] | None, str]:
+        """The verdict is in and keeps the release: send the commit order (the desired state again, ``on-pass``,
+        with a new signed order) and wait for the device to confirm it."""
+        if not self.lease_held(outcome, "verified, not committed") or self.ctx.stop.is_set():
+            self.withdraw(target, planned.key)
+            outcome.reason = outcome.reason or "interrupted before the commit: the device reverts"
+            return None, ""
+        self.ctx.reporter.stage(planned.key, "commit", str((found.get("verdict") or {}).get("outcome")))
+        document = self.committing(target, self._published[planned.key])
+        self._published[planned.key] = document
+        self.ctx.connections.pull.broker(target).publish(device_topic(target, self.doc.name, "desired"), document)
+        done, gone = self.await_report(target, lambda s: s.get("phase") == "done",
+                                       min(ROLLBACK_DEADLINE_S, pull_settings(target).report_deadline_s))
+        if done is None and gone:
+            gone = f"verified, commit order sent, not confirmed: {gone}"
+        return done, gone
+
+    def committing(self, target: TargetDevice, document: dict[str, Any]) -> dict[str, Any]:
+        order = orders_for(target, self.ctx.signing_key, self.doc.name)("activate", document["release"])
+        return {**document, "commit": "on-pass", "published_at": time.time(),
+                "order": order.as_json() if order else None}
+
+    def withdraw(self, target: TargetDevice, key: str) -> str:
+        """Take this rollout's desired state back (a retained ``withdraw``: a device that reconnects later reads
+        it too): a device waiting for its commit reverts, one that never fetched it stays on what it runs."""
+        try:
+            self.ctx.connections.pull.broker(target).publish(
+                device_topic(target, self.doc.name, "desired"),
+                {"schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "withdraw",
+                 "generation": self.generation, "release": None, "published_at": time.time()},
+                timeout_s=ROLLBACK_DEADLINE_S)
+        except EdgeopsError as exc:
+            return f"WITHDRAWING ITS DESIRED STATE FAILED: {exc.message} (it reverts when its trial window ends)"
+        return "its desired state was withdrawn"
 
     def concluded(self, planned: PlannedDevice, found: dict[str, Any], outcome: DeviceOutcome) -> DeviceOutcome:
         verdict = Verdict.of(found["verdict"]) if found.get("verdict") else None
@@ -111,6 +193,10 @@ class PullRoller(DeviceRoller):
             outcome.switched, outcome.switched_from = not found.get("unchanged"), planned.current
             if verdict is None:
                 outcome.reason = "the device already ran this release, committed"
+            return outcome
+        if found.get("result") == "withdrawn":
+            outcome.decision = FAILED
+            outcome.reason = f"not committed: {found.get('reason')}; the device reverted to its committed release"
             return outcome
         if found.get("result") == "rejected" and verdict is not None:
             outcome.decision = FAILED if verdict.outcome == FAILED else Decision.ROLLED_BACK
@@ -157,7 +243,7 @@ class PullRoller(DeviceRoller):
         self.ctx.reporter.stage(planned.key, "done", verdict.outcome)
         return outcome
 
-    def undo(self, key: str, why: str, back: str | None) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
         """Publish a rollback to the release the device ran before this rollout, and wait for it to land."""
         target = self.ctx.target(key)
         try:
@@ -165,26 +251,64 @@ class PullRoller(DeviceRoller):
             found = roll_back(self.ctx.connections.pull, target, self.doc.name, back, self.generation, self.ctx.actor,
                               order=order)
         except EdgeopsError as exc:
-            return f"ROLLBACK FAILED: {exc.message}"
+            return False, f"ROLLBACK FAILED: {exc.message}"
         if found is None:
-            return f"rollback to {back or 'no release'} published; the device has not confirmed it yet ({why})"
+            return False, f"rollback to {back or 'no release'} published, not confirmed yet: it lands when the " \
+                          f"device reads it ({why})"
         if found.get("result") != "rolled-back":
-            return f"ROLLBACK FAILED on the device: {(found.get('error') or {}).get('message')}"
-        return f"rolled back to {back} ({why})" if back else f"first install removed ({why})"
+            return False, f"ROLLBACK FAILED on the device: {(found.get('error') or {}).get('message')}"
+        return True, f"rolled back to {back} ({why})" if back else f"first install removed ({why})"
+
+    def begin(self) -> None:
+        """Verdicts that came after their rollout ended (a device that caught up once the rollout succeeded):
+        accepted into that rollout's history, where the device was still Unreachable or not started."""
+        targets = [t for t in self.ctx.members.values() or
+                   (self.ctx.desired.targets if self.ctx.desired else []) if is_pull(t)]
+        try:
+            reports = read_reports(self.ctx.connections.pull, self.doc.name, targets)
+        except EdgeopsError:
+            return  # the rollout sees the broker's trouble itself
+        for key, report in reports.items():
+            status = report.status or {}
+            late = status.get("rollout")
+            if not late or late == self.ctx.rollout_id or status.get("action") != "install" or \
+                    status.get("result") not in ("committed", "rejected"):
+                continue
+            for rollout in self.ctx.ledger.history(self.doc.name, 50):
+                if rollout["id"] != late:
+                    continue
+                events = [e for e in rollout["devices"] if e["device"] == key]
+                if events and events[-1]["decision"] in (Decision.UNREACHABLE, Decision.SKIPPED):
+                    verdict = Verdict.of(status["verdict"]) if status.get("verdict") else None
+                    decision = (verdict.outcome if verdict else Decision.PASSED) if status["result"] == "committed" \
+                        else Decision.ROLLED_BACK
+                    self.ctx.ledger.device_event(
+                        late, self.doc.name, key, "install", decision, release_id=status.get("release"),
+                        reason=f"late verdict, accepted: reported {status['result']} after rollout #"
+                               f"{rollout['number']} ended ({verdict.reason if verdict else 'no measurement'})",
+                        bytes_moved=int(status.get("bytes_fetched") or 0),
+                        measurements=verdict.measurements if verdict else {})
 
     def finish(self, result: RolloutResult) -> None:
-        """A rollout that did not succeed takes back the desired state of devices that never reported."""
-        if result.outcome in (Outcome.SUCCEEDED, Outcome.NO_OP):
-            return
+        """Devices this rollout never heard back from: after a success they may catch up and commit on their own
+        (their desired state is sent again with ``on-pass``); otherwise it is withdrawn."""
         for outcome in result.devices:
-            if outcome.decision == Decision.UNREACHABLE and outcome.key in self._ran:
-                target = self.ctx.target(outcome.key)
+            if outcome.decision not in (Decision.UNREACHABLE, Decision.SKIPPED) or outcome.key not in self._published:
+                continue
+            target = self.ctx.target(outcome.key)
+            if result.outcome == Outcome.SUCCEEDED:
                 try:
                     self.ctx.connections.pull.broker(target).publish(
-                        device_topic(target, self.doc.name, "desired"), None)
-                    outcome.reason += "; its desired state was withdrawn (the rollout did not succeed)"
+                        device_topic(target, self.doc.name, "desired"),
+                        self.committing(target, self._published[outcome.key]), timeout_s=ROLLBACK_DEADLINE_S)
                 except EdgeopsError as exc:
-                    outcome.reason += f"; WITHDRAWING ITS DESIRED STATE FAILED: {exc.message}"
+                    outcome.reason += f"; sending it the commit-on-pass failed ({exc.message}): it reverts " \
+                                      "when its trial window ends, and the next apply rolls it again"
+            else:
+                outcome.reason = outcome.reason.replace(
+                    "its desired state stays published: it catches up when it connects, and commits only once "
+                    "this rollout succeeded", "it never commits this release") + \
+                    f"; {self.withdraw(target, outcome.key)} (the rollout did not succeed)"
 
 
 class RoutedWork:
@@ -206,8 +330,11 @@ class RoutedWork:
         with self._ssh_slots:
             return self.push.roll(planned)
 
-    def undo(self, key: str, why: str, back: str | None) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
         return self._work(key).undo(key, why, back)
+
+    def begin(self) -> None:
+        self.pull.begin()
 
     def finish(self, result: RolloutResult) -> None:
         self.pull.finish(result)
@@ -227,7 +354,8 @@ def roll_back(links: PullLinks, target: TargetDevice, deployment: str, release: 
     broker.publish(device_topic(target, deployment, "desired"), {
         "schema": DESIRED_SCHEMA, "deployment": deployment, "action": "rollback", "generation": generation,
         "release": release, "by": by, "gate": gate, "allow_rejected": allow_rejected, "published_at": time.time(),
-        "trial_window_s": target.profile.obj.spec.device.trial_window_s, "order": order.as_json() if order else None})
+        "trial_window_s": target.profile.obj.spec.device.trial_window_s, "order": order.as_json() if order else None},
+        timeout_s=ROLLBACK_DEADLINE_S)  # a broker that is down for a while: published when it is back
     deadline = min(ROLLBACK_DEADLINE_S + (gate or {}).get("verify_timeout_s", 0),
                    pull_settings(target).report_deadline_s)
     return broker.wait_for(status, lambda s: s.get("generation") == generation and s.get("action") == "rollback"

@@ -30,6 +30,7 @@ from labkit.repo import PULL_DEPLOYMENT, edited, running_pull_lab
 pytestmark = pytest.mark.pull
 MANIFEST = f"manifests/{PULL_DEPLOYMENT}.yaml"
 PROFILE = "device_profiles/lab-pull.yaml"
+FLEET = "manifests/fleets/lab-pull.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,20 @@ def online(root: Path, name: str) -> None:
     start_daemon(device, state)
 
 
+def watch_status(root: Path, name: str, seen: Callable[[dict[str, Any]], None]) -> mqtt.Client:
+    """A controller-side client that calls ``seen`` with each status ``name`` publishes (stop it: loop_stop)."""
+    ws = load_workspace(root)
+    settings = ws.fleets["lab-pull"].obj.spec.pull
+    password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.username_pw_set(settings.username, password)
+    client.on_message = lambda c, u, m: seen(json.loads(m.payload)) if m.payload else None
+    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
+    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
+    client.loop_start()
+    return client
+
+
 def last_status(root: Path, name: str) -> dict[str, Any]:
     """The retained status message as the device published it (read over the broker as the controller)."""
     ws = load_workspace(root)
@@ -121,10 +136,15 @@ def publish_as_controller(root: Path, name: str, document: dict[str, Any]) -> No
 
 
 def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Path) -> None:
+    planned = json.loads(cli(lab, "plan", MANIFEST, "-o", "json").stdout)[0]
     applied = cli(lab, "apply", MANIFEST, "-o", "json")
     assert applied.exit_code == ExitCode.OK, applied.output
     outcome = json.loads(applied.stdout)[0]
     assert {d["decision"] for d in outcome["devices"]} == {"Passed"}, outcome
+    # bytes moved: what each device downloaded (every device fetches its own copy), as the plan predicted
+    assert {d["key"]: d["bytes_moved"] for d in outcome["devices"]} == \
+        {d["key"]: d["bytes_to_move"] for d in planned["devices"]}
+    assert all(d["bytes_moved"] > 0 for d in outcome["devices"])
     rows = devices(lab)
     assert {r["sync"] for r in rows.values()} == {"Synced"} and {r["health"] for r in rows.values()} == {"Healthy"}
     assert len({r["fleet_release"] for r in rows.values()}) == 1
@@ -214,11 +234,14 @@ def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects
     assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
     offline(lab, "pull-03")
     with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 2"),
-                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 1")):
+                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 1"),
+                (lab / FLEET, "report_deadline_s: 10", "report_deadline_s: 3600")):
         applied = cli(lab, "apply", MANIFEST, "-o", "json")
         assert applied.exit_code == ExitCode.OK, applied.output
         decisions = {d["key"].split("/")[1]: d for d in json.loads(applied.stdout)[0]["devices"]}
-        assert decisions["pull-03"]["decision"] == "Unreachable" and "catches up" in decisions["pull-03"]["reason"]
+        # given up on its last will, not after the hour-long report deadline
+        assert decisions["pull-03"]["decision"] == "Unreachable" and "last will" in decisions["pull-03"]["reason"]
+        assert "catches up" in decisions["pull-03"]["reason"]
         assert {decisions[name]["decision"] for name in ("pull-01", "pull-02")} <= KEPT, decisions
         rows = devices(lab)
         assert rows["pull-03"]["sync"] == "OutOfSync" and "offline" in rows["pull-03"]["message"]
@@ -228,6 +251,13 @@ def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects
                                ("Synced", "Healthy"))
         assert caught_up, devices(lab)["pull-03"]
         assert devices(lab)["pull-03"]["fleet_release"] == rows["pull-01"]["fleet_release"]
+        # the late verdict goes into that rollout's history with the next apply (here one with nothing to do)
+        assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+        [rollout] = [r for r in json.loads(cli(lab, "history", PULL_DEPLOYMENT, "-o", "json").stdout)
+                     if r["id"] == json.loads(applied.stdout)[0]["rollout_id"]]
+        events = [e for e in rollout["devices"] if e["device"] == "lab-pull/pull-03"]
+        assert [e["decision"] for e in events][0] == "Unreachable" and events[-1]["decision"] in KEPT, events
+        assert "late verdict, accepted" in events[-1]["reason"] and events[-1]["bytes_moved"] > 0
 
 
 def test_a_silent_device_past_the_unreachable_budget_halts_and_its_desired_state_is_withdrawn(lab: Path) -> None:
@@ -294,3 +324,51 @@ def test_over_tls_devices_verify_the_broker_and_registry_and_so_does_the_control
     with edited((fleet_file, "ca_file: ../../.edgeops/lab/lab-pull/ca.pem", "ca_file: /etc/ssl/certs/ca.pem")):
         outside = cli(tls_lab, "status", MANIFEST)
         assert outside.exit_code == ExitCode.INVALID and "resolves outside the repository" in outside.output
+
+
+def test_a_broker_killed_mid_rollout_leaves_no_mixed_fleet(lab: Path) -> None:
+    """The canary committed, the others are measuring when the broker dies. The controller gives up on them at
+    once (it lost the broker), halts, and takes the canary back once the broker is there again; the others,
+    never sent a commit order, revert. Every device ends on the release it ran before, none on a trial."""
+    import threading
+
+    assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
+    before = {name: row["release"] for name, row in devices(lab).items()}
+    ws = load_workspace(lab)
+    fleet = ws.fleets["lab-pull"]
+    broker = lab / ".edgeops" / "lab" / "lab-pull" / "broker"
+    done: dict[str, Result] = {}
+    with edited((lab / PROFILE, "inter_op_num_threads: 1", "inter_op_num_threads: 4"),
+                (lab / MANIFEST, "max_unreachable_devices: 25%", "max_unreachable_devices: 0")):
+        pid = int((broker / "pid").read_text())
+        killed = threading.Event()
+
+        def kill_when_measuring(status: dict[str, Any]) -> None:  # on the watcher's thread, as the status arrives
+            if status.get("release") not in (None, before["pull-02"]) and status.get("phase") == "verifying":
+                if not killed.is_set():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+
+        watcher = watch_status(lab, "pull-02", kill_when_measuring)
+        applying = threading.Thread(target=lambda: done.update(result=cli(lab, "apply", MANIFEST, "-o", "json")))
+        applying.start()
+        try:
+            assert killed.wait(180), last_status(lab, "pull-02")
+            assert eventually(lambda: not process_alive(pid), 10)
+            time.sleep(4)  # two heartbeats: the controller gives its waiting devices up
+            pull_lab_up(ws, fleet, fleet_targets(ws, fleet))  # the broker again (retained messages persisted)
+        finally:
+            applying.join(600)
+            watcher.loop_stop()
+    result = json.loads(done["result"].stdout)[0]
+    assert result["outcome"] == "halted", result
+    decisions = {d["key"].split("/")[1]: d for d in result["devices"]}
+    assert decisions["pull-01"]["decision"] == "RolledBack", decisions["pull-01"]
+
+    def settled() -> bool:
+        rows = devices(lab)
+        return all(rows[name]["release"] == before[name] and rows[name]["health"] in ("Healthy", "RolledBack")
+                   for name in rows)
+
+    assert eventually(settled, 120), ({n: (r["release"], r["health"], r["message"]) for n, r in devices(lab).items()},
+                                      before, {n: (d["decision"], d["reason"]) for n, d in decisions.items()})

@@ -116,9 +116,9 @@ class ScriptedWork:
         return DeviceOutcome(planned.key, planned.action, decision, f"scripted {decision}", planned.release_id,
                              planned.current, wave=planned.wave, committed=decision == Decision.PASSED)
 
-    def undo(self, key: str, why: str, back: str | None) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
         self.undone.append(key)
-        return "undone"
+        return True, "undone"
 
 
 def context(tmp_path: Path, targets: list[TargetDevice], stop: threading.Event | None = None) -> ApplyContext:

@@ -26,6 +26,7 @@ class ScriptedWork:
     script: dict[str, Decision] = field(default_factory=dict)
     rolled: list[str] = field(default_factory=list)
     undone: list[str] = field(default_factory=list)
+    fail_undo: set[str] = field(default_factory=set)
 
     def roll(self, planned: PlannedDevice) -> DeviceOutcome:
         self.rolled.append(planned.key)
@@ -35,9 +36,9 @@ class ScriptedWork:
                              planned.current, wave=planned.wave, committed=decision == Decision.PASSED,
                              switched=switched, switched_from=planned.current if switched else None)
 
-    def undo(self, key: str, why: str, back: str | None) -> str:
+    def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
         self.undone.append(key)
-        return f"rolled back to {back} ({why})"
+        return key not in self.fail_undo, f"rolled back to {back} ({why})"
 
 
 class RecordingStop(threading.Event):
@@ -84,6 +85,16 @@ def test_a_failure_over_budget_halts_skips_later_waves_and_rolls_back_what_this_
     committed_before = {o.key for o in result.devices if o.decision == Decision.ROLLED_BACK}
     assert committed_before == set(work.undone) and committed_before  # the canary and wave 2's passes
     assert {o.decision for o in result.devices if o.wave == 3} == {Decision.SKIPPED}
+
+
+def test_a_halt_whose_undo_fails_reports_the_device_on_the_release_it_runs() -> None:
+    policy = RolloutPolicy(waves=[1, "100%"], max_failed_devices=0)
+    plan = plan_for(4, policy)
+    work = ScriptedWork({"f/d1": Decision.FAILED}, fail_undo={"f/d0"})
+    result = WaveRunner(plan, policy, work, RecordingStop(), SilentReporter()).run()
+    canary = next(o for o in result.devices if o.key == "f/d0")
+    assert "f/d0" in work.undone and canary.decision == Decision.PASSED and canary.committed  # never "RolledBack"
+    assert result.outcome == Outcome.HALTED
 
 
 def test_a_failure_within_budget_goes_on() -> None:
