@@ -73,6 +73,7 @@ class Simulated:
         self.pool = ThreadPoolExecutor(8)
         self.stop = threading.Event()
         self.handled = 0
+        self.verified: set[tuple[str, int]] = set()  # (device, generation) measured, waiting for the commit
         for name in names:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{name}")
             client.username_pw_set(f"scale.{name}", passwords[name])
@@ -115,11 +116,16 @@ class Simulated:
             return
         desired = json.loads(payload)
         deployment, release = desired["deployment"], desired["release"]
+        if desired["action"] == "withdraw":
+            return  # a device waiting for its commit would revert; a simulated one never waits
+        phase, fetched = "done", 0
         if desired["action"] == "install":
-            for item in desired["files"].values():  # the registry protocol: GET by digest, check the digest
+            fetched_before = (name, desired["generation"]) in self.verified
+            for item in [] if fetched_before else desired["files"].values():  # GET by digest, check the digest
                 url = f"{self.registry}/v2/{desired['registry']['repository']}/blobs/sha256:{item['sha256']}"
                 with urllib.request.urlopen(url, timeout=60) as response:
                     assert hashlib.sha256(response.read()).hexdigest() == item["sha256"]
+                fetched += item["size"]
             failed = name in self.failing
             outcome = "Failed" if failed else "Passed"
             check = {"name": "latency-slo", "outcome": outcome, "detail": f"simulated p95 ({outcome})"}
@@ -127,6 +133,9 @@ class Simulated:
                        "measurements": {"latency": {"p50_ms": 0.03, "p95_ms": 0.04}, "simulated": True}}
             result, status = ("rejected", None) if failed else ("committed", "committed")
             current = None if failed else release
+            if not failed and desired.get("commit") == "on-order":  # the controller decides the commit
+                self.verified.add((name, desired["generation"]))
+                phase, result, status = "verified", "awaiting-commit", "verifying"
         else:
             verdict, result, status, current = None, "rolled-back", "rolled_back", release
         state = {"current": current, "previous": None, "releases": [current] if current else [],
@@ -143,8 +152,8 @@ class Simulated:
                            "trust": {"enrolled": False}}}
         document = {"schema": "edgeops.status/v1", "fleet": "scale", "device": name, "deployment": deployment,
                     "at": time.time(), "generation": desired["generation"], "release": release,
-                    "action": desired["action"], "phase": "done", "result": result, "verdict": verdict,
-                    "error": None, "state": state}
+                    "action": desired["action"], "phase": phase, "result": result, "verdict": verdict,
+                    "error": None, "state": state, "bytes_fetched": fetched}
         client.publish(f"edgeops/scale/{name}/{deployment}/status", json.dumps(document), qos=1, retain=True)
         self.handled += 1
 
