@@ -48,7 +48,7 @@ from _common import machine, markdown_table  # noqa: E402
 from edgeops.connections import Connections, ssh_connect  # noqa: E402
 from edgeops.device import Device  # noqa: E402
 from edgeops.lab import lab_down, lab_up, process_alive  # noqa: E402
-from edgeops.labpull import pull_lab_down, pull_lab_up, start_daemon, stop_daemon  # noqa: E402
+from edgeops.labpull import pull_lab_down, pull_lab_up, stop_daemon  # noqa: E402
 from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.operations import apply_deployment, plan_deployment, status_rows  # noqa: E402
 from edgeops.pull.fleet import is_pull  # noqa: E402
@@ -244,7 +244,7 @@ def pull_fault(root: Path, kind: str, rng: random.Random) -> tuple[bool, str]:
         target = rng.choice(targets)
         stop_daemon(state / target.name, target)
         time.sleep(rng.uniform(1.0, 6.0))
-        start_daemon(target, state / target.name)
+        pull_lab_up(ws, fleet, targets)  # its daemon again; returns once it is online
     applying.join(900)
     settle_pull(root)
     result = outcome.get("result")
@@ -296,6 +296,9 @@ def one_round(root: Path, number: int, rng: random.Random, relay: Relay) -> dict
             process.wait()
         time.sleep(TRIAL_WINDOW_S + 2.5)  # nobody calls the devices: their own timers act
     truthful = status_truthful(root, damaged, health, deployment)
+    for _ in range(10 if kind in PULL and not truthful else 0):  # a pull device's report is retained: after a
+        time.sleep(1)                                             # broker restart it says it again on reconnect
+        truthful = status_truthful(root, damaged, health, deployment)
     quiet = reads_change_nothing(root, [deployment])
     before = [] if tampered else violations(root, deployment)
     converged = apply(root, deployment=deployment).ok

@@ -243,6 +243,7 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         controller_file.write_text(secrets.token_urlsafe(24) + "\n")
         controller_file.chmod(0o600)
     users = {settings.username: controller_file.read_text().strip()}
+    fresh_devices: set[str] = set()
     acl = [f"user {settings.username}", f"topic readwrite {settings.topic_prefix}/#", ""]
     passwords: dict[str, str] = {}
     for target in targets:
@@ -266,10 +267,14 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         if not ca_copy.is_file():
             ca_copy.parent.mkdir(parents=True, exist_ok=True)
             ca_copy.write_bytes(tls[0].read_bytes())
-    _broker(state, settings, users, acl, tls if settings.broker.startswith("mqtts://") else None)
+    started_at = time.time()
+    running = _pid(state / "broker" / "pid", str(state / "broker" / "mosquitto.conf"))
+    fresh = _broker(state, settings, users, acl, tls if settings.broker.startswith("mqtts://") else None) != running
     _registry(state, settings, tls if settings.registry.startswith("https://") else None)
     devices = []
     for target in real:
+        if _pid(state / target.name / "pulld.pid", str(Path(target.root) / "agent" / "pull.json")) is None:
+            fresh_devices.add(target.name)
         root = Path(target.root)
         install_agent(root)
         config = root / "agent" / "pull.json"
@@ -283,7 +288,43 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         devices.append(LabDevice(target.name, 0, state / target.name, start_daemon(target, state / target.name)))
     if fleet.obj.spec.trust:
         enroll_lab(ws, fleet, real, report)
+    waiting = {t.name for t in real} if fresh else fresh_devices
+    late = _wait_online(fleet, users[settings.username], state, real, waiting, started_at)
+    if late:
+        report(f"{fleet.name}: not online within {ONLINE_WAIT_S:g} s: {', '.join(sorted(late))} (see their "
+               "pulld.log); they catch up when they connect")
     return devices
+
+
+ONLINE_WAIT_S = 30.0
+
+
+def _wait_online(fleet: Document[Fleet], password: str, state: Path, targets: list[TargetDevice],
+                 fresh: set[str], since: float) -> set[str]:
+    """The devices that did not say they are online (a daemon or broker started now: since ``since``)."""
+    from edgeops.pull.broker import Broker
+    from edgeops.pull.fleet import online_topic
+
+    settings = fleet.obj.spec.pull
+    assert settings is not None
+    ca = fleet.resolve(settings.ca_file) if settings.ca_file else None
+    broker = Broker(settings.broker, settings.username, password, ca)
+    try:
+        topics = {t.name: online_topic(t) for t in targets}
+        broker.subscribe(list(topics.values()))
+        deadline = time.monotonic() + ONLINE_WAIT_S
+
+        def late() -> set[str]:
+            return {name for name, topic in topics.items()
+                    if not (message := broker.messages.get(topic) or {}).get("online")
+                    or (name in fresh and float(message.get("at") or 0) < since)}
+
+        while (missing := late()) and time.monotonic() < deadline:
+            with broker.arrived:
+                broker.arrived.wait(0.5)
+        return missing
+    finally:
+        broker.close()
 
 
 def pull_lab_status(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice]) -> list[LabDevice]:

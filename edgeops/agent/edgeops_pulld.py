@@ -111,6 +111,7 @@ class Daemon:
         self.last_status = {}     # deployment -> the status document last published
         self.stopping = threading.Event()
         self.next_beat = 0.0
+        self.reconnected = threading.Event()  # say everything again: a restarted broker may have lost it
         self.client = self._client()
 
     # ------------------------------------------------------------ broker
@@ -136,6 +137,7 @@ class Daemon:
             return
         client.subscribe(self.base + "/+/desired", qos=1)
         self._online()
+        self.reconnected.set()
         log("connected to %s as %s" % (self.config["broker"], self.config["username"]))
 
     def _on_message(self, client, userdata, message):
@@ -162,8 +164,9 @@ class Daemon:
 
     def beat_if_due(self):
         """Say this device is alive, and what runs now (a trial may have expired meanwhile), every heartbeat."""
-        if time.monotonic() < self.next_beat:
+        if time.monotonic() < self.next_beat and not self.reconnected.is_set():
             return
+        self.reconnected.clear()
         self.next_beat = time.monotonic() + self.heartbeat_s
         if self.client.is_connected():
             self._online()
@@ -278,7 +281,8 @@ class Daemon:
             undecided = self.await_commit(deployment, desired, verdict, fetched, switched_at)
             if undecided:
                 agent("record", *common, "--json", json.dumps(record), "--by", by, "--release", release)
-                agent("switch", *common, "--action", "revert", "--by", by, "--reason", undecided)
+                # not a verdict on the release (it passed here): aborted, so a later rollout may run it again
+                agent("switch", *common, "--action", "revert", "--aborted", "--by", by, "--reason", undecided)
                 return {"phase": "done", "result": "withdrawn", "verdict": verdict, "error": None,
                         "bytes_fetched": fetched, "reason": undecided}
         if keep:

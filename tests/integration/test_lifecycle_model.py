@@ -1,7 +1,8 @@
 """A model-based test of the device lifecycle (Hypothesis' rule-based state machine) against the real agent on
 a real local directory: random sequences of installs, verdicts, trials left to expire, reverts, rollbacks
-(allowed or not), uninstalls, reads, tampered files, hand-repointed links, torn state files, heals and stale
-controllers. After every step the invariants hold:
+(allowed or not), uninstalls, reads, tampered files, hand-repointed links, torn state files, heals, stale
+controllers, the controller killed in the middle of an agent step (the agent dies at its n-th file system
+write) and a full disk (ENOSPC at the n-th flush). After every step the invariants hold:
 
 (a) a device that had a committed release still has one (unless the user uninstalled);
 (b) what runs is committed, or a trial with its timer armed, or a half-done step a read reports;
@@ -17,10 +18,13 @@ the same machine longer. Every failure it finds becomes a named regression test 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,29 @@ from tests.integration.test_one_transition import tree_digest
 
 DEPLOYMENT = "wearable-activity"
 COUNT = 3
+
+
+class Killed(BaseException):
+    """The agent's process is gone (SIGKILL, or its controller's session hung up): nothing in it runs on."""
+
+
+@contextmanager
+def failing_at(name: str, call: int, failure: Callable[[], BaseException]) -> Iterator[None]:
+    """``os.<name>`` fails with ``failure()`` at its ``call``-th use inside the block (the agent runs in this
+    process, so this is where it dies or finds its disk full)."""
+    real, count = getattr(os, name), [0]
+
+    def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        count[0] += 1
+        if count[0] == call:
+            raise failure()
+        return real(*args, **kwargs)
+
+    setattr(os, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(os, name, real)
 STEPS_RUN: list[str] = []  # every rule that ran, for the claim "at least N steps"
 
 
@@ -183,6 +210,55 @@ class Lifecycle(RuleBasedStateMachine):
             self.device.uninstall(order=self.order()("uninstall", None))
             self.uninstalled = True
             self.settled()
+
+    @precondition(lambda self: not self.torn)
+    @rule(index=st.integers(0, COUNT - 1), write=st.integers(1, 6), rollback=st.booleans())
+    def the_controller_is_killed_mid_step(self, index: int, write: int, rollback: bool) -> None:
+        """A switch (or a rollback) whose agent dies at its n-th rename: whatever it left is finished or undone
+        by the next step, and until then a read reports it."""
+        STEPS_RUN.append("the_controller_is_killed_mid_step")
+        release = self.releases[index]
+        try:
+            if not rollback:
+                self.device.push(release)
+            with failing_at("replace", write, lambda: Killed()):
+                if rollback:
+                    self.device.rollback(to=release.id, trial_window_s=60, order=self.order())
+                else:
+                    self.device.activate(release.id, signed=self.signed(release), trial_window_s=60)
+        except Killed:
+            STEPS_RUN.append("killed")
+            self.repointed = True  # a half-done step at most, which a read reports and the next change finishes
+        except AgentFailed as exc:
+            self.allowed(exc, "release-rejected", "release-damaged", "blob-damaged", "file-mismatch",
+                          "release-missing", "release-not-committed", "downgrade")
+            self.settled()
+        else:
+            self.settled()
+
+    @precondition(lambda self: not self.torn)
+    @rule(index=st.integers(0, COUNT - 1), flush=st.integers(1, 8))
+    def the_disk_is_full(self, index: int, flush: int) -> None:
+        """ENOSPC at the n-th fsync of an install: a named error (disk-full), and the device as it was or on a
+        trial with its timer armed (the failing write came after the switch's own)."""
+        STEPS_RUN.append("the_disk_is_full")
+        release = self.releases[index]
+        before = self.state().get("current")
+        try:
+            with failing_at("fsync", flush, lambda: OSError(errno.ENOSPC, "No space left on device")):
+                self.device.push(release)
+                self.device.activate(release.id, signed=self.signed(release), trial_window_s=60)
+        except AgentFailed as exc:
+            self.allowed(exc, "disk-full", "release-rejected", "release-damaged", "blob-damaged", "file-mismatch")
+            if exc.kind == "disk-full":
+                STEPS_RUN.append("full")
+                state = self.state()
+                trial = state.get("trial") or {}
+                assert state.get("current") == before or (trial.get("release") == state.get("current")
+                                                          and trial.get("deadline")), state  # as it was, or a trial
+                self.repointed = True  # at most a half-done link: a read reports it, the next change finishes it
+                return
+        self.settled()
 
     @rule(verify=st.booleans())
     def read(self, verify: bool) -> None:
@@ -342,11 +418,12 @@ def test_the_lifecycle_holds_its_invariants_under_random_steps_and_faults(lifecy
                                suppress_health_check=list(HealthCheck), derandomize=True)
     STEPS_RUN.clear()
     runner().runTest()
-    steps = [name for name in STEPS_RUN if name != "repointed"]
+    steps = [name for name in STEPS_RUN if name not in ("repointed", "killed", "full")]  # markers, not steps
     assert len(steps) >= STEPS, len(steps)  # the steps claimed really ran
     ran = {name: steps.count(name) for name in sorted(set(steps))}
     assert all(ran.get(name, 0) > 0 for name in ("install", "rollback", "tamper", "heal", "tear_the_state_file",
-                                                  "the_trial_timer_fires", "a_stale_controller_is_refused")), ran
+                                                  "the_trial_timer_fires", "a_stale_controller_is_refused",
+                                                  "killed", "full")), ran
     pairs = sum(1 for a, b in zip(STEPS_RUN, STEPS_RUN[1:]) if a == "repointed" and b == "read")
     print(f"{len(steps)} steps: {ran}; a read right after a repointed link: {pairs}")
 
