@@ -18,8 +18,8 @@ LAYERS = [
     {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
      "edgeops.selectors", "edgeops.agent"},                                          # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
-    {"edgeops.facts", "edgeops.plan", "edgeops.verify", "edgeops.health", "edgeops.targets"},  # pure decisions
-    {"edgeops.plan_operations"},                                                     # plans of rollback, ...
+    {"edgeops.facts", "edgeops.plan", "edgeops.plan_operations", "edgeops.verify", "edgeops.health",
+     "edgeops.targets"},                                                             # pure decisions
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
