@@ -261,7 +261,8 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
     name, devices = service.lab_up(fleet, settings(root), login_home,
                                    report=lambda message: click.echo(message, err=True))
     for device in devices:
-        click.echo(f"up  {name}/{device.name}  {_lab_address(device)}  pid {device.pid}")
+        click.echo(f"up  {name}/{device.name}  {_lab_address(device)}  pid {device.pid}"
+                   + (f"  {device.budget}" if device.budget else ""))
 
 
 def _lab_address(device: Any) -> str:
@@ -277,7 +278,8 @@ def lab_status_command(fleet: str | None, root: Path | None) -> None:
     for name, devices in service.lab_status(fleet, settings(root)):
         for device in devices:
             state = f"running (pid {device.pid})" if device.running else "stopped"
-            click.echo(f"{name}/{device.name}  {_lab_address(device)}  {state}")
+            click.echo(f"{name}/{device.name}  {_lab_address(device)}  {state}"
+                       + (f"  {device.budget}" if device.budget else ""))
 
 
 @lab.command("down")

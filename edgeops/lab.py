@@ -15,6 +15,7 @@ Nothing depends on the remote user's shell startup files or PATH.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.metadata
 import os
 import pwd
@@ -29,7 +30,8 @@ from pathlib import Path
 
 from edgeops.agent import AGENT_FILE
 from edgeops.errors import EdgeopsError
-from edgeops.manifest.models import Fleet
+from edgeops.labcgroup import Budget, CgroupsUnavailable, applied, constrain, release
+from edgeops.manifest.models import DeviceEntry, Fleet
 from edgeops.manifest.secrets import secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.signing import allowed_signers_line, generate_key
@@ -51,6 +53,7 @@ class LabDevice:
     port: int
     state_dir: Path
     pid: int | None
+    budget: str = ""          # the CPU and memory budget the kernel enforces on it ("" for none)
 
     @property
     def running(self) -> bool:
@@ -196,8 +199,9 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         write_sensor(target)
         pid = _pid_alive(state / "sshd.pid", config)
         if pid is None:
-            pid = _start(device.name, config, state, device.lab.cpus)
-        devices.append(LabDevice(device.name, device.port, state, pid))
+            pid = _start(device.name, config, state, device.lab.cpus or fleet.obj.spec.lab.cpus)
+        devices.append(LabDevice(device.name, device.port, state, pid,
+                                 _constrain(cgroup_name(ws, fleet.name, device.name), fleet, device, pid, report)))
         host_key = (state / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
     _merge_known_hosts(known_hosts, entries)
@@ -329,6 +333,30 @@ def _start(name: str, config: Path, state: Path, cpus: str | None) -> int:
     raise LabError(f"sshd for {name} did not come up (port in use?) {log}")
 
 
+def cgroup_name(ws: Workspace, fleet: str, device: str) -> str:
+    """The device's cgroup: named by fleet, device and this lab's directory (two clones never share one)."""
+    return f"{fleet}-{device}-{hashlib.sha256(str(lab_dir(ws)).encode()).hexdigest()[:8]}"
+
+
+def budget_of(fleet: Document[Fleet], device: DeviceEntry) -> Budget:
+    """The device's own lab budget, else the fleet's."""
+    defaults = fleet.obj.spec.lab
+    return Budget(device.lab.cpu if device.lab.cpu is not None else defaults.cpu,
+                  device.lab.memory_mb if device.lab.memory_mb is not None else defaults.memory_mb)
+
+
+def _constrain(name: str, fleet: Document[Fleet], device: DeviceEntry, pid: int,
+               report: Callable[[str], None]) -> str:
+    budget = budget_of(fleet, device)
+    if not budget:
+        return ""
+    try:
+        return constrain(name, pid, budget)
+    except CgroupsUnavailable as exc:
+        report(f"{device.name}: cannot enforce {budget.describe()} ({exc}): it runs UNCONSTRAINED")
+        return f"UNCONSTRAINED (asked {budget.describe()}: no writable cgroups)"
+
+
 def process_alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -341,8 +369,10 @@ def lab_status(ws: Workspace, fleet: Document[Fleet]) -> list[LabDevice]:
     out = []
     for device in fleet.obj.spec.devices:
         state = lab_dir(ws) / fleet.name / device.name
+        enforced = applied(cgroup_name(ws, fleet.name, device.name)) if budget_of(fleet, device) else Budget()
         out.append(LabDevice(device.name, device.port, state,
-                             _pid_alive(state / "sshd.pid", state / "sshd_config")))
+                             _pid_alive(state / "sshd.pid", state / "sshd_config"),
+                             enforced.describe() if enforced else ""))
     return out
 
 
@@ -383,6 +413,7 @@ def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[
             while time.monotonic() < deadline and process_alive(device.pid):
                 time.sleep(0.02)
             stopped.append(device)
+        release(cgroup_name(ws, fleet.name, device.name))
         if wipe:
             shutil.rmtree(device.state_dir, ignore_errors=True)
     return stopped

@@ -403,6 +403,12 @@ class LabSettings(Strict):
                              description="CPUs the lab device's sshd is pinned to, e.g. '0' or '0,1'")
     power_mw: PositiveFloat | None = Field(default=None, description="what the lab device's simulated power "
                                                                      "sensor reads while busy")
+    cpu: Annotated[float, Field(gt=0, le=256)] | None = Field(
+        default=None, description="the lab device's CPU budget in cores (0.25: a quarter of one core), enforced by "
+                                  "a cgroup on its sshd and everything it starts")
+    memory_mb: Annotated[int, Field(ge=16)] | None = Field(
+        default=None, description="the lab device's memory limit (cgroup): a model or bench that needs more is "
+                                  "killed there, as on a small device")
 
 
 class DeviceEntry(Strict):
@@ -485,6 +491,8 @@ class FleetSpec(Strict):
     trust: Trust | None = Field(default=None, description="sign every release to these devices; devices verify "
                                                           "before they run it")
     devices: list[DeviceEntry] = Field(min_length=1)
+    lab: LabSettings = Field(default_factory=lambda: LabSettings(),
+                             description="lab-only defaults for every device (a device's own lab: overrides them)")
 
     @model_validator(mode="after")
     def _reachable(self) -> FleetSpec:

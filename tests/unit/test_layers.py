@@ -24,7 +24,7 @@ LAYERS = [
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
-     "edgeops.labpull", "edgeops.endpoints", "edgeops.running_quality"},
+     "edgeops.labpull", "edgeops.labcgroup", "edgeops.endpoints", "edgeops.running_quality"},
     {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
     {"edgeops.operations", "edgeops.review"},                                        # composed operations
     {"edgeops.service"},                                                             # the one API of the CLI
