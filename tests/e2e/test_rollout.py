@@ -152,6 +152,12 @@ def test_rollback_command_switches_back_without_moving_bytes(lab_repo: Path) -> 
         second = {k: s.current for k, s in observe_all(lab_repo).items()}
         assert second != first
         ws, doc = ws_doc(lab_repo)
+        shown = CliRunner().invoke(main, ["plan", "--rollback", "wearable-activity", "-o", "json", "--root",
+                                          str(lab_repo)])
+        assert shown.exit_code == 2, shown.output  # changes pending, nothing changed yet
+        planned = {d["key"]: (d["action"], d["release_id"]) for d in json.loads(shown.stdout)["devices"]}
+        assert planned == {k: ("rollback", release) for k, release in first.items()}
+        assert {k: s.current for k, s in observe_all(lab_repo).items()} == second  # plan changed nothing
         with Connections() as connections:
             rolled = rollback_deployment(repo_at(lab_repo, ws), doc, connections)
         assert rolled.outcome == "succeeded", rolled.message
