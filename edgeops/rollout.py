@@ -41,7 +41,16 @@ from edgeops.state import Ledger
 from edgeops.state.ledger import Lease, LockLost
 from edgeops.targets import TargetDevice
 from edgeops.types import KEPT, Action, Decision, DeviceStatus, Outcome, ReleaseState
-from edgeops.verify import FAILED, INCONCLUSIVE, PASSED, GateSpec, Verdict, host_golden_value, measure
+from edgeops.verify import (
+    FAILED,
+    INCONCLUSIVE,
+    PASSED,
+    GateSpec,
+    Verdict,
+    host_golden_value,
+    measure,
+    out_of_memory,
+)
 
 UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 # where a rollback, promote or abort leaves a device that it counts as done
@@ -194,7 +203,12 @@ def measure_release(device: Device, release_id: str, baseline: str | None, gate:
         return device.verify(release_id, baseline, runs, gate.verification.block,
                              timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
 
-    return measure(run, gate, host_golden, f"{seed}:{release_id}", on_retry)
+    try:
+        return measure(run, gate, host_golden, f"{seed}:{release_id}", on_retry)
+    except AgentFailed as exc:
+        if exc.kind != "out-of-memory":
+            raise
+        return out_of_memory(exc.message)
 
 
 @dataclass

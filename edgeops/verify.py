@@ -106,6 +106,11 @@ def measure(run: Callable[[int, int], dict[str, Any]], gate: GateSpec, host_gold
     return Verdict.of(gate_core.measure(run, gate, host_golden, seed, on_retry))
 
 
+def out_of_memory(detail: str) -> Verdict:
+    """Failed on ``memory-limit``: the device's kernel killed the measurement for memory (see edgeops_gate)."""
+    return Verdict.of(gate_core.out_of_memory(detail))
+
+
 def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float:
     """The goal's metric for the build host's outputs on the golden samples (what the device must match)."""
     return metric_value(goal.metric, golden["expected"], golden["reference"], golden.get("labels"))

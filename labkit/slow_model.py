@@ -47,6 +47,30 @@ def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0)
     return dst
 
 
+def make_heavier(src: Path, dst: Path, megabytes: int, seed: int = 0) -> Path:
+    """``src`` with the same outputs and almost the same speed, but ``megabytes`` more weights that a session
+    must hold in memory (a table read one row at a time): a model too big for a small device."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    output = graph.output[0].name
+    inner = output + "_before_heavy_branch"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    rows = megabytes * 2**20 // (64 * 4)
+    table = np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)  # random: not compressible
+    graph.initializer.extend([numpy_helper.from_array(table, "heavy_table"),
+                              numpy_helper.from_array(np.zeros((1,), np.int64), "heavy_row"),
+                              numpy_helper.from_array(np.zeros((1,), np.float32), "heavy_zero")])
+    graph.node.extend([helper.make_node("Gather", ["heavy_table", "heavy_row"], ["heavy_picked"], axis=0),
+                       helper.make_node("ReduceSum", ["heavy_picked"], ["heavy_sum"], keepdims=0),
+                       helper.make_node("Mul", ["heavy_sum", "heavy_zero"], ["heavy_nothing"]),
+                       helper.make_node("Add", [inner, "heavy_nothing"], [output])])
+    del graph.value_info[:]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
 if __name__ == "__main__":
     import sys
     import time

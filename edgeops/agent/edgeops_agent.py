@@ -412,7 +412,60 @@ def _energy_summary(meter, energy_mj, wall_s, runs, blocks=()):
     return out
 
 
+def _oom_kills():
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (None: unknown)."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = [line.strip().split(":", 2) for line in handle if line.strip()]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if controllers == "":  # cgroup v2
+            candidates = [("/sys/fs/cgroup" + path.rstrip("/"), "memory.events")]
+        elif "memory" in controllers.split(","):
+            candidates = [("/sys/fs/cgroup/memory" + path.rstrip("/"), "memory.oom_control")]
+        else:
+            continue
+        for directory, name in candidates:
+            try:
+                with open(os.path.join(directory, name)) as handle:
+                    for line in handle:
+                        if line.startswith("oom_kill "):
+                            return int(line.split()[1])
+            except (OSError, ValueError):
+                pass
+    return None
+
+
 def bench(args):
+    """Measure in a child process, so that a model too big for the device kills the child (the kernel's OOM
+    killer) and this process names it: ``out-of-memory``, a verdict on the release, not a broken agent."""
+    if args.in_process:
+        return bench_here(args)
+    argv = list(args.argv)
+    before = _oom_kills()
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--in-process"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode < 0 or (done.returncode == 137 and not lines):
+        after = _oom_kills()
+        if after is not None and before is not None and after > before:
+            raise AgentError("the measurement was killed by the kernel: out of memory (the model needs more than "
+                             "the device's memory limit)", "out-of-memory")
+        raise AgentError("the measurement was killed (signal %d)" % -done.returncode, "killed")
+    try:
+        document = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise AgentError("the measurement exited %d without a result: %s" % (done.returncode, tail), "agent-broken")
+    if not document.get("ok"):
+        raise AgentError(document.get("message", ""), document.get("error", "agent-broken"))
+    return {k: v for k, v in document.items() if k not in ("schema", "agent_version", "ok")}
+
+
+def bench_here(args):
     a = Release(args.release)
     b = Release(args.compare) if args.compare else None
     meter = EnergyMeter(a.config.get("power"))
@@ -1791,16 +1844,10 @@ def serve():
                 sys.stdout.write(answer + "\n")
                 sys.stdout.flush()
                 continue
-            if argv[0] == "bench":
-                _confine(argv)
-                done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], stdin=subprocess.DEVNULL,
-                                      capture_output=True, text=True)
-                output = done.stdout
-            else:
-                captured = io.StringIO()
-                with contextlib.redirect_stdout(captured):
-                    main(argv)
-                output = captured.getvalue()
+            captured = io.StringIO()
+            with contextlib.redirect_stdout(captured):
+                main(argv)
+            output = captured.getvalue()
             lines = output.strip().splitlines()
             answer = lines[-1] if lines else json.dumps(
                 {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": "agent-broken",
@@ -1939,6 +1986,7 @@ def main(argv=None):
     b.add_argument("--compare", default=None, help="another release, measured interleaved in blocks")
     b.add_argument("--block", type=int, default=10)
     b.add_argument("--golden", action="store_true")
+    b.add_argument("--in-process", action="store_true", help="measure in this process (what the child runs)")
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
@@ -2018,6 +2066,7 @@ def main(argv=None):
             cmd.add_argument("--keep", action="store_true", help="keep the facts in agent/facts.json (a mutating "
                                                                   "command's refresh; reads never write)")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # bench runs them again in its child
     commands = {"gate": gate, "bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,

@@ -68,6 +68,12 @@ def reason(outcome: str, checks: List[Dict[str, Any]]) -> str:
     return "; ".join(c["detail"] for c in checks if c["outcome"] == outcome)
 
 
+def out_of_memory(detail: str) -> Dict[str, Any]:
+    """The verdict on a release whose measurement the device's kernel killed for memory: Failed, no numbers."""
+    checks = [check("memory-limit", FAILED, detail)]
+    return {"outcome": FAILED, "checks": checks, "measurements": {}, "reason": reason(FAILED, checks)}
+
+
 def _blocks(samples: List[float], block: int) -> Any:
     usable = len(samples) - len(samples) % block
     return np.asarray(samples[:usable], dtype=float).reshape(-1, block)

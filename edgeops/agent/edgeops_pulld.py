@@ -364,8 +364,13 @@ class Daemon:
                 args += ["--compare", os.path.join(releases, baseline)]
             return agent(*args, timeout=gate.verify_timeout_s * (2 ** min(attempt, 3)))
 
-        return edgeops_gate.measure(run, gate, desired.get("host_golden"),
-                                    "%s/%s:%s" % (self.fleet, self.device, desired["release"]))
+        try:
+            return edgeops_gate.measure(run, gate, desired.get("host_golden"),
+                                        "%s/%s:%s" % (self.fleet, self.device, desired["release"]))
+        except Failure as exc:
+            if exc.kind != "out-of-memory":
+                raise
+            return edgeops_gate.out_of_memory(str(exc))
 
     def fetch(self, desired, name, item):
         """One blob by digest from the registry into staging; the agent's assemble checks its sha256."""

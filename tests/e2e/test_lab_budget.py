@@ -126,3 +126,32 @@ def test_the_wearable_rollout_passes_on_half_a_core_and_a_small_memory(budget_la
     assert applied_now.exit_code == 0, applied_now.output
     decisions = {d["decision"] for d in json.loads(applied_now.stdout)[0]["devices"]}
     assert decisions <= {"Passed", "Inconclusive"}, applied_now.stdout  # Inconclusive keeps it, as Passed does
+
+
+def test_a_model_too_big_for_the_device_fails_on_memory_and_every_device_stays(budget_lab) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from labkit.repo import edited
+    from labkit.slow_model import make_heavier
+
+    root, _ = budget_lab
+    manifest = root / "manifests" / "wearable.yaml"
+    runner = CliRunner()
+    assert runner.invoke(main, ["apply", "manifests/wearable.yaml", "--root", str(root)]).exit_code == 0
+    status = json.loads(runner.invoke(main, ["status", "manifests/wearable.yaml", "-o", "json", "--root",
+                                             str(root)]).stdout)[0]["devices"]
+    before = {row["device"]: row["release"] for row in status}
+    make_heavier(root / "examples/models/wearable_cnn.onnx", root / "examples/models/heavy.onnx", 300)
+    recipe = "  recipe:\n    - quantize:\n        mode: static\n        per_channel: true\n        calibration_method: minmax\n"
+    assert recipe in manifest.read_text()
+    with edited((manifest, "path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/heavy.onnx"),
+                (manifest, "    sha256: ", "    # sha256: "), (manifest, recipe, "  recipe: []\n")):
+        done = runner.invoke(main, ["apply", "manifests/wearable.yaml", "-o", "json", "--root", str(root)])
+    assert done.exit_code == 1, done.output
+    result = json.loads(done.stdout)[0]
+    canary = next(d for d in result["devices"] if d["wave"] == 1)
+    assert result["outcome"] == "halted" and canary["decision"] == "Failed", result
+    assert "out of memory" in canary["reason"], canary["reason"]  # named: the kernel killed it for memory
+    status = json.loads(runner.invoke(main, ["status", "manifests/wearable.yaml", "-o", "json", "--root",
+                                             str(root)]).stdout)[0]["devices"]
+    assert {row["device"]: row["release"] for row in status} == before  # every device on its committed release
