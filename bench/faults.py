@@ -65,7 +65,7 @@ from labkit.faults import (  # noqa: E402
     flip_byte,
     point_current_elsewhere,
 )
-from labkit.relay import Relay  # noqa: E402
+from labkit.relay import Relay, relay_in_front  # noqa: E402
 from labkit.repo import PULL_DEPLOYMENT, copy_repo, make_hostile_home, write_lab_fleet, write_pull_fleet  # noqa: E402
 
 DEPLOYMENT = "wearable-activity"
@@ -308,22 +308,6 @@ def one_round(root: Path, number: int, rng: random.Random, relay: Relay) -> dict
             "detail": detail}
 
 
-def put_relay_in_front(root: Path, device: str) -> Relay:
-    """A relay in front of ``device``: the fleet dials the relay, which the device's host key also answers for."""
-    fleet = root / "manifests" / "fleets" / "lab.yaml"
-    text = fleet.read_text()
-    line = next(x for x in text.splitlines() if f"name: {device}," in x)
-    port = int(line.split("port: ")[1].split(",")[0])
-    relay = Relay(port)
-    fleet.write_text(text.replace(line, line.replace(f"port: {port},", f"port: {relay.port},")))
-    known_hosts = root / ".edgeops" / "lab" / "known_hosts"
-    entries = known_hosts.read_text().splitlines()
-    alias = [e.replace(f"[127.0.0.1]:{port} ", f"[127.0.0.1]:{relay.port} ", 1)
-             for e in entries if e.startswith(f"[127.0.0.1]:{port} ")]
-    known_hosts.write_text("\n".join(entries + alias) + "\n")
-    return relay
-
-
 def add_pull_fleet(root: Path, devices: Path) -> None:
     write_pull_fleet(root, 2, devices, report_deadline_s=60)
     wearable = (root / "manifests" / "wearable.yaml").read_text()
@@ -364,7 +348,7 @@ def main() -> None:
         ws = load_workspace(root)
         lab_up(ws, ws.fleets["lab"], target_devices(ws, DEPLOYMENT), login_home=home)
         pull_lab_up(ws, ws.fleets["lab-pull"], fleet_targets(ws, ws.fleets["lab-pull"]))
-        relay = put_relay_in_front(root, "lab-01")
+        relay = relay_in_front(root, "lab-01")
         results = []
         try:
             assert apply(root).ok and apply(root, deployment=PULL_DEPLOYMENT).ok

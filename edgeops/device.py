@@ -10,6 +10,7 @@ release keeps running; after it the new one is complete.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import tempfile
 import time
@@ -326,15 +327,19 @@ class Device:
                               "the previous release is untouched",
                               hint="free space on the device or lower device.keep_releases")
         moved, staged = 0, {}
+        parts = observed.get("parts") or {}
         with tempfile.TemporaryDirectory() as tmp:
             for item in needed:
                 local = self._local_copy(item, Path(tmp))
-                name = f"{item.sha256}.{uuid.uuid4().hex[:8]}.part"
                 report = (lambda done, total: progress(done)) if progress else None
                 if self._session is not None:  # through the agent: SFTP may be read-only
-                    remote = self._receive(local, name, item.sha256, timeout, report)
-                    moved += item.size
+                    name = f"{item.sha256}.part"  # named by its content: a cut upload resumes from its part
+                    have = int(parts.get(name, 0))
+                    remote, sent = self._upload(local, name, item.sha256, timeout, report,
+                                                have if 0 < have < item.size else 0)
+                    moved += sent
                 else:
+                    name = f"{item.sha256}.{uuid.uuid4().hex[:8]}.part"
                     remote = f"{self.root}/.staging/{name}"
                     moved += self.transport.put(local, remote, progress=report)
                 staged[remote] = item.sha256
@@ -343,14 +348,31 @@ class Device:
                    "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
         return PushResult(moved, len(needed), len(release.files) - len(needed))
 
+    def _upload(self, local: Path, name: str, sha256: str, timeout: float | None,
+                progress: Callable[[int, int], None] | None, offset: int) -> tuple[str, int]:
+        """(where it landed, bytes sent): from ``offset`` when the device holds the part up to there (checked
+        by the hash of that part, then of the whole), else whole."""
+        if offset:
+            with local.open("rb") as handle:
+                prefix = hashlib.sha256(handle.read(offset)).hexdigest()
+            try:
+                return self._receive(local, name, sha256, timeout, progress, offset, prefix), \
+                    local.stat().st_size - offset
+            except AgentFailed as exc:
+                if exc.kind != "resume-mismatch":
+                    raise
+        return self._receive(local, name, sha256, timeout, progress), local.stat().st_size
+
     def _receive(self, local: Path, name: str, sha256: str, timeout: float | None,
-                 progress: Callable[[int, int], None] | None) -> str:
+                 progress: Callable[[int, int], None] | None, offset: int = 0, prefix: str | None = None) -> str:
         """Upload one file over the agent session (``receive``); where it landed, its hash checked."""
         assert self._session is not None
-        request = json.dumps(["receive", "--root", self.root, "--name", name, "--size", str(local.stat().st_size)])
+        size = local.stat().st_size
+        request = json.dumps(["receive", "--root", self.root, "--name", name, "--size", str(size - offset),
+                              *(["--offset", str(offset), "--prefix-sha256", prefix or ""] if offset else [])])
         try:
             answer = self._session.call(request, timeout, what=f"upload of {local.name}", payload=local,
-                                        progress=progress)
+                                        progress=progress, payload_offset=offset)
         except TransportError:
             self._session = None
             raise

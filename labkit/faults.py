@@ -58,7 +58,7 @@ class _CutSession:
         self.transport, self.inner, self.program = transport, inner, argv[:2]
 
     def call(self, request: str, timeout: float | None = None, what: str = "", payload: Any = None,
-             progress: Any = None) -> str:
+             progress: Any = None, payload_offset: int = 0) -> str:
         plan, device = self.transport.plan, self.transport.device
         argv = [*self.program, *json.loads(request)]
         fire = not plan.fired and plan.when(argv)
@@ -66,7 +66,7 @@ class _CutSession:
             plan.fired = True
             self.transport.inner.close()
             raise HostUnreachable(device, f"the connection dropped before `{_command(argv)}`")
-        answer = self.inner.call(request, timeout, what, payload, progress)
+        answer = self.inner.call(request, timeout, what, payload, progress, payload_offset)
         if fire:
             plan.fired = True
             self.transport.inner.close()

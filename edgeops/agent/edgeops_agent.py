@@ -1390,21 +1390,35 @@ def layout_state(args):
     return out
 
 
+PART_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _resumable(item):
+    """``<sha256>.part``: an upload of that blob that may be resumed (uploads name their parts this way)."""
+    stem = item[:-len(".part")] if item.endswith(".part") else ""
+    return len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)
+
+
 def layout_prepare(args):
-    """Create the directories and clear leftovers of interrupted uploads."""
+    """Create the directories and clear leftovers of interrupted steps; an interrupted upload's part is kept
+    (a week at most) so that the next push resumes it: ``parts`` says how many bytes each holds."""
     staging = os.path.join(args.root, ".staging")
     for path in (staging, os.path.join(args.root, "blobs", "sha256"), os.path.join(args.root, "agent"),
                  os.path.join(_deployment_dir(args.root, args.deployment), "releases")):
         os.makedirs(path, exist_ok=True)
-    removed = 0
+    removed, parts = 0, {}
     for item in os.listdir(staging):
         path = os.path.join(staging, item)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
+        elif _resumable(item) and not os.path.islink(path) and \
+                time.time() - os.path.getmtime(path) < PART_MAX_AGE_S:
+            parts[item] = os.path.getsize(path)
+            continue
         else:
             os.unlink(path)
         removed += 1
-    return {"staging_removed": removed, **layout_state(args)}
+    return {"staging_removed": removed, "parts": parts, **layout_state(args)}
 
 
 def _commit_blob(root, staged, sha256):
@@ -1773,8 +1787,10 @@ def _receive(argv, stream):
     parser.add_argument("--root", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--offset", type=int, default=0, help="resume: the part holds this many bytes already")
+    parser.add_argument("--prefix-sha256", default=None, help="resume: the sha256 of those bytes at the sender")
     args = parser.parse_args(argv[1:])
-    if args.size < 0:
+    if args.size < 0 or args.offset < 0:
         raise AgentError("invalid upload size", "usage")
     digest, left, handle, error = hashlib.sha256(), args.size, None, None
     try:
@@ -1782,12 +1798,35 @@ def _receive(argv, stream):
         staging = os.path.join(args.root, ".staging")
         os.makedirs(staging, exist_ok=True)
         path = os.path.join(staging, _staging_name(args.name))
-        handle = open(path, "wb")
+        if args.offset:
+            prefix, missing = hashlib.sha256(), args.offset
+            handle = open(path, "r+b") if os.path.isfile(path) and not os.path.islink(path) else None
+            while handle is not None and missing > 0:
+                block = handle.read(min(1 << 20, missing))
+                if not block:
+                    break
+                prefix.update(block)
+                missing -= len(block)
+            if handle is None or missing or prefix.hexdigest() != args.prefix_sha256:
+                if handle is not None:
+                    handle.close()
+                handle = None
+                error = AgentError("the part on the device is not the start of this upload: send it whole",
+                                   "resume-mismatch")
+            else:
+                handle.seek(args.offset)
+                handle.truncate()
+                digest = prefix
+        else:
+            handle = open(path, "wb")
     except (AgentError, OSError) as exc:
         error = exc
     while left > 0:
         block = stream.read(min(left, 1 << 20))
         if not block:
+            if handle is not None:  # what arrived stays for the next push to resume
+                handle.flush()
+                handle.close()
             raise AgentError("the upload ended early", "upload-cut")
         left -= len(block)
         digest.update(block)
@@ -1807,7 +1846,7 @@ def _receive(argv, stream):
         if handle is not None:
             os.unlink(path)
         raise error
-    return {"received": args.size, "sha256": digest.hexdigest(), "path": path}
+    return {"received": args.size, "offset": args.offset, "sha256": digest.hexdigest(), "path": path}
 
 
 def serve():

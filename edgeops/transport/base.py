@@ -55,9 +55,9 @@ class AgentSession(Protocol):
     """A command kept running on the device and spoken to in lines (a transport's optional ``open_session``)."""
 
     def call(self, request: str, timeout: float | None = None, what: str = "", payload: Path | None = None,
-             progress: Progress | None = None) -> str:
-        """Send one request line (and ``payload``'s bytes after it), return the answer line; a broken session
-        raises a TransportError."""
+             progress: Progress | None = None, payload_offset: int = 0) -> str:
+        """Send one request line (and ``payload``'s bytes from ``payload_offset`` on after it), return the answer
+        line; a broken session raises a TransportError."""
 
     def close(self) -> None:
         """End the command (idempotent)."""

@@ -466,7 +466,7 @@ class SSHSession:
         return line
 
     def call(self, request: str, timeout: float | None = None, what: str = "", payload: Path | None = None,
-             progress: Progress | None = None) -> str:
+             progress: Progress | None = None, payload_offset: int = 0) -> str:
         """Send one request line (followed by the raw bytes of ``payload``, for the agent's ``receive``); the
         answer line."""
         limit = timeout or self.default_timeout_s
@@ -476,8 +476,9 @@ class SSHSession:
             self.channel.settimeout(limit)
             self.channel.sendall(request.encode() + b"\n")
             if payload is not None:
-                total, sent = payload.stat().st_size, 0
+                total, sent = payload.stat().st_size, payload_offset
                 with payload.open("rb") as handle:
+                    handle.seek(payload_offset)
                     for block in iter(lambda: handle.read(1 << 18), b""):
                         self.channel.sendall(block)
                         sent += len(block)
