@@ -619,7 +619,7 @@ class WaveRunner:
                 self.decided(outcome)
 
     def run(self) -> RolloutResult:
-        unchanged = [DeviceOutcome(d.key, d.action, Decision.UNCHANGED, release_id=d.release_id, from_release=d.current)
+        unchanged = [DeviceOutcome(d.key, d.action, Decision.UNCHANGED, d.reason, d.release_id, d.current)
                      for d in self.plan.devices if d.action == Action.NO_CHANGE]
         unreachable = [DeviceOutcome(d.key, d.action, Decision.UNREACHABLE, d.reason, d.release_id, d.current)
                        for d in self.plan.devices if d.action == Action.UNREACHABLE]
@@ -673,7 +673,8 @@ class WaveRunner:
     def nothing_to_do(self, unchanged: list[DeviceOutcome]) -> str:
         if self.plan.kind == APPLY:
             return f"no changes: {len(unchanged)} device(s) already run the release git asks for; no device was touched"
-        return f"nothing to {self.plan.kind}: " + "; ".join(sorted({o.reason for o in unchanged if o.reason}))
+        verb = {ROLLBACK: "roll back"}.get(self.plan.kind, self.plan.kind)
+        return f"nothing to {verb}: " + "; ".join(sorted({o.reason for o in unchanged if o.reason}))
 
     def tally(self, outcomes: list[DeviceOutcome]) -> str:
         """``2 device(s) rolled back, 1 failed, 1 unreachable, 3 unchanged`` (a rollback, promote or abort)."""

@@ -150,7 +150,8 @@ def test_a_rollback_with_nothing_to_do_records_nothing(tmp_path: Path, targets: 
     observed = {t.key: committed(t.key, "r-old") for t in targets}
     ctx = context(tmp_path, targets)
     result = execute(rollback_plan(DEPLOYMENT, targets, observed, last=last_apply({})), ctx, ScriptedWork())
-    assert result.outcome == Outcome.NO_OP and result.message.startswith("nothing to rollback: ")
+    assert result.outcome == Outcome.NO_OP and result.message.startswith("nothing to roll back: ")
+    assert "nothing to undo" in result.message  # each device's reason, as the plan gave it
     assert ctx.ledger.history(DEPLOYMENT) == []
 
 
