@@ -508,8 +508,9 @@ class DeviceRoller:
                 report.stage(planned.key, "verify")
                 gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
                 verdict = measure_release(device, landing, None, gate, None, seed=planned.key)
+                slo = self.spec.slo.model_dump(mode="json")
                 kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                                         **verdict.on_device, "slo": self.spec.slo.model_dump(mode="json")}}
+                                                         **verdict.on_device, "slo": slo}}
                 if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
                     if verdict.outcome not in KEPT:
                         device.record(kept, by=actor, release=landing)
@@ -526,9 +527,10 @@ class DeviceRoller:
                 return outcome
         except EdgeopsError as exc:
             self.ctx.connections.drop(target)
-            if isinstance(exc, UNREACHABLE_ERRORS) and outcome.decision != Decision.ROLLED_BACK:
-                outcome.decision = Decision.UNREACHABLE
-            outcome.reason = f"{planned.reason}: {exc.message}"
+            landed = outcome.decision == Decision.ROLLED_BACK
+            outcome.decision = Decision.UNREACHABLE if isinstance(exc, UNREACHABLE_ERRORS) and not landed else FAILED
+            outcome.reason = f"{planned.reason}: {exc.message}" + (
+                f"; the switch to {landing} had happened: it runs there, not verified" if landed else "")
             return outcome
 
     def promote(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
@@ -665,9 +667,9 @@ class WaveRunner:
         ended = Outcome.INTERRUPTED if self.stop.is_set() else (
             Outcome.PAUSED if pausing else Outcome.HALTED if halted
             else Outcome.SUCCEEDED)
-        message = halted or ("interrupted by the user" if ended == Outcome.INTERRUPTED else
-                             f"{sum(o.committed for o in rolled)} device(s) updated and verified" if self.plan.kind == APPLY
-                             else self.tally(every))
+        done = f"{sum(o.committed for o in rolled)} device(s) updated and verified" if self.plan.kind == APPLY \
+            else self.tally(every)
+        message = halted or ("interrupted by the user" if ended == Outcome.INTERRUPTED else done)
         return RolloutResult(self.plan.deployment, ended, message, every)
 
     def nothing_to_do(self, unchanged: list[DeviceOutcome]) -> str:
