@@ -386,13 +386,15 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               help="execute exactly this saved plan (refused if the devices or the repo moved since)")
 @LOCK_TIMEOUT
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+              help="at most N devices at once, below the rollout's parallelism (a slow or shared link)")
 @ACCEPT_QUALITY_DROP
 @SELECTOR
 @OUTPUT
 @ROOT_OPTION
 @handle_errors
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, lock_timeout: str,
-          accept_quality_drop: bool,
+          accept_quality_drop: bool, max_parallel: int | None,
           selector: str | None, output: str, root: Path | None) -> None:
     """Build, render, plan and roll out wave by wave with on-device verification and rollback.
 
@@ -421,7 +423,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
         applied = service.apply(manifests, changed_since, plan_file, settings(root), reporter,
                                 progress=lambda m: err_console.print(m), lock_timeout_s=_duration(lock_timeout),
                                 on_result=show, notify=notice, selector=selector,
-                                accept_quality_drop=accept_quality_drop)
+                                accept_quality_drop=accept_quality_drop, max_parallel=max_parallel)
     results = applied.results
     if applied.not_applied:
         err_console.print(f"stopping: {results[-1].deployment} {results[-1].outcome}; not applied: "

@@ -150,8 +150,9 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                      reporter: Reporter | None = None, saved: Plan | None = None,
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0,
                      selector: LabelSelector | None = None, accept_quality_drop: bool = False,
-                     ) -> tuple[Plan, RolloutResult]:
-    """Plan (or check a saved plan), then execute it under the fleets' lock."""
+                     max_parallel: int | None = None) -> tuple[Plan, RolloutResult]:
+    """Plan (or check a saved plan), then execute it under the fleets' lock (``max_parallel``: at most this
+    many devices at once, below the rollout policy's parallelism: a slow link shared by fewer uploads)."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
@@ -174,9 +175,10 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                                 hint="run edgeops plan again and apply that")
         git = head_info(repo.ws.root)
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
-                           signing_key=repo.signing_key, lease=lease)
+                           signing_key=repo.signing_key, lease=lease, max_parallel=max_parallel)
         pulled = any(is_pull(t) for t in desired.targets)
-        result = execute(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
+        slots = min(connections.parallelism, max_parallel or connections.parallelism)
+        result = execute(plan, ctx, RoutedWork(ctx, slots) if pulled else None)
     return plan, result
 
 

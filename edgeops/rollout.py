@@ -229,6 +229,7 @@ class ApplyContext:
     members: dict[str, TargetDevice] = field(default_factory=dict)
     allow_rejected: bool = False      # a rollback plan may land on a release a device rejected (as a trial)
     rollout_id: int | None = None     # set by the executor once the ledger has the rollout
+    max_parallel: int | None = None   # at most this many devices at once (below the policy's parallelism)
 
     @property
     def deployment(self) -> Document[Deployment]:
@@ -698,7 +699,10 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
     plan with nothing to do), one with a ``finish(result)`` method hears how it ended.
     """
     work = work or DeviceRoller(ctx)
-    runner = WaveRunner(plan, policy_for(plan, ctx.deployment.obj.spec.rollout), work, ctx.stop, ctx.reporter)
+    policy = policy_for(plan, ctx.deployment.obj.spec.rollout)
+    if ctx.max_parallel:
+        policy = policy.model_copy(update={"parallelism": min(policy.parallelism, ctx.max_parallel)})
+    runner = WaveRunner(plan, policy, work, ctx.stop, ctx.reporter)
     begin = getattr(work, "begin", None)
     if begin is not None:
         begin()

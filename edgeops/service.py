@@ -380,7 +380,7 @@ class Applied:
 def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path | None, settings: Settings,
           reporter: Reporter, progress: Progress = _quiet, lock_timeout_s: float = 0,
           on_result: Callable[[RolloutResult], None] = lambda result: None, notify: Progress = _quiet,
-          selector: str | None = None, accept_quality_drop: bool = False) -> Applied:
+          selector: str | None = None, accept_quality_drop: bool = False, max_parallel: int | None = None) -> Applied:
     """Roll out each deployment in name order; the first that does not succeed stops the rest."""
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, load_plan
@@ -392,11 +392,12 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
         raise InputError.at(str(plan_file), None, "", "--plan applies exactly one deployment")
     results: list[RolloutResult] = []
     for doc in docs:
-        with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+        parallelism = min(doc.obj.spec.rollout.parallelism, max_parallel or doc.obj.spec.rollout.parallelism)
+        with Connections(parallelism=parallelism, notify=notify,
                          broker_password=settings.broker_password) as connections:
             _, result = apply_deployment(repo, doc, connections, reporter, saved, progress=progress,
                                          lock_timeout_s=lock_timeout_s, selector=picked,
-                                         accept_quality_drop=accept_quality_drop)
+                                         accept_quality_drop=accept_quality_drop, max_parallel=max_parallel)
         results.append(result)
         _announce("apply", result, repo, hooks, notify)
         on_result(result)

@@ -61,6 +61,16 @@ def build_notes(report: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ plan, apply, status, history
 
+def transfer_line(done: int, total: int, elapsed_s: float, sent_s: int) -> str:
+    """``45% of 20,000,000 bytes, 2.1 MB/s, 5 s left``: the rate from what this upload sent (``sent_s`` bytes in
+    ``elapsed_s``), shown once there is a second of it to go by."""
+    line = f"{min(done, total) * 100 // total}% of {total:,} bytes"
+    if elapsed_s < 1 or sent_s <= 0:
+        return line
+    rate = sent_s / elapsed_s
+    return f"{line}, {rate / 1e6:.2f} MB/s, {max(0, total - done) / rate:.0f} s left"
+
+
 ACTION_STYLE = {Action.INSTALL: "green", Action.UPDATE: "yellow", Action.REPAIR: "magenta", Action.REVERIFY: "cyan",
                 Action.NO_CHANGE: "dim", Action.UNREACHABLE: "red", Action.REFUSED: "red"}
 DECISION_STYLE = {Decision.PASSED: "green", Decision.INCONCLUSIVE: "yellow", Decision.FAILED: "red",
@@ -256,6 +266,7 @@ class LiveReporter:
 
         self.rows: dict[str, list[str]] = {}
         self.since: dict[str, float] = {}   # when each device entered its current stage
+        self.transfers: dict[tuple[str, int], tuple[float, int]] = {}  # (device, size) -> (start, bytes then)
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.live = Live(self._table(), console=err_console, refresh_per_second=8, transient=False) \
@@ -296,7 +307,8 @@ class LiveReporter:
         if not self.live or not total:
             return
         with self.lock:
-            self.rows[key] = ["push", f"{min(done, total) * 100 // total}% of {total:,} bytes"]
+            first = self.transfers.setdefault((key, total), (time.monotonic(), done))  # a resumed upload starts late
+            self.rows[key] = ["push", transfer_line(done, total, time.monotonic() - first[0], done - first[1])]
             self.live.update(self._table())
 
     def message(self, text: str) -> None:

@@ -198,3 +198,28 @@ def test_operations_build_no_device_outcome_and_write_no_rollout_record() -> Non
               for node in ast.walk(tree) if isinstance(node, ast.Call)}
     assert not called & {"DeviceOutcome", "RolloutResult", "start_rollout", "device_event", "finish_rollout",
                          "rollback", "revert", "record", "activate", "push", "heal", "uninstall"}
+
+
+def test_max_parallel_caps_how_many_devices_run_at_once(tmp_path: Path, targets: list[TargetDevice]) -> None:
+    """The policy allows 4 at once; ``max_parallel`` 1 (apply --max-parallel 1, a slow shared link) runs one."""
+    import time
+
+    observed = {t.key: committed(t.key, "r-new", "r-old") for t in targets}
+    plan = rollback_plan(DEPLOYMENT, targets, observed)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Counting(ScriptedWork):
+        def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)  # long enough for others to start, were they allowed to
+            with lock:
+                running[0] -= 1
+            return super().roll(planned)
+
+    ctx = context(tmp_path, targets)
+    ctx.max_parallel = 1
+    execute(plan, ctx, Counting())
+    assert most[0] == 1

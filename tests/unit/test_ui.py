@@ -40,3 +40,11 @@ def test_status_is_compact_by_default_and_wide_on_request() -> None:
     assert "POWER" not in compact and len(compact.splitlines()) == 6  # title, 3 header lines, one row, bottom
     assert max(len(line.rstrip()) for line in compact.splitlines()) <= 120
     assert "POWER" in wide and "0.398" in wide and "lab-cpu" in wide
+
+
+def test_a_long_upload_shows_its_rate_and_what_is_left() -> None:
+    from edgeops.ui import transfer_line
+
+    assert transfer_line(0, 20_000_000, 0.2, 0) == "0% of 20,000,000 bytes"  # too early for a rate
+    line = transfer_line(12_000_000, 20_000_000, 2.0, 2_000_000)  # resumed at 10 MB, 2 MB sent in 2 s
+    assert line == "60% of 20,000,000 bytes, 1.00 MB/s, 8 s left"
