@@ -176,9 +176,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
         git = head_info(repo.ws.root)
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
                            signing_key=repo.signing_key, lease=lease, max_parallel=max_parallel)
-        pulled = any(is_pull(t) for t in desired.targets)
         slots = min(connections.parallelism, max_parallel or connections.parallelism)
-        result = execute(plan, ctx, RoutedWork(ctx, slots) if pulled else None)
+        result = execute(plan, ctx, _work(ctx, desired.targets, slots))
     return plan, result
 
 
@@ -303,12 +302,16 @@ def _picked(repo: Repo, doc: Document[Deployment], devices: list[str] | None,
 
 
 def plan_rollback(repo: Repo, doc: Document[Deployment], connections: Connections, to: str | None = None,
-                  devices: list[str] | None = None, allow_rejected: bool = False,
-                  selector: LabelSelector | None = None) -> tuple[Plan, list[TargetDevice]]:
+                  devices: list[str] | None = None, selector: LabelSelector | None = None) -> Plan:
     """Read the devices (and the ledger) and plan the rollback: the last apply undone where it left a
     release, or every device to ``to`` (a release on the devices, or a fleet-wide rel-... from the ledger)."""
     targets = _picked(repo, doc, devices, selector)
     require_key_files(targets, signing=True, signing_key=repo.signing_key)
+    return _plan_rollback(repo, doc, connections, targets, to)
+
+
+def _plan_rollback(repo: Repo, doc: Document[Deployment], connections: Connections, targets: list[TargetDevice],
+                   to: str | None, allow_rejected: bool = False) -> Plan:
     fleet_release = None
     if to and to.startswith("rel-"):
         fleet_release = repo.ledger.release(doc.name, to)
@@ -321,7 +324,12 @@ def plan_rollback(repo: Repo, doc: Document[Deployment], connections: Connection
     landed = fleet_release or _release_landed_on(repo.ledger, doc.name, plan)
     if landed:
         plan = replace(plan, artifacts=dict(landed["artifacts"]), release=landed["id"])
-    return plan, targets
+    return plan
+
+
+def _work(ctx: ApplyContext, targets: Iterable[TargetDevice], slots: int) -> RoutedWork | None:
+    """The device work for ``targets``: None (the executor's SSH roller) unless some of them pull."""
+    return RoutedWork(ctx, slots) if any(is_pull(t) for t in targets) else None
 
 
 def _execute(repo: Repo, doc: Document[Deployment], connections: Connections, plan: Plan,
@@ -330,8 +338,7 @@ def _execute(repo: Repo, doc: Document[Deployment], connections: Connections, pl
     ctx = ApplyContext(None, connections, repo.ledger, repo.actor, head_info(repo.ws.root),
                        reporter or SilentReporter(), signing_key=repo.signing_key, lease=lease, doc=doc,
                        members={t.key: t for t in targets}, allow_rejected=allow_rejected)
-    pulled = any(is_pull(t) for t in targets)
-    return execute(plan, ctx, RoutedWork(ctx, connections.parallelism) if pulled else None)
+    return execute(plan, ctx, _work(ctx, targets, connections.parallelism))
 
 
 def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
@@ -344,13 +351,14 @@ def rollback_deployment(repo: Repo, doc: Document[Deployment], connections: Conn
     require_key_files(targets, signing=True, signing_key=repo.signing_key, will_sign=True)
     fleets = sorted({t.fleet.name for t in targets})
     with repo.ledger.lock(fleets, holder=f"{repo.actor} rolling back {doc.name}", wait_s=lock_timeout_s) as lease:
-        plan, targets = plan_rollback(repo, doc, connections, to, devices, allow_rejected, selector)
+        plan = _plan_rollback(repo, doc, connections, targets, to, allow_rejected)
         return _execute(repo, doc, connections, plan, targets, lease, reporter, allow_rejected)
 
 
-def plan_settle(repo: Repo, doc: Document[Deployment], connections: Connections, accept: bool) -> Plan:
+def plan_settle(repo: Repo, doc: Document[Deployment], connections: Connections, accept: bool,
+                targets: list[TargetDevice] | None = None) -> Plan:
     """Read the devices and plan a promote (``accept``) or abort of those a rollout left paused."""
-    targets = target_devices(repo.ws, doc.name)
+    targets = targets if targets is not None else target_devices(repo.ws, doc.name)
     require_key_files([t for t in targets if not is_pull(t)])
     pulled = frozenset(t.key for t in targets if is_pull(t))  # they revert by themselves, never pause
     observed = observe_targets(doc.name, [t for t in targets if t.key not in pulled], connections)
@@ -365,7 +373,7 @@ def settle_paused(repo: Repo, doc: Document[Deployment], connections: Connection
     targets = target_devices(repo.ws, doc.name)
     fleets = sorted({t.fleet.name for t in targets})
     with repo.ledger.lock(fleets, holder=f"{repo.actor} {kind} {doc.name}", wait_s=lock_timeout_s) as lease:
-        plan = plan_settle(repo, doc, connections, accept)
+        plan = plan_settle(repo, doc, connections, accept, targets)
         return _execute(repo, doc, connections, plan, targets, lease, reporter)
 
 

@@ -367,7 +367,7 @@ def plan_rollback(deployment: str, to: str | None, settings: Settings, notify: P
 
     repo, doc = _context(deployment, settings)
     with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
-        return planned(repo, doc, connections, to, selector=_selector(selector))[0]
+        return planned(repo, doc, connections, to, selector=_selector(selector))
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,7 @@ class PullRoller(DeviceRoller):
             if self.ctx.stop.is_set() or self.ctx.lease is not None and self.ctx.lease.lost:
                 outcome.reason = outcome.reason or "interrupted while waiting for the device"
                 return outcome
-            outcome.decision = Decision.UNREACHABLE
-            outcome.reason = f"{gone}; its desired state stays published: it catches up when it connects, " \
-                             "and commits only once this rollout succeeded"
+            outcome.decision, outcome.reason = Decision.UNREACHABLE, gone  # finish() says what becomes of it
             return outcome
         return self.concluded(planned, found, outcome)
 
@@ -268,26 +266,24 @@ class PullRoller(DeviceRoller):
             reports = read_reports(self.ctx.connections.pull, self.doc.name, targets)
         except EdgeopsError:
             return  # the rollout sees the broker's trouble itself
-        for key, report in reports.items():
-            status = report.status or {}
-            late = status.get("rollout")
-            if not late or late == self.ctx.rollout_id or status.get("action") != "install" or \
-                    status.get("result") not in ("committed", "rejected"):
+        late = {key: status for key, report in reports.items() if (status := report.status or {}).get("rollout")
+                and status.get("action") == "install" and status.get("result") in ("committed", "rejected")}
+        if not late:
+            return
+        rollouts = {r["id"]: r for r in self.ctx.ledger.history(self.doc.name, 50)}
+        for key, status in late.items():
+            rollout = rollouts.get(status["rollout"])
+            events = [e for e in (rollout or {}).get("devices", []) if e["device"] == key]
+            if rollout is None or not events or events[-1]["decision"] not in (Decision.UNREACHABLE, Decision.SKIPPED):
                 continue
-            for rollout in self.ctx.ledger.history(self.doc.name, 50):
-                if rollout["id"] != late:
-                    continue
-                events = [e for e in rollout["devices"] if e["device"] == key]
-                if events and events[-1]["decision"] in (Decision.UNREACHABLE, Decision.SKIPPED):
-                    verdict = Verdict.of(status["verdict"]) if status.get("verdict") else None
-                    decision = (verdict.outcome if verdict else Decision.PASSED) if status["result"] == "committed" \
-                        else Decision.ROLLED_BACK
-                    self.ctx.ledger.device_event(
-                        late, self.doc.name, key, "install", decision, release_id=status.get("release"),
-                        reason=f"late verdict, accepted: reported {status['result']} after rollout #"
-                               f"{rollout['number']} ended ({verdict.reason if verdict else 'no measurement'})",
-                        bytes_moved=int(status.get("bytes_fetched") or 0),
-                        measurements=verdict.measurements if verdict else {})
+            verdict = Verdict.of(status["verdict"]) if status.get("verdict") else None
+            decision = (verdict.outcome if verdict else Decision.PASSED) if status["result"] == "committed" \
+                else Decision.ROLLED_BACK
+            self.ctx.ledger.device_event(
+                rollout["id"], self.doc.name, key, "install", decision, release_id=status.get("release"),
+                reason=f"late verdict, accepted: reported {status['result']} after rollout #{rollout['number']} "
+                       f"ended ({verdict.reason if verdict else 'no measurement'})",
+                bytes_moved=int(status.get("bytes_fetched") or 0), measurements=verdict.measurements if verdict else {})
 
     def finish(self, result: RolloutResult) -> None:
         """Devices this rollout never heard back from: after a success they may catch up and commit on their own
@@ -301,14 +297,14 @@ class PullRoller(DeviceRoller):
                     self.ctx.connections.pull.broker(target).publish(
                         device_topic(target, self.doc.name, "desired"),
                         self.committing(target, self._published[outcome.key]), timeout_s=ROLLBACK_DEADLINE_S)
+                    outcome.reason += "; its desired state stays published (commit on pass): it catches up when " \
+                                      "it connects"
                 except EdgeopsError as exc:
                     outcome.reason += f"; sending it the commit-on-pass failed ({exc.message}): it reverts " \
                                       "when its trial window ends, and the next apply rolls it again"
             else:
-                outcome.reason = outcome.reason.replace(
-                    "its desired state stays published: it catches up when it connects, and commits only once "
-                    "this rollout succeeded", "it never commits this release") + \
-                    f"; {self.withdraw(target, outcome.key)} (the rollout did not succeed)"
+                outcome.reason += f"; it never commits this release: {self.withdraw(target, outcome.key)} (the " \
+                                  "rollout did not succeed)"
 
 
 class RoutedWork:
