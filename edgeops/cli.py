@@ -254,11 +254,14 @@ def lab() -> None:
 @click.option("--login-home", type=click.Path(file_okay=False, path_type=Path), envvar="EDGEOPS_LAB_LOGIN_HOME",
               help="HOME of the devices' SSH sessions (their shell startup files) instead of the user's; "
                    "for testing devices whose login environment differs [env: EDGEOPS_LAB_LOGIN_HOME]")
+@click.option("--port-base", type=int, metavar="PORT",
+              help="devices listen on PORT, PORT+1, ... (recorded in .edgeops/lab/, used by every command of this "
+                   "clone); without it, a lab whose fleet-file ports are taken moves to free ones by itself")
 @ROOT_OPTION
 @handle_errors
-def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> None:
+def lab_up_command(fleet: str, login_home: Path | None, port_base: int | None, root: Path | None) -> None:
     """Provision the device runtime and start one sshd per device of FLEET (name or file; default: lab). Idempotent."""
-    name, devices = service.lab_up(fleet, settings(root), login_home,
+    name, devices = service.lab_up(fleet, settings(root), login_home, port_base,
                                    report=lambda message: click.echo(message, err=True))
     for device in devices:
         click.echo(f"up  {name}/{device.name}  {_lab_address(device)}  pid {device.pid}"
@@ -266,7 +269,7 @@ def lab_up_command(fleet: str, login_home: Path | None, root: Path | None) -> No
 
 
 def _lab_address(device: Any) -> str:
-    return f"127.0.0.1:{device.port}" if device.port else "pulls (agent daemon)"
+    return f"{device.host}:{device.port}" if device.port else "pulls (agent daemon)"
 
 
 @lab.command("status")

@@ -14,6 +14,7 @@ Nothing depends on the remote user's shell startup files or PATH.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
@@ -21,6 +22,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from edgeops.agent import AGENT_FILE
 from edgeops.errors import EdgeopsError
 from edgeops.labcgroup import Budget, CgroupsUnavailable, applied, constrain, release
 from edgeops.manifest.models import DeviceEntry, Fleet
+from edgeops.manifest.placement import Place, on_loopback, placement_file, read_placement, write_placement
 from edgeops.manifest.secrets import secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.signing import allowed_signers_line, generate_key
@@ -54,6 +57,7 @@ class LabDevice:
     state_dir: Path
     pid: int | None
     budget: str = ""          # the CPU and memory budget the kernel enforces on it ("" for none)
+    host: str = "127.0.0.1"
 
     @property
     def running(self) -> bool:
@@ -201,7 +205,8 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         if pid is None:
             pid = _start(device.name, config, state, device.lab.cpus or fleet.obj.spec.lab.cpus)
         devices.append(LabDevice(device.name, device.port, state, pid,
-                                 _constrain(cgroup_name(ws, fleet.name, device.name), fleet, device, pid, report)))
+                                 _constrain(cgroup_name(ws, fleet.name, device.name), fleet, device, pid, report),
+                                 device.host or ""))
         host_key = (state / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         entries.append(f"[{device.host}]:{device.port} {host_key[0]} {host_key[1]}")
     _merge_known_hosts(known_hosts, entries)
@@ -333,9 +338,83 @@ def _start(name: str, config: Path, state: Path, cpus: str | None) -> int:
     raise LabError(f"sshd for {name} did not come up (port in use?) {log}")
 
 
+def lab_id(ws: Workspace) -> str:
+    """Names this clone's lab among others on the host (its cgroups, moved device roots)."""
+    return hashlib.sha256(str(lab_dir(ws)).encode()).hexdigest()[:8]
+
+
 def cgroup_name(ws: Workspace, fleet: str, device: str) -> str:
     """The device's cgroup: named by fleet, device and this lab's directory (two clones never share one)."""
-    return f"{fleet}-{device}-{hashlib.sha256(str(lab_dir(ws)).encode()).hexdigest()[:8]}"
+    return f"{fleet}-{device}-{lab_id(ws)}"
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (bound then released)."""
+    sockets, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _running(ws: Workspace, fleet: str, device: str) -> int | None:
+    state = lab_dir(ws) / fleet / device
+    return _pid_alive(state / "sshd.pid", state / "sshd_config")
+
+
+def arrange(ws: Workspace, fleet: Document[Fleet], port_base: int | None = None,
+            report: Callable[[str], None] = lambda message: None) -> bool:
+    """Decide where this clone's lab devices listen; True when that changed (reload the workspace).
+
+    ``port_base``: devices listen on port_base, port_base+1, ... in fleet order. Without it they stay where the
+    fleet file (or an earlier placement) puts them unless another process holds one of those ports: then the
+    whole fleet moves to free ports. A moved lab also gets device roots of its own, so two clones never share
+    a device's releases or trust root. Devices already running are never moved under their feet.
+    """
+    devices = [d for d in fleet.obj.spec.devices if on_loopback(d.host)]
+    if not devices:
+        return False
+    if port_base is not None:
+        if not 1024 <= port_base <= 65535 - len(devices):
+            raise LabError(f"--port-base {port_base}: the lab needs {len(devices)} ports from 1024 to 65535")
+        ports = [port_base + index for index in range(len(devices))]
+    else:
+        taken = [d for d in devices if not _running(ws, fleet.name, d.name) and not _port_free(d.host or "", d.port)]
+        if not taken:
+            return False
+        ports = free_ports(len(devices))
+        report(f"{', '.join(f'{d.host}:{d.port}' for d in taken)} taken by another process (another clone's lab?): "
+               f"{fleet.name} moves to free ports {', '.join(map(str, ports))}, recorded in "
+               f"{placement_file(ws.root, fleet.name)} (`edgeops lab up --port-base N` picks them)")
+    if [d.port for d in devices] == ports:
+        return False
+    running = [d.name for d in devices if _running(ws, fleet.name, d.name)]
+    if running:
+        raise LabError(f"lab devices {', '.join(running)} of {fleet.name} are running on other ports",
+                       hint=f"`edgeops lab down {fleet.name}` first, then lab up again")
+    earlier = read_placement(ws.root, fleet.name)
+    targets = {t.name: t for t in fleet_targets(ws, fleet)}
+    own = f"lab-{lab_id(ws)}"
+    places = {d.name: Place(d.host or "127.0.0.1", port,
+                            targets[d.name].root if d.name in earlier else
+                            str(Path(targets[d.name].root).parent / own / d.name))
+              for d, port in zip(devices, ports)}
+    write_placement(ws.root, fleet.name, places)
+    return True
 
 
 def budget_of(fleet: Document[Fleet], device: DeviceEntry) -> Budget:
@@ -372,7 +451,7 @@ def lab_status(ws: Workspace, fleet: Document[Fleet]) -> list[LabDevice]:
         enforced = applied(cgroup_name(ws, fleet.name, device.name)) if budget_of(fleet, device) else Budget()
         out.append(LabDevice(device.name, device.port, state,
                              _pid_alive(state / "sshd.pid", state / "sshd_config"),
-                             enforced.describe() if enforced else ""))
+                             enforced.describe() if enforced else "", device.host or ""))
     return out
 
 
@@ -416,4 +495,12 @@ def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[
         release(cgroup_name(ws, fleet.name, device.name))
         if wipe:
             shutil.rmtree(device.state_dir, ignore_errors=True)
+    if wipe:  # a moved lab's device roots are its own (lab-<id>): nothing else lives there
+        own = f"lab-{lab_id(ws)}"
+        for place in read_placement(ws.root, fleet.name).values():
+            if own in Path(place.root).parts:
+                shutil.rmtree(place.root, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    Path(place.root).parent.rmdir()  # lab-<id>, once its last device is gone
+        write_placement(ws.root, fleet.name, {})
     return stopped

@@ -228,12 +228,15 @@ def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
     return ws, (by_path[0] if by_path else ws.fleet(fleet))
 
 
-def lab_up(fleet: str, settings: Settings, login_home: Path | None,
+def lab_up(fleet: str, settings: Settings, login_home: Path | None, port_base: int | None = None,
            report: Progress = _quiet) -> tuple[str, list[LabDevice]]:
+    from edgeops.lab import arrange
     from edgeops.lab import lab_up as start
     from edgeops.targets import fleet_targets
 
     ws, doc = _fleet(fleet, settings)
+    if doc.obj.spec.pull is None and arrange(ws, doc, port_base, report):
+        ws, doc = _fleet(fleet, settings)  # the devices where the lab now puts them
     if doc.obj.spec.pull is not None:
         from edgeops.labpull import pull_lab_up
         return doc.name, pull_lab_up(ws, doc, fleet_targets(ws, doc), report=report)

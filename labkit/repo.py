@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeops.lab import free_ports as free_ports  # the tests and benchmarks pick ports with it
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,21 +35,6 @@ def copy_repo(dest: Path) -> Path:
     for name in ("models", "data"):
         shutil.copytree(REPO / "examples" / name, dest / "examples" / name, dirs_exist_ok=True)
     return dest
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (bound then released)."""
-    import socket
-
-    sockets, ports = [], []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-        ports.append(sock.getsockname()[1])
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def write_lab_fleet(root: Path, devices: int, device_roots: Path, name: str = "lab",

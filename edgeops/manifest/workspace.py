@@ -30,6 +30,7 @@ from edgeops.manifest.models import (
     RecipeStep,
     plaintext_host,
 )
+from edgeops.manifest.placement import placed, read_placement
 from edgeops.manifest.secrets import credential_problems, default_secrets_dir
 from edgeops.manifest.yamlload import Loc, dotted, line_for, load_yaml
 
@@ -206,6 +207,8 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
                                         f"{table[doc.name].display}; names must be unique"))
             continue
         table[doc.name] = doc
+    for name, fleet in workspace.fleets.items():  # the lab devices this clone moved (edgeops lab up)
+        workspace.fleets[name] = placed(fleet, read_placement(workspace.root, name))
     problems.extend(check_references(workspace))
     if not allow_code:
         problems.extend(code_execution(workspace))

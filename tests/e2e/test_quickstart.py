@@ -1,14 +1,13 @@
 """The README's first quick-start command, as written, from a clean clone, with hostile device logins.
 
 It installs its own .venv in the clone, provisions the lab device runtime, starts the lab fleet of
-manifests/fleets/lab.yaml (ports 22201-22204), applies manifests/wearable.yaml and shows status.
+manifests/fleets/lab.yaml (ports 22201-22204, or free ones when those are taken), applies manifests/wearable.yaml and shows status.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -17,19 +16,11 @@ import pytest
 from labkit.repo import REPO
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
-LAB_PORTS = (22201, 22202, 22203, 22204)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.timeout(1200)
 def test_demo_from_a_clean_clone_rolls_out_and_reports_healthy(tmp_path: Path, hostile_home: Path) -> None:
-    busy = [p for p in LAB_PORTS if _listening(p)]
-    if busy:
-        pytest.fail(f"ports {busy} are in use (a lab fleet is running?): run `edgeops lab down` first")
+    # ports in use (a lab of this checkout is up): the demo's lab moves to free ones by itself (test_two_clones)
     for index in range(1, 5):  # the demo's devices start empty, as on a fresh machine
         shutil.rmtree(f"/var/tmp/edgeops-lab/lab-{index:02d}", ignore_errors=True)
     clone = tmp_path / "clone"
