@@ -265,7 +265,7 @@ def lab_up_command(fleet: str, login_home: Path | None, port_base: int | None, r
                                    report=lambda message: click.echo(message, err=True))
     for device in devices:
         click.echo(f"up  {name}/{device.name}  {_lab_address(device)}  pid {device.pid}"
-                   + (f"  {device.budget}" if device.budget else ""))
+                   + (f"  {device.budget}" if device.budget else "") + (f"  link {device.link}" if device.link else ""))
 
 
 def _lab_address(device: Any) -> str:
@@ -282,7 +282,19 @@ def lab_status_command(fleet: str | None, root: Path | None) -> None:
         for device in devices:
             state = f"running (pid {device.pid})" if device.running else "stopped"
             click.echo(f"{name}/{device.name}  {_lab_address(device)}  {state}"
-                       + (f"  {device.budget}" if device.budget else ""))
+                       + (f"  {device.budget}" if device.budget else "")
+                       + (f"  link {device.link}" if device.link else ""))
+
+
+@lab.command("link")
+@click.argument("device")
+@click.argument("state", type=click.Choice(["down", "up"]))
+@ROOT_OPTION
+@handle_errors
+def lab_link_command(device: str, state: str, root: Path | None) -> None:
+    """Cut (down) or heal (up) the own link of lab DEVICE (or FLEET/DEVICE): a partition, for testing."""
+    name, found = service.lab_link(device, state == "up", settings(root))
+    click.echo(f"{name}/{found.name}  link {found.link}")
 
 
 @lab.command("down")

@@ -231,6 +231,9 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
     """
     settings = fleet.obj.spec.pull
     assert settings is not None
+    if fleet.obj.spec.lab.link_mbit is not None or any(t.device.lab.link_mbit is not None for t in targets):
+        raise LabError(f"{fleet.display}: lab.link_mbit shapes SSH lab devices only; a pull fleet's daemons share "
+                       "the host's loopback with their broker and registry")
     state = pull_dir(ws, fleet)
     state.mkdir(parents=True, exist_ok=True)
     real = [t for t in targets if t.name not in simulate]

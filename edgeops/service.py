@@ -266,6 +266,19 @@ def lab_status(fleet: str | None, settings: Settings) -> list[tuple[str, list[La
             for doc in docs]
 
 
+def lab_link(device: str, up: bool, settings: Settings) -> tuple[str, LabDevice]:
+    """Cut or heal a lab device's own link; ``device`` is DEVICE or FLEET/DEVICE."""
+    from edgeops.lab import LabError, set_link
+
+    fleet_name, _, name = device.rpartition("/")
+    ws, docs = _lab_fleets(fleet_name or None, settings)
+    found = [doc for doc in docs if any(d.name == name for d in doc.obj.spec.devices)]
+    if len(found) != 1:
+        raise LabError(f"{'no' if not found else 'more than one'} lab fleet has a device {name}",
+                       hint="name it FLEET/DEVICE, as `edgeops lab status` shows it")
+    return found[0].name, set_link(ws, found[0], name, up)
+
+
 def lab_down(fleet: str | None, settings: Settings, wipe: bool) -> list[tuple[str, list[LabDevice]]]:
     """Stop the lab devices of the fleet (or of every lab fleet)."""
     from edgeops.lab import lab_down as stop

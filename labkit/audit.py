@@ -16,11 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeops.lablink import is_lab_address
+
 
 @dataclass
 class Seen:
     opened: list[str] = field(default_factory=list)
     connected: list[Any] = field(default_factory=list)
+    left: list[Any] = field(default_factory=list)  # judged off this machine when tried (a lab link may go later)
 
 
 class OffMachine(OSError):
@@ -43,11 +46,14 @@ class _Auditor:
             seen.opened.append(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
         elif event == "socket.connect" and len(args) > 1:
             seen.connected.append(args[1])
+            if off_machine(args[1]):
+                seen.left.append(args[1])
             if self.block and off_machine(args[1]):
                 raise OffMachine(f"blocked by the test: a connection to {args[1]!r} would leave this machine")
         elif event == "socket.getaddrinfo" and args and self.block:
             if off_machine((args[0], args[1])):
                 seen.connected.append((args[0], args[1], "lookup"))
+                seen.left.append((args[0], args[1], "lookup"))
                 raise OffMachine(f"blocked by the test: looking up {args[0]!r} would leave this machine")
 
 
@@ -76,7 +82,7 @@ def off_machine(address: Any) -> bool:
         return False
     host = os.fsdecode(address[0]) if isinstance(address[0], bytes) else str(address[0])
     host = host.strip("[]")
-    if host == "localhost":
+    if host == "localhost" or is_lab_address(host):  # a lab device's own link: a namespace on this machine
         return False
     try:
         return not ipaddress.ip_address(host.split("%")[0]).is_loopback

@@ -71,6 +71,29 @@ def make_heavier(src: Path, dst: Path, megabytes: int, seed: int = 0) -> Path:
     return dst
 
 
+def make_memory_hungry(src: Path, dst: Path, megabytes: int) -> Path:
+    """``src`` with the same outputs, a file as small as before, but a tensor of ``megabytes`` made while it
+    runs (ConstantOfShape): a model that does not fit a small device's memory yet crosses a slow link quickly."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    output = graph.output[0].name
+    inner = output + "_before_hungry_branch"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    graph.initializer.extend([numpy_helper.from_array(np.array([megabytes * 2**20 // 256, 64], np.int64),
+                                                      "hungry_shape"),
+                              numpy_helper.from_array(np.zeros((1,), np.float32), "hungry_zero")])
+    graph.node.extend([helper.make_node("ConstantOfShape", ["hungry_shape"], ["hungry_block"],
+                                        value=numpy_helper.from_array(np.ones((1,), np.float32))),
+                       helper.make_node("ReduceSum", ["hungry_block"], ["hungry_sum"], keepdims=0),
+                       helper.make_node("Mul", ["hungry_sum", "hungry_zero"], ["hungry_nothing"]),
+                       helper.make_node("Add", [inner, "hungry_nothing"], [output])])
+    del graph.value_info[:]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
 if __name__ == "__main__":
     import sys
     import time

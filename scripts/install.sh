@@ -29,6 +29,8 @@ if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
   [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)          # pull-mode lab: the MQTT broker
   [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)  # and the OCI registry
+  command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)  # lab links: netns, veth, tbf
+  command -v nsenter >/dev/null || need_apt+=(util-linux)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"

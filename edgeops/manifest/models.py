@@ -395,6 +395,9 @@ class SSHSettings(Strict):
     connect_timeout_s: PositiveFloat = 10
     command_timeout_s: PositiveFloat = 300
     keepalive_s: Annotated[float, Field(ge=0)] = 15
+    stall_timeout_s: PositiveFloat = Field(
+        default=60, description="an upload that moves nothing for this long has lost its link: the device is "
+                                "Unreachable, and the next apply resumes the upload from what arrived")
     connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
 
@@ -409,6 +412,10 @@ class LabSettings(Strict):
     memory_mb: Annotated[int, Field(ge=16)] | None = Field(
         default=None, description="the lab device's memory limit (cgroup): a model or bench that needs more is "
                                   "killed there, as on a small device")
+    link_mbit: Annotated[float, Field(gt=0, le=10000)] | None = Field(
+        default=None, description="the lab device lives in a network namespace of its own, reached over a veth "
+                                  "pair held to this many Mbit/s each way (tc tbf); `edgeops lab link DEVICE "
+                                  "down|up` cuts and heals it (SSH fleets)")
 
 
 class DeviceEntry(Strict):

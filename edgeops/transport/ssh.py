@@ -56,6 +56,7 @@ class SSHTarget:
     connect_timeout_s: float = 10
     command_timeout_s: float = 300
     keepalive_s: float = 15
+    stall_timeout_s: float = 60
     connect_retries: int = 2
 
 
@@ -205,6 +206,10 @@ class SSHTransport:
         transport = client.get_transport()
         if transport and t.keepalive_s:
             transport.set_keepalive(int(t.keepalive_s))
+        if transport and isinstance(transport.sock, socket.socket) and hasattr(socket, "TCP_USER_TIMEOUT"):
+            # a lost link leaves sent data unacknowledged: the kernel gives up after stall_timeout_s instead of
+            # retrying for a quarter of an hour, so the device is Unreachable and the next apply resumes
+            transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(t.stall_timeout_s * 1000))
         return client
 
     def _open_jump(self, t: SSHTarget) -> paramiko.Channel:
@@ -281,7 +286,7 @@ class SSHTransport:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise HostUnreachable(self.device, f"cannot start `{argv[0]}`: the connection failed "
                                   f"({type(exc).__name__}: {exc or 'closed'})") from None
-        return SSHSession(self.device, channel, argv, self.target.command_timeout_s)
+        return SSHSession(self.device, channel, argv, self.target.command_timeout_s, self.target.stall_timeout_s)
 
     # ---------------------------------------------------------------- files
 
@@ -429,14 +434,17 @@ def target_for(device_name: str, host: str, port: int, ssh: SSHSettings, base_di
                      known_hosts=resolve(ssh.known_hosts), trust_on_first_use=ssh.trust_on_first_use,
                      jump_host=ssh.jump_host, use_ssh_config=ssh.use_ssh_config,
                      connect_timeout_s=ssh.connect_timeout_s, command_timeout_s=ssh.command_timeout_s,
-                     keepalive_s=ssh.keepalive_s, connect_retries=ssh.connect_retries)
+                     keepalive_s=ssh.keepalive_s, stall_timeout_s=ssh.stall_timeout_s,
+                     connect_retries=ssh.connect_retries)
 
 
 class SSHSession:
     """One long-running command on the device spoken to in lines: a request line in, an answer line out."""
 
-    def __init__(self, device: str, channel: paramiko.Channel, argv: list[str], default_timeout_s: float) -> None:
+    def __init__(self, device: str, channel: paramiko.Channel, argv: list[str], default_timeout_s: float,
+                 stall_timeout_s: float = 60) -> None:
         self.device, self.channel, self.argv, self.default_timeout_s = device, channel, argv, default_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self._buffer = bytearray()
         self._started = False  # the login shell's own output ends at the marker line
 
@@ -473,20 +481,23 @@ class SSHSession:
         deadline = time.monotonic() + limit
         what = what or request[:60]
         try:
-            self.channel.settimeout(limit)
+            self.channel.settimeout(min(limit, self.stall_timeout_s))  # a lost link stalls; it does not fail
             self.channel.sendall(request.encode() + b"\n")
             if payload is not None:
                 total, sent = payload.stat().st_size, payload_offset
                 with payload.open("rb") as handle:
                     handle.seek(payload_offset)
-                    for block in iter(lambda: handle.read(1 << 18), b""):
+                    for block in iter(lambda: handle.read(1 << 16), b""):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError
                         self.channel.sendall(block)
                         sent += len(block)
                         if progress:
                             progress(sent, total)
         except (socket.timeout, TimeoutError):
             self.close()
-            raise CommandTimeout(self.device, f"`{what}` stalled") from None
+            raise CommandTimeout(self.device, f"`{what}` stalled: nothing moved for {self.stall_timeout_s:g} s "
+                                              "(or it ran past its time)") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self.close()
             raise HostUnreachable(self.device, f"the connection failed during `{what}` "

@@ -11,35 +11,14 @@ from click.testing import CliRunner
 from edgeops.cli import main
 from edgeops.errors import HostUnreachable
 from edgeops.lab import admin_key_of, cgroup_name, lab_down, lab_up
-from edgeops.labcgroup import Budget, CgroupsUnavailable, applied, constrain, members, release
+from edgeops.labcgroup import Budget, applied, members
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import target_devices
 from edgeops.transport.ssh import SSHTransport, target_for
+from labkit.hostcaps import cgroups_writable
 from labkit.repo import copy_repo, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
-
-
-def cgroups_writable() -> str | None:
-    """None when this host lets us create cgroups, else why not (the only reason these tests skip)."""
-    import os
-
-    try:
-        constrain("edgeops-probe", os.getpid(), Budget(cpu=64))
-    except CgroupsUnavailable as exc:
-        return str(exc)
-    finally:
-        from edgeops.labcgroup import ROOT, _groups
-
-        for directory in set(_groups("edgeops-probe", ROOT).values()):  # move back out before removing
-            parent = directory.parent.parent
-            if (parent / "cgroup.procs").exists():
-                try:
-                    (parent / "cgroup.procs").write_text(str(os.getpid()))
-                except OSError:
-                    pass
-        release("edgeops-probe")
-    return None
 
 
 @pytest.fixture(scope="module")
