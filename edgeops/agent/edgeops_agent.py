@@ -438,31 +438,68 @@ def _oom_kills():
 
 
 def bench(args):
-    """Measure in a child process, so that a model too big for the device kills the child (the kernel's OOM
-    killer) and this process names it: ``out-of-memory``, a verdict on the release, not a broken agent."""
+    """Measure in a child forked from this process, so that a model too big for the device kills the child (the
+    kernel's OOM killer, which is told to pick it first) and this process names it: ``out-of-memory``, a verdict
+    on the release, not a broken agent. Forked, not started: numpy and onnxruntime are imported once per agent
+    process (a session's second measurement imports nothing), the interpreter and this file are not loaded
+    again. The child's peak RSS starts at what it inherited, as a fresh process's would after its imports."""
     if args.in_process:
         return bench_here(args)
-    argv = list(args.argv)
+    for module in ("numpy", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass  # the child reports it, named, as a measurement that could not run
     before = _oom_kills()
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--in-process"],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode < 0 or (done.returncode == 137 and not lines):
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, write one JSON document to the pipe, leave without cleanup handlers
+        try:
+            os.close(read_end)
+            document = _bench_child(args)
+            with os.fdopen(write_end, "w") as pipe:
+                pipe.write(json.dumps(document))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 137 and not text):
         after = _oom_kills()
         if after is not None and before is not None and after > before:
             raise AgentError("the measurement was killed by the kernel: out of memory (the model needs more than "
                              "the device's memory limit)", "out-of-memory")
-        raise AgentError("the measurement was killed (signal %d)" % -done.returncode, "killed")
+        signal_number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 9
+        raise AgentError("the measurement was killed (signal %d)" % signal_number, "killed")
     try:
-        document = json.loads(lines[-1]) if lines else None
+        document = json.loads(text) if text else None
     except ValueError:
         document = None
     if not isinstance(document, dict):
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise AgentError("the measurement exited %d without a result: %s" % (done.returncode, tail), "agent-broken")
+        raise AgentError("the measurement ended without a result", "agent-broken")
     if not document.get("ok"):
         raise AgentError(document.get("message", ""), document.get("error", "agent-broken"))
-    return {k: v for k, v in document.items() if k not in ("schema", "agent_version", "ok")}
+    return {k: v for k, v in document.items() if k != "ok"}
+
+
+def _bench_child(args):
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")  # out of memory: the kernel kills the measurement, not the session
+    except OSError:
+        pass
+    try:
+        return {"ok": True, **bench_here(args)}
+    except AgentError as exc:
+        return {"ok": False, "error": exc.kind, "message": str(exc)}
+    except OSError as exc:
+        return {"ok": False, "error": "disk-full" if exc.errno == 28 else "os-error",
+                "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}
+    except BaseException as exc:  # noqa: BLE001 - the child answers, whatever went wrong
+        return {"ok": False, "error": "agent-broken", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def bench_here(args):
@@ -2025,7 +2062,7 @@ def main(argv=None):
     b.add_argument("--compare", default=None, help="another release, measured interleaved in blocks")
     b.add_argument("--block", type=int, default=10)
     b.add_argument("--golden", action="store_true")
-    b.add_argument("--in-process", action="store_true", help="measure in this process (what the child runs)")
+    b.add_argument("--in-process", action="store_true", help="measure in this process (no child: no OOM verdict)")
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
@@ -2105,7 +2142,6 @@ def main(argv=None):
             cmd.add_argument("--keep", action="store_true", help="keep the facts in agent/facts.json (a mutating "
                                                                   "command's refresh; reads never write)")
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])  # bench runs them again in its child
     commands = {"gate": gate, "bench": bench, "facts": facts, "power": power, "state": layout_state,
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
