@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -219,29 +220,82 @@ def _energy_regression(new: Dict[str, Any], old: Dict[str, Any], regression: Any
 
 
 def measure(run: Callable[[int, int], Dict[str, Any]], gate: Any, host_golden: Optional[float], seed: str = "",
-            on_retry: Callable[[int, str], None] = lambda runs, why: None) -> Dict[str, Any]:
+            on_retry: Callable[[int, str], None] = lambda runs, why: None,
+            clock: Callable[[], float] = time.monotonic) -> Dict[str, Any]:
     """Measure with ``run(runs, attempt)`` and decide; measure again before a verdict that would cost a rollback.
 
-    A first Failed is confirmed by a second measurement with twice the runs; with ``retry_inconclusive``
-    an Inconclusive is measured again, up to ``verification.retries`` times. Each new measurement is pooled
-    with the earlier ones (same device, same session), so the interval narrows instead of starting over.
+    A first Failed is confirmed by a second measurement with twice the runs. With ``retry_inconclusive`` an
+    Inconclusive is measured again, up to ``verification.retries`` times, each look pooled with the earlier ones
+    (same device, same session), so the interval narrows instead of starting over. How much more: with
+    ``verification.budget_s``, as many runs as the interval's width says would decide it at the noise measured
+    so far (a width shrinks as one over the square root of the runs), never past the budget, which is spent on
+    this device's own speed; without a budget, twice the runs each time. A decisive interval stops at once. An
+    Inconclusive that remains says what would decide it.
     """
     verification = gate.verification
+    budget = getattr(verification, "budget_s", None)
     runs, attempt, retries, confirming = verification.runs, 0, 0, False
     pooled: Optional[Dict[str, Any]] = None
+    spent, looks = 0.0, []
     while True:
-        pooled = _pool(pooled, run(runs, attempt))
+        started = clock()
+        latest = run(runs, attempt)
+        spent += clock() - started
+        looks.append({"runs": runs, "seconds": round(clock() - started, 3)})
+        pooled = _pool(pooled, latest)
         verdict = decide(pooled, gate, host_golden, seed=f"{seed}:{attempt}")
         attempt += 1
         if verdict["outcome"] == FAILED and not confirming:
             confirming, runs = True, runs * 2
             on_retry(runs, "failed once, confirming")
             continue
+        pooled_runs = len(pooled["a"].get("samples_ms") or [])
+        seconds_per_run = spent / max(1, sum(look["runs"] for look in looks))
+        needed = runs_to_decide(verdict["checks"], pooled_runs)
         if verdict["outcome"] == INCONCLUSIVE and gate.retry_inconclusive and retries < verification.retries:
-            retries, runs = retries + 1, runs * 2
-            on_retry(runs, "inconclusive, measuring again")
-            continue
+            more = runs * 2 if budget is None else min(needed, int((budget - spent) / max(seconds_per_run, 1e-9)))
+            more = -(-more // verification.block) * verification.block  # whole blocks
+            if budget is None or more >= max(verification.block * 2, pooled_runs // 4):
+                retries, runs = retries + 1, more
+                on_retry(runs, "inconclusive, measuring again")
+                continue
+        verdict["measurements"]["looks"] = looks
+        if verdict["outcome"] == INCONCLUSIVE:
+            _say_what_would_decide(verdict, needed, seconds_per_run, budget, spent)
         return verdict
+
+
+MAX_FACTOR = 100  # beyond a hundred times the runs measured, "more runs" is not an answer
+
+
+def runs_to_decide(checks: List[Dict[str, Any]], runs: int) -> int:
+    """About how many more A/B runs would bring every straddling regression interval clear of its limit, at the
+    noise measured (half-widths shrink as 1/sqrt(runs)); 0 when none straddles."""
+    factor = 1.0
+    for found in checks:
+        if found["outcome"] != INCONCLUSIVE or "limit" not in found:
+            continue
+        point, low, high, limit = found["point"], found["low"], found["high"], found["limit"]
+        width, distance = (high - point, limit - point) if point <= limit else (point - low, point - limit)
+        factor = max(factor, MAX_FACTOR if distance <= 0 else min(MAX_FACTOR, (width / distance) ** 2 * 1.2))
+    return int(runs * factor) - runs if factor > 1 else 0
+
+
+def _say_what_would_decide(verdict: Dict[str, Any], more: int, seconds_per_run: float, budget: Optional[float],
+                           spent: float) -> None:
+    if more <= 0:
+        return
+    total = sum(look["runs"] for look in verdict["measurements"]["looks"])
+    if more >= total * (MAX_FACTOR - 1):
+        advice = "the new release is about as slow as the limit itself: no number of runs decides it"
+    else:
+        advice = (f"about {more} more A/B runs (~{more * seconds_per_run:.0f} s on this device) would decide it"
+                  + (f"; the budget of {budget:g} s had {max(0.0, budget - spent):.0f} s left" if budget else ""))
+    verdict["measurements"]["decide_with"] = {"runs": more, "seconds": round(more * seconds_per_run, 1)}
+    for found in verdict["checks"]:
+        if found["outcome"] == INCONCLUSIVE and "limit" in found:
+            found["detail"] += f" after {total} runs: {advice}"
+    verdict["reason"] = reason(INCONCLUSIVE, verdict["checks"])
 
 
 def _pool(earlier: Optional[Dict[str, Any]], latest: Dict[str, Any]) -> Dict[str, Any]:

@@ -289,8 +289,12 @@ class Verification(Strict):
         default=400, description="measured runs per release on the device (interleaved with the previous)")
     block: Annotated[int, Field(ge=1, le=1000)] = Field(default=10, description="runs per A/B block")
     retries: Annotated[int, Field(ge=0, le=5)] = Field(
-        default=2, description="on_inconclusive: retry measures again this many times, with twice the runs each; "
-                               "a first Failed is always confirmed by one more measurement")
+        default=2, description="on_inconclusive: retry measures again up to this many times, pooled with what was "
+                               "measured; a first Failed is always confirmed by one more measurement")
+    budget_s: PositiveFloat | None = Field(
+        default=60, description="device seconds an Inconclusive may spend measuring again: each new look takes as "
+                                "many runs as the interval's width says would decide it, within what is left; "
+                                "null: twice the runs each time")
 
 
 class WaveSelector(Strict):

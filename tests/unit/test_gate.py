@@ -108,3 +108,98 @@ def test_a_failed_measurement_is_confirmed_with_twice_the_runs_before_it_stands(
     assert edgeops_gate.measure(run(1.5), spec, None)["outcome"] == "Failed" and calls == [400, 800]
     calls.clear()
     assert edgeops_gate.measure(run(1.0), spec, None)["outcome"] == "Passed" and calls == [400]
+
+
+class _Device:
+    """A device whose A/B runs are noisy around ``worse`` (new/old) and take ``seconds_per_run`` on a fake clock."""
+
+    def __init__(self, worse: float, noise: float, seconds_per_run: float = 0.01) -> None:
+        self.worse, self.noise, self.seconds_per_run = worse, noise, seconds_per_run
+        self.now, self.calls = 0.0, []  # type: ignore[var-annotated]
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, runs: int, attempt: int) -> dict[str, Any]:
+        self.calls.append(runs)
+        self.now += runs * self.seconds_per_run
+        rng = np.random.default_rng(attempt)
+        old = np.exp(rng.normal(0, self.noise, runs))
+        new = np.exp(rng.normal(0, self.noise, runs)) * self.worse
+        return {"a": {"latency": {"p95_ms": 1.0}, "samples_ms": list(new)},
+                "b": {"latency": {"p95_ms": 1.0}, "samples_ms": list(old)}, "peak_rss_mb": 1}
+
+
+def adaptive(budget_s: float | None, runs: int = 100, retries: int = 5) -> GateSpec:
+    return GateSpec(SLO(), Regression(latency_p95_pct=10, latency_p50_pct=10), GOAL,
+                    Verification(runs=runs, block=10, retries=retries, budget_s=budget_s), 60, True, None)
+
+
+def test_a_decisive_first_look_stops_at_once() -> None:
+    from edgeops.agent import edgeops_gate
+
+    device = _Device(1.0, 0.01)
+    verdict = edgeops_gate.measure(device.run, adaptive(60), None, clock=device.clock)
+    assert verdict["outcome"] == "Passed" and device.calls == [100]
+    assert verdict["measurements"]["looks"] == [{"runs": 100, "seconds": 1.0}]
+
+
+def test_an_inconclusive_look_is_extended_by_what_its_interval_needs_within_the_budget() -> None:
+    from edgeops.agent import edgeops_gate
+
+    device = _Device(1.0, 0.5)  # A/A on a noisy device: the first 100 runs straddle the limit
+    verdict = edgeops_gate.measure(device.run, adaptive(120), None, clock=device.clock)
+    assert len(device.calls) >= 2 and device.calls[1] != 200  # sized by the interval, not doubled
+    assert all(c % 10 == 0 for c in device.calls)  # whole blocks
+    assert device.now <= 120 + 1.0  # the budget, beyond the first look
+    assert verdict["outcome"] in ("Passed", "Inconclusive")
+
+
+def test_an_inconclusive_verdict_says_what_would_decide_it_when_the_budget_is_spent() -> None:
+    from edgeops.agent import edgeops_gate
+
+    device = _Device(1.0, 0.5)
+    verdict = edgeops_gate.measure(device.run, adaptive(2), None, clock=device.clock)  # 2 s: 200 runs at most
+    assert verdict["outcome"] == "Inconclusive", verdict["reason"]
+    assert sum(device.calls) <= 100 + 200
+    decide_with = verdict["measurements"]["decide_with"]
+    assert decide_with["runs"] > 0 and decide_with["seconds"] == round(decide_with["runs"] * 0.01, 1)
+    assert "more A/B runs" in verdict["reason"] and "would decide it" in verdict["reason"]
+
+
+def test_a_release_exactly_at_the_limit_is_not_measured_forever() -> None:
+    from edgeops.agent import edgeops_gate
+
+    device = _Device(1.10, 0.05)  # p95 ratio right at the 10% limit
+    verdict = edgeops_gate.measure(device.run, adaptive(30, retries=5), None, clock=device.clock)
+    assert len(device.calls) <= 7 and device.now <= 30 + 2.0 + 2.0  # budget + first look + a confirmation
+
+
+def test_without_a_budget_each_new_look_doubles_the_runs() -> None:
+    from edgeops.agent import edgeops_gate
+
+    device = _Device(1.0, 0.5)
+    edgeops_gate.measure(device.run, adaptive(None, retries=2), None, clock=device.clock)
+    assert device.calls[:2] == [100, 200]
+
+
+def test_measuring_again_never_spends_more_than_the_budget() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgeops.agent import edgeops_gate
+
+    @settings(max_examples=25, deadline=None)
+    @given(worse=st.floats(0.8, 1.4), noise=st.floats(0.01, 1.0), budget=st.floats(0.5, 60),
+           seconds_per_run=st.floats(0.001, 0.05))
+    def spends_within(worse: float, noise: float, budget: float, seconds_per_run: float) -> None:
+        device = _Device(worse, noise, seconds_per_run)
+        verdict = edgeops_gate.measure(device.run, adaptive(budget), None, clock=device.clock)
+        first = device.calls[0] * seconds_per_run
+        confirmation = max(device.calls) * seconds_per_run  # a Failed is confirmed, whatever the budget says
+        # whole blocks round each look up by at most one block
+        assert device.now <= first + confirmation + budget + len(device.calls) * 10 * seconds_per_run + 1e-9
+        if verdict["outcome"] == "Inconclusive" and "decide_with" in verdict["measurements"]:
+            assert "would decide it" in verdict["reason"] or "no number of runs" in verdict["reason"]
+
+    spends_within()
