@@ -41,9 +41,10 @@ from edgeops.lab import arrange, lab_down, lab_up  # noqa: E402
 from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.release import ReleaseFile, make_release  # noqa: E402
 from edgeops.render import render_device  # noqa: E402
+from edgeops.rollout import orders_for  # noqa: E402
 from edgeops.targets import target_devices  # noqa: E402
 from edgeops.types import DeviceStatus  # noqa: E402
-from labkit.artifacts import build_for, lab_signed  # noqa: E402
+from labkit.artifacts import build_for, lab_release_key, lab_signed  # noqa: E402
 from labkit.repo import copy_repo, edited, lab_device_cpu_s, write_lab_fleet  # noqa: E402
 
 PAYLOAD = 5_000_000
@@ -89,8 +90,7 @@ def loopback() -> None:
             first = releases(ws, all_targets, payload)
             for count in (1, 4, 16):
                 targets = all_targets[:count]
-                for t in targets:  # a clean device each time
-                    os.system(f"rm -rf '{t.root}'")
+                _reset(targets, forget_facts=True)  # a clean device each time (as provisioned: agent, trust root)
                 with Connections() as connections:
                     def device(t):
                         return Device(connections.get(t), t.root, t.python, "wearable-activity")
@@ -112,8 +112,7 @@ def loopback() -> None:
                         time.sleep(0.3)
                         rows.append([count, "first push, one exec per step", f"{wall:.2f}", "", "",
                                      f"{(lab_device_cpu_s(ws) - cpu) / count:.2f}"])
-                        for t in targets:
-                            os.system(f"rm -rf '{t.root}'")
+                        _reset(targets, forget_facts=True)
 
                     cpu = lab_device_cpu_s(ws)
                     wall, results = run(connections, targets, push)
@@ -134,12 +133,12 @@ def loopback() -> None:
                         for k, r in first.items()}
                     run(connections, targets, lambda t: (device(t).push(second[t.key]), commit(t, second[t.key])))
                     sent = sum(connections.get(t).bytes_sent for t in targets)  # type: ignore[attr-defined]
-                    wall, _ = run(connections, targets, lambda t: device(t).rollback())
+                    wall, _ = run(connections, targets, lambda t: device(t).rollback(
+                        order=orders_for(t, lab_release_key(), "wearable-activity")))
                     moved = sum(connections.get(t).bytes_sent for t in targets) - sent  # type: ignore[attr-defined]
                     rows.append([count, "rollback", f"{wall:.2f}", f"{moved / 1e6:.1f}", "—", "—"])
             for workers in (1, 2, 4, 8, 16):
-                for t in all_targets:
-                    os.system(f"rm -rf '{t.root}'")
+                _reset(all_targets, forget_facts=True)
                 with Connections(parallelism=workers) as connections:
                     wall, results = run(connections, all_targets, lambda t: Device(
                         connections.get(t), t.root, t.python, "wearable-activity").push(first[t.key]))
@@ -179,9 +178,7 @@ def shaped(links: list[float]) -> None:
                 first = releases(ws, all_targets, payload)
                 for count in (1, 4, 16):
                     targets = all_targets[:count]
-                    for t in targets:
-                        shutil.rmtree(Path(t.root) / "deployments", ignore_errors=True)
-                        shutil.rmtree(Path(t.root) / ".staging", ignore_errors=True)
+                    _reset(targets, forget_facts=True)
                     with Connections(parallelism=count) as connections:
                         def push(t):  # noqa: ANN001, ANN202
                             d = Device(connections.get(t), t.root, t.python, "wearable-activity")

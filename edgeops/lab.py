@@ -25,8 +25,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,6 +372,19 @@ def free_ports(count: int) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
+
+
+@contextlib.contextmanager
+def one_lab_up_at_a_time() -> Iterator[None]:
+    """Held from choosing ports to listening on them: two clones starting their labs at once on one host take
+    turns, so the second sees the first's ports taken and moves, instead of both picking the same."""
+    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
+    with open(directory / "edgeops-lab-up.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _port_free(host: str, port: int) -> bool:

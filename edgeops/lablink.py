@@ -12,9 +12,11 @@ Every address and interface is one the lab created; nothing here touches the hos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +136,11 @@ def set_up(link: Link, up: bool) -> None:
 
 
 def remove(link: Link) -> None:
-    """The namespace goes, and with it the device end; the host end goes with its peer."""
+    """What still runs in the namespace is stopped (a session cut by a partition waits for a peer that is not
+    coming), then the namespace goes, and with it the device end; the host end goes with its peer."""
+    for pid in _run("ip", "netns", "pids", link.namespace).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGTERM)
     _run("ip", "netns", "del", link.namespace)
     if exists(link):
         _run("ip", "link", "del", link.host_if)

@@ -572,9 +572,12 @@ class WaveRunner:
     """
 
     def __init__(self, plan: Plan, policy: RolloutPolicy, work: DeviceWork, stop: threading.Event,
-                 reporter: Reporter, decided: Callable[[DeviceOutcome], None] = lambda outcome: None) -> None:
+                 reporter: Reporter, decided: Callable[[DeviceOutcome], None] = lambda outcome: None,
+                 fleet_limits: dict[str, int] | None = None) -> None:
+        """``fleet_limits``: at most this many devices of a fleet (by name) at once, within the policy's."""
         self.plan, self.policy, self.work, self.stop, self.reporter, self.decided = \
             plan, policy, work, stop, reporter, decided
+        self.fleet_limits = fleet_limits or {}
 
     def over_budget(self, outcomes: list[DeviceOutcome], base: int, scope: str) -> str | None:
         failed = sum(1 for o in outcomes if o.decision in (FAILED, Decision.REFUSED))
@@ -592,8 +595,17 @@ class WaveRunner:
         outcomes: list[DeviceOutcome] = []
         limit = getattr(self.work, "parallelism", None)  # 0: every device at once (pull devices only wait)
         workers = len(devices) if limit == 0 else self.policy.parallelism
+        shared = {fleet: threading.Semaphore(n) for fleet, n in self.fleet_limits.items()}
+
+        def roll(device: PlannedDevice) -> DeviceOutcome:
+            turn = shared.get(device.key.split("/", 1)[0])
+            if turn is None:
+                return self.work.roll(device)
+            with turn:  # a fleet behind one slow link: its uploads do not share it ten ways
+                return self.work.roll(device)
+
         with ThreadPoolExecutor(max_workers=min(workers, len(devices))) as pool:
-            pending = {pool.submit(self.work.roll, d) for d in devices}
+            pending = {pool.submit(roll, d) for d in devices}
             while pending:
                 try:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -691,6 +703,18 @@ class WaveRunner:
                           *(f"{n} {what}" for what, n in counts.items() if n or what in ("failed", "unchanged"))])
 
 
+def _fleet_limits(plan: Plan, ctx: ApplyContext) -> dict[str, int]:
+    limits = {}
+    for device in plan.devices:
+        try:
+            fleet = ctx.target(device.key).fleet
+        except (KeyError, StopIteration):  # a device the plan names but the context does not (unreachable)
+            continue
+        if fleet.obj.spec.max_parallel is not None:
+            limits[fleet.name] = fleet.obj.spec.max_parallel
+    return limits
+
+
 def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> RolloutResult:
     """Execute exactly ``plan`` (apply, rollback, promote or abort), recording each device decision in the
     ledger as it is made. The only code that changes devices and writes rollout records.
@@ -702,7 +726,7 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
     policy = policy_for(plan, ctx.deployment.obj.spec.rollout)
     if ctx.max_parallel:
         policy = policy.model_copy(update={"parallelism": min(policy.parallelism, ctx.max_parallel)})
-    runner = WaveRunner(plan, policy, work, ctx.stop, ctx.reporter)
+    runner = WaveRunner(plan, policy, work, ctx.stop, ctx.reporter, fleet_limits=_fleet_limits(plan, ctx))
     begin = getattr(work, "begin", None)
     if begin is not None:
         begin()

@@ -230,17 +230,19 @@ def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
 
 def lab_up(fleet: str, settings: Settings, login_home: Path | None, port_base: int | None = None,
            report: Progress = _quiet) -> tuple[str, list[LabDevice]]:
-    from edgeops.lab import arrange
+    from edgeops.lab import arrange, one_lab_up_at_a_time
     from edgeops.lab import lab_up as start
     from edgeops.targets import fleet_targets
 
     ws, doc = _fleet(fleet, settings)
-    if doc.obj.spec.pull is None and arrange(ws, doc, port_base, report):
-        ws, doc = _fleet(fleet, settings)  # the devices where the lab now puts them
     if doc.obj.spec.pull is not None:
         from edgeops.labpull import pull_lab_up
         return doc.name, pull_lab_up(ws, doc, fleet_targets(ws, doc), report=report)
-    return doc.name, start(ws, doc, fleet_targets(ws, doc), login_home.resolve() if login_home else None, report)
+    with one_lab_up_at_a_time():
+        if arrange(ws, doc, port_base, report):
+            ws, doc = _fleet(fleet, settings)  # the devices where the lab now puts them
+        home = login_home.resolve() if login_home else None
+        return doc.name, start(ws, doc, fleet_targets(ws, doc), home, report)
 
 
 def _lab_fleets(fleet: str | None, settings: Settings) -> tuple[Workspace, list[Document[Fleet]]]:

@@ -502,6 +502,10 @@ class FleetSpec(Strict):
     trust: Trust | None = Field(default=None, description="sign every release to these devices; devices verify "
                                                           "before they run it")
     devices: list[DeviceEntry] = Field(min_length=1)
+    max_parallel: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="at most this many of this fleet's devices change at once, whatever a "
+                                  "deployment's rollout.parallelism: devices behind one shared slow link (a site's "
+                                  "uplink) get it one or two at a time instead of ten uploads sharing it")
     lab: LabSettings = Field(default_factory=lambda: LabSettings(),
                              description="lab-only defaults for every device (a device's own lab: overrides them)")
 

@@ -151,3 +151,33 @@ def test_a_halted_reverification_leaves_every_device_on_what_it_runs() -> None:
     assert result.outcome == Outcome.HALTED and work.undone == []
     kept = [o for o in result.devices if o.decision == Decision.PASSED]
     assert kept and all("did not switch" in o.reason for o in kept)
+
+
+def test_a_fleet_limit_holds_its_devices_to_that_many_at_once_and_leaves_other_fleets_alone() -> None:
+    import time
+
+    policy = RolloutPolicy(waves=["100%"], parallelism=8)
+    desired = [DesiredDevice(f"{fleet}/d{i}", fleet, f"d{i}", "p", "x86", (), "r-new", (("model.onnx", "s", 100),))
+               for fleet in ("site", "cloud") for i in range(4)]
+    observed = {d.key: ObservedDevice(d.key, True, current="r-old", status=DeviceStatus.COMMITTED) for d in desired}
+    plan = make_plan("dep", policy, {}, {}, None, desired, observed)
+    running: dict[str, int] = {"site": 0, "cloud": 0}
+    most: dict[str, int] = {"site": 0, "cloud": 0}
+    lock = threading.Lock()
+
+    class Concurrent(ScriptedWork):
+        def roll(self, planned: PlannedDevice) -> DeviceOutcome:
+            fleet = planned.key.split("/")[0]
+            with lock:
+                running[fleet] += 1
+                most[fleet] = max(most[fleet], running[fleet])
+            time.sleep(0.05)  # long enough for the others to start, if they may
+            with lock:
+                running[fleet] -= 1
+            return super().roll(planned)
+
+    result = WaveRunner(plan, policy, Concurrent(), RecordingStop(), SilentReporter(),
+                        fleet_limits={"site": 1}).run()
+    assert result.outcome == Outcome.SUCCEEDED and len(result.devices) == 8
+    assert most["site"] == 1  # an invariant, whatever the timing
+    assert most["cloud"] >= 1
