@@ -203,3 +203,14 @@ def test_measuring_again_never_spends_more_than_the_budget() -> None:
             assert "would decide it" in verdict["reason"] or "no number of runs" in verdict["reason"]
 
     spends_within()
+
+
+def test_measuring_again_fits_in_what_the_controller_waits_for() -> None:
+    from edgeops.manifest.workspace import load_workspace
+    from labkit.repo import REPO
+
+    spec = load_workspace(REPO).deployments["wearable-activity"].obj.spec
+    assert spec.rollout.verification.budget_s == 60 and spec.rollout.timeouts.verify_s >= 120
+    assert GateSpec.of(spec).verification.budget_s == 60
+    assert GateSpec.of(spec, wait_s=10).verification.budget_s == 5  # a pull fleet's report deadline of 10 s
+    assert GateSpec.of(spec, wait_s=10).as_json()["verification"]["budget_s"] == 5
