@@ -173,6 +173,8 @@ def test_a_release_exactly_at_the_limit_is_not_measured_forever() -> None:
     device = _Device(1.10, 0.05)  # p95 ratio right at the 10% limit
     verdict = edgeops_gate.measure(device.run, adaptive(30, retries=5), None, clock=device.clock)
     assert len(device.calls) <= 7 and device.now <= 30 + 2.0 + 2.0  # budget + first look + a confirmation
+    if verdict["outcome"] == "Inconclusive":
+        assert "would decide it" in verdict["reason"] or "no number of runs" in verdict["reason"]
 
 
 def test_without_a_budget_each_new_look_doubles_the_runs() -> None:
