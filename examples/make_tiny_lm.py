@@ -197,7 +197,7 @@ def train(model: TinyLM, lines: list[str], steps: int, seed: int) -> list[float]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
