@@ -37,7 +37,8 @@ from _common import machine, markdown_table  # noqa: E402
 
 from edgeops.connections import Connections  # noqa: E402
 from edgeops.device import Device  # noqa: E402
-from edgeops.lab import arrange, lab_down, lab_up  # noqa: E402
+from edgeops.lab import lab_down, lab_up  # noqa: E402
+from edgeops.labplace import arrange  # noqa: E402
 from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from edgeops.release import ReleaseFile, make_release  # noqa: E402
 from edgeops.render import render_device  # noqa: E402

@@ -22,12 +22,10 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from edgeops.agent import AGENT_FILE
 from edgeops.errors import EdgeopsError
 from edgeops.labcgroup import Budget, CgroupsUnavailable, applied, constrain, release
 from edgeops.manifest.models import DeviceEntry, Fleet
-from edgeops.manifest.placement import Place, on_loopback, placement_file, read_placement, write_placement
+from edgeops.manifest.placement import read_placement, write_placement
 from edgeops.manifest.secrets import secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.signing import allowed_signers_line, generate_key
@@ -75,7 +73,7 @@ def _resolve(fleet: Document[Fleet], path: str | None, default: Path) -> Path:
     return fleet.resolve(path) if path else default
 
 
-def _pid_alive(pid_file: Path, config: Path) -> int | None:
+def pid_alive(pid_file: Path, config: Path) -> int | None:
     """The pid in ``pid_file`` if that process is alive and is our sshd for ``config``."""
     try:
         pid = int(pid_file.read_text().strip())
@@ -204,7 +202,7 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
         config = state / "sshd_config"
         config.write_text(_sshd_config(device.name, device.host or "127.0.0.1", device.port, state, login_home))
         write_sensor(target)
-        link = _link(ws, fleet, device)
+        link = own_link(ws, fleet, device)
         mbit = link_mbit(fleet, device)
         if link is not None and mbit is not None:
             try:
@@ -213,7 +211,7 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
                 raise LabError(f"{device.name}: cannot give it its own {mbit:g} Mbit/s link ({exc})",
                                hint="run lab up as root on a host with network namespaces (ip netns) and tc, "
                                     "or drop lab.link_mbit") from None
-        pid = _pid_alive(state / "sshd.pid", config)
+        pid = pid_alive(state / "sshd.pid", config)
         if pid is None:
             pid = _start(device.name, config, state, device.lab.cpus or fleet.obj.spec.lab.cpus, link)
         devices.append(LabDevice(device.name, device.port, state, pid,
@@ -343,7 +341,7 @@ def _start(name: str, config: Path, state: Path, cpus: str | None, link: lablink
         raise LabError(f"sshd for {name} failed to start: {done.stderr.strip() or (state / 'sshd.log').read_text()[-300:]}")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        pid = _pid_alive(state / "sshd.pid", config)
+        pid = pid_alive(state / "sshd.pid", config)
         if pid:
             return pid
         time.sleep(0.02)
@@ -361,53 +359,12 @@ def cgroup_name(ws: Workspace, fleet: str, device: str) -> str:
     return f"{fleet}-{device}-{lab_id(ws)}"
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (bound then released)."""
-    sockets, ports = [], []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-        ports.append(sock.getsockname()[1])
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-@contextlib.contextmanager
-def one_lab_up_at_a_time() -> Iterator[None]:
-    """Held from choosing ports to listening on them: two clones starting their labs at once on one host take
-    turns, so the second sees the first's ports taken and moves, instead of both picking the same."""
-    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
-    with open(directory / "edgeops-lab-up.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _running(ws: Workspace, fleet: str, device: str) -> int | None:
-    state = lab_dir(ws) / fleet / device
-    return _pid_alive(state / "sshd.pid", state / "sshd_config")
-
-
 def link_mbit(fleet: Document[Fleet], device: DeviceEntry) -> float | None:
     """The device's own link rate, else the fleet's (None: the host's loopback)."""
     return device.lab.link_mbit if device.lab.link_mbit is not None else fleet.obj.spec.lab.link_mbit
 
 
-def _link(ws: Workspace, fleet: Document[Fleet], device: DeviceEntry) -> lablink.Link | None:
+def own_link(ws: Workspace, fleet: Document[Fleet], device: DeviceEntry) -> lablink.Link | None:
     if link_mbit(fleet, device) is None:
         return None
     return lablink.link_for(lab_id(ws), fleet.name, device.name)
@@ -421,63 +378,12 @@ def _link_state(link: lablink.Link | None, mbit: float | None) -> str:
     return f"{mbit:g} Mbit/s" + ("" if lablink.is_up(link) else " DOWN")
 
 
-def arrange(ws: Workspace, fleet: Document[Fleet], port_base: int | None = None,
-            report: Callable[[str], None] = lambda message: None) -> bool:
-    """Decide where this clone's lab devices listen; True when that changed (reload the workspace).
-
-    A device with a link of its own listens at its namespace's address. ``port_base``: the others listen on
-    port_base, port_base+1, ... in fleet order. Without it they stay where the fleet file (or an earlier
-    placement) puts them unless another process holds one of those ports: then they all move to free ports.
-    A moved device gets a root of this lab's own, so two clones never share a device's releases or trust
-    root. Devices already running are never moved under their feet.
-    """
-    earlier = read_placement(ws.root, fleet.name)
-    devices = [d for d in fleet.obj.spec.devices if on_loopback(d.host) or d.name in earlier]
-    if not devices:
-        return False
-    local = [d for d in devices if link_mbit(fleet, d) is None]
-    ports = {d.name: d.port for d in local}
-    if port_base is not None:
-        if not 1024 <= port_base <= 65535 - len(devices):
-            raise LabError(f"--port-base {port_base}: the lab needs {len(devices)} ports from 1024 to 65535")
-        ports = {d.name: port_base + index for index, d in enumerate(local)}
-    else:
-        taken = [d for d in local if not _running(ws, fleet.name, d.name) and not _port_free(d.host or "", d.port)]
-        if taken:
-            ports = dict(zip([d.name for d in local], free_ports(len(local))))
-            report(f"{', '.join(f'{d.host}:{d.port}' for d in taken)} taken by another process (another clone's "
-                   f"lab?): {fleet.name} moves to free ports {', '.join(map(str, ports.values()))}, recorded in "
-                   f"{placement_file(ws.root, fleet.name)} (`edgeops lab up --port-base N` picks them)")
-    targets = {t.name: t for t in fleet_targets(ws, fleet)}
-    own = f"lab-{lab_id(ws)}"
-
-    def root(name: str) -> str:
-        return targets[name].root if name in earlier else str(Path(targets[name].root).parent / own / name)
-
-    places = dict(earlier)
-    for device in devices:
-        link = _link(ws, fleet, device)
-        if link is not None:
-            places[device.name] = Place(link.device_ip, device.port, root(device.name))
-        elif device.name in earlier or ports[device.name] != device.port:
-            places[device.name] = Place("127.0.0.1", ports[device.name], root(device.name))
-    if places == earlier:
-        return False
-    running = [d.name for d in devices if d.name in places and places[d.name] != earlier.get(d.name)
-               and _running(ws, fleet.name, d.name)]
-    if running:
-        raise LabError(f"lab devices {', '.join(running)} of {fleet.name} are running elsewhere",
-                       hint=f"`edgeops lab down {fleet.name}` first, then lab up again")
-    write_placement(ws.root, fleet.name, places)
-    return True
-
-
 def set_link(ws: Workspace, fleet: Document[Fleet], device: str, up: bool) -> LabDevice:
     """Cut (``up=False``) or heal a lab device's own link."""
     entry = next((d for d in fleet.obj.spec.devices if d.name == device), None)
     if entry is None:
         raise LabError(f"fleet {fleet.name} has no device {device}")
-    link = _link(ws, fleet, entry)
+    link = own_link(ws, fleet, entry)
     if link is None:
         raise LabError(f"{fleet.name}/{device} has no link of its own to cut: it shares the host's loopback",
                        hint="give it lab: {link_mbit: N} in the fleet file, then lab down and lab up")
@@ -521,9 +427,9 @@ def lab_status(ws: Workspace, fleet: Document[Fleet]) -> list[LabDevice]:
         state = lab_dir(ws) / fleet.name / device.name
         enforced = applied(cgroup_name(ws, fleet.name, device.name)) if budget_of(fleet, device) else Budget()
         out.append(LabDevice(device.name, device.port, state,
-                             _pid_alive(state / "sshd.pid", state / "sshd_config"),
+                             pid_alive(state / "sshd.pid", state / "sshd_config"),
                              enforced.describe() if enforced else "", device.host or "",
-                             _link_state(_link(ws, fleet, device), link_mbit(fleet, device))))
+                             _link_state(own_link(ws, fleet, device), link_mbit(fleet, device))))
     return out
 
 
@@ -568,7 +474,7 @@ def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[
         if wipe:
             shutil.rmtree(device.state_dir, ignore_errors=True)
     for entry in fleet.obj.spec.devices:
-        if (link := _link(ws, fleet, entry)) is not None:
+        if (link := own_link(ws, fleet, entry)) is not None:
             lablink.remove(link)
     if wipe:  # a moved lab's device roots are its own (lab-<id>): nothing else lives there
         own = f"lab-{lab_id(ws)}"

@@ -230,8 +230,8 @@ def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
 
 def lab_up(fleet: str, settings: Settings, login_home: Path | None, port_base: int | None = None,
            report: Progress = _quiet) -> tuple[str, list[LabDevice]]:
-    from edgeops.lab import arrange, one_lab_up_at_a_time
     from edgeops.lab import lab_up as start
+    from edgeops.labplace import arrange, one_lab_up_at_a_time
     from edgeops.targets import fleet_targets
 
     ws, doc = _fleet(fleet, settings)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgeops.lab import free_ports as free_ports  # the tests and benchmarks pick ports with it
+from edgeops.labplace import free_ports as free_ports  # the tests and benchmarks pick ports with it
 
 REPO = Path(__file__).resolve().parent.parent
 

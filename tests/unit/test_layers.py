@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "edgeops"
 PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edgeops.plan_operations", "edgeops.verify",
         "edgeops.health"}
-IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.lablink", "edgeops.state",
+IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.lablink", "edgeops.labplace", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired",
       "edgeops.endpoints", "edgeops.running_quality"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
@@ -24,7 +24,7 @@ LAYERS = [
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
-     "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.endpoints", "edgeops.running_quality"},
+     "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.labplace", "edgeops.endpoints", "edgeops.running_quality"},
     {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
     {"edgeops.operations", "edgeops.review"},                                        # composed operations
     {"edgeops.service"},                                                             # the one API of the CLI
