@@ -73,7 +73,7 @@ def _resolve(fleet: Document[Fleet], path: str | None, default: Path) -> Path:
     return fleet.resolve(path) if path else default
 
 
-def pid_alive(pid_file: Path, config: Path) -> int | None:
+def _pid_alive(pid_file: Path, config: Path) -> int | None:
     """The pid in ``pid_file`` if that process is alive and is our sshd for ``config``."""
     try:
         pid = int(pid_file.read_text().strip())
@@ -211,7 +211,7 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
                 raise LabError(f"{device.name}: cannot give it its own {mbit:g} Mbit/s link ({exc})",
                                hint="run lab up as root on a host with network namespaces (ip netns) and tc, "
                                     "or drop lab.link_mbit") from None
-        pid = pid_alive(state / "sshd.pid", config)
+        pid = _pid_alive(state / "sshd.pid", config)
         if pid is None:
             pid = _start(device.name, config, state, device.lab.cpus or fleet.obj.spec.lab.cpus, link)
         devices.append(LabDevice(device.name, device.port, state, pid,
@@ -341,7 +341,7 @@ def _start(name: str, config: Path, state: Path, cpus: str | None, link: lablink
         raise LabError(f"sshd for {name} failed to start: {done.stderr.strip() or (state / 'sshd.log').read_text()[-300:]}")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        pid = pid_alive(state / "sshd.pid", config)
+        pid = _pid_alive(state / "sshd.pid", config)
         if pid:
             return pid
         time.sleep(0.02)
@@ -352,6 +352,17 @@ def _start(name: str, config: Path, state: Path, cpus: str | None, link: lablink
 def lab_id(ws: Workspace) -> str:
     """Names this clone's lab among others on the host (its cgroups, moved device roots)."""
     return hashlib.sha256(str(lab_dir(ws)).encode()).hexdigest()[:8]
+
+
+def own_roots(ws: Workspace) -> str:
+    """The directory (beside the profile's device roots) that holds the roots of devices this lab moved."""
+    return f"lab-{lab_id(ws)}"
+
+
+def running_sshd(ws: Workspace, fleet: str, device: str) -> int | None:
+    """The pid of the lab device's sshd when it runs (checked: ours, for its config)."""
+    state = lab_dir(ws) / fleet / device
+    return _pid_alive(state / "sshd.pid", state / "sshd_config")
 
 
 def cgroup_name(ws: Workspace, fleet: str, device: str) -> str:
@@ -426,8 +437,7 @@ def lab_status(ws: Workspace, fleet: Document[Fleet]) -> list[LabDevice]:
     for device in fleet.obj.spec.devices:
         state = lab_dir(ws) / fleet.name / device.name
         enforced = applied(cgroup_name(ws, fleet.name, device.name)) if budget_of(fleet, device) else Budget()
-        out.append(LabDevice(device.name, device.port, state,
-                             pid_alive(state / "sshd.pid", state / "sshd_config"),
+        out.append(LabDevice(device.name, device.port, state, running_sshd(ws, fleet.name, device.name),
                              enforced.describe() if enforced else "", device.host or "",
                              _link_state(own_link(ws, fleet, device), link_mbit(fleet, device))))
     return out
@@ -477,9 +487,8 @@ def lab_down(ws: Workspace, fleet: Document[Fleet], wipe: bool = False) -> list[
         if (link := own_link(ws, fleet, entry)) is not None:
             lablink.remove(link)
     if wipe:  # a moved lab's device roots are its own (lab-<id>): nothing else lives there
-        own = f"lab-{lab_id(ws)}"
         for place in read_placement(ws.root, fleet.name).values():
-            if own in Path(place.root).parts:
+            if own_roots(ws) in Path(place.root).parts:
                 shutil.rmtree(place.root, ignore_errors=True)
                 with contextlib.suppress(OSError):
                     Path(place.root).parent.rmdir()  # lab-<id>, once its last device is gone

@@ -55,11 +55,11 @@ def link_for(lab: str, fleet: str, device: str) -> Link:
     digest = hashlib.sha256(f"{lab}/{fleet}/{device}".encode()).hexdigest()
     subnets = LAB_NET.num_addresses // 4
     first = int(digest[8:16], 16) % subnets
-    taken = _addresses_in_use()
+    taken, own = _addresses_in_use(), HOST_PREFIX + digest[:8]
     for step in range(subnets):  # another lab's device on the same /30: take the next free one
         base = LAB_NET.network_address + 4 * ((first + step) % subnets)
         host_ip, device_ip = str(base + 1), str(base + 2)
-        if host_ip not in taken or _owner(host_ip) == HOST_PREFIX + digest[:8]:
+        if taken.get(host_ip, own) == own:
             return Link(digest[:8], host_ip, device_ip)
     raise LinkUnavailable("every lab link address in 10.213.0.0/16 is taken")
 
@@ -85,10 +85,6 @@ def _addresses_in_use() -> dict[str, str]:
             if ipaddress.ip_address(address) in LAB_NET:
                 found[address] = words[1].split("@")[0]
     return found
-
-
-def _owner(address: str) -> str:
-    return _addresses_in_use().get(address, "")
 
 
 def exists(link: Link) -> bool:

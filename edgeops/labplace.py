@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edgeops.lab import LabError, lab_dir, lab_id, link_mbit, own_link, pid_alive
+from edgeops.lab import LabError, link_mbit, own_link, own_roots, running_sshd
 from edgeops.manifest.models import Fleet
 from edgeops.manifest.placement import Place, on_loopback, placement_file, read_placement, write_placement
 from edgeops.manifest.workspace import Document, Workspace
@@ -57,11 +57,6 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def running_sshd(ws: Workspace, fleet: str, device: str) -> int | None:
-    state = lab_dir(ws) / fleet / device
-    return pid_alive(state / "sshd.pid", state / "sshd_config")
-
-
 def arrange(ws: Workspace, fleet: Document[Fleet], port_base: int | None = None,
             report: Callable[[str], None] = lambda message: None) -> bool:
     """Decide where this clone's lab devices listen; True when that changed (reload the workspace).
@@ -90,7 +85,7 @@ def arrange(ws: Workspace, fleet: Document[Fleet], port_base: int | None = None,
                    f"lab?): {fleet.name} moves to free ports {', '.join(map(str, ports.values()))}, recorded in "
                    f"{placement_file(ws.root, fleet.name)} (`edgeops lab up --port-base N` picks them)")
     targets = {t.name: t for t in fleet_targets(ws, fleet)}
-    own = f"lab-{lab_id(ws)}"
+    own = own_roots(ws)
 
     def root(name: str) -> str:
         return targets[name].root if name in earlier else str(Path(targets[name].root).parent / own / name)

@@ -443,8 +443,6 @@ def bench(args):
     on the release, not a broken agent. Forked, not started: numpy and onnxruntime are imported once per agent
     process (a session's second measurement imports nothing), the interpreter and this file are not loaded
     again. The child's peak RSS starts at what it inherited, as a fresh process's would after its imports."""
-    if args.in_process:
-        return bench_here(args)
     for module in ("numpy", "onnxruntime"):
         try:
             __import__(module)
@@ -485,6 +483,14 @@ def bench(args):
     return {k: v for k, v in document.items() if k != "ok"}
 
 
+def _failure(exc):
+    """What a command that failed answers: its error kind and message."""
+    if isinstance(exc, AgentError):
+        return {"error": exc.kind, "message": str(exc)}
+    return {"error": "disk-full" if exc.errno == 28 else "os-error",
+            "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}
+
+
 def _bench_child(args):
     try:
         with open("/proc/self/oom_score_adj", "w") as handle:
@@ -493,11 +499,8 @@ def _bench_child(args):
         pass
     try:
         return {"ok": True, **bench_here(args)}
-    except AgentError as exc:
-        return {"ok": False, "error": exc.kind, "message": str(exc)}
-    except OSError as exc:
-        return {"ok": False, "error": "disk-full" if exc.errno == 28 else "os-error",
-                "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}
+    except (AgentError, OSError) as exc:
+        return {"ok": False, **_failure(exc)}
     except BaseException as exc:  # noqa: BLE001 - the child answers, whatever went wrong
         return {"ok": False, "error": "agent-broken", "message": f"{type(exc).__name__}: {exc}"}
 
@@ -2062,7 +2065,6 @@ def main(argv=None):
     b.add_argument("--compare", default=None, help="another release, measured interleaved in blocks")
     b.add_argument("--block", type=int, default=10)
     b.add_argument("--golden", action="store_true")
-    b.add_argument("--in-process", action="store_true", help="measure in this process (no child: no OOM verdict)")
     p = sub.add_parser("power")
     p.add_argument("release")
     p.add_argument("--seconds", type=float, default=1.0)
@@ -2154,14 +2156,8 @@ def main(argv=None):
         result = commands[args.command](args)
         document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": True, **result}
         code = 0
-    except AgentError as exc:
-        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": exc.kind,
-                    "message": str(exc)}
-        code = 3
-    except OSError as exc:
-        kind = "disk-full" if exc.errno == 28 else "os-error"
-        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, "error": kind,
-                    "message": f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")}
+    except (AgentError, OSError) as exc:
+        document = {"schema": SCHEMA, "agent_version": AGENT_VERSION, "ok": False, **_failure(exc)}
         code = 3
     sys.stdout.write(json.dumps(document) + "\n")
     return code

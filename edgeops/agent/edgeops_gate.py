@@ -240,8 +240,9 @@ def measure(run: Callable[[int, int], Dict[str, Any]], gate: Any, host_golden: O
     while True:
         started = clock()
         latest = run(runs, attempt)
-        spent += clock() - started
-        looks.append({"runs": runs, "seconds": round(clock() - started, 3)})
+        elapsed = clock() - started
+        spent += elapsed
+        looks.append({"runs": runs, "seconds": round(elapsed, 3)})
         pooled = _pool(pooled, latest)
         verdict = decide(pooled, gate, host_golden, seed=f"{seed}:{attempt}")
         attempt += 1
@@ -250,7 +251,7 @@ def measure(run: Callable[[int, int], Dict[str, Any]], gate: Any, host_golden: O
             on_retry(runs, "failed once, confirming")
             continue
         pooled_runs = len(pooled["a"].get("samples_ms") or [])
-        seconds_per_run = spent / max(1, sum(look["runs"] for look in looks))
+        seconds_per_run = spent / max(1, pooled_runs)
         needed = runs_to_decide(verdict["checks"], pooled_runs)
         if verdict["outcome"] == INCONCLUSIVE and gate.retry_inconclusive and retries < verification.retries:
             more = runs * 2 if budget is None else min(needed, int((budget - spent) / max(seconds_per_run, 1e-9)))
@@ -261,7 +262,7 @@ def measure(run: Callable[[int, int], Dict[str, Any]], gate: Any, host_golden: O
                 continue
         verdict["measurements"]["looks"] = looks
         if verdict["outcome"] == INCONCLUSIVE:
-            _say_what_would_decide(verdict, needed, seconds_per_run, budget, spent)
+            _say_what_would_decide(verdict, needed, pooled_runs, seconds_per_run, budget, spent)
         return verdict
 
 
@@ -281,11 +282,10 @@ def runs_to_decide(checks: List[Dict[str, Any]], runs: int) -> int:
     return int(runs * factor) - runs if factor > 1 else 0
 
 
-def _say_what_would_decide(verdict: Dict[str, Any], more: int, seconds_per_run: float, budget: Optional[float],
-                           spent: float) -> None:
+def _say_what_would_decide(verdict: Dict[str, Any], more: int, total: int, seconds_per_run: float,
+                           budget: Optional[float], spent: float) -> None:
     if more <= 0:
         return
-    total = sum(look["runs"] for look in verdict["measurements"]["looks"])
     if more >= total * (MAX_FACTOR - 1):
         advice = "the new release is about as slow as the limit itself: no number of runs decides it"
     else:
