@@ -255,7 +255,10 @@ def test_a_killed_controller_leaves_a_trial_that_the_device_reverts_by_itself(la
     unfinished = repo_at(lab).ledger.history("wearable-activity", 1)[0]
     assert unfinished["outcome"] is None and unfinished["actor"] == "doomed-controller"
     assert "unfinished" in cli(lab, "history", "wearable-activity").output
-    assert apply_now(lab).ok  # the dead controller's lock is taken over: a plain re-apply converges
+    again = apply_now(lab)  # the dead controller's lock is taken over (a held lock would refuse it)
+    # it converges: the new config kept (Passed, Inconclusive), or, where the adaptive gate measures 4 threads
+    # on this 2-core host as really slower, a verdict that rolls the canary back; never a lock or a half state
+    assert again.ok or "failed device(s)" in again.message, again.message
     assert_invariants(lab)
 
 
