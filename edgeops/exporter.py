@@ -38,6 +38,10 @@ class StatusRow(Protocol):
     def release(self) -> str | None: ...
     @property
     def fleet_release(self) -> str | None: ...
+    @property
+    def tokens_per_s(self) -> float | None: ...
+    @property
+    def ttft_ms(self) -> float | None: ...
 
 DEVICE = ("deployment", "fleet", "device")
 
@@ -59,6 +63,10 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
     energy = Gauge("edgeops_device_energy_per_inference_millijoules",
                    "energy per inference at the last verification, with the reading's source and boundary",
                    [*DEVICE, "source", "boundary"], registry=registry)
+    tokens = Gauge("edgeops_device_decode_tokens_per_second", "text generation: median decode speed at the last "
+                   "verification, on the device", DEVICE, registry=registry)
+    ttft = Gauge("edgeops_device_time_to_first_token_milliseconds", "text generation: median time to first token "
+                 "at the last verification, on the device", DEVICE, registry=registry)
     decision = Gauge("edgeops_device_last_rollout_decision", "1 for the decision of the last rollout on the device",
                      [*DEVICE, "decision"], registry=registry)
     running = Gauge("edgeops_device_release_info", "1, labelled with the release the device runs: fleet-wide "
@@ -73,7 +81,8 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
                 health.labels(*labels, state).set(1 if row.health == state else 0)
             for in_sync in Sync:
                 sync.labels(*labels, in_sync).set(1 if row.sync == in_sync else 0)
-            for gauge, number in ((p50, row.p50_ms), (p95, row.p95_ms), (slo, row.slo_p95_ms)):
+            for gauge, number in ((p50, row.p50_ms), (p95, row.p95_ms), (slo, row.slo_p95_ms),
+                                  (tokens, row.tokens_per_s), (ttft, row.ttft_ms)):
                 if number is not None:
                     gauge.labels(*labels).set(number)
             reading: dict[str, Any] = row.energy or {}

@@ -34,6 +34,8 @@ class DeviceFacts:
     onnxruntime_version: str | None = None
     onnxruntime_error: str | None = None
     providers: tuple[str, ...] = ()
+    genai_version: str | None = None          # onnxruntime-genai, where installed (generation profiles need it)
+    genai_error: str | None = None
     free_bytes: int | None = None
     used_bytes: int | None = None            # what edgeops keeps under the device root
     root_writable: bool | None = None        # the root, or the directory it will be created in
@@ -53,7 +55,9 @@ class DeviceFacts:
                    uid=doc.get("uid"),
                    numpy_version=numpy.get("version"), numpy_error=numpy.get("error"),
                    onnxruntime_version=ort.get("version"), onnxruntime_error=ort.get("error"),
-                   providers=tuple(ort.get("available_providers") or ()), free_bytes=disk.get("free_bytes"),
+                   providers=tuple(ort.get("available_providers") or ()),
+                   genai_version=(doc.get("onnxruntime_genai") or {}).get("version"),
+                   genai_error=(doc.get("onnxruntime_genai") or {}).get("broken"), free_bytes=disk.get("free_bytes"),
                    used_bytes=disk.get("used_bytes"), root_writable=disk.get("writable"),
                    power_source=power.get("source") or "none", power_readable=power.get("readable"),
                    power_error=power.get("error"), enrolled=trust.get("enrolled"),
@@ -96,6 +100,11 @@ class DeviceNeeds:
     signers_sha256: str | None = None             # the fleet's trust.allowed_signers, when releases are signed
     signers_at: str = ""
     enroll_command: str = ""
+    genai_version: str | None = None              # text-generation with onnxruntime-genai: the version it needs
+    genai_at: str = ""
+    memory_bytes: int = 0                         # text-generation: the model and its KV cache at max_length
+    memory_limit_mb: float | None = None          # the profile's limits.max_memory_mb
+    memory_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,31 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
 
 def _mb(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
+
+
+def _generation_refusals(device: str, facts: DeviceFacts, needs: DeviceNeeds, shown: str) -> list[str]:
+    """A decoder needs its generation runtime and room for its weights and KV cache."""
+    refusals = []
+    if needs.genai_version is not None:
+        wanted = needs.genai_version
+        if facts.genai_version is None:
+            why = f" ({facts.genai_error})" if facts.genai_error else ""
+            refusals.append(f"{device}: {shown} has no onnxruntime-genai{why}, which this profile generates with: "
+                            f"install onnxruntime-genai=={wanted} on the device or set generation.runtime: "
+                            f"onnxruntime ({needs.genai_at})")
+        elif _version_tuple(facts.genai_version)[:2] != _version_tuple(wanted)[:2]:
+            refusals.append(f"{device}: onnxruntime-genai {facts.genai_version} on the device, {wanted} wanted: "
+                            f"install onnxruntime-genai=={wanted} or set generation.version ({needs.genai_at})")
+    if needs.memory_bytes:
+        mb = needs.memory_bytes / 2**20
+        if needs.memory_limit_mb is not None and mb > needs.memory_limit_mb:
+            refusals.append(f"{device}: the model and its KV cache at max_length need {mb:.1f} MB, over the "
+                            f"profile's limits.max_memory_mb {needs.memory_limit_mb:g} ({needs.memory_at}): lower "
+                            "generation.max_length, quantize further, or raise the limit")
+        elif facts.memory_total_mb is not None and mb > facts.memory_total_mb:
+            refusals.append(f"{device}: the model and its KV cache at max_length need {mb:.1f} MB; the device has "
+                            f"{facts.memory_total_mb:.0f} MB: lower generation.max_length or quantize further")
+    return refusals
 
 
 def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move: int,
@@ -157,6 +191,7 @@ def preflight(device: str, facts: DeviceFacts, needs: DeviceNeeds, bytes_to_move
         if build_onnxruntime and _version_tuple(facts.onnxruntime_version)[:2] < _version_tuple(build_onnxruntime)[:2]:
             warnings.append(f"{device}: onnxruntime {facts.onnxruntime_version} on the device is older than "
                             f"{build_onnxruntime} on the build host; int8 kernels and supported opsets may differ")
+    refusals += _generation_refusals(device, facts, needs, shown)
     if facts.root_writable is False:
         refusals.append(f"{device}: {needs.root} cannot be written (or created) by the SSH user (uid "
                         f"{facts.uid if facts.uid is not None else '?'}): give that user the directory or set "

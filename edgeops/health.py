@@ -21,6 +21,12 @@ def over_slo(verification: dict[str, Any] | None, slo: SLO) -> str | None:
     latency = (verification or {}).get("latency") or {}
     if slo.latency_p95_ms is not None and latency.get("p95_ms") is not None and latency["p95_ms"] > slo.latency_p95_ms:
         return f"measured p95 {latency['p95_ms']:.3f} ms exceeds the SLO {slo.latency_p95_ms:g} ms in git"
+    generation = (verification or {}).get("generation") or {}
+    if slo.ttft_ms is not None and generation.get("ttft_ms") is not None and generation["ttft_ms"] > slo.ttft_ms:
+        return f"measured time to first token {generation['ttft_ms']:.1f} ms exceeds the SLO {slo.ttft_ms:g} ms in git"
+    speed = generation.get("tokens_per_s")
+    if slo.tokens_per_s is not None and speed is not None and speed < slo.tokens_per_s:
+        return f"measured {speed:.1f} tokens/s is below the SLO {slo.tokens_per_s:g} in git"
     energy = ((verification or {}).get("power") or {}).get("energy_per_inference_mj")
     if slo.energy_per_inference_mj is not None and energy is not None and energy > slo.energy_per_inference_mj:
         return f"measured {energy:.4g} mJ/inference exceeds the SLO {slo.energy_per_inference_mj:g} mJ in git"

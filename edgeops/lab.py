@@ -43,7 +43,8 @@ from edgeops.targets import TargetDevice, fleet_targets
 SSHD = "/usr/sbin/sshd"
 DEFAULT_POWER_MW = 1500.0
 RUNTIME_PACKAGES = ("numpy", "onnxruntime")  # all the agent needs on a device
-IMPORT_NAMES = {"paho-mqtt": "paho.mqtt"}
+GENAI_PACKAGE = "onnxruntime-genai"            # and where a profile generates text with it
+IMPORT_NAMES = {"paho-mqtt": "paho.mqtt", GENAI_PACKAGE: "onnxruntime_genai"}
 
 
 class LabError(EdgeopsError):
@@ -122,6 +123,13 @@ def _runtime_usable(python: Path, packages: tuple[str, ...] = RUNTIME_PACKAGES) 
     return check.returncode == 0
 
 
+def runtime_packages(targets: list[TargetDevice]) -> tuple[str, ...]:
+    """What the device runtime of ``targets`` needs: numpy and onnxruntime, and onnxruntime-genai where a
+    profile generates text with it."""
+    genai = any(t.profile.obj.spec.generation.runtime == "onnxruntime-genai" for t in targets)
+    return RUNTIME_PACKAGES + (GENAI_PACKAGE,) if genai else RUNTIME_PACKAGES
+
+
 def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = lambda message: None,
                       packages: tuple[str, ...] = RUNTIME_PACKAGES) -> bool:
     """Create a device runtime whose interpreter is ``python`` (``<dir>/bin/python3``); True if created.
@@ -142,7 +150,12 @@ def provision_runtime(python: Path, log: Path, report: Callable[[str], None] = l
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _runtime_usable(python, packages):
             return False
-        pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
+        try:
+            pins = [f"{name}=={importlib.metadata.version(name)}" for name in packages]
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise LabError(f"the lab device runtime pins its packages to the controller's, and {exc.name} is not "
+                           "installed here", hint="pip install 'edgeops[generative]' (scripts/install.sh does)") \
+                from None
         report(f"provisioning the lab device runtime {home} ({', '.join(pins)}); details in {log}")
         building = home.with_name(f"{home.name}.building-{os.getpid()}")
         shutil.rmtree(building, ignore_errors=True)
@@ -188,7 +201,8 @@ def lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
     admin_key = admin_key_of(ws)
     _keygen(admin_key)
     for python in sorted({t.python for t in targets if os.path.isabs(t.python)}):
-        provision_runtime(Path(python), base / "runtime-install.log", report)
+        provision_runtime(Path(python), base / "runtime-install.log", report, runtime_packages(
+            [t for t in targets if t.python == python]))
     devices, entries = [], []
     for target in targets:
         device = target.device

@@ -20,18 +20,50 @@ class Metric(StrEnum):
     TOP1_AGREEMENT = "top1_agreement"  # % of samples whose argmax matches the original model's
     COSINE = "cosine"                  # mean cosine similarity to the original model's outputs
     MAX_ABS_ERROR = "max_abs_error"    # largest absolute difference from the original model's outputs
+    AGREEMENT = "agreement"            # text-generation: % of golden tokens the model predicts as the original did
+    PERPLEXITY = "perplexity"          # text-generation: exp(mean next-token negative log-likelihood)
 
 
 CLASSIFICATION = (Metric.ACCURACY, Metric.TOP1_AGREEMENT)
-HIGHER_IS_BETTER = (Metric.ACCURACY, Metric.TOP1_AGREEMENT, Metric.COSINE)
+HIGHER_IS_BETTER = (Metric.ACCURACY, Metric.TOP1_AGREEMENT, Metric.COSINE, Metric.AGREEMENT)
+LOWER_IS_BETTER = (Metric.MAX_ABS_ERROR, Metric.PERPLEXITY)
+PERCENT_POINTS = (Metric.ACCURACY, Metric.TOP1_AGREEMENT, Metric.AGREEMENT)  # scored in % (drops in points)
+
+
+def token_agreement(predicted: npt.NDArray[np.generic], reference: npt.NDArray[np.generic]) -> float:
+    """% of the reference's tokens (rows padded with -1) that ``predicted`` has at the same place.
+
+    Teacher-forced: row i, place j of ``predicted`` is the model's greedy choice after the prompt and the
+    reference's first j tokens, so one early difference does not make every later token differ.
+    """
+    ref = np.asarray(reference, dtype=np.int64)
+    pred = np.asarray(predicted, dtype=np.int64)[:, :ref.shape[1]]
+    valid = ref >= 0
+    if not valid.any():
+        raise ValueError("the reference has no tokens")
+    return float((pred[valid] == ref[valid]).mean() * 100)
+
+
+def perplexity(nll: npt.NDArray[np.generic]) -> float:
+    """exp of the mean next-token negative log-likelihood; ``nll`` has one row per text: (sum of nll, tokens)."""
+    rows = np.asarray(nll, dtype=np.float64).reshape(-1, 2)
+    count = rows[:, 1].sum()
+    if count <= 0:
+        raise ValueError("no tokens to score")
+    return float(math.exp(rows[:, 0].sum() / count))
 
 
 def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic],
                  labels: npt.NDArray[np.generic] | None = None) -> float:
     """``metric`` for ``outputs`` against the original model's ``reference`` outputs (one row per sample).
 
-    Accuracy without labels falls back to agreement with the reference.
+    Accuracy without labels falls back to agreement with the reference. Text generation: ``agreement`` takes
+    the teacher-forced greedy tokens and the reference's tokens; ``perplexity`` the (nll sum, tokens) rows.
     """
+    if metric == Metric.AGREEMENT:
+        return token_agreement(outputs, reference)
+    if metric == Metric.PERPLEXITY:
+        return perplexity(outputs)
     n = min(len(outputs), len(reference))
     out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
     ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)

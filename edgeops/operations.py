@@ -202,6 +202,8 @@ class StatusRow:
     p50_ms: float | None = None
     energy: dict[str, Any] | None = None    # numbers with their units, source and boundary (power: for people)
     fleet_release: str | None = None        # the fleet-wide release (rel-...) whose materialisation the device runs
+    tokens_per_s: float | None = None       # text-generation: median decode speed at the last verification
+    ttft_ms: float | None = None            # text-generation: median time to first token
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -267,11 +269,13 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
             message = f"{o.error}; {message}".rstrip("; ")
         verification = o.verification if o.current else None  # a removed release's numbers no longer apply
         latency = (verification or {}).get("latency") or {}
+        generation = (verification or {}).get("generation") or {}
         rows.append(StatusRow(target.fleet.name, target.name, target.profile.name, o.current, sync, health,
                               latency.get("p95_ms"), doc.obj.spec.slo.latency_p95_ms, _power(verification),
                               o.last_change, message, runtime_of(o.facts.as_dict() if o.facts else None),
                               o.facts.as_dict() if o.facts else None, latency.get("p50_ms"), _energy(verification),
-                              names.get((target.key, o.current)) if o.current else None))
+                              names.get((target.key, o.current)) if o.current else None,
+                              generation.get("tokens_per_s"), generation.get("ttft_ms")))
     return rows
 
 

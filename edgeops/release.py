@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeops import __version__
 from edgeops.compress.cache import Artifact
+from edgeops.generative.config import GENAI_CONFIG_FILE, TOKENIZER_FILE, genai_config
 from edgeops.render import RenderedConfig
 from edgeops.runtime_config import digest
 
@@ -64,7 +65,14 @@ def make_release(deployment: str, artifact: Artifact, config: RenderedConfig) ->
     meta = {"id": release_id, "deployment": deployment, "artifact_sha256": report["sha256"],
             "config_digest": config.digest, "edgeops_version": __version__, "build_key": artifact.key}
     release_json = _bytes_file("release.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return Release(release_id, deployment, report["sha256"], config.digest, (model, golden, runtime, release_json),
+    files = [model, golden, runtime, release_json]
+    if "generation" in config.data:  # what the device's generation runtime reads beside the model
+        tokenizer = artifact.directory / TOKENIZER_FILE
+        files.append(ReleaseFile(TOKENIZER_FILE, report["generation"]["tokenizer_sha256"], tokenizer.stat().st_size,
+                                 local=tokenizer))
+        files.append(_bytes_file(GENAI_CONFIG_FILE, (json.dumps(genai_config(config.data), indent=2,
+                                                                sort_keys=True) + "\n").encode()))
+    return Release(release_id, deployment, report["sha256"], config.digest, tuple(files),
                    config.generic_text or config.text)
 
 

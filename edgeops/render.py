@@ -19,6 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 
 from edgeops.errors import Problem, RenderError
+from edgeops.generative.config import generation_section
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.runtime_config import RuntimeConfig, canonical_json, digest
@@ -76,6 +77,9 @@ def context(deployment: Document[Deployment], target: TargetDevice, artifact: di
                                                     "port": target.device.port, "root": target.root}
     profile = deep_substitute(target.profile.obj.spec.model_dump(mode="json"), str(own["name"]), str(own["root"]))
     spec = deployment.obj.spec
+    generation = None
+    if spec.generation is not None:
+        generation = generation_section(spec.generation, target.profile.obj.spec.generation, artifact["generation"])
     return {
         "deployment": {"name": deployment.name, "labels": dict(deployment.obj.metadata.labels)},
         "device": {**own, "labels": dict(target.device.labels), "fleet": target.fleet.name},
@@ -85,6 +89,7 @@ def context(deployment: Document[Deployment], target: TargetDevice, artifact: di
         "slo": spec.slo.model_dump(mode="json"),
         "artifact": {"sha256": artifact["sha256"], "golden_sha256": artifact["golden_sha256"],
                      "quality_output": artifact["quality_output"], "size_bytes": artifact["size_bytes"]},
+        "generation": generation,
     }
 
 

@@ -63,8 +63,11 @@ def device_figure(measurements: dict[str, Any]) -> str | None:
     _cdf(cdf, samples["new"], "new", NEW)
     if samples.get("previous"):
         _cdf(cdf, samples["previous"], "previous", PREVIOUS)
-    cdf.set(xlabel="latency per inference (ms, on the device)", ylabel="fraction of runs", ylim=(0, 1.02),
-            title="latency distribution, interleaved A/B")
+    generative = bool(measurements.get("generation"))
+    cdf.set(xlabel="time per decoded token (ms, on the device)" if generative else
+            "latency per inference (ms, on the device)", ylabel="fraction of tokens" if generative else
+            "fraction of runs", ylim=(0, 1.02), title="decode time distribution, interleaved A/B" if generative
+            else "latency distribution, interleaved A/B")
     cdf.axhline(0.95, color="#bbb", linewidth=0.8, linestyle=":")
     cdf.legend(loc="lower right", fontsize=8)
     if intervals:
@@ -120,6 +123,18 @@ def _energy(measurements: dict[str, Any]) -> str:
             "measured on the device during verification]")
 
 
+def _generation(measurements: dict[str, Any]) -> str:
+    new, old = measurements["generation"], measurements.get("previous_generation")
+    golden = measurements.get("golden") or {}
+    text = (f"decode {new['tokens_per_s']:.1f} tokens/s, time to first token {new['ttft_ms']:.2f} ms for a "
+            f"{new['prompt_tokens']}-token prompt [{new['runtime']}, on the device]")
+    if old:
+        text += f"; previous release {old['tokens_per_s']:.1f} tokens/s, {old['ttft_ms']:.2f} ms"
+    if golden.get("agreement") is not None:
+        text += f"; golden agreement {golden['agreement']:.1f}%, perplexity {golden['perplexity']:.4g}"
+    return html.escape(text)
+
+
 def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dict[str, Any] | None]) -> str:
     """The page for one rollout of ``deployment``; ``reports``: build report per accelerator (None: not cached)."""
     e = html.escape
@@ -139,9 +154,16 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
         if report is None:
             parts.append('<p class="muted">not in this machine\'s build cache: no build stages to show</p>')
             continue
-        rows = [[s["step"], s["size_bytes"], s["quality"]["metric"], float(s["quality"]["value"]),
-                 float(s["latency_ms"]["p50"]), float(s["latency_ms"]["p95"])] for s in report["stages"]]
-        parts.append(_table(["stage", "bytes", "metric", "value", "host p50 ms", "host p95 ms"], rows))
+        if all(s.get("generation") for s in report["stages"]):
+            rows = [[s["step"], s["size_bytes"], s["quality"]["metric"], float(s["quality"]["value"]),
+                     float(s["quality"]["perplexity"]), float(s["generation"]["tokens_per_s"]),
+                     float(s["generation"]["ttft_ms"])] for s in report["stages"]]
+            parts.append(_table(["stage", "bytes", "metric", "value", "perplexity", "host tokens/s",
+                                 "host TTFT ms"], rows))
+        else:
+            rows = [[s["step"], s["size_bytes"], s["quality"]["metric"], float(s["quality"]["value"]),
+                     float(s["latency_ms"]["p50"]), float(s["latency_ms"]["p95"])] for s in report["stages"]]
+            parts.append(_table(["stage", "bytes", "metric", "value", "host p50 ms", "host p95 ms"], rows))
         parts.append(f'<figure class="plot">{build_figure(report)}</figure>')
     parts.append("<h2>Devices</h2>")
     for event in rollout["devices"]:
@@ -160,6 +182,8 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
         checks = [[c["name"], c["outcome"], c["detail"]] for c in m.get("checks") or []]
         if checks:
             parts.append(_table(["check", "outcome", "detail"], checks))
+        if m.get("generation"):
+            parts.append(f"<p>{_generation(m)}</p>")
         parts.append(f"<p>{_energy(m)}</p>")
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{e(title)}</title><style>{STYLE}</style><script>{CHECK}</script></head>\n<body>\n"

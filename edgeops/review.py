@@ -9,6 +9,7 @@ from typing import Any
 from edgeops.desired import Desired
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document
+from edgeops.metrics import LOWER_IS_BETTER
 from edgeops.operations import Repo
 from edgeops.plan import field_changes
 from edgeops.running_quality import last_landing
@@ -92,7 +93,7 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, list
     p50_old, p50_new = a["latency_ms"]["p50"], b["latency_ms"]["p50"]
     ci_old, ci_new = a["latency_ms"].get("p50_ci95"), b["latency_ms"].get("p50_ci95")
     q_old, q_new = a["quality"], b["quality"]
-    higher_is_better = q_new["metric"] != "max_abs_error"
+    higher_is_better = q_new["metric"] not in LOWER_IS_BETTER
     delta = (q_new["value"] - q_old["value"]) if higher_is_better else (q_old["value"] - q_new["value"])
     worse = []
     apart = not (ci_old and ci_new) or ci_new[0] > ci_old[1]
@@ -104,6 +105,13 @@ def compare_reports(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, list
     if p50_new and ci_old and ci_new and ci_new[0] > 0:
         speed += f", 95% CI {ci_old[0] / ci_new[1]:.2f}–{ci_old[1] / ci_new[0]:.2f}x"
     scale = f"{size:.2f}x larger" if size >= 1 else f"{1 / size:.2f}x smaller"
+    if a.get("generation") and b.get("generation"):  # a decoder: its speed in tokens per second
+        g_old, g_new = a["generation"], b["generation"]
+        return (f"size {a['size_bytes'] / 1000:.1f} → {b['size_bytes'] / 1000:.1f} kB ({scale}); "
+                f"{q_new['metric']} {q_old['value']:.4g} → {q_new['value']:.4g}; perplexity "
+                f"{q_old.get('perplexity', float('nan')):.4g} → {q_new.get('perplexity', float('nan')):.4g}; host "
+                f"{g_old['tokens_per_s']:.0f} → {g_new['tokens_per_s']:.0f} tokens/s, time to first token "
+                f"{g_old['ttft_ms']:.2f} → {g_new['ttft_ms']:.2f} ms (one host measurement each, 1 thread)"), worse
     return (f"size {a['size_bytes'] / 1000:.1f} → {b['size_bytes'] / 1000:.1f} kB ({scale}); "
             f"{q_new['metric']} {q_old['value']:.4g} → {q_new['value']:.4g}; "
             f"host p50 {p50_old:.3f} → {p50_new:.3f} ms "

@@ -8,6 +8,8 @@ mid-switch), nothing new starts.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -183,13 +185,24 @@ def observe_pull(deployment: str, targets: list[TargetDevice], links: PullLinks)
 def desired_devices(desired: Desired) -> list[DesiredDevice]:
     out = []
     slo = desired.deployment.obj.spec.slo
+    genai = _installed_version("onnxruntime-genai")
     for target in desired.targets:
         release = desired.releases[target.key]
+        runtime = next(f.content for f in release.files if f.name == "runtime.json")
+        generation = json.loads(runtime or b"{}").get("generation")
+        needs = target.needs(slo, generation, release.model_bytes if generation else 0, genai)
         out.append(DesiredDevice(target.key, target.fleet.name, target.name, target.profile.name,
                                  target.hardware_class, tuple(sorted(target.device.labels.items())), release.id,
-                                 tuple((f.name, f.sha256, f.size) for f in release.files), target.needs(slo),
+                                 tuple((f.name, f.sha256, f.size) for f in release.files), needs,
                                  slo.model_dump(mode="json")))
     return out
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------ applying

@@ -50,7 +50,7 @@ class SessionOptions(_Strict):
 class Golden(_Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    metric: Literal["accuracy", "top1_agreement", "cosine", "max_abs_error"]
+    metric: Literal["accuracy", "top1_agreement", "cosine", "max_abs_error", "agreement", "perplexity"]
     output: str
 
 
@@ -66,6 +66,27 @@ class Power(_Strict):
     idle_mw: float | None = None
 
 
+class Generation(_Strict):
+    """Text generation: how the device's generation runtime is set up and how the agent measures it."""
+
+    runtime: Literal["onnxruntime", "onnxruntime-genai"]
+    tokenizer: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    prompt_tokens: int = Field(ge=1)
+    decode_tokens: int = Field(ge=1)
+    max_length: int = Field(ge=2)
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    vocab_size: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    kv_dtype: Literal["float32", "float16"]
+    kv_cache_bytes: int = Field(ge=0, description="the KV cache at max_length, batch 1")
+
+
 class RuntimeConfig(_Strict):
     schema_: Literal["edgeops.runtime/v1"] = Field(alias="schema")
     deployment: str
@@ -78,6 +99,7 @@ class RuntimeConfig(_Strict):
     session_config_entries: dict[str, str]
     golden: Golden | None = None
     power: Power
+    generation: Generation | None = None
 
 
 def canonical_json(data: dict[str, Any]) -> str:

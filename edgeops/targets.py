@@ -55,9 +55,14 @@ class TargetDevice:
                                                   "interval_ms": power.interval_ms}, self.name, self.root)
         return sensor
 
-    def needs(self, slo: SLO) -> DeviceNeeds:
-        """What this device must have to run a release whose SLOs are ``slo``."""
+    def needs(self, slo: SLO, generation: dict[str, Any] | None = None, model_bytes: int = 0,
+              genai_version: str | None = None) -> DeviceNeeds:
+        """What this device must have to run a release whose SLOs are ``slo``; a decoder's release also says its
+        rendered ``generation`` section, its model's size and the onnxruntime-genai the controller has."""
         profile = self.profile
+        runtime = profile.obj.spec.generation
+        genai = (runtime.version or genai_version or "unknown") if generation and \
+            runtime.runtime == "onnxruntime-genai" else None
         index = next(i for i, d in enumerate(self.fleet.obj.spec.devices) if d is self.device)  # not ==: O(n)
         root_at = self.fleet.where(("spec", "devices", index, "root")) if self.device.root \
             else profile.where(("spec", "device", "root"))
@@ -71,7 +76,11 @@ class TargetDevice:
             disk_budget_bytes=int(budget * 1e6) if (budget := profile.obj.spec.device.disk_budget_mb) else None,
             disk_budget_at=profile.where(("spec", "device", "disk_budget_mb")),
             signers_sha256=self.signers_sha256, signers_at=self.fleet.where(("spec", "trust", "allowed_signers")),
-            enroll_command=f"edgeops enroll {self.fleet.name}")
+            enroll_command=f"edgeops enroll {self.fleet.name}",
+            genai_version=genai, genai_at=profile.where(("spec", "generation")),
+            memory_bytes=model_bytes + int(generation["kv_cache_bytes"]) if generation else 0,
+            memory_limit_mb=profile.obj.spec.limits.max_memory_mb,
+            memory_at=profile.where(("spec", "limits", "max_memory_mb")))
 
     @property
     def allowed_signers(self) -> Path | None:

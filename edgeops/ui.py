@@ -37,18 +37,24 @@ def build_table(report: dict[str, Any]) -> Table:
     """One row per stage: size, ratios, quality, host latency, what changed."""
     table = Table(title=f"{report['deployment']} for {report['accelerator']} — artifact {report['artifact']['sha256'][:12]}",
                   title_justify="left")
-    for column in ("stage", "size", "zstd", "size ×", "params", "quality", "drop", "p50 ms", "p95 ms", "speed ×"):
+    generative = all(stage.get("generation") for stage in report["stages"])
+    speed = ("perplexity", "tok/s", "TTFT ms") if generative else ("p50 ms", "p95 ms")
+    for column in ("stage", "size", "zstd", "size ×", "params", "quality", "drop", *speed, "speed ×"):
         table.add_column(column, justify="right" if column != "stage" else "left", no_wrap=column == "stage")
     for stage in report["stages"]:
         q = stage["quality"]
         name = stage["step"] + (f" {stage['options'].get('mode') or stage['options'].get('method') or ''}"
                                 if stage["options"] else "")
+        if generative:  # a decoder: host decode speed and time to first token, 1 thread
+            numbers = [f"{q['perplexity']:.4g}", f"{stage['generation']['tokens_per_s']:.0f}",
+                       f"{stage['generation']['ttft_ms']:.2f}"]
+        else:
+            numbers = [_ms(stage["latency_ms"]["p50"]), _ms(stage["latency_ms"]["p95"])]
         table.add_row(
             f"{stage['index']} {name.strip()}", _kb(stage["size_bytes"]), _kb(stage["zstd_bytes"]),
             f"{stage['size_ratio'] or 1:.2f}", str(stage["parameters"]),
             f"{q['metric']} {q['value']:.4g}" + ("" if q["passed"] else " FAIL"),
-            f"{q['drop']:.3g}", _ms(stage["latency_ms"]["p50"]), _ms(stage["latency_ms"]["p95"]),
-            "—" if stage["speedup"] is None else f"{stage['speedup']:.2f}",
+            f"{q['drop']:.3g}", *numbers, "—" if stage["speedup"] is None else f"{stage['speedup']:.2f}",
         )
     return table
 
@@ -171,14 +177,17 @@ def plan_comment(entries: list[PlanEntry]) -> str:
 
 def result_table(result: RolloutResult) -> Table:
     table = Table(title=f"{result.deployment}: {result.outcome} — {result.message}", title_justify="left")
-    for column in ("wave", "device", "decision", "release", "bytes moved", "p95 ms", "reason"):
-        table.add_column(column, justify="right" if column in ("wave", "bytes moved", "p95 ms") else "left")
+    for column in ("wave", "device", "decision", "release", "bytes moved", "p95 ms | tok/s", "reason"):
+        table.add_column(column, justify="right" if column in ("wave", "bytes moved", "p95 ms | tok/s") else "left")
     for d in result.devices:
         latency = (d.measurements or {}).get("latency") or {}
+        generation = (d.measurements or {}).get("generation") or {}
         style = DECISION_STYLE.get(d.decision, "")
+        speed = f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "—"
+        if generation.get("tokens_per_s"):
+            speed = f"{generation['tokens_per_s']:.0f} tok/s, TTFT {generation['ttft_ms']:.1f} ms"
         table.add_row(str(d.wave or "—"), d.key, f"[{style}]{d.decision}[/]", d.release_id or "—",
-                      f"{d.bytes_moved:,}", f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "—",
-                      escape(d.reason))
+                      f"{d.bytes_moved:,}", speed, escape(d.reason))
     return table
 
 
@@ -201,6 +210,8 @@ def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:
     for r in rows:
         p95 = "—" if r.p95_ms is None else f"{r.p95_ms:.3f}"
         slo = "" if r.slo_p95_ms is None else f" ({r.slo_p95_ms:g})"
+        if getattr(r, "tokens_per_s", None):  # a decoder: its speed in its own units
+            p95, slo = f"{r.tokens_per_s:.0f} tok/s", f", TTFT {r.ttft_ms:.1f} ms"
         sync, health = f"[{STATUS_COLORS[r.sync]}]{r.sync}[/]", f"[{STATUS_COLORS[r.health]}]{r.health}[/]"
         if wide:
             p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.3f}"

@@ -124,8 +124,8 @@ def host_golden_value(golden: dict[str, np.ndarray], goal: QualityGoal) -> float
 
 def quality_drop(metric: str, running: float, new: float, relative: bool) -> float:
     """How much lower the new release's quality is than what runs, in the goal's unit (points, percent of what
-    runs, or the error's increase for max_abs_error); negative when it is better."""
+    runs, or the error's increase for max_abs_error, perplexity's increase); negative when it is better."""
     if metric == "max_abs_error":
         return new - running
-    drop = running - new
+    drop = new - running if metric in gate_core.LOWER_IS_BETTER else running - new
     return drop / running * 100 if relative and running else drop

@@ -15,11 +15,17 @@ Writes to examples/generated/tiny_lm/ (git-ignored):
   (seq = 1) are the same graph.
 * ``tokenizer.json`` — the byte-level vocabulary and special tokens;
 * ``evaluation.txt`` — held-out log lines (another seed): perplexity is measured on them;
+* ``calibration.txt`` — more log lines (a third seed): what int8 calibration and smoothing read;
+* ``prompts.txt`` — the golden prompts, one per line (what ``spec.generation.prompts`` names);
 * ``golden.json`` — prompts with the greedy continuations of this fp32 model: a compressed model's
   agreement with them is its quality check;
-* ``report.json`` — training loss, held-out perplexity against a uniform model's (259), parameters.
+* ``report.json`` — training loss, held-out perplexity against a uniform model's (259), parameters;
+* ``weights.npz`` — the trained weights by their PyTorch names: what bench/generative.py converts for the peers
+  (a Hugging Face Llama checkpoint for onnxruntime-genai's builder, GGUF for llama.cpp).
 
-    python examples/make_tiny_lm.py [--steps 600] [--out examples/generated/tiny_lm]
+    python examples/make_tiny_lm.py [--steps 600] [--out examples/generated/tiny_lm] [--size small]
+
+``--size small`` (hidden 64, 2 layers) trains in seconds: what the tests deploy.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ VOCAB = 259
 HIDDEN, LAYERS, HEADS, KV_HEADS, MLP = 256, 4, 4, 2, 683
 HEAD_DIM = HIDDEN // HEADS
 CONTEXT = 128
+SIZES = {"full": (HIDDEN, LAYERS, MLP), "small": (64, 2, 172)}  # hidden, layers, SwiGLU width
 ROPE_BASE = 10000.0
 
 EQUIPMENT = ["pump", "valve", "compressor", "motor", "fan", "conveyor", "boiler", "chiller", "sensor", "filter"]
@@ -271,7 +278,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps of 32 windows of 128 bytes")
     parser.add_argument("--out", type=Path, default=HERE / "generated" / "tiny_lm")
     parser.add_argument("--golden-tokens", type=int, default=48)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full: hidden 256, 4 layers (the example); small: hidden 64, 2 layers (tests)")
     args = parser.parse_args()
+    global HIDDEN, LAYERS, MLP, HEAD_DIM
+    HIDDEN, LAYERS, MLP = SIZES[args.size]
+    HEAD_DIM = HIDDEN // HEADS
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
@@ -281,15 +293,18 @@ def main() -> None:
     ppl = perplexity(model, held_out)
     args.out.mkdir(parents=True, exist_ok=True)
     sha = export(model, args.out / "model.onnx")
+    np.savez(args.out / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
     (args.out / "tokenizer.json").write_text(json.dumps({"kind": "bytes", "vocab_size": VOCAB, "bos": BOS,
                                                          "eos": EOS, "pad": PAD}, indent=2) + "\n")
     (args.out / "evaluation.txt").write_text("\n".join(held_out) + "\n")
+    (args.out / "calibration.txt").write_text("\n".join(corpus(100, seed=4)) + "\n")
+    (args.out / "prompts.txt").write_text("\n".join(GOLDEN_PROMPTS) + "\n")
     golden = [{"prompt": p, "continuation": greedy(model, p, args.golden_tokens)} for p in GOLDEN_PROMPTS]
     (args.out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     report = {"steps": args.steps, "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
               "perplexity": round(ppl, 3), "uniform_perplexity": VOCAB,
               "parameters": sum(p.numel() for p in model.parameters()), "model_sha256": sha,
-              "train_seconds": round(time.monotonic() - started, 1),
+              "train_seconds": round(time.monotonic() - started, 1), "size": args.size,
               "architecture": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS,
                                "mlp": MLP, "context": CONTEXT, "vocab": VOCAB, "rope_base": ROPE_BASE}}
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -133,3 +133,36 @@ def make_mislabelled(src: Path, dst: Path, shift: int = 1) -> Path:
         inits[name].CopyFrom(numpy_helper.from_array(np.roll(array, shift, axis=axis), name))
     onnx.save(model, str(dst))
     return dst
+
+
+def make_slower_decoder(src: Path, dst: Path, width: int, depth: int, seed: int = 0) -> Path:
+    """A decoder (``input_ids`` first, ``logits`` first out) with the same tokens but slower steps: a side branch
+    from the sum of the input ids through ``depth`` dense ``width``-wide layers, times zero, added to the logits."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    output = graph.output[0].name
+    inner = output + "_before_slow_branch"
+    for node in graph.node:
+        node.output[:] = [inner if o == output else o for o in node.output]
+    inits = [numpy_helper.from_array(rng.standard_normal((1, width)).astype(np.float32) * 0.01, "slow_w0"),
+             numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero")]
+    nodes = [helper.make_node("Cast", [graph.input[0].name], ["slow_ids"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["slow_ids"], ["slow_flat"], keepdims=1),
+             helper.make_node("MatMul", ["slow_flat", "slow_w0"], ["slow_h0"])]
+    current = "slow_h0"
+    for layer in range(1, depth):
+        inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.01,
+                                             f"slow_w{layer}"))
+        nodes.append(helper.make_node("MatMul", [current, f"slow_w{layer}"], [f"slow_h{layer}"]))
+        current = f"slow_h{layer}"
+    nodes += [helper.make_node("ReduceSum", [current], ["slow_sum"], keepdims=0),
+              helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
+              helper.make_node("Add", [inner, "slow_nothing"], [output])]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    del graph.value_info[:]
+    onnx.checker.check_model(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst

@@ -40,7 +40,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 mkdir -p /run/sshd   # sshd refuses to start without its privilege-separation directory
 
-extras="${EDGEOPS_EXTRAS:-dev,distill,examples,postgres}"
+extras="${EDGEOPS_EXTRAS:-dev,distill,examples,postgres,generative}"
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv"
   quietly python3 -m venv .venv

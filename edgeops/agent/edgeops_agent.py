@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -354,6 +355,17 @@ class Release:
         self.session.run(None, self.feeds[index % len(self.feeds)])
         return (time.perf_counter_ns() - start) / 1e6
 
+    def run_block(self, count, index):
+        """``count`` timed samples (ms), one per inference."""
+        return [self.run_once(index + i) for i in range(count)]
+
+    def summary(self):
+        """What this kind of release adds to its measurement (nothing for one forward pass)."""
+        return {}
+
+    def golden(self):
+        return golden_check(self)
+
     def facts(self):
         return {"path": self.path, "model_sha256": self.config["model"]["sha256"], "providers": self.providers,
                 "node_placement": self.placement, "cpu_fallback_nodes": len(self.cpu_nodes),
@@ -364,6 +376,18 @@ def metric_value(metric, outputs, reference, labels=None):
     """A copy of edgeops.metrics.metric_value (devices run without edgeops); a test keeps them equal."""
     import numpy as np
 
+    if metric == "agreement":
+        ref = np.asarray(reference, dtype=np.int64)
+        pred = np.asarray(outputs, dtype=np.int64)[:, :ref.shape[1]]
+        valid = ref >= 0
+        if not valid.any():
+            raise AgentError("the golden reference has no tokens")
+        return float((pred[valid] == ref[valid]).mean() * 100)
+    if metric == "perplexity":
+        rows = np.asarray(outputs, dtype=np.float64).reshape(-1, 2)
+        if rows[:, 1].sum() <= 0:
+            raise AgentError("no golden tokens to score")
+        return float(math.exp(rows[:, 0].sum() / rows[:, 1].sum()))
     n = min(len(outputs), len(reference))
     out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
     ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
@@ -400,6 +424,208 @@ def golden_check(release):
     expected = data["expected"].reshape(count, -1).astype(np.float64)
     return {"metric": metric, "value": value, "samples": count,
             "max_abs_deviation_from_build": float(np.max(np.abs(out - expected)))}
+
+
+# ------------------------------------------------------------------ text generation
+
+
+class Decoder:
+    """Greedy decoding with a KV cache over one onnxruntime session in onnxruntime-genai's decoder layout
+    (input_ids, attention_mask, position_ids, past_key_values.N.key/value -> logits, present.N.key/value).
+    The build host scores with this same class (edgeops imports it), so host and device agree by construction."""
+
+    def __init__(self, session, head_dim=None):
+        import numpy as np
+
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
+        self.positions = "position_ids" in inputs  # some exports derive positions from the mask
+        past = sorted((n for n in inputs if n.startswith("past_key_values.")),
+                      key=lambda n: (int(n.split(".")[1]), n.split(".")[2] != "key"))
+        outputs = [o.name for o in session.get_outputs()]
+        if missing or not past or "logits" not in outputs:
+            raise AgentError("not a decoder in onnxruntime-genai's layout (needs input_ids, attention_mask, "
+                             "[position_ids,] past_key_values.N.key/value -> logits, present.N.key/value)",
+                             "not-a-decoder")
+        self.past = past
+        self.present = [n.replace("past_key_values", "present") for n in past]
+        first = inputs[past[0]]
+        self.kv_heads, self.head_dim = first.shape[1], first.shape[3] if isinstance(first.shape[3], int) else head_dim
+        if not isinstance(self.kv_heads, int) or not isinstance(self.head_dim, int):
+            raise AgentError(f"{past[0]} has shape {first.shape}: the key/value heads and head size must be "
+                             "fixed in the model (or the head size given)", "not-a-decoder")
+        self.dtype = np.float16 if "float16" in first.type else np.float32
+        self.layers = len(past) // 2
+        self.outputs = ["logits", *self.present]
+
+    def empty(self):
+        import numpy as np
+
+        return [np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype) for _ in self.past]
+
+    def step(self, tokens, cache, start):
+        """Run ``tokens`` after ``start`` cached positions: (logits [len(tokens), vocab], the new cache)."""
+        import numpy as np
+
+        count = len(tokens)
+        feeds = {"input_ids": np.asarray([tokens], dtype=np.int64),
+                 "attention_mask": np.ones((1, start + count), dtype=np.int64)}
+        if self.positions:
+            feeds["position_ids"] = np.arange(start, start + count, dtype=np.int64)[None, :]
+        feeds.update(zip(self.past, cache))
+        found = self.session.run(self.outputs, feeds)
+        return found[0][0], found[1:]
+
+    def greedy(self, prompt, count, eos=None):
+        """The greedy continuation of ``prompt`` (token ids), up to ``count`` tokens or ``eos``."""
+        logits, cache = self.step(list(prompt), self.empty(), 0)
+        out, position = [], len(prompt)
+        while len(out) < count:
+            token = int(logits[-1].argmax())
+            out.append(token)
+            if token == eos or len(out) == count:
+                break
+            logits, cache = self.step([token], cache, position)
+            position += 1
+        return out
+
+    def score(self, prompt, continuation):
+        """Teacher-forced: (the greedy choice at each place of ``continuation`` given everything before it,
+        the summed negative log-likelihood of ``continuation``, its length), in one pass."""
+        import numpy as np
+
+        tokens = list(prompt) + list(continuation)
+        logits, _ = self.step(tokens[:-1], self.empty(), 0)
+        scored = np.asarray(logits[len(prompt) - 1:], dtype=np.float64)
+        shifted = scored - scored.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        targets = np.asarray(continuation, dtype=np.int64)
+        nll = float(-log_probs[np.arange(len(targets)), targets].sum())
+        return [int(t) for t in scored.argmax(axis=1)], nll, len(targets)
+
+    def timed(self, prompt, count):
+        """(time to first token in ms for ``prompt``, the time of each of the next ``count`` tokens in ms);
+        tokens are chosen greedily and never stop at an end token, so every measurement decodes as many."""
+        start = time.perf_counter_ns()
+        logits, cache = self.step(list(prompt), self.empty(), 0)
+        token = int(logits[-1].argmax())
+        ttft = (time.perf_counter_ns() - start) / 1e6
+        samples, position = [], len(prompt)
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            logits, cache = self.step([token], cache, position)
+            token = int(logits[-1].argmax())
+            samples.append((time.perf_counter_ns() - start) / 1e6)
+            position += 1
+        return ttft, samples
+
+
+class GenaiDecoder:
+    """Timing through onnxruntime-genai, the generation runtime the device's application uses, from the
+    release's genai_config.json (the providers and threads rendered for this device)."""
+
+    def __init__(self, release_path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise AgentError(f"this release is measured with onnxruntime-genai, which this device lacks ({exc})",
+                             "runtime-unavailable")
+        self.og = og
+        try:
+            self.model = og.Model(release_path)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime-genai raises its own types
+            raise AgentError(f"onnxruntime-genai cannot load {release_path}: {str(exc).splitlines()[0][:300]}",
+                             "session-failed")
+        self.version = getattr(og, "__version__", "unknown")
+
+    def timed(self, prompt, count):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + count + 1, min_length=len(prompt) + count + 1,
+                                  do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        start = time.perf_counter_ns()
+        generator.append_tokens(list(prompt))
+        generator.generate_next_token()
+        generator.get_next_tokens()
+        ttft = (time.perf_counter_ns() - start) / 1e6
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            samples.append((time.perf_counter_ns() - start) / 1e6)
+        return ttft, samples
+
+
+def _padded_rows(array):
+    """Rows of a -1-padded integer array as lists of tokens."""
+    return [[int(t) for t in row if t >= 0] for row in array]
+
+
+class GenerativeRelease(Release):
+    """A decoder release: a sample is one decoded token; each block starts a generation with a fresh prompt
+    (its time to first token kept aside) and decodes ``block`` tokens."""
+
+    def __init__(self, path):
+        import numpy as np
+
+        self.path = os.path.abspath(path)
+        self.config = _load_config(self.path)
+        self.generation = self.config["generation"]
+        before = _rss_mb()
+        self.session = open_session(self.path, self.config)
+        self.decoder = Decoder(self.session, self.generation.get("head_dim"))
+        self.golden_data = np.load(os.path.join(self.path, self.config["golden"]["file"]))
+        stream = [t for row in _padded_rows(self.golden_data["prompts"]) for t in row]
+        wanted = int(self.generation["prompt_tokens"])
+        self.prompt = (stream * (wanted // max(1, len(stream)) + 1))[:wanted]
+        self.timer = self.decoder
+        self.runtime = "onnxruntime " + _module_fact("onnxruntime")[0]
+        if self.generation.get("runtime") == "onnxruntime-genai":
+            self.timer = GenaiDecoder(self.path)
+            self.runtime = "onnxruntime-genai " + self.timer.version
+        self.timer.timed(self.prompt, 2)
+        self.load_rss_mb = _rss_mb() - before
+        self.providers = self.session.get_providers()
+        self.placement, self.cpu_nodes = ({}, [])
+        self.ttft_ms = []
+
+    def run_once(self, index):
+        ttft, samples = self.timer.timed(self.prompt, 1)
+        return ttft + samples[0]
+
+    def run_block(self, count, index):
+        ttft, samples = self.timer.timed(self.prompt, count)
+        self.ttft_ms.append(ttft)
+        return samples
+
+    def summary(self):
+        return {"generation": {"runtime": self.runtime, "prompt_tokens": len(self.prompt),
+                               "ttft": summarize(self.ttft_ms, sum(self.ttft_ms) / 1000.0),
+                               "ttft_samples_ms": [round(v, 4) for v in self.ttft_ms]}}
+
+    def golden(self):
+        """Teacher-forced agreement with the original model's greedy tokens on the golden prompts, and the
+        perplexity of the golden texts: both, whichever the goal names."""
+        data, metric = self.golden_data, self.config["golden"]["metric"]
+        prompts, reference = _padded_rows(data["prompts"]), data["reference"]
+        rows = []
+        for prompt, continuation in zip(prompts, _padded_rows(reference)):
+            tokens, _, _ = self.decoder.score(prompt, continuation)
+            rows.append(tokens + [-1] * (reference.shape[1] - len(tokens)))
+        nll = [list(self.decoder.score(text[:1], text[1:])[1:]) for text in _padded_rows(data["texts"])]
+        agreement = metric_value("agreement", rows, reference)
+        ppl = metric_value("perplexity", nll, None)
+        values = {"agreement": agreement, "perplexity": ppl}
+        return {"metric": metric, "value": values[metric], "samples": int((reference >= 0).sum()),
+                "agreement": round(agreement, 4), "perplexity": round(ppl, 6)}
+
+
+def load_release(path):
+    """The release at ``path``, loaded as the kind its runtime config says."""
+    config = _load_config(os.path.abspath(path))
+    return GenerativeRelease(path) if config.get("generation") else Release(path)
 
 
 def _energy_summary(meter, energy_mj, wall_s, runs, blocks=()):
@@ -506,8 +732,8 @@ def _bench_child(args):
 
 
 def bench_here(args):
-    a = Release(args.release)
-    b = Release(args.compare) if args.compare else None
+    a = load_release(args.release)
+    b = load_release(args.compare) if args.compare else None
     meter = EnergyMeter(a.config.get("power"))
     power_error = None
     try:
@@ -524,6 +750,8 @@ def bench_here(args):
     busy = {"a": 0.0, "b": 0.0}
     deadline = time.perf_counter() + args.duration if args.duration else None
     block, turn, index = max(1, args.block), 0, 0
+    if isinstance(a, GenerativeRelease):
+        block = int(a.generation["decode_tokens"])  # a block is one generation: a prompt, then its tokens
 
     def done():
         if deadline is not None:
@@ -535,9 +763,8 @@ def bench_here(args):
         for side in (order if b else ("a",)):
             release = a if side == "a" else b
             e0, t0 = meter.energy_mj(), time.perf_counter()
-            for _ in range(block):
-                samples[side].append(release.run_once(index))
-                index += 1
+            samples[side].extend(release.run_block(block, index))
+            index += block
             t1, e1 = time.perf_counter(), meter.energy_mj()
             busy[side] += t1 - t0
             if e0 is not None and e1 is not None:
@@ -548,17 +775,19 @@ def bench_here(args):
     has_energy = meter.source != "none"
     result = {"mode": "compare" if b else "bench", "warmup": args.warmup, "block": block,
               "peak_rss_mb": round(_rss_mb(), 2),
-              "a": {**a.facts(), "latency": summarize(samples["a"], busy["a"]), "samples_ms": samples["a"],
+              "a": {**a.facts(), **a.summary(), "latency": summarize(samples["a"], busy["a"]),
+                    "samples_ms": samples["a"],
                     "power": power_error or _energy_summary(meter, energy["a"] if has_energy else None,
                                                             busy["a"], len(samples["a"]), block_energy["a"])}}
     if b:
-        result["b"] = {**b.facts(), "latency": summarize(samples["b"], busy["b"]), "samples_ms": samples["b"],
+        result["b"] = {**b.facts(), **b.summary(), "latency": summarize(samples["b"], busy["b"]),
+                       "samples_ms": samples["b"],
                        "power": power_error or _energy_summary(meter, energy["b"] if has_energy else None,
                                                                busy["b"], len(samples["b"]), block_energy["b"])}
     if args.golden:
-        result["a"]["golden"] = golden_check(a)
+        result["a"]["golden"] = a.golden()
         if b:
-            result["b"]["golden"] = golden_check(b)
+            result["b"]["golden"] = b.golden()
     return result
 
 
@@ -597,7 +826,7 @@ def _runtime_fingerprint():
     import importlib.util
 
     parts = [sys.executable, platform.python_version()]
-    for name in ("numpy", "onnxruntime"):
+    for name in ("numpy", "onnxruntime", "onnxruntime_genai"):
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
@@ -643,6 +872,16 @@ def _runtime_facts(root, keep=False):
             found["onnxruntime"]["available_providers"] = list(onnxruntime.get_available_providers())
         except Exception as exc:  # noqa: BLE001
             found["onnxruntime"]["error"] = f"get_available_providers failed: {exc}"
+    found["onnxruntime_genai"] = {"version": None, "error": None}  # optional: only generation profiles need it
+    try:
+        import importlib.util
+
+        installed = importlib.util.find_spec("onnxruntime_genai") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if installed:
+        version, error = _module_fact("onnxruntime_genai")
+        found["onnxruntime_genai"] = {"version": version, "error": None, "broken": error}
     if keep and os.path.isdir(os.path.dirname(cache)) and not any(f["error"] for f in found.values()):
         try:
             temporary = f"{cache}.{os.getpid()}.tmp"

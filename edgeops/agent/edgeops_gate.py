@@ -37,6 +37,7 @@ PASSED, FAILED, INCONCLUSIVE = "Passed", "Failed", "Inconclusive"
 BOOTSTRAP_ROUNDS = 2000
 MAX_KEPT_SAMPLES = 2000  # per side: what a verdict keeps of a measurement for reports (evenly thinned)
 CLASSIFICATION = ("accuracy", "top1_agreement")
+LOWER_IS_BETTER = ("max_abs_error", "perplexity")
 
 
 def spec_from_json(document: Dict[str, Any]) -> Any:
@@ -124,7 +125,7 @@ def quality_check(goal: Any, device_value: float, host_value: float, samples: in
         ok = device_value <= goal.max_drop
         return check("golden", PASSED if ok else FAILED,
                      f"golden max abs error {device_value:.4g} (allowed {goal.max_drop:g})")
-    drop = host_value - device_value
+    drop = device_value - host_value if goal.metric in LOWER_IS_BETTER else host_value - device_value
     one = one_sample_points(goal.metric, samples)
     if goal.drop == "relative" and host_value:
         drop, one = drop / host_value * 100, one / host_value * 100
@@ -173,11 +174,18 @@ def decide(result: Dict[str, Any], gate: Any, host_golden: Optional[float], seed
                             f"peak RSS {peak:.1f} MB (device limit {gate.memory_limit_mb:g} MB)"))
     if a.get("golden") and host_golden is not None:
         checks.append(quality_check(goal, a["golden"]["value"], host_golden, int(a["golden"].get("samples") or 0)))
-    if b is not None:
+    generation = a.get("generation")
+    if generation:
+        block = result.get("block", block)  # one generation per block
+        checks += _generation_slos(slo, a)
+    if b is not None and generation and b.get("generation"):
+        checks += _generation_regressions(a, b, block, regression, seed)
+    elif b is not None:
         for statistic, tolerance in (("p50", regression.latency_p50_pct), ("p95", regression.latency_p95_pct)):
             point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, regression.confidence,
                                               statistic, seed)
             checks.append(_regression(f"{statistic} latency", point, low, high, tolerance, regression.confidence))
+    if b is not None:
         energy = _energy_regression(power, b.get("power") or {}, regression, seed)
         if energy is not None:
             checks.append(energy)
@@ -187,10 +195,63 @@ def decide(result: Dict[str, Any], gate: Any, host_golden: Optional[float], seed
                     "peak_rss_mb": result.get("peak_rss_mb"), "providers": a.get("providers"),
                     "previous_latency": b["latency"] if b else None,
                     "where": "device (agent), single stream, batch 1",
+                    **(_generation_measurements(a, b) if generation else {}),
                     "checks": checks,
                     "samples_ms": {"new": kept_samples(a.get("samples_ms") or []),
                                    **({"previous": kept_samples(b.get("samples_ms") or [])} if b else {})}}
     return {"outcome": outcome, "checks": checks, "measurements": measurements, "reason": reason(outcome, checks)}
+
+
+def tokens_per_s(side: Dict[str, Any]) -> Optional[float]:
+    """Median decode speed of one side of a measurement (a sample is one decoded token's time)."""
+    p50 = (side.get("latency") or {}).get("p50_ms")
+    return 1000.0 / p50 if p50 else None
+
+
+def _generation_slos(slo: Any, a: Dict[str, Any]) -> List[Dict[str, Any]]:
+    checks = []
+    ttft = a["generation"]["ttft"]["p50_ms"]
+    if getattr(slo, "ttft_ms", None) is not None and ttft is not None:
+        checks.append(check("ttft-slo", PASSED if ttft <= slo.ttft_ms else FAILED,
+                            f"time to first token {ttft:.2f} ms for {a['generation']['prompt_tokens']} prompt tokens "
+                            f"(SLO {slo.ttft_ms:g} ms)"))
+    speed = tokens_per_s(a)
+    if getattr(slo, "tokens_per_s", None) is not None and speed is not None:
+        checks.append(check("tokens-per-s-slo", PASSED if speed >= slo.tokens_per_s else FAILED,
+                            f"decode {speed:.1f} tokens/s (SLO at least {slo.tokens_per_s:g})"))
+    return checks
+
+
+def _generation_regressions(a: Dict[str, Any], b: Dict[str, Any], block: int, regression: Any,
+                            seed: str) -> List[Dict[str, Any]]:
+    """Decode speed (time per token, whole generations resampled together) and time to first token (one
+    sample per generation, paired with the previous release's generation that ran beside it)."""
+    confidence = regression.confidence
+    point, low, high = ratio_interval(a["samples_ms"], b["samples_ms"], block, confidence, "p50", seed)
+    limit_pct = (1 / (1 - regression.tokens_per_s_pct / 100) - 1) * 100  # time per token, as tokens/s allows
+    speed = _regression("decode time per token", point, low, high, limit_pct, confidence)
+    speed["name"] = "tokens-per-s-regression"
+    speed["detail"] = (f"decode tokens/s new/previous = {1 / point:.3f} ({confidence:.0%} CI {1 / high:.3f}–"
+                       f"{1 / low:.3f}; limit {1 - regression.tokens_per_s_pct / 100:.2f})"
+                       + (": the interval straddles the limit" if speed["outcome"] == INCONCLUSIVE else ""))
+    checks = [speed]
+    new_ttft, old_ttft = a["generation"].get("ttft_samples_ms") or [], b["generation"].get("ttft_samples_ms") or []
+    if min(len(new_ttft), len(old_ttft)) >= 2:
+        point, low, high = ratio_interval(new_ttft, old_ttft, 1, confidence, "p50", f"ttft:{seed}")
+        found = _regression("time to first token", point, low, high, regression.ttft_pct, confidence)
+        found["name"] = "ttft-regression"
+        checks.append(found)
+    return checks
+
+
+def _generation_measurements(a: Dict[str, Any], b: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    def of(side: Dict[str, Any]) -> Dict[str, Any]:
+        found = side["generation"]
+        return {"runtime": found.get("runtime"), "prompt_tokens": found.get("prompt_tokens"),
+                "ttft_ms": found["ttft"]["p50_ms"], "tokens_per_s": tokens_per_s(side),
+                "decode_ms_per_token": side["latency"]["p50_ms"]}
+
+    return {"generation": of(a), **({"previous_generation": of(b)} if b and b.get("generation") else {})}
 
 
 def _energy_regression(new: Dict[str, Any], old: Dict[str, Any], regression: Any,
@@ -306,4 +367,7 @@ def _pool(earlier: Optional[Dict[str, Any]], latest: Dict[str, Any]) -> Dict[str
     for side in ("a", "b"):
         if side in latest and side in earlier:
             merged[side] = {**latest[side], "samples_ms": earlier[side]["samples_ms"] + latest[side]["samples_ms"]}
+            if "generation" in latest[side] and "generation" in earlier[side]:
+                ttft = earlier[side]["generation"]["ttft_samples_ms"] + latest[side]["generation"]["ttft_samples_ms"]
+                merged[side]["generation"] = {**latest[side]["generation"], "ttft_samples_ms": ttft}
     return merged

@@ -16,7 +16,7 @@ import zstandard
 
 from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
-from edgeops.metrics import embedding_fidelity, metric_value
+from edgeops.metrics import LOWER_IS_BETTER, PERCENT_POINTS, embedding_fidelity, metric_value
 
 LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 200, 0.75
 ZSTD_LEVEL = 9  # level 19 compressed these float models no smaller and took 18 s for 55 MB
@@ -33,7 +33,7 @@ class Quality:
     extra: dict[str, float] = field(default_factory=dict)  # cosine: cosine_min, neighbour_agreement
 
     def describe(self) -> str:
-        unit = "%" if self.metric in ("accuracy", "top1_agreement") else ""
+        unit = "%" if self.metric in PERCENT_POINTS else ""
         return f"{self.metric} {self.value:.4g}{unit}"
 
 
@@ -48,6 +48,7 @@ class Measurement:
     latency_p95_ms: float
     notes: list[str] = field(default_factory=list)
     latency_p50_ci_ms: tuple[float, float] = (float("nan"), float("nan"))
+    generation: dict[str, Any] = field(default_factory=dict)  # text-generation: host tokens/s, time to first token
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +95,7 @@ def quality(goal: QualityGoal, outputs: np.ndarray, reference: np.ndarray, label
     if goal.metric == "max_abs_error":
         return Quality(goal.metric, value, 0.0, value, value <= goal.max_drop)
     base = value if baseline is None else baseline
-    drop = base - value
+    drop = value - base if goal.metric in LOWER_IS_BETTER else base - value
     if goal.drop == "relative":
         drop = drop / base * 100 if base else 0.0
     return Quality(goal.metric, value, base, drop, drop <= goal.max_drop + 1e-9, extra)
@@ -233,6 +234,14 @@ class Evaluator:
         """``measurement`` (taken with ``latency=False``) with the host latency of ``path`` added."""
         p50, p95, interval = host_latency(path, self.data)
         return replace(measurement, latency_p50_ms=p50, latency_p95_ms=p95, latency_p50_ci_ms=interval)
+
+    def quick_p50_ms(self, path: Path) -> float:
+        """A quick host p50 (ms): enough to tell a candidate that cannot win."""
+        return host_latency(path, self.data, budget_s=0.3, min_runs=5, max_runs=50)[0]
+
+    def side_by_side_p50(self, first: Path, second: Path) -> tuple[float, float]:
+        """The p50s (ms) of two models timed in alternating blocks: a close call decided on an A/B."""
+        return interleaved_p50(first, second, self.data.inputs, blocks=8, block_s=0.1)
 
     def measure(self, path: Path, notes: list[str] | None = None, latency: bool = True,
                 outputs: np.ndarray | None = None, known: Quality | None = None) -> Measurement:

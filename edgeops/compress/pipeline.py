@@ -18,7 +18,7 @@ from edgeops.compress.request import BuildRequest
 from edgeops.compress.steps import Step
 from edgeops.errors import BuildError, InputError
 from edgeops.manifest.models import QualityGoal, RecipeStep
-from edgeops.metrics import golden_size, one_sample_points
+from edgeops.metrics import PERCENT_POINTS, golden_size, one_sample_points
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -39,6 +39,9 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
             extra_files[f"recipe[{index}].student"] = file_sha256(request.source.resolve(step.distill.student.onnx))
     if any(step.kind == "distill" for step in recipe):
         extra_files["training"] = file_sha256(request.data_path("training"))
+    if request.generation is not None:
+        extra_files["tokenizer"] = file_sha256(request.source.resolve(request.generation.tokenizer))
+        extra_files["prompts"] = file_sha256(request.source.resolve(request.generation.prompts))
     model_path = request.model_path
     _check_onnx_file(request, model_path)
     versions = {"edgeops": __version__, "report": REPORT_SCHEMA, "onnx": importlib.metadata.version("onnx"),
@@ -56,6 +59,7 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
         "quality": request.quality.model_dump(mode="json"),
         "golden_samples": request.data.golden_samples,
         "accelerator": request.accelerator,
+        **({"generation": request.generation.model_dump(mode="json")} if request.generation else {}),
         "versions": versions,
     }
 
@@ -107,6 +111,8 @@ def _load_model_checked(request: BuildRequest, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for corrupt files
         raise request.source.error(("spec", "model", "path"), f"{request.model.path} is not a valid ONNX model "
                                                               f"({str(exc).splitlines()[0][:120]})") from None
+    if request.generative:
+        return  # a decoder's inputs are its layout, checked when it is first run
     declared = [t.name for t in request.model.inputs]
     actual = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if declared != actual:
@@ -126,9 +132,18 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
     source = work / "00-original.onnx"
     shutil.copyfile(request.model_path, source)
     _load_model_checked(request, source)
-    calibration = load_dataset(request, "calibration")
-    evaluation = load_dataset(request, "evaluation")
-    evaluator = Evaluator(goal, evaluation)
+    if request.generative:
+        from edgeops.generative.evaluate import GenerativeEvaluator, prefill_windows
+        from edgeops.generative.text import load_corpus
+
+        assert request.generation is not None
+        corpus = load_corpus(request)
+        calibration = prefill_windows(corpus.calibration, source)
+        evaluator: Any = GenerativeEvaluator(goal, corpus, request.generation, prefill_windows(corpus.texts, source))
+    else:
+        calibration = load_dataset(request, "calibration")
+        evaluation = load_dataset(request, "evaluation")
+        evaluator = Evaluator(goal, evaluation)
     recipe = request.recipe
     steps = [step_for(request, index) for index in range(len(recipe))]
     first = StepContext(work, request, calibration, evaluator, source, progress, 1)
@@ -171,16 +186,38 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
                         f"{original.latency_p50_ms:.3f} ms (host CPU, 1 thread; devices measure for themselves)")
     progress("writing the golden set")
     golden = work / "golden.npz"
-    count = request.data.golden_samples or golden_size(goal.metric, goal.max_drop, goal.drop == "relative",
-                                                       original.quality.value, evaluation.count)
-    sample = evaluation.take(count)
-    sess = session(current, threads=0)
-    expected = run_all(sess, sample)[output_index(sess, goal)]
-    arrays = {f"in.{k}": v for k, v in sample.inputs.items()}
-    arrays.update(reference=evaluator.reference[:sample.count], expected=expected)
-    if sample.labels is not None:
-        arrays["labels"] = sample.labels
-    np.savez(golden, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+    files = {"model.onnx": current, "golden.npz": golden}
+    extra_artifact: dict[str, Any] = {}
+    if request.generative:
+        from edgeops.generative.evaluate import layout
+
+        assert request.generation is not None
+        arrays = evaluator.golden_arrays(current)
+        tokens = int((arrays["reference"] >= 0).sum())
+        golden_report = {"samples": len(arrays["prompts"]), "tokens": tokens, "texts": len(arrays["texts"]),
+                         "one_sample_points": round(100 / tokens, 4) if tokens else 0.0,
+                         "chosen": "every golden prompt of spec.generation.prompts, every evaluation text"}
+        quality_output = "logits"
+        tokenizer = request.source.resolve(request.generation.tokenizer)
+        files["tokenizer.json"] = tokenizer
+        t = evaluator.corpus.tokenizer
+        extra_artifact["generation"] = {**layout(current), "bos": t.bos, "eos": t.eos, "pad": t.pad,
+                                        "tokenizer_sha256": file_sha256(tokenizer)}
+    else:
+        count = request.data.golden_samples or golden_size(goal.metric, goal.max_drop, goal.drop == "relative",
+                                                           original.quality.value, evaluation.count)
+        sample = evaluation.take(count)
+        sess = session(current, threads=0)
+        expected = run_all(sess, sample)[output_index(sess, goal)]
+        arrays = {f"in.{k}": v for k, v in sample.inputs.items()}
+        arrays.update(reference=evaluator.reference[:sample.count], expected=expected)
+        if sample.labels is not None:
+            arrays["labels"] = sample.labels
+        golden_report = {"samples": sample.count, "one_sample_points": one_sample_points(goal.metric, sample.count),
+                         "chosen": "spec.data.golden_samples" if request.data.golden_samples else
+                         "sized from quality.max_drop: one differing sample is at most half of it"}
+        quality_output = _output_name(sess, goal)
+    np.savez(golden, **arrays)
     model_bytes = current.read_bytes()
     report = {
         "schema": REPORT_SCHEMA,
@@ -189,15 +226,13 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
         "key": key,
         "inputs": inputs,
         "artifact": {"sha256": hashlib.sha256(model_bytes).hexdigest(), "size_bytes": len(model_bytes),
-                     "golden_sha256": file_sha256(golden), "quality_output": _output_name(sess, goal)},
+                     "golden_sha256": file_sha256(golden), "quality_output": quality_output, **extra_artifact},
         "stages": stages,
-        "golden": {"samples": sample.count, "one_sample_points": one_sample_points(goal.metric, sample.count),
-                   "chosen": "spec.data.golden_samples" if request.data.golden_samples else
-                   "sized from quality.max_drop: one differing sample is at most half of it"},
+        "golden": golden_report,
         "warnings": warnings,
         "passed": True,
     }
-    return report, {"model.onnx": current, "golden.npz": golden}
+    return report, files
 
 
 def _output_name(sess: InferenceSession, goal: QualityGoal) -> str:
@@ -242,6 +277,7 @@ def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, origi
         "size_ratio": ratio(original.size_bytes, m.size_bytes),
         "zstd_ratio": ratio(original.zstd_bytes, m.zstd_bytes),
         "speedup": ratio(original.latency_p50_ms, m.latency_p50_ms),
+        **({"generation": m.generation} if m.generation else {}),
     }
 
 
@@ -251,8 +287,11 @@ def _gate_message(where: str, index: int, step: RecipeStep, q: Quality, goal: Qu
     allowed = goal.max_drop
     if q.metric == "max_abs_error":
         detail = f"max abs error {q.value:.4g} > {allowed:g} allowed"
+    elif q.drop <= allowed + 1e-9 and "perplexity_increase_pct" in q.extra:
+        detail = (f"perplexity {q.extra['perplexity']:.4g} is {q.extra['perplexity_increase_pct']:.3g}% above the "
+                  "original's (more than spec.generation.max_perplexity_increase_pct)")
     else:
-        unit = " points" if q.metric in ("accuracy", "top1_agreement") else ""
+        unit = " points" if q.metric in PERCENT_POINTS else ""
         unit = "%" if goal.drop == "relative" else unit
         detail = f"{q.metric} {q.value:.4g} vs {q.baseline:.4g} for the original (drop {q.drop:.3g}{unit} > {allowed:g} allowed)"
     return f"{where}: recipe step {index} ({step.kind} {mode}) {verdict}: {detail}"

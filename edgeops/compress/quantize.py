@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from edgeops.compress.data import Dataset
-from edgeops.compress.evaluate import host_latency, interleaved_p50, probe_session, run_all
+from edgeops.compress.evaluate import probe_session, run_all
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
@@ -379,7 +379,6 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
         count *= 2
 
 
-QUICK_TIMING_S = 0.3
 SEARCH_CALIBRATION = 32  # static candidates are calibrated on this many samples; the chosen one on all of them
 CANNOT_WIN = 1.25    # a candidate this much slower than a passing one (quick timing) is not evaluated further
 SAME_SPEED = 1.05    # candidates within this of the fastest count as equally fast: the higher fidelity wins
@@ -461,7 +460,7 @@ class Search:
         best = self.fastest_passing_ms()
         if best is None or self.ctx.accelerator == "gpu":
             return None
-        quick, _, _ = host_latency(path, self.ctx.evaluator.data, budget_s=QUICK_TIMING_S, min_runs=5, max_runs=50)
+        quick = self.ctx.evaluator.quick_p50_ms(path)
         if quick <= best * CANNOT_WIN:
             return None
         return Candidate(label, None, skipped=f"cannot win: quick timing p50 {quick:.3f} ms against {best:.3f} ms "
@@ -516,6 +515,20 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
 
 
+def weight_only_variants(search: Search, options: QuantizeOptions) -> None:
+    """The weight-only options worth trying once int4 weights won (decoders: always): float activations (int8
+    ones cost a decoder agreement here), bigger blocks (smaller, faster, coarser), the
+    embedding table in int4 too (decoders: often the largest tensor), and int8 weights (closer to the original)."""
+    if options.accuracy_level == 4:
+        search.attempt("weight_only fp32-compute", "weight_only", options.model_copy(update={"accuracy_level": 1}))
+    if options.block_size != 128:
+        search.attempt("weight_only block128", "weight_only", options.model_copy(update={"block_size": 128}))
+    if options.bits == 4 and not options.embeddings:
+        search.attempt("weight_only embeddings", "weight_only", options.model_copy(update={"embeddings": True}))
+    if options.bits == 4:
+        search.attempt("weight_only int8", "weight_only", options.model_copy(update={"bits": 8, "embeddings": False}))
+
+
 def family(label: str) -> str:
     return label.split(" ")[0]
 
@@ -525,6 +538,8 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     or every int8 family when none did); keep the fastest that meets the goal, the original unless it is
     ``min_speedup`` faster."""
     modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
+    if ctx.request.generative:  # a decoder's activations change with each position: no static calibration
+        modes = [m for m in modes if m != "static"] or ["weight_only"]
     search = Search(src, ctx)
     if "weight_only" in modes and not search.matmul_weights:
         modes.remove("weight_only")
@@ -538,6 +553,8 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
                 search.attempt(label, "static", variant)
         if "dynamic" in families:
             dynamic_variants(search, options)
+        if "weight_only" in families or (ctx.request.generative and "weight_only" in modes):
+            weight_only_variants(search, options)
         int8 = [c for c in search.candidates if family(c.mode) in ("static", "dynamic") and c.measurement
                 and search.found[c.mode][2].quant_format == "qdq"]  # mixed precision reads Q/DQ pairs
         if not search.passing() and int8:
@@ -557,8 +574,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         if needed / CLOSE_CALL <= speedup <= needed * CLOSE_CALL:
             # two measurements taken seconds apart on a shared host: decide a close call on an A/B instead
             ctx.progress(f"quantize auto: timing the input and {best.mode} side by side")
-            input_ms, best_ms = interleaved_p50(src, search.found[best.mode][0], ctx.evaluator.data.inputs,
-                                                blocks=8, block_s=0.1)
+            input_ms, best_ms = ctx.evaluator.side_by_side_p50(src, search.found[best.mode][0])
             speedup, how = input_ms / best_ms, "p50 timed side by side, host CPU, 1 thread"
         if speedup < needed:
             kept = Candidate("keep", ctx.before, chosen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edgeops.errors import InputError, Problem
-from edgeops.manifest.models import DataSpec, ModelSource, QualityGoal, RecipeStep
+from edgeops.manifest.models import DataSpec, GenerationSpec, ModelSource, QualityGoal, RecipeStep
 from edgeops.manifest.yamlload import Loc
 
 if TYPE_CHECKING:
@@ -46,13 +46,18 @@ class BuildRequest:
     quality: QualityGoal
     source: Source
     recipe_loc: Loc            # where ``recipe`` is written, for located errors
+    generation: GenerationSpec | None = None   # text-generation: how the decoder is measured
 
     @classmethod
     def of(cls, doc: Document[Deployment], accelerator: str) -> BuildRequest:
         spec = doc.obj.spec
         recipe_loc: Loc = ("spec", "recipe_for", accelerator) if accelerator in spec.recipe_for else ("spec", "recipe")
         return cls(doc.name, accelerator, spec.model, spec.data, tuple(spec.recipe_for_accelerator(accelerator)),
-                   spec.quality, doc, recipe_loc)
+                   spec.quality, doc, recipe_loc, spec.generation)
+
+    @property
+    def generative(self) -> bool:
+        return self.model.task == "text-generation"
 
     @property
     def slot(self) -> str:

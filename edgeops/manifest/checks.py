@@ -146,8 +146,12 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
     actual = {"inputs": {v.name: v for v in graph.input if v.name not in initializers},
               "outputs": {v.name: v for v in graph.output}}
     problems: list[Problem] = []
+    if spec.model.task == "text-generation":
+        problems += _decoder_layout(dep, set(actual["inputs"]), set(actual["outputs"]))
     for side in ("inputs", "outputs"):
         declared = getattr(spec.model, side)
+        if not declared and spec.model.task == "text-generation":
+            continue
         names = list(actual[side])
         for index, tensor in enumerate(declared):
             loc = ("spec", "model", side, index)
@@ -191,6 +195,28 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
                     problems.append(dep.problem((*recipe_loc, index, "quantize", "op_types", position),
                                                 f"the model has no {op} nodes" + _did_you_mean(op, op_types)))
     return problems
+
+
+DECODER_INPUTS = ("input_ids", "attention_mask")  # position_ids too, unless the model derives them from the mask
+
+
+def _decoder_layout(dep: Document[Deployment], inputs: set[str], outputs: set[str]) -> list[Problem]:
+    """A text-generation model is one decoder step with a KV cache, named as onnxruntime-genai names it."""
+    missing = [n for n in DECODER_INPUTS if n not in inputs]
+    past = sorted(n for n in inputs if n.startswith("past_key_values."))
+    present = {n.replace("past_key_values", "present") for n in past}
+    if not past:
+        missing.append("past_key_values.N.key/value")
+    missing += [f"output {n}" for n in ["logits", *sorted(present)] if n not in outputs]
+    if not missing:
+        return []
+    return [dep.problem(("spec", "model", "path"), f"{spec_path(dep)} is not a decoder step in onnxruntime-genai's "
+                        f"layout: it lacks {', '.join(missing)} (input_ids, attention_mask, [position_ids,] "
+                        "past_key_values.N.key/value -> logits, present.N.key/value)")]
+
+
+def spec_path(dep: Document[Deployment]) -> str:
+    return dep.obj.spec.model.path
 
 
 def closure(ws: Workspace, files: list[Path]) -> set[str]:

@@ -83,15 +83,57 @@ class ModelSource(Strict):
     path: str = Field(description="ONNX file, relative to the manifest")
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         default=None, description="pin the exact model bytes; validation fails on a mismatch")
-    inputs: list[TensorSpec] = Field(min_length=1)
-    outputs: list[TensorSpec] = Field(min_length=1)
+    task: Literal["predict", "text-generation"] = Field(
+        default="predict", description="predict: one forward pass per request (classifiers, encoders); "
+                                       "text-generation: a decoder step with a KV cache in onnxruntime-genai's "
+                                       "layout (input_ids, attention_mask, position_ids, past_key_values.N.key/value "
+                                       "-> logits, present.N.key/value), measured in time to first token and "
+                                       "tokens per second")
+    inputs: list[TensorSpec] = Field(default=[], description="required for predict; text-generation reads the "
+                                                             "decoder's inputs from the model")
+    outputs: list[TensorSpec] = Field(default=[], description="required for predict")
+
+    @model_validator(mode="after")
+    def _io_declared(self) -> "ModelSource":
+        if self.task == "predict" and (not self.inputs or not self.outputs):
+            raise ValueError("declare the model's inputs and outputs (at least one each)")
+        return self
+
+
+class GenerationSpec(Strict):
+    """How a text-generation deployment is measured: on the build host and on every device."""
+
+    tokenizer: str = Field(description="the tokenizer file shipped with the release (relative to the manifest); "
+                                       "a byte-level one is {kind: bytes, vocab_size, bos, eos, pad}")
+    prompts: str = Field(description="golden prompts, one per line (relative): the fp32 model's greedy "
+                                     "continuations of them are what agreement compares")
+    prompt_tokens: Annotated[int, Field(ge=1, le=8192)] = Field(
+        default=64, description="the prompt length time to first token is measured with")
+    decode_tokens: Annotated[int, Field(ge=4, le=4096)] = Field(
+        default=32, description="tokens decoded per measured generation (tokens/s is over these)")
+    golden_tokens: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=32, description="greedy tokens per golden prompt that agreement compares")
+    max_length: Annotated[int, Field(ge=8, le=131072)] = Field(
+        default=256, description="the longest sequence (prompt + generated) devices serve: sizes the KV cache")
+    max_perplexity_increase_pct: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="besides quality: a stage whose perplexity on the evaluation text is this much "
+                                  "(percent) above the original's fails the build")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "GenerationSpec":
+        if self.prompt_tokens + self.decode_tokens > self.max_length:
+            raise ValueError(f"prompt_tokens + decode_tokens ({self.prompt_tokens + self.decode_tokens}) exceed "
+                             f"max_length {self.max_length}")
+        return self
 
 
 class DataSpec(Strict):
-    calibration: str = Field(description=".npz with one array per model input (first axis: samples)")
+    calibration: str = Field(description=".npz with one array per model input (first axis: samples); "
+                                         "text-generation: a UTF-8 text file")
     training: str | None = Field(default=None, description="transfer set for distill steps (.npz like calibration, "
                                                            "optional 'labels'); default: the calibration data")
-    evaluation: str = Field(description=".npz with one array per model input, plus 'labels' for accuracy")
+    evaluation: str = Field(description=".npz with one array per model input, plus 'labels' for accuracy; "
+                                        "text-generation: held-out text, one passage per line (perplexity)")
     golden_samples: Annotated[int, Field(ge=1, le=1000)] | None = Field(
         default=None, description="evaluation samples shipped with each release for the on-device check; default: "
                                   "for accuracy/top1_agreement enough that one differing sample is at most half of "
@@ -226,12 +268,18 @@ class RecipeStep(Strict):
         return chosen
 
 
+GENERATIVE_METRICS = ("agreement", "perplexity")
+
+
 class QualityGoal(Strict):
-    metric: Literal["accuracy", "top1_agreement", "cosine", "max_abs_error"]
+    metric: Literal["accuracy", "top1_agreement", "cosine", "max_abs_error", "agreement", "perplexity"] = Field(
+        description="agreement (text-generation): % of greedy tokens equal to the original model's over the "
+                    "golden prompts; perplexity (text-generation): on the evaluation text, lower is better")
     output: str | None = Field(default=None, description="model output the metric reads; default the first")
     max_drop: Annotated[float, Field(ge=0)] = Field(
-        description="accuracy/top1_agreement: points (absolute) or percent of the baseline (relative); "
-                    "cosine: drop from 1.0; max_abs_error: the largest error allowed")
+        description="accuracy/top1_agreement/agreement: points (absolute) or percent of the baseline "
+                    "(relative); cosine: drop from 1.0; max_abs_error: the largest error allowed; perplexity: "
+                    "the increase allowed (relative: percent)")
     drop: Literal["absolute", "relative"] = "absolute"
     enforce: bool = Field(
         default=True, description="false: measure and report every stage against the goal, warn when it is missed, "
@@ -245,10 +293,15 @@ class QualityGoal(Strict):
 
 
 class SLO(Strict):
-    latency_p95_ms: PositiveFloat | None = None
-    energy_per_inference_mj: PositiveFloat | None = None
+    latency_p95_ms: PositiveFloat | None = Field(default=None, description="text-generation: per decoded token")
+    energy_per_inference_mj: PositiveFloat | None = Field(default=None,
+                                                          description="text-generation: per decoded token")
     average_power_mw: PositiveFloat | None = None
     peak_memory_mb: PositiveFloat | None = None
+    ttft_ms: PositiveFloat | None = Field(default=None, description="text-generation: median time to first token "
+                                                                    "for a generation.prompt_tokens prompt")
+    tokens_per_s: PositiveFloat | None = Field(default=None, description="text-generation: the least median "
+                                                                         "decode speed")
 
 
 class Selector(Strict):
@@ -277,6 +330,12 @@ class Regression(Strict):
     energy_pct: Annotated[float, Field(ge=0)] = Field(
         default=10, description="fail when the new release's energy per inference is worse than the previous "
                                 "one's by more than this (only where the profile reads a power sensor)")
+    tokens_per_s_pct: Annotated[float, Field(ge=0, lt=100)] = Field(
+        default=10, description="text-generation: fail when the new release decodes more than this much slower "
+                                "(median time per token) than the previous one")
+    ttft_pct: Annotated[float, Field(ge=0)] = Field(
+        default=15, description="text-generation: fail when the new release's median time to first token is worse "
+                                "by more than this")
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     quality_drop: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="plan refuses (exit 4) a release whose quality on the repository's evaluation "
@@ -359,6 +418,7 @@ class RolloutPolicy(Strict):
 class DeploymentSpec(Strict):
     model: ModelSource
     data: DataSpec
+    generation: GenerationSpec | None = Field(default=None, description="text-generation: how it is measured")
     recipe: list[RecipeStep] = []
     recipe_for: dict[Literal["cpu", "gpu", "tpu"], list[RecipeStep]] = Field(
         default={}, description="a different recipe for targets with this accelerator")
@@ -366,6 +426,28 @@ class DeploymentSpec(Strict):
     slo: SLO = SLO()
     targets: list[Target] = Field(min_length=1)
     rollout: RolloutPolicy = RolloutPolicy()
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "DeploymentSpec":
+        generative = self.model.task == "text-generation"
+        if generative and self.generation is None:
+            raise ValueError("model.task text-generation needs a generation: section (tokenizer, prompts)")
+        if not generative and self.generation is not None:
+            raise ValueError("generation: applies to model.task: text-generation only")
+        if generative != (self.quality.metric in GENERATIVE_METRICS):
+            wanted = "agreement or perplexity" if generative else "accuracy, top1_agreement, cosine or max_abs_error"
+            raise ValueError(f"quality.metric {self.quality.metric} does not fit model.task {self.model.task}: "
+                             f"use {wanted}")
+        if generative:
+            for steps in [self.recipe, *self.recipe_for.values()]:
+                for step in steps:
+                    if step.quantize and step.quantize.mode == "static":
+                        raise ValueError("static quantization is not offered for text-generation (a decoder's "
+                                         "activations change with every position); use weight_only, dynamic, "
+                                         "fp16 or auto")
+                    if step.distill:
+                        raise ValueError("distill steps are not offered for text-generation yet")
+        return self
 
     def recipe_for_accelerator(self, accelerator: str) -> list[RecipeStep]:
         for name, steps in self.recipe_for.items():
@@ -636,6 +718,16 @@ class OnDevice(Strict):
         return _absolute_path(value)
 
 
+class GenerationRuntime(Strict):
+    runtime: Literal["onnxruntime", "onnxruntime-genai"] = Field(
+        default="onnxruntime", description="what generates on these devices: onnxruntime-genai (its own "
+                                           "generation loop, genai_config.json; the agent measures with it and "
+                                           "preflight refuses a device without it), or the agent's own greedy loop "
+                                           "over a plain onnxruntime session")
+    version: str | None = Field(default=None, description="onnxruntime-genai: the version devices must have "
+                                                          "(default: the controller's)")
+
+
 class DeviceProfileSpec(Strict):
     hardware_class: str = Field(min_length=1, description="devices of one class share a canary")
     accelerator: Literal["cpu", "gpu", "tpu"]
@@ -645,6 +737,8 @@ class DeviceProfileSpec(Strict):
     power: PowerSettings = PowerSettings()
     device: OnDevice = OnDevice()
     template: str = Field(description="file under templates/ that renders the runtime config")
+    generation: GenerationRuntime = Field(default_factory=lambda: GenerationRuntime(),
+                                          description="text-generation deployments on these devices")
 
     @field_validator("execution_providers")
     @classmethod

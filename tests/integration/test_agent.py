@@ -48,7 +48,8 @@ def test_agent_imports_only_stdlib_numpy_and_onnxruntime() -> None:
     tree = ast.parse(AGENT_FILE.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported - STDLIB_OK <= {"numpy", "onnxruntime"}
+    assert imported - STDLIB_OK <= {"numpy", "onnxruntime", "onnxruntime_genai"}  # the last only where a
+    # decoder's profile generates with it, imported when such a release is measured
 
 
 @pytest.mark.parametrize("deployment,device", [("wearable-activity", "lab-01"), ("meter-digits", "cam-depot-01"),
@@ -73,6 +74,34 @@ def test_agent_benchmarks_example_releases_without_edgeops(repo_copy: Path, tmp_
         assert golden["value"] > 0.95
     else:
         assert golden["value"] > 90
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime-genai", "onnxruntime"])
+def test_agent_measures_a_decoder_in_tokens_and_scores_it_as_the_build_did(repo_copy: Path, tmp_path: Path,
+                                                                          runtime: str) -> None:
+    from edgeops.manifest.workspace import load_workspace
+    from edgeops.verify import host_golden_value
+
+    release = local_release(repo_copy, "assistant-lm", "lab-01", tmp_path / "release")
+    config_path = tmp_path / "release" / "runtime.json"
+    config = json.loads(config_path.read_text())
+    assert config["generation"]["runtime"] == "onnxruntime-genai"  # what the lab-cpu profile asks
+    config["generation"]["runtime"] = runtime
+    config_path.write_text(json.dumps(config))
+    assert {"tokenizer.json", "genai_config.json"} <= {f.name for f in release.files}
+    code, doc = run_agent(tmp_path, "bench", str(tmp_path / "release"), "--runs", "64", "--golden")
+    assert code == 0 and doc["ok"], doc
+    a = doc["a"]
+    assert a["generation"]["runtime"].startswith(runtime + " ")
+    assert doc["block"] == config["generation"]["decode_tokens"] == 32  # a block is one generation
+    assert len(a["samples_ms"]) == 64 and len(a["generation"]["ttft_samples_ms"]) == 2  # 2 generations of 32
+    assert a["generation"]["prompt_tokens"] == 64 and a["latency"]["p50_ms"] > 0
+    golden = np.load(tmp_path / "release" / "golden.npz")
+    goal = load_workspace(repo_copy).deployments["assistant-lm"].obj.spec.quality
+    host = host_golden_value(dict(golden), goal)
+    one_token = 100 / int((golden["reference"] >= 0).sum())
+    assert abs(a["golden"]["value"] - host) <= one_token  # the device scores with the build's own decoder
+    assert a["golden"]["metric"] == "agreement" and a["golden"]["perplexity"] < 259 / 4
 
 
 def test_compare_interleaves_two_releases_and_returns_raw_samples(repo_copy: Path, tmp_path: Path) -> None:

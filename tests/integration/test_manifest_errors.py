@@ -143,7 +143,7 @@ def test_examples_validate(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", "manifests", "device_profiles"])
     assert result.exit_code == 0, result.output
-    assert "4 deployment(s), 5 fleet(s), 6 device profile(s)" in result.output
+    assert "5 deployment(s), 5 fleet(s), 6 device profile(s)" in result.output
 
 
 def test_validate_reports_on_the_files_given_and_what_they_use(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,3 +142,29 @@ def test_devices_of_one_profile_share_the_config_their_fleet_wide_release_is_nam
         texts.add(config.text)
     assert all(len(digests) == 1 for digests in by_profile.values())
     assert len(texts) > len(by_profile)  # while every device's own config differs
+
+
+def test_a_decoder_for_a_gpu_profile_renders_fp16_and_cuda_for_onnxruntime_genai(repo_copy: Path) -> None:
+    """The GPU path, rendered and checked here although no GPU runs it: the gpu recipe's fp16 artifact, the
+    profile's providers in runtime.json, CUDA with its options in genai_config.json."""
+    from edgeops.release import make_release
+
+    (repo_copy / "manifests" / "fleets" / "orin-gateways.yaml").write_text(
+        "apiVersion: edgeops/v1\nkind: Fleet\nmetadata: {name: orin-gateways}\nspec:\n  profile: jetson-orin\n"
+        "  devices:\n    - {name: orin-01, host: 10.0.0.5}\n")
+    manifest = repo_copy / "manifests" / "assistant-lm.yaml"
+    manifest.write_text(manifest.read_text().replace("    - fleet: lab\n", "    - fleet: lab\n    - fleet: orin-gateways\n"))
+    ws = load_workspace(repo_copy)
+    doc = ws.deployments["assistant-lm"]
+    target = next(t for t in target_devices(ws, "assistant-lm") if t.name == "orin-01")
+    artifact = build_for(ws, "assistant-lm", "gpu").artifact
+    assert artifact.report["stages"][-1]["options"]["mode"] == "fp16"
+    config = render_device(ws, doc, target, artifact.report["artifact"])
+    data = config.data
+    assert [p["name"] for p in data["execution_providers"]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert data["require_accelerator"] is True and data["generation"]["max_length"] == 256
+    genai = json.loads(next(f.content for f in make_release(doc.name, artifact, config).files
+                            if f.name == "genai_config.json"))
+    providers = genai["model"]["decoder"]["session_options"]["provider_options"]
+    assert providers == [{"cuda": {"device_id": "0", "gpu_mem_limit": "2147483648",
+                                   "cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "0"}}]

@@ -10,6 +10,7 @@ PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edg
         "edgeops.health"}
 IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.lablink", "edgeops.labplace", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired",
+      "edgeops.generative",
       "edgeops.endpoints", "edgeops.running_quality"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
 
@@ -22,7 +23,8 @@ LAYERS = [
      "edgeops.targets"},                                                             # pure decisions
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
-     "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull"},  # one job, one resource
+     "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull",
+     "edgeops.generative"},                                                          # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
      "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.labplace", "edgeops.endpoints", "edgeops.running_quality"},
     {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor

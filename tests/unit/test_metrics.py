@@ -21,6 +21,12 @@ def _case(seed: int, rows: int = 64, classes: int = 5):  # type: ignore[no-untyp
 @pytest.mark.parametrize("seed", range(5))
 def test_the_agent_scores_like_the_build(metric: Metric, seed: int) -> None:
     outputs, reference, labels = _case(seed)
+    rng = np.random.default_rng(seed)
+    if metric == Metric.AGREEMENT:  # greedy tokens against the original's, rows padded with -1
+        reference = np.where(rng.random((8, 12)) < 0.8, rng.integers(0, 259, (8, 12)), -1)
+        outputs = np.where(rng.random(reference.shape) < 0.7, reference, rng.integers(0, 259, reference.shape))
+    elif metric == Metric.PERPLEXITY:  # (nll sum, tokens) per text
+        outputs = np.stack([rng.uniform(1, 40, 8), rng.integers(5, 30, 8)], axis=1)
     agent = agent_module()
     for given in (labels, None):
         assert agent.metric_value(str(metric), outputs, reference, given) == metric_value(metric, outputs, reference,

@@ -117,3 +117,26 @@ def test_a_fleet_that_signs_releases_refuses_devices_not_enrolled_with_its_trust
     assert "trusts another allowed-signers file" in other.refusals[0]
     assert preflight("d1", replace(GOOD, enrolled=True, signers_sha256="a" * 64), needs, 0).ok
     assert preflight("d1", replace(GOOD, enrolled=False), NEEDS, 0).ok  # a fleet that does not sign
+
+
+GENERATES = replace(NEEDS, genai_version="0.18.0", genai_at="device_profiles/x.yaml:30",
+                    memory_bytes=300 * 2**20, memory_limit_mb=512, memory_at="device_profiles/x.yaml:12")
+
+
+def test_a_decoder_needs_the_generation_runtime_its_profile_names() -> None:
+    refused = preflight("gw-01", GOOD, GENERATES, 0).refusals
+    assert len(refused) == 1 and "has no onnxruntime-genai" in refused[0]
+    assert "onnxruntime-genai==0.18.0" in refused[0] and "device_profiles/x.yaml:30" in refused[0]
+    assert preflight("gw-01", replace(GOOD, genai_version="0.18.1"), GENERATES, 0).refusals == ()
+    other = preflight("gw-01", replace(GOOD, genai_version="0.12.0"), GENERATES, 0).refusals
+    assert len(other) == 1 and "0.12.0 on the device, 0.18.0 wanted" in other[0]
+
+
+def test_a_decoder_and_its_kv_cache_must_fit_the_memory() -> None:
+    facts = replace(GOOD, genai_version="0.18.0", memory_total_mb=4096)
+    over_limit = preflight("gw-01", facts, replace(GENERATES, memory_limit_mb=256), 0).refusals
+    assert len(over_limit) == 1 and "need 300.0 MB, over the profile's limits.max_memory_mb 256" in over_limit[0]
+    small_device = preflight("gw-01", replace(facts, memory_total_mb=200), replace(GENERATES, memory_limit_mb=None),
+                             0).refusals
+    assert len(small_device) == 1 and "the device has 200 MB" in small_device[0]
+    assert preflight("gw-01", facts, GENERATES, 0).refusals == ()

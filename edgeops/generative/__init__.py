@@ -1,0 +1,1 @@
+"""Text generation: tokenizers and texts, the decoder's evaluation on the build host, its runtime configs."""
