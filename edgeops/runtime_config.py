@@ -85,6 +85,7 @@ class Generation(_Strict):
     hidden: int = Field(ge=1)
     kv_dtype: Literal["float32", "float16"]
     kv_cache_bytes: int = Field(ge=0, description="the KV cache at max_length, batch 1")
+    position_ids: bool = Field(default=True, description="the model takes position_ids (else it derives them)")
 
 
 class RuntimeConfig(_Strict):

@@ -44,6 +44,8 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
         extra_files["prompts"] = file_sha256(request.source.resolve(request.generation.prompts))
     model_path = request.model_path
     _check_onnx_file(request, model_path)
+    for path in _external_data(request, model_path):
+        extra_files[f"external:{path.name}"] = file_sha256(path)
     versions = {"edgeops": __version__, "report": REPORT_SCHEMA, "onnx": importlib.metadata.version("onnx"),
                 "onnxruntime": importlib.metadata.version("onnxruntime"),
                 "numpy": importlib.metadata.version("numpy")}
@@ -62,6 +64,24 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
         **({"generation": request.generation.model_dump(mode="json")} if request.generation else {}),
         "versions": versions,
     }
+
+
+def _external_data(request: BuildRequest, path: Path) -> list[Path]:
+    """The files beside the model that hold its weights (onnxruntime-genai's builder writes model.onnx.data)."""
+    import onnx
+
+    from edgeops.manifest.checks import external_data_files
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported by _load_model_checked, located
+        return []
+    files, problems = external_data_files(model, path)
+    missing = [f.name for f in files if not f.is_file()]
+    if problems or missing:
+        raise request.source.error(("spec", "model", "path"), f"{request.model.path}: " + (
+            problems[0] if problems else f"keeps weights in {', '.join(missing)}, which is not beside it"))
+    return files
 
 
 def _check_onnx_file(request: BuildRequest, path: Path) -> None:
@@ -102,12 +122,25 @@ def build(request: BuildRequest, cache: Cache, *, force: bool = False,
     return BuildResult(artifact, report, why)
 
 
+def _runs_in_onnxruntime(path: Path) -> None:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _load_model_checked(request: BuildRequest, path: Path) -> None:
     import onnx
 
     try:
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            if "No Op registered" not in str(exc):
+                raise
+            _runs_in_onnxruntime(path)  # onnxruntime's own fused ops (onnxruntime-genai's builder writes them)
     except Exception as exc:  # noqa: BLE001 - onnx raises several unrelated types for corrupt files
         raise request.source.error(("spec", "model", "path"), f"{request.model.path} is not a valid ONNX model "
                                                               f"({str(exc).splitlines()[0][:120]})") from None
@@ -130,7 +163,12 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
 
     goal = request.quality
     source = work / "00-original.onnx"
-    shutil.copyfile(request.model_path, source)
+    if _external_data(request, request.model_path):  # one file from here on: the weights inlined
+        import onnx
+
+        onnx.save(onnx.load(str(request.model_path)), str(source))
+    else:
+        shutil.copyfile(request.model_path, source)
     _load_model_checked(request, source)
     if request.generative:
         from edgeops.generative.evaluate import GenerativeEvaluator, prefill_windows
@@ -138,8 +176,10 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
 
         assert request.generation is not None
         corpus = load_corpus(request)
-        calibration = prefill_windows(corpus.calibration, source)
-        evaluator: Any = GenerativeEvaluator(goal, corpus, request.generation, prefill_windows(corpus.texts, source))
+        head_dim = request.generation.head_dim
+        calibration = prefill_windows(corpus.calibration, source, head_dim=head_dim)
+        evaluator: Any = GenerativeEvaluator(goal, corpus, request.generation,
+                                             prefill_windows(corpus.texts, source, head_dim=head_dim))
     else:
         calibration = load_dataset(request, "calibration")
         evaluation = load_dataset(request, "evaluation")
@@ -201,7 +241,7 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
         tokenizer = request.source.resolve(request.generation.tokenizer)
         files["tokenizer.json"] = tokenizer
         t = evaluator.corpus.tokenizer
-        extra_artifact["generation"] = {**layout(current), "bos": t.bos, "eos": t.eos, "pad": t.pad,
+        extra_artifact["generation"] = {**layout(current, request.generation.head_dim), "bos": t.bos, "eos": t.eos, "pad": t.pad,
                                         "tokenizer_sha256": file_sha256(tokenizer)}
     else:
         count = request.data.golden_samples or golden_size(goal.metric, goal.max_drop, goal.drop == "relative",

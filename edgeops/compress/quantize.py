@@ -225,7 +225,11 @@ def prepared_for(src: Path, ctx: StepContext, notes: list[str]) -> Path:
 
 
 def preprocesses(options: QuantizeOptions, ctx: StepContext) -> bool:
-    """Whether quantizing runs onnxruntime's pre-processing first (NPU targets always: static shapes)."""
+    """Whether quantizing runs onnxruntime's pre-processing first (NPU targets always: static shapes). Decoders
+    only when asked: their symbolic shapes defeat its shape inference, and it cost more than the rest of an auto
+    build of the tiny LM (docs/generative.md)."""
+    if ctx.request.generative and "preprocess" not in options.model_fields_set:
+        return ctx.accelerator == "tpu"
     return options.preprocess or ctx.accelerator == "tpu"
 
 
@@ -360,7 +364,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     ctx = search.ctx
     quantized, _, options = search.found[base.mode]
     mode = family(base.mode)
-    prepared = prepared_for(search.src, ctx, []) if options.preprocess else search.src
+    prepared = prepared_for(search.src, ctx, []) if preprocesses(options, ctx) else search.src
     if options.smooth is not None:
         prepared = smoothed(prepared, options.smooth, ctx, [])
     nodes = quantized_nodes(quantized) if mode == "static" else weighted_matmuls(prepared, quantized)
@@ -454,6 +458,7 @@ class Search:
         return cache_key({"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
                           "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search"}),
                           "calibration": self.ctx.calibration.sha256,
+                          "preprocessed": preprocesses(options, self.ctx),
                           "versions": [__version__, onnx.__version__, onnxruntime.__version__]})
 
     def _early_stop(self, label: str, path: Path) -> Candidate | None:
@@ -516,15 +521,18 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
 
 
 def weight_only_variants(search: Search, options: QuantizeOptions) -> None:
-    """The weight-only options worth trying once int4 weights won (decoders: always): float activations (int8
-    ones cost a decoder agreement here), bigger blocks (smaller, faster, coarser), the
-    embedding table in int4 too (decoders: often the largest tensor), and int8 weights (closer to the original)."""
-    if options.accuracy_level == 4:
+    """The weight-only options worth trying once int4 weights won (decoders: always). When int4 as given meets
+    the goal: bigger blocks (smaller, faster, coarser) and the embedding table in int4 too (a decoder's largest
+    tensor, often); when it misses: float activations (int8 ones cost a decoder agreement here). Either way int8
+    weights, the most faithful."""
+    base = next((c for c in search.candidates if c.mode == "weight_only"), None)
+    if base is not None and _passes(base):
+        if options.block_size != 128:
+            search.attempt("weight_only block128", "weight_only", options.model_copy(update={"block_size": 128}))
+        if options.bits == 4 and not options.embeddings:
+            search.attempt("weight_only embeddings", "weight_only", options.model_copy(update={"embeddings": True}))
+    elif options.accuracy_level == 4:
         search.attempt("weight_only fp32-compute", "weight_only", options.model_copy(update={"accuracy_level": 1}))
-    if options.block_size != 128:
-        search.attempt("weight_only block128", "weight_only", options.model_copy(update={"block_size": 128}))
-    if options.bits == 4 and not options.embeddings:
-        search.attempt("weight_only embeddings", "weight_only", options.model_copy(update={"embeddings": True}))
     if options.bits == 4:
         search.attempt("weight_only int8", "weight_only", options.model_copy(update={"bits": 8, "embeddings": False}))
 
@@ -551,7 +559,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         if "static" in families:
             for label, variant in static_variants(options, prepared_for(src, ctx, [])):
                 search.attempt(label, "static", variant)
-        if "dynamic" in families:
+        if "dynamic" in families and not ctx.request.generative:  # encoder findings (docs/build.md)
             dynamic_variants(search, options)
         if "weight_only" in families or (ctx.request.generative and "weight_only" in modes):
             weight_only_variants(search, options)

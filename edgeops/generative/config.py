@@ -24,7 +24,8 @@ def generation_section(spec: GenerationSpec, runtime: GenerationRuntime, layout:
             "bos_token_id": layout["bos"], "eos_token_id": layout["eos"], "pad_token_id": layout["pad"],
             "vocab_size": layout["vocab"], "layers": layout["layers"], "heads": layout["heads"],
             "kv_heads": layout["kv_heads"], "head_dim": layout["head_dim"], "hidden": layout["hidden"],
-            "kv_dtype": layout["kv_dtype"], "kv_cache_bytes": kv_cache_bytes(layout, spec.max_length)}
+            "kv_dtype": layout["kv_dtype"], "kv_cache_bytes": kv_cache_bytes(layout, spec.max_length),
+            "position_ids": layout.get("position_ids", True)}
 
 
 # onnxruntime-genai's names for the providers it can run a decoder on (TensorRT is not one: a profile's
@@ -60,7 +61,8 @@ def genai_config(runtime: dict[str, Any]) -> dict[str, Any]:
                                     "log_id": f"edgeops-{runtime['deployment']}",
                                     "provider_options": providers},
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           **({"position_ids": "position_ids"} if generation.get("position_ids", True) else {}),
+                           "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},

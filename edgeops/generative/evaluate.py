@@ -23,7 +23,7 @@ from edgeops.generative.text import Corpus
 from edgeops.manifest.models import GenerationSpec, QualityGoal
 from edgeops.metrics import Metric, perplexity, token_agreement
 
-TIMING_BUDGET_S = 1.5   # host decode timing per model: generations until this is spent (at least MIN_GENERATIONS)
+TIMING_BUDGET_S = 0.75  # host decode timing per model: generations until this is spent (at least MIN_GENERATIONS)
 MIN_GENERATIONS = 3
 QUICK_BUDGET_S = 0.3
 
@@ -37,17 +37,17 @@ def padded(rows: list[list[int]], width: int | None = None) -> np.ndarray:
     return out
 
 
-def decoder(path: Path, threads: int = 0) -> Decoder:
+def decoder(path: Path, threads: int = 0, head_dim: int | None = None) -> Decoder:
     try:
-        return Decoder(session(path, threads))
+        return Decoder(session(path, threads), head_dim)
     except AgentError as exc:
         raise BuildError(f"{path.name}: {exc}", hint="export the decoder with a KV cache in onnxruntime-genai's "
                                                      "layout (see examples/make_tiny_lm.py)") from None
 
 
-def layout(path: Path) -> dict[str, Any]:
+def layout(path: Path, head_dim: int | None = None) -> dict[str, Any]:
     """What a runtime needs to know of the decoder: layers, heads, sizes (read from the model)."""
-    found = decoder(path, threads=1)
+    found = decoder(path, threads=1, head_dim=head_dim)
     model = onnx.load(str(path), load_external_data=False)
     tables = [t for t in model.graph.initializer if len(t.dims) == 2]
     gathers = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
@@ -57,13 +57,13 @@ def layout(path: Path) -> dict[str, Any]:
         found.session.get_outputs()[0].shape[-1], int) else (int(embedding.dims[0]) if embedding is not None else 0)
     return {"layers": found.layers, "kv_heads": int(found.kv_heads), "head_dim": int(found.head_dim),
             "hidden": hidden, "heads": max(1, hidden // int(found.head_dim)), "vocab": vocab,
-            "kv_dtype": "float16" if found.dtype == np.float16 else "float32"}
+            "kv_dtype": "float16" if found.dtype == np.float16 else "float32", "position_ids": found.positions}
 
 
 def timed_generations(path: Path, prompt: list[int], tokens: int, budget_s: float,
-                      minimum: int = MIN_GENERATIONS) -> tuple[list[float], list[float]]:
+                      minimum: int = MIN_GENERATIONS, head_dim: int | None = None) -> tuple[list[float], list[float]]:
     """(per-token decode times, times to first token) in ms, one thread, over whole generations."""
-    found = decoder(path, threads=1)
+    found = decoder(path, threads=1, head_dim=head_dim)
     found.timed(prompt, 2)  # warm-up
     per_token: list[float] = []
     first: list[float] = []
@@ -99,7 +99,7 @@ class GenerativeEvaluator:
 
     def scores(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """(teacher-forced greedy tokens on the golden continuations, (nll, tokens) per evaluation text)."""
-        found = decoder(path)
+        found = decoder(path, head_dim=self.generation.head_dim)
         rows = [found.score(p, c)[0] for p, c in zip(self.corpus.prompts, self.reference_rows)]
         nll = np.array([found.score(t[:1], t[1:])[1:] for t in self.corpus.texts], dtype=np.float64)
         return padded(rows, self.reference.shape[1]), nll
@@ -125,7 +125,7 @@ class GenerativeEvaluator:
                        {"agreement": agreement, "perplexity": ppl, "perplexity_increase_pct": increase})
 
     def reference_from(self, original: Path, settle: Callable[[], None] = lambda: None) -> Measurement:
-        found = decoder(original)
+        found = decoder(original, head_dim=self.generation.head_dim)
         eos = self.corpus.tokenizer.eos
         self.reference = padded([found.greedy(p, self.generation.golden_tokens, eos) for p in self.corpus.prompts],
                                 self.generation.golden_tokens)
@@ -143,7 +143,7 @@ class GenerativeEvaluator:
 
     def with_latency(self, measurement: Measurement, path: Path) -> Measurement:
         per_token, first = timed_generations(path, self.timing_prompt, self.generation.decode_tokens,
-                                             TIMING_BUDGET_S)
+                                             TIMING_BUDGET_S, head_dim=self.generation.head_dim)
         ms = np.array(per_token)
         p50 = float(np.percentile(ms, 50))
         generation = {"tokens_per_s": round(1000 / p50, 2), "ttft_ms": round(float(np.median(first)), 3),
@@ -161,12 +161,14 @@ class GenerativeEvaluator:
         return self.with_latency(measurement, path) if latency else measurement
 
     def quick_p50_ms(self, path: Path) -> float:
-        per_token, _ = timed_generations(path, self.timing_prompt, self.generation.decode_tokens, QUICK_BUDGET_S, 1)
+        per_token, _ = timed_generations(path, self.timing_prompt, self.generation.decode_tokens, QUICK_BUDGET_S, 1,
+                                         head_dim=self.generation.head_dim)
         return float(np.median(per_token))
 
     def side_by_side_p50(self, first: Path, second: Path) -> tuple[float, float]:
         """Median decode time per token of two decoders, generations alternating (ABBA...)."""
-        decoders = [decoder(first, threads=1), decoder(second, threads=1)]
+        head_dim = self.generation.head_dim
+        decoders = [decoder(first, threads=1, head_dim=head_dim), decoder(second, threads=1, head_dim=head_dim)]
         prompt, tokens = self.timing_prompt, self.generation.decode_tokens
         samples: list[list[float]] = [[], []]
         for d in decoders:
@@ -185,17 +187,19 @@ class GenerativeEvaluator:
                 "expected": predicted if self.goal.metric == Metric.AGREEMENT.value else nll}
 
 
-def prefill_windows(texts: list[list[int]], path: Path, width: int = 32, count: int = 64) -> Dataset:
+def prefill_windows(texts: list[list[int]], path: Path, width: int = 32, count: int = 64,
+                    head_dim: int | None = None) -> Dataset:
     """Decoder-step inputs of ``width``-token prefills (an empty cache): int8 calibration data for a decoder."""
-    found = decoder(path, threads=1)
+    found = decoder(path, threads=1, head_dim=head_dim)
     stream = [t for text in texts for t in text]
     if len(stream) < width:
         stream = stream * (width // max(1, len(stream)) + 1)
     starts = np.linspace(0, len(stream) - width, num=min(count, max(1, len(stream) - width + 1))).astype(int)
     ids = np.array([stream[s:s + width] for s in starts], dtype=np.int64)
     n = len(ids)
-    inputs = {"input_ids": ids, "attention_mask": np.ones((n, width), dtype=np.int64),
-              "position_ids": np.tile(np.arange(width, dtype=np.int64), (n, 1))}
+    inputs = {"input_ids": ids, "attention_mask": np.ones((n, width), dtype=np.int64)}
+    if found.positions:
+        inputs["position_ids"] = np.tile(np.arange(width, dtype=np.int64), (n, 1))
     for name in found.past:
         inputs[name] = np.zeros((n, found.kv_heads, 0, found.head_dim), dtype=found.dtype)
     return Dataset(inputs, None, "prefill:" + hashlib.sha256(ids.tobytes()).hexdigest())

@@ -9,6 +9,9 @@ from edgeops.compress.request import BuildRequest
 from edgeops.manifest.yamlload import Loc
 
 
+EVALUATION_TEXTS = 64  # passages of the evaluation text scored for perplexity (and shipped in the golden set)
+
+
 @dataclass(frozen=True)
 class ByteTokenizer:
     """A byte-level vocabulary: token = byte (0-255), then the special tokens."""
@@ -71,6 +74,7 @@ def load_corpus(request: BuildRequest) -> Corpus:
     tokenizer = load_tokenizer(request, generation.tokenizer)
     prompts = _lines(request, generation.prompts, ("spec", "generation", "prompts"), "golden prompts")
     texts = _lines(request, request.data.evaluation, ("spec", "data", "evaluation"), "evaluation text")
+    texts = texts[:EVALUATION_TEXTS]
     calibration = _lines(request, request.data.calibration, ("spec", "data", "calibration"), "calibration text")
     return Corpus(tokenizer, [tokenizer.encode(p) for p in prompts],
                   [tokenizer.encode(t, end=True) for t in texts], [tokenizer.encode(t, end=True) for t in calibration])

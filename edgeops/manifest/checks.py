@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from typing import Any
 from typing import TYPE_CHECKING
 
 from edgeops.errors import Problem
@@ -141,6 +142,13 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
     model = _load_onnx(path) if path.is_file() else None
     if model is None:
         return []
+    external, leaks = external_data_files(model, path)
+    if leaks:
+        return [dep.problem(("spec", "model", "path"), f"{spec.model.path}: {leaks[0]}")]
+    missing_data = [f.name for f in external if not f.is_file()]
+    if missing_data:
+        return [dep.problem(("spec", "model", "path"), f"{spec.model.path} keeps weights in "
+                            f"{', '.join(missing_data)}, which is not beside it")]
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     actual = {"inputs": {v.name: v for v in graph.input if v.name not in initializers},
@@ -195,6 +203,27 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
                     problems.append(dep.problem((*recipe_loc, index, "quantize", "op_types", position),
                                                 f"the model has no {op} nodes" + _did_you_mean(op, op_types)))
     return problems
+
+
+def external_data_files(model: Any, model_path: Path) -> tuple[list[Path], list[str]]:
+    """(the files ``model``'s tensors keep their data in, problems): each must be a plain relative name beside
+    the model (a location that leaves its directory would make a build read, and ship, any file)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    base = model_path.parent.resolve()
+    files: list[Path] = []
+    problems: list[str] = []
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        resolved = (base / location).resolve()
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts or \
+                not resolved.is_relative_to(base):
+            problems.append(f"tensor {tensor.name} keeps its data at {location!r}, outside the model's directory")
+        elif resolved not in files:
+            files.append(resolved)
+    return files, problems
 
 
 DECODER_INPUTS = ("input_ids", "attention_mask")  # position_ids too, unless the model derives them from the mask

@@ -115,6 +115,9 @@ class GenerationSpec(Strict):
         default=32, description="greedy tokens per golden prompt that agreement compares")
     max_length: Annotated[int, Field(ge=8, le=131072)] = Field(
         default=256, description="the longest sequence (prompt + generated) devices serve: sizes the KV cache")
+    head_dim: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="the attention head size, for models whose cache inputs leave it symbolic "
+                                  "(onnxruntime-genai's builder output: its genai_config.json's head_size)")
     max_perplexity_increase_pct: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="besides quality: a stage whose perplexity on the evaluation text is this much "
                                   "(percent) above the original's fails the build")
@@ -168,7 +171,8 @@ class QuantizeOptions(Strict):
     preprocess: bool = Field(
         default=True, description="static/dynamic/weight_only: run onnxruntime's quantization pre-processing "
                                   "(shape inference, graph optimisation) first; auto also tries dynamic without "
-                                  "it (faster on some encoders); NPU targets always pre-process")
+                                  "it (faster on some encoders); NPU targets always pre-process; text-generation: "
+                                  "only when set (a decoder's symbolic shapes defeat it)")
     smooth: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="static/dynamic: SmoothQuant strength alpha: move per-channel activation outliers "
                                   "of MatMul inputs into the weights before quantizing (exact in float); auto "

@@ -16,7 +16,7 @@ from edgeops.compress import pipeline
 from edgeops.compress.cache import cache_key
 from edgeops.compress.pipeline import build_inputs
 from edgeops.compress.request import BuildRequest
-from edgeops.errors import BuildError
+from edgeops.errors import BuildError, InputError
 from edgeops.manifest.workspace import load_workspace
 from labkit.artifacts import build_for
 
@@ -361,3 +361,45 @@ def test_a_rebuild_for_another_goal_quantizes_nothing_again(repo_copy: Path, mon
     static = next(c for c in step["candidates"] if c["mode"] == "static")  # always tried first
     assert "quantized by an earlier build (candidate cache)" in static["measurement"]["notes"]
     assert all(c["measurement"] or c["skipped"] or c["error"] for c in step["candidates"])  # evaluated anew
+
+
+def _with_external_data(root: Path, location: str) -> None:
+    """The wearable model saved with its weights in a file beside it (as onnxruntime-genai's builder writes), the
+    manifest unpinned; then every tensor's location rewritten to ``location``."""
+    import onnx
+
+    models = root / "examples" / "models"
+    model = onnx.load(str(models / "wearable_cnn.onnx"))
+    onnx.save_model(model, str(models / "external.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.onnx.data", size_threshold=0)
+    if location != "external.onnx.data":
+        saved = onnx.load(str(models / "external.onnx"), load_external_data=False)
+        for tensor in saved.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save_model(saved, str(models / "external.onnx"))
+    manifest = root / "manifests" / "wearable.yaml"
+    text = manifest.read_text().replace("wearable_cnn.onnx", "external.onnx")
+    manifest.write_text("\n".join(line for line in text.splitlines() if "sha256:" not in line) + "\n")
+
+
+def test_weights_kept_beside_the_model_are_built_into_one_file_and_keyed(repo_copy: Path) -> None:
+    _with_external_data(repo_copy, "external.onnx.data")
+    ws = load_workspace(repo_copy)
+    request = BuildRequest.of(ws.deployments["wearable-activity"], "cpu")
+    assert "external:external.onnx.data" in build_inputs(request)["extra_files"]  # new weights, new artifact
+    artifact = build_for(ws, "wearable-activity", "cpu").artifact
+    ort.InferenceSession(str(artifact.model))  # stands alone: no data file beside it in the cache
+
+
+@pytest.mark.parametrize("location", ["../data/wearable_evaluation.npz", "/etc/hostname"])
+def test_weights_kept_outside_the_models_directory_are_refused(repo_copy: Path, location: str) -> None:
+    """A model whose tensors point elsewhere would make the build read, and ship to devices, any file."""
+    _with_external_data(repo_copy, location)
+    manifest = str(repo_copy / "manifests" / "wearable.yaml")
+    result = CliRunner().invoke(main, ["validate", manifest, "--root", str(repo_copy)])
+    assert result.exit_code == 3, result.output
+    assert "wearable.yaml:" in result.output and "outside the model's directory" in result.output
+    with pytest.raises(InputError, match="outside the model's directory"):
+        build_for(load_workspace(repo_copy), "wearable-activity", "cpu")
