@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from edgeops.compress.request import BuildRequest
 from edgeops.manifest.yamlload import Loc
 
-
 EVALUATION_TEXTS = 64  # passages of the evaluation text scored for perplexity (and shipped in the golden set)
 
 

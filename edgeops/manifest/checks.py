@@ -7,8 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeops.errors import Problem
 from edgeops.manifest.models import Deployment, Fleet, RecipeStep
