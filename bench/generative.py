@@ -95,33 +95,17 @@ def _speed(generate) -> dict:
 
 
 def measure_onnx(directory: Path, threads: int, data: dict, quality: bool) -> dict:
+    """Timed as the agent times a release under onnxruntime-genai (its GenaiDecoder), scored by its Decoder."""
     import onnxruntime as ort
-    import onnxruntime_genai as og
+
+    from edgeops.agent.edgeops_agent import GenaiDecoder
 
     config_path = directory / "genai_config.json"
     config = json.loads(config_path.read_text())
     config["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
     config_path.write_text(json.dumps(config))
-    model = og.Model(str(directory))
-    prompt = data["timing_prompt"]
-
-    def generate():
-        params = og.GeneratorParams(model)
-        total = len(prompt) + DECODE_TOKENS + 1
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        generator = og.Generator(model, params)
-        start = time.perf_counter_ns()
-        generator.append_tokens(prompt)
-        generator.generate_next_token()
-        first = (time.perf_counter_ns() - start) / 1e6
-        samples = []
-        for _ in range(DECODE_TOKENS):
-            start = time.perf_counter_ns()
-            generator.generate_next_token()
-            samples.append((time.perf_counter_ns() - start) / 1e6)
-        return first, samples
-
-    found = {} if quality else _speed(generate)
+    timer = GenaiDecoder(str(directory))
+    found = {} if quality else _speed(lambda: timer.timed(data["timing_prompt"], DECODE_TOKENS))
     if quality:
         from edgeops.agent.edgeops_agent import Decoder
 

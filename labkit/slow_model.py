@@ -14,20 +14,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0) -> Path:
+def _with_slow_branch(src: Path, dst: Path, flatten: list[onnx.NodeProto], features: int, width: int, depth: int,
+                      seed: int) -> Path:
+    """``src`` with a branch from ``flatten``'s output ``slow_flat`` [*, features] through ``depth`` dense layers,
+    summed, times zero, added to the first output."""
     model = onnx.load(str(src))
     graph = model.graph
     rng = np.random.default_rng(seed)
-    source = graph.input[0].name
-    features = int(np.prod([d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]))
     output = graph.output[0].name
     inner = output + "_before_slow_branch"
     for node in graph.node:
         node.output[:] = [inner if o == output else o for o in node.output]
-    nodes = [helper.make_node("Flatten", [source], ["slow_flat"], axis=1)]
+    nodes = [*flatten, helper.make_node("MatMul", ["slow_flat", "slow_w0"], ["slow_h0"])]
     inits = [numpy_helper.from_array(rng.standard_normal((features, width)).astype(np.float32) * 0.01, "slow_w0")]
-    current = "slow_flat"
-    nodes.append(helper.make_node("MatMul", [current, "slow_w0"], ["slow_h0"]))
     current = "slow_h0"
     for layer in range(1, depth):
         inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.01,
@@ -45,6 +44,22 @@ def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return dst
+
+
+def make_slower(src: Path, dst: Path, width: int, depth: int = 1, seed: int = 0) -> Path:
+    first = onnx.load(str(src), load_external_data=False).graph.input[0]
+    features = int(np.prod([d.dim_value for d in first.type.tensor_type.shape.dim[1:]]))
+    flatten = [helper.make_node("Flatten", [first.name], ["slow_flat"], axis=1)]
+    return _with_slow_branch(src, dst, flatten, features, width, depth, seed)
+
+
+def make_slower_decoder(src: Path, dst: Path, width: int, depth: int, seed: int = 0) -> Path:
+    """A decoder (``input_ids`` first, ``logits`` first out) with the same tokens but slower steps: the branch
+    starts from the sum of the input ids."""
+    ids = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    flatten = [helper.make_node("Cast", [ids], ["slow_ids"], to=onnx.TensorProto.FLOAT),
+               helper.make_node("ReduceSum", ["slow_ids"], ["slow_flat"], keepdims=1)]
+    return _with_slow_branch(src, dst, flatten, 1, width, depth, seed)
 
 
 def make_heavier(src: Path, dst: Path, megabytes: int, seed: int = 0) -> Path:
@@ -131,38 +146,5 @@ def make_mislabelled(src: Path, dst: Path, shift: int = 1) -> Path:
         transposed = last.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in last.attribute)
         axis = 0 if array.ndim == 1 or transposed else array.ndim - 1
         inits[name].CopyFrom(numpy_helper.from_array(np.roll(array, shift, axis=axis), name))
-    onnx.save(model, str(dst))
-    return dst
-
-
-def make_slower_decoder(src: Path, dst: Path, width: int, depth: int, seed: int = 0) -> Path:
-    """A decoder (``input_ids`` first, ``logits`` first out) with the same tokens but slower steps: a side branch
-    from the sum of the input ids through ``depth`` dense ``width``-wide layers, times zero, added to the logits."""
-    model = onnx.load(str(src))
-    graph = model.graph
-    rng = np.random.default_rng(seed)
-    output = graph.output[0].name
-    inner = output + "_before_slow_branch"
-    for node in graph.node:
-        node.output[:] = [inner if o == output else o for o in node.output]
-    inits = [numpy_helper.from_array(rng.standard_normal((1, width)).astype(np.float32) * 0.01, "slow_w0"),
-             numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero")]
-    nodes = [helper.make_node("Cast", [graph.input[0].name], ["slow_ids"], to=onnx.TensorProto.FLOAT),
-             helper.make_node("ReduceSum", ["slow_ids"], ["slow_flat"], keepdims=1),
-             helper.make_node("MatMul", ["slow_flat", "slow_w0"], ["slow_h0"])]
-    current = "slow_h0"
-    for layer in range(1, depth):
-        inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) * 0.01,
-                                             f"slow_w{layer}"))
-        nodes.append(helper.make_node("MatMul", [current, f"slow_w{layer}"], [f"slow_h{layer}"]))
-        current = f"slow_h{layer}"
-    nodes += [helper.make_node("ReduceSum", [current], ["slow_sum"], keepdims=0),
-              helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nothing"]),
-              helper.make_node("Add", [inner, "slow_nothing"], [output])]
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
-    del graph.value_info[:]
-    onnx.checker.check_model(model)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return dst

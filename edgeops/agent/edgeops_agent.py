@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """edgeops on-device agent: measure a release where it runs.
 
-One file; needs only python3, numpy and onnxruntime. It never imports edgeops.
+One file; needs only python3, numpy and onnxruntime (and onnxruntime-genai where a decoder's profile generates
+with it). It never imports edgeops.
 Every command prints exactly one JSON document on stdout (``"schema":
 "edgeops.agent/v1"``), errors included (``"ok": false`` with a message, exit 3).
 
@@ -11,7 +12,8 @@ Every command prints exactly one JSON document on stdout (``"schema":
     edgeops_agent.py power RELEASE_DIR [--seconds S]
     edgeops_agent.py serve      (many commands over stdin/stdout, one JSON line each)
 
-RELEASE_DIR holds runtime.json, the model file it names and optionally golden.npz.
+RELEASE_DIR holds runtime.json, the model file it names and optionally golden.npz; a decoder's
+(runtime.json with a ``generation`` section) also tokenizer.json and genai_config.json.
 """
 
 from __future__ import annotations

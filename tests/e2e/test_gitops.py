@@ -90,7 +90,8 @@ def test_a_shared_template_touches_everything_and_uncommitted_work_counts(git_re
     base = git(git_repo, "rev-parse", "HEAD")
     (git_repo / "templates/_common.j2").write_text((git_repo / "templates/_common.j2").read_text() + "\n")
     found = touched_deployments(load_workspace(git_repo), changed_files(git_repo, base))  # work tree vs base
-    assert [t.deployment for t in found] == ["meter-digits", "mobile-vision", "vehicle-assistant", "wearable-activity"]
+    assert [t.deployment for t in found] == ["assistant-lm", "meter-digits", "mobile-vision", "vehicle-assistant",
+                                            "wearable-activity"]
 
 
 def test_shallow_checkout_needs_the_base_fetched(git_repo: Path, tmp_path: Path) -> None:
