@@ -7,6 +7,7 @@ host compute the same numbers from the same golden set.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,7 +110,9 @@ class GenerativeEvaluator:
         return [[int(t) for t in row if t >= 0] for row in self.reference]
 
     def quality_of(self, path: Path, outputs: np.ndarray | None = None) -> Quality:
-        predicted, nll = self.scores(path)
+        return self._quality(*self.scores(path))
+
+    def _quality(self, predicted: np.ndarray, nll: np.ndarray) -> Quality:
         agreement = token_agreement(predicted, self.reference)
         ppl = perplexity(nll)
         value = agreement if self.goal.metric == Metric.AGREEMENT.value else ppl
@@ -117,8 +120,7 @@ class GenerativeEvaluator:
         drop = value - base if self.goal.metric == Metric.PERPLEXITY.value else base - value
         if self.goal.drop == "relative" and base:
             drop = drop / base * 100
-        increase = (ppl / self.baseline_perplexity - 1) * 100 if self.baseline_perplexity == self.baseline_perplexity \
-            else 0.0
+        increase = 0.0 if math.isnan(self.baseline_perplexity) else (ppl / self.baseline_perplexity - 1) * 100
         limit = self.generation.max_perplexity_increase_pct
         passed = drop <= self.goal.max_drop + 1e-9 and (limit is None or increase <= limit + 1e-9)
         return Quality(self.goal.metric, value, base, drop, passed,
@@ -129,9 +131,9 @@ class GenerativeEvaluator:
         eos = self.corpus.tokenizer.eos
         self.reference = padded([found.greedy(p, self.generation.golden_tokens, eos) for p in self.corpus.prompts],
                                 self.generation.golden_tokens)
-        _, nll = self.scores(original)
+        predicted, nll = self.scores(original)
         self.baseline_perplexity = perplexity(nll)
-        measurement = self.measure(original, latency=False)
+        measurement = self.measure(original, latency=False, known=self._quality(predicted, nll))
         settle()
         return self.with_latency(measurement, original)
 
