@@ -226,7 +226,8 @@ def _energy(verification: dict[str, Any] | None) -> dict[str, Any] | None:
 def _power(verification: dict[str, Any] | None) -> str:
     power = (verification or {}).get("power") or {}
     if power.get("energy_per_inference_mj") is not None:
-        return (f"{power['energy_per_inference_mj']:.3g} mJ/inf, {power['average_power_mw']:.0f} mW "
+        per = "token" if (verification or {}).get("generation") else "inf"  # a decoder's sample is one token
+        return (f"{power['energy_per_inference_mj']:.3g} mJ/{per}, {power['average_power_mw']:.0f} mW "
                 f"[{power['source']}, {power['boundary']}]")
     return power.get("error", "—") if power else "—"
 

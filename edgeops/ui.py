@@ -199,8 +199,10 @@ STATUS_COLORS = {Sync.SYNCED: "green", Sync.OUT_OF_SYNC: "yellow", Sync.UNKNOWN:
 def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:
     """One row per device; compact by default (fits a terminal), every column with ``wide``."""
     table = Table(title=f"status of {deployment}", title_justify="left")
-    columns = ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", "P50 / P95 ms (SLO)", "POWER",
-               "LAST DEPLOY", "MESSAGE") if wide else ("DEVICE", "RELEASE", "SYNC", "HEALTH", "P95 (SLO)", "MESSAGE")
+    speed = "TOK/S, TTFT" if rows and all(getattr(r, "tokens_per_s", None) for r in rows) else None
+    columns = ("FLEET", "DEVICE", "PROFILE", "RUNTIME", "RELEASE", "SYNC", "HEALTH", speed or "P50 / P95 ms (SLO)",
+               "POWER", "LAST DEPLOY", "MESSAGE") if wide else \
+        ("DEVICE", "RELEASE", "SYNC", "HEALTH", speed or "P95 (SLO)", "MESSAGE")
     for column in columns:
         if wide:
             table.add_column(column, overflow="fold")
@@ -217,7 +219,8 @@ def status_table(deployment: str, rows: list[Any], wide: bool = False) -> Table:
             p50 = "—" if r.p50_ms is None else f"{r.p50_ms:.3f}"
             release = f"{r.fleet_release} ({r.release})" if r.fleet_release else r.release or "—"
             table.add_row(r.fleet, r.device, r.profile, escape(r.runtime or "—"), release, sync, health,
-                          f"{p50} / {p95}{slo}", escape(r.power), r.last_deploy or "—", escape(r.message))
+                          p95 + slo if getattr(r, "tokens_per_s", None) else f"{p50} / {p95}{slo}", escape(r.power),
+                          r.last_deploy or "—", escape(r.message))
         else:
             message = r.message if len(r.message) <= 36 else r.message[:35] + "…"
             table.add_row(f"{r.fleet}/{r.device}", r.fleet_release or r.release or "—", sync, health, p95 + slo,
