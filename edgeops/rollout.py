@@ -342,7 +342,8 @@ class DeviceRoller:
 
     def measure(self, device: Device, planned: PlannedDevice, baseline: str | None) -> Verdict:
         target = self.ctx.target(planned.key)
-        gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
+        gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb,
+                           trial_window_s=target.profile.obj.spec.device.trial_window_s)
         return measure_release(device, planned.release_id, baseline, gate, self.host_golden[target.accelerator],
                                seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
                                    planned.key, "verify", f"{why} ({runs} runs)"))
@@ -520,7 +521,8 @@ class DeviceRoller:
                     outcome.reason = f"{planned.reason}; the device runs no release"
                     return outcome
                 report.stage(planned.key, "verify")
-                gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb)
+                gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb,
+                           trial_window_s=target.profile.obj.spec.device.trial_window_s)
                 verdict = measure_release(device, landing, None, gate, None, seed=planned.key)
                 slo = self.spec.slo.model_dump(mode="json")
                 kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason,

@@ -37,12 +37,16 @@ class GateSpec:
     memory_limit_mb: float | None = None  # the device profile's limits.max_memory_mb
 
     @classmethod
-    def of(cls, spec: DeploymentSpec, memory_limit_mb: float | None = None, wait_s: float | None = None) -> GateSpec:
+    def of(cls, spec: DeploymentSpec, memory_limit_mb: float | None = None, wait_s: float | None = None,
+           trial_window_s: float | None = None) -> GateSpec:
         """``wait_s``: how long the controller waits for a device's whole verification (a pull fleet's report
-        deadline); measuring again never spends more than half of it, nor half of ``timeouts.verify_s``."""
+        deadline); ``trial_window_s``: how long the device keeps a trial before it reverts by itself (its
+        profile's). Measuring again never spends more than half of the shortest of these and
+        ``timeouts.verify_s``: a verification still running when the trial window ends is undone by the device."""
         policy = spec.rollout
         verification = policy.verification
-        waited = min(policy.timeouts.verify_s, wait_s if wait_s is not None else policy.timeouts.verify_s)
+        waited = min(policy.timeouts.verify_s, wait_s if wait_s is not None else policy.timeouts.verify_s,
+                     trial_window_s if trial_window_s is not None else policy.timeouts.verify_s)
         if verification.budget_s is not None and verification.budget_s > waited / 2:
             verification = verification.model_copy(update={"budget_s": waited / 2})
         return cls(spec.slo, policy.regression, spec.quality, verification, policy.timeouts.verify_s,

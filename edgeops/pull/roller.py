@@ -72,7 +72,8 @@ class PullRoller(DeviceRoller):
             "registry": {"url": settings.registry, "repository": repository(target)},
             "signed": {"metadata": base64.b64encode(signed.data).decode(),
                        "signature": base64.b64encode(signed.signature.encode()).decode()} if signed else None,
-            "gate": GateSpec.of(self.spec, profile.limits.max_memory_mb, settings.report_deadline_s).as_json(),
+            "gate": GateSpec.of(self.spec, profile.limits.max_memory_mb, settings.report_deadline_s,
+                                profile.device.trial_window_s).as_json(),
             "host_golden": self.host_golden[target.accelerator],
             "trial_window_s": profile.device.trial_window_s, "keep_releases": profile.device.keep_releases,
             "power_sensor": target.power_sensor, "published_at": time.time(),
@@ -212,7 +213,7 @@ class PullRoller(DeviceRoller):
         landing = planned.release_id
         back = None if landing == UNINSTALL else landing
         gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb,
-                           pull_settings(target).report_deadline_s)
+                           pull_settings(target).report_deadline_s, target.profile.obj.spec.device.trial_window_s)
         self.ctx.reporter.stage(planned.key, "rollback", f"{planned.reason} (published; the device measures it)")
         outcome.decision = FAILED
         try:

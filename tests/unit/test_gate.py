@@ -216,3 +216,4 @@ def test_measuring_again_fits_in_what_the_controller_waits_for() -> None:
     assert GateSpec.of(spec).verification.budget_s == 60
     assert GateSpec.of(spec, wait_s=10).verification.budget_s == 5  # a pull fleet's report deadline of 10 s
     assert GateSpec.of(spec, wait_s=10).as_json()["verification"]["budget_s"] == 5
+    assert GateSpec.of(spec, trial_window_s=6).verification.budget_s == 3  # never past the device's own trial window
