@@ -163,7 +163,7 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
 
     goal = request.quality
     source = work / "00-original.onnx"
-    if _external_data(request, request.model_path):  # one file from here on: the weights inlined
+    if any(name.startswith("external:") for name in inputs["extra_files"]):  # one file from here on: inlined
         import onnx
 
         onnx.save(onnx.load(str(request.model_path)), str(source))

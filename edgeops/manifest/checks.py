@@ -238,13 +238,9 @@ def _decoder_layout(dep: Document[Deployment], inputs: set[str], outputs: set[st
     missing += [f"output {n}" for n in ["logits", *sorted(present)] if n not in outputs]
     if not missing:
         return []
-    return [dep.problem(("spec", "model", "path"), f"{spec_path(dep)} is not a decoder step in onnxruntime-genai's "
+    return [dep.problem(("spec", "model", "path"), f"{dep.obj.spec.model.path} is not a decoder step in onnxruntime-genai's "
                         f"layout: it lacks {', '.join(missing)} (input_ids, attention_mask, [position_ids,] "
                         "past_key_values.N.key/value -> logits, present.N.key/value)")]
-
-
-def spec_path(dep: Document[Deployment]) -> str:
-    return dep.obj.spec.model.path
 
 
 def closure(ws: Workspace, files: list[Path]) -> set[str]:
