@@ -253,7 +253,8 @@ class Device:
         the agent can say: no such transport, a trial running (it may have expired), the link and the state
         disagreeing (a switch to finish), no fresh facts for this power sensor, no free-space answer.
 
-        The file check is the agent's cheap one (sizes and times, times to the second that SFTP gives);
+        The file check is the agent's cheap one (sizes and times, times to the second that SFTP gives: the
+        agent dates the files it installs a second back, so a write even in the install's second shows);
         ``status --verify`` hashes through the agent.
         """
         look = getattr(self.transport, "look", None)
