@@ -661,6 +661,28 @@ def report(deployment: str, number: int | None, output: str, out_file: Path | No
 
 @main.command()
 @click.argument("deployment")
+@click.option("--rounds", type=click.IntRange(1, 1000), help="rounds to run (default: the deployment's adapt.rounds)")
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def adapt(deployment: str, rounds: int | None, output: str, root: Path | None) -> None:
+    """Federated rounds: devices train the head on their own samples, only clipped updates come back, and a
+    head better on the evaluation data is rolled out like any release (waves, verification, rollback)."""
+    from edgeops.ui import LiveReporter, adapt_table, console
+
+    with LiveReporter() as reporter:
+        results = service.adapt(deployment, rounds, settings(root), reporter, notify=notice)
+    if output == "json":
+        click.echo(json.dumps([{"round": r.number, "outcome": r.outcome, "message": r.message, **r.summary}
+                               for r in results], indent=2, default=str))
+    else:
+        console.print(adapt_table(results))
+    failed = any(r.outcome == "rejected" for r in results)
+    sys.exit(ExitCode.FAILED if failed else ExitCode.OK)
+
+
+@main.command()
+@click.argument("deployment")
 @click.option("--to", "to_release", help="an earlier committed release still on the devices: a fleet-wide id "
                                         "(rel-..., or a prefix of it; each device goes to its own materialisation) or "
                                         "one device release (r-...); default: undo the last rollout, each device it "

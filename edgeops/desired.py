@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from edgeops.adapt.artifact import Adaptation, NoHead, adaptable
 from edgeops.compress.cache import Artifact, Cache
+from edgeops.compress.data import load_dataset
 from edgeops.compress.pipeline import build, cached
 from edgeops.compress.request import BuildRequest
 from edgeops.errors import EdgeopsError
@@ -49,13 +51,16 @@ class NotBuilt(EdgeopsError):
 
 
 def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
-                  progress: Callable[[str], None] = lambda message: None, build_missing: bool = True) -> Desired:
+                  progress: Callable[[str], None] = lambda message: None, build_missing: bool = True,
+                  adaptation: Adaptation | None = None) -> Desired:
     """Build (cache hits are free) and render for every target device.
 
     ``build_missing=False`` (status, reconcile's check): use the cache only and raise NotBuilt on a miss.
+    ``adaptation``: the head a federated deployment's fleet learned (spec.adapt), used while the artifacts it
+    was learned on are still what git builds.
     """
     targets = tuple(target_devices(ws, deployment.name))
-    artifacts = {}
+    artifacts: dict[str, Artifact] = {}
     for accelerator in sorted({t.accelerator for t in targets}):
         if not build_missing:
             found = cached(BuildRequest.of(deployment, accelerator), cache)
@@ -66,6 +71,22 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
             continue
         progress(f"building {deployment.name} for {accelerator}")
         artifacts[accelerator] = build(BuildRequest.of(deployment, accelerator), cache, progress=progress).artifact
+    adapt = deployment.obj.spec.adapt
+    if adapt is not None:
+        learned = adaptation.tensors_sha256 if adaptation is not None and adaptation.bases == {
+            a: x.key for a, x in artifacts.items()} else None
+        derived: dict[str, Artifact] = {}
+        for accelerator, base in artifacts.items():
+            try:
+                evaluation = load_dataset(BuildRequest.of(deployment, accelerator), "evaluation") if learned else None
+                adapted = adaptable(base, adapt, cache, learned, build=build_missing, evaluation=evaluation)
+            except NoHead as exc:
+                raise deployment.error(("spec", "adapt"), str(exc)) from None
+            if adapted is None:
+                raise NotBuilt(f"the {accelerator} artifact with the fleet's learned head is not built yet",
+                               hint="edgeops plan or edgeops build builds it")
+            derived[accelerator] = adapted
+        artifacts = derived
     releases = {}
     templates = environment(ws.templates_dir)
     for target in targets:

@@ -480,3 +480,21 @@ class Device:
 
     def prune(self, keep: int) -> dict[str, Any]:
         return self.agent("prune", *self._changing(), "--keep", str(keep))
+
+    # ---------------------------------------------------------------- federated adaptation
+
+    def adapt_train(self, tensors: Path, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One local step of a federated round: send the round's starting tensors, have the agent train on the
+        device's own samples, and return what it reports (the clipped update and counts, nothing else).
+        Changes nothing the device runs."""
+        self.ensure_agent()
+        digest = hashlib.sha256(tensors.read_bytes()).hexdigest()
+        with self.session():
+            if self._session is not None:
+                remote = self._receive(tensors, f"adapt-{digest[:16]}.npz", digest, timeout, None)
+            else:
+                remote = f"{self.root}/.staging/adapt-{digest[:16]}-{uuid.uuid4().hex[:8]}.npz"
+                self.transport.run(["mkdir", "-p", f"{self.root}/.staging"])
+                self.transport.put(tensors, remote)
+            return self.agent("adapt-train", *self._common(), "--tensors", remote, "--spec",
+                              json.dumps(spec, sort_keys=True), timeout=timeout)

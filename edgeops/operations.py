@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edgeops.adapt.artifact import Adaptation
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.desired import Desired, desired_state
@@ -95,19 +96,28 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
         raise InputError(problems)
 
 
+def current_adaptation(repo: Repo, doc: Document[Deployment]) -> Adaptation | None:
+    """The head a federated deployment's fleet learned and released last (the ledger's word), if any."""
+    if doc.obj.spec.adapt is None:
+        return None
+    released = [r["summary"] for r in repo.ledger.summaries(doc.name, "adapt") if r["outcome"] == "released"]
+    return Adaptation(released[-1]["tensors_sha256"], released[-1]["bases"]) if released else None
+
+
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
                     progress: Progress = lambda m: None, selector: LabelSelector | None = None,
                     untrusted_base: str | None = None, accept_quality_drop: bool = False,
-                    verify: bool = False) -> tuple[Plan, Desired]:
+                    verify: bool = False, adaptation: Adaptation | None = None) -> tuple[Plan, Desired]:
     """Build and render (cache hits are free), read every device (those ``selector`` picks), and decide.
 
     ``untrusted_base``: the plan of a pull request; only devices whose endpoints and credentials are the
     ones this base revision has are contacted (the rest are shown, contacted only after merge). A release
     whose quality is lower than what the fleet runs is refused on every device it would change, unless
-    ``accept_quality_drop``.
+    ``accept_quality_drop``. ``adaptation``: a learned head to propose instead of the one the fleet released.
     """
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
-    desired = desired_state(repo.ws, doc, repo.cache, progress).selected(selector)
+    desired = desired_state(repo.ws, doc, repo.cache, progress,
+                            adaptation=adaptation or current_adaptation(repo, doc)).selected(selector)
     targets = list(desired.targets)
     withheld = withhold(repo.ws, untrusted_base, targets) if untrusted_base else Withheld({})
     progress(f"reading the state of {len(targets) - len(withheld.reasons)} device(s)")
@@ -150,7 +160,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                      reporter: Reporter | None = None, saved: Plan | None = None,
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0,
                      selector: LabelSelector | None = None, accept_quality_drop: bool = False,
-                     max_parallel: int | None = None) -> tuple[Plan, RolloutResult]:
+                     max_parallel: int | None = None, adaptation: Adaptation | None = None) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock (``max_parallel``: at most this
     many devices at once, below the rollout policy's parallelism: a slow link shared by fewer uploads)."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
@@ -159,7 +169,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s) as lease:
         # apply hashes what runs and the rollback targets (sizes and times cannot prove a same-size change)
         plan, desired = plan_deployment(repo, doc, connections, progress, selector,
-                                        accept_quality_drop=accept_quality_drop, verify=True)
+                                        accept_quality_drop=accept_quality_drop, verify=True, adaptation=adaptation)
         if saved is not None:
             if saved.deployment != doc.name:
                 raise InputError.at(doc.display, None, "", f"the saved plan is for deployment {saved.deployment}")
@@ -245,7 +255,8 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
     wanted: dict[str, str] = {}
     unknown = ""
     try:
-        desired = desired_state(repo.ws, doc, repo.cache, progress, build_missing=False)
+        desired = desired_state(repo.ws, doc, repo.cache, progress, build_missing=False,
+                                adaptation=current_adaptation(repo, doc))
         wanted = {key: release.id for key, release in desired.releases.items()}
     except EdgeopsError as exc:
         unknown = "the release git asks for is unknown: " + "; ".join(exc.lines())

@@ -623,6 +623,18 @@ def rollback(deployment: str, to: str | None, devices: list[str] | None, setting
     return result
 
 
+def adapt(deployment: str, rounds: int | None, settings: Settings, reporter: Reporter,
+          notify: Progress = _quiet) -> list[Any]:
+    """Federated rounds of a deployment with an adapt: section (edgeops.adapt.rounds); each round's result."""
+    from edgeops.adapt.rounds import adapt_deployment
+    from edgeops.connections import Connections
+
+    repo, doc = _context(deployment, settings)
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+                     broker_password=settings.broker_password) as connections:
+        return adapt_deployment(repo, doc, connections, rounds, progress=notify, reporter=reporter)
+
+
 def summarize(result: RolloutResult) -> dict[str, Any]:
     """Counts per decision and bytes moved, as the ledger keeps them."""
     from edgeops.rollout import summarize as counts

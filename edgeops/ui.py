@@ -250,6 +250,40 @@ def _commit(rollout: dict[str, Any]) -> str:
     return f"{sha} by {author}" if sha and author else sha
 
 
+def adapt_line(summary: dict[str, Any]) -> str:
+    """One federated round in a line: who trained on how much, the accuracy it reached, what was left out."""
+    parts = []
+    if summary.get("used") is not None:
+        parts.append(f"{len(summary['used'])}/{len(summary.get('asked') or [])} device(s), "
+                     f"{summary.get('samples', 0)} samples")
+    if summary.get("accuracy_after") is not None:
+        parts.append(f"accuracy {summary['accuracy_start']:.2f} -> {summary['accuracy_after']:.2f} "
+                     f"(released {summary['accuracy_released']:.2f})")
+    if summary.get("epsilon") is not None:
+        parts.append(f"ε={summary['epsilon']:.3g} at δ={summary['delta']:g}")
+    parts += [f"{device} excluded: {why}" for device, why in sorted((summary.get("excluded") or {}).items())]
+    parts += [f"{device} dropped: {why}" for device, why in sorted((summary.get("dropped") or {}).items())]
+    if summary.get("reason"):
+        parts.append(str(summary["reason"]))
+    return "; ".join(parts)
+
+
+def adapt_table(results: list[Any]) -> Table:
+    table = Table(title="federated rounds", title_justify="left")
+    for column in ("round", "outcome", "devices", "samples", "accuracy", "released", "ε", "notes"):
+        table.add_column(column)
+    for r in results:
+        s = r.summary
+        after = f"{s['accuracy_start']:.2f} -> {s['accuracy_after']:.2f}" if s.get("accuracy_after") is not None else ""
+        notes = [f"{d} excluded: {w}" for d, w in sorted((s.get("excluded") or {}).items())]
+        notes += [f"{d} dropped: {w}" for d, w in sorted((s.get("dropped") or {}).items())]
+        table.add_row(str(r.number), r.outcome, f"{len(s.get('used') or [])}/{len(s.get('asked') or [])}",
+                      str(s.get("samples", "")), after, s.get("release") or "",
+                      f"{s['epsilon']:.3g}" if s.get("epsilon") is not None else "—",
+                      escape("; ".join(notes + ([s["reason"]] if s.get("reason") else []))))
+    return table
+
+
 def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
     table = Table(title=f"history of {deployment}", title_justify="left")
     for column in ("#", "when", "kind", "outcome", "who", "commit", "release / artifact", "device", "decision",
@@ -267,7 +301,8 @@ def history_table(deployment: str, rollouts: list[dict[str, Any]]) -> Table:
                           (r["outcome"] or "unfinished: the controller stopped") if first else "", who if first else "",
                           _commit(r) if first else "", artifacts if first else "",
                           e.get("device", ""), e.get("decision", ""), e.get("release_id") or "",
-                          f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "", escape(e.get("reason") or ""))
+                          f"{latency['p95_ms']:.3f}" if latency.get("p95_ms") else "",
+                          escape(e.get("reason") or (adapt_line(r.get("summary") or {}) if r["kind"] == "adapt" else "")))
             first = False
     return table
 

@@ -19,6 +19,7 @@ RELEASE_DIR holds runtime.json, the model file it names and optionally golden.np
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -1605,6 +1606,143 @@ def layout_watchdog(args):
     return {"expired": bool(expired)}
 
 
+# ------------------------------------------------------------------ adaptation (a federated round's local step)
+#
+# The head is canonical here: weight [features, classes], bias [classes]. The controller says how the model
+# stores it (``transposed``: a Gemm with transB=1 keeps [classes, features]). edgeops imports train_head and
+# head_accuracy from this file: the controller's central reference trains exactly as a device does.
+
+
+def head_logits(features, weight, bias):
+    return features @ weight + bias
+
+
+def head_accuracy(features, labels, weight, bias):
+    import numpy as np
+
+    if not len(labels):
+        return None
+    return float(np.mean(np.argmax(head_logits(features, weight, bias), axis=1) == labels) * 100.0)
+
+
+def train_head(features, labels, weight, bias, epochs=1, learning_rate=0.1, batch_size=32, proximal_mu=0.0,
+               seed=0):
+    """Minibatch SGD on softmax cross-entropy (closed-form gradients); ``proximal_mu`` > 0 adds FedProx's
+    pull towards the starting tensors. Returns new (weight, bias); the inputs are not changed."""
+    import numpy as np
+
+    w, b = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
+    w0, b0 = w.copy(), b.copy()
+    rng = np.random.default_rng(seed)
+    count = len(labels)
+    for _ in range(int(epochs)):
+        order = rng.permutation(count)
+        for start in range(0, count, int(batch_size)):
+            index = order[start:start + int(batch_size)]
+            x, y = features[index].astype(np.float64), labels[index]
+            logits = x @ w + b
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(y)), y] -= 1.0
+            p /= len(y)
+            grad_w, grad_b = x.T @ p, p.sum(axis=0)
+            if proximal_mu:
+                grad_w += proximal_mu * (w - w0)
+                grad_b += proximal_mu * (b - b0)
+            w -= learning_rate * grad_w
+            b -= learning_rate * grad_b
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def _local_samples(directory, names):
+    """Every .npz under ``directory``: the model's inputs by name plus ``labels``; (inputs, labels, files)."""
+    import numpy as np
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".npz")) if os.path.isdir(directory) else []
+    inputs, labels = {n: [] for n in names}, []
+    for name in files:
+        try:
+            with np.load(os.path.join(directory, name), allow_pickle=False) as data:
+                if "labels" not in data or any(n not in data for n in names):
+                    continue  # not a sample file this model can use: the application's other files
+                for n in names:
+                    inputs[n].append(data[n])
+                labels.append(data["labels"].reshape(-1).astype(np.int64))
+        except (OSError, ValueError):
+            continue
+    if not labels:
+        return None, None, 0
+    return {n: np.concatenate(v) for n, v in inputs.items()}, np.concatenate(labels), len(files)
+
+
+def _encode(array):
+    import numpy as np
+
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
+
+
+def layout_adapt_train(args):
+    """One device's step of a federated round: the committed release computes features of the local samples,
+    the head trains from the tensors the controller sent, and only the clipped difference leaves the device,
+    with the sample count and the local validation accuracy of the sent and the trained head."""
+    import numpy as np
+
+    spec = json.loads(args.spec)
+    directory = _deployment_dir(args.root, args.deployment)
+    state = _read_state(directory) or {}
+    running = _link(directory, "current")
+    if state.get("trial") or running is None or running != state.get("committed"):
+        raise AgentError("the device is not on a committed release (a trial or none): it does not train now",
+                         "not-committed")
+    if spec.get("release") and running != spec["release"]:
+        raise AgentError(f"the device runs {running}, not {spec['release']} that this round trains",
+                         "release-mismatch")
+    data = os.path.join(args.root, spec["data"])
+    if not _inside(args.root, data):
+        raise AgentError(f"{spec['data']} is outside this device's root", "restricted")
+    release = os.path.join(directory, "releases", running)
+    config = _load_config(release)
+    session = open_session(release, config)
+    names = [i.name for i in session.get_inputs()]
+    inputs, labels, files = _local_samples(data, names)
+    if labels is None:
+        raise AgentError(f"no labelled samples under {data}", "no-data")
+    chunks = []
+    for start in range(0, len(labels), 64):
+        feeds = {n: inputs[n][start:start + 64].astype(np.float32) for n in names}
+        chunks.append(session.run([spec["features"]], feeds)[0].reshape(len(feeds[names[0]]), -1))
+    features = np.concatenate(chunks).astype(np.float32)
+    with np.load(args.tensors, allow_pickle=False) as sent:
+        weight, bias = sent[spec["weight"]], sent[spec["bias"]]
+    canonical = weight.T if spec.get("transposed") else weight
+    every = max(2, int(round(1.0 / spec["validation_fraction"]))) if spec.get("validation_fraction") else 0
+    held = np.arange(len(labels)) % every == every - 1 if every else np.zeros(len(labels), bool)
+    if held.all() or not (~held).any():
+        held[:] = False
+    trained_w, trained_b = train_head(features[~held], labels[~held], canonical, bias, spec["epochs"],
+                                      spec["learning_rate"], spec["batch_size"], spec.get("proximal_mu", 0.0),
+                                      spec.get("seed", 0))
+    delta_w, delta_b = trained_w - canonical, trained_b - bias
+    norm = float(np.sqrt((delta_w.astype(np.float64) ** 2).sum() + (delta_b.astype(np.float64) ** 2).sum()))
+    clip = float(spec.get("clip_norm") or 0)
+    scale = clip / norm if clip and norm > clip else 1.0
+    delta_w, delta_b = delta_w * scale, delta_b * scale
+    validation = None
+    if held.any():
+        validation = {"samples": int(held.sum()),
+                      "sent_accuracy": head_accuracy(features[held], labels[held], canonical, bias),
+                      "trained_accuracy": head_accuracy(features[held], labels[held], trained_w, trained_b)}
+    try:
+        os.unlink(args.tensors)  # the sent tensors were staged for this step only
+    except OSError:
+        pass
+    return {"release": running, "samples": int((~held).sum()), "files": files, "norm": round(norm, 6),
+            "clipped": scale < 1.0, "validation": validation,
+            "update": {spec["weight"]: _encode(delta_w.T if spec.get("transposed") else delta_w),
+                       spec["bias"]: _encode(delta_b)}}
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -2200,7 +2338,7 @@ def serve():
 
 CONFINED_ENV = "EDGEOPS_AGENT_ROOT"
 GATED_COMMANDS = ("serve", "state", "prepare", "assemble", "switch", "record", "prune", "bench", "facts", "power",
-                  "enroll", "install-agent", "check-order", "heal")
+                  "enroll", "install-agent", "check-order", "heal", "adapt-train")
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server", "/usr/libexec/openssh/sftp-server",
                 "/usr/lib/ssh/sftp-server")
 MARKER = "--edgeops-output-begins--"
@@ -2219,7 +2357,7 @@ def _confine(argv):
         return
     paths = []
     for index, word in enumerate(argv):
-        if word in ("--root", "--staged", "--compare") and index + 1 < len(argv):
+        if word in ("--root", "--staged", "--compare", "--tensors") and index + 1 < len(argv):
             value = argv[index + 1]
             if word == "--root" and os.path.realpath(value) != os.path.realpath(root):
                 raise AgentError(f"this device's agent serves {root} only, not {value}", "restricted")
@@ -2334,6 +2472,11 @@ def main(argv=None):
     w.add_argument("--deployment", required=True)
     w.add_argument("--release", required=True)
     w.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
+    t = sub.add_parser("adapt-train", help="a federated round's local step: train the head on local samples")
+    t.add_argument("--root", required=True)
+    t.add_argument("--deployment", required=True)
+    t.add_argument("--tensors", required=True, help="the round's starting tensors (.npz, staged by receive)")
+    t.add_argument("--spec", required=True, help="JSON: tensors, features output, data directory, optimiser")
     for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune", "heal"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--root", required=True)
@@ -2393,7 +2536,7 @@ def main(argv=None):
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll,
-                "check-order": layout_check_order, "heal": layout_heal}
+                "check-order": layout_check_order, "heal": layout_heal, "adapt-train": layout_adapt_train}
     if args.command == "gate":
         return gate(args)
     try:

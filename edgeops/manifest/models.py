@@ -419,6 +419,75 @@ class RolloutPolicy(Strict):
         return _check_count(value)
 
 
+class AdaptSampling(Strict):
+    fraction: Annotated[float, Field(gt=0, le=1)] = Field(default=1.0, description="share of the eligible devices "
+                                                                                    "asked in each round")
+    min_devices: Annotated[int, Field(ge=1)] = Field(default=2, description="fewer updates than this by the "
+                                                                            "deadline: the round is void")
+
+
+class AdaptOutliers(Strict):
+    max_norm_ratio: Annotated[float, Field(gt=1)] = Field(
+        default=6.0, description="an update longer than this many times the round's median length is excluded")
+    min_cosine: Annotated[float, Field(ge=-1, le=1)] = Field(
+        default=-0.8, description="an update whose cosine to the others' median is below this is excluded (devices "
+                                  "with different classes point apart honestly: keep it low for non-IID data)")
+
+
+class AdaptPrivacy(Strict):
+    noise_multiplier: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="Gaussian noise on the aggregate, in units of clip_norm per device (DP-FedAvg); "
+                                 "0: no noise and no privacy claim")
+    delta: Annotated[float, Field(gt=0, lt=0.1)] = Field(default=1e-5, description="the δ of the (ε, δ) reported")
+    max_epsilon: PositiveFloat | None = Field(default=None, description="no round starts that would spend more")
+
+
+def _relative_path(value: str) -> str:
+    if value.startswith("/") or ".." in value.split("/") or "\n" in value or "\0" in value or not value.strip("/"):
+        raise ValueError(f"must be a path relative to the device root, without '..' (got {value!r})")
+    return value.strip("/")
+
+
+class AdaptSpec(Strict):
+    """Federated adaptation: devices train the classification head on their own samples; only clipped updates
+    leave them, the controller aggregates, and a better head becomes a release through the gate."""
+
+    train: Literal["head"] = Field(default="head", description="head: the Gemm or MatMul(+Add) that makes the "
+                                                               "quality output from the features before it")
+    tensors: list[str] | None = Field(default=None, min_length=2, max_length=2,
+                                      description="[weight, bias]: the head's initializers, when it is not found")
+    data: str | None = Field(default=None, description="where each device's application writes labelled .npz "
+                                                       "samples, relative to the device root (default "
+                                                       "data/<deployment>)")
+    rounds: Annotated[int, Field(ge=1, le=1000)] = Field(default=10, description="rounds per `edgeops adapt`")
+    devices_per_round: AdaptSampling = AdaptSampling()
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 5
+    learning_rate: PositiveFloat = 0.05
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    clip_norm: PositiveFloat = Field(default=1.0, description="the longest update a device sends (L2 over the "
+                                                              "trained tensors); the controller clips again")
+    aggregation: Literal["fedavg", "fedprox", "trimmed_mean", "median"] = "fedavg"
+    proximal_mu: Annotated[float, Field(ge=0)] = Field(default=0.01, description="fedprox: the pull towards the "
+                                                                                  "round's starting tensors")
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        default=0.2, description="trimmed_mean: share of the largest and of the smallest values dropped per "
+                                 "coordinate")
+    outliers: AdaptOutliers = AdaptOutliers()
+    privacy: AdaptPrivacy = AdaptPrivacy()
+    min_improvement: Annotated[float, Field(ge=0)] = Field(
+        default=0.5, description="points of accuracy on spec.data.evaluation a round's head must gain over the "
+                                 "released one to become a release")
+    round_deadline_s: PositiveFloat = Field(default=120, description="updates later than this are not waited for")
+    validation_fraction: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        default=0.2, description="share of each device's samples kept for its local validation")
+    seed: int = 0
+
+    _data = field_validator("data")(lambda cls, v: v if v is None else _relative_path(v))
+
+    def data_dir(self, deployment: str) -> str:
+        return self.data or f"data/{deployment}"
+
+
 class DeploymentSpec(Strict):
     model: ModelSource
     data: DataSpec
@@ -430,6 +499,8 @@ class DeploymentSpec(Strict):
     slo: SLO = SLO()
     targets: list[Target] = Field(min_length=1)
     rollout: RolloutPolicy = RolloutPolicy()
+    adapt: AdaptSpec | None = Field(default=None, description="federated adaptation of the head on the devices' "
+                                                              "own samples (docs/federated.md)")
 
     @model_validator(mode="after")
     def _task_fits(self) -> "DeploymentSpec":
@@ -451,6 +522,9 @@ class DeploymentSpec(Strict):
                                          "fp16 or auto")
                     if step.distill:
                         raise ValueError("distill steps are not offered for text-generation yet")
+        if self.adapt is not None and (generative or self.quality.metric != "accuracy"):
+            raise ValueError("adapt: trains a classification head: it needs model.task predict and quality.metric "
+                             "accuracy (labelled evaluation data)")
         return self
 
     def recipe_for_accelerator(self, accelerator: str) -> list[RecipeStep]:

@@ -156,6 +156,14 @@ class Ledger(ABC):
                                   "AND kind = 'apply' ORDER BY id DESC LIMIT 1", (deployment,))
         return None if not rows else dict(json.loads(rows[0]["summary"] or "{}"))
 
+    def summaries(self, deployment: str, kind: str) -> list[dict[str, Any]]:
+        """Every finished record of ``kind`` for the deployment, oldest first: id, outcome, summary."""
+        with self._connect() as db:
+            rows = self._rows(db, "SELECT id, outcome, started_at, finished_at, summary FROM rollouts WHERE "
+                                  "deployment = ? AND kind = ? AND outcome IS NOT NULL ORDER BY id",
+                              (deployment, kind))
+        return [{**r, "summary": json.loads(r["summary"] or "{}")} for r in rows]
+
     # ---------------------------------------------------------------- fleet-wide releases
 
     def record_release(self, deployment: str, release: str, artifacts: dict[str, str], configs: dict[str, list[str]],

@@ -10,25 +10,25 @@ PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edg
         "edgeops.health"}
 IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.lablink", "edgeops.labplace", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired",
-      "edgeops.generative",
+      "edgeops.generative", "edgeops.adapt",
       "edgeops.endpoints", "edgeops.running_quality"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
 
 # every module belongs to one layer and imports only from its own layer or those below
 LAYERS = [
     {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
-     "edgeops.selectors", "edgeops.agent"},                                          # vocabulary, leaves
+     "edgeops.selectors", "edgeops.agent", "edgeops.adapt.aggregate", "edgeops.adapt.privacy"},  # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
     {"edgeops.facts", "edgeops.plan", "edgeops.plan_operations", "edgeops.verify", "edgeops.health",
      "edgeops.targets"},                                                             # pure decisions
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull",
-     "edgeops.generative"},                                                          # one job, one resource
+     "edgeops.generative", "edgeops.adapt"},                                         # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
      "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.labplace", "edgeops.endpoints", "edgeops.running_quality"},
     {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
-    {"edgeops.operations", "edgeops.review"},                                        # composed operations
+    {"edgeops.operations", "edgeops.review", "edgeops.adapt.rounds"},                # composed operations
     {"edgeops.service"},                                                             # the one API of the CLI
     {"edgeops.ui"},
     {"edgeops.cli", "edgeops.__main__"},
@@ -75,7 +75,7 @@ def test_the_pure_core_does_no_io() -> None:
     assert not {m: i for m, i in offenders.items() if i}
 
 
-OPERATIONS = {"edgeops.operations", "edgeops.review"}
+OPERATIONS = {"edgeops.operations", "edgeops.review", "edgeops.adapt.rounds"}
 
 
 def test_only_the_cli_reaches_the_ui_and_only_the_service_reaches_the_operations() -> None:
