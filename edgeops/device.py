@@ -107,6 +107,32 @@ class PushResult:
     bytes_moved: int
     files_moved: int
     files_skipped: int
+    files_patched: int = 0   # sent as the blocks that differ from the same file of the release the device runs
+
+
+PATCH_FORMAT = "edgeops.blockpatch/v1"
+PATCH_MIN_BYTES = 16 * 1024  # smaller files go whole: a patch's round trips cost more than they save
+
+
+def patch_block(size: int) -> int:
+    """Block size of a patch: 256 bytes, doubled until a file has at most 4096 blocks."""
+    block = 256
+    while size > block * 4096:
+        block *= 2
+    return block
+
+
+def _patch_bases(observed: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """File name -> (blob digest, size) of the release the device runs, then of its committed one, for blobs it
+    still holds: what a new file of the same name may be a patch against."""
+    state = observed.get("state") or {}
+    releases, blobs = state.get("releases") or {}, set(observed.get("blobs") or ())
+    found: dict[str, tuple[str, int]] = {}
+    for release in (state.get("committed"), observed.get("current")):
+        for name, meta in ((releases.get(release) or {}).get("files") or {}).items():
+            if meta.get("sha256") in blobs:
+                found[name] = (meta["sha256"], int(meta.get("size") or 0))
+    return found
 
 
 DEFAULT_TRIAL_WINDOW_S = 1800.0  # a device profile's default (device.trial_window_s)
@@ -327,11 +353,20 @@ class Device:
                               f"{need_bytes + DISK_MARGIN_BYTES} bytes, {observed['free_bytes']} free; "
                               "the previous release is untouched",
                               hint="free space on the device or lower device.keep_releases")
-        moved, staged = 0, {}
+        moved, staged, patched = 0, {}, 0
         parts = observed.get("parts") or {}
+        bases = _patch_bases(observed)
         with tempfile.TemporaryDirectory() as tmp:
             for item in needed:
                 local = self._local_copy(item, Path(tmp))
+                base = bases.get(item.name)
+                if base is not None and base[1] == item.size and item.size >= PATCH_MIN_BYTES:
+                    found = self._send_patch(local, item.sha256, base[0], Path(tmp), timeout)
+                    if found is not None:
+                        staged[found[0]] = item.sha256
+                        moved += found[1]
+                        patched += 1
+                        continue
                 report = (lambda done, total: progress(done)) if progress else None
                 if self._session is not None:  # through the agent: SFTP may be read-only
                     name = f"{item.sha256}.part"  # named by its content: a cut upload resumes from its part
@@ -347,7 +382,43 @@ class Device:
         files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
         self.agent("assemble", *self._changing(), "--release", release.id, "--files", files,
                    "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
-        return PushResult(moved, len(needed), len(release.files) - len(needed))
+        return PushResult(moved, len(needed), len(release.files) - len(needed), patched)
+
+    def _send_patch(self, local: Path, sha256: str, base: str, tmp: Path,
+                    timeout: float | None) -> tuple[str, int] | None:
+        """Send only the blocks of ``local`` that differ from the device's blob ``base`` (same size); the agent
+        rebuilds the file and refuses it unless it hashes to ``sha256``. (staged path, bytes sent), or None when
+        a patch would not save much or the device refused it (the whole file is sent then)."""
+        size = local.stat().st_size
+        block = patch_block(size)
+        theirs = self.agent("blocks", "--root", self.root, "--blob", base, "--block", str(block),
+                            timeout=timeout)["hashes"]
+        data = local.read_bytes()
+        changed = [i for i in range(len(theirs))
+                   if hashlib.sha256(data[i * block:(i + 1) * block]).hexdigest()[:16] != theirs[i]]
+        if len(theirs) != (size + block - 1) // block or len(changed) * block > size // 2:
+            return None
+        header = {"format": PATCH_FORMAT, "base": base, "target": sha256, "size": size, "block": block,
+                  "blocks": changed}
+        patch = tmp / f"{sha256}.patch"
+        with patch.open("wb") as out:
+            out.write(json.dumps(header).encode() + b"\n")
+            for index in changed:
+                out.write(data[index * block:(index + 1) * block])
+        digest = hashlib.sha256(patch.read_bytes()).hexdigest()
+        if self._session is not None:
+            remote = self._receive(patch, f"{sha256[:16]}.patch", digest, timeout, None)
+        else:
+            remote = f"{self.root}/.staging/{sha256[:16]}-{uuid.uuid4().hex[:8]}.patch"
+            self.transport.put(patch, remote)
+        try:
+            rebuilt = self.agent("patch", "--root", self.root, "--base", base, "--patch", remote, "--sha256", sha256,
+                                 timeout=timeout)
+        except AgentFailed as exc:
+            if exc.kind != "patch-mismatch":
+                raise
+            return None
+        return str(rebuilt["path"]), patch.stat().st_size
 
     def _upload(self, local: Path, name: str, sha256: str, timeout: float | None,
                 progress: Callable[[int, int], None] | None, offset: int) -> tuple[str, int]:

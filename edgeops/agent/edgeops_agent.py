@@ -1892,6 +1892,76 @@ def _require_staged(root, path):
         raise AgentError(f"{path} is not an upload in {root}/.staging", "restricted")
 
 
+PATCH_FORMAT = "edgeops.blockpatch/v1"
+
+
+def _blob_path(root, digest):
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise AgentError(f"invalid blob digest {digest!r}", "usage")
+    path = os.path.join(root, "blobs", "sha256", digest)
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise AgentError(f"blob {digest} is not on this device", "blob-missing")
+    return path
+
+
+def block_hashes(path, block):
+    """The first 16 hex digits of the sha256 of each ``block``-byte block of a file (a patch's base)."""
+    out = []
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            out.append(hashlib.sha256(chunk).hexdigest()[:16])
+    return out
+
+
+def layout_blocks(args):
+    """Block hashes of a blob this device holds: the controller sends only the blocks of a new file that differ."""
+    if not 64 <= args.block <= (1 << 24):
+        raise AgentError("invalid block size", "usage")
+    return {"blob": args.blob, "block": args.block, "hashes": block_hashes(_blob_path(args.root, args.blob),
+                                                                            args.block)}
+
+
+def layout_patch(args):
+    """Rebuild a file from a blob this device holds and an uploaded block patch (changed blocks only), into
+    .staging; refused unless the result hashes to ``--sha256`` (what the release's signed file table says). The
+    result goes into blobs/ only through ``assemble``, which checks it again."""
+    _require_staged(args.root, args.patch)
+    base = _blob_path(args.root, args.base)
+    try:
+        with open(args.patch, "rb") as handle:
+            header = json.loads(handle.readline())
+            if header.get("format") != PATCH_FORMAT or header.get("base") != args.base or \
+                    header.get("target") != args.sha256:
+                raise ValueError("header does not match")
+            block, size, blocks = int(header["block"]), int(header["size"]), [int(i) for i in header["blocks"]]
+            if block < 64 or size < 0 or any(not 0 <= i * block < max(size, 1) for i in blocks):
+                raise ValueError("blocks out of range")
+            target = os.path.join(args.root, ".staging", f"{args.sha256}.patched-{uuid.uuid4().hex[:8]}")
+            digest = hashlib.sha256()
+            with open(base, "rb") as source, open(target, "wb") as out:
+                wanted = dict.fromkeys(blocks)
+                for index in range((size + block - 1) // block):
+                    length = min(block, size - index * block)
+                    old = source.read(block)
+                    data = handle.read(length) if index in wanted else old[:length]
+                    if len(data) != length:
+                        raise ValueError("the patch or its base is short")
+                    digest.update(data)
+                    out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AgentError(f"the patch for {args.sha256[:12]} is unusable ({exc}); nothing changed", "patch-mismatch")
+    finally:
+        if os.path.exists(args.patch):
+            os.unlink(args.patch)
+    if digest.hexdigest() != args.sha256:
+        os.unlink(target)
+        raise AgentError(f"the file rebuilt from its patch hashes to {digest.hexdigest()[:12]}, not "
+                         f"{args.sha256[:12]}: refused, nothing changed", "patch-mismatch")
+    return {"path": target, "sha256": args.sha256}
+
+
 def layout_assemble(args):
     """Commit uploaded blobs (sha256 checked), build releases/<id>/ from verified copies, move it in with one rename.
 
@@ -2338,7 +2408,8 @@ def serve():
 
 CONFINED_ENV = "EDGEOPS_AGENT_ROOT"
 GATED_COMMANDS = ("serve", "state", "prepare", "assemble", "switch", "record", "prune", "bench", "facts", "power",
-                  "enroll", "install-agent", "check-order", "heal", "adapt-train")
+                  "enroll", "install-agent", "check-order", "heal", "adapt-train",
+                  "blocks", "patch")
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server", "/usr/libexec/openssh/sftp-server",
                 "/usr/lib/ssh/sftp-server")
 MARKER = "--edgeops-output-begins--"
@@ -2357,7 +2428,7 @@ def _confine(argv):
         return
     paths = []
     for index, word in enumerate(argv):
-        if word in ("--root", "--staged", "--compare", "--tensors") and index + 1 < len(argv):
+        if word in ("--root", "--staged", "--compare", "--tensors", "--patch") and index + 1 < len(argv):
             value = argv[index + 1]
             if word == "--root" and os.path.realpath(value) != os.path.realpath(root):
                 raise AgentError(f"this device's agent serves {root} only, not {value}", "restricted")
@@ -2472,6 +2543,15 @@ def main(argv=None):
     w.add_argument("--deployment", required=True)
     w.add_argument("--release", required=True)
     w.add_argument("--deadline", type=float, required=True, help="seconds since the epoch")
+    k = sub.add_parser("blocks", help="block hashes of a blob (the base of a block patch)")
+    k.add_argument("--root", required=True)
+    k.add_argument("--blob", required=True)
+    k.add_argument("--block", type=int, required=True)
+    q = sub.add_parser("patch", help="rebuild a file from a held blob and an uploaded block patch")
+    q.add_argument("--root", required=True)
+    q.add_argument("--base", required=True)
+    q.add_argument("--patch", required=True)
+    q.add_argument("--sha256", required=True)
     t = sub.add_parser("adapt-train", help="a federated round's local step: train the head on local samples")
     t.add_argument("--root", required=True)
     t.add_argument("--deployment", required=True)
@@ -2536,7 +2616,8 @@ def main(argv=None):
                 "prepare": layout_prepare, "install-agent": layout_install_agent,
                 "assemble": layout_assemble, "switch": layout_switch, "record": layout_record,
                 "prune": layout_prune, "watchdog": layout_watchdog, "enroll": layout_enroll,
-                "check-order": layout_check_order, "heal": layout_heal, "adapt-train": layout_adapt_train}
+                "check-order": layout_check_order, "heal": layout_heal, "adapt-train": layout_adapt_train,
+                "blocks": layout_blocks, "patch": layout_patch}
     if args.command == "gate":
         return gate(args)
     try:

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgeops.cli import main
-from edgeops.errors import ExitCode
 from edgeops.connections import Connections
+from edgeops.errors import ExitCode
 from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import StalePlan, apply_deployment, plan_deployment, rollback_deployment
 from edgeops.rollout import device_for, orders_for

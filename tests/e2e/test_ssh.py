@@ -24,10 +24,10 @@ from edgeops.errors import (
     TransportError,
 )
 from edgeops.lab import admin_key_of
-from edgeops.rollout import orders_for
 from edgeops.manifest.workspace import load_workspace
 from edgeops.release import make_release
 from edgeops.render import render_device
+from edgeops.rollout import orders_for
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.transport.ssh import SSHTransport, target_for
 from labkit.artifacts import build_for, lab_signed

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from edgeops.device import AgentFailed, Device, ReleaseNotTrusted
-from edgeops.signing import RELEASE_NAMESPACE, allowed_signers_line, generate_key, release_metadata, sign, sign_order
-from edgeops.signing import FileDigest, SignedMetadata
+from edgeops.signing import (
+    RELEASE_NAMESPACE,
+    FileDigest,
+    SignedMetadata,
+    allowed_signers_line,
+    generate_key,
+    release_metadata,
+    sign,
+    sign_order,
+)
 from edgeops.transport.local import LocalTransport
 from tests.integration.test_device_local import releases
 

@@ -1,0 +1,140 @@
+"""Deltas on the wire, over real sshd: a release whose model differs from the running one only in some tensors
+(a head retrained in git) moves only the blocks that changed; the device rebuilds the file, which must hash to
+the signed file table before it becomes a blob; a corrupted patch is refused and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeops.adapt.artifact import features_of, find_head
+from edgeops.agent.edgeops_agent import train_head
+from edgeops.connections import Connections
+from edgeops.device import AgentFailed, patch_block
+from edgeops.manifest.workspace import load_workspace
+from edgeops.operations import apply_deployment
+from edgeops.rollout import device_for
+from edgeops.targets import target_devices
+from labkit.artifacts import repo_at
+from labkit.repo import REPO, copy_repo, write_lab_fleet
+
+pytestmark = pytest.mark.ssh
+NAME = "digits-float"
+
+
+@pytest.fixture(scope="module")
+def delta_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    from edgeops.lab import lab_down, lab_up
+
+    base = tmp_path_factory.mktemp("deltas")
+    root = copy_repo(base / "repo")
+    write_lab_fleet(root, 2, base / "devices")
+    (root / "models").mkdir()
+    shutil.copyfile(REPO / "examples" / "models" / "digits_cnn.onnx", root / "models" / "digits.onnx")
+    camera = (root / "manifests" / "camera.yaml").read_text()
+    text = camera[:camera.index("  recipe:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
+    text = text.replace("name: meter-digits", f"name: {NAME}").replace("../examples/models/digits_cnn.onnx",
+                                                                         "../models/digits.onnx")
+    (root / "manifests" / f"{NAME}.yaml").write_text(text + "  targets:\n    - fleet: lab\n  rollout:\n"
+                                                             "    waves: [1, 100%]\n")
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, NAME), login_home=hostile_home)
+    try:
+        yield root
+    finally:
+        lab_down(ws, ws.fleets["lab"])
+
+
+def _apply(root: Path):  # type: ignore[no-untyped-def]
+    ws = load_workspace(root)
+    with Connections() as connections:
+        return apply_deployment(repo_at(root, ws), ws.deployments[NAME], connections)[1]
+
+
+def _retrain_head(path: Path) -> None:
+    """The model file in git with its head retrained a few epochs on the training data: same graph, new
+    head tensors."""
+    model = onnx.load(str(path))
+    head = find_head(model, None, None)
+    with np.load(REPO / "examples" / "data" / "digits_training.npz") as data:
+        images, labels = data["image"].astype(np.float32), data["labels"].astype(np.int64)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(head.features, onnx.TensorProto.FLOAT, None))
+    scratch = path.with_suffix(".probe.onnx")
+    scratch.write_bytes(probe.SerializeToString())
+    features = features_of(scratch, head, {"image": images})
+    scratch.unlink()
+    inits = {i.name: i for i in model.graph.initializer}
+    weight = onnx.numpy_helper.to_array(inits[head.weight]).T
+    bias = onnx.numpy_helper.to_array(inits[head.bias])
+    weight, bias = train_head(features, labels, weight, bias, epochs=2, learning_rate=0.01)
+    inits[head.weight].raw_data = np.ascontiguousarray(weight.T, "<f4").tobytes()
+    inits[head.bias].raw_data = np.ascontiguousarray(bias, "<f4").tobytes()
+    path.write_bytes(model.SerializeToString())
+
+
+def test_a_head_retrained_in_git_moves_only_its_blocks_and_the_device_model_hashes_as_signed(delta_lab: Path) -> None:
+    first = _apply(delta_lab)
+    assert first.ok, first.message
+    model = delta_lab / "models" / "digits.onnx"
+    size = model.stat().st_size
+    _retrain_head(model)
+    assert model.stat().st_size == size
+    second = _apply(delta_lab)
+    assert second.ok, second.message
+    moved = [d.bytes_moved for d in second.devices]
+    assert len(moved) == 2 and all(0 < m <= 0.05 * size for m in moved), (moved, size)
+    print(f"head-only release: {moved[0]} bytes moved per device, {moved[0] / size:.2%} of the model's {size}")
+    ws = load_workspace(delta_lab)
+    built = hashlib.sha256(_built_model(delta_lab)).hexdigest()
+    for target in target_devices(ws, NAME):
+        deployment = Path(target.root) / "deployments" / NAME
+        state = json.loads((deployment / "state.json").read_text())
+        assert state["status"] == "committed"
+        recorded = state["releases"][state["current"]]["files"]["model.onnx"]["sha256"]
+        assert recorded == built == hashlib.sha256((deployment / "current" / "model.onnx").read_bytes()).hexdigest()
+
+
+def _built_model(root: Path) -> bytes:
+    from edgeops.desired import desired_state
+
+    ws = load_workspace(root)
+    repo = repo_at(root, ws)
+    desired = desired_state(ws, ws.deployments[NAME], repo.cache)
+    return next(iter(desired.artifacts.values())).model.read_bytes()
+
+
+def test_a_corrupted_patch_is_refused_and_changes_nothing(delta_lab: Path) -> None:
+    assert _apply(delta_lab).ok
+    ws = load_workspace(delta_lab)
+    target = target_devices(ws, NAME)[0]
+    root = Path(target.root)
+    running = (root / "deployments" / NAME / "current" / "model.onnx").read_bytes()
+    base = hashlib.sha256(running).hexdigest()
+    wanted = bytearray(running)
+    wanted[len(wanted) // 2] ^= 0x01
+    target_sha = hashlib.sha256(bytes(wanted)).hexdigest()
+    block = patch_block(len(wanted))
+    index = (len(wanted) // 2) // block
+    corrupted = bytes(wanted[index * block:(index + 1) * block])[:-1] + b"\0"  # damaged on the way
+    header = {"format": "edgeops.blockpatch/v1", "base": base, "target": target_sha, "size": len(wanted),
+              "block": block, "blocks": [index]}
+    patch = root / ".staging" / "test.patch"
+    patch.write_bytes(json.dumps(header).encode() + b"\n" + corrupted)
+    with Connections() as connections:
+        device = device_for(target, connections, NAME)
+        before = device.observe()
+        with pytest.raises(AgentFailed) as refused:
+            device.agent("patch", "--root", target.root, "--base", base, "--patch", str(patch), "--sha256", target_sha)
+        assert refused.value.kind == "patch-mismatch"
+        after = device.observe()
+    assert not (root / "blobs" / "sha256" / target_sha).exists()
+    assert not [p for p in (root / ".staging").iterdir() if target_sha in p.name or p.name == "test.patch"]
+    assert (after.current, after.status) == (before.current, before.status) == (before.current, "committed")
