@@ -135,8 +135,47 @@ def _generation(measurements: dict[str, Any]) -> str:
     return html.escape(text)
 
 
-def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dict[str, Any] | None]) -> str:
-    """The page for one rollout of ``deployment``; ``reports``: build report per accelerator (None: not cached)."""
+def learning_figure(rounds: list[dict[str, Any]]) -> str:
+    """Accuracy on the evaluation data per federated round: the controller's head and the released one."""
+    trained = [r for r in rounds if r["summary"].get("accuracy_after") is not None]
+    figure = Figure(figsize=(10, 2.8))
+    axes = figure.subplots()
+    numbers = [r["summary"]["round"] for r in trained]
+    axes.plot(numbers, [r["summary"]["accuracy_after"] for r in trained], marker="o", color=NEW,
+              label="head after the round")
+    released, best = [], None
+    for r in trained:
+        best = r["summary"]["accuracy_after"] if r["outcome"] == "released" else \
+            (best if best is not None else r["summary"]["accuracy_released"])
+        released.append(best)
+    axes.step(numbers, released, where="post", color=PREVIOUS, label="what the fleet runs")
+    axes.set(xlabel="round", ylabel="accuracy %", title="federated rounds (repository's evaluation data, host)")
+    axes.legend(loc="lower right")
+    return _svg(figure)
+
+
+def adaptation_section(rounds: list[dict[str, Any]]) -> list[str]:
+    if not rounds:
+        return []
+    parts = ["<h2>Federated adaptation</h2>"]
+    if any(r["summary"].get("accuracy_after") is not None for r in rounds):
+        parts.append(f'<figure class="plot">{learning_figure(rounds)}</figure>')
+    rows = []
+    for r in rounds:
+        s = r["summary"]
+        rows.append([s.get("round", ""), r["outcome"], len(s.get("used") or []), len(s.get("asked") or []),
+                     int(s.get("samples") or 0), s.get("accuracy_start", "—"), s.get("accuracy_after", "—"),
+                     s.get("epsilon", "—"), "; ".join(f"{d}: {w}" for d, w in sorted(
+                         {**(s.get("excluded") or {}), **(s.get("dropped") or {})}.items())) or "—"])
+    parts.append(_table(["round", "outcome", "used", "asked", "samples", "accuracy before", "after", "ε",
+                         "excluded or dropped"], rows))
+    return parts
+
+
+def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dict[str, Any] | None],
+                rounds: list[dict[str, Any]] | None = None) -> str:
+    """The page for one rollout of ``deployment``; ``reports``: build report per accelerator (None: not cached);
+    ``rounds``: the deployment's federated rounds (the learning curve)."""
     e = html.escape
     title = f"{deployment}: rollout #{rollout.get('number', rollout['id'])} ({rollout['kind']})"
     parts = [f"<h1>edgeops report — {e(title)}</h1>",
@@ -165,6 +204,7 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
                      float(s["latency_ms"]["p50"]), float(s["latency_ms"]["p95"])] for s in report["stages"]]
             parts.append(_table(["stage", "bytes", "metric", "value", "host p50 ms", "host p95 ms"], rows))
         parts.append(f'<figure class="plot">{build_figure(report)}</figure>')
+    parts += adaptation_section(rounds or [])
     parts.append("<h2>Devices</h2>")
     for event in rollout["devices"]:
         m = event.get("measurements") or {}

@@ -604,7 +604,9 @@ def report_html(deployment: str, number: int | None, settings: Settings) -> str:
     """``report`` as a self-contained HTML page with its plots."""
     from edgeops.report import render_html
 
-    return render_html(*report(deployment, number, settings))
+    repo, doc = _context(deployment, settings)
+    rounds = repo.ledger.summaries(doc.name, "adapt") if doc.obj.spec.adapt is not None else []
+    return render_html(*report(deployment, number, settings), rounds=rounds)
 
 
 def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,

@@ -157,8 +157,10 @@ spec:
     - fleet: lab
   rollout:
     waves: [1, 100%]
+    parallelism: 8
     max_failed_devices: 0
     on_failure: rollback
+    verification: {{runs: 200, budget_s: 10}}
   adapt:
 {adapt}"""
     path = root / "manifests" / f"{name}.yaml"

@@ -32,8 +32,10 @@ from edgeops.operations import Repo, apply_deployment, current_adaptation, requi
 from edgeops.pull.fleet import is_pull
 from edgeops.rollout import Reporter, device_for, observe_targets
 from edgeops.targets import TargetDevice, target_devices
+from edgeops.types import DeviceStatus
 
 Progress = Callable[[str], None]
+TRAINING_STATUSES = (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE)  # on a release it committed, no trial
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _eligible(doc: Document[Deployment], fleet: _Fleet, connections: Connections
         want = fleet.desired.releases[target.key].id
         if not o.reachable:
             skipped[target.name] = f"unreachable: {o.error}"
-        elif o.current != want or o.status != "committed" or o.damaged:
+        elif o.current != want or o.current != o.committed or o.status not in TRAINING_STATUSES or o.damaged:
             skipped[target.name] = f"runs {o.current or 'nothing'} ({o.status or 'no status'}), not {want} committed"
         else:
             ready.append(target)

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from edgeops.adapt.rounds import adapt_deployment
+from edgeops.cli import main
 from edgeops.connections import Connections, ssh_connect
 from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import apply_deployment
@@ -127,6 +129,12 @@ def test_the_fleet_learns_the_head_within_a_point_of_central_training_and_only_u
             state = device_for(target, connections, PLAIN).observe()
             assert state.status == "committed" and state.current == released[-1].summary["release"] or \
                 state.current.startswith("r-")
+
+    page = CliRunner().invoke(main, ["report", PLAIN, "--root", str(root)])
+    assert page.exit_code == 0 and "Federated adaptation" in page.output and "federated rounds" in page.output
+    history = CliRunner().invoke(main, ["history", PLAIN, "-o", "json", "--root", str(root)])
+    kinds = [r["kind"] for r in json.loads(history.output)]
+    assert kinds.count("adapt") == len(results) and kinds.count("apply") >= len(released) + 1
 
     # the audit: what came back from a device in a training step is its update and counts, nothing else
     head = split.head
