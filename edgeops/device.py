@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeops.agent import AGENT_FILE
+from edgeops.agent.edgeops_gate import patch_bases
+from edgeops.blocks import PATCH_FORMAT, PATCH_MIN_BYTES, block_hashes, patch_block
 from edgeops.errors import DeviceError, ReadOnlyFiles, RemoteCommandFailed, TransportError
 from edgeops.facts import DISK_MARGIN_BYTES, DeviceFacts
 from edgeops.release import Release, ReleaseFile
@@ -108,31 +110,6 @@ class PushResult:
     files_moved: int
     files_skipped: int
     files_patched: int = 0   # sent as the blocks that differ from the same file of the release the device runs
-
-
-PATCH_FORMAT = "edgeops.blockpatch/v1"
-PATCH_MIN_BYTES = 16 * 1024  # smaller files go whole: a patch's round trips cost more than they save
-
-
-def patch_block(size: int) -> int:
-    """Block size of a patch: 256 bytes, doubled until a file has at most 4096 blocks."""
-    block = 256
-    while size > block * 4096:
-        block *= 2
-    return block
-
-
-def _patch_bases(observed: dict[str, Any]) -> dict[str, tuple[str, int]]:
-    """File name -> (blob digest, size) of the release the device runs, then of its committed one, for blobs it
-    still holds: what a new file of the same name may be a patch against."""
-    state = observed.get("state") or {}
-    releases, blobs = state.get("releases") or {}, set(observed.get("blobs") or ())
-    found: dict[str, tuple[str, int]] = {}
-    for release in (state.get("committed"), observed.get("current")):
-        for name, meta in ((releases.get(release) or {}).get("files") or {}).items():
-            if meta.get("sha256") in blobs:
-                found[name] = (meta["sha256"], int(meta.get("size") or 0))
-    return found
 
 
 DEFAULT_TRIAL_WINDOW_S = 1800.0  # a device profile's default (device.trial_window_s)
@@ -355,7 +332,7 @@ class Device:
                               hint="free space on the device or lower device.keep_releases")
         moved, staged, patched = 0, {}, 0
         parts = observed.get("parts") or {}
-        bases = _patch_bases(observed)
+        bases: dict[str, tuple[str, int]] = patch_bases(observed)
         with tempfile.TemporaryDirectory() as tmp:
             for item in needed:
                 local = self._local_copy(item, Path(tmp))
@@ -394,8 +371,7 @@ class Device:
         theirs = self.agent("blocks", "--root", self.root, "--blob", base, "--block", str(block),
                             timeout=timeout)["hashes"]
         data = local.read_bytes()
-        changed = [i for i in range(len(theirs))
-                   if hashlib.sha256(data[i * block:(i + 1) * block]).hexdigest()[:16] != theirs[i]]
+        changed = [i for i, (mine, held) in enumerate(zip(block_hashes(data, block), theirs)) if mine != held]
         if len(theirs) != (size + block - 1) // block or len(changed) * block > size // 2:
             return None
         header = {"format": PATCH_FORMAT, "base": base, "target": sha256, "size": size, "block": block,

@@ -79,7 +79,8 @@ def write_base_model(path: Path, epochs: int = 30, learning_rate: float = 0.05) 
     return hashlib.sha256(data).hexdigest(), head
 
 
-def _features(model: onnx.ModelProto, head: Head, signal: np.ndarray, scratch: Path) -> np.ndarray:
+def _features(model: onnx.ModelProto, head: Head, signal: np.ndarray, scratch: Path,
+              input_name: str = "signal") -> np.ndarray:
     with_features = onnx.ModelProto()
     with_features.CopyFrom(model)
     with_features.graph.output.append(onnx.helper.make_tensor_value_info(head.features, onnx.TensorProto.FLOAT, None))
@@ -87,7 +88,7 @@ def _features(model: onnx.ModelProto, head: Head, signal: np.ndarray, scratch: P
     path = scratch / ".features.onnx"
     path.write_bytes(with_features.SerializeToString())
     try:
-        return features_of(path, head, {"signal": signal})
+        return features_of(path, head, {input_name: signal})
     finally:
         path.unlink()
 
@@ -166,3 +167,38 @@ spec:
     path = root / "manifests" / f"{name}.yaml"
     path.write_text(text)
     return path
+
+
+def write_float_digits(root: Path, name: str, fleet: str) -> Path:
+    """A deployment of the digits CNN, uncompressed, to ``fleet``, from a copy of the model under models/ (that
+    a test then changes as a commit would)."""
+    import shutil
+
+    (root / "models").mkdir(exist_ok=True)
+    model = root / "models" / f"{name}.onnx"
+    shutil.copyfile(REPO / "examples" / "models" / "digits_cnn.onnx", model)
+    camera = (root / "manifests" / "camera.yaml").read_text()
+    text = camera[:camera.index("  recipe:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
+    text = text.replace("name: meter-digits", f"name: {name}").replace("../examples/models/digits_cnn.onnx",
+                                                                         f"../models/{name}.onnx")
+    path = root / "manifests" / f"{name}.yaml"
+    path.write_text(text + f"  targets:\n    - fleet: {fleet}\n  rollout:\n    waves: [1, 100%]\n")
+    return model
+
+
+def retrain_head(path: Path, epochs: int = 2, learning_rate: float = 0.01) -> None:
+    """The digits model file with its head retrained a few epochs on the training data, as a commit would
+    change it: same graph and size, new head tensors."""
+    model = onnx.load(str(path))
+    head = find_head(model, None, None)
+    with np.load(REPO / "examples" / "data" / "digits_training.npz") as data:
+        images, labels = data["image"].astype(np.float32), data["labels"].astype(np.int64)
+    features = _features(model, head, images, path.parent, "image")
+    inits = {i.name: i for i in model.graph.initializer}
+    weight = onnx.numpy_helper.to_array(inits[head.weight])
+    weight = weight.T if head.transposed else weight
+    bias = onnx.numpy_helper.to_array(inits[head.bias])
+    weight, bias = train_head(features, labels, weight, bias, epochs, learning_rate)
+    inits[head.weight].raw_data = np.ascontiguousarray(weight.T if head.transposed else weight, "<f4").tobytes()
+    inits[head.bias].raw_data = np.ascontiguousarray(bias, "<f4").tobytes()
+    path.write_bytes(model.SerializeToString())

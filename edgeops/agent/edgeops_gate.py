@@ -371,3 +371,17 @@ def _pool(earlier: Optional[Dict[str, Any]], latest: Dict[str, Any]) -> Dict[str
                 ttft = earlier[side]["generation"]["ttft_samples_ms"] + latest[side]["generation"]["ttft_samples_ms"]
                 merged[side]["generation"] = {**latest[side]["generation"], "ttft_samples_ms": ttft}
     return merged
+
+
+def patch_bases(observed: Dict[str, Any]) -> Dict[str, Tuple[str, int]]:
+    """File name -> (blob digest, size) of the running and committed releases' files whose blobs the device
+    holds (from the agent's ``prepare`` document): what a new file of the same name may be rebuilt from, over
+    SSH (the controller's block patch) and in pull mode (the daemon's ranged fetch)."""
+    state = observed.get("state") or {}
+    releases, blobs = state.get("releases") or {}, set(observed.get("blobs") or ())
+    found: Dict[str, Tuple[str, int]] = {}
+    for release in (state.get("committed"), observed.get("current")):
+        for name, meta in ((releases.get(release) or {}).get("files") or {}).items():
+            if meta.get("sha256") in blobs:
+                found[name] = (meta["sha256"], int(meta.get("size") or 0))
+    return found

@@ -99,6 +99,20 @@ def kept_verdict(verdict, desired):
                              "slo": desired["gate"]["slo"]}}
 
 
+BLOCKMAP_FORMAT = "edgeops.blockmap/v1"
+
+
+def _runs(indices):
+    """Sorted block indices as (first, last) runs of consecutive ones."""
+    runs = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return [tuple(r) for r in runs]
+
+
 class Daemon:
     def __init__(self, config):
         self.config = config
@@ -255,11 +269,19 @@ class Daemon:
                      phase="fetching", result=None, error=None)
         observed = agent("prepare", *common)
         staged, fetched = {}, 0
+        bases = edgeops_gate.patch_bases(observed)
         try:
             for name, item in sorted(desired["files"].items()):
                 if item["sha256"] not in set(observed["blobs"]) and item["sha256"] not in staged.values():
-                    staged[self.fetch(desired, name, item)] = item["sha256"]
-                    fetched += item["size"]
+                    found, base = None, bases.get(name)
+                    if item.get("blockmap") and base is not None and base[1] == item["size"]:
+                        try:
+                            found = self.fetch_changed_blocks(desired, name, item, base[0])
+                        except Failure as exc:  # refused or not served: the whole file instead
+                            log("%s: %s; fetching it whole" % (name, exc))
+                    path, size = found or (self.fetch(desired, name, item), item["size"])
+                    staged[path] = item["sha256"]
+                    fetched += size
             files = json.dumps({n: f["sha256"] for n, f in desired["files"].items()}, sort_keys=True)
             agent("assemble", *common, "--release", release, "--files", files, "--staged", json.dumps(staged))
         finally:
@@ -372,16 +394,63 @@ class Daemon:
                 raise
             return edgeops_gate.out_of_memory(str(exc))
 
+    def _blob_request(self, desired, sha256, headers=None):
+        registry = self.config.get("registry") or desired["registry"]["url"]
+        url = "%s/v2/%s/blobs/sha256:%s" % (registry.rstrip("/"), desired["registry"]["repository"], sha256)
+        context = ssl.create_default_context(cafile=self.config.get("ca_file")) if url.startswith("https") else None
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60, context=context)
+
+    def fetch_changed_blocks(self, desired, name, item, base):
+        """A file rebuilt from the blob ``base`` this device holds and the blocks of the new one that differ,
+        fetched as byte ranges (the new file's block map says which); refused unless it hashes to the file
+        table's sha256. (staging path, bytes fetched), or None when it would not save much."""
+        try:
+            with self._blob_request(desired, item["blockmap"]["sha256"]) as response:
+                raw = response.read(8 << 20)
+            if hashlib.sha256(raw).hexdigest() != item["blockmap"]["sha256"]:
+                raise ValueError("the block map does not hash to its digest")
+            line, _, digests = raw.partition(b"\n")
+            bmap = json.loads(line)
+            block, size, width = int(bmap["block"]), int(bmap["size"]), int(bmap["digest_bytes"])
+            count = (size + block - 1) // block
+            if bmap.get("format") != BLOCKMAP_FORMAT or size != item["size"] or block < 64 or width < 1 or \
+                    len(digests) != count * width:
+                raise ValueError("not a block map of this file")
+            with open(os.path.join(self.root, "blobs", "sha256", base), "rb") as handle:
+                old = handle.read()
+            changed = [i for i in range(count) if hashlib.sha256(old[i * block:(i + 1) * block]).digest()[:width]
+                       != digests[i * width:(i + 1) * width]]
+            if len(old) != size or len(changed) * block > size // 2:
+                return None
+            fresh, fetched = {}, len(raw)
+            for first, last in _runs(changed):
+                start, end = first * block, min(size, (last + 1) * block) - 1
+                with self._blob_request(desired, item["sha256"], {"Range": "bytes=%d-%d" % (start, end)}) as response:
+                    data = response.read(end - start + 2)
+                    if response.status != 206 or len(data) != end - start + 1:
+                        raise ValueError("the registry did not serve byte ranges")
+                fresh[start] = data
+                fetched += len(data)
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise Failure("patch-mismatch", "changed blocks of %s: %s" % (name, getattr(exc, "reason", exc)))
+        data = bytearray(old)
+        for start, chunk in fresh.items():
+            data[start:start + len(chunk)] = chunk
+        if hashlib.sha256(bytes(data)).hexdigest() != item["sha256"]:
+            raise Failure("patch-mismatch", "%s rebuilt from its changed blocks does not hash to %s: refused"
+                          % (name, item["sha256"][:12]))
+        path = os.path.join(self.root, ".staging", "%s.%s.part" % (item["sha256"], uuid.uuid4().hex[:8]))
+        with open(path, "wb") as out:
+            out.write(bytes(data))
+        return path, fetched
+
     def fetch(self, desired, name, item):
         """One blob by digest from the registry into staging; the agent's assemble checks its sha256."""
         registry = self.config.get("registry") or desired["registry"]["url"]
-        repository = desired["registry"]["repository"]
-        url = "%s/v2/%s/blobs/sha256:%s" % (registry.rstrip("/"), repository, item["sha256"])
         path = os.path.join(self.root, ".staging", "%s.%s.part" % (item["sha256"], uuid.uuid4().hex[:8]))
-        context = ssl.create_default_context(cafile=self.config.get("ca_file")) if url.startswith("https") else None
         digest = hashlib.sha256()
         try:
-            with urllib.request.urlopen(url, timeout=60, context=context) as response, open(path, "wb") as out:
+            with self._blob_request(desired, item["sha256"]) as response, open(path, "wb") as out:
                 while True:
                     chunk = response.read(1 << 20)
                     if not chunk:

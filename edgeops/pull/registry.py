@@ -8,6 +8,7 @@ them. Devices fetch each blob by its sha256 and check it before use; the registr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import ssl
@@ -17,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeops.blocks import PATCH_MIN_BYTES, blockmap
 from edgeops.errors import EdgeopsError
 from edgeops.release import Release, ReleaseFile
 
@@ -91,11 +93,16 @@ class Registry:
         return body
 
     def push_release(self, release: Release) -> PushedRelease:
-        """Every file of ``release`` as a blob, then a manifest tagged with the release id that holds them."""
+        """Every file of ``release`` as a blob, and the block map of each file big enough to be fetched as the
+        blocks that differ from what a device holds; then a manifest tagged with the release id that holds them."""
         uploaded = moved = 0
+        maps = blockmaps(release)
         for item in release.files:
             data = _content(item)
             if self.push_blob(item.sha256, data):
+                uploaded, moved = uploaded + 1, moved + len(data)
+        for digest, data in maps.values():
+            if self.push_blob(digest, data):
                 uploaded, moved = uploaded + 1, moved + len(data)
         config_digest = _sha256(EMPTY_CONFIG)
         self.push_blob(config_digest, EMPTY_CONFIG)
@@ -104,7 +111,10 @@ class Registry:
             "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": f"sha256:{config_digest}",
                        "size": len(EMPTY_CONFIG)},
             "layers": [{"mediaType": "application/octet-stream", "digest": f"sha256:{f.sha256}", "size": f.size,
-                        "annotations": {"org.opencontainers.image.title": f.name}} for f in release.files],
+                        "annotations": {"org.opencontainers.image.title": f.name}} for f in release.files] + [
+                {"mediaType": BLOCKMAP_TYPE, "digest": f"sha256:{digest}", "size": len(data),
+                 "annotations": {"org.opencontainers.image.title": f"{name}.blockmap"}}
+                for name, (digest, data) in sorted(maps.items())],
             "annotations": {"dev.edgeops.deployment": release.deployment, "dev.edgeops.release": release.id},
         }, sort_keys=True).encode()
         status, headers, body = self._request("PUT", f"{self.base}/v2/{self.repository}/manifests/{release.id}",
@@ -117,6 +127,21 @@ class Registry:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+BLOCKMAP_TYPE = "application/vnd.edgeops.blockmap.v1+json"
+
+
+@functools.lru_cache(maxsize=256)
+def _blockmap_of(sha256: str, path: str | None, content: bytes | None) -> tuple[str, bytes]:
+    data = blockmap(Path(path).read_bytes() if path else content or b"")
+    return _sha256(data), data
+
+
+def blockmaps(release: Release) -> dict[str, tuple[str, bytes]]:
+    """File name -> (digest, bytes) of the block map of every file of at least PATCH_MIN_BYTES."""
+    return {f.name: _blockmap_of(f.sha256, str(f.local) if f.local else None, None if f.local else f.content)
+            for f in release.files if f.size >= PATCH_MIN_BYTES}
 
 
 def _content(item: ReleaseFile) -> bytes:

@@ -28,7 +28,7 @@ from edgeops.pull.fleet import (
     read_reports,
     repository,
 )
-from edgeops.pull.registry import PushedRelease
+from edgeops.pull.registry import PushedRelease, blockmaps
 from edgeops.release import Release
 from edgeops.rollout import ApplyContext, DeviceOutcome, DeviceRoller, DeviceWork, RolloutResult, orders_for
 from edgeops.signing import SignedOrder
@@ -61,6 +61,7 @@ class PullRoller(DeviceRoller):
 
     def desired(self, target: TargetDevice, release: Release) -> dict[str, Any]:
         signed = self.signed(target, release)
+        maps = blockmaps(release)
         order = orders_for(target, self.ctx.signing_key, self.doc.name)("activate", release.id)
         settings = pull_settings(target)
         profile = target.profile.obj.spec
@@ -68,7 +69,9 @@ class PullRoller(DeviceRoller):
             "schema": DESIRED_SCHEMA, "deployment": self.doc.name, "action": "install", "generation": self.generation,
             "release": release.id, "fleet_release": self.ctx.desired.release_id if self.ctx.desired else None,
             "by": self.ctx.actor,
-            "files": {f.name: {"sha256": f.sha256, "size": f.size} for f in release.files},
+            "files": {f.name: {"sha256": f.sha256, "size": f.size,
+                               **({"blockmap": {"sha256": maps[f.name][0], "size": len(maps[f.name][1])}}
+                                  if f.name in maps else {})} for f in release.files},
             "registry": {"url": settings.registry, "repository": repository(target)},
             "signed": {"metadata": base64.b64encode(signed.data).decode(),
                        "signature": base64.b64encode(signed.signature.encode()).decode()} if signed else None,

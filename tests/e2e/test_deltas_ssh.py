@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
-from edgeops.adapt.artifact import features_of, find_head
-from edgeops.agent.edgeops_agent import train_head
+from edgeops.blocks import patch_block
 from edgeops.connections import Connections
-from edgeops.device import AgentFailed, patch_block
+from edgeops.device import AgentFailed
 from edgeops.manifest.workspace import load_workspace
 from edgeops.operations import apply_deployment
 from edgeops.rollout import device_for
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
-from labkit.repo import REPO, copy_repo, write_lab_fleet
+from labkit.federated import retrain_head, write_float_digits
+from labkit.repo import copy_repo, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 NAME = "digits-float"
@@ -35,14 +32,7 @@ def delta_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     base = tmp_path_factory.mktemp("deltas")
     root = copy_repo(base / "repo")
     write_lab_fleet(root, 2, base / "devices")
-    (root / "models").mkdir()
-    shutil.copyfile(REPO / "examples" / "models" / "digits_cnn.onnx", root / "models" / "digits.onnx")
-    camera = (root / "manifests" / "camera.yaml").read_text()
-    text = camera[:camera.index("  recipe:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
-    text = text.replace("name: meter-digits", f"name: {NAME}").replace("../examples/models/digits_cnn.onnx",
-                                                                         "../models/digits.onnx")
-    (root / "manifests" / f"{NAME}.yaml").write_text(text + "  targets:\n    - fleet: lab\n  rollout:\n"
-                                                             "    waves: [1, 100%]\n")
+    write_float_digits(root, NAME, "lab")
     ws = load_workspace(root)
     lab_up(ws, ws.fleets["lab"], target_devices(ws, NAME), login_home=hostile_home)
     try:
@@ -57,35 +47,12 @@ def _apply(root: Path):  # type: ignore[no-untyped-def]
         return apply_deployment(repo_at(root, ws), ws.deployments[NAME], connections)[1]
 
 
-def _retrain_head(path: Path) -> None:
-    """The model file in git with its head retrained a few epochs on the training data: same graph, new
-    head tensors."""
-    model = onnx.load(str(path))
-    head = find_head(model, None, None)
-    with np.load(REPO / "examples" / "data" / "digits_training.npz") as data:
-        images, labels = data["image"].astype(np.float32), data["labels"].astype(np.int64)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(head.features, onnx.TensorProto.FLOAT, None))
-    scratch = path.with_suffix(".probe.onnx")
-    scratch.write_bytes(probe.SerializeToString())
-    features = features_of(scratch, head, {"image": images})
-    scratch.unlink()
-    inits = {i.name: i for i in model.graph.initializer}
-    weight = onnx.numpy_helper.to_array(inits[head.weight]).T
-    bias = onnx.numpy_helper.to_array(inits[head.bias])
-    weight, bias = train_head(features, labels, weight, bias, epochs=2, learning_rate=0.01)
-    inits[head.weight].raw_data = np.ascontiguousarray(weight.T, "<f4").tobytes()
-    inits[head.bias].raw_data = np.ascontiguousarray(bias, "<f4").tobytes()
-    path.write_bytes(model.SerializeToString())
-
-
 def test_a_head_retrained_in_git_moves_only_its_blocks_and_the_device_model_hashes_as_signed(delta_lab: Path) -> None:
     first = _apply(delta_lab)
     assert first.ok, first.message
     model = delta_lab / "models" / "digits.onnx"
     size = model.stat().st_size
-    _retrain_head(model)
+    retrain_head(model)
     assert model.stat().st_size == size
     second = _apply(delta_lab)
     assert second.ok, second.message

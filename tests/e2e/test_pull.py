@@ -372,3 +372,25 @@ def test_a_broker_killed_mid_rollout_leaves_no_mixed_fleet(lab: Path) -> None:
 
     assert eventually(settled, 120), ({n: (r["release"], r["health"], r["message"]) for n, r in devices(lab).items()},
                                       before, {n: (d["decision"], d["reason"]) for n, d in decisions.items()})
+
+
+def test_a_head_retrained_in_git_reaches_pull_devices_as_its_changed_blocks(lab: Path) -> None:
+    """Deltas over the registry: each daemon reads the new file's block map, fetches the blocks that differ as
+    byte ranges, and rebuilds the file, which must hash to the signed file table before it is used."""
+    from labkit.federated import retrain_head, write_float_digits
+
+    model = write_float_digits(lab, "digits-pull", "lab-pull")
+    manifest = "manifests/digits-pull.yaml"
+    first = cli(lab, "apply", manifest, "-o", "json")
+    assert first.exit_code == ExitCode.OK, first.output
+    size = model.stat().st_size
+    retrain_head(model)
+    second = cli(lab, "apply", manifest, "-o", "json")
+    assert second.exit_code == ExitCode.OK, second.output
+    moved = {d["key"]: d["bytes_moved"] for d in json.loads(second.stdout)[0]["devices"]}
+    assert len(moved) == 3 and all(0 < m <= 0.05 * size for m in moved.values()), (moved, size)
+    print(f"head-only release over pull: {max(moved.values())} bytes fetched per device, "
+          f"{max(moved.values()) / size:.2%} of the model's {size}")
+    rows = {r["device"]: r for r in json.loads(cli(lab, "status", manifest, "-o", "json").stdout)[0]["devices"]}
+    assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
+    assert cli(lab, "status", manifest, "--verify").exit_code == ExitCode.OK  # every file hashes as recorded
