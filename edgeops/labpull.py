@@ -260,7 +260,7 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
         users[user] = passwords[target.key]
         own = f"{settings.topic_prefix}/{fleet.name}/{target.name}"
         acl += [f"user {user}", f"topic read {own}/+/desired", f"topic write {own}/+/status",
-                f"topic write {own}/online", ""]
+                f"topic read {own}/+/train", f"topic write {own}/+/update", f"topic write {own}/online", ""]
     tls = None
     if settings.broker.startswith("mqtts://") or settings.registry.startswith("https://"):
         if settings.ca_file is None:

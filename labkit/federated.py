@@ -131,7 +131,7 @@ def central_accuracy(s: Scenario, base_model: Path, epochs: int, learning_rate: 
     return float(head_accuracy(features, labels, w, b) or 0.0)
 
 
-def write_manifest(root: Path, name: str, model: Path, sha256: str, adapt: str) -> Path:
+def write_manifest(root: Path, name: str, model: Path, sha256: str, adapt: str, fleet: str = "lab") -> Path:
     """A deployment of ``model`` (uncompressed: the head stays float) to the lab fleet with ``adapt`` (YAML
     lines of the adapt: section, indented by four)."""
     wearable = (root / "manifests" / "wearable.yaml").read_text()
@@ -155,7 +155,7 @@ spec:
     metric: accuracy
     max_drop: 1.0
 {slo}  targets:
-    - fleet: lab
+    - fleet: {fleet}
   rollout:
     waves: [1, 100%]
     parallelism: 8

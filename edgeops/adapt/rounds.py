@@ -8,8 +8,10 @@ privacy spent and the accuracy before and after; the last released one is what g
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,13 @@ from edgeops.gitinfo import head_info
 from edgeops.manifest.models import AdaptSpec, Deployment
 from edgeops.manifest.workspace import Document
 from edgeops.operations import Repo, apply_deployment, current_adaptation, require_key_files
-from edgeops.pull.fleet import is_pull
+from edgeops.pull.fleet import device_topic, is_pull, pull_settings, repository
 from edgeops.rollout import Reporter, device_for, observe_targets
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import DeviceStatus
 
 Progress = Callable[[str], None]
+TRAIN_SCHEMA = "edgeops.train/v1"  # the request a pull device's daemon answers on <deployment>/update
 TRAINING_STATUSES = (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE)  # on a release it committed, no trial
 
 
@@ -104,15 +107,10 @@ def _eligible(doc: Document[Deployment], fleet: _Fleet, connections: Connections
     """Devices that can train now: reached over SSH, running the release git (and the ledger) asks for,
     committed, undamaged. The others are named with why."""
     skipped: dict[str, str] = {}
-    ssh = []
-    for target in fleet.desired.targets:
-        if is_pull(target):
-            skipped[target.name] = "a pull device (rounds run over SSH only for now)"
-        else:
-            ssh.append(target)
-    observed = observe_targets(doc.name, ssh, connections)
+    targets = list(fleet.desired.targets)
+    observed = observe_targets(doc.name, targets, connections)
     ready = []
-    for target in ssh:
+    for target in targets:
         o = observed[target.key]
         want = fleet.desired.releases[target.key].id
         if not o.reachable:
@@ -122,6 +120,48 @@ def _eligible(doc: Document[Deployment], fleet: _Fleet, connections: Connections
         else:
             ready.append(target)
     return ready, skipped
+
+
+def _train_pulled(deployment: str, targets: list[TargetDevice], connections: Connections, tensors: Path,
+                  spec: Callable[[TargetDevice], dict[str, Any]], deadline: float,
+                  round_id: str) -> dict[str, dict[str, Any] | EdgeopsError]:
+    """The local step on pull devices: the round's tensors go to their registry by digest, a training request
+    to each device's ``<deployment>/train`` topic, and each answer comes back on ``<deployment>/update`` by the
+    deadline (a device that does not answer in time is dropped, the round goes on)."""
+    if not targets:
+        return {}
+    data = tensors.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    wall_deadline = time.time() + (deadline - time.monotonic())
+    answers: dict[str, dict[str, Any] | EdgeopsError] = {}
+    asked = []
+    for target in targets:
+        try:
+            connections.pull.registry(target).push_blob(digest, data)
+            broker = connections.pull.broker(target)
+            broker.subscribe([device_topic(target, deployment, "update")])
+            broker.publish(device_topic(target, deployment, "train"),
+                           {"schema": TRAIN_SCHEMA, "deployment": deployment, "round": round_id,
+                            "tensors": {"sha256": digest, "size": len(data)}, "spec": spec(target),
+                            "registry": {"url": pull_settings(target).registry, "repository": repository(target)},
+                            "deadline": wall_deadline})
+            asked.append((target, broker))
+        except EdgeopsError as exc:
+            answers[target.key] = exc
+    for target, broker in asked:
+        found = broker.wait_for(device_topic(target, deployment, "update"),
+                                lambda m: m.get("round") == round_id, deadline)
+        if found is None:
+            answers[target.key] = EdgeopsError(f"{target.name}: no update by the round's deadline")
+        elif not found.get("ok"):
+            answers[target.key] = EdgeopsError(f"{target.name}: {found.get('error')}: {found.get('message')}")
+        else:
+            answers[target.key] = found
+        try:
+            broker.publish(device_topic(target, deployment, "train"), None, timeout_s=5)  # the request is spent
+        except EdgeopsError:
+            pass
+    return answers
 
 
 def _spec_for(adapt: AdaptSpec, doc: Document[Deployment], head: Head, release: str, seed: int) -> dict[str, Any]:
@@ -196,14 +236,18 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
         arrays: dict[str, Any] = dict(global_)
         np.savez(tensors, **arrays)
 
+        def spec(target: TargetDevice) -> dict[str, Any]:
+            return _spec_for(adapt, doc, head, fleet.desired.releases[target.key].id, adapt.seed * 1000 + number)
+
         def train(target: TargetDevice) -> dict[str, Any]:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EdgeopsError("no time left before the round's deadline")
-            spec = _spec_for(adapt, doc, head, fleet.desired.releases[target.key].id, adapt.seed * 1000 + number)
-            return device_for(target, connections, doc.name).adapt_train(tensors, spec, timeout=left)
+            return device_for(target, connections, doc.name).adapt_train(tensors, spec(target), timeout=left)
 
-        answers = connections.map(train, targets)
+        answers: dict[str, Any] = connections.map(train, [t for t in targets if not is_pull(t)])
+        answers |= _train_pulled(doc.name, [t for t in targets if is_pull(t)], connections, tensors, spec, deadline,
+                                 f"{doc.name}/{number}/{uuid.uuid4().hex[:8]}")
     updates, dropped, reports = [], {}, {}
     for target in targets:
         answer = answers[target.key]

@@ -100,6 +100,8 @@ def kept_verdict(verdict, desired):
 
 
 BLOCKMAP_FORMAT = "edgeops.blockmap/v1"
+TRAIN_SCHEMA = "edgeops.train/v1"
+UPDATE_SCHEMA = "edgeops.update/v1"
 
 
 def _runs(indices):
@@ -122,6 +124,8 @@ class Daemon:
         self.heartbeat_s = float(config.get("heartbeat_s", 30))
         self.work = queue.Queue()
         self.latest = {}          # deployment -> the newest desired document received
+        self.training = {}        # deployment -> the newest training request received (federated rounds)
+        self.trained = {}         # deployment -> the round this daemon last answered
         self.last_status = {}     # deployment -> the status document last published
         self.stopping = threading.Event()
         self.next_beat = 0.0
@@ -150,12 +154,23 @@ class Daemon:
             log("broker refused the connection: %s" % reason_code)
             return
         client.subscribe(self.base + "/+/desired", qos=1)
+        client.subscribe(self.base + "/+/train", qos=1)
         self._online()
         self.reconnected.set()
         log("connected to %s as %s" % (self.config["broker"], self.config["username"]))
 
     def _on_message(self, client, userdata, message):
         deployment = message.topic.split("/")[-2]
+        if message.topic.endswith("/train"):
+            try:
+                request = json.loads(message.payload.decode()) if message.payload else None
+            except ValueError:
+                request = None
+            if isinstance(request, dict) and request.get("schema") == TRAIN_SCHEMA and \
+                    request.get("deployment") == deployment:
+                self.training[deployment] = request
+                self.work.put(("train", deployment))
+            return
         if not message.payload:  # cleared: stay on what runs
             self.latest.pop(deployment, None)
             return
@@ -205,6 +220,42 @@ class Daemon:
     def _state(self, deployment):
         sensor = json.dumps(self.config.get("power_sensor") or {"source": "none"}, sort_keys=True)
         return agent("state", "--root", self.root, "--deployment", deployment, "--facts", "--power", sensor)
+
+    # ------------------------------------------------------------ a federated round's local step
+
+    def train(self, deployment):
+        """Train the head on this device's own samples from the round's tensors (fetched from the registry by
+        digest) and publish the agent's answer (the clipped update and counts) on ``<deployment>/update``.
+        Changes nothing this device runs; a round is answered once."""
+        request = self.training.pop(deployment, None)
+        if request is None or self.trained.get(deployment) == request.get("round"):
+            return
+        self.trained[deployment] = request.get("round")
+        if time.time() > float(request.get("deadline", 0)):
+            return  # the round is over: an answer now would not be waited for
+        answer = {"schema": UPDATE_SCHEMA, "deployment": deployment, "round": request.get("round")}
+        path = None
+        try:
+            item = request["tensors"]
+            path = os.path.join(self.root, ".staging", "adapt-%s.npz" % item["sha256"][:16])
+            with self._blob_request(request, item["sha256"]) as response:
+                data = response.read(int(item["size"]) + 1)
+            if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                raise Failure("checksum-mismatch", "the round's tensors do not hash to %s" % item["sha256"][:12])
+            with open(path, "wb") as out:
+                out.write(data)
+            left = max(1.0, float(request["deadline"]) - time.time())
+            done = agent("adapt-train", "--root", self.root, "--deployment", deployment, "--tensors", path,
+                         "--spec", json.dumps(request["spec"]), timeout=left)
+            answer.update({k: v for k, v in done.items() if k not in ("schema", "agent_version")})
+        except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+            answer.update(ok=False, error="fetch-failed", message=str(getattr(exc, "reason", exc))[:300])
+        except Failure as exc:
+            answer.update(ok=False, error=exc.kind, message=str(exc)[:300])
+        finally:
+            if path and os.path.exists(path):
+                os.unlink(path)
+        self.client.publish("%s/%s/update" % (self.base, deployment), json.dumps(answer), qos=1, retain=False)
 
     # ------------------------------------------------------------ the lifecycle
 
@@ -501,7 +552,9 @@ class Daemon:
                 deployment = self.work.get(timeout=min(1.0, self.heartbeat_s))
             except queue.Empty:
                 deployment = None
-            if deployment is not None:
+            if isinstance(deployment, tuple):
+                self.train(deployment[1])
+            elif deployment is not None:
                 self.handle(deployment)
             self.beat_if_due()
         self.client.publish(self.base + "/online", json.dumps({"online": False}), qos=1, retain=True).wait_for_publish(5)
