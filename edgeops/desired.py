@@ -71,27 +71,38 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
             continue
         progress(f"building {deployment.name} for {accelerator}")
         artifacts[accelerator] = build(BuildRequest.of(deployment, accelerator), cache, progress=progress).artifact
-    adapt = deployment.obj.spec.adapt
-    if adapt is not None:
-        learned = adaptation.tensors_sha256 if adaptation is not None and adaptation.bases == {
-            a: x.key for a, x in artifacts.items()} else None
-        derived: dict[str, Artifact] = {}
-        for accelerator, base in artifacts.items():
-            try:
-                evaluation = load_dataset(BuildRequest.of(deployment, accelerator), "evaluation") if learned else None
-                adapted = adaptable(base, adapt, cache, learned, build=build_missing, evaluation=evaluation)
-            except NoHead as exc:
-                raise deployment.error(("spec", "adapt"), str(exc)) from None
-            if adapted is None:
-                raise NotBuilt(f"the {accelerator} artifact with the fleet's learned head is not built yet",
-                               hint="edgeops plan or edgeops build builds it")
-            derived[accelerator] = adapted
-        artifacts = derived
+    personal: dict[str, Artifact] = {}  # device name -> its own learned head (adapt.personalize)
+    if deployment.obj.spec.adapt is not None:
+        fits = adaptation is not None and adaptation.bases == {a: x.key for a, x in artifacts.items()}
+        chosen = adaptation if fits else None
+        bases = artifacts
+        artifacts = {a: _adapted(deployment, cache, a, x, chosen.tensors_sha256 if chosen else None, build_missing)
+                     for a, x in bases.items()}
+        for target in targets:
+            if chosen is not None and target.name in chosen.personal:
+                personal[target.name] = _adapted(deployment, cache, target.accelerator, bases[target.accelerator],
+                                                 chosen.personal[target.name], build_missing)
     releases = {}
     templates = environment(ws.templates_dir)
     for target in targets:
-        artifact = artifacts[target.accelerator]
+        artifact = personal.get(target.name) or artifacts[target.accelerator]
         config = render_device(ws, deployment, target, artifact.report["artifact"], templates)
         releases[target.key] = make_release(deployment.name, artifact, config)
     return Desired(deployment, targets, artifacts, releases,
                    fleet_release_id(deployment.name, list(releases.values())))
+
+
+def _adapted(deployment: Document[Deployment], cache: Cache, accelerator: str, base: Artifact, learned: str | None,
+             build_missing: bool) -> Artifact:
+    """``base`` as a federated deployment runs it, with the learned head ``learned`` (None: its own)."""
+    adapt = deployment.obj.spec.adapt
+    assert adapt is not None
+    try:
+        evaluation = load_dataset(BuildRequest.of(deployment, accelerator), "evaluation") if learned else None
+        adapted = adaptable(base, adapt, cache, learned, build=build_missing, evaluation=evaluation)
+    except NoHead as exc:
+        raise deployment.error(("spec", "adapt"), str(exc)) from None
+    if adapted is None:
+        raise NotBuilt(f"the {accelerator} artifact with the fleet's learned head is not built yet",
+                       hint="edgeops plan or edgeops build builds it")
+    return adapted

@@ -101,7 +101,8 @@ def current_adaptation(repo: Repo, doc: Document[Deployment]) -> Adaptation | No
     if doc.obj.spec.adapt is None:
         return None
     released = [r["summary"] for r in repo.ledger.summaries(doc.name, "adapt") if r["outcome"] == "released"]
-    return Adaptation(released[-1]["tensors_sha256"], released[-1]["bases"]) if released else None
+    return Adaptation(released[-1]["tensors_sha256"], released[-1]["bases"], released[-1].get("personal") or {}) \
+        if released else None
 
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,

@@ -290,16 +290,26 @@ class DeviceRoller:
         self.generation: int
         self._signed: dict[str, SignedMetadata]
         self._signing: threading.Lock
-        self.host_golden: dict[str, float]
+        self._host_golden: dict[str, float]  # golden set digest -> the build host's value on it
         if sharing is not None:
             self.generation, self._signed, self._signing = sharing.generation, sharing._signed, sharing._signing
-            self.host_golden = sharing.host_golden
+            self._host_golden = sharing._host_golden
             return
         self.generation = time.time_ns() // 1_000_000  # one per apply; devices refuse anything older than committed
         self._signed = {}
         self._signing = threading.Lock()
-        self.host_golden = {acc: host_golden_value(dict(np.load(a.golden)), self.spec.quality)
-                            for acc, a in (ctx.desired.artifacts if ctx.desired else {}).items()}
+        self._host_golden = {}
+
+    def host_golden(self, target: TargetDevice) -> float:
+        """The build host's golden value for the release ``target`` gets (a device's own learned head has its own
+        golden set: adapt.personalize)."""
+        assert self.ctx.desired is not None
+        golden = next(f for f in self.ctx.desired.releases[target.key].files if f.name == "golden.npz")
+        with self._signing:
+            if golden.sha256 not in self._host_golden:
+                assert golden.local is not None
+                self._host_golden[golden.sha256] = host_golden_value(dict(np.load(golden.local)), self.spec.quality)
+            return self._host_golden[golden.sha256]
 
     def device(self, target: TargetDevice) -> Device:
         device = device_for(target, self.ctx.connections, self.doc.name)
@@ -344,7 +354,7 @@ class DeviceRoller:
         target = self.ctx.target(planned.key)
         gate = GateSpec.of(self.spec, target.profile.obj.spec.limits.max_memory_mb,
                            trial_window_s=target.profile.obj.spec.device.trial_window_s)
-        return measure_release(device, planned.release_id, baseline, gate, self.host_golden[target.accelerator],
+        return measure_release(device, planned.release_id, baseline, gate, self.host_golden(target),
                                seed=planned.key, on_retry=lambda runs, why: self.ctx.reporter.stage(
                                    planned.key, "verify", f"{why} ({runs} runs)"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -112,3 +112,16 @@ def sample_devices(eligible: Sequence[str], fraction: float, minimum: int, rng: 
     """The devices asked this round: ``fraction`` of the eligible ones, at least ``minimum`` (all when fewer)."""
     count = min(len(eligible), max(minimum, int(np.ceil(fraction * len(eligible)))))
     return sorted(rng.choice(sorted(eligible), size=count, replace=False).tolist()) if count else []
+
+
+def personal_choices(validations: dict[str, dict[str, Any] | None], margin: float) -> dict[str, str]:
+    """Devices whose own trained head beat the head they were sent on their held-out samples by ``margin``
+    points (their numbers: the controller never sees their data), with why."""
+    chosen = {}
+    for device, v in sorted(validations.items()):
+        if not v or not v.get("samples") or v.get("trained_accuracy") is None or v.get("sent_accuracy") is None:
+            continue
+        if float(v["trained_accuracy"]) >= float(v["sent_accuracy"]) + margin:
+            chosen[device] = (f"its own head {v['trained_accuracy']:.1f}% vs the fleet's {v['sent_accuracy']:.1f}% on "
+                              f"its {v['samples']} held-out samples")
+    return chosen

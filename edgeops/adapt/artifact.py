@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ class NoHead(EdgeopsError):
 
 @dataclass(frozen=True)
 class Adaptation:
-    """A learned head the fleet accepted: its tensors' digest and the base artifact (by accelerator) it fits."""
+    """A learned head the fleet accepted: its tensors' digest and the base artifact (by accelerator) it fits;
+    ``personal``: device name -> the digest of the head that device keeps (adapt.personalize)."""
 
     tensors_sha256: str
     bases: dict[str, str]
+    personal: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

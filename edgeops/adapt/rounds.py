@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeops.adapt.aggregate import Update, aggregate, sample_devices
+from edgeops.adapt.aggregate import Update, aggregate, clip, personal_choices, sample_devices
 from edgeops.adapt.artifact import Adaptation, Head, accuracy_of, features_of, head_tensors, load_tensors, store_tensors
 from edgeops.adapt.privacy import epsilon
 from edgeops.compress.data import load_dataset
@@ -297,7 +297,17 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
         summary["reason"] = f"below the released head by less than min_improvement {adapt.min_improvement:g}"
         return RoundResult(number, "kept", f"{line}; not released (gain < {adapt.min_improvement:g})", summary), \
             candidate, fleet, noisy_rounds
-    proposal = Adaptation(summary["global_sha256"], fleet.bases)
+    personal: dict[str, str] = {}
+    if adapt.personalize:
+        chosen = personal_choices({u.device: reports[u.device]["validation"] for u in updates
+                                   if u.device in combined.used}, adapt.min_improvement)
+        start_vector = _flatten(head, global_)
+        for update in updates:
+            if update.device in chosen:
+                own = _unflatten(head, global_, start_vector + clip(update.vector, adapt.clip_norm)[0])
+                personal[update.device] = store_tensors(repo.cache, own)
+        summary["personal"], summary["personal_reasons"] = personal, chosen
+    proposal = Adaptation(summary["global_sha256"], fleet.bases, personal)
     summary["tensors_sha256"] = proposal.tensors_sha256
     progress(f"round {number}: the learned head gains {after - before:.2f} points: rolling it out")
     _, rollout = apply_deployment(repo, doc, connections, reporter, progress=progress, adaptation=proposal)

@@ -480,6 +480,10 @@ class AdaptSpec(Strict):
     round_deadline_s: PositiveFloat = Field(default=120, description="updates later than this are not waited for")
     validation_fraction: Annotated[float, Field(ge=0, le=0.5)] = Field(
         default=0.2, description="share of each device's samples kept for its local validation")
+    personalize: bool = Field(default=False, description="in a round whose head is released, a device whose own "
+                                                         "trained head beats the head it was sent on its held-out "
+                                                         "samples by min_improvement keeps its own: a release of its "
+                                                         "own, verified like any")
     seed: int = 0
 
     _data = field_validator("data")(lambda cls, v: v if v is None else _relative_path(v))

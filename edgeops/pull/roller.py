@@ -77,7 +77,7 @@ class PullRoller(DeviceRoller):
                        "signature": base64.b64encode(signed.signature.encode()).decode()} if signed else None,
             "gate": GateSpec.of(self.spec, profile.limits.max_memory_mb, settings.report_deadline_s,
                                 profile.device.trial_window_s).as_json(),
-            "host_golden": self.host_golden[target.accelerator],
+            "host_golden": self.host_golden(target),
             "trial_window_s": profile.device.trial_window_s, "keep_releases": profile.device.keep_releases,
             "power_sensor": target.power_sensor, "published_at": time.time(),
             "order": order.as_json() if order else None,

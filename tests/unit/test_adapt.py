@@ -154,3 +154,13 @@ def test_the_data_directory_stays_under_the_device_root() -> None:
         with pytest.raises(ValidationError):
             AdaptSpec(data=bad)
     assert AdaptSpec().data_dir("cam") == "data/cam" and AdaptSpec(data="apps/x/").data_dir("cam") == "apps/x"
+
+
+def test_a_device_keeps_its_own_head_only_where_its_held_out_samples_say_it_is_better() -> None:
+    from edgeops.adapt.aggregate import personal_choices
+
+    chosen = personal_choices({"a": {"samples": 20, "sent_accuracy": 60.0, "trained_accuracy": 90.0},
+                               "b": {"samples": 20, "sent_accuracy": 80.0, "trained_accuracy": 80.4},
+                               "c": {"samples": 0, "sent_accuracy": None, "trained_accuracy": None},
+                               "d": None}, margin=0.5)
+    assert list(chosen) == ["a"] and "90.0%" in chosen["a"]
