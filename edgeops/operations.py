@@ -404,6 +404,28 @@ def load_plan(path: Path) -> Plan:
 
 
 
+def _adapt_if_due(repo: Repo, doc: Document[Deployment], connections: Connections, log: Callable[[str], None]) -> int:
+    """Federated rounds from the reconcile loop, when ``adapt.every`` says they are due (a fleet in sync only);
+    1 when a round's release failed on the devices."""
+    from edgeops.adapt.rounds import adapt_deployment
+
+    adapt = doc.obj.spec.adapt
+    if adapt is None or adapt.every_s is None:
+        return 0
+    done = repo.ledger.summaries(doc.name, "adapt")
+    last = done[-1]["finished_at"] if done else None
+    if last is not None and time.time() - _epoch(last) < adapt.every_s:
+        return 0
+    results = adapt_deployment(repo, doc, connections, progress=lambda m: log(f"{doc.name}: {m}"))
+    return int(any(r.outcome == "rejected" for r in results))
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def reconcile_loop(root: Path, settings: Settings, deployments: list[str], interval_s: float, iterations: int,
                    log: Callable[[str], None], verify_every: int = 12) -> int:
     """Check for drift every ``interval_s``; apply the drifted deployments. Returns how many applies failed.
@@ -428,6 +450,7 @@ def reconcile_loop(root: Path, settings: Settings, deployments: list[str], inter
                 drifted = [f"{r.fleet}/{r.device}" for r in rows if r.drifted and r.health != Health.UNREACHABLE]
                 if not drifted:
                     log(f"{name}: in sync ({len(rows)} device(s))")
+                    failures += _adapt_if_due(repo, doc, connections, log)
                     continue
                 log(f"{name}: drift on {', '.join(drifted)}; applying")
                 _, result = apply_deployment(repo, doc, connections)

@@ -484,6 +484,9 @@ class AdaptSpec(Strict):
                                                          "trained head beats the head it was sent on its held-out "
                                                          "samples by min_improvement keeps its own: a release of its "
                                                          "own, verified like any")
+    every_s: PositiveFloat | None = Field(default=None, description="`edgeops reconcile` runs `rounds` rounds this "
+                                                                    "often (seconds) while the fleet is in sync; "
+                                                                    "null: only `edgeops adapt` runs them")
     seed: int = 0
 
     _data = field_validator("data")(lambda cls, v: v if v is None else _relative_path(v))

@@ -401,12 +401,15 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     train topic; the daemon answers with the update alone, and a better head rolls out like any release."""
     from edgeops.adapt.rounds import adapt_deployment
     from edgeops.connections import Connections
+    from edgeops.operations import reconcile_loop
+    from edgeops.settings import Settings
     from labkit.artifacts import repo_at
     from labkit.federated import scenario, write_base_model, write_device_samples, write_manifest
 
     model = lab / "models" / "wearable_base.onnx"
     sha, _ = write_base_model(model)
     write_manifest(lab, "pull-adapt", model, sha, "    rounds: 2\n    clip_norm: 5.0\n    round_deadline_s: 60\n"
+                                                    "    every_s: 0.5\n"
                                                     "    devices_per_round: {fraction: 1.0, min_devices: 3}\n",
                    fleet="lab-pull")
     ws = load_workspace(lab)
@@ -424,3 +427,10 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     rows = {r["device"]: r for r in json.loads(cli(lab, "status", "manifests/pull-adapt.yaml", "-o",
                                                    "json").stdout)[0]["devices"]}
     assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
+    # the reconcile loop runs the rounds when adapt.every_s says they are due (the fleet in sync)
+    time.sleep(0.6)
+    logged: list[str] = []
+    assert reconcile_loop(lab, Settings.from_environment(os.environ), ["pull-adapt"], 0, 1, logged.append) == 0
+    rounds = repo_at(lab).ledger.summaries("pull-adapt", "adapt")
+    assert len(rounds) == 4 and any("round 4" in line for line in logged), logged
+
