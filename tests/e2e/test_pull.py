@@ -399,8 +399,6 @@ def test_a_head_retrained_in_git_reaches_pull_devices_as_its_changed_blocks(lab:
 def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through_the_broker(lab: Path) -> None:
     """A federated round over the broker: the tensors go to the registry, a training request to each device's
     train topic; the daemon answers with the update alone, and a better head rolls out like any release."""
-    from edgeops.adapt.rounds import adapt_deployment
-    from edgeops.connections import Connections
     from edgeops.operations import reconcile_loop
     from edgeops.settings import Settings
     from labkit.artifacts import repo_at
@@ -409,7 +407,7 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     model = lab / "models" / "wearable_base.onnx"
     sha, _ = write_base_model(model)
     write_manifest(lab, "pull-adapt", model, sha, "    rounds: 2\n    clip_norm: 5.0\n    round_deadline_s: 60\n"
-                                                    "    every_s: 0.5\n"
+                                                    "    every_s: 0.5\n    privacy: {noise_multiplier: 0.01}\n"
                                                     "    devices_per_round: {fraction: 1.0, min_devices: 3}\n",
                    fleet="lab-pull")
     ws = load_workspace(lab)
@@ -418,12 +416,14 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     for index, device in enumerate(targets):
         write_device_samples(Path(device.root), "pull-adapt", split.parts[index])
     assert cli(lab, "apply", "manifests/pull-adapt.yaml").exit_code == ExitCode.OK
-    with Connections() as connections:
-        results = adapt_deployment(repo_at(lab, ws), ws.deployments["pull-adapt"], connections)
-    first = results[0].summary
+    adapted = cli(lab, "adapt", "pull-adapt", "-o", "json")
+    assert adapted.exit_code == ExitCode.OK, adapted.output
+    results = json.loads(adapted.stdout)
+    first = results[0]
     assert sorted(first["used"]) == ["pull-01", "pull-02", "pull-03"], first
     assert first["samples"] == sum(p.size - p.size // 5 for p in split.parts)
-    assert results[0].outcome == "released" and first["accuracy_after"] > first["accuracy_released"] + 10
+    assert first["outcome"] == "released" and first["accuracy_after"] > first["accuracy_released"] + 10
+    assert 0 < first["epsilon"] < results[1]["epsilon"] and first["noise_std"] > 0  # the budget spent, composed
     rows = {r["device"]: r for r in json.loads(cli(lab, "status", "manifests/pull-adapt.yaml", "-o",
                                                    "json").stdout)[0]["devices"]}
     assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
