@@ -104,8 +104,8 @@ def _decode(head: Head, like: dict[str, np.ndarray], update: dict[str, str]) -> 
 
 def _eligible(doc: Document[Deployment], fleet: _Fleet, connections: Connections) -> tuple[list[TargetDevice],
                                                                                               dict[str, str]]:
-    """Devices that can train now: reached over SSH, running the release git (and the ledger) asks for,
-    committed, undamaged. The others are named with why."""
+    """Devices that can train now: reached (over SSH, or reporting through their broker), running the release
+    git (and the ledger) asks for, committed, undamaged. The others are named with why."""
     skipped: dict[str, str] = {}
     targets = list(fleet.desired.targets)
     observed = observe_targets(doc.name, targets, connections)

@@ -50,7 +50,7 @@ def _apply(root: Path):  # type: ignore[no-untyped-def]
 def test_a_head_retrained_in_git_moves_only_its_blocks_and_the_device_model_hashes_as_signed(delta_lab: Path) -> None:
     first = _apply(delta_lab)
     assert first.ok, first.message
-    model = delta_lab / "models" / "digits.onnx"
+    model = delta_lab / "models" / f"{NAME}.onnx"
     size = model.stat().st_size
     retrain_head(model)
     assert model.stat().st_size == size

@@ -406,9 +406,9 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
 
     model = lab / "models" / "wearable_base.onnx"
     sha, _ = write_base_model(model)
-    write_manifest(lab, "pull-adapt", model, sha, "    rounds: 2\n    clip_norm: 5.0\n    round_deadline_s: 60\n"
+    write_manifest(lab, "pull-adapt", model, sha, "    rounds: 2\n    clip_norm: 5.0\n    round_deadline_s: 20\n"
                                                     "    every_s: 0.5\n    privacy: {noise_multiplier: 0.01}\n"
-                                                    "    devices_per_round: {fraction: 1.0, min_devices: 3}\n",
+                                                    "    devices_per_round: {fraction: 1.0, min_devices: 2}\n",
                    fleet="lab-pull")
     ws = load_workspace(lab)
     targets = fleet_targets(ws, ws.fleets["lab-pull"])
@@ -433,4 +433,13 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     assert reconcile_loop(lab, Settings.from_environment(os.environ), ["pull-adapt"], 0, 1, logged.append) == 0
     rounds = repo_at(lab).ledger.summaries("pull-adapt", "adapt")
     assert len(rounds) == 4 and any("round 4" in line for line in logged), logged
+    # a device that is away does not stall a round: it is named, the others train
+    offline(lab, "pull-03")
+    try:
+        alone = cli(lab, "adapt", "pull-adapt", "--rounds", "1", "-o", "json")
+        result = json.loads(alone.stdout)[0]
+        away = {**result["skipped"], **(result.get("dropped") or {})}  # unreachable, or no update by the deadline
+        assert "pull-03" in away and sorted(result["used"]) == ["pull-01", "pull-02"], result
+    finally:
+        online(lab, "pull-03")
 
