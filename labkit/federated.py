@@ -157,11 +157,11 @@ spec:
 {slo}  targets:
     - fleet: {fleet}
   rollout:
-    waves: [1, 100%]
+    waves: [100%]
     parallelism: 8
     max_failed_devices: 0
     on_failure: rollback
-    verification: {{runs: 200, budget_s: 10}}
+    verification: {{runs: 100, budget_s: 5}}
   adapt:
 {adapt}"""
     path = root / "manifests" / f"{name}.yaml"

@@ -28,7 +28,7 @@ from labkit.repo import copy_repo, write_lab_fleet
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 DEVICES = 8
 PLAIN, ROBUST = "wearable-fedavg", "wearable-robust"
-SETTINGS = ("    rounds: 5\n    local_epochs: 5\n    learning_rate: 0.05\n    clip_norm: 5.0\n"
+SETTINGS = ("    rounds: 4\n    local_epochs: 5\n    learning_rate: 0.05\n    clip_norm: 5.0\n"
             "    min_improvement: 0.5\n    devices_per_round: {fraction: 1.0, min_devices: 4}\n")
 POISONED = 3  # lab-03 (index 2) holds the most samples of the split: flipping its labels hurts most
 
