@@ -161,7 +161,7 @@ spec:
     parallelism: 8
     max_failed_devices: 0
     on_failure: rollback
-    verification: {{runs: 100, budget_s: 5}}
+    verification: {{runs: 40, budget_s: 3}}
   adapt:
 {adapt}"""
     path = root / "manifests" / f"{name}.yaml"

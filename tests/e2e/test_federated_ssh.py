@@ -42,7 +42,8 @@ def fed_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     write_lab_fleet(root, DEVICES, base / "devices")
     model = root / "models" / "wearable_base.onnx"
     sha, _ = write_base_model(model)
-    write_manifest(root, PLAIN, model, sha, SETTINGS + "    aggregation: fedavg\n    personalize: true\n")
+    write_manifest(root, PLAIN, model, sha, SETTINGS.replace("rounds: 4", "rounds: 3")
+                   + "    aggregation: fedavg\n    personalize: true\n")
     write_manifest(root, ROBUST, model, sha, SETTINGS + "    aggregation: trimmed_mean\n    trim_fraction: 0.25\n")
     ws = load_workspace(root)
     lab_up(ws, ws.fleets["lab"], target_devices(ws, PLAIN), login_home=hostile_home)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import onnx
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner, Result
@@ -97,12 +98,12 @@ def watch_status(root: Path, name: str, seen: Callable[[dict[str, Any]], None]) 
     client.username_pw_set(settings.username, password)
     client.on_message = lambda c, u, m: seen(json.loads(m.payload)) if m.payload else None
     client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
-    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
+    client.subscribe(f"edgeops/lab-pull/{name}/{deployment}/status", qos=1)
     client.loop_start()
     return client
 
 
-def last_status(root: Path, name: str) -> dict[str, Any]:
+def last_status(root: Path, name: str, deployment: str = PULL_DEPLOYMENT) -> dict[str, Any]:
     """The retained status message as the device published it (read over the broker as the controller)."""
     ws = load_workspace(root)
     settings = ws.fleets["lab-pull"].obj.spec.pull
@@ -112,7 +113,7 @@ def last_status(root: Path, name: str) -> dict[str, Any]:
     client.username_pw_set(settings.username, password)
     client.on_message = lambda c, u, m: got.update(json.loads(m.payload)) if m.payload else None
     client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
-    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
+    client.subscribe(f"edgeops/lab-pull/{name}/{deployment}/status", qos=1)
     client.loop_start()
     eventually(lambda: got, 5)
     client.loop_stop()
@@ -395,6 +396,30 @@ def test_a_head_retrained_in_git_reaches_pull_devices_as_its_changed_blocks(lab:
     assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
     assert cli(lab, "status", manifest, "--verify").exit_code == ExitCode.OK  # every file hashes as recorded
 
+    # a changed block damaged in the registry: the file rebuilt from the ranges does not hash as signed and is
+    # refused; the whole file is refused too; the device stays on the release it committed
+    before = rows["pull-03"]["release"]
+    offline(lab, "pull-03")
+    retrain_head(model)
+    head = onnx.load(str(model))
+    with edited((lab / manifest, "waves: [1, 100%]", "waves: [1, 100%]\n    max_unreachable_devices: 1")):
+        assert cli(lab, "apply", manifest).exit_code == ExitCode.OK
+        sha = json.loads(cli(lab, "plan", manifest, "-o", "json").stdout)[0]["artifacts"]["cpu"]
+    blob = lab / ".edgeops" / "lab" / "lab-pull" / "registry" / "storage" / "docker" / "registry" / "v2" / \
+        "blobs" / "sha256" / sha[:2] / sha / "data"
+    data = bytearray(blob.read_bytes())
+    weight = next(i for i in head.graph.initializer if i.name == "head.3.weight").raw_data
+    assert data.find(weight) > 0
+    data[data.find(weight) + 10] ^= 0xFF  # inside a block that changed: fetched as a range
+    blob.write_bytes(bytes(data))
+    online(lab, "pull-03")
+    refused = eventually(lambda: (last_status(lab, "pull-03", "digits-pull").get("error") or {}).get("kind"))
+    assert refused == "checksum-mismatch"
+    log = (lab / ".edgeops" / "lab" / "lab-pull" / "pull-03" / "pulld.log").read_text()
+    assert "rebuilt from its changed blocks does not hash" in log
+    row = {r["device"]: r for r in json.loads(cli(lab, "status", manifest, "-o", "json").stdout)[0]["devices"]}
+    assert row["pull-03"]["release"] == before and row["pull-03"]["health"] == "Healthy"
+
 
 def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through_the_broker(lab: Path) -> None:
     """A federated round over the broker: the tensors go to the registry, a training request to each device's
@@ -416,14 +441,14 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     for index, device in enumerate(targets):
         write_device_samples(Path(device.root), "pull-adapt", split.parts[index])
     assert cli(lab, "apply", "manifests/pull-adapt.yaml").exit_code == ExitCode.OK
-    adapted = cli(lab, "adapt", "pull-adapt", "--rounds", "2", "-o", "json")
+    adapted = cli(lab, "adapt", "pull-adapt", "-o", "json")
     assert adapted.exit_code == ExitCode.OK, adapted.output
     results = json.loads(adapted.stdout)
     first = results[0]
     assert sorted(first["used"]) == ["pull-01", "pull-02", "pull-03"], first
     assert first["samples"] == sum(p.size - p.size // 5 for p in split.parts)
     assert first["outcome"] == "released" and first["accuracy_after"] > first["accuracy_released"] + 10
-    assert 0 < first["epsilon"] < results[1]["epsilon"] and first["noise_std"] > 0  # the budget spent, composed
+    assert first["epsilon"] > 0 and first["noise_std"] > 0  # the budget this round spent
     rows = {r["device"]: r for r in json.loads(cli(lab, "status", "manifests/pull-adapt.yaml", "-o",
                                                    "json").stdout)[0]["devices"]}
     assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
@@ -432,7 +457,8 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     logged: list[str] = []
     assert reconcile_loop(lab, Settings.from_environment(os.environ), ["pull-adapt"], 0, 1, logged.append) == 0
     rounds = repo_at(lab).ledger.summaries("pull-adapt", "adapt")
-    assert len(rounds) == 3 and any("round 3" in line for line in logged), logged
+    assert len(rounds) == 2 and any("round 2" in line for line in logged), logged
+    assert rounds[1]["summary"]["epsilon"] > first["epsilon"]  # composed over the noisy rounds
     # a device that is away does not stall a round: it is named, the others train
     offline(lab, "pull-03")
     try:
