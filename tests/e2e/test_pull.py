@@ -98,7 +98,7 @@ def watch_status(root: Path, name: str, seen: Callable[[dict[str, Any]], None]) 
     client.username_pw_set(settings.username, password)
     client.on_message = lambda c, u, m: seen(json.loads(m.payload)) if m.payload else None
     client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
-    client.subscribe(f"edgeops/lab-pull/{name}/{deployment}/status", qos=1)
+    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
     client.loop_start()
     return client
 
