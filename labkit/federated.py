@@ -161,7 +161,8 @@ spec:
     parallelism: 8
     max_failed_devices: 0
     on_failure: rollback
-    verification: {{runs: 40, budget_s: 3}}
+    verification: {{runs: 100, budget_s: 5}}
+    regression: {{latency_p50_pct: 100, latency_p95_pct: 200, energy_pct: 200}}  # the gate is not under test here
   adapt:
 {adapt}"""
     path = root / "manifests" / f"{name}.yaml"

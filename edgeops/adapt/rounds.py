@@ -38,7 +38,8 @@ from edgeops.types import DeviceStatus
 
 Progress = Callable[[str], None]
 TRAIN_SCHEMA = "edgeops.train/v1"  # the request a pull device's daemon answers on <deployment>/update
-TRAINING_STATUSES = (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE)  # on a release it committed, no trial
+# on a release it committed, no trial (rolled_back: a halted rollout put it back on its committed release)
+TRAINING_STATUSES = (DeviceStatus.COMMITTED, DeviceStatus.INCONCLUSIVE, DeviceStatus.ROLLED_BACK)
 
 
 @dataclass(frozen=True)
