@@ -98,8 +98,8 @@ def _adapted(deployment: Document[Deployment], cache: Cache, accelerator: str, b
     adapt = deployment.obj.spec.adapt
     assert adapt is not None
     try:
-        evaluation = load_dataset(BuildRequest.of(deployment, accelerator), "evaluation") if learned else None
-        adapted = adaptable(base, adapt, cache, learned, build=build_missing, evaluation=evaluation)
+        adapted = adaptable(base, adapt, cache, learned, build=build_missing,
+                            evaluation=lambda: load_dataset(BuildRequest.of(deployment, accelerator), "evaluation"))
     except NoHead as exc:
         raise deployment.error(("spec", "adapt"), str(exc)) from None
     if adapted is None:

@@ -109,7 +109,6 @@ class PushResult:
     bytes_moved: int
     files_moved: int
     files_skipped: int
-    files_patched: int = 0   # sent as the blocks that differ from the same file of the release the device runs
 
 
 DEFAULT_TRIAL_WINDOW_S = 1800.0  # a device profile's default (device.trial_window_s)
@@ -330,7 +329,7 @@ class Device:
                               f"{need_bytes + DISK_MARGIN_BYTES} bytes, {observed['free_bytes']} free; "
                               "the previous release is untouched",
                               hint="free space on the device or lower device.keep_releases")
-        moved, staged, patched = 0, {}, 0
+        moved, staged = 0, {}
         parts = observed.get("parts") or {}
         bases: dict[str, tuple[str, int]] = patch_bases(observed)
         with tempfile.TemporaryDirectory() as tmp:
@@ -342,7 +341,6 @@ class Device:
                     if found is not None:
                         staged[found[0]] = item.sha256
                         moved += found[1]
-                        patched += 1
                         continue
                 report = (lambda done, total: progress(done)) if progress else None
                 if self._session is not None:  # through the agent: SFTP may be read-only
@@ -359,7 +357,7 @@ class Device:
         files = json.dumps({f.name: f.sha256 for f in release.files}, sort_keys=True)
         self.agent("assemble", *self._changing(), "--release", release.id, "--files", files,
                    "--staged", json.dumps(staged, sort_keys=True), *(["--repair"] if repair else []), timeout=timeout)
-        return PushResult(moved, len(needed), len(release.files) - len(needed), patched)
+        return PushResult(moved, len(needed), len(release.files) - len(needed))
 
     def _send_patch(self, local: Path, sha256: str, base: str, tmp: Path,
                     timeout: float | None) -> tuple[str, int] | None:
@@ -381,12 +379,7 @@ class Device:
             out.write(json.dumps(header).encode() + b"\n")
             for index in changed:
                 out.write(data[index * block:(index + 1) * block])
-        digest = hashlib.sha256(patch.read_bytes()).hexdigest()
-        if self._session is not None:
-            remote = self._receive(patch, f"{sha256[:16]}.patch", digest, timeout, None)
-        else:
-            remote = f"{self.root}/.staging/{sha256[:16]}-{uuid.uuid4().hex[:8]}.patch"
-            self.transport.put(patch, remote)
+        remote = self._stage(patch, f"{sha256[:16]}.patch", timeout)
         try:
             rebuilt = self.agent("patch", "--root", self.root, "--base", base, "--patch", remote, "--sha256", sha256,
                                  timeout=timeout)
@@ -395,6 +388,17 @@ class Device:
                 raise
             return None
         return str(rebuilt["path"]), patch.stat().st_size
+
+    def _stage(self, local: Path, name: str, timeout: float | None) -> str:
+        """A small file into <root>/.staging for the next agent command: over the agent session when there is
+        one (SFTP may be read-only), else over the transport; where it landed."""
+        if self._session is not None:
+            return self._receive(local, name, hashlib.sha256(local.read_bytes()).hexdigest(), timeout, None)
+        stem, _, suffix = name.rpartition(".")
+        remote = f"{self.root}/.staging/{stem}-{uuid.uuid4().hex[:8]}.{suffix}"
+        self.transport.run(["mkdir", "-p", f"{self.root}/.staging"])
+        self.transport.put(local, remote)
+        return remote
 
     def _upload(self, local: Path, name: str, sha256: str, timeout: float | None,
                 progress: Callable[[int, int], None] | None, offset: int) -> tuple[str, int]:
@@ -537,11 +541,6 @@ class Device:
         self.ensure_agent()
         digest = hashlib.sha256(tensors.read_bytes()).hexdigest()
         with self.session():
-            if self._session is not None:
-                remote = self._receive(tensors, f"adapt-{digest[:16]}.npz", digest, timeout, None)
-            else:
-                remote = f"{self.root}/.staging/adapt-{digest[:16]}-{uuid.uuid4().hex[:8]}.npz"
-                self.transport.run(["mkdir", "-p", f"{self.root}/.staging"])
-                self.transport.put(tensors, remote)
+            remote = self._stage(tensors, f"adapt-{digest[:16]}.npz", timeout)
             return self.agent("adapt-train", *self._common(), "--tensors", remote, "--spec",
                               json.dumps(spec, sort_keys=True), timeout=timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,17 +174,20 @@ def _with_tensors(model: onnx.ModelProto, tensors: dict[str, np.ndarray]) -> Non
 
 
 def adaptable(base: Artifact, adapt: AdaptSpec, cache: Cache, tensors_sha256: str | None = None,
-              build: bool = True, evaluation: Dataset | None = None) -> Artifact | None:
+              build: bool = True, evaluation: Callable[[], Dataset] | None = None) -> Artifact | None:
     """The artifact a federated deployment runs: ``base`` plus the features output, with the learned head
-    ``tensors_sha256`` (None: the base's own head). Cached; a second call is free; None when not in the cache
-    and not ``build``. Its report's quality is the accuracy on ``evaluation`` (the repository's data)."""
+    ``tensors_sha256`` (None: the base's own head). Cached; a second call is free (the key needs neither the
+    model nor the data: the head follows from the base and ``adapt.tensors``); None when not in the cache and
+    not ``build``. Its report's quality is the accuracy on ``evaluation()`` (the repository's data)."""
+    key = cache_key({"base": base.key, "head": adapt.tensors, "tensors": tensors_sha256})
+    found = cache.get(key)
+    if found is not None:
+        return found
     report = base.report
     model = onnx.load(str(base.model))
     head = find_head(model, report["artifact"].get("quality_output"), adapt.tensors)
-    key = cache_key({"base": base.key, "head": head.as_dict(), "tensors": tensors_sha256})
-    found = cache.get(key)
-    if found is not None or not build:
-        return found
+    if not build:
+        return None
     if head.features not in {o.name for o in model.graph.output}:
         model.graph.output.append(onnx.helper.make_tensor_value_info(head.features, onnx.TensorProto.FLOAT, None))
     learned = load_tensors(cache, tensors_sha256) if tensors_sha256 else head_tensors(base.model, head)
@@ -200,9 +204,10 @@ def adaptable(base: Artifact, adapt: AdaptSpec, cache: Cache, tensors_sha256: st
         new["artifact"].update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
                                golden_sha256=hashlib.sha256(golden.read_bytes()).hexdigest())
         new["adapt"] = {"base_key": base.key, "head": head.as_dict(), "tensors_sha256": tensors_sha256}
-        if tensors_sha256 and new.get("stages") and evaluation is not None and evaluation.labels is not None:
+        scored = evaluation() if tensors_sha256 and new.get("stages") and evaluation is not None else None
+        if scored is not None and scored.labels is not None:
             quality = new["stages"][-1]["quality"]
-            value = _accuracy(path, output, evaluation)
+            value = _accuracy(path, output, scored)
             quality.update(value=value, drop=round(float(quality.get("baseline") or value) - value, 4), passed=True,
                            golden_accuracy=accuracy, adapted=True)
         extra = {name: base.directory / name for name in _extra_files(base)}
