@@ -6,6 +6,7 @@ No decisions here: every command's work is a function of ``edgeops.service``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,8 @@ OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), de
                       show_default=True, help="table for people, json for machines")
 SELECTOR = click.option("-l", "--selector", help="only target devices whose labels match, as kubectl -l writes it: "
                                                  "ring=canary,site!=lab,hw in (x86,arm)")
+ALLOW_EMPTY = click.option("--allow-empty", is_flag=True,
+                           help="a target selector, a wave or -l that takes no device is a warning, not an error")
 ROOT_OPTION = click.option("--root", type=click.Path(file_okay=False, path_type=Path),
                            help="repository root (default: found)")
 
@@ -36,9 +39,14 @@ def library_prints_to_stderr() -> contextlib.AbstractContextManager[object]:
     return contextlib.redirect_stdout(sys.stderr)
 
 
-def settings(root: Path | None) -> Settings:
+def settings(root: Path | None, **options: Any) -> Settings:
     """The run's settings: the environment is read here, once, and nowhere in the library."""
-    return Settings.from_environment(os.environ, root)
+    return dataclasses.replace(Settings.from_environment(os.environ, root), warn=warning, **options)
+
+
+def warning(text: str) -> None:
+    """What is wrong but not in the way (a broken file this command does not use), on stderr."""
+    click.echo(f"warning: {text}", err=True)
 
 
 def notice(text: str) -> None:
@@ -103,17 +111,18 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@ALLOW_EMPTY
 @ROOT_OPTION
 @OUTPUT
 @handle_errors
-def validate(paths: tuple[Path, ...], root: Path | None, output: str) -> None:
+def validate(paths: tuple[Path, ...], allow_empty: bool, root: Path | None, output: str) -> None:
     """Check files (or directories) and what they refer to, without touching a device.
 
     Reports on the files given and the fleets and profiles they use: schema, references, the ONNX model
     against its declared inputs and outputs, recipe options against the model, fleet addresses.
     With no PATH: the whole repository.
     """
-    checked = service.validate(paths, settings(root))
+    checked = service.validate(paths, settings(root, allow_empty=allow_empty))
     if output == "json":
         click.echo(json.dumps({"ok": True, "documents": [
             {"file": d.display, "kind": d.obj.kind, "name": d.name} for d in checked.documents],
@@ -335,11 +344,12 @@ CHANGED_SINCE = click.option("--changed-since", metavar="REV",
 @click.option("--to", "to_release", metavar="RELEASE", help="with --rollback: the release `rollback --to` names")
 @ACCEPT_QUALITY_DROP
 @SELECTOR
+@ALLOW_EMPTY
 @ROOT_OPTION
 @handle_errors
 def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out_file: Path | None,
          untrusted: bool, base: str | None, rollback_of: str | None, to_release: str | None,
-         accept_quality_drop: bool, selector: str | None, root: Path | None) -> None:
+         accept_quality_drop: bool, selector: str | None, allow_empty: bool, root: Path | None) -> None:
     """Show what apply (or, with --rollback, rollback) would do, with each device's facts and preflight.
 
     Exit code 0: no changes; 2: changes pending (and nothing else wrong); 4: a device was refused by the
@@ -369,7 +379,8 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     if untrusted and not (base or changed_since):
         raise click.UsageError("--untrusted needs the base revision: --base REV or --changed-since REV")
     with err_console.status("planning") as status, library_prints_to_stderr():
-        found = service.plan(manifests, changed_since, settings(root), progress=status.update, notify=notice,
+        found = service.plan(manifests, changed_since, settings(root, allow_empty=allow_empty),
+                             progress=status.update, notify=notice,
                              selector=selector, untrusted_base=(base or changed_since) if untrusted else None,
                              accept_quality_drop=accept_quality_drop)
     if out_file:
@@ -392,6 +403,10 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     plans = [e.plan for e in found]
     if any(p.refused for p in plans):
         sys.exit(ExitCode.REFUSED)
+    blind = [p.deployment for p in plans if p.checked_nothing]
+    if blind:
+        click.echo(f"error: every device of {', '.join(blind)} was unreachable: the plan checked nothing", err=True)
+        sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.CHANGES if any(p.has_changes for p in plans) else ExitCode.OK)
 
 
@@ -637,7 +652,7 @@ def history(deployment: str, limit: int, output: str, root: Path | None) -> None
 
 @main.command()
 @click.argument("deployment")
-@click.option("--rollout", "number", type=int, help="the rollout's number in `edgeops history` (default: the newest "
+@click.option("--rollout", "number", type=click.IntRange(min=1), help="the rollout's number in `edgeops history` (default: the newest "
                                                     "that measured devices)")
 @click.option("-o", "--output", type=click.Choice(["html", "json"]), default="html", show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),

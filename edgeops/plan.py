@@ -1,7 +1,7 @@
 """Planning: a pure function from desired and observed state to a frozen, serialisable Plan.
 
-Waves: the first wave is a canary with at least the policy's first wave and
-at least one device of every hardware class (when ``canary_per_hardware_class``).
+Waves: the first wave is a canary with at least the policy's first wave, every device labelled
+``ring: canary`` and one device of every other hardware class (when ``canary_per_hardware_class``).
 Every later wave brings the cumulative count to its target: a count, or a
 percentage of the devices that change, rounded up, never fewer than one more
 device, never more than are left. Devices with nothing to change, and
@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -121,6 +121,11 @@ class Plan:
         """Nothing to change and every device reachable and able: apply touches no device."""
         return not self.has_changes and all(d.action not in (Action.UNREACHABLE, Action.REFUSED) for d in self.devices)
 
+    @property
+    def checked_nothing(self) -> bool:
+        """Every device was unreachable: the plan knows nothing of what runs (a PR check must not pass on it)."""
+        return bool(self.devices) and all(d.action == Action.UNREACHABLE for d in self.devices)
+
     def wave(self, number: int) -> list[PlannedDevice]:
         return [d for d in self.devices if d.wave == number]
 
@@ -191,30 +196,58 @@ def _bytes(want: DesiredDevice, seen: ObservedDevice) -> int:
     return sum(size for _, sha, size in want.files if seen.blobs is None or sha not in seen.blobs)
 
 
-def assign_waves(changing: list[DesiredDevice], policy: RolloutPolicy) -> dict[str, int]:
-    """Wave number (1-based) per device key.
+CANARY_LABEL = ("ring", "canary")   # devices labelled so form the first wave by default (docs/rollout.md)
+
+
+class WaveMember(Protocol):
+    @property
+    def key(self) -> str: ...
+    @property
+    def hardware_class(self) -> str: ...
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]: ...
+
+
+def assign_waves(changing: Sequence[WaveMember], policy: RolloutPolicy) -> dict[str, int]:
+    """Wave number (1-based) per device key (see ``waves_of``)."""
+    return waves_of(changing, policy)[0]
+
+
+def waves_of(changing: Sequence[WaveMember], policy: RolloutPolicy) -> tuple[dict[str, int], list[int]]:
+    """(wave number per device key, indexes of the policy's waves that took no device; a last wave of 100%
+    is the rest, which may be nothing).
 
     Counts and percentages are cumulative over the devices to change; a ``{selector: ...}`` wave takes
     every device it matches that no earlier wave took. Whatever is left forms a last wave. Unless the
-    first wave is a selector, it holds one device of every hardware class (ring=canary preferred).
+    first wave is a selector, it holds every device labelled ``ring: canary`` and one device of every
+    hardware class without such a label.
     """
     total = len(changing)
     if not total:
-        return {}
+        return {}, []
     labels = {d.key: dict(d.labels) for d in changing}
+
+    def is_canary(key: str) -> bool:
+        return labels[key].get(CANARY_LABEL[0]) == CANARY_LABEL[1]
+
     canary: list[str] = []
     if policy.canary_per_hardware_class and not isinstance(policy.waves[0], WaveSelector):
-        seen_classes: set[str] = set()
-        preferred = sorted(changing, key=lambda d: (labels[d.key].get("ring") != "canary"))
-        for device in preferred:
-            if device.hardware_class not in seen_classes:
-                seen_classes.add(device.hardware_class)
+        canary = [d.key for d in changing if is_canary(d.key)]
+        covered = {d.hardware_class for d in changing if d.key in canary}
+        for device in changing:
+            if device.hardware_class not in covered:
+                covered.add(device.hardware_class)
                 canary.append(device.key)
-    pending = canary + [d.key for d in sorted(changing, key=lambda d: labels[d.key].get("ring") != "canary")
-                        if d.key not in canary]
+    pending = canary + [d.key for d in sorted(changing, key=lambda d: not is_canary(d.key)) if d.key not in canary]
     waves: dict[str, int] = {}
+    empty: list[int] = []
     number = 0
+    written = len(policy.waves) - (1 if policy.waves[-1] == "100%" else 0)
     for index, wave in enumerate([*policy.waves, "100%"]):
+        if not pending:
+            if index < written:
+                empty.append(index)
+            continue
         if isinstance(wave, WaveSelector):
             selector = wave.parsed
             members = [key for key in pending if selector.matches(labels[key])]
@@ -224,14 +257,14 @@ def assign_waves(changing: list[DesiredDevice], policy: RolloutPolicy) -> dict[s
             goal = min(total, max(target, len(waves) + 1, len(canary) if index == 0 else 0))
             members = pending[:max(0, goal - len(waves))]
         if not members:
+            if index < written:
+                empty.append(index)
             continue
         number += 1
         for key in members:
             waves[key] = number
         pending = [key for key in pending if key not in waves]
-        if not pending:
-            break
-    return waves
+    return waves, empty
 
 
 def recipe_diff(previous: dict[str, list[dict[str, Any]]] | None,

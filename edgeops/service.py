@@ -48,9 +48,50 @@ def workspace_root(paths: tuple[Path, ...] | list[Path], settings: Settings) -> 
 def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: Any) -> Workspace:
     """The repository the paths are in (or the configured one), under the settings' code-execution rule."""
     from edgeops.manifest.workspace import load_workspace
+    from edgeops.targets import selection_problems
 
-    return load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code,
-                          secrets_dir=settings.secrets_dir, **options)
+    ws = load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code,
+                        secrets_dir=settings.secrets_dir,
+                        checks=() if settings.allow_empty else (selection_problems,), **options)
+    if settings.allow_empty:
+        ws.warnings += selection_problems(ws, list(ws.deployments.values()))
+    _warn_unrelated(ws.unrelated, settings)
+    return ws
+
+
+def _warn_unrelated(problems: list[Problem], settings: Settings) -> None:
+    """A broken file the command does not use: said once, not in the way."""
+    for file in dict.fromkeys(p.file for p in problems):
+        first = next(p for p in problems if p.file == file)
+        more = sum(1 for p in problems if p.file == file) - 1
+        settings.warn(f"{first}{f' (and {more} more)' if more else ''}; not used here, so skipped "
+                      "(`edgeops validate` reports it in full)")
+
+
+def _scoped(name: str, kind: str, settings: Settings) -> tuple[Workspace, Document[Any]]:
+    """The repository, and one deployment or fleet (by name or file) with only what it uses checked: a broken
+    file it does not use is a warning, not an error."""
+    from edgeops.manifest.checks import closure
+
+    named = _existing([name], settings)
+    ws = _load(named, settings, tolerant=True)
+    table = ws.deployments if kind == "Deployment" else ws.fleets
+    by_path = [d for d in table.values() if named and d.path == named[0].resolve()]
+    if by_path or name in table:
+        doc: Document[Any] = by_path[0] if by_path else table[name]
+    elif name in ws.broken_files or named:
+        own = {ws.broken_files.get(name, "")} | {p.file for p in ws.problems for n in named
+                                                 if Path(p.file).resolve() == n.resolve()}
+        raise InputError([p for p in ws.problems if p.file in own] or
+                         [Problem(name, None, "", f"no {kind} with this name or path")])
+    else:
+        doc = ws.deployment(name) if kind == "Deployment" else ws.fleet(name)
+    keep = closure(ws, [doc.path])
+    mine = [p for p in ws.problems if p.file in keep]
+    if mine:
+        raise InputError(mine)
+    _warn_unrelated([p for p in ws.problems if p.file not in keep], settings)
+    return ws, doc
 
 
 def state_location(settings: Settings) -> str:
@@ -65,8 +106,8 @@ def state_migrate(source: str | None, target: str, settings: Settings) -> dict[s
     from edgeops.state import LedgerError, open_ledger
 
     default = settings.ledger_in(workspace_root([], settings))
-    origin = open_ledger(source or settings.state_url, default)
-    destination = open_ledger(target, default)
+    origin = open_ledger(source or settings.state_url, default, "--from" if source else "EDGEOPS_STATE")
+    destination = open_ledger(target, default, "--to")
     if origin.location == destination.location:
         raise LedgerError(f"--to names the ledger in use ({origin.location})", hint="name another ledger")
     if not destination.is_empty():
@@ -82,6 +123,25 @@ def _selector(text: str | None) -> LabelSelector | None:
         return parse_selector(text) if text else None
     except ValueError as exc:
         raise InputError.at("--selector", None, "", f"{exc}") from None
+
+
+def _signing_key_exists(settings: Settings) -> None:
+    if settings.signing_key and not settings.signing_key.is_file():
+        raise InputError.at("EDGEOPS_SIGNING_KEY", None, "", f"{settings.signing_key} is not a file (the private "
+                            "release key that signs releases)")
+
+
+def _selector_takes_some(ws: Workspace, docs: list[Document[Deployment]], picked: LabelSelector,
+                         text: str) -> None:
+    """-l that matches none of a deployment's devices is a mistake (--allow-empty: an empty plan is meant)."""
+    from edgeops.targets import label_summary, target_devices
+
+    for doc in docs:
+        devices = target_devices(ws, doc.name)
+        if devices and not any(picked.matches(d.device.labels) for d in devices):
+            raise InputError.at("--selector", None, "", f"{text!r} matches none of the {len(devices)} device(s) "
+                                f"of {doc.name} (their labels: {label_summary([d.device for d in devices])}); "
+                                "pass --allow-empty if an empty plan is meant")
 
 
 def _hooks(settings: Settings) -> list[Webhook]:
@@ -125,8 +185,8 @@ def _context(deployment: str, settings: Settings) -> tuple[Repo, Document[Deploy
     """The repository and one deployment (by name or manifest path)."""
     from edgeops.operations import Repo
 
-    ws = _load(_existing([deployment], settings), settings)
-    return Repo.open(ws, settings), ws.deployment(deployment)
+    ws, doc = _scoped(deployment, "Deployment", settings)
+    return Repo.open(ws, settings), doc
 
 
 def _selected(manifests: tuple[str, ...], changed_since: str | None,
@@ -167,9 +227,11 @@ def validate(paths: tuple[Path, ...], settings: Settings) -> Validation:
     files = yaml_files(list(paths))
     ws = _load(paths, settings, extra=files, focus=list(paths) or None, deep=True)
     docs: list[Any] = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
-    if paths:
-        wanted = {p.resolve() for p in files}
-        docs = [d for d in docs if d.path in wanted]
+    if paths:  # what was checked: the files given and the fleets and profiles they use
+        from edgeops.manifest.checks import closure
+
+        checked = closure(ws, files)
+        docs = [d for d in docs if d.display in checked]
     return Validation(sorted(docs, key=lambda d: d.display), ws.warnings)
 
 
@@ -222,10 +284,7 @@ def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple
 
 def _fleet(fleet: str, settings: Settings) -> tuple[Workspace, Document[Fleet]]:
     """The repository and one fleet (by name or file)."""
-    named = _existing([fleet], settings)
-    ws = _load(named, settings)
-    by_path = [f for f in ws.fleets.values() if named and f.path == named[0].resolve()]
-    return ws, (by_path[0] if by_path else ws.fleet(fleet))
+    return _scoped(fleet, "Fleet", settings)
 
 
 def lab_up(fleet: str, settings: Settings, login_home: Path | None, port_base: int | None = None,
@@ -365,6 +424,9 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
     if untrusted_base:
         settings = replace(settings, allow_code=False, signing_key=None)
     repo, docs = _selected(manifests, changed_since, settings)
+    _signing_key_exists(settings)
+    if picked and not settings.allow_empty:
+        _selector_takes_some(repo.ws, docs, picked, selector or "")
     entries = []
     with Connections(parallelism=16, notify=notify, broker_password=settings.broker_password) as connections:
         for doc in docs:
@@ -405,6 +467,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
 
     picked, hooks = _selector(selector), _hooks(settings)
     repo, docs = _selected(manifests, changed_since, settings)
+    _signing_key_exists(settings)
     saved = load_plan(plan_file) if plan_file else None
     if saved and len(docs) != 1:
         raise InputError.at(str(plan_file), None, "", "--plan applies exactly one deployment")
@@ -594,8 +657,10 @@ def report(deployment: str, number: int | None, settings: Settings) -> tuple[str
     rollout = next((r for r in found if number or any((e["measurements"] or {}).get("latency") for e in r["devices"])),
                    None)
     if rollout is None:
-        raise EdgeopsError(f"no rollout #{number} of {doc.name} in the ledger" if number else
-                           f"no rollout of {doc.name} in the ledger measured a device yet",
+        if number:
+            raise InputError.at("--rollout", None, "", f"no rollout #{number} of {doc.name} in the ledger "
+                                "(`edgeops history` lists the rollouts)")
+        raise EdgeopsError(f"no rollout of {doc.name} in the ledger measured a device yet",
                            hint="`edgeops history` lists the rollouts")
     return doc.name, rollout, {acc: repo.cache.report_of(sha) for acc, sha in rollout["artifacts"].items()}
 

@@ -5,8 +5,9 @@ Library code never reads ``os.environ``: the CLI builds one ``Settings`` per run
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ENVIRONMENT = {
@@ -14,7 +15,7 @@ ENVIRONMENT = {
     "EDGEOPS_LEDGER": "the SQLite ledger file (default: <repo>/.edgeops/ledger.sqlite)",
     "EDGEOPS_STATE": "where history and locks live, as a URL: sqlite:///abs/path.sqlite or postgresql://user@host:port/db "
                      "(shared by a team and its CI; the password from PGPASSWORD or ~/.pgpass); overrides EDGEOPS_LEDGER",
-    "EDGEOPS_ACTOR": "who the ledger and the devices record as acting (default: $USER)",
+    "EDGEOPS_ACTOR": "who the ledger and the devices record as acting (default: $USER, else the OS account)",
     "EDGEOPS_ALLOW_CODE": "1: allow manifest fields that run code (a student factory); never set it for a pull "
                           "request's plan",
     "EDGEOPS_SIGNING_KEY": "the private release key that signs releases (overrides the fleets' trust.signing_key)",
@@ -25,6 +26,16 @@ ENVIRONMENT = {
     "EDGEOPS_WEBHOOKS": "space-separated URLs that get every rollout's outcome as JSON (prefix slack+ for Slack's "
                         "payload); failed deliveries go to <repo>/.edgeops/webhooks-dead-letter.jsonl",
 }
+
+
+def _login_name() -> str:
+    """The OS account running edgeops (a container's root has no $USER)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid-{os.getuid()}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class Settings:
     webhooks: tuple[str, ...] = ()
     broker_password: str | None = None  # pull fleets' MQTT broker (overrides pull.password_file)
     secrets_dir: Path | None = None     # where fleets' credential files lie (None: ~/.config/edgeops/secrets)
+    allow_empty: bool = False           # --allow-empty: selectors and waves that take no device only warn
+    warn: Callable[[str], None] = field(default=lambda message: None, compare=False, repr=False)  # the CLI's
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], root: Path | None = None) -> Settings:
@@ -47,7 +60,8 @@ class Settings:
 
         return cls(root=root.resolve() if root else None, cache_dir=path("EDGEOPS_CACHE_DIR"),
                    ledger_file=path("EDGEOPS_LEDGER"), state_url=environ.get("EDGEOPS_STATE") or None,
-                   actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or "edgeops",
+                   actor=environ.get("EDGEOPS_ACTOR") or environ.get("USER") or environ.get("LOGNAME")
+                   or _login_name(),
                    allow_code=environ.get("EDGEOPS_ALLOW_CODE", "") in ("1", "true", "yes"),
                    signing_key=path("EDGEOPS_SIGNING_KEY"),
                    webhooks=tuple(environ.get("EDGEOPS_WEBHOOKS", "").split()),

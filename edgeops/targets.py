@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeops.errors import Problem
 from edgeops.facts import DeviceNeeds
-from edgeops.manifest.models import SLO, DeviceEntry, DeviceProfile, Fleet
+from edgeops.manifest.models import SLO, Deployment, DeviceEntry, DeviceProfile, Fleet, WaveSelector
 from edgeops.manifest.secrets import default_secrets_dir, secret_path
 from edgeops.manifest.workspace import Document, Workspace
+from edgeops.plan import waves_of
 
 
 @dataclass(frozen=True)
@@ -138,3 +141,65 @@ def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:
                 item = TargetDevice(fleet, device, profile, ws.secrets_dir)
                 found.setdefault(item.key, item)
     return list(found.values())
+
+
+@dataclass(frozen=True)
+class _Member:
+    key: str
+    hardware_class: str
+    labels: tuple[tuple[str, str], ...]
+
+
+def label_summary(devices: Sequence[DeviceEntry]) -> str:
+    """``ring=canary|main, site=lab``: the labels a set of devices has, for a selector that matched none."""
+    values: dict[str, set[str]] = {}
+    for device in devices:
+        for key, value in device.labels.items():
+            values.setdefault(key, set()).add(value)
+    return ", ".join(f"{k}={'|'.join(sorted(v))}" for k, v in sorted(values.items())) or "none"
+
+
+def selection_problems(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Problem]:
+    """Target selectors that match no device and rollout waves that would take none, over every device the
+    deployment targets (a wave that adds nothing to a whole fleet never runs: a mistake in the manifest)."""
+    problems: list[Problem] = []
+    for dep in docs:
+        if not isinstance(dep.obj, Deployment):
+            continue
+        members: dict[str, _Member] = {}
+        complete = True
+        for index, target in enumerate(dep.obj.spec.targets):
+            fleet = ws.fleets.get(target.fleet)
+            if fleet is None:
+                complete = False
+                continue
+            wanted = target.selector.match_labels
+            matched = [d for d in fleet.obj.spec.devices if all(d.labels.get(k) == v for k, v in wanted.items())]
+            if wanted and not matched:
+                problems.append(dep.problem(("spec", "targets", index, "selector", "match_labels"),
+                                            f"matches no device of fleet {fleet.name} (its labels: "
+                                            f"{label_summary(fleet.obj.spec.devices)})"))
+            for device in matched:
+                profile = ws.profiles.get(device.profile or fleet.obj.spec.profile)
+                if profile is None:
+                    complete = False
+                    continue
+                key = f"{fleet.name}/{device.name}"
+                members.setdefault(key, _Member(key, profile.obj.spec.hardware_class,
+                                                tuple(sorted(device.labels.items()))))
+        if not complete or not members:
+            continue
+        policy = dep.obj.spec.rollout
+        _, empty = waves_of(list(members.values()), policy)
+        for index in empty:
+            wave = policy.waves[index]
+            if isinstance(wave, WaveSelector):
+                targeted = [d for t in dep.obj.spec.targets if t.fleet in ws.fleets
+                            for d in ws.fleets[t.fleet].obj.spec.devices]
+                why = f"selects no device{' an earlier wave did not take' if index else ''} ({wave.selector!r}; " \
+                      f"labels here: {label_summary(targeted)})"
+            else:
+                why = f"adds no device: the waves before it already take all {len(members)} targeted device(s)"
+            problems.append(dep.problem(("spec", "rollout", "waves", index), f"wave {index + 1} {why}; remove it "
+                                        "(or pass --allow-empty where an empty wave is meant)"))
+    return problems

@@ -31,6 +31,7 @@ if [ "${EDGEOPS_TEST_TOOLS:-0}" = 1 ]; then
   [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)  # and the OCI registry
   command -v ip >/dev/null && command -v tc >/dev/null || need_apt+=(iproute2)  # lab links: netns, veth, tbf
   command -v nsenter >/dev/null || need_apt+=(util-linux)
+  command -v promtool >/dev/null || need_apt+=(prometheus)      # alert rules: promtool, and a real Prometheus
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt)"

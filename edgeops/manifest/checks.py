@@ -4,12 +4,12 @@ model, fleets against each other. Each check returns located problems; the loade
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeops.errors import Problem
+from edgeops.hints import did_you_mean
 from edgeops.manifest.models import Deployment, Fleet, RecipeStep
 from edgeops.manifest.secrets import SecretNameError, secret_path
 from edgeops.manifest.yamlload import Loc
@@ -24,8 +24,7 @@ USER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
 def _did_you_mean(value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; the model has: {', '.join(known) or 'none'}"
+    return did_you_mean(value, known, f"; the model has: {', '.join(known) or 'none'}")
 
 
 def host_problem(host: str) -> str | None:
@@ -126,12 +125,16 @@ def check_fleet_addresses(fleets: list[Document[Fleet]], secrets_dir: Path) -> t
 
 
 def _load_onnx(path: Path):  # type: ignore[no-untyped-def]
+    """The model (without external data), or why the file is not one."""
     import onnx
 
     try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - the build reports an unreadable model with its own located error
-        return None
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several kinds for bytes that are not a model
+        return f"is not an ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'unreadable'})"
+    if not model.graph.node and not model.graph.output:
+        return "is not an ONNX model (no graph: a file of another kind, or empty)"
+    return model
 
 
 def check_model(dep: Document[Deployment]) -> list[Problem]:
@@ -141,6 +144,8 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
     model = _load_onnx(path) if path.is_file() else None
     if model is None:
         return []
+    if isinstance(model, str):
+        return [dep.problem(("spec", "model", "path"), f"{spec.model.path} {model}")]
     external, leaks = external_data_files(model, path)
     if leaks:
         return [dep.problem(("spec", "model", "path"), f"{spec.model.path}: {leaks[0]}")]
@@ -192,10 +197,18 @@ def check_model(dep: Document[Deployment]) -> list[Problem]:
         problems.append(dep.problem(("spec", "quality", "output"), f"the model has no output '{output}'"
                                     + _did_you_mean(output, list(actual["outputs"]))))
     op_types = sorted({node.op_type for node in graph.node})
+    node_names = [node.name for node in graph.node if node.name]
     recipes: list[tuple[Loc, list[RecipeStep]]] = [(("spec", "recipe"), spec.recipe)]
     recipes += [(("spec", "recipe_for", acc), steps) for acc, steps in spec.recipe_for.items()]
     for recipe_loc, steps in recipes:
         for index, step in enumerate(steps):
+            excluded = step.quantize.exclude_nodes if step.quantize else None
+            for position, name in enumerate(excluded or []):
+                if name not in node_names:
+                    problems.append(dep.problem((*recipe_loc, index, "quantize", "exclude_nodes", position),
+                                                f"the model has no node named '{name}'"
+                                                + did_you_mean(name, node_names, f" ({len(node_names)} nodes; "
+                                                               "`edgeops build` lists the sensitive ones)")))
             wanted = step.quantize.op_types if step.quantize else None
             for position, op in enumerate(wanted or []):
                 if op not in op_types:

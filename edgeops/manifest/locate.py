@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing
@@ -12,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from edgeops.errors import Problem
+from edgeops.hints import did_you_mean
+from edgeops.manifest.models import NAME_PATTERN
 from edgeops.manifest.yamlload import Loc, dotted, line_for
 
 
@@ -66,15 +67,25 @@ def _num(value: Any) -> str:
 def _tag_hint(ctx: dict[str, Any]) -> str:
     tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
     given = str(ctx.get("tag", ""))
-    close = difflib.get_close_matches(given, tags, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"must be one of {', '.join(tags)} (got {given!r}){hint}"
+    return f"must be one of {', '.join(tags)} (got {given!r}){did_you_mean(given, tags)}"
 
 
 def _literal_hint(ctx: dict[str, Any], given: Any) -> str:
     choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-    close = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.6) if isinstance(given, str) else []
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return did_you_mean(given, choices) if isinstance(given, str) else ""
+
+
+def valid_name(name: str) -> str:
+    """The nearest name that is a DNS-1123 label: lower case, '-' for anything else, at most 63."""
+    lowered = re.sub(r"[^a-z0-9-]+", "-", name.lower())
+    return re.sub(r"-{2,}", "-", lowered).strip("-")[:63].rstrip("-") or "name"
+
+
+def _pattern_message(ctx: dict[str, Any], given: Any) -> str:
+    if ctx.get("pattern") == NAME_PATTERN and isinstance(given, str):
+        return (f"must be a name of lower-case letters, digits and '-', at most 63, starting and ending with a "
+                f"letter or digit (it becomes a path, a host label and a metric label); try '{valid_name(given)}'")
+    return f"does not match the allowed form {ctx.get('pattern')}"
 
 
 def _describe(error: ErrorDetails) -> str:
@@ -88,7 +99,7 @@ def _describe(error: ErrorDetails) -> str:
         "less_than": lambda: f"must be < {_num(ctx.get('lt'))}",
         "less_than_equal": lambda: f"must be <= {_num(ctx.get('le'))}",
         "missing": lambda: "required field is missing",
-        "string_pattern_mismatch": lambda: f"does not match the allowed form {ctx.get('pattern')}",
+        "string_pattern_mismatch": lambda: _pattern_message(ctx, given),
         "too_short": lambda: f"needs at least {ctx.get('min_length')} item(s)",
         "literal_error": lambda: f"must be one of {ctx.get('expected')}" + _literal_hint(ctx, given),
         "int_type": lambda: "must be an integer",
@@ -96,6 +107,7 @@ def _describe(error: ErrorDetails) -> str:
         "int_from_float": lambda: "must be a whole number",
         "float_type": lambda: "must be a number",
         "float_parsing": lambda: "must be a number",
+        "finite_number": lambda: "must be a finite number",
         "bool_type": lambda: "must be true or false",
         "bool_parsing": lambda: "must be true or false",
         "string_type": lambda: "must be a string",
@@ -108,6 +120,8 @@ def _describe(error: ErrorDetails) -> str:
     }
     if kind == "value_error":
         return str(ctx.get("error", error["msg"])).rstrip(".")
+    if given is None and kind in ("model_type", "dict_type", "model_attributes_type", "list_type"):
+        return "is empty; write its fields under it"
     if kind in ("missing", "model_type", "dict_type", "model_attributes_type", "list_type"):
         shown = "" if kind == "missing" else f" (got {type(given).__name__})"
     text = phrases[kind]() if kind in phrases else error["msg"][0].lower() + error["msg"][1:]
@@ -120,13 +134,11 @@ def problems_from(exc: ValidationError, root: type[BaseModel], file: str,
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for error in exc.errors():
-        loc = _clean_loc(root, tuple(error["loc"]), lines)
+        loc = clean_loc(root, tuple(error["loc"]), lines)
         if error["type"] == "extra_forbidden":
             key = loc[-1]
             valid = [n for n in _fields_at(root, loc[:-1])]
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-            message = f"unknown key '{key}'"
-            message += f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            message = f"unknown key '{key}'" + did_you_mean(str(key), valid, f"; valid keys: {', '.join(valid)}")
         else:
             message = _describe(error)
             if error["type"] == "union_tag_invalid":
@@ -140,7 +152,7 @@ def problems_from(exc: ValidationError, root: type[BaseModel], file: str,
     return _drop_union_noise(problems)
 
 
-def _clean_loc(root: type[BaseModel], loc: Loc, lines: dict[Loc, int]) -> Loc:
+def clean_loc(root: type[BaseModel], loc: Loc, lines: dict[Loc, int]) -> Loc:
     """Drop pydantic's union member names (``'int'``, ``'rapl'``, ``'function-after[...]'``).
 
     A part is kept when it is a list index, a key present in the YAML, or a

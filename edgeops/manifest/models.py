@@ -22,7 +22,7 @@ PERCENT_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # YAML reads 1e400 as infinity
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-'")]
@@ -63,10 +63,22 @@ def _check_count(value: int | str) -> int | str:
 CountOrPercent = Annotated[Union[int, str], Field(description="a device count (3) or a percentage ('25%')")]
 
 
+# directories the system owns: edgeops deletes old releases under its root, so the root is never one of them
+SYSTEM_DIRS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt",
+               "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib",
+               "/usr/local", "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/log", "/var/tmp")
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr/bin",
+                "/usr/lib", "/usr/sbin")
+
+
 def _absolute_path(value: str) -> str:
-    if not value.startswith("/") or ".." in value.split("/") or "\n" in value:
-        raise ValueError(f"must be an absolute path without '..' (got {value!r})")
-    return value.rstrip("/") or "/"
+    if any(c in value for c in "\0\n\r") or not value.startswith("/") or ".." in value.split("/"):
+        raise ValueError(f"must be an absolute path without '..' or control characters (got {value!r})")
+    path = "/" + "/".join(p for p in value.split("/") if p and p != ".")
+    if path in SYSTEM_DIRS or any(path.startswith(tree + "/") for tree in SYSTEM_TREES):
+        raise ValueError(f"{path} is a system directory: edgeops owns its root and deletes old releases in it; "
+                         "use a directory of its own such as /opt/edgeops or /var/lib/edgeops")
+    return path
 
 
 # ---------------------------------------------------------------- Deployment
@@ -201,6 +213,12 @@ class QuantizeOptions(Strict):
                 raise ValueError(f"{name} only applies to mode: auto")
         if self.embeddings and (self.bits != 4 or self.mode not in ("weight_only", "auto")):
             raise ValueError("embeddings only applies to weight_only with bits: 4 (GatherBlockQuantized is 4-bit)")
+        if self.smooth is not None and self.mode not in ("static", "dynamic", "auto"):
+            raise ValueError(f"smooth only applies to mode: static or dynamic (it moves activation outliers into "
+                             f"weights before int8 activations; {self.mode} keeps activations in float)")
+        for name in ("exclude_nodes", "exclude_op_types"):
+            if getattr(self, name) and self.mode in ("weight_only", "fp16"):
+                raise ValueError(f"{name} only applies to mode: static, dynamic or auto")
         if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
             raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
                              "already)")
@@ -590,7 +608,8 @@ class LabSettings(Strict):
 
 
 class DeviceEntry(Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    name: Name = Field(description="lower-case letters, digits and '-' (it becomes a path, a host label and a metric "
+                                   "label)")
     host: str | None = Field(default=None, min_length=1, description="how SSH reaches it (required unless the "
                                                                     "fleet pulls)")
     port: Annotated[int, Field(ge=1, le=65535)] = 22
@@ -685,15 +704,6 @@ class FleetSpec(Strict):
                                  "by host (or give the fleet a pull: section, and its devices pull)")
         return self
 
-    @field_validator("devices")
-    @classmethod
-    def _unique(cls, devices: list[DeviceEntry]) -> list[DeviceEntry]:
-        seen: set[str] = set()
-        for device in devices:
-            if device.name in seen:
-                raise ValueError(f"device name '{device.name}' appears twice")
-            seen.add(device.name)
-        return devices
 
 
 class Fleet(Strict):
@@ -814,7 +824,7 @@ class GenerationRuntime(Strict):
 
 
 class DeviceProfileSpec(Strict):
-    hardware_class: str = Field(min_length=1, description="devices of one class share a canary")
+    hardware_class: Name = Field(description="devices of one class share a canary (a name: it labels metrics)")
     accelerator: Literal["cpu", "gpu", "tpu"]
     execution_providers: list[ExecutionProvider] = Field(min_length=1)
     session: SessionSettings = SessionSettings()

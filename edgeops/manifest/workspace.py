@@ -7,11 +7,14 @@ line map so any later stage can still say ``file:line`` for a field.
 
 from __future__ import annotations
 
-import difflib
+import base64
+import binascii
+import copy
 import hashlib
 import importlib.util
 import os
-from collections.abc import Mapping
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -19,8 +22,9 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from edgeops.errors import InputError, Problem
+from edgeops.hints import did_you_mean
 from edgeops.manifest.checks import check_fleet_addresses, check_model, closure
-from edgeops.manifest.locate import problems_from
+from edgeops.manifest.locate import clean_loc, problems_from
 from edgeops.manifest.models import (
     ACCELERATOR_PROVIDERS,
     KINDS,
@@ -35,6 +39,7 @@ from edgeops.manifest.secrets import credential_problems, default_secrets_dir
 from edgeops.manifest.yamlload import Loc, dotted, line_for, load_yaml
 
 T = TypeVar("T", bound=BaseModel, covariant=True)
+Check = Callable[["Workspace", Sequence["Document[Any]"]], list[Problem]]
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -89,6 +94,15 @@ def _display(path: Path) -> str:
 
 def load_document(path: Path) -> Document[BaseModel]:
     """Parse and validate one file of any kind. Raises InputError listing every problem."""
+    doc, problems = parse_document(path)
+    if problems or doc is None:
+        raise InputError(problems)
+    return doc
+
+
+def parse_document(path: Path) -> tuple[Document[BaseModel] | None, list[Problem]]:
+    """(document, problems) of one file. With schema problems, the document is what remains valid once the
+    fields in error are left out (None when nothing does): enough to check its references in the same round."""
     display = _display(path)
     data, lines = load_yaml(path, display)
     if not isinstance(data, dict):
@@ -97,15 +111,37 @@ def load_document(path: Path) -> Document[BaseModel]:
     if kind not in KINDS:
         if kind is None:
             raise InputError.at(display, 1, "kind", f"required field is missing; one of {', '.join(KINDS)}")
-        close = difflib.get_close_matches(str(kind), list(KINDS), n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(KINDS)}"
-        raise InputError.at(display, line_for(lines, ("kind",)), "kind", f"unknown kind {kind!r}; {hint}")
+        hint = did_you_mean(str(kind), KINDS, f"; one of {', '.join(KINDS)}")
+        raise InputError.at(display, line_for(lines, ("kind",)), "kind", f"unknown kind {kind!r}{hint}")
     model = KINDS[kind]
     try:
-        obj = model.model_validate(data)
+        return Document(model.model_validate(data), path.resolve(), display, lines), []
     except ValidationError as exc:
-        raise InputError(problems_from(exc, model, display, lines)) from None
-    return Document(obj, path.resolve(), display, lines)
+        problems = problems_from(exc, model, display, lines)
+        partial = _without_errors(model, data, exc, lines)
+        return (Document(partial, path.resolve(), display, lines) if partial else None), problems
+
+
+def _without_errors(model: type[BaseModel], data: dict[str, Any], exc: ValidationError, lines: dict[Loc, int],
+                    attempts: int = 4) -> BaseModel | None:
+    """The document with every field in error left out (a list in error as a whole, so no index moves)."""
+    data = copy.deepcopy(data)
+    for _ in range(attempts):
+        for error in exc.errors():
+            loc = clean_loc(model, tuple(error["loc"]), lines)
+            if any(isinstance(part, int) for part in loc):
+                loc = loc[:next(i for i, part in enumerate(loc) if isinstance(part, int))]
+            parent: Any = data
+            for part in loc[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if not loc or not isinstance(parent, dict) or loc[-1] not in parent:
+                return None  # a required field is missing or the error is the document's own: nothing to keep
+            del parent[loc[-1]]
+        try:
+            return model.model_validate(data)
+        except ValidationError as again:
+            exc = again
+    return None
 
 
 def yaml_files(paths: list[Path]) -> list[Path]:
@@ -134,6 +170,7 @@ class Workspace:
     broken_files: dict[str, str] = field(default_factory=dict, repr=False)  # name -> file of documents that failed
     warnings: list[Problem] = field(default_factory=list)   # worth saying, not blocking (a key not created yet)
     problems: list[Problem] = field(default_factory=list)   # what a tolerant load did not raise
+    unrelated: list[Problem] = field(default_factory=list)  # problems outside the focus: worth a warning
 
     @property
     def broken(self) -> set[str]:
@@ -151,9 +188,8 @@ class Workspace:
         for doc in self.deployments.values():
             if doc.path in candidates:
                 return doc
-        close = difflib.get_close_matches(name_or_path, list(self.deployments), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(self.deployments)) or 'none'}"
-        raise InputError.at(name_or_path, None, "", f"no Deployment with this name or path; {hint}")
+        hint = did_you_mean(name_or_path, self.deployments, f"; known: {', '.join(sorted(self.deployments)) or 'none'}")
+        raise InputError.at(name_or_path, None, "", f"no Deployment with this name or path{hint}")
 
     def fleet(self, name: str) -> Document[Fleet]:
         if name not in self.fleets:
@@ -175,7 +211,7 @@ class Workspace:
 
 def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path] | None = None,
                    deep: bool = False, tolerant: bool = False, allow_code: bool = False,
-                   secrets_dir: Path | None = None) -> Workspace:
+                   secrets_dir: Path | None = None, checks: Sequence[Check] = ()) -> Workspace:
     """Load and cross-check the repository at ``root`` plus any extra files.
 
     Every problem is collected and raised together. With ``focus`` (files or directories), only problems
@@ -184,42 +220,61 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
     outputs, quality output, recipe op types). ``tolerant`` (read-only commands over the whole repository)
     keeps the problems in ``problems`` instead of raising, with every document that loaded. Fields that
     run code (a student factory, a power-sensor command) are errors unless ``allow_code``. Credential files
-    are named inside ``secrets_dir`` (default ``~/.config/edgeops/secrets``).
+    are named inside ``secrets_dir`` (default ``~/.config/edgeops/secrets``). ``checks`` are more checks
+    from layers above (how rollout waves select devices), so every problem is reported in one round.
     """
     files = yaml_files([p for p in (root / "manifests", root / "device_profiles") if p.is_dir()] + (extra or []))
     problems: list[Problem] = []
     workspace = Workspace(root.resolve())
     if secrets_dir is not None:
         workspace.secrets_dir = Path(os.path.abspath(secrets_dir))
+    tables: dict[str, dict[str, Any]] = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
+                                         "DeviceProfile": workspace.profiles}
+    checked: list[Document[Any]] = []   # every document whose fields can be checked, shadowed or partial too
+    partial: list[Document[Any]] = []   # documents with schema errors: checked, then left out of the tables
     for path in files:
         try:
-            doc = load_document(path)
+            doc, found = parse_document(path)
         except InputError as exc:
-            problems.extend(exc.problems)
+            doc, found = None, exc.problems
+        problems.extend(found)
+        if found:
             workspace.broken_files[_declared_name(path)] = _display(path)
+        if doc is None:
             continue
-        tables: dict[str, dict[str, Any]] = {"Deployment": workspace.deployments, "Fleet": workspace.fleets,
-                                             "DeviceProfile": workspace.profiles}
+        checked.append(doc)
         table = tables[getattr(doc.obj, "kind")]
-        if doc.name in table:
+        if doc.name in table:  # a copied file: say so, and still check the copy (its own mistakes are real)
             problems.append(doc.problem(("metadata", "name"),
                                         f"{getattr(doc.obj, 'kind')} '{doc.name}' is also defined in "
                                         f"{table[doc.name].display}; names must be unique"))
             continue
         table[doc.name] = doc
+        if found:
+            partial.append(doc)
     for name, fleet in workspace.fleets.items():  # the lab devices this clone moved (edgeops lab up)
         workspace.fleets[name] = placed(fleet, read_placement(workspace.root, name))
-    problems.extend(check_references(workspace))
+    moved = {f.path: f for f in workspace.fleets.values()}
+    checked = [moved.get(d.path, d) if isinstance(d.obj, Fleet) else d for d in checked]
+    problems.extend(check_references(workspace, checked))
     if not allow_code:
-        problems.extend(code_execution(workspace))
-    errors, workspace.warnings = check_fleet_addresses(list(workspace.fleets.values()), workspace.secrets_dir)
+        problems.extend(code_execution(workspace, checked))
+    errors, workspace.warnings = check_fleet_addresses(
+        [d for d in checked if isinstance(d.obj, Fleet)], workspace.secrets_dir)
     problems.extend(errors)
     if deep:
-        for dep in workspace.deployments.values():
-            problems.extend(check_model(dep))
+        for dep in checked:
+            if isinstance(dep.obj, Deployment):
+                problems.extend(check_model(dep))
+    for check in checks:
+        problems.extend(check(workspace, checked))
+    for doc in partial:  # no command works from a document with errors
+        del tables[getattr(doc.obj, "kind")][doc.name]
+    problems = sorted(dict.fromkeys(problems), key=lambda p: (p.file, p.line or 0))
     if focus is not None:
         files = yaml_files(focus)
         keep = closure(workspace, files) | {_display(p) for p in files}
+        workspace.unrelated = [p for p in problems if p.file not in keep]
         problems = [p for p in problems if p.file in keep]
         workspace.warnings = [w for w in workspace.warnings if w.file in keep]
     if problems and not tolerant:
@@ -249,24 +304,74 @@ def _missing_file(doc: Document[BaseModel], loc: Loc, relative: str, what: str, 
     return None
 
 
+SIGNER_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-",
+                    "ssh-dss")
+
+
+def allowed_signers_problem(text: str) -> str | None:
+    """Why ``text`` is not an OpenSSH allowed-signers file (principals [options] keytype base64-key)."""
+    entries = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        return "has no signer (an allowed-signers line is: principals [options] key-type key)"
+    for number, words in enumerate(entries, 1):
+        key_at = next((i for i, w in enumerate(words) if w.startswith(SIGNER_KEY_TYPES)), None)
+        if key_at is None or key_at == 0 or key_at + 1 >= len(words):
+            return (f"entry {number} is not 'principals [options] key-type key' (an OpenSSH allowed-signers "
+                    "line, e.g. release@edgeops ssh-ed25519 AAAA...)")
+        try:
+            base64.b64decode(words[key_at + 1], validate=True)
+        except binascii.Error:
+            return f"entry {number}: the key is not base64"
+    return None
+
+
+def _fleet_files(fleet: Document[Fleet], root: Path) -> list[Problem]:
+    """Files a fleet names in the repository, read for what they must be (offline)."""
+    problems: list[Problem] = []
+    spec = fleet.obj.spec
+    if spec.trust:
+        signers = fleet.resolve(spec.trust.allowed_signers)
+        if signers.is_relative_to(root) and signers.exists():
+            problem = "is not a file" if not signers.is_file() else \
+                allowed_signers_problem(signers.read_text(errors="replace")[:1_000_000])
+            if problem:
+                problems.append(fleet.problem(("spec", "trust", "allowed_signers"),
+                                              f"{spec.trust.allowed_signers} {problem}"))
+    if spec.pull and spec.pull.ca_file:
+        ca = fleet.resolve(spec.pull.ca_file)
+        if ca.is_relative_to(root):
+            problem = None
+            if not ca.is_file():
+                problem = "not found (paths are relative to this file)" if not ca.exists() else "is not a file"
+            else:
+                try:
+                    ssl.create_default_context(cafile=str(ca))
+                except (ssl.SSLError, ValueError, OSError):
+                    problem = "holds no PEM certificate the controller could trust"
+            if problem:
+                problems.append(fleet.problem(("spec", "pull", "ca_file"), f"{spec.pull.ca_file} {problem}"))
+    return problems
+
+
 def _name_problem(doc: Document[BaseModel], loc: Loc, kind: str, name: str, known: Mapping[str, object]) -> Problem:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
-    return doc.problem(loc, f"no {kind} named '{name}'; {hint}")
+    hint = did_you_mean(name, known, f"; known: {', '.join(sorted(known)) or 'none'}")
+    return doc.problem(loc, f"no {kind} named '{name}'{hint}")
 
 
 ALLOW_CODE_HINT = ("it runs code; set EDGEOPS_ALLOW_CODE=1 where edgeops runs on trusted input (never for a pull "
                    "request's plan)")
 
 
-def code_execution(ws: Workspace) -> list[Problem]:
+def code_execution(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Problem]:
     """The fields that would run code from the repository on the machine that runs edgeops.
 
     (A power-sensor command runs on devices only when a release is verified, i.e. by apply after review;
     reading facts, which plan and status do, never runs it.)
     """
     problems = []
-    for dep in ws.deployments.values():
+    for dep in docs:
+        if not isinstance(dep.obj, Deployment):
+            continue
         spec = dep.obj.spec
         recipes: list[tuple[Loc, list[RecipeStep]]] = [(("spec", "recipe"), spec.recipe)]
         recipes += [(("spec", "recipe_for", acc), steps) for acc, steps in spec.recipe_for.items()]
@@ -279,10 +384,12 @@ def code_execution(ws: Workspace) -> list[Problem]:
     return problems
 
 
-def check_references(ws: Workspace) -> list[Problem]:
+def check_references(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Problem]:
     """Problems with how documents refer to files and to each other."""
     problems: list[Problem] = []
-    for profile in ws.profiles.values():
+    for profile in docs:
+        if not isinstance(profile.obj, DeviceProfile):
+            continue
         accelerator = profile.obj.spec.accelerator
         names = {p.name for p in profile.obj.spec.execution_providers}
         if accelerator in ACCELERATOR_PROVIDERS and not names & ACCELERATOR_PROVIDERS[accelerator]:
@@ -296,9 +403,18 @@ def check_references(ws: Workspace) -> list[Problem]:
         elif not template.is_file():
             problems.append(profile.problem(("spec", "template"),
                                             f"template not found: templates/{profile.obj.spec.template}"))
-    for fleet in ws.fleets.values():
+    for fleet in docs:
+        if not isinstance(fleet.obj, Fleet):
+            continue
         spec = fleet.obj.spec
         problems.extend(fleet.problem(loc, message) for loc, message in credential_problems(fleet.obj, ws.secrets_dir))
+        problems.extend(_fleet_files(fleet, ws.root))
+        seen: dict[str, int] = {}
+        for index, device in enumerate(spec.devices):
+            if device.name in seen:
+                problems.append(fleet.problem(("spec", "devices", index, "name"), f"device name '{device.name}' "
+                                              f"appears twice (first as spec.devices[{seen[device.name]}])"))
+            seen.setdefault(device.name, index)
         known_hosts = fleet.resolve(os.path.expanduser(spec.ssh.known_hosts)) if spec.ssh.known_hosts else None
         if known_hosts and not known_hosts.is_relative_to(ws.root):
             problems.append(fleet.problem(("spec", "ssh", "known_hosts"), f"{spec.ssh.known_hosts} resolves outside "
@@ -324,8 +440,9 @@ def check_references(ws: Workspace) -> list[Problem]:
             if device.profile and device.profile not in ws.profiles and device.profile not in ws.broken:
                 problems.append(_name_problem(fleet, ("spec", "devices", index, "profile"), "DeviceProfile",
                                               device.profile, ws.profiles))
-    for dep in ws.deployments.values():
-        problems.extend(_check_deployment(ws, dep))
+    for dep in docs:
+        if isinstance(dep.obj, Deployment):
+            problems.extend(_check_deployment(ws, dep))
     return problems
 
 

@@ -128,11 +128,7 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
         _check_structure(text, file)
         nodes = list(yaml.compose_all(text, Loader=FAST_LOADER))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        what = exc.problem or exc.context or "invalid YAML"
-        if exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
-            what += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+        line, what = _where_it_went_wrong(exc, text)
         raise InputError.at(file, line, "", f"malformed YAML: {what}") from None
     except yaml.YAMLError as exc:
         raise InputError.at(file, None, "", f"malformed YAML: {exc}") from None
@@ -152,6 +148,24 @@ def load_yaml(path: Path, display: str | None = None) -> tuple[Any, dict[Loc, in
     finally:
         loader.dispose()
     return data, lines
+
+
+def _where_it_went_wrong(exc: yaml.MarkedYAMLError, text: str) -> tuple[int | None, str]:
+    """(line, what): an unclosed quote or bracket is the mistake of the line that opened it, not of the line
+    where the parser noticed (the next key, or the end of the file)."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else None
+    what = exc.problem or exc.context or "invalid YAML"
+    start, problem = exc.context_mark, exc.problem_mark
+    if not (exc.context and start and problem and start.line != problem.line):
+        return line, what
+    opened = text.splitlines()[start.line] if start.line < len(text.splitlines()) else ""
+    unclosed_bracket = exc.context.startswith("while parsing a flow") and \
+        opened.count("[") + opened.count("{") > opened.count("]") + opened.count("}")
+    if exc.context.startswith("while scanning a quoted scalar") or unclosed_bracket:
+        kind = "quote" if "quoted" in exc.context else "bracket"
+        return start.line + 1, f"this {kind} is never closed ({what} on line {problem.line + 1})"
+    return line, f"{what} ({exc.context} started on line {start.line + 1})"
 
 
 def line_for(lines: dict[Loc, int], loc: Loc) -> int:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgeops.errors import InputError
 from edgeops.state.ledger import SCHEMA_VERSION, Lease, Ledger, LedgerError, LockHeld, held_message, now
 
 SCHEMA = """
@@ -85,11 +86,19 @@ def statements(script: str) -> list[str]:
     return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
 
 
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
+
+
 class SqliteLedger(Ledger):
     """The default: a file next to the repository (or EDGEOPS_LEDGER / EDGEOPS_STATE=sqlite:///path)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, variable: str = "EDGEOPS_LEDGER") -> None:
         self.path = path
+        if path.is_dir() or (path.is_file() and path.stat().st_size and not _is_sqlite(path)):
+            raise InputError.at(variable, None, "", f"{path} is {'a directory' if path.is_dir() else 'not an edgeops ledger (SQLite)'}; "
+                                "name a new file or an existing ledger")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:

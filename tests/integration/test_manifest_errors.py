@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgeops.cli import main
+from edgeops.labplace import free_ports
 
 W, C, A = "manifests/wearable.yaml", "manifests/camera.yaml", "manifests/assistant.yaml"
+PULL = "manifests/fleets/lab-pull.yaml"
 LAB, CAMS, WB = "manifests/fleets/lab.yaml", "manifests/fleets/meter-cameras.yaml", "manifests/fleets/wristbands-eu.yaml"
 ARM, X86, JET, NPU = ("device_profiles/arm-wearable.yaml", "device_profiles/x86-gateway.yaml",
                       "device_profiles/jetson-orin.yaml", "device_profiles/npu-edge.yaml")
@@ -24,7 +26,8 @@ CASES = [
     ("missing-fleet", W, "fleet: lab", "fleet: labb", "fleet: labb", "no Fleet named 'labb'; did you mean 'lab'"),
     ("wrong-type-number", W, "max_drop: 1.0", "max_drop: lots", "max_drop: lots", "spec.quality.max_drop: must be a number"),
     ("bad-yaml-colon", W, "metric: accuracy", "metric: accuracy: high", "accuracy: high", "malformed YAML: mapping values"),
-    ("bad-yaml-unclosed", W, "waves: [1, 50%, 100%]", "waves: [1, 50%, 100%", "max_failed_devices", "malformed YAML"),
+    ("bad-yaml-unclosed", W, "waves: [1, 50%, 100%]", "waves: [1, 50%, 100%", "waves: [1, 50%, 100%", "this bracket is never closed"),
+    ("unclosed-quote", W, "name: wearable-activity", "name: 'wearable-activity", "name: 'wearable", "this quote is never closed"),
     ("duplicate-key", W, "  targets:", "  slo: {}\n  targets:", "  slo: {}", "duplicate key 'slo'"),
     ("wave-over-100", W, "waves: [1, 50%, 100%]", "waves: [1, 150%, 100%]", "waves:", "between 0% and 100%"),
     ("wave-zero", W, "waves: [1, 50%, 100%]", "waves: [1, 0%, 100%]", "waves:", "no device"),
@@ -50,7 +53,7 @@ CASES = [
      "      - prune: {method: magnitude, sparsity: 0.5}", "    tpu:", "needs a fully integer model"),
     ("relative-max-abs", A, "metric: cosine", "metric: max_abs_error\n    drop: relative", "  quality:", "no baseline"),
     ("port-range", LAB, "port: 22201", "port: 70000", "port: 70000", "must be <= 65535"),
-    ("duplicate-device", LAB, "name: lab-02", "name: lab-01", "  devices:", "appears twice"),
+    ("duplicate-device", LAB, "name: lab-02", "name: lab-01", "lab-01, host: 127.0.0.1, port: 22202", "appears twice"),
     ("fleet-profile-missing", LAB, "profile: lab-cpu", "profile: lab-gpu", "profile: lab-gpu", "did you mean 'lab-cpu'"),
     ("device-profile-missing", CAMS, "host: cam-plant-a-01.cameras.example.net, profile: jetson-orin",
      "host: cam-plant-a-01.cameras.example.net, profile: jetson-nano", "jetson-nano", "no DeviceProfile named 'jetson-nano'"),
@@ -80,9 +83,30 @@ CASES = [
     ("bad-user", LAB, "user: edgeops", "user: 'ro ot'", "user:", "'ro ot' is not a valid user name"),
     ("bad-jump-host", WB, "jump_host: ops@bastion.wristbands.example.net:22", "jump_host: ops@bastion.wristbands.example.net:99999", "jump_host", "port '99999'"),
     ("provider-typo", JET, "- name: CUDAExecutionProvider", "- name: CUDAExecutionProvidr", "CUDAExecutionProvidr", "did you mean 'CUDAExecutionProvider'?"),
-    ("device-name-path", LAB, "name: lab-02", "name: ../lab-02", "../lab-02", "spec.devices[1].name: does not match"),
+    ("device-name-path", LAB, "name: lab-02", "name: ../lab-02", "../lab-02", "spec.devices[1].name: must be a name of lower-case letters"),
     ("not-a-mapping", NPU, None, "- just\n- a list\n", "- just", "expected a mapping"),
     ("empty-file", NPU, None, "", None, "empty file"),
+    # issue 28: what validate can know
+    ("ca-file-missing", PULL, "    registry: http://127.0.0.1:15001", "    registry: http://127.0.0.1:15001\n    ca_file: nope.pem", "ca_file", "nope.pem not found"),
+    ("ca-file-not-a-certificate", PULL, "    registry: http://127.0.0.1:15001", "    registry: http://127.0.0.1:15001\n    ca_file: lab.yaml", "ca_file", "holds no PEM certificate"),
+    ("allowed-signers-not-one", LAB, "allowed_signers: ../../.edgeops/lab/allowed_signers", "allowed_signers: lab.yaml", "allowed_signers", "is not 'principals [options] key-type key'"),
+    ("wave-selector-matches-nothing", W, "waves: [1, 50%, 100%]", "waves: [{selector: 'ring=canry'}, 100%]", "waves:", "wave 1 selects no device ('ring=canry'; labels here: ring=canary|main, site=lab)"),
+    ("wave-selector-adds-nothing", W, "waves: [1, 50%, 100%]", "waves: [1, {selector: ring=canary}, 100%]", "waves:", "wave 2 selects no device an earlier wave did not take"),
+    ("wave-count-adds-nothing", W, "waves: [1, 50%, 100%]", "waves: [4, 50%, 100%]", "waves:", "wave 2 adds no device: the waves before it already take all 4"),
+    ("target-selector-matches-nothing", W, "    - fleet: lab", "    - fleet: lab\n      selector: {match_labels: {ring: canry}}", "match_labels", "matches no device of fleet lab (its labels: ring=canary|main, site=lab)"),
+    ("exclude-nodes-unknown", W, "calibration_method: minmax", "calibration_method: minmax\n        exclude_nodes: [conv_9]", "exclude_nodes", "the model has no node named 'conv_9'"),
+    ("smooth-weight-only", W, "mode: static", "mode: weight_only\n        smooth: 0.5", "- quantize:", "smooth only applies to mode: static or dynamic"),
+    ("no-wrong-hint", W, "mode: static", "mode: automatic", "mode: automatic", "'auto' (got 'automatic')"),
+    ("case-only-hint", ARM, "- name: CPUExecutionProvider", "- name: XNNPACKExecutionProvider", "XNNPACK", "did you mean 'XnnpackExecutionProvider'?"),
+    ("empty-spec", NPU, None, "apiVersion: edgeops/v1\nkind: DeviceProfile\nmetadata: {name: npu-edge}\nspec:\n", "spec:", "spec: is empty; write its fields under it"),
+    ("device-name-not-dns", LAB, "name: lab-02", "name: Nu3_Pi_05", "Nu3_Pi_05", "try 'nu3-pi-05'"),
+    ("device-name-dots", LAB, "name: lab-02", "name: a..b", "a..b", "try 'a-b'"),
+    ("hardware-class-not-dns", ARM, "hardware_class: arm-cortex-a53", "hardware_class: ARM_A53", "ARM_A53", "try 'arm-a53'"),
+    ("root-slash", ARM, "root: /opt/edgeops", "root: /", "root: /", "/ is a system directory"),
+    ("root-etc", ARM, "root: /opt/edgeops", "root: /etc/", "root: /etc", "/etc is a system directory"),
+    ("root-nul", ARM, "root: /opt/edgeops", 'root: "/opt/edge\\0ops"', "root: ", "control characters"),
+    ("infinite-number", W, "latency_p95_ms: 25", "latency_p95_ms: 1e400", "1e400", "must be a finite number"),
+    ("device-root-override", LAB, "lab-03, host: 127.0.0.1", "lab-03, root: /proc/edgeops, host: 127.0.0.1", "lab-03", "is a system directory"),
 ]
 
 
@@ -151,7 +175,7 @@ def test_validate_reports_on_the_files_given_and_what_they_use(repo_copy: Path, 
     monkeypatch.chdir(repo_copy)
     result = CliRunner().invoke(main, ["validate", W])
     assert result.exit_code == 0, result.output
-    assert "valid: 1 deployment(s), 0 fleet(s), 0 device profile(s)" in result.stdout
+    assert "valid: 1 deployment(s), 1 fleet(s), 1 device profile(s)" in result.stdout  # what it uses, checked
     _mutate(repo_copy, "device_profiles/lab-cpu.yaml", "intra_op_num_threads: 1", "intra_op_num_threads: -1")
     result = CliRunner().invoke(main, ["validate", W])  # the profile the manifest's fleet uses is checked too
     assert result.exit_code == 3
@@ -179,3 +203,118 @@ def test_usage_errors_do_not_look_like_pending_changes(repo_copy: Path, monkeypa
     assert CliRunner().invoke(main, ["lab", "up", "--bogus"]).exit_code == 3
     _mutate(repo_copy, W, "mode: static", "mode: int3")
     assert CliRunner().invoke(main, ["plan", W]).exit_code == 3     # invalid input, before any device
+
+
+@pytest.mark.parametrize("content", [b"hello, not a model\n", b"PK\x03\x04" + bytes(range(256)) * 4],
+                         ids=["text", "zip-like-npz"])
+def test_a_model_file_that_is_not_onnx_is_a_located_error(repo_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          content: bytes) -> None:
+    _mutate(repo_copy, W, "    sha256: ", "    # sha256: ")   # no pin: the bytes themselves must be checked
+    (repo_copy / "examples/models/wearable_cnn.onnx").write_bytes(content)
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["validate", W])
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {W}:9: spec.model.path: ") \
+        and "is not an ONNX model" in lines[0], lines
+
+
+def test_schema_and_reference_errors_of_a_file_come_in_one_round_in_file_order(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _mutate(repo_copy, W, "latency_p95_ms: 25", "latency_p95_ms: -3")   # schema
+    _mutate(repo_copy, W, "fleet: lab", "fleet: labb")                  # reference
+    _mutate(repo_copy, W, "wearable_calibration.npz", "gone.npz")       # file
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["validate", W])
+    assert result.exit_code == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert [e.split(":")[3].strip() for e in errors] == [
+        "spec.data.calibration", "spec.slo.latency_p95_ms", "spec.targets[0].fleet"], errors
+    numbers = [int(e.split(":")[2]) for e in errors]
+    assert numbers == sorted(numbers)
+
+
+def test_a_copied_manifest_reports_its_own_mistakes_beside_the_duplicate_name(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = repo_copy / "manifests" / "wearable-copy.yaml"
+    copy.write_text((repo_copy / W).read_text().replace("fleet: lab", "fleet: lbb"))
+    monkeypatch.chdir(repo_copy)
+    result = CliRunner().invoke(main, ["validate"])
+    assert result.exit_code == 3
+    assert ":5: metadata.name: Deployment 'wearable-activity' is also defined in manifests/" in result.stderr
+    assert "manifests/wearable-copy.yaml:33: spec.targets[0].fleet: no Fleet named 'lbb'; did you mean 'lab'?" in \
+        result.stderr
+
+
+def test_allow_empty_turns_a_wave_that_takes_nothing_into_a_warning(repo_copy: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _mutate(repo_copy, W, "waves: [1, 50%, 100%]", "waves: [{selector: 'ring=canry'}, 100%]")
+    monkeypatch.chdir(repo_copy)
+    assert CliRunner().invoke(main, ["validate", W]).exit_code == 3
+    result = CliRunner().invoke(main, ["validate", W, "--allow-empty"])
+    assert result.exit_code == 0, result.output
+    assert "warning: manifests/wearable.yaml:35: spec.rollout.waves[0]: wave 1 selects no device" in result.stderr
+
+
+def test_a_broken_unrelated_manifest_is_a_warning_for_commands_about_another_deployment(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (repo_copy / "manifests" / "broken.yaml").write_text(
+        "apiVersion: edgeops/v1\nkind: Deployment\nmetadata: {name: broken-one}\nspec:\n  targets: [{fleet: lab}]\n")
+    monkeypatch.chdir(repo_copy)
+    monkeypatch.setenv("EDGEOPS_LEDGER", str(tmp_path / "ledger.sqlite"))
+    for command in (["history", "wearable-activity"], ["report", "wearable-activity", "-o", "json"]):
+        result = CliRunner().invoke(main, command)
+        assert "warning: manifests/broken.yaml:4: spec.model: required field is missing (and 2 more)" in result.stderr
+        assert "not used here, so skipped" in result.stderr and "error: manifests/broken.yaml" not in result.stderr
+    assert CliRunner().invoke(main, ["history", "wearable-activity"]).exit_code == 0
+    broken = CliRunner().invoke(main, ["history", "broken-one"])   # the broken one itself: its errors, exit 3
+    assert broken.exit_code == 3 and "error: manifests/broken.yaml:4: spec.model: required field" in broken.stderr
+    whole = CliRunner().invoke(main, ["validate"])                  # the whole repository: an error
+    assert whole.exit_code == 3 and "error: manifests/broken.yaml" in whole.stderr
+
+
+@pytest.mark.parametrize("env, args, words", [
+    ({"EDGEOPS_SIGNING_KEY": "/nonexistent/key"}, ["plan", W, "--root", "."], "EDGEOPS_SIGNING_KEY: /nonexistent/key is not a file"),
+    ({"EDGEOPS_STATE": "mongodb://db/edgeops"}, ["history", "wearable-activity"], "EDGEOPS_STATE: mongodb://...: not a state backend"),
+    ({"EDGEOPS_STATE": "postgresql://ops@db:five/edgeops"}, ["history", "wearable-activity"], "EDGEOPS_STATE: postgresql://ops@db:five/edgeops: the port is not a number"),
+    ({"EDGEOPS_STATE": "sqlite:///{root}/manifests/wearable.yaml"}, ["history", "wearable-activity"], "EDGEOPS_STATE: {root}/manifests/wearable.yaml is not an edgeops ledger"),
+    ({}, ["state", "migrate", "--to", "mongodb://db/x"], "--to: mongodb://...: not a state backend"),
+    ({}, ["report", "wearable-activity", "--rollout", "99"], "--rollout: no rollout #99 of wearable-activity"),
+    ({}, ["report", "wearable-activity", "--rollout", "-1"], "-1 is not in the range x>=1"),
+], ids=["signing-key", "state-scheme", "state-port", "state-not-a-ledger", "migrate-to", "report-99", "report-negative"])
+def test_environment_and_argument_errors_exit_3_and_name_the_variable_or_option(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], args: list[str],
+        words: str) -> None:
+    monkeypatch.chdir(repo_copy)
+    monkeypatch.setenv("EDGEOPS_LEDGER", str(tmp_path / "ledger.sqlite"))
+    monkeypatch.setenv("EDGEOPS_SECRETS_DIR", str(tmp_path / "secrets"))
+    if "EDGEOPS_SIGNING_KEY" in env:  # past the fleets' own trust files: only the variable is wrong
+        _mutate(repo_copy, LAB, "  trust:\n    allowed_signers: ../../.edgeops/lab/allowed_signers\n"
+                "    signing_key: lab/release_ed25519\n", "")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.replace("{root}", str(repo_copy.resolve())))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3, result.output
+    assert words.replace("{root}", str(repo_copy.resolve())) in result.stderr, result.stderr
+    assert "//" + str(repo_copy.resolve()) not in result.stderr
+
+
+def test_plan_with_every_device_unreachable_fails_and_a_selector_that_matches_nothing_is_an_error(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _mutate(repo_copy, LAB, "  trust:\n    allowed_signers: ../../.edgeops/lab/allowed_signers\n"
+            "    signing_key: lab/release_ed25519\n", "")
+    _mutate(repo_copy, LAB, "connect_timeout_s: 5", "connect_timeout_s: 2\n    connect_retries: 0")
+    for port, free in zip(range(22201, 22205), free_ports(4)):  # nothing listens: every device refuses
+        _mutate(repo_copy, LAB, f"port: {port}", f"port: {free}")
+    monkeypatch.chdir(repo_copy)
+    monkeypatch.setenv("EDGEOPS_LEDGER", str(tmp_path / "ledger.sqlite"))
+    monkeypatch.setenv("EDGEOPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEOPS_SECRETS_DIR", str(tmp_path / "secrets"))
+    (tmp_path / "secrets" / "lab").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "secrets/lab/client_ed25519")],
+                   check=True)
+    typo = CliRunner().invoke(main, ["plan", W, "-l", "ring=canry"])
+    assert typo.exit_code == 3 and "error: --selector: 'ring=canry' matches none of the 4 device(s)" in typo.stderr
+    result = CliRunner().invoke(main, ["plan", W])
+    assert result.exit_code == 1, result.output
+    assert "every device of wearable-activity was unreachable: the plan checked nothing" in result.stderr

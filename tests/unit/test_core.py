@@ -13,9 +13,10 @@ import pytest
 from edgeops.errors import ExitCode
 from edgeops.facts import DeviceFacts
 from edgeops.health import health_of, sync_of
-from edgeops.manifest.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification
+from edgeops.hints import closest, did_you_mean
+from edgeops.manifest.models import SLO, QualityGoal, Regression, RolloutPolicy, Verification, WaveSelector
 from edgeops.operations import plan_differences
-from edgeops.plan import DesiredDevice, ObservedDevice, assign_waves, make_plan
+from edgeops.plan import DesiredDevice, ObservedDevice, assign_waves, make_plan, waves_of
 from edgeops.state import LockHeld
 from edgeops.state.sqlite import SqliteLedger as Ledger
 from edgeops.types import Action, Decision, DeviceStatus, Health, Sync
@@ -40,6 +41,31 @@ def test_the_canary_has_one_device_of_every_hardware_class_and_prefers_the_canar
     waves = assign_waves(desired(6, ("x86", "arm"), canary=4), POLICY)
     first = {k for k, w in waves.items() if w == 1}
     assert first == {"f/d4", "f/d1"}  # d4 is ring: canary (x86); d1 is the first arm device
+
+
+def test_every_device_labelled_a_canary_is_in_the_first_wave_by_default() -> None:
+    devices = [replace(d, labels=(("ring", "canary" if i in (7, 19) else "main"),)) for i, d in enumerate(desired(24))]
+    waves, empty = waves_of(devices, POLICY)
+    assert {k for k, w in waves.items() if w == 1} == {"f/d7", "f/d19"} and not empty
+    two_classes = [replace(d, hardware_class="arm" if i == 3 else "x86") for i, d in enumerate(devices)]
+    first = {k for k, w in assign_waves(two_classes, POLICY).items() if w == 1}
+    assert first == {"f/d7", "f/d19", "f/d3"}   # and one of the class without a labelled canary
+
+
+def test_waves_that_take_no_device_are_named_but_a_last_100_percent_is_the_rest() -> None:
+    devices = desired(4, canary=0)
+    assert waves_of(devices, RolloutPolicy(waves=[4, "50%", "100%"]))[1] == [1]
+    assert waves_of(devices, RolloutPolicy(waves=[1, 3, "100%"]))[1] == []
+    assert waves_of(devices, RolloutPolicy(waves=[WaveSelector(selector="ring=canry"), "100%"]))[1] == [0]
+
+
+def test_hints_only_for_near_misses() -> None:
+    assert closest("automatic", ["static", "dynamic", "auto"]) is None        # 5 edits: no hint beats a wrong one
+    assert closest("XNNPACKExecutionProvider", ["QNNExecutionProvider", "XnnpackExecutionProvider"]) == \
+        "XnnpackExecutionProvider"
+    assert closest("latnecy_p95_ms", ["latency_p95_ms", "peak_memory_mb"]) == "latency_p95_ms"  # a swap is one edit
+    assert closest("labb", ["lab", "lab-pull"]) == "lab" and closest("x", ["lab"]) is None
+    assert did_you_mean("nope", ["lab"], "; known: lab") == "; known: lab"
 
 
 def test_a_wave_always_adds_a_device_and_never_exceeds_what_is_left() -> None:

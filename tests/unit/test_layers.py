@@ -16,7 +16,7 @@ FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only start
 
 # every module belongs to one layer and imports only from its own layer or those below
 LAYERS = [
-    {"edgeops.types", "edgeops.errors", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
+    {"edgeops.types", "edgeops.errors", "edgeops.hints", "edgeops.metrics", "edgeops.settings", "edgeops.runtime_config",
      "edgeops.selectors", "edgeops.agent", "edgeops.adapt.aggregate", "edgeops.adapt.privacy",
      "edgeops.blocks"},                                                              # vocabulary, leaves
     {"edgeops.manifest"},                                                            # manifests, offline
