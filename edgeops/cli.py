@@ -278,6 +278,8 @@ def lab_up_command(fleet: str, login_home: Path | None, port_base: int | None, r
 
 
 def _lab_address(device: Any) -> str:
+    if device.service:
+        return str(device.service)
     return f"{device.host}:{device.port}" if device.port else "pulls (agent daemon)"
 
 
@@ -403,7 +405,7 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, output: str, out
     plans = [e.plan for e in found]
     if any(p.refused for p in plans):
         sys.exit(ExitCode.REFUSED)
-    blind = [p.deployment for p in plans if p.checked_nothing]
+    blind = [e.plan.deployment for e in found if e.checked_nothing]
     if blind:
         click.echo(f"error: every device of {', '.join(blind)} was unreachable: the plan checked nothing", err=True)
         sys.exit(ExitCode.FAILED)
@@ -460,7 +462,7 @@ def apply(manifests: tuple[str, ...], changed_since: str | None, plan_file: Path
                           f"{', '.join(applied.not_applied)}")
     if output == "json":
         click.echo(json.dumps([{"deployment": r.deployment, "outcome": r.outcome, "message": r.message,
-                                "rollout_id": r.rollout_id, "summary": service.summarize(r),
+                                "rollout": r.number, "summary": service.summarize(r),
                                 "devices": [d.__dict__ for d in r.devices]} for r in results], indent=2, default=str))
     elif not applied.selected:
         console.print("no deployment is touched")
@@ -589,21 +591,28 @@ def status(manifests: tuple[str, ...], drift_only: bool, verify: bool, selector:
     sys.exit(ExitCode.OK if healthy else ExitCode.FAILED)
 
 
-@main.command("serve-metrics")
-@click.argument("manifests", nargs=-1)
-@click.option("--address", default="127.0.0.1", show_default=True, help="listen on this address")
-@click.option("--port", type=int, default=9108, show_default=True, help="listen on this port (0: any free one)")
-@click.option("--interval", default="60s", show_default=True, help="how often to read the devices again: 30s, 5m")
-@SELECTOR
-@ROOT_OPTION
-@handle_errors
-def serve_metrics(manifests: tuple[str, ...], address: str, port: int, interval: str, selector: str | None,
-                  root: Path | None) -> None:
-    """Serve fleet health for Prometheus at /metrics (OpenMetrics), read from the devices every --interval."""
-    from edgeops.ui import err_console
+def _serve_command(name: str, summary: str) -> None:
+    @main.command(name, help=summary)
+    @click.argument("manifests", nargs=-1)
+    @click.option("--address", default="127.0.0.1", show_default=True,
+                  help="listen on this address (the page has no login: keep it on 127.0.0.1 or behind a proxy)")
+    @click.option("--port", type=int, default=9108, show_default=True, help="listen on this port (0: any free one)")
+    @click.option("--interval", default="60s", show_default=True, help="how often to read the devices again: 30s, 5m")
+    @SELECTOR
+    @ROOT_OPTION
+    @handle_errors
+    def serve(manifests: tuple[str, ...], address: str, port: int, interval: str, selector: str | None,
+              root: Path | None) -> None:
+        from edgeops.ui import err_console
 
-    service.serve_metrics(manifests, settings(root), address, port, _duration(interval),
-                          log=lambda m: err_console.print(m), notify=notice, selector=selector)
+        service.serve(manifests, settings(root), address, port, _duration(interval),
+                      log=lambda m: err_console.print(m), notify=notice, selector=selector)
+
+
+_serve_command("serve", "Serve a read-only fleet page (deployments, fleets, devices, each rollout's report) and "
+                        "/metrics for Prometheus, read from the devices every --interval.")
+_serve_command("serve-metrics", "The same server as `edgeops serve` (its old name): /metrics for Prometheus, and "
+                                "the fleet page.")
 
 
 @main.command()

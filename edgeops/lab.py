@@ -60,6 +60,7 @@ class LabDevice:
     budget: str = ""          # the CPU and memory budget the kernel enforces on it ("" for none)
     host: str = "127.0.0.1"
     link: str = ""            # its own shaped link ("2 Mbit/s", "2 Mbit/s DOWN"), "" for the host's loopback
+    service: str = ""         # a pull lab's broker or registry (its URL), "" for a device
 
     @property
     def running(self) -> bool:

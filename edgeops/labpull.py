@@ -296,7 +296,16 @@ def pull_lab_up(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevic
     if late:
         report(f"{fleet.name}: not online within {ONLINE_WAIT_S:g} s: {', '.join(sorted(late))} (see their "
                "pulld.log); they catch up when they connect")
-    return devices
+    return _services(fleet, state) + devices
+
+
+def _services(fleet: Document[Fleet], state: Path) -> list[LabDevice]:
+    """The broker and the registry the lab started for a pull fleet, as `lab up` and `lab status` list them."""
+    settings = fleet.obj.spec.pull
+    assert settings is not None
+    return [LabDevice(name, 0, state / name, _pid(state / name / "pid", str(state / name / marker)), service=url)
+            for name, marker, url in (("broker", "mosquitto.conf", settings.broker),
+                                      ("registry", "config.yml", settings.registry))]
 
 
 ONLINE_WAIT_S = 30.0
@@ -332,16 +341,15 @@ def _wait_online(fleet: Document[Fleet], password: str, state: Path, targets: li
 
 def pull_lab_status(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice]) -> list[LabDevice]:
     state = pull_dir(ws, fleet)
-    return [LabDevice(t.name, 0, state / t.name, _pid(state / t.name / "pulld.pid",
-                                                        str(Path(t.root) / "agent" / "pull.json")))
-            for t in targets]
+    return _services(fleet, state) + [LabDevice(t.name, 0, state / t.name, _pid(
+        state / t.name / "pulld.pid", str(Path(t.root) / "agent" / "pull.json"))) for t in targets]
 
 
 def pull_lab_down(ws: Workspace, fleet: Document[Fleet], targets: list[TargetDevice],
                   wipe: bool = False) -> list[LabDevice]:
     """Stop the daemons, the registry and the broker this fleet's ``lab up`` started."""
     state = pull_dir(ws, fleet)
-    stopped = [d for d in pull_lab_status(ws, fleet, targets) if d.pid and _stop(d.pid)]
+    stopped = [d for d in pull_lab_status(ws, fleet, targets) if not d.service and d.pid and _stop(d.pid)]
     for name, marker in (("registry", "config.yml"), ("broker", "mosquitto.conf")):
         pid = _pid(state / name / "pid", str(state / name / marker))
         if pid is not None:

@@ -22,7 +22,7 @@ from edgeops.health import health_of, sync_of
 from edgeops.manifest.checks import missing_identity_file, missing_trust_files
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
-from edgeops.plan import ObservedDevice, Plan, make_plan
+from edgeops.plan import APPLY, FORWARD, ObservedDevice, Plan, make_plan
 from edgeops.plan_operations import rollback_plan, settle_plan
 from edgeops.pull.fleet import is_pull
 from edgeops.pull.roller import RoutedWork
@@ -161,7 +161,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                      reporter: Reporter | None = None, saved: Plan | None = None,
                      progress: Progress = lambda m: None, lock_timeout_s: float = 0,
                      selector: LabelSelector | None = None, accept_quality_drop: bool = False,
-                     max_parallel: int | None = None, adaptation: Adaptation | None = None) -> tuple[Plan, RolloutResult]:
+                     max_parallel: int | None = None, adaptation: Adaptation | None = None,
+                     kind: str = APPLY) -> tuple[Plan, RolloutResult]:
     """Plan (or check a saved plan), then execute it under the fleets' lock (``max_parallel``: at most this
     many devices at once, below the rollout policy's parallelism: a slow link shared by fewer uploads)."""
     fleets = [t.fleet for t in doc.obj.spec.targets]
@@ -184,6 +185,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
                 raise StalePlan("the saved plan is not the plan edgeops makes now from git and the devices "
                                 f"({'; '.join(differences[:3])}); it was edited or made by another version",
                                 hint="run edgeops plan again and apply that")
+        plan = replace(plan, kind=kind)  # resume: recorded as what it was
         git = head_info(repo.ws.root)
         ctx = ApplyContext(desired, connections, repo.ledger, repo.actor, git, reporter or SilentReporter(),
                            signing_key=repo.signing_key, lease=lease, max_parallel=max_parallel)
@@ -215,6 +217,12 @@ class StatusRow:
     fleet_release: str | None = None        # the fleet-wide release (rel-...) whose materialisation the device runs
     tokens_per_s: float | None = None       # text-generation: median decode speed at the last verification
     ttft_ms: float | None = None            # text-generation: median time to first token
+    peak_rss_mb: float | None = None        # the measuring process's peak memory at the last verification
+    verified_at: str | None = None          # when the last verification was measured (UTC, ISO 8601)
+    verdict: str | None = None              # its outcome: Passed | Failed | Inconclusive
+    transport: str = "ssh"                  # ssh | pull
+    hardware_class: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -288,7 +296,11 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
                               o.last_change, message, runtime_of(o.facts.as_dict() if o.facts else None),
                               o.facts.as_dict() if o.facts else None, latency.get("p50_ms"), _energy(verification),
                               names.get((target.key, o.current)) if o.current else None,
-                              generation.get("tokens_per_s"), generation.get("ttft_ms")))
+                              generation.get("tokens_per_s"), generation.get("ttft_ms"),
+                              (verification or {}).get("peak_rss_mb"),
+                              (verification or {}).get("measured_at") or (o.last_change if verification else None),
+                              (verification or {}).get("outcome"), "pull" if is_pull(target) else "ssh",
+                              target.hardware_class, tuple(sorted(target.device.labels.items()))))
     return rows
 
 
@@ -297,7 +309,7 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
 
 def _last_apply(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
     """The newest apply of the deployment in the ledger (what a plain rollback undoes)."""
-    return next((r for r in ledger.history(deployment, 50) if r["kind"] == "apply"), None)
+    return next((r for r in ledger.history(deployment, 50) if r["kind"] in FORWARD), None)
 
 
 def _release_landed_on(ledger: Ledger, deployment: str, plan: Plan) -> dict[str, Any] | None:

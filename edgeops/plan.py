@@ -34,6 +34,8 @@ PLAN_SCHEMA = "edgeops.plan/v1"
 CHANGING = (Action.INSTALL, Action.UPDATE, Action.REPAIR, Action.REVERIFY,  # the actions that touch a device
             Action.ROLLBACK, Action.PROMOTE, Action.ABORT)
 APPLY = "apply"  # the kind of plan apply makes; rollback, promote and abort plans are made in plan_operations
+RESUME = "resume"  # apply's plan when `edgeops resume` or `promote` continues a paused rollout
+FORWARD = (APPLY, RESUME)  # kinds that move devices to the release git asks for
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,6 @@ class Plan:
     def is_noop(self) -> bool:
         """Nothing to change and every device reachable and able: apply touches no device."""
         return not self.has_changes and all(d.action not in (Action.UNREACHABLE, Action.REFUSED) for d in self.devices)
-
-    @property
-    def checked_nothing(self) -> bool:
-        """Every device was unreachable: the plan knows nothing of what runs (a PR check must not pass on it)."""
-        return bool(self.devices) and all(d.action == Action.UNREACHABLE for d in self.devices)
 
     def wave(self, number: int) -> list[PlannedDevice]:
         return [d for d in self.devices if d.wave == number]

@@ -13,6 +13,7 @@ import io
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 NEW, PREVIOUS, LIMIT = "#1f77b4", "#7f7f7f", "#d62728"
 STYLE = """
@@ -65,9 +66,11 @@ def device_figure(measurements: dict[str, Any]) -> str | None:
         _cdf(cdf, samples["previous"], "previous", PREVIOUS)
     generative = bool(measurements.get("generation"))
     cdf.set(xlabel="time per decoded token (ms, on the device)" if generative else
-            "latency per inference (ms, on the device)", ylabel="fraction of tokens" if generative else
+            "latency per inference (ms, on the device, log scale)", ylabel="fraction of tokens" if generative else
             "fraction of runs", ylim=(0, 1.02), title="decode time distribution, interleaved A/B" if generative
             else "latency distribution, interleaved A/B")
+    cdf.set_xscale("log")  # a few slow outliers would stretch a linear axis and flatten every curve at 0
+    cdf.xaxis.set_major_formatter(ScalarFormatter())
     cdf.axhline(0.95, color="#bbb", linewidth=0.8, linestyle=":")
     cdf.legend(loc="lower right", fontsize=8)
     if intervals:

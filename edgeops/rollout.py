@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from edgeops.errors import (
 )
 from edgeops.manifest.models import Deployment, RolloutPolicy, parse_count
 from edgeops.manifest.workspace import Document
-from edgeops.plan import APPLY, DesiredDevice, ObservedDevice, Plan, PlannedDevice
+from edgeops.plan import FORWARD, DesiredDevice, ObservedDevice, Plan, PlannedDevice
 from edgeops.plan_operations import ABORT, PROMOTE, ROLLBACK, UNINSTALL, policy_for
 from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
@@ -59,6 +60,11 @@ UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SETTLED = (Decision.UNCHANGED, Decision.ROLLED_BACK, Decision.PASSED, Decision.INCONCLUSIVE)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
 
+
+
+def _utc_now() -> str:
+    """When a verification was measured, as devices keep it (status and metrics show its age)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 class Reporter(Protocol):
     def stage(self, key: str, stage: str, detail: str = "") -> None: ...
@@ -99,7 +105,8 @@ class RolloutResult:
     outcome: Outcome
     message: str
     devices: list[DeviceOutcome]
-    rollout_id: int | None = None
+    rollout_id: int | None = None  # the ledger's own key
+    number: int | None = None      # the rollout's number within its deployment (what people are shown)
     lock_lost: str | None = None   # why the fleets' lock was gone mid-rollout (the command exits 5)
 
     def count(self, decision: str) -> int:
@@ -450,7 +457,7 @@ class DeviceRoller:
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
         report = self.ctx.reporter
         record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.on_device,
-                                   "slo": self.spec.slo.model_dump(mode="json")}}
+                                   "slo": self.spec.slo.model_dump(mode="json"), "measured_at": _utc_now()}}
         pause = (verdict.outcome == FAILED and self.policy.on_failure == "pause") or \
             (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "pause")
         keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "retry")
@@ -480,7 +487,8 @@ class DeviceRoller:
             return outcome
         report.stage(planned.key, "rollback", verdict.reason[:80])
         device.record(record, by=self.ctx.actor)  # the rejected release keeps the numbers that rejected it
-        outcome.reason += "; " + self.revert(self.ctx.target(planned.key), verdict.outcome.lower())
+        outcome.reason += "; " + self.revert(self.ctx.target(planned.key),
+                                             f"the new release's verification was {verdict.outcome}")
         outcome.decision = FAILED if verdict.outcome == FAILED else Decision.ROLLED_BACK
         return outcome
 
@@ -494,7 +502,7 @@ class DeviceRoller:
         except EdgeopsError as exc:
             return f"REVERT FAILED: {exc.message}"
         if back.get("current"):
-            return f"rolled back to {back['current']} ({why})"
+            return f"rolled back to {back['current']}: {why}"
         return f"first install removed ({why}); the device runs no release of this deployment"
 
     def undo(self, key: str, why: str, back: str | None) -> tuple[bool, str]:
@@ -510,7 +518,7 @@ class DeviceRoller:
         except EdgeopsError as exc:
             return False, f"ROLLBACK FAILED: {exc.message}"
         if done.get("current"):
-            return True, f"rolled back to {done['current']} ({why})"
+            return True, f"rolled back to {done['current']}: {why}"
         return True, f"first install removed ({why}); the device ran no release of this deployment before it"
 
     def roll_back(self, planned: PlannedDevice, target: TargetDevice, outcome: DeviceOutcome) -> DeviceOutcome:
@@ -536,7 +544,7 @@ class DeviceRoller:
                 verdict = measure_release(device, landing, None, gate, None, seed=planned.key)
                 slo = self.spec.slo.model_dump(mode="json")
                 kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                                         **verdict.on_device, "slo": slo}}
+                                                         **verdict.on_device, "slo": slo, "measured_at": _utc_now()}}
                 if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
                     if verdict.outcome not in KEPT:
                         device.record(kept, by=actor, release=landing)
@@ -686,7 +694,7 @@ class WaveRunner:
             paused = [r for r in results if r.decision == Decision.PAUSED]
             if paused:
                 pausing = True
-                halted = (f"paused: {', '.join(r.key for r in paused)} left on the new release as it is "
+                halted = (f"{', '.join(r.key for r in paused)} left on the new release as it is "
                           f"({paused[0].reason.split(';')[0]}); `edgeops resume` measures again and continues, "
                           "`edgeops promote` accepts it and continues, `edgeops abort` reverts it")
             if not halted and number < self.plan.waves and self.policy.bake_time_s:
@@ -700,18 +708,18 @@ class WaveRunner:
         if halted and not pausing and self.policy.on_failure == "rollback":
             self.halt_rollback(rolled)
         every = unchanged + unreachable + refused + rolled + skipped
-        if self.plan.kind != APPLY and not halted and any(o.decision not in SETTLED for o in every):
+        if self.plan.kind not in FORWARD and not halted and any(o.decision not in SETTLED for o in every):
             halted = self.tally(every)  # every device was tried; one that did not get there makes it Halted
         ended = Outcome.INTERRUPTED if self.stop.is_set() else (
             Outcome.PAUSED if pausing else Outcome.HALTED if halted
             else Outcome.SUCCEEDED)
-        done = f"{sum(o.committed for o in rolled)} device(s) updated and verified" if self.plan.kind == APPLY \
+        done = f"{sum(o.committed for o in rolled)} device(s) updated and verified" if self.plan.kind in FORWARD \
             else self.tally(every)
         message = halted or ("interrupted by the user" if ended == Outcome.INTERRUPTED else done)
         return RolloutResult(self.plan.deployment, ended, message, every)
 
     def nothing_to_do(self, unchanged: list[DeviceOutcome]) -> str:
-        if self.plan.kind == APPLY:
+        if self.plan.kind in FORWARD:
             return f"no changes: {len(unchanged)} device(s) already run the release git asks for; no device was touched"
         verb = {ROLLBACK: "roll back"}.get(self.plan.kind, self.plan.kind)
         return f"nothing to {verb}: " + "; ".join(sorted({o.reason for o in unchanged if o.reason}))
@@ -773,6 +781,7 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
     runner.decided = decided
     result = runner.run()
     result.rollout_id = rollout_id
+    result.number = ctx.ledger.number_of(plan.deployment, rollout_id)
     if ctx.lease is not None and ctx.lease.lost:
         result.outcome, result.lock_lost = Outcome.INTERRUPTED, ctx.lease.lost
         result.message = (f"stopped: the fleets' lock was lost ({ctx.lease.lost}); no device step started after "
@@ -783,7 +792,8 @@ def execute(plan: Plan, ctx: ApplyContext, work: DeviceWork | None = None) -> Ro
     summary: dict[str, Any] = {**summarize(result), "git": ctx.git}
     if desired is not None:
         summary |= {"recipe": plan.recipe, "quality": {acc: (a.report.get("stages") or [{}])[-1].get("quality")
-                                                       for acc, a in desired.artifacts.items()}}
+                                                       for acc, a in desired.artifacts.items()},
+                    "build_keys": {acc: a.key for acc, a in desired.artifacts.items()}}  # the report plan quoted
     ctx.ledger.finish_rollout(rollout_id, result.outcome, summary)
     return result
 

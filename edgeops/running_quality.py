@@ -41,7 +41,7 @@ class QualityDrop:
 def last_landing(ledger: Ledger, deployment: str) -> dict[str, Any] | None:
     """The newest rollout that left the fleet on a known release: a succeeded apply, or a rollback onto one."""
     return next((r for r in ledger.history(deployment, 50) if r["outcome"] == "succeeded" and
-                 (r["kind"] == "apply" or (r["kind"] == "rollback" and r.get("release")))), None)
+                 (r["kind"] in ("apply", "resume") or (r["kind"] == "rollback" and r.get("release")))), None)
 
 
 def recorded_quality(report: dict[str, Any] | None) -> dict[str, Any] | None:

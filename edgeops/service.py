@@ -7,7 +7,7 @@ so `edgeops --help` and `validate` stay quick.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,7 @@ from edgeops.settings import Settings
 if TYPE_CHECKING:
     from edgeops.compress.cache import Cache as BuildCache
     from edgeops.compress.pipeline import BuildResult
+    from edgeops.fleetpage import Snapshot
     from edgeops.gitdiff import Touched
     from edgeops.lab import LabDevice
     from edgeops.manifest.models import Deployment, Fleet
@@ -71,27 +72,35 @@ def _warn_unrelated(problems: list[Problem], settings: Settings) -> None:
 def _scoped(name: str, kind: str, settings: Settings) -> tuple[Workspace, Document[Any]]:
     """The repository, and one deployment or fleet (by name or file) with only what it uses checked: a broken
     file it does not use is a warning, not an error."""
+    ws, docs = _scoped_many([name], kind, settings)
+    return ws, docs[0]
+
+
+def _scoped_many(names: Sequence[str], kind: str, settings: Settings,
+                 **options: Any) -> tuple[Workspace, list[Document[Any]]]:
     from edgeops.manifest.checks import closure
 
-    named = _existing([name], settings)
-    ws = _load(named, settings, tolerant=True)
+    ws = _load(_existing(list(names), settings), settings, tolerant=True, **options)
     table = ws.deployments if kind == "Deployment" else ws.fleets
-    by_path = [d for d in table.values() if named and d.path == named[0].resolve()]
-    if by_path or name in table:
-        doc: Document[Any] = by_path[0] if by_path else table[name]
-    elif name in ws.broken_files or named:
-        own = {ws.broken_files.get(name, "")} | {p.file for p in ws.problems for n in named
-                                                 if Path(p.file).resolve() == n.resolve()}
-        raise InputError([p for p in ws.problems if p.file in own] or
-                         [Problem(name, None, "", f"no {kind} with this name or path")])
-    else:
-        doc = ws.deployment(name) if kind == "Deployment" else ws.fleet(name)
-    keep = closure(ws, [doc.path])
+    docs: list[Document[Any]] = []
+    for name in names:
+        named = _existing([name], settings)
+        by_path = [d for d in table.values() if named and d.path == named[0].resolve()]
+        if by_path or name in table:
+            docs.append(by_path[0] if by_path else table[name])
+        elif name in ws.broken_files or named:  # the one asked for is broken: its own problems are the answer
+            own = {ws.broken_files.get(name, "")} | {p.file for p in ws.problems for n in named
+                                                     if Path(p.file).resolve() == n.resolve()}
+            raise InputError([p for p in ws.problems if p.file in own] or
+                             [Problem(name, None, "", f"no {kind} with this name or path")])
+        else:
+            docs.append(ws.deployment(name) if kind == "Deployment" else ws.fleet(name))
+    keep = closure(ws, [d.path for d in docs])
     mine = [p for p in ws.problems if p.file in keep]
     if mine:
         raise InputError(mine)
     _warn_unrelated([p for p in ws.problems if p.file not in keep], settings)
-    return ws, doc
+    return ws, docs
 
 
 def state_location(settings: Settings) -> str:
@@ -164,7 +173,7 @@ def _announce(kind: str, result: RolloutResult, repo: Repo, hooks: list[Webhook]
 
     summary = counts(result)
     event = {"event": "rollout.finished", "kind": kind, "deployment": result.deployment, "outcome": result.outcome,
-             "message": result.message, "rollout": result.rollout_id, "actor": repo.actor,
+             "message": result.message, "rollout": result.number, "actor": repo.actor,
              "decisions": {str(d): summary[str(d).lower()] for d in Decision},
              "devices": [{"device": d.key, "decision": d.decision, "release": d.release_id, "reason": d.reason}
                          for d in result.devices]}
@@ -193,14 +202,16 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None,
               settings: Settings) -> tuple[Repo, list[Document[Deployment]]]:
     """The deployments named or touched since ``changed_since``, sorted by name.
 
-    Named by path only, a broken manifest elsewhere in the repository does not stop them.
+    Named (by path or name), a broken file they do not use is a warning; what changed since a revision is
+    judged over the whole repository.
     """
     from edgeops.gitdiff import changed_files, touched_deployments
     from edgeops.operations import Repo
 
-    paths = _existing(manifests, settings)
-    focused = not changed_since and len(paths) == len(manifests)
-    ws = _load(paths, settings, focus=paths if focused else None, deep=True)
+    if not changed_since:
+        ws, named = _scoped_many(manifests, "Deployment", settings, deep=True)
+        return Repo.open(ws, settings), sorted(named, key=lambda d: d.name)
+    ws = _load(_existing(manifests, settings), settings, deep=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
     if changed_since:
         for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
@@ -406,6 +417,16 @@ class PlanEntry:
     compared: list[str]                   # each new artifact against the one the fleet runs
     changes: list[str]                    # field by field, since --changed-since (manifest, fleets, profiles)
 
+    @property
+    def checked_nothing(self) -> bool:
+        """Every device the plan tried to read was unreachable (those a pull request's plan withholds until
+        merge are not tried): a PR check must not pass on it."""
+        from edgeops.endpoints import CONTACT_AFTER_MERGE
+        from edgeops.types import Action
+
+        tried = [d for d in self.plan.devices if CONTACT_AFTER_MERGE not in d.reason]
+        return bool(tried) and all(d.action == Action.UNREACHABLE for d in tried)
+
 
 def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settings,
          progress: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None,
@@ -499,6 +520,7 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
     from edgeops.connections import Connections
     from edgeops.operations import apply_deployment, plan_settle
     from edgeops.operations import settle_paused as settle
+    from edgeops.plan import RESUME
     from edgeops.types import Action
 
     repo, doc = _context(deployment, settings)
@@ -521,8 +543,8 @@ def settle_paused(deployment: str, accept: bool | None, settings: Settings, repo
             if not settled.ok or not accept:
                 return Settled(settled, None)
         _, result = apply_deployment(repo, doc, connections, reporter, progress=progress,
-                                     lock_timeout_s=lock_timeout_s)
-    _announce("apply", result, repo, hooks, notify)
+                                     lock_timeout_s=lock_timeout_s, kind=RESUME)
+    _announce(RESUME, result, repo, hooks, notify)
     return Settled(settled, result)
 
 
@@ -579,53 +601,86 @@ def _status(manifests: tuple[str, ...], settings: Settings, verify: bool, progre
     return StatusReport(rows, broken), repo
 
 
-def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
-            selector: str | None = None) -> bytes:
-    """Fleet health as OpenMetrics text: what status reads from the devices now, and each device's last
-    rollout decision from the ledger."""
-    from edgeops.exporter import openmetrics, registry_of
+def snapshot(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
+             selector: str | None = None, refresh_s: float = 60) -> tuple[Snapshot, Repo]:
+    """What status reads from the devices now, with the newest rollouts of each deployment from the ledger:
+    the one source of the fleet page and of /metrics."""
+    import time
+
+    from edgeops.fleetpage import Snapshot
 
     report, repo = _status(manifests, settings, False, _quiet, notify, selector)
-    last: dict[str, dict[str, str]] = {name: {} for name in report.rows}
-    for name in report.rows:
-        for rollout in repo.ledger.history(name, 50):  # newest first: the first decision seen is the last made
+    rollouts = {name: repo.ledger.history(name, 20) for name in report.rows}
+    return Snapshot(time.time(), report.rows, report.broken, rollouts, refresh_s), repo
+
+
+def metrics_of(snap: Snapshot) -> bytes:
+    """OpenMetrics text of a snapshot: device state and measurements, each device's last rollout decision."""
+    from edgeops.exporter import openmetrics, registry_of
+
+    last: dict[str, dict[str, str]] = {name: {} for name in snap.rows}
+    for name in snap.rows:
+        for rollout in snap.rollouts.get(name, []):  # newest first: the first decision seen is the last made
             for event in rollout["devices"]:
                 last[name].setdefault(event["device"], event["decision"])
-    return openmetrics(registry_of(report.rows, last, report.broken))
+    newest = {name: found[0] for name, found in snap.rollouts.items() if found}
+    return openmetrics(registry_of(snap.rows, last, snap.broken, newest, snap.taken_at))
 
 
-def serve_metrics(manifests: tuple[str, ...], settings: Settings, address: str, port: int, interval_s: float,
-                  log: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> None:
-    """Serve /metrics on ``address:port``, read from the devices every ``interval_s``; runs until interrupted."""
+def metrics(manifests: tuple[str, ...], settings: Settings, notify: Progress = _quiet,
+            selector: str | None = None) -> bytes:
+    """Fleet health as OpenMetrics text, read from the devices now."""
+    return metrics_of(snapshot(manifests, settings, notify, selector)[0])
+
+
+def serve(manifests: tuple[str, ...], settings: Settings, address: str, port: int, interval_s: float,
+          log: Progress = _quiet, notify: Progress = _quiet, selector: str | None = None) -> None:
+    """Serve the fleet page (/, /deployments/NAME, /deployments/NAME/rollouts/N) and /metrics on
+    ``address:port`` from one snapshot, read from the devices every ``interval_s``; runs until interrupted.
+    Read-only: GET only, nothing a request does changes a device or the ledger."""
     import threading
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    latest = {"body": metrics(manifests, settings, notify=notify, selector=selector)}
+    from edgeops.fleetpage import respond
+
+    first, repo = snapshot(manifests, settings, notify, selector, interval_s)
+    latest: dict[str, Any] = {"snapshot": first, "metrics": metrics_of(first)}
+
+    def report_page(deployment: str, number: int) -> str:
+        if not repo.ledger.history(deployment, 1, number):
+            raise KeyError(number)
+        return report_html(deployment, number, settings)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404, "only /metrics is here")
+            try:
+                answer = respond(self.path, latest["snapshot"], lambda: bytes(latest["metrics"]), report_page)
+            except EdgeopsError as exc:
+                self.send_error(500, exc.message[:200])
                 return
-            body = latest["body"]
-            self.send_response(200)
-            self.send_header("Content-Type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.content_type)
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                                        "script-src 'unsafe-inline'; img-src data:")
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer.body)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
             pass
 
     server = ThreadingHTTPServer((address, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    log(f"serving http://{address}:{server.server_address[1]}/metrics, refreshed every {interval_s:g} s")
+    log(f"serving http://{address}:{server.server_address[1]}/ (fleet page) and /metrics, read from the devices "
+        f"every {interval_s:g} s")
     try:
         while True:
             time.sleep(interval_s)
             try:
-                latest["body"] = metrics(manifests, settings, notify=notify, selector=selector)
+                fresh, repo = snapshot(manifests, settings, notify, selector, interval_s)
+                latest.update(snapshot=fresh, metrics=metrics_of(fresh))
             except EdgeopsError as exc:  # keep serving the last good snapshot; say why it is old
                 log(f"refresh failed, serving the previous snapshot: {exc.message}")
     finally:
@@ -662,7 +717,9 @@ def report(deployment: str, number: int | None, settings: Settings) -> tuple[str
                                 "(`edgeops history` lists the rollouts)")
         raise EdgeopsError(f"no rollout of {doc.name} in the ledger measured a device yet",
                            hint="`edgeops history` lists the rollouts")
-    return doc.name, rollout, {acc: repo.cache.report_of(sha) for acc, sha in rollout["artifacts"].items()}
+    keys = (rollout.get("summary") or {}).get("build_keys") or {}
+    return doc.name, rollout, {acc: repo.cache.report_of(sha, keys.get(acc))
+                               for acc, sha in rollout["artifacts"].items()}
 
 
 def report_html(deployment: str, number: int | None, settings: Settings) -> str:

@@ -312,7 +312,7 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
     summary["tensors_sha256"] = proposal.tensors_sha256
     progress(f"round {number}: the learned head gains {after - before:.2f} points: rolling it out")
     _, rollout = apply_deployment(repo, doc, connections, reporter, progress=progress, adaptation=proposal)
-    summary.update(rollout_id=rollout.rollout_id, rollout_outcome=str(rollout.outcome),
+    summary.update(rollout=rollout.number, rollout_outcome=str(rollout.outcome),
                    release=rollout.devices[0].release_id if rollout.devices else None)
     if not rollout.ok:
         summary["reason"] = rollout.message

@@ -81,9 +81,13 @@ class Cache:
                 return model
         return None
 
-    def report_of(self, model_sha256: str) -> dict[str, Any] | None:
-        """The build report of the artifact whose model has this digest, if this cache built it."""
-        for report_file in sorted((self.root / "artifacts").glob(f"*/{REPORT_FILE}")):
+    def report_of(self, model_sha256: str, key: str | None = None) -> dict[str, Any] | None:
+        """The build report of the artifact whose model has this digest, if this cache built it: the one of
+        build ``key`` (what a rollout's plan quoted) when given, else the newest (one set of numbers for one
+        artifact everywhere, however often identical bytes were built)."""
+        files = sorted((self.root / "artifacts").glob(f"*/{REPORT_FILE}"),
+                       key=lambda f: (not (key and f.parent.name == key), -f.stat().st_mtime))
+        for report_file in files:
             try:
                 report: dict[str, Any] = json.loads(report_file.read_text())
             except (OSError, ValueError):

@@ -260,7 +260,7 @@ class PullRoller(DeviceRoller):
                           f"device reads it ({why})"
         if found.get("result") != "rolled-back":
             return False, f"ROLLBACK FAILED on the device: {(found.get('error') or {}).get('message')}"
-        return True, f"rolled back to {back} ({why})" if back else f"first install removed ({why})"
+        return True, f"rolled back to {back}: {why}" if back else f"first install removed ({why})"
 
     def begin(self) -> None:
         """Verdicts that came after their rollout ended (a device that caught up once the rollout succeeded):

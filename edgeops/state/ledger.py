@@ -148,12 +148,19 @@ class Ledger(ABC):
                                         (rollout["id"],))]
         return rollouts
 
+    def number_of(self, deployment: str, rollout_id: int) -> int:
+        """A rollout's number within its deployment: the one number `history`, `report` and webhooks show."""
+        with self._connect() as db:
+            rows = self._rows(db, "SELECT COUNT(*) AS n FROM rollouts WHERE deployment = ? AND id <= ?",
+                              (deployment, rollout_id))
+        return int(rows[0]["n"])
+
     def last_successful_summary(self, deployment: str) -> dict[str, Any] | None:
         """The summary of the deployment's last apply that succeeded (rollbacks, promotes and aborts carry no
         recipe: the plan compares the recipe with the last one that was rolled out)."""
         with self._connect() as db:
             rows = self._rows(db, "SELECT summary FROM rollouts WHERE deployment = ? AND outcome = 'succeeded' "
-                                  "AND kind = 'apply' ORDER BY id DESC LIMIT 1", (deployment,))
+                                  "AND kind IN ('apply', 'resume') ORDER BY id DESC LIMIT 1", (deployment,))
         return None if not rows else dict(json.loads(rows[0]["summary"] or "{}"))
 
     def summaries(self, deployment: str, kind: str) -> list[dict[str, Any]]:

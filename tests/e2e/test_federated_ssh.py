@@ -123,7 +123,7 @@ def test_the_fleet_learns_the_head_within_a_point_of_central_training_and_only_u
     ws = load_workspace(root)
     repo = repo_at(root, ws)
     for r in released:  # each released round went through verification on every device
-        rollout = next(h for h in repo.ledger.history(PLAIN, 50) if h["id"] == r.summary["rollout_id"])
+        rollout = next(h for h in repo.ledger.history(PLAIN, 50) if h["number"] == r.summary["rollout"])
         assert rollout["outcome"] == "succeeded"
         verified = {e["device"] for e in rollout["devices"] if e["decision"] in ("Passed", "Inconclusive")}
         assert len(verified) == DEVICES, [(e["device"], e["decision"]) for e in rollout["devices"]]

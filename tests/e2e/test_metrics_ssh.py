@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -121,3 +122,90 @@ def test_the_pr_comment_replays_the_misleading_case_against_what_the_fleet_runs(
     assert any(x.startswith("- :warning: cpu artifact is ") and "slower on the host" in x for x in comment)
     config = [x for x in comment if x.startswith("- runtime config (")]
     assert any("session_options.intra_op_num_threads: 1 → 2" in x for x in config), config
+
+
+HOSTILE = '<img src=x onerror="window.__errors.push(1)">&amp;'
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _serving(lab: Path, port: int) -> subprocess.Popen[str]:
+    server = subprocess.Popen([sys.executable, "-m", "edgeops", "serve", MANIFEST, "--port", str(port),
+                               "--interval", "2s", "--root", str(lab)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        time.sleep(0.3)
+    raise AssertionError("edgeops serve did not answer")
+
+
+def test_the_fleet_page_renders_in_chromium_escapes_labels_and_prometheus_alerts_on_a_damaged_device(
+        lab: Path) -> None:
+    """`edgeops serve` on the lab fleet: every page renders in headless Chromium without a script error, every
+    link resolves, a hostile label is shown as text; a real Prometheus scrapes it with the alert rules, and a
+    flipped byte on a device turns EdgeopsDeviceUnhealthy pending for that device; every dashboard query runs."""
+    from edgeops.manifest.workspace import load_workspace
+    from edgeops.targets import target_devices
+    from labkit.faults import flip_byte
+    from labkit.prometheus import dashboard_expressions, query, running_prometheus, wait_for
+    from tests.e2e.test_report_browser import SCREENSHOTS, chromium
+
+    fleet = lab / "manifests/fleets/lab.yaml"
+    port = free_ports(1)[0]
+    with edited((fleet, "labels: {ring: canary", f"labels: {{note: '{HOSTILE}', ring: canary")):
+        server = _serving(lab, port)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            status, kind, index = _get(base + "/")
+            assert status == 200 and kind.startswith("text/html") and "wearable-activity" in index
+            status, _, page = _get(base + "/deployments/wearable-activity")
+            assert status == 200 and "lab-01" in page and "lab-02" in page and "fleet lab" in page
+            assert HOSTILE not in page and "&lt;img src=x onerror=&quot;window.__errors.push(1)&quot;&gt;&amp;amp;" \
+                in page
+            links = set(re.findall(r'href="(/[^"]*)"', index + page))
+            assert "/deployments/wearable-activity/rollouts/1" in links
+            for link in links:
+                assert _get(base + link)[0] == 200, link
+            assert _get(base + "/deployments/nope")[0] == 404
+            assert _get(base + "/deployments/wearable-activity/rollouts/99")[0] == 404
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            for name, path in (("fleet-index", "/"), ("fleet-wearable-activity", "/deployments/wearable-activity"),
+                               ("fleet-rollout-1", "/deployments/wearable-activity/rollouts/1")):
+                body = re.search(r"<body[^>]*>", chromium("--dump-dom", base + path).stdout)
+                assert body is not None and 'data-errors="0"' in body.group(0), (path, body)
+                shot = SCREENSHOTS / f"{name}.png"
+                chromium("--window-size=1300,900", f"--screenshot={shot}", base + path)
+                assert shot.stat().st_size > 5_000
+
+            with running_prometheus(f"127.0.0.1:{port}") as prometheus:
+                assert wait_for(prometheus, 'up{job="edgeops"} == 1'), "Prometheus never scraped edgeops serve"
+                assert wait_for(prometheus, 'edgeops_device_health{health="Healthy"} == 1')
+                assert not query(prometheus, 'ALERTS{alertname="EdgeopsDeviceUnhealthy"}')
+                ws = load_workspace(lab)
+                target = next(t for t in target_devices(ws, "wearable-activity") if t.name == "lab-02")
+                flip_byte(target, "wearable-activity")
+                pending = wait_for(prometheus, 'ALERTS{alertname="EdgeopsDeviceUnhealthy", device="lab-02"}')
+                assert pending and pending[0]["metric"]["alertstate"] == "pending" \
+                    and pending[0]["metric"]["health"] == "Damaged", pending
+                assert not query(prometheus, 'ALERTS{alertname="EdgeopsDeviceUnhealthy", device="lab-01"}')
+                answered = 0
+                for title, expression in dashboard_expressions():
+                    answered += bool(query(prometheus, expression))   # raises on a query Prometheus rejects
+                assert answered >= 8, answered   # device, rollout and alert panels have data now
+        finally:
+            server.terminate()
+            server.wait(10)
+    repaired = CliRunner().invoke(main, ["apply", MANIFEST, "--root", str(lab)])
+    assert repaired.exit_code == 0, repaired.output

@@ -158,6 +158,9 @@ def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Pa
 def test_a_device_may_read_only_its_own_desired_state(lab: Path) -> None:
     ws = load_workspace(lab)
     settings = ws.fleets["lab-pull"].obj.spec.pull
+    shown = cli(lab, "lab", "status", "lab-pull").stdout.splitlines()  # the broker and registry it started, too
+    assert any(line.startswith(f"lab-pull/broker  {settings.broker}  running (pid ") for line in shown), shown
+    assert any(line.startswith(f"lab-pull/registry  {settings.registry}  running (pid ") for line in shown), shown
     config = json.loads((Path(target(lab, "pull-01")[0].root) / "agent" / "pull.json").read_text())
     got: list[str] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
@@ -255,7 +258,7 @@ def test_an_offline_device_counts_as_unreachable_and_catches_up_when_it_connects
         # the late verdict goes into that rollout's history with the next apply (here one with nothing to do)
         assert cli(lab, "apply", MANIFEST).exit_code == ExitCode.OK
         [rollout] = [r for r in json.loads(cli(lab, "history", PULL_DEPLOYMENT, "-o", "json").stdout)
-                     if r["id"] == json.loads(applied.stdout)[0]["rollout_id"]]
+                     if r["number"] == json.loads(applied.stdout)[0]["rollout"]]
         events = [e for e in rollout["devices"] if e["device"] == "lab-pull/pull-03"]
         assert [e["decision"] for e in events][0] == "Unreachable" and events[-1]["decision"] in KEPT, events
         assert "late verdict, accepted" in events[-1]["reason"] and events[-1]["bytes_moved"] > 0

@@ -152,7 +152,7 @@ def test_a_hostile_pull_request_reads_no_secret_and_dials_nothing_new(world: dic
     for args in (["validate", str(root / "manifests"), str(root / "device_profiles")],
                  ["plan", "--untrusted", "--base", str(world["base"]), str(wearable), "-o", "markdown"]):
         code, output, opened, connected = run(world, *args)
-        assert code in (0, 2, 3, 4), (args, code, output)
+        assert code in (0, 2, 3, 4) or (code == 1 and "the plan checked nothing" in output), (args, code, output)
         assert "Traceback" not in output, output
         for secret in (SECRET, BROKER_PASSWORD, STORED_PASSWORD, "PRIVATE KEY"):
             assert secret not in output, (secret, output)

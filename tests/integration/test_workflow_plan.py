@@ -40,7 +40,7 @@ def test_the_plan_job_runs_the_base_revisions_code_not_the_pull_requests(tmp_pat
     env.pop("PYTHONPATH", None)
     done = subprocess.run(["bash", str(SCRIPT), "HEAD~1", str(root)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode in (0, 2), done.stderr
+    assert done.returncode == 1 and "the plan checked nothing" in done.stderr, done.stderr  # no lab runs here
     plan = (tmp_path / "plan.md").read_text()
     assert plan.startswith("<!-- edgeops-plan -->") and "wearable-activity" in plan, plan
     assert not marker.exists(), "the pull request's edgeops/ ran"

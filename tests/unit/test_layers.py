@@ -25,7 +25,7 @@ LAYERS = [
     {"edgeops.compress", "edgeops.render", "edgeops.release", "edgeops.transport", "edgeops.state",
      "edgeops.signing", "edgeops.exporter", "edgeops.webhooks", "edgeops.report", "edgeops.gitinfo",
      "edgeops.gitdiff", "edgeops.pull.broker", "edgeops.pull.registry", "edgeops.pull",
-     "edgeops.generative", "edgeops.adapt"},                                         # one job, one resource
+     "edgeops.generative", "edgeops.adapt", "edgeops.fleetpage"},                    # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
      "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.labplace", "edgeops.endpoints", "edgeops.running_quality"},
     {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
