@@ -124,6 +124,24 @@ def test_the_pr_comment_replays_the_misleading_case_against_what_the_fleet_runs(
     assert any("session_options.intra_op_num_threads: 1 → 2" in x for x in config), config
 
 
+def test_a_broken_manifest_beside_the_wearable_one_is_a_warning_for_apply_history_rollback_and_lab_up(
+        lab: Path) -> None:
+    broken = lab / "manifests" / "broken.yaml"
+    broken.write_text("apiVersion: edgeops/v1\nkind: Deployment\nmetadata: {name: broken-one}\nspec:\n"
+                      "  targets: [{fleet: lab}]\n")
+    try:
+        for args in (["lab", "up", "lab"], ["apply", MANIFEST], ["status", MANIFEST], ["history", "wearable-activity"],
+                     ["rollback", "wearable-activity"], ["apply", MANIFEST]):
+            result = CliRunner().invoke(main, [*args, "--root", str(lab)])
+            assert result.exit_code == 0, (args, result.output)
+            assert result.stderr.startswith("warning: ") and "manifests/broken.yaml:4: spec.model: required field " \
+                   "is missing (and 2 more); not used here, so skipped" in result.stderr, (args, result.stderr)
+        whole = CliRunner().invoke(main, ["validate", "--root", str(lab)])
+        assert whole.exit_code == 3 and "manifests/broken.yaml:4: spec.model: required field" in whole.stderr
+    finally:
+        broken.unlink()
+
+
 HOSTILE = '<img src=x onerror="window.__errors.push(1)">&amp;'
 
 
