@@ -277,6 +277,9 @@ class RecipeStep(Strict):
     def _one_key(cls, data: Any) -> Any:
         if isinstance(data, dict) and len(data) != 1:
             raise ValueError("each recipe step has exactly one of quantize, prune, distill")
+        if isinstance(data, dict) and next(iter(data.values())) is None:
+            raise ValueError(f"{next(iter(data))}: is empty; write its options under it (e.g. quantize: "
+                             "{mode: auto})")
         return data
 
     @property

@@ -108,7 +108,7 @@ def parse_document(path: Path) -> tuple[Document[BaseModel] | None, list[Problem
     if not isinstance(data, dict):
         raise InputError.at(display, 1, "", f"expected a mapping with apiVersion and kind (got {type(data).__name__})")
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         if kind is None:
             raise InputError.at(display, 1, "kind", f"required field is missing; one of {', '.join(KINDS)}")
         hint = did_you_mean(str(kind), KINDS, f"; one of {', '.join(KINDS)}")

@@ -106,6 +106,8 @@ CASES = [
     ("root-etc", ARM, "root: /opt/edgeops", "root: /etc/", "root: /etc", "/etc is a system directory"),
     ("root-nul", ARM, "root: /opt/edgeops", 'root: "/opt/edge\\0ops"', "root: ", "control characters"),
     ("infinite-number", W, "latency_p95_ms: 25", "latency_p95_ms: 1e400", "1e400", "must be a finite number"),
+    ("kind-a-mapping", W, "kind: Deployment", "kind: {a: 1}", "kind: {a: 1}", "unknown kind {'a': 1}"),
+    ("empty-recipe-step", C, "- quantize: {mode: auto}", "- quantize: null", "- quantize: null", "quantize: is empty"),
     ("device-root-override", LAB, "lab-03, host: 127.0.0.1", "lab-03, root: /proc/edgeops, host: 127.0.0.1", "lab-03", "is a system directory"),
 ]
 
