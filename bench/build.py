@@ -56,6 +56,13 @@ RECIPES: dict[str, list[tuple[str, str]]] = {
         ("distill cnn2d + static int8",
          "- distill: {student: {family: cnn2d, width: 16, depth: 2}, epochs: 40}\n    - quantize: {mode: static}"),
         ("structured prune 80%", "- prune: {method: structured, sparsity: 0.8}"),
+        ("weight sharing 16 (one codebook per tensor)", "- cluster: {centroids: 16, min_elements: 256}"),
+        ("weight sharing 16 (per output channel)", "- cluster: {centroids: 16, min_elements: 256, per: channel}"),
+        ("weight sharing 256", "- cluster: {centroids: 256, min_elements: 256}"),
+        ("weight sharing 4", "- cluster: {centroids: 4, min_elements: 256}"),
+        ("magnitude prune 50% + weight sharing 16",
+         "- prune: {method: magnitude, sparsity: 0.5, min_elements: 256}\n    - cluster: {centroids: 16, "
+         "min_elements: 256}"),
         ("structured prune 80% + distill fine-tune + static int8",
          "- prune: {method: structured, sparsity: 0.8}\n    - distill: {student: {previous_step: true}, epochs: 15, "
          "learning_rate: 0.001}\n    - quantize: {mode: static}"),
@@ -72,6 +79,10 @@ RECIPES: dict[str, list[tuple[str, str]]] = {
         ("static int8 per-channel", "- quantize: {mode: static, per_channel: true}"),
         ("dynamic int8", "- quantize: {mode: dynamic, per_channel: true}"),
         ("structured prune 50%", "- prune: {method: structured, sparsity: 0.5}"),
+        ("weight sharing 16", "- cluster: {centroids: 16, min_elements: 1024}"),
+        ("magnitude prune 30% + weight sharing 16",
+         "- prune: {method: magnitude, sparsity: 0.3, min_elements: 1024}\n    - cluster: {centroids: 16, "
+         "min_elements: 1024}"),
         ("distill cnn1d (width 16, depth 2)",
          "- distill: {student: {family: cnn1d, width: 16, depth: 2}, epochs: 60}"),
     ],
@@ -186,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only this manifest (camera.yaml, mobile-camera.yaml, wearable.yaml, "
                                        "assistant.yaml, sentence-encoder.yaml)")
+    parser.add_argument("--recipes", help="run only the recipes whose label contains this text (e.g. 'sharing')")
     parser.add_argument("--olive", help="an olive executable (Olive 0.13 in its own virtualenv) to compare with")
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
@@ -198,6 +210,8 @@ def main() -> None:
         if (args.only and manifest != args.only) or manifest == ENCODER:
             continue
         for label, recipe in recipes:
+            if args.recipes and args.recipes not in label:
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 root = copy_repo(Path(tmp))
                 with_recipe(root / "manifests" / manifest, recipe)

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from edgeops.facts import DeviceFacts, DeviceNeeds, preflight
 from edgeops.manifest.models import (
+    ClusterOptions,
     DistillOptions,
     PruneOptions,
     QuantizeOptions,
@@ -328,7 +329,7 @@ def _step_change(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
 def _step_defaults(kind: str) -> dict[str, Any]:
     """What a step of this kind holds when the manifest sets nothing (a shown step lists only what differs)."""
     kinds: dict[str, type[BaseModel]] = {"quantize": QuantizeOptions, "prune": PruneOptions,
-                                         "distill": DistillOptions}
+                                         "cluster": ClusterOptions, "distill": DistillOptions}
     options = kinds.get(kind)
     if options is None:
         return {}

@@ -68,6 +68,8 @@ def build_inputs(request: BuildRequest) -> dict[str, Any]:
 
 def _external_data(request: BuildRequest, path: Path) -> list[Path]:
     """The files beside the model that hold its weights (onnxruntime-genai's builder writes model.onnx.data)."""
+    if not _may_have_external_data(path):
+        return []  # the usual case, answered without importing onnx (a cache hit stays cheap)
     import onnx
 
     from edgeops.manifest.checks import external_data_files
@@ -82,6 +84,18 @@ def _external_data(request: BuildRequest, path: Path) -> list[Path]:
         raise request.source.error(("spec", "model", "path"), f"{request.model.path}: " + (
             problems[0] if problems else f"keeps weights in {', '.join(missing)}, which is not beside it"))
     return files
+
+
+def _may_have_external_data(path: Path) -> bool:
+    """False only when the model surely keeps every tensor inside: a tensor kept outside names its file under
+    the key "location", so a file without those bytes has none."""
+    with path.open("rb") as handle:
+        tail = b""
+        while chunk := handle.read(1 << 20):
+            if b"location" in tail + chunk:
+                return True
+            tail = chunk[-8:]
+    return False
 
 
 def _check_onnx_file(request: BuildRequest, path: Path) -> None:
@@ -281,25 +295,24 @@ def _output_name(sess: InferenceSession, goal: QualityGoal) -> str:
     return str(sess.get_outputs()[output_index(sess, goal)].name)
 
 
+# recipe step kind -> the module and class that run it (imported only when a recipe uses it)
+STEPS = {"quantize": ("edgeops.compress.quantize", "Quantize"), "prune": ("edgeops.compress.prune", "Prune"),
+         "cluster": ("edgeops.compress.cluster", "Cluster"), "distill": ("edgeops.compress.distill", "Distill")}
+
+
 def step_for(request: BuildRequest, index: int) -> Step[Any]:
     """Recipe step ``index`` (0-based) as a configured ``Step``; distillation needs PyTorch."""
+    import importlib
+
     step = request.recipe[index]
-    if step.quantize:
-        from edgeops.compress.quantize import Quantize
-
-        return Quantize(step.quantize)
-    if step.prune:
-        from edgeops.compress.prune import Prune
-
-        return Prune(step.prune)
-    assert step.distill is not None
+    module, name = STEPS[step.kind]
     try:
-        from edgeops.compress.distill import Distill
+        runner: type[Step[Any]] = getattr(importlib.import_module(module), name)
     except ImportError as exc:
-        raise InputError([request.source.problem(request.step_loc(index, "distill"),
-                                                 f"distillation needs PyTorch ({exc}); "
+        raise InputError([request.source.problem(request.step_loc(index, step.kind),
+                                                 f"{step.kind} needs PyTorch ({exc}); "
                                                  "run: pip install 'edgeops[distill]'")]) from None
-    return Distill(step.distill)
+    return runner(step.options)
 
 
 def _stage(index: int, kind: str, options: dict[str, Any], m: Measurement, original: Measurement,

@@ -233,6 +233,23 @@ class PruneOptions(Strict):
         default=4096, description="magnitude: tensors smaller than this are kept dense")
 
 
+class ClusterOptions(Strict):
+    """Weight sharing: each large weight tensor keeps ``centroids`` distinct values (k-means), stored as uint8
+    indices plus a codebook; onnxruntime rebuilds the dense weight once, when it loads the model."""
+
+    centroids: Annotated[int, Field(ge=2, le=256)] = Field(
+        default=16, description="distinct values per tensor (per: tensor) or per output channel (per: channel); "
+                                "16 compresses the indices to about 4 bits each under zstd")
+    per: Literal["tensor", "channel"] = Field(
+        default="tensor", description="one codebook per tensor, or one per output channel (closer, a larger "
+                                      "codebook)")
+    min_elements: Annotated[int, Field(ge=0)] = Field(
+        default=4096, description="tensors smaller than this are kept as they are")
+    keep_zeros: bool = Field(default=True, description="zeros (a prune step's) stay exactly zero: one centroid "
+                                                       "is pinned at 0")
+    iterations: Annotated[int, Field(ge=1, le=200)] = 25
+
+
 class StudentSpec(Strict):
     family: Literal["mlp", "cnn1d", "cnn2d"] | None = None
     width: Annotated[int, Field(ge=1, le=4096)] = 32
@@ -265,18 +282,22 @@ class DistillOptions(Strict):
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = 5
 
 
+STEP_KINDS = ("quantize", "prune", "cluster", "distill")
+
+
 class RecipeStep(Strict):
-    """One step of a recipe: exactly one of quantize, prune, distill."""
+    """One step of a recipe: exactly one of quantize, prune, cluster, distill."""
 
     quantize: QuantizeOptions | None = None
     prune: PruneOptions | None = None
+    cluster: ClusterOptions | None = None
     distill: DistillOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _one_key(cls, data: Any) -> Any:
         if isinstance(data, dict) and len(data) != 1:
-            raise ValueError("each recipe step has exactly one of quantize, prune, distill")
+            raise ValueError("each recipe step has exactly one of quantize, prune, cluster, distill")
         if isinstance(data, dict) and next(iter(data.values())) is None:
             raise ValueError(f"{next(iter(data))}: is empty; write its options under it (e.g. quantize: "
                              "{mode: auto})")
@@ -284,11 +305,11 @@ class RecipeStep(Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("quantize", "prune", "distill") if getattr(self, k) is not None)
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
 
     @property
-    def options(self) -> QuantizeOptions | PruneOptions | DistillOptions:
-        chosen = self.quantize or self.prune or self.distill
+    def options(self) -> QuantizeOptions | PruneOptions | ClusterOptions | DistillOptions:
+        chosen = self.quantize or self.prune or self.cluster or self.distill
         assert chosen is not None  # the validator requires exactly one
         return chosen
 

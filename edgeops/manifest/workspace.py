@@ -494,6 +494,13 @@ def _check_recipe(dep: Document[Deployment], loc: Loc, recipe: list[RecipeStep],
             if mode == "fp16" and accelerator != "gpu":
                 problems.append(dep.problem(where + ("mode",), f"fp16 targets GPUs, but this recipe also builds "
                                             f"for {accelerator} devices; put it under recipe_for.gpu"))
+    kinds = [step.kind for step in recipe]
+    if "cluster" in kinds and "quantize" in kinds:
+        index = kinds.index("cluster")
+        problems.append(dep.problem(loc + (index, "cluster"), "cluster and quantize do not combine in one recipe: "
+                                    "a quantizer finds no constant weight behind the codebooks, and clustering "
+                                    "finds no float weight in an int8 model; pick one (cluster combines with "
+                                    "prune and distill)"))
     if accelerator == "tpu" and not any(m in ("static", "auto") for m in quantize_modes):
         problems.append(dep.problem(loc, "a tpu target needs a fully integer model: add "
                                          "'- quantize: {mode: static}' (or auto) to this recipe"))

@@ -403,3 +403,58 @@ def test_weights_kept_outside_the_models_directory_are_refused(repo_copy: Path, 
     assert "wearable.yaml:" in result.output and "outside the model's directory" in result.output
     with pytest.raises(InputError, match="outside the model's directory"):
         build_for(load_workspace(repo_copy), "wearable-activity", "cpu")
+
+
+def test_weight_sharing_shrinks_the_file_and_more_under_zstd_at_the_same_accuracy_and_keeps_pruned_zeros(
+        repo_copy: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    shared = build_camera(repo_copy, "  recipe:\n    - cluster: {centroids: 16, min_elements: 256}\n")
+    original, clustered = stage(shared.report, 0), stage(shared.report, 1)
+    assert original["size_bytes"] / clustered["size_bytes"] >= 2.5
+    assert original["zstd_bytes"] / clustered["zstd_bytes"] >= 4      # ~4 bits of information per index
+    assert clustered["quality"]["passed"] and "weight sharing" in clustered["notes"][0]
+    model = onnx.load(str(shared.artifact.model))
+    books = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("__shared_codebook")]
+    assert books and all(b.size <= 16 for b in books)
+    assert {n.op_type for n in model.graph.node} >= {"Gather", "Cast"}
+
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - prune: {method: magnitude, sparsity: 0.5, "
+               "min_elements: 256}\n    - cluster: {centroids: 16, min_elements: 256, per: channel}\n",
+               old="  recipe:\n    - cluster: {centroids: 16, min_elements: 256}\n")
+    both = build_for(load_workspace(repo_copy), "meter-digits", "cpu")
+    pruned, clustered = stage(both.report, 1), stage(both.report, 2)
+    assert clustered["zstd_bytes"] < pruned["zstd_bytes"] / 2 and clustered["quality"]["passed"]
+    model = onnx.load(str(both.artifact.model))
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in (n for n in arrays if n.endswith("__shared_indices")):
+        base = name.removesuffix("_indices")
+        books = arrays[f"{base}_codebook"].reshape(arrays[name].shape[0], -1)
+        rebuilt = books[np.arange(books.shape[0])[:, None], arrays[name].reshape(books.shape[0], -1)]
+        assert (rebuilt == 0).mean() >= 0.45   # the pruned half is still exactly zero
+
+
+def test_kmeans_keeps_few_values_exact_pins_zero_and_gets_closer_with_more_centroids() -> None:
+    from edgeops.compress.cluster import kmeans_1d
+
+    rng = np.random.default_rng(0)
+    few = rng.choice([-0.5, 0.25, 1.0], size=1000).astype(np.float32)
+    book, index = kmeans_1d(few, 16, 25, pinned_zero=False)
+    assert np.array_equal(book[index], few)
+    weights = rng.normal(0, 1, 4096).astype(np.float32)
+    weights[rng.random(4096) < 0.3] = 0
+    errors = []
+    for k in (4, 16, 256):
+        book, index = kmeans_1d(weights, k, 25, pinned_zero=True)
+        assert book.size <= k and index.dtype == np.uint8 and 0.0 in book
+        assert np.all(book[index][weights == 0] == 0)
+        errors.append(float(np.abs(book[index] - weights).mean()))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_cluster_and_quantize_in_one_recipe_is_a_located_error(repo_copy: Path) -> None:
+    set_recipe(repo_copy, "camera.yaml", "  recipe:\n    - cluster: {centroids: 16}\n    - quantize: {mode: auto}\n")
+    with pytest.raises(InputError) as caught:
+        load_workspace(repo_copy)
+    assert "cluster and quantize do not combine" in str(caught.value) and "spec.recipe[0].cluster" in str(caught.value)
