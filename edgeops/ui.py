@@ -100,7 +100,7 @@ def plan_summary(plan: Plan) -> list[str]:
     counts: dict[str, int] = {}
     for d in plan.devices:
         counts[d.action] = counts.get(d.action, 0) + 1
-    lines = [", ".join(f"{n} {a}" for a, n in sorted(counts.items())) +
+    lines = [(", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "no device selected") +
              f"; {plan.waves} wave(s); {sum(d.bytes_to_move for d in plan.devices):,} bytes to move"]
     lines += [f"release: {plan.release} (fleet-wide; the release column is each device's materialisation)"] \
         if plan.release else []

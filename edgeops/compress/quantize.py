@@ -400,6 +400,7 @@ class Search:
         self.src_sha256: str | None = None
         self.matmul_weights = has_matmul_weights(src)  # read once: the model may be tens of MB
         self.started = time.monotonic()
+        self.objective = "latency"
 
     def passing(self) -> list[Candidate]:
         return [c for c in self.candidates if _passes(c)]
@@ -456,14 +457,15 @@ class Search:
         if self.src_sha256 is None:
             self.src_sha256 = file_sha256(self.src)
         return cache_key({"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
-                          "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search"}),
+                          "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search",
+                                                                     "objective"}),
                           "calibration": self.ctx.calibration.sha256,
                           "preprocessed": preprocesses(options, self.ctx),
                           "versions": [__version__, onnx.__version__, onnxruntime.__version__]})
 
     def _early_stop(self, label: str, path: Path) -> Candidate | None:
         best = self.fastest_passing_ms()
-        if best is None or self.ctx.accelerator == "gpu":
+        if best is None or self.ctx.accelerator == "gpu" or self.objective == "size":  # slow may still be smallest
             return None
         quick = self.ctx.evaluator.quick_p50_ms(path)
         if quick <= best * CANNOT_WIN:
@@ -549,12 +551,13 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     if ctx.request.generative:  # a decoder's activations change with each position: no static calibration
         modes = [m for m in modes if m != "static"] or ["weight_only"]
     search = Search(src, ctx)
+    search.objective = options.objective or "latency"
     if "weight_only" in modes and not search.matmul_weights:
         modes.remove("weight_only")
     for mode in modes:
         search.attempt(mode, mode, options)
     if options.search and ctx.accelerator == "cpu":
-        best = _best(search.passing(), modes, ctx)
+        best = _best(search.passing(), modes, ctx, search.objective)
         families = {family(best.mode)} if best else {"static", "dynamic"} & set(modes)
         if "static" in families:
             for label, variant in static_variants(options, prepared_for(src, ctx, [])):
@@ -568,14 +571,15 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         if not search.passing() and int8:
             closest = min(int8, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
             mixed_precision(search, closest)
-    best = _best(search.passing(), modes, ctx)
+    best = _best(search.passing(), modes, ctx, search.objective)
     while best is not None and not search.confirm(best):
-        best = _best(search.passing(), modes, ctx)
+        best = _best(search.passing(), modes, ctx, search.objective)
     candidates = search.candidates
     if best is None:
         summary = "; ".join(f"{c.mode}: {_short(c)}" for c in candidates)
         return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
-    if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None:
+    if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None and \
+            search.objective != "size":  # the smallest passing candidate is smaller than the input by construction
         needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
         speedup = ctx.before.latency_p50_ms / best.measurement.latency_p50_ms
         how = "p50, host CPU, 1 thread"
@@ -592,18 +596,28 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     best.chosen = True
     why = (f"fastest on the host (candidates within {SAME_SPEED - 1:.0%} of the fastest p50 count as equally fast; "
            "the most faithful of those wins)" if ctx.accelerator != "gpu" else "first passing in GPU preference order")
+    if search.objective == "size":
+        why = "smallest file (objective: size; ties: the most faithful, then the fastest)"
+    elif search.objective == "energy":
+        why += ("; objective: energy, for which the host's latency stands in (it has no power reading; devices "
+                "measure energy when they verify)")
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
     path, notes, _ = search.found[best.mode]
     return StepResult(path, [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: "
                              f"{rejected or 'none'}", *notes], candidates, measurement=best.measurement)
 
 
-def _best(passing: list[Candidate], modes: list[str], ctx: StepContext) -> Candidate | None:
+def _best(passing: list[Candidate], modes: list[str], ctx: StepContext,
+          objective: str = "latency") -> Candidate | None:
     """The fastest passing candidate on the host; among those within ``SAME_SPEED`` of it, the smallest quality
-    drop, then the smallest file. GPU classes (the host cannot time a GPU): the given order, then size."""
+    drop, then the smallest file. GPU classes (the host cannot time a GPU): the given order, then size.
+    ``objective: size``: the smallest file, then the smallest drop, then the fastest."""
     timed = [c for c in passing if c.measurement is not None]
     if not timed:
         return None
+    if objective == "size":
+        return min(timed, key=lambda c: (c.measurement.size_bytes, c.measurement.quality.drop,  # type: ignore[union-attr]
+                                         c.measurement.latency_p50_ms))  # type: ignore[union-attr]
     if ctx.accelerator == "gpu":
         return min(timed, key=lambda c: (modes.index(family(c.mode)) if family(c.mode) in modes else len(modes),
                                          c.measurement.size_bytes))  # type: ignore[union-attr]

@@ -199,6 +199,11 @@ class QuantizeOptions(Strict):
     block_size: Literal[16, 32, 64, 128, 256] = 32
     candidates: list[Literal["static", "dynamic", "weight_only", "fp16"]] | None = Field(
         default=None, description="auto: modes to try; default every mode that applies to the target")
+    objective: Literal["latency", "size", "energy"] | None = Field(
+        default=None, description="auto: among the candidates that meet the quality goal, keep the fastest "
+                                  "(latency, the default), the smallest file (size), or the least energy per "
+                                  "inference (energy: the build host has no power reading, so its latency stands "
+                                  "in, which on one CPU core follows energy; the report says so)")
     min_speedup: Annotated[float, Field(ge=1)] | None = Field(
         default=None, description="auto: keep the model unquantized unless the fastest candidate that meets the "
                                   "quality goal is at least this much faster on the build host (default 1.1; "
@@ -208,7 +213,7 @@ class QuantizeOptions(Strict):
     def _auto_only(self) -> "QuantizeOptions":
         if self.op_types and self.exclude_op_types and set(self.op_types) & set(self.exclude_op_types):
             raise ValueError("an op type cannot be both in op_types and exclude_op_types")
-        for name in ("candidates", "min_speedup"):
+        for name in ("candidates", "min_speedup", "objective"):
             if getattr(self, name) is not None and self.mode != "auto":
                 raise ValueError(f"{name} only applies to mode: auto")
         if self.embeddings and (self.bits != 4 or self.mode not in ("weight_only", "auto")):

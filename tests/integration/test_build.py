@@ -458,3 +458,13 @@ def test_cluster_and_quantize_in_one_recipe_is_a_located_error(repo_copy: Path) 
     with pytest.raises(InputError) as caught:
         load_workspace(repo_copy)
     assert "cluster and quantize do not combine" in str(caught.value) and "spec.recipe[0].cluster" in str(caught.value)
+
+
+def test_auto_with_objective_size_keeps_the_smallest_candidate_that_meets_the_goal(repo_copy: Path) -> None:
+    result = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: auto, objective: size}\n")
+    candidates = stage(result.report, 1)["candidates"]
+    passing = [c for c in candidates if c["measurement"] and c["measurement"]["quality"]["passed"]]
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and len(passing) >= 2
+    assert chosen[0]["measurement"]["size_bytes"] == min(c["measurement"]["size_bytes"] for c in passing)
+    assert any("smallest file (objective: size" in note for note in stage(result.report, 1)["notes"])

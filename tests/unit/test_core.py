@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import replace
@@ -295,3 +296,13 @@ def test_the_fleet_wide_release_id_ignores_device_values_but_not_what_the_device
     assert two != fleet_release_id("dep", [release("d1"), release("d2", '{"threads": 2}')])
     assert two != fleet_release_id("dep", [release("d1", model="n"), release("d2", model="n")])
     assert two != fleet_release_id("other", [release("d1"), release("d2")])
+
+
+def test_the_actor_is_the_os_account_without_edgeops_actor_or_user() -> None:
+    import pwd
+
+    from edgeops.settings import Settings
+
+    assert Settings.from_environment({}).actor == pwd.getpwuid(os.getuid()).pw_name
+    assert Settings.from_environment({"USER": "ana"}).actor == "ana"
+    assert Settings.from_environment({"USER": "ana", "EDGEOPS_ACTOR": "ci-bot"}).actor == "ci-bot"
