@@ -15,13 +15,14 @@ from edgeops import __version__
 from edgeops.compress.cache import Artifact, Cache, CandidateCache, cache_key, explain
 from edgeops.compress.data import file_sha256
 from edgeops.compress.request import BuildRequest
-from edgeops.compress.steps import Step
 from edgeops.errors import BuildError, InputError
 from edgeops.manifest.models import QualityGoal, RecipeStep
 from edgeops.metrics import PERCENT_POINTS, golden_size, one_sample_points
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
+
+    from edgeops.compress.steps import Step
 
     from edgeops.compress.evaluate import Measurement, Quality
 

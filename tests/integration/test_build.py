@@ -468,3 +468,22 @@ def test_auto_with_objective_size_keeps_the_smallest_candidate_that_meets_the_go
     assert len(chosen) == 1 and len(passing) >= 2
     assert chosen[0]["measurement"]["size_bytes"] == min(c["measurement"]["size_bytes"] for c in passing)
     assert any("smallest file (objective: size" in note for note in stage(result.report, 1)["notes"])
+
+
+def test_a_cache_hit_imports_neither_onnx_nor_onnxruntime(repo_copy: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEOPS_CACHE_DIR": str(tmp_path / "cache")}
+    built = subprocess.run([sys.executable, "-m", "edgeops", "build", "manifests/wearable.yaml"], cwd=repo_copy,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    probe = ("import runpy, sys\nsys.argv = ['edgeops', 'build', 'manifests/wearable.yaml']\n"
+             "try:\n    runpy.run_module('edgeops', run_name='__main__')\nexcept SystemExit as done:\n"
+             "    assert not done.code, done.code\n"
+             "print('heavy:', sorted(m for m in ('onnx', 'onnxruntime', 'torch') if m in sys.modules))")
+    hit = subprocess.run([sys.executable, "-c", probe], cwd=repo_copy, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert hit.returncode == 0 and "cache hit" in hit.stdout + hit.stderr, hit.stdout + hit.stderr
+    assert "heavy: []" in hit.stdout, hit.stdout
