@@ -207,6 +207,10 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
                      float(s["latency_ms"]["p50"]), float(s["latency_ms"]["p95"])] for s in report["stages"]]
             parts.append(_table(["stage", "bytes", "metric", "value", "host p50 ms", "host p95 ms"], rows))
         parts.append(f'<figure class="plot">{build_figure(report)}</figure>')
+        speed = report.get("speed")
+        if speed:
+            parts.append(f"<p>speed: {speed['speedup']:.2f}x the original ({e(speed['method'])})</p>"
+                         if speed["measurable"] else f"<p>speed: {e(speed['why'])}</p>")
     parts += adaptation_section(rounds or [])
     parts.append("<h2>Devices</h2>")
     for event in rollout["devices"]:

@@ -62,7 +62,16 @@ def build_table(report: dict[str, Any]) -> Table:
 def build_notes(report: dict[str, Any]) -> list[str]:
     """What each stage did, one line per note (latency is host CPU, 1 thread, batch 1)."""
     notes = [f"  {stage['index']}: {note}" for stage in report["stages"] for note in stage["notes"]]
+    speed = report.get("speed")
+    if speed and speed["measurable"]:
+        notes.append(f"  speed: {speed['speedup']:.2f}x the original ({speed['method']}; "
+                     f"{_foreign(speed)}; the table's last speed × is this A/B)")
     return notes + [f"[yellow]warning:[/] {escape(w)}" for w in report.get("warnings", [])]
+
+
+def _foreign(speed: dict[str, Any]) -> str:
+    cores = speed.get("foreign_cores")
+    return "foreign load unknown" if cores is None else f"other processes kept {cores:.2f} cores busy"
 
 
 # ------------------------------------------------------------------ plan, apply, status, history
@@ -120,13 +129,21 @@ def _fidelity(quality: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _artifact_line(accelerator: str, report: dict[str, Any]) -> str:
+def plan_comment_artifact_line(accelerator: str, report: dict[str, Any]) -> str:
+    """The plan comment's line for one artifact: size, quality, and the build's speed claim (or why none)."""
     first, last = report["stages"][0], report["stages"][-1]
     q = last["quality"]
+    speed = report.get("speed")
+    if speed and speed["measurable"]:
+        timing = (f"host p50 {speed['artifact_p50_ms']:.3f} ms (original {speed['original_p50_ms']:.3f} ms): "
+                  f"{speed['speedup']:.2f}x ({speed['method']}; {_foreign(speed)})")
+    elif speed:
+        timing = f"speed: {speed['why']}"
+    else:
+        timing = f"host p50 {_p50(last['latency_ms'])} (original {_p50(first['latency_ms'])}, host CPU, 1 thread)"
     return (f"artifact `{report['artifact']['sha256'][:12]}` ({accelerator}): {first['size_bytes'] / 1000:.1f} kB → "
             f"{last['size_bytes'] / 1000:.1f} kB ({_smaller(last['size_ratio'], len(report['stages']))}); {q['metric']} "
-            f"{q['value']:.4g} (original {q['baseline']:.4g}){_fidelity(q)}; "
-            f"host p50 {_p50(last['latency_ms'])} (original {_p50(first['latency_ms'])}, host CPU, 1 thread)")
+            f"{q['value']:.4g} (original {q['baseline']:.4g}){_fidelity(q)}; {timing}")
 
 
 def _smaller(ratio: float | None, stages: int) -> str:
@@ -149,7 +166,7 @@ def plan_comment(entries: list[PlanEntry]) -> str:
         out += [f"### `{plan.deployment}`: {len(changes)} device(s) to change, {plan.waves} wave(s)", ""]
         out += [f"- release `{plan.release}` (fleet-wide; the table lists each device's materialisation)"] \
             if plan.release else []
-        out += [f"- {_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
+        out += [f"- {plan_comment_artifact_line(acc, reports[acc])}" for acc in sorted(reports)]
         out += [f"- {line}" for line in compared]
         out += [f"- changed: {line}" for line in entry.changes]
         out += [f"- recipe: {line}" for line in plan.recipe_diff] or ["- recipe: unchanged since the last rollout"]

@@ -20,6 +20,7 @@ import onnx
 
 from edgeops.compress.data import Dataset
 from edgeops.compress.evaluate import probe_session, run_all
+from edgeops.compress.hostload import Watch, watching
 from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
@@ -554,13 +555,39 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     search.objective = options.objective or "latency"
     if "weight_only" in modes and not search.matmul_weights:
         modes.remove("weight_only")
+    with watching() as load:
+        _search(search, modes, options, ctx)
+    fallback = ""
+    if load.busy and ctx.accelerator != "gpu" and search.objective != "size" and len(search.passing()) > 1:
+        fallback = _time_again(search, ctx, load)
+    return _choose(search, src, modes, options, ctx, fallback)
+
+
+def _time_again(search: Search, ctx: StepContext, load: Watch) -> str:
+    """The candidates that meet the goal, timed again because other processes kept the host busy while they
+    were timed; "" when the host was quiet this time, else why auto chooses by quality and size instead."""
+    ctx.progress(f"quantize auto: the host was busy while timing ({load.describe()}): timing the candidates again")
+    with watching() as again:
+        timed = {c.mode: ctx.evaluator.quick_p50_ms(search.found[c.mode][0]) for c in search.passing()}
+    if not again.busy:
+        for candidate in search.passing():
+            assert candidate.measurement is not None
+            candidate.measurement = replace(candidate.measurement, latency_p50_ms=timed[candidate.mode])
+        return ""
+    search.objective = "quality"
+    return (f"the host was too busy to time candidates ({load.describe()}, then {again.describe().split(' kept ')[-1]} "
+            "when timed again): chose by quality, then size, not speed, and kept no float fallback on speed")
+
+
+def _search(search: Search, modes: list[str], options: QuantizeOptions, ctx: StepContext) -> None:
+    """Every mode, then the variants of the winning family, then mixed precision if nothing met the goal."""
     for mode in modes:
         search.attempt(mode, mode, options)
     if options.search and ctx.accelerator == "cpu":
         best = _best(search.passing(), modes, ctx, search.objective)
         families = {family(best.mode)} if best else {"static", "dynamic"} & set(modes)
         if "static" in families:
-            for label, variant in static_variants(options, prepared_for(src, ctx, [])):
+            for label, variant in static_variants(options, prepared_for(search.src, ctx, [])):
                 search.attempt(label, "static", variant)
         if "dynamic" in families and not ctx.request.generative:  # encoder findings (docs/build.md)
             dynamic_variants(search, options)
@@ -571,6 +598,12 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         if not search.passing() and int8:
             closest = min(int8, key=lambda c: c.measurement.quality.drop)  # type: ignore[union-attr]
             mixed_precision(search, closest)
+
+
+def _choose(search: Search, src: Path, modes: list[str], options: QuantizeOptions, ctx: StepContext,
+            fallback: str) -> StepResult:
+    """The passing candidate the objective prefers, confirmed on everything; the input unless it is
+    ``min_speedup`` faster (latency and energy objectives, on a host quiet enough to tell)."""
     best = _best(search.passing(), modes, ctx, search.objective)
     while best is not None and not search.confirm(best):
         best = _best(search.passing(), modes, ctx, search.objective)
@@ -579,7 +612,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         summary = "; ".join(f"{c.mode}: {_short(c)}" for c in candidates)
         return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
     if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None and \
-            search.objective != "size":  # the smallest passing candidate is smaller than the input by construction
+            search.objective in ("latency", "energy"):  # size: smaller than the input by construction
         needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
         speedup = ctx.before.latency_p50_ms / best.measurement.latency_p50_ms
         how = "p50, host CPU, 1 thread"
@@ -598,6 +631,8 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
            "the most faithful of those wins)" if ctx.accelerator != "gpu" else "first passing in GPU preference order")
     if search.objective == "size":
         why = "smallest file (objective: size; ties: the most faithful, then the fastest)"
+    elif search.objective == "quality":
+        why = fallback
     elif search.objective == "energy":
         why += ("; objective: energy, for which the host's latency stands in (it has no power reading; devices "
                 "measure energy when they verify)")
@@ -618,6 +653,8 @@ def _best(passing: list[Candidate], modes: list[str], ctx: StepContext,
     if objective == "size":
         return min(timed, key=lambda c: (c.measurement.size_bytes, c.measurement.quality.drop,  # type: ignore[union-attr]
                                          c.measurement.latency_p50_ms))  # type: ignore[union-attr]
+    if objective == "quality":  # the host was too busy to time them
+        return min(timed, key=lambda c: (c.measurement.quality.drop, c.measurement.size_bytes))  # type: ignore[union-attr]
     if ctx.accelerator == "gpu":
         return min(timed, key=lambda c: (modes.index(family(c.mode)) if family(c.mode) in modes else len(modes),
                                          c.measurement.size_bytes))  # type: ignore[union-attr]
