@@ -46,16 +46,20 @@ def workspace_root(paths: tuple[Path, ...] | list[Path], settings: Settings) -> 
     return settings.root or find_root(paths[0] if paths else Path.cwd())
 
 
-def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, **options: Any) -> Workspace:
-    """The repository the paths are in (or the configured one), under the settings' code-execution rule."""
+def _load(paths: tuple[Path, ...] | list[Path], settings: Settings, selection: bool = False,
+          **options: Any) -> Workspace:
+    """The repository the paths are in (or the configured one), under the settings' code-execution rule.
+    ``selection`` (validate, plan, apply): target selectors and waves that take no device are errors too
+    (warnings with --allow-empty), and waves that add nothing to a fleet this small are warnings."""
     from edgeops.manifest.workspace import load_workspace
-    from edgeops.targets import selection_problems
+    from edgeops.targets import selection_problems, wave_warnings
 
+    strict = selection and not settings.allow_empty
     ws = load_workspace(workspace_root(paths, settings), allow_code=settings.allow_code,
-                        secrets_dir=settings.secrets_dir,
-                        checks=() if settings.allow_empty else (selection_problems,), **options)
-    if settings.allow_empty:
-        ws.warnings += selection_problems(ws, list(ws.deployments.values()))
+                        secrets_dir=settings.secrets_dir, checks=(selection_problems,) if strict else (), **options)
+    if selection:
+        docs = list(ws.deployments.values())
+        ws.warnings += wave_warnings(ws, docs) + ([] if strict else selection_problems(ws, docs))
     _warn_unrelated(ws.unrelated, settings)
     return ws
 
@@ -209,9 +213,9 @@ def _selected(manifests: tuple[str, ...], changed_since: str | None,
     from edgeops.operations import Repo
 
     if not changed_since:
-        ws, named = _scoped_many(manifests, "Deployment", settings, deep=True)
+        ws, named = _scoped_many(manifests, "Deployment", settings, deep=True, selection=True)
         return Repo.open(ws, settings), sorted(named, key=lambda d: d.name)
-    ws = _load(_existing(manifests, settings), settings, deep=True)
+    ws = _load(_existing(manifests, settings), settings, deep=True, selection=True)
     docs = {ws.deployment(m).name: ws.deployment(m) for m in manifests}
     if changed_since:
         for touched in touched_deployments(ws, changed_files(ws.root, changed_since)):
@@ -236,7 +240,7 @@ def validate(paths: tuple[Path, ...], settings: Settings) -> Validation:
         if not path.exists():
             raise InputError.at(str(path), None, "", "file not found")
     files = yaml_files(list(paths))
-    ws = _load(paths, settings, extra=files, focus=list(paths) or None, deep=True)
+    ws = _load(paths, settings, extra=files, focus=list(paths) or None, deep=True, selection=True)
     docs: list[Any] = [*ws.deployments.values(), *ws.fleets.values(), *ws.profiles.values()]
     if paths:  # what was checked: the files given and the fleets and profiles they use
         from edgeops.manifest.checks import closure

@@ -160,9 +160,19 @@ def label_summary(devices: Sequence[DeviceEntry]) -> str:
 
 
 def selection_problems(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Problem]:
-    """Target selectors that match no device and rollout waves that would take none, over every device the
-    deployment targets (a wave that adds nothing to a whole fleet never runs: a mistake in the manifest)."""
-    problems: list[Problem] = []
+    """Target selectors and selector waves that take no device of the fleets the deployment targets: a typo or a
+    stale label, whatever the fleet's size."""
+    return [p for error, p in _selection(ws, docs) if error]
+
+
+def wave_warnings(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Problem]:
+    """Count and percentage waves that add no device to the fleets as they are now (too small for the policy,
+    which may be meant for a larger fleet)."""
+    return [p for error, p in _selection(ws, docs) if not error]
+
+
+def _selection(ws: Workspace, docs: Sequence[Document[Any]]) -> list[tuple[bool, Problem]]:
+    problems: list[tuple[bool, Problem]] = []
     for dep in docs:
         if not isinstance(dep.obj, Deployment):
             continue
@@ -176,9 +186,9 @@ def selection_problems(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Pro
             wanted = target.selector.match_labels
             matched = [d for d in fleet.obj.spec.devices if all(d.labels.get(k) == v for k, v in wanted.items())]
             if wanted and not matched:
-                problems.append(dep.problem(("spec", "targets", index, "selector", "match_labels"),
-                                            f"matches no device of fleet {fleet.name} (its labels: "
-                                            f"{label_summary(fleet.obj.spec.devices)})"))
+                problems.append((True, dep.problem(("spec", "targets", index, "selector", "match_labels"),
+                                                   f"matches no device of fleet {fleet.name} (its labels: "
+                                                   f"{label_summary(fleet.obj.spec.devices)})")))
             for device in matched:
                 profile = ws.profiles.get(device.profile or fleet.obj.spec.profile)
                 if profile is None:
@@ -198,8 +208,10 @@ def selection_problems(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Pro
                             for d in ws.fleets[t.fleet].obj.spec.devices]
                 why = f"selects no device{' an earlier wave did not take' if index else ''} ({wave.selector!r}; " \
                       f"labels here: {label_summary(targeted)})"
+                problems.append((True, dep.problem(("spec", "rollout", "waves", index), f"wave {index + 1} {why}; "
+                                                   "remove it (or pass --allow-empty where an empty wave is meant)")))
             else:
-                why = f"adds no device: the waves before it already take all {len(members)} targeted device(s)"
-            problems.append(dep.problem(("spec", "rollout", "waves", index), f"wave {index + 1} {why}; remove it "
-                                        "(or pass --allow-empty where an empty wave is meant)"))
+                problems.append((False, dep.problem(("spec", "rollout", "waves", index), f"wave {index + 1} adds no "
+                                                    f"device: the waves before it already take all {len(members)} "
+                                                    "targeted device(s) (fine if the fleet will grow)")))
     return problems

@@ -259,8 +259,8 @@ def load_workspace(root: Path, extra: list[Path] | None = None, focus: list[Path
     problems.extend(check_references(workspace, checked))
     if not allow_code:
         problems.extend(code_execution(workspace, checked))
-    errors, workspace.warnings = check_fleet_addresses(
-        [d for d in checked if isinstance(d.obj, Fleet)], workspace.secrets_dir)
+    errors, warnings = check_fleet_addresses([d for d in checked if isinstance(d.obj, Fleet)], workspace.secrets_dir)
+    workspace.warnings += warnings
     problems.extend(errors)
     if deep:
         for dep in checked:
@@ -325,8 +325,9 @@ def allowed_signers_problem(text: str) -> str | None:
     return None
 
 
-def _fleet_files(fleet: Document[Fleet], root: Path) -> list[Problem]:
-    """Files a fleet names in the repository, read for what they must be (offline)."""
+def _fleet_files(fleet: Document[Fleet], root: Path, warnings: list[Problem]) -> list[Problem]:
+    """Files a fleet names in the repository, read for what they must be (offline). One that is missing is an
+    error, except under .edgeops/, where `edgeops lab up` makes the lab's (a warning until it has)."""
     problems: list[Problem] = []
     spec = fleet.obj.spec
     if spec.trust:
@@ -341,7 +342,11 @@ def _fleet_files(fleet: Document[Fleet], root: Path) -> list[Problem]:
         ca = fleet.resolve(spec.pull.ca_file)
         if ca.is_relative_to(root):
             problem = None
-            if not ca.is_file():
+            if not ca.exists() and ca.is_relative_to(root / ".edgeops"):
+                warnings.append(fleet.problem(("spec", "pull", "ca_file"), f"{spec.pull.ca_file} does not exist "
+                                              "(yet): the controller cannot reach this fleet's broker and registry "
+                                              "until it does (`edgeops lab up` creates the lab's)"))
+            elif not ca.is_file():
                 problem = "not found (paths are relative to this file)" if not ca.exists() else "is not a file"
             else:
                 try:
@@ -408,7 +413,7 @@ def check_references(ws: Workspace, docs: Sequence[Document[Any]]) -> list[Probl
             continue
         spec = fleet.obj.spec
         problems.extend(fleet.problem(loc, message) for loc, message in credential_problems(fleet.obj, ws.secrets_dir))
-        problems.extend(_fleet_files(fleet, ws.root))
+        problems.extend(_fleet_files(fleet, ws.root, ws.warnings))
         seen: dict[str, int] = {}
         for index, device in enumerate(spec.devices):
             if device.name in seen:

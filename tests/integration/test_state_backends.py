@@ -111,7 +111,8 @@ def test_an_unknown_or_unreachable_state_backend_is_a_clear_error(tmp_path: Path
     runner = CliRunner()
     unknown = runner.invoke(main, ["history", "wearable-activity", "--root", str(repo)],
                             env={"EDGEOPS_STATE": "mysql://x@localhost/db"})
-    assert unknown.exit_code == ExitCode.FAILED and "not a state backend edgeops knows" in unknown.output
+    assert unknown.exit_code == ExitCode.INVALID and "EDGEOPS_STATE: mysql://...: not a state backend edgeops knows" \
+        in unknown.output  # the environment is input: exit 3, naming the variable
     closed = runner.invoke(main, ["history", "wearable-activity", "--root", str(repo)],
                            env={"EDGEOPS_STATE": "postgresql://edgeops:pw@127.0.0.1:9/db"})
     assert closed.exit_code == ExitCode.FAILED and "cannot reach the ledger at postgresql://edgeops:***@" in closed.output
