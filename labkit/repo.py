@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,18 @@ from pathlib import Path
 from edgeops.labplace import free_ports as free_ports  # the tests and benchmarks pick ports with it
 
 REPO = Path(__file__).resolve().parent.parent
+# One build cache for every lab fleet of a test run: each lab's repository copy builds the same artifacts, and the
+# cache is content-addressed (a key is a hash of everything that makes the artifact), so sharing changes no result.
+SHARED_BUILD_CACHE = Path(tempfile.mkdtemp(prefix="edgeops-lab-cache-"))
+atexit.register(shutil.rmtree, SHARED_BUILD_CACHE, True)
+
+
+def share_build_cache(root: Path) -> None:
+    """The repository copy's build cache is the run's shared one (see SHARED_BUILD_CACHE)."""
+    cache = root / ".edgeops" / "cache"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.symlink_to(SHARED_BUILD_CACHE, target_is_directory=True)
 
 
 @contextmanager
@@ -81,6 +95,7 @@ def running_lab(base: Path, devices: int, login_home: Path | None = None,
     from edgeops.targets import target_devices
 
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_lab_fleet(root, devices, base / "devices")
     ws = load_workspace(root)
     lab_up(ws, ws.fleets["lab"], target_devices(ws, deployment), login_home=login_home)
@@ -126,6 +141,7 @@ def running_pull_lab(base: Path, devices: int, report_deadline_s: float = 15, tl
     from edgeops.targets import fleet_targets
 
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_pull_fleet(root, devices, base / "devices", report_deadline_s=report_deadline_s, tls=tls)
     wearable = (root / "manifests" / "wearable.yaml").read_text()
     (root / "manifests" / f"{PULL_DEPLOYMENT}.yaml").write_text(

@@ -19,7 +19,7 @@ from edgeops.rollout import device_for
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.federated import retrain_head, write_float_digits
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 NAME = "digits-float"
@@ -31,6 +31,7 @@ def delta_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 
     base = tmp_path_factory.mktemp("deltas")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_lab_fleet(root, 2, base / "devices")
     write_float_digits(root, NAME, "lab")
     ws = load_workspace(root)

@@ -23,7 +23,7 @@ from edgeops.operations import apply_deployment
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
 from labkit.federated import central_accuracy, scenario, write_base_model, write_device_samples, write_manifest
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 DEVICES = 8
@@ -39,6 +39,7 @@ def fed_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 
     base = tmp_path_factory.mktemp("federated")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_lab_fleet(root, DEVICES, base / "devices")
     model = root / "models" / "wearable_base.onnx"
     sha, _ = write_base_model(model)

@@ -16,7 +16,7 @@ from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import target_devices
 from edgeops.transport.ssh import SSHTransport, target_for
 from labkit.hostcaps import cgroups_writable
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 
@@ -28,6 +28,7 @@ def budget_lab(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         pytest.skip(f"this host cannot create cgroups: {why}")
     base = tmp_path_factory.mktemp("budget")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     fleet = write_lab_fleet(root, 2, base / "devices")
     text = fleet.read_text().replace("  devices:\n", "  lab: {cpu: 0.5, memory_mb: 256}\n  devices:\n")
     fleet.write_text(text.replace("labels: {ring: main}}", "labels: {ring: main}, lab: {memory_mb: 128}}"))

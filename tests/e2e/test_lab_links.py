@@ -20,7 +20,7 @@ from edgeops.lablink import LAB_NET
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import target_devices
 from labkit.hostcaps import cgroups_writable, namespaces_usable
-from labkit.repo import copy_repo, edited, write_lab_fleet
+from labkit.repo import copy_repo, edited, share_build_cache, write_lab_fleet
 from labkit.slow_model import make_heavier, make_memory_hungry
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
@@ -39,6 +39,7 @@ def apply(root: Path) -> dict:  # type: ignore[type-arg]
 
 def shaped_lab(base: Path, devices: int, lab: str, stall_s: float = 60) -> Path:
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     fleet = write_lab_fleet(root, devices, base / "devices")
     fleet.write_text(fleet.read_text().replace("  devices:\n", f"  lab: {lab}\n  devices:\n")
                      .replace("    connect_retries: 0\n", f"    connect_retries: 0\n    stall_timeout_s: {stall_s}\n"))

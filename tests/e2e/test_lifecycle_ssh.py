@@ -26,7 +26,7 @@ from edgeops.rollout import device_for
 from edgeops.targets import target_devices
 from labkit.artifacts import lab_signed, repo_at
 from labkit.faults import CutConnection, agent_command
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -41,6 +41,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 
     base = tmp_path_factory.mktemp("lifecycle")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_lab_fleet(root, 2, base / "devices")
     profile = root / PROFILE
     profile.write_text(profile.read_text().replace("    keep_releases: 3",

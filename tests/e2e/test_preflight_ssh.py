@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from edgeops.cli import main
 from edgeops.errors import ExitCode
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 PROFILE = "device_profiles/lab-cpu.yaml"
@@ -31,6 +31,7 @@ def small_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
 
     base = tmp_path_factory.mktemp("preflight")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     write_lab_fleet(root, 2, base / "devices")
     tiny = base / "devices" / "lab-01"
     tiny.mkdir(parents=True)

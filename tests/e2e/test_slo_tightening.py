@@ -16,7 +16,7 @@ from edgeops.errors import ExitCode
 from edgeops.lab import lab_down, lab_up
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import target_devices
-from labkit.repo import copy_repo, write_lab_fleet
+from labkit.repo import copy_repo, share_build_cache, write_lab_fleet
 
 pytestmark = pytest.mark.ssh
 MANIFEST = "manifests/wearable.yaml"
@@ -31,6 +31,7 @@ def test_a_tightened_slo_degrades_the_devices_that_miss_it_and_removes_no_model(
         tmp_path_factory: pytest.TempPathFactory, hostile_home: Path) -> None:
     base = tmp_path_factory.mktemp("slo")
     root = copy_repo(base / "repo")
+    share_build_cache(root)
     fleet = write_lab_fleet(root, 8, base / "devices")
     fleet.write_text(re.sub(r"(name: (" + "|".join(HOT) + r"), [^\n]*)\}\n", r"\1, lab: {power_mw: 1000000}}\n",
                             fleet.read_text()))
