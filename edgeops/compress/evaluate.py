@@ -126,11 +126,13 @@ def host_latency(path: Path, data: Dataset, budget_s: float = LATENCY_BUDGET_S,
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), median_interval(ms)
 
 
-CLAIM_BLOCKS, CLAIM_BLOCK_S = 12, 0.1   # the build's final A/B: ~2.4 s of timing (more for slow models' blocks)
+# the build's final A/B: 10 blocks of ~0.08 s per model after ~0.3 s of warm-up each (~2 s in all; blocks hold
+# at least 5 runs, so a slow model takes longer)
+CLAIM_BLOCKS, CLAIM_BLOCK_S, CLAIM_WARMUP_S = 10, 0.08, 0.3
 
 
 def interleaved_p50(first: Path, second: Path, inputs: dict[str, np.ndarray], blocks: int = 40,
-                    block_s: float = 0.25) -> tuple[float, float]:
+                    block_s: float = 0.25, warmup_s: float = 2.0) -> tuple[float, float]:
     """Median latency (ms) of two models timed in alternating blocks (ABBA...), one thread, batch 1: what a
     comparison between them rests on, since the host's speed drifts between two separate measurements."""
     sessions = [session(first), session(second)]
@@ -138,10 +140,11 @@ def interleaved_p50(first: Path, second: Path, inputs: dict[str, np.ndarray], bl
     started = time.perf_counter()
     warm = 0
     for s in sessions:
+        own = time.perf_counter()   # each model gets its own warm-up time
         for i in range(100):
             s.run(None, feeds[i % len(feeds)])
             warm += 1
-            if i >= 5 and time.perf_counter() - started > 2:
+            if i >= 5 and time.perf_counter() - own > warmup_s:
                 break
     per_run = (time.perf_counter() - started) / warm
     block_runs = max(5, min(50, int(block_s / max(per_run, 1e-6))))
@@ -255,7 +258,7 @@ class Evaluator:
         for attempt in range(1, attempts + 1):
             with watching() as watch:
                 base, new = interleaved_p50(original, artifact, self.data.inputs, blocks=CLAIM_BLOCKS,
-                                            block_s=CLAIM_BLOCK_S)
+                                            block_s=CLAIM_BLOCK_S, warmup_s=CLAIM_WARMUP_S)
             if not watch.busy:
                 break
         claim: dict[str, Any] = {

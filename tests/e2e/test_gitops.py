@@ -138,6 +138,9 @@ def normalized(markdown: str) -> str:
     text = re.sub(r"rel-[0-9a-f]{12}", "rel-<release>", text)
     text = re.sub(r"py [\w.]+ · ort [\w.]+ · \w+", "py <version> · ort <version> · <arch>", text)  # device facts
     text = re.sub(r"`[0-9a-f]{12}`", "`<digest>`", text)
+    # the build's speed claim: a ratio from a quiet host, or why there is none (a busy one)
+    text = re.sub(r"(host p50 [\d.]+ ms \(original [\d.]+ ms\): [\d.]+x \(interleaved A/B[^)]*\)|speed: not measurable "
+                  r"on a busy host[^\n]*)", "<speed claim>", text)
     text = re.sub(r"\d+\.\d+", "<n>", text)
     return re.sub(r"\b\d{1,3}(,\d{3})+\b|\b\d{4,}\b", "<bytes>", text)
 
