@@ -460,7 +460,8 @@ def plan(manifests: tuple[str, ...], changed_since: str | None, settings: Settin
             compared, worse = against_what_runs(repo, doc, desired)
             changes = manifest_changes(repo.ws, doc, changed_since) if changed_since else []
             entries.append(PlanEntry(result, {acc: a.report for acc, a in desired.artifacts.items()},
-                                     plan_warnings(doc, desired) + worse, compared, changes))
+                                     [str(w) for w in repo.ws.warnings if w.file == doc.display]
+                                     + plan_warnings(doc, desired) + worse, compared, changes))
     return entries
 
 
