@@ -200,6 +200,9 @@ class SSHTransport:
             client.close()
             if exc.errno in (errno.ETIMEDOUT,):
                 raise ConnectTimeout(self.device, f"connecting to {t.host}:{t.port} timed out") from None
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):  # TCP was up: the peer cut the key exchange short
+                raise HostUnreachable(self.device, f"{t.host}:{t.port} reset the connection during the SSH handshake "
+                                                   "(sshd stopped, a full MaxStartups, or a cut)") from None
             raise HostUnreachable(self.device, f"cannot connect to {t.host}:{t.port}: {exc.strerror or exc}") from None
         if policy.recorded:
             self.notices.append(f"trust on first use: recorded {', '.join(policy.recorded)} in {policy.known_hosts}")
