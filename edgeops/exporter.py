@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.openmetrics.exposition import generate_latest
 
-from edgeops.types import Decision, Health, Sync
+from edgeops.types import Decision, Health, Outcome, Sync
 
 
 class StatusRow(Protocol):
@@ -61,10 +61,11 @@ class StatusRow(Protocol):
 DEVICE = ("deployment", "fleet", "device")
 
 
-ROLLOUT_OUTCOMES = ("succeeded", "no-op", "halted", "failed", "interrupted", "paused", "running")
+ROLLOUT_OUTCOMES = (*Outcome, "failed", "running")  # and a failed federated round; an unfinished rollout
 
 
-def _timestamp(iso: str | None) -> float | None:
+def unix_time(iso: str | None) -> float | None:
+    """Seconds since the epoch of an ISO 8601 time as the ledger and devices write it (UTC when unzoned)."""
     if not iso:
         return None
     try:
@@ -109,7 +110,7 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
         rollout_info.labels(deployment, str(rollout.get("number", "")), rollout.get("kind", ""), outcome).set(1)
         for state in ROLLOUT_OUTCOMES:
             rollout_outcome.labels(deployment, state).set(1 if outcome == state else 0)
-        started, finished = _timestamp(rollout.get("started_at")), _timestamp(rollout.get("finished_at"))
+        started, finished = unix_time(rollout.get("started_at")), unix_time(rollout.get("finished_at"))
         if started is not None:
             rollout_started.labels(deployment).set(started)
             if finished is not None:
@@ -148,7 +149,7 @@ def registry_of(rows: Mapping[str, Iterable[StatusRow]], last_decisions: Mapping
         for row in group:
             labels = (deployment, row.fleet, row.device)
             info.labels(*labels, row.transport, row.hardware_class, row.profile).set(1)
-            for gauge, number in ((memory, row.peak_rss_mb), (verified, _timestamp(row.verified_at))):
+            for gauge, number in ((memory, row.peak_rss_mb), (verified, unix_time(row.verified_at))):
                 if number is not None:
                     gauge.labels(*labels).set(number)
             for state in Health:

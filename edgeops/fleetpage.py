@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from edgeops.exporter import StatusRow
+from edgeops.exporter import StatusRow, unix_time
 from edgeops.report import CHECK, STYLE
 
 PAGE_STYLE = STYLE + """
@@ -61,14 +61,13 @@ def _link(*parts: str | int) -> str:
 def _when(iso: str | None, now: float) -> str:
     if not iso:
         return "—"
-    try:
-        moment = datetime.fromisoformat(iso)
-    except ValueError:
+    moment = unix_time(iso)
+    if moment is None:
         return iso
-    age = now - (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    age = now - moment
     ago = f"{age / 86400:.1f} d" if age >= 86400 else f"{age / 3600:.1f} h" if age >= 3600 else \
         f"{max(age, 0) / 60:.0f} min"
-    return f"{moment.strftime('%Y-%m-%d %H:%M')} UTC ({ago} ago)"
+    return f"{datetime.fromtimestamp(moment, timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC ({ago} ago)"
 
 
 def _page(title: str, body: list[str], snapshot: Snapshot) -> bytes:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +40,7 @@ from edgeops.pull.fleet import PullLinks, is_pull, read_reports
 from edgeops.release import Release
 from edgeops.signing import SignedMetadata, SignedOrder, SigningError, sign_order, sign_release
 from edgeops.state import Ledger
-from edgeops.state.ledger import Lease, LockLost
+from edgeops.state.ledger import Lease, LockLost, now
 from edgeops.targets import TargetDevice
 from edgeops.types import KEPT, Action, Decision, DeviceStatus, Outcome, ReleaseState
 from edgeops.verify import (
@@ -60,11 +59,6 @@ UNREACHABLE_ERRORS = (HostUnreachable, ConnectTimeout)
 SETTLED = (Decision.UNCHANGED, Decision.ROLLED_BACK, Decision.PASSED, Decision.INCONCLUSIVE)
 SECURITY_ERRORS = (HostKeyChanged, HostKeyUnknown, AuthRefused, IdentityFileMissing)  # failures, never "unreachable"
 
-
-
-def _utc_now() -> str:
-    """When a verification was measured, as devices keep it (status and metrics show its age)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 class Reporter(Protocol):
     def stage(self, key: str, stage: str, detail: str = "") -> None: ...
@@ -457,7 +451,7 @@ class DeviceRoller:
     def conclude(self, device: Device, planned: PlannedDevice, verdict: Verdict, outcome: DeviceOutcome) -> DeviceOutcome:
         report = self.ctx.reporter
         record = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason, **verdict.on_device,
-                                   "slo": self.spec.slo.model_dump(mode="json"), "measured_at": _utc_now()}}
+                                   "slo": self.spec.slo.model_dump(mode="json"), "measured_at": now()}}
         pause = (verdict.outcome == FAILED and self.policy.on_failure == "pause") or \
             (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "pause")
         keep = verdict.outcome == PASSED or (verdict.outcome == INCONCLUSIVE and self.policy.on_inconclusive == "retry")
@@ -544,7 +538,7 @@ class DeviceRoller:
                 verdict = measure_release(device, landing, None, gate, None, seed=planned.key)
                 slo = self.spec.slo.model_dump(mode="json")
                 kept: dict[str, Any] = {"verification": {"outcome": verdict.outcome, "reason": verdict.reason,
-                                                         **verdict.on_device, "slo": slo, "measured_at": _utc_now()}}
+                                                         **verdict.on_device, "slo": slo, "measured_at": now()}}
                 if switched.get("trial_until"):  # a release never committed here (named with --allow-rejected)
                     if verdict.outcome not in KEPT:
                         device.record(kept, by=actor, release=landing)

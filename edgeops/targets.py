@@ -10,7 +10,7 @@ from typing import Any
 
 from edgeops.errors import Problem
 from edgeops.facts import DeviceNeeds
-from edgeops.manifest.models import SLO, Deployment, DeviceEntry, DeviceProfile, Fleet, WaveSelector
+from edgeops.manifest.models import SLO, Deployment, DeviceEntry, DeviceProfile, Fleet, Target, WaveSelector
 from edgeops.manifest.secrets import default_secrets_dir, secret_path
 from edgeops.manifest.workspace import Document, Workspace
 from edgeops.plan import waves_of
@@ -134,13 +134,17 @@ def target_devices(ws: Workspace, deployment_name: str) -> list[TargetDevice]:
     found: dict[str, TargetDevice] = {}
     for target in doc.obj.spec.targets:
         fleet = ws.fleets[target.fleet]
-        wanted = target.selector.match_labels
-        for device in fleet.obj.spec.devices:
-            if all(device.labels.get(k) == v for k, v in wanted.items()):
-                profile = ws.profiles[device.profile or fleet.obj.spec.profile]
-                item = TargetDevice(fleet, device, profile, ws.secrets_dir)
-                found.setdefault(item.key, item)
+        for device in selected(fleet.obj, target):
+            profile = ws.profiles[device.profile or fleet.obj.spec.profile]
+            item = TargetDevice(fleet, device, profile, ws.secrets_dir)
+            found.setdefault(item.key, item)
     return list(found.values())
+
+
+def selected(fleet: Fleet, target: Target) -> list[DeviceEntry]:
+    """The fleet's devices a deployment target's selector matches, in fleet order."""
+    wanted = target.selector.match_labels
+    return [d for d in fleet.spec.devices if all(d.labels.get(k) == v for k, v in wanted.items())]
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,8 @@ def _selection(ws: Workspace, docs: Sequence[Document[Any]]) -> list[tuple[bool,
             if fleet is None:
                 complete = False
                 continue
-            wanted = target.selector.match_labels
-            matched = [d for d in fleet.obj.spec.devices if all(d.labels.get(k) == v for k, v in wanted.items())]
-            if wanted and not matched:
+            matched = selected(fleet.obj, target)
+            if target.selector.match_labels and not matched:
                 problems.append((True, dep.problem(("spec", "targets", index, "selector", "match_labels"),
                                                    f"matches no device of fleet {fleet.name} (its labels: "
                                                    f"{label_summary(fleet.obj.spec.devices)})")))

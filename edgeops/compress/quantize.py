@@ -575,7 +575,7 @@ def _time_again(search: Search, ctx: StepContext, load: Watch) -> str:
             candidate.measurement = replace(candidate.measurement, latency_p50_ms=timed[candidate.mode])
         return ""
     search.objective = "quality"
-    return (f"the host was too busy to time candidates ({load.describe()}, then {again.describe().split(' kept ')[-1]} "
+    return (f"the host was too busy to time candidates ({load.describe()}, then {again.foreign_cores or 0:.2f} cores busy "
             "when timed again): chose by quality, then size, not speed, and kept no float fallback on speed")
 
 
