@@ -182,6 +182,9 @@ def write_float_digits(root: Path, name: str, fleet: str) -> Path:
     text = camera[:camera.index("  recipe:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
     text = text.replace("name: meter-digits", f"name: {name}").replace("../examples/models/digits_cnn.onnx",
                                                                          f"../models/{name}.onnx")
+    # these deployments test what moves, not speed: the camera's 10 ms p95 is within a stall of a loaded
+    # 2-core test host, where a Failed gate would halt the rollout the test goes on from
+    text = text.replace("latency_p95_ms: 10", "latency_p95_ms: 500")
     path = root / "manifests" / f"{name}.yaml"
     path.write_text(text + f"  targets:\n    - fleet: {fleet}\n  rollout:\n    waves: [1, 100%]\n")
     return model

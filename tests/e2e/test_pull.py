@@ -406,7 +406,8 @@ def test_a_head_retrained_in_git_reaches_pull_devices_as_its_changed_blocks(lab:
     retrain_head(model)
     head = onnx.load(str(model))
     with edited((lab / manifest, "waves: [1, 100%]", "waves: [1, 100%]\n    max_unreachable_devices: 1")):
-        assert cli(lab, "apply", manifest).exit_code == ExitCode.OK
+        third = cli(lab, "apply", manifest)
+        assert third.exit_code == ExitCode.OK, third.output
         sha = json.loads(cli(lab, "plan", manifest, "-o", "json").stdout)[0]["artifacts"]["cpu"]
     blob = lab / ".edgeops" / "lab" / "lab-pull" / "registry" / "storage" / "docker" / "registry" / "v2" / \
         "blobs" / "sha256" / sha[:2] / sha / "data"
