@@ -100,6 +100,9 @@ def aggregate(updates: Sequence[Update], method: Method, clip_norm: float, *, tr
     if not used:
         return Aggregate(np.zeros_like(safe[0].vector) if safe else np.zeros(0), (), excluded, tuple(clipped_again))
     vector, trimmed = combine(used, method, trim_fraction, weighted=noise_multiplier == 0)
+    # a mean of clipped updates stays within the clip; a coordinate-wise median or trimmed mean need not
+    # (medians of [1, 0] and [0, 1] and [1, 1] per coordinate make [1, 1]): project it back
+    vector, _ = clip(vector, clip_norm)
     std = 0.0
     if noise_multiplier > 0:
         std = noise_multiplier * clip_norm / len(used)
