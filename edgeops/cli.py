@@ -162,7 +162,7 @@ def schema(out: Path | None) -> None:
 def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bool, root: Path | None,
           output: str) -> None:
     """Build, evaluate and cache the compressed artifact(s) of a deployment."""
-    from edgeops.ui import build_notes, build_table, console, err_console
+    from edgeops.ui import build_notes, build_table, console, err_console, finalist_lines
 
     doc, accelerators, cache = service.build_targets(manifest, accelerator, settings(root))
     results = []
@@ -171,19 +171,24 @@ def build(manifest: Path, accelerator: tuple[str, ...], force: bool, explain: bo
         with err_console.status(f"building {doc.name} for {acc}") as status, library_prints_to_stderr():
             result = service.build(doc, acc, cache, force=force, progress=lambda message: status.update(
                 f"{doc.name} ({acc}), {time.monotonic() - started:.0f} s: {message}"))
-        results.append(result)
+        with err_console.status(f"building the finalists of {doc.name} for {acc}"), library_prints_to_stderr():
+            finalists = service.build_finalists(doc, acc, cache, settings(root))
+        results.append((result, finalists))
         if output == "table":
             console.print(build_table(result.report))
             for line in build_notes(result.report):
                 console.print(line, soft_wrap=True)
             state = "cache hit" if result.artifact.hit else "built"
             console.print(f"{state}: {result.artifact.model}")
+            for line in finalist_lines(finalists):
+                console.print(line, soft_wrap=True)
             if explain:
                 for line in result.why:
                     console.print(f"  why: {line}")
     if output == "json":
         click.echo(json.dumps([{**r.report, "cache_hit": r.artifact.hit, "path": str(r.artifact.model),
-                                "why": r.why} for r in results], indent=2))
+                                "why": r.why, **({"decide_on_device": f} if f else {})} for r, f in results],
+                              indent=2))
 
 
 @main.command()
@@ -703,6 +708,26 @@ def adapt(deployment: str, rounds: int | None, output: str, root: Path | None) -
         console.print(adapt_table(results))
     failed = any(r.outcome == "rejected" for r in results)
     sys.exit(ExitCode.FAILED if failed else ExitCode.OK)
+
+
+@main.command()
+@click.argument("deployment")
+@LOCK_TIMEOUT
+@OUTPUT
+@ROOT_OPTION
+@handle_errors
+def decide(deployment: str, lock_timeout: str, output: str, root: Path | None) -> None:
+    """Measure an auto build's finalists side by side on one device of each hardware class (quantize.decide_on:
+    device) and record what each class runs from the next apply on; apply does this by itself when git's build
+    has no decision yet. Nothing a device runs changes here."""
+    from edgeops.ui import console, decide_table
+
+    decided = service.decide(deployment, settings(root), _duration(lock_timeout), notify=notice)
+    if output == "json":
+        click.echo(json.dumps(decided, indent=2))
+    else:
+        console.print(decide_table(decided))
+    sys.exit(ExitCode.OK if decided and all(d["label"] for d in decided.values()) else ExitCode.FAILED)
 
 
 @main.command()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from edgeops.adapt.artifact import Adaptation, NoHead, adaptable
 from edgeops.compress.cache import Artifact, Cache
@@ -26,6 +26,7 @@ class Desired:
     artifacts: dict[str, Artifact]        # by accelerator class
     releases: dict[str, Release]          # by target key
     release_id: str = ""                  # the fleet-wide release (all targets, whatever the selector)
+    decided: dict[str, str] = field(default_factory=dict)  # hardware class -> the finalist decided on a device
 
     def configs(self) -> dict[str, list[str]]:
         """Hardware class -> the distinct runtime configs its devices get, device values as placeholders."""
@@ -43,7 +44,7 @@ class Desired:
             return self
         targets = tuple(t for t in self.targets if selector.matches(t.device.labels))
         return Desired(self.deployment, targets, self.artifacts, {t.key: self.releases[t.key] for t in targets},
-                       self.release_id)
+                       self.release_id, self.decided)
 
 
 class NotBuilt(EdgeopsError):
@@ -52,12 +53,13 @@ class NotBuilt(EdgeopsError):
 
 def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
                   progress: Callable[[str], None] = lambda message: None, build_missing: bool = True,
-                  adaptation: Adaptation | None = None) -> Desired:
+                  adaptation: Adaptation | None = None, decisions: dict[str, dict[str, Any]] | None = None) -> Desired:
     """Build (cache hits are free) and render for every target device.
 
     ``build_missing=False`` (status, reconcile's check): use the cache only and raise NotBuilt on a miss.
     ``adaptation``: the head a federated deployment's fleet learned (spec.adapt), used while the artifacts it
-    was learned on are still what git builds.
+    was learned on are still what git builds. ``decisions``: per hardware class, the finalist of an auto step
+    its devices measured fastest (quantize.decide_on: device), made for the artifacts git builds now.
     """
     targets = tuple(target_devices(ws, deployment.name))
     artifacts: dict[str, Artifact] = {}
@@ -82,14 +84,27 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
             if chosen is not None and target.name in chosen.personal:
                 personal[target.name] = _adapted(deployment, cache, target.accelerator, bases[target.accelerator],
                                                  chosen.personal[target.name], build_missing)
+    by_class: dict[str, Artifact] = {}
+    for hardware_class, decision in sorted((decisions or {}).items()):
+        member = next((t for t in targets if t.hardware_class == hardware_class), None)
+        if member is None or decision.get("label") is None or deployment.obj.spec.adapt is not None:
+            continue
+        request = BuildRequest.of(deployment, member.accelerator).with_step(decision["index"], decision["step"],
+                                                                     decision["label"])
+        found = build(request, cache, progress=progress) if build_missing else cached(request, cache)
+        if found is None:
+            raise NotBuilt(f"the {decision['label']} finalist decided for {hardware_class} is not built yet",
+                           hint="edgeops plan or edgeops build builds it")
+        by_class[hardware_class] = found.artifact
     releases = {}
     templates = environment(ws.templates_dir)
     for target in targets:
-        artifact = personal.get(target.name) or artifacts[target.accelerator]
+        artifact = personal.get(target.name) or by_class.get(target.hardware_class) or artifacts[target.accelerator]
         config = render_device(ws, deployment, target, artifact.report["artifact"], templates)
         releases[target.key] = make_release(deployment.name, artifact, config)
     return Desired(deployment, targets, artifacts, releases,
-                   fleet_release_id(deployment.name, list(releases.values())))
+                   fleet_release_id(deployment.name, list(releases.values())),
+                   {c: str((decisions or {})[c]["label"]) for c in by_class})
 
 
 def _adapted(deployment: Document[Deployment], cache: Cache, accelerator: str, base: Artifact, learned: str | None,

@@ -513,6 +513,17 @@ class Device:
             args.append("--golden")
         return self.agent(*args, timeout=timeout)
 
+    def bench_candidates(self, release_ids: list[str], runs: int, block: int,
+                         timeout: float | None) -> dict[str, Any]:
+        """The agent's interleaved measurement of several releases on the device (sides a, b, c, ... in the
+        order given); what runs is not touched."""
+        releases = f"{self.root}/deployments/{self.deployment}/releases"
+        first, second, *more = [f"{releases}/{r}" for r in release_ids]
+        args = ["bench", first, "--runs", str(runs), "--block", str(block), "--compare", second]
+        for path in more:
+            args += ["--also", path]
+        return self.agent(*args, timeout=timeout)
+
     def record(self, update: dict[str, Any], by: str = "edgeops", release: str | None = None) -> None:
         """Store a verdict; with ``release``, only while that release still runs (else AgentFailed)."""
         named = ["--release", release] if release else []

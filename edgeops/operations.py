@@ -13,6 +13,7 @@ from typing import Any
 from edgeops.adapt.artifact import Adaptation
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
+from edgeops.decide import ClassDecision, current_decisions, decide, declares, pending
 from edgeops.desired import Desired, desired_state
 from edgeops.endpoints import Withheld, withhold
 from edgeops.errors import EdgeopsError, InputError
@@ -117,8 +118,9 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
     ``accept_quality_drop``. ``adaptation``: a learned head to propose instead of the one the fleet released.
     """
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key)
-    desired = desired_state(repo.ws, doc, repo.cache, progress,
-                            adaptation=adaptation or current_adaptation(repo, doc)).selected(selector)
+    decisions = current_decisions(repo.ledger, doc, repo.cache)
+    desired = desired_state(repo.ws, doc, repo.cache, progress, adaptation=adaptation or current_adaptation(repo, doc),
+                            decisions=decisions).selected(selector)
     targets = list(desired.targets)
     withheld = withhold(repo.ws, untrusted_base, targets) if untrusted_base else Withheld({})
     progress(f"reading the state of {len(targets) - len(withheld.reasons)} device(s)")
@@ -132,7 +134,22 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
                      recipes(doc, desired), previous.get("recipe") if previous else None,
                      desired_devices(desired), observed, importlib.metadata.version("onnxruntime"), desired.release_id,
                      refuse)
-    return plan, desired
+    return replace(plan, notes=plan.notes + decision_notes(repo, doc, decisions)), desired
+
+
+def decision_notes(repo: Repo, doc: Document[Deployment], decisions: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """What the plan says about quantize.decide_on: device: per class, what was decided where, or that apply
+    measures the finalists first."""
+    notes = []
+    for hardware_class, d in sorted(decisions.items()):
+        figures = ", ".join(f"{r['label']} {r['p50_ms']:.3f} ms" for r in d.get("candidates") or [])
+        notes.append(f"{hardware_class}: runs the {d['label']} finalist, decided on {d['device']}: {d['why']} "
+                     f"[{figures}]")
+    waiting = pending(repo.ws, doc, repo.ledger, repo.cache)
+    if waiting:
+        notes.append(f"decide_on: device: no decision yet for {', '.join(waiting)}: apply first measures the "
+                     "finalists on one of its devices; this plan shows the host's choice")
+    return tuple(notes)
 
 
 class StalePlan(EdgeopsError):
@@ -169,6 +186,8 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s) as lease:
+        if saved is None and pending(repo.ws, doc, repo.ledger, repo.cache):
+            decide(repo.ws, doc, repo.cache, repo.ledger, connections, repo.actor, lease, progress)
         # apply hashes what runs and the rollback targets (sizes and times cannot prove a same-size change)
         plan, desired = plan_deployment(repo, doc, connections, progress, selector,
                                         accept_quality_drop=accept_quality_drop, verify=True, adaptation=adaptation)
@@ -192,6 +211,18 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
         slots = min(connections.parallelism, max_parallel or connections.parallelism)
         result = execute(plan, ctx, _work(ctx, desired.targets, slots))
     return plan, result
+
+
+def decide_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,
+                      progress: Progress = lambda m: None, lock_timeout_s: float = 0) -> dict[str, ClassDecision]:
+    """Measure the finalists of a ``decide_on: device`` build on its devices again, under the fleets' lock, and
+    record what each hardware class runs from the next apply on."""
+    if not declares(doc):
+        raise InputError.at(doc.display, None, "spec.recipe", "no quantize step with mode: auto and decide_on: "
+                                                              "device: the build host decides")
+    fleets = [t.fleet for t in doc.obj.spec.targets]
+    with repo.ledger.lock(fleets, holder=f"{repo.actor} deciding {doc.name}", wait_s=lock_timeout_s) as lease:
+        return decide(repo.ws, doc, repo.cache, repo.ledger, connections, repo.actor, lease, progress)
 
 
 # ------------------------------------------------------------------ status
@@ -265,7 +296,8 @@ def status_rows(repo: Repo, doc: Document[Deployment], connections: Connections,
     unknown = ""
     try:
         desired = desired_state(repo.ws, doc, repo.cache, progress, build_missing=False,
-                                adaptation=current_adaptation(repo, doc))
+                                adaptation=current_adaptation(repo, doc),
+                                decisions=current_decisions(repo.ledger, doc, repo.cache))
         wanted = {key: release.id for key, release in desired.releases.items()}
     except EdgeopsError as exc:
         unknown = "the release git asks for is unknown: " + "; ".join(exc.lines())

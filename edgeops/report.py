@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -219,6 +220,13 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
         parts.append(f'<h3>{e(event["device"])} — <span class="{e(decision)}">{e(decision)}</span> '
                      f'<span class="muted">{e(event.get("release_id") or "")}</span></h3>')
         parts.append(f"<p>{e(event.get('reason') or '')}</p>")
+        if m.get("candidates"):  # a decide record: the finalists as this device measured them side by side
+            parts.append(_table(["finalist", "device p50 ms", "device p95 ms", "energy mJ", "host p50 ms", "bytes",
+                                 "chosen"],
+                                [[c["label"], float(c["p50_ms"]), float(c.get("p95_ms") or math.nan),
+                                  float(c["energy_mj"]) if c.get("energy_mj") is not None else "—",
+                                  float(c["host_p50_ms"]) if c.get("host_p50_ms") else "—", c["size_bytes"],
+                                  "yes" if c["label"] == m.get("chosen") else ""] for c in m["candidates"]]))
         if not m.get("latency"):
             continue
         figure = device_figure(m)

@@ -274,6 +274,24 @@ def build(doc: Document[Deployment], accelerator: str, cache: BuildCache, force:
     return run_build(BuildRequest.of(doc, accelerator), cache, force=force, progress=progress)
 
 
+def build_finalists(doc: Document[Deployment], accelerator: str, cache: BuildCache, settings: Settings,
+                    progress: Progress = _quiet) -> dict[str, Any] | None:
+    """quantize.decide_on: device: the finalists built alone (what apply stages on the devices) and the decisions
+    recorded for this build; None for a deployment whose build host decides."""
+    from edgeops.decide import current_decisions, declares, finalists_of
+    from edgeops.operations import Repo
+
+    if not declares(doc, accelerator):
+        return None
+    found, left_out = finalists_of(doc, accelerator, cache, progress=progress)
+    repo = Repo.open(_load([Path(doc.path)], settings), settings)
+    return {"finalists": [{"label": f.label, "step": f.step, "size_bytes": f.artifact.report["artifact"]["size_bytes"],
+                           "host_p50_ms": f.host.get("host_p50_ms"), "key": f.artifact.key} for f in found],
+            "left_out": left_out,
+            "decisions": {c: d for c, d in current_decisions(repo.ledger, doc, repo.cache).items()
+                          if d.get("accelerator") == accelerator}}
+
+
 def render(manifest: Path, device: str | None, settings: Settings) -> list[tuple[TargetDevice, RenderedConfig]]:
     """The runtime config of each target device (or of ``device``); builds first (cache hits are free)."""
     from edgeops.compress.cache import Cache
@@ -762,6 +780,19 @@ def adapt(deployment: str, rounds: int | None, settings: Settings, reporter: Rep
     with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
                      broker_password=settings.broker_password) as connections:
         return adapt_deployment(repo, doc, connections, rounds, progress=notify, reporter=reporter)
+
+
+def decide(deployment: str, settings: Settings, lock_timeout_s: float = 0, notify: Progress = _quiet) -> dict[str, Any]:
+    """Measure an auto build's finalists on a device of each hardware class again (quantize.decide_on: device);
+    per class what was measured and chosen."""
+    from edgeops.connections import Connections
+    from edgeops.operations import decide_deployment
+
+    repo, doc = _context(deployment, settings)
+    with Connections(parallelism=doc.obj.spec.rollout.parallelism, notify=notify,
+                     broker_password=settings.broker_password) as connections:
+        decided = decide_deployment(repo, doc, connections, notify, lock_timeout_s)
+    return {c: d.as_dict() for c, d in decided.items()}
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:

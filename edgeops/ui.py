@@ -379,3 +379,39 @@ class LiveReporter:
 
     def message(self, text: str) -> None:
         err_console.print(escape(f"{self._stamp()} {text}"), soft_wrap=True)
+
+
+def decide_table(decided: dict[str, Any]) -> Table:
+    """Per hardware class: where the finalists were measured, their figures there and on the host, the pick."""
+    table = Table(title="decided on the device", show_lines=False)
+    for column in ("class", "device", "finalist", "device p50 ms", "host p50 ms", "size", "chosen"):
+        table.add_column(column)
+    for hardware_class, d in sorted(decided.items()):
+        rows = d.get("candidates") or []
+        if not rows:
+            table.add_row(escape(hardware_class), "—", "—", "", "", "", escape(d.get("why") or ""))
+            continue
+        for row in rows:
+            mine = row["label"] == d["label"]
+            table.add_row(escape(hardware_class), escape(d.get("device") or ""), escape(row["label"]),
+                          f"{row['p50_ms']:.3f}", f"{row['host_p50_ms']:.3f}" if row.get("host_p50_ms") else "—",
+                          f"{row['size_bytes'] / 1e6:.2f} MB", escape(d["why"]) if mine else "")
+    return table
+
+
+def finalist_lines(found: dict[str, Any] | None) -> list[str]:
+    """`edgeops build` for quantize.decide_on: device: the finalists and what each hardware class decided."""
+    if not found:
+        return []
+    lines = ["decide_on: device: finalists " + ", ".join(
+        f"{f['label']} ({f['size_bytes'] / 1e6:.2f} MB, host p50 "
+        + (f"{f['host_p50_ms']:.3f} ms)" if f.get("host_p50_ms") else "—)") for f in found["finalists"])]
+    lines += [f"  left out: {escape(why)}" for why in found["left_out"]]
+    for hardware_class, d in sorted(found["decisions"].items()):
+        figures = ", ".join(f"{r['label']} {r['p50_ms']:.3f} ms" for r in d.get("candidates") or [])
+        lines.append(f"  {escape(hardware_class)}: {escape(d['label'])}, decided on {escape(d['device'])}: "
+                     f"{escape(d['why'])} [{figures}]")
+    if not found["decisions"]:
+        lines.append("  no decision on a device yet: apply measures the finalists on one device of each hardware "
+                     "class first (or run edgeops decide)")
+    return lines

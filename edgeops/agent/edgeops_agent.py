@@ -735,8 +735,12 @@ def _bench_child(args):
 
 
 def bench_here(args):
-    a = load_release(args.release)
-    b = load_release(args.compare) if args.compare else None
+    """Measure ``release`` alone, or interleaved with ``--compare`` (and each ``--also``): blocks in turn, the
+    order rotating every turn so that no release always goes first. Sides are named a, b, c, ..."""
+    paths = [args.release] + ([args.compare] if args.compare else []) + list(getattr(args, "also", None) or [])
+    names = "abcdefgh"[:len(paths)]
+    releases = {name: load_release(path) for name, path in zip(names, paths)}
+    a = releases["a"]
     meter = EnergyMeter(a.config.get("power"))
     power_error = None
     try:
@@ -744,13 +748,12 @@ def bench_here(args):
     except AgentError as exc:
         power_error, meter = {"source": meter.source, "error": str(exc), "kind": exc.kind}, EnergyMeter(None)
     for i in range(args.warmup):
-        a.run_once(i)
-        if b:
-            b.run_once(i)
-    samples = {"a": [], "b": []}
-    energy = {"a": 0.0, "b": 0.0}
-    block_energy = {"a": [], "b": []}  # per interleaved block: the gate bootstraps the energy ratio from these
-    busy = {"a": 0.0, "b": 0.0}
+        for name in names:
+            releases[name].run_once(i)
+    samples = {name: [] for name in names}
+    energy = {name: 0.0 for name in names}
+    block_energy = {name: [] for name in names}  # per interleaved block: the gate bootstraps the energy ratio
+    busy = {name: 0.0 for name in names}
     deadline = time.perf_counter() + args.duration if args.duration else None
     block, turn, index = max(1, args.block), 0, 0
     if isinstance(a, GenerativeRelease):
@@ -762,9 +765,9 @@ def bench_here(args):
         return len(samples["a"]) >= args.runs
 
     while not done():
-        order = ("a", "b") if turn % 2 == 0 else ("b", "a")  # alternate who goes first: no position bias
-        for side in (order if b else ("a",)):
-            release = a if side == "a" else b
+        shift = turn % len(names)  # two sides: a-b, then b-a (no position bias); more: each goes first in turn
+        for side in names[shift:] + names[:shift]:
+            release = releases[side]
             e0, t0 = meter.energy_mj(), time.perf_counter()
             samples[side].extend(release.run_block(block, index))
             index += block
@@ -776,21 +779,16 @@ def bench_here(args):
         turn += 1
     meter.stop()
     has_energy = meter.source != "none"
-    result = {"mode": "compare" if b else "bench", "warmup": args.warmup, "block": block,
-              "peak_rss_mb": round(_rss_mb(), 2),
-              "a": {**a.facts(), **a.summary(), "latency": summarize(samples["a"], busy["a"]),
-                    "samples_ms": samples["a"],
-                    "power": power_error or _energy_summary(meter, energy["a"] if has_energy else None,
-                                                            busy["a"], len(samples["a"]), block_energy["a"])}}
-    if b:
-        result["b"] = {**b.facts(), **b.summary(), "latency": summarize(samples["b"], busy["b"]),
-                       "samples_ms": samples["b"],
-                       "power": power_error or _energy_summary(meter, energy["b"] if has_energy else None,
-                                                               busy["b"], len(samples["b"]), block_energy["b"])}
-    if args.golden:
-        result["a"]["golden"] = a.golden()
-        if b:
-            result["b"]["golden"] = b.golden()
+    result = {"mode": "bench" if len(names) == 1 else "compare" if len(names) == 2 else "candidates",
+              "warmup": args.warmup, "block": block, "peak_rss_mb": round(_rss_mb(), 2)}
+    for name in names:
+        release = releases[name]
+        result[name] = {**release.facts(), **release.summary(), "latency": summarize(samples[name], busy[name]),
+                        "samples_ms": samples[name],
+                        "power": power_error or _energy_summary(meter, energy[name] if has_energy else None,
+                                                                busy[name], len(samples[name]), block_energy[name])}
+        if args.golden:
+            result[name]["golden"] = release.golden()
     return result
 
 
@@ -2428,7 +2426,7 @@ def _confine(argv):
         return
     paths = []
     for index, word in enumerate(argv):
-        if word in ("--root", "--staged", "--compare", "--tensors", "--patch") and index + 1 < len(argv):
+        if word in ("--root", "--staged", "--compare", "--also", "--tensors", "--patch") and index + 1 < len(argv):
             value = argv[index + 1]
             if word == "--root" and os.path.realpath(value) != os.path.realpath(root):
                 raise AgentError(f"this device's agent serves {root} only, not {value}", "restricted")
@@ -2517,6 +2515,8 @@ def main(argv=None):
     b.add_argument("--duration", type=float, default=None, help="seconds instead of a run count")
     b.add_argument("--warmup", type=int, default=20)
     b.add_argument("--compare", default=None, help="another release, measured interleaved in blocks")
+    b.add_argument("--also", action="append", default=[], help="with --compare: more releases in the same "
+                                                               "rotation (candidates measured side by side)")
     b.add_argument("--block", type=int, default=10)
     b.add_argument("--golden", action="store_true")
     p = sub.add_parser("power")

@@ -459,7 +459,7 @@ class Search:
             self.src_sha256 = file_sha256(self.src)
         return cache_key({"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
                           "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search",
-                                                                     "objective"}),
+                                                                     "objective", "decide_on", "finalists"}),
                           "calibration": self.ctx.calibration.sha256,
                           "preprocessed": preprocesses(options, self.ctx),
                           "versions": [__version__, onnx.__version__, onnxruntime.__version__]})
@@ -600,10 +600,53 @@ def _search(search: Search, modes: list[str], options: QuantizeOptions, ctx: Ste
             mixed_precision(search, closest)
 
 
+AUTO_ONLY = ("candidates", "min_speedup", "objective", "decide_on", "finalists")
+DEFAULT_FINALISTS = 3
+
+
+def concrete_step(label: str, options: QuantizeOptions) -> dict[str, Any]:
+    """The ``quantize`` step that builds candidate ``label`` of an auto search by itself (a finalist)."""
+    fields = options.model_dump(mode="json", exclude_none=True, exclude=set(AUTO_ONLY))
+    return QuantizeOptions.model_validate({**fields, "mode": family(label)}).model_dump(mode="json",
+                                                                                         exclude_none=True)
+
+
+def finalists(search: Search, modes: list[str], options: QuantizeOptions, ctx: StepContext) -> list[dict[str, Any]]:
+    """``decide_on: device``: the best passing candidates in the objective's order, each with the step that
+    builds it alone and what the host measured, then the input (a device may find no candidate faster)."""
+    left, picked = list(search.passing()), []  # type: list[Candidate], list[dict[str, Any]]
+    while left and len(picked) < (options.finalists or DEFAULT_FINALISTS):
+        best = _best(left, modes, ctx, search.objective)
+        if best is None:
+            break
+        left.remove(best)
+        m = best.measurement
+        assert m is not None
+        picked.append({"label": best.mode, "step": concrete_step(best.mode, search.found[best.mode][2]),
+                       "host_p50_ms": round(m.latency_p50_ms, 4), "size_bytes": m.size_bytes,
+                       "quality": m.quality.value})
+    before = ctx.before
+    picked.append({"label": "original", "step": None,
+                   "host_p50_ms": round(before.latency_p50_ms, 4) if before else None,
+                   "size_bytes": before.size_bytes if before else None,
+                   "quality": before.quality.value if before else None})
+    return picked
+
+
 def _choose(search: Search, src: Path, modes: list[str], options: QuantizeOptions, ctx: StepContext,
             fallback: str) -> StepResult:
     """The passing candidate the objective prefers, confirmed on everything; the input unless it is
     ``min_speedup`` faster (latency and energy objectives, on a host quiet enough to tell)."""
+    result = _chosen(search, src, modes, options, ctx, fallback)
+    if options.decide_on == "device":
+        result.extra["finalists"] = finalists(search, modes, options, ctx)
+        result.notes.append("decide_on: device: finalists " + ", ".join(f["label"] for f in result.extra["finalists"])
+                            + "; apply measures them on one device of each hardware class")
+    return result
+
+
+def _chosen(search: Search, src: Path, modes: list[str], options: QuantizeOptions, ctx: StepContext,
+            fallback: str) -> StepResult:
     best = _best(search.passing(), modes, ctx, search.objective)
     while best is not None and not search.confirm(best):
         best = _best(search.passing(), modes, ctx, search.objective)

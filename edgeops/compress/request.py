@@ -7,9 +7,9 @@ a field of the manifest into a located error (``file:line: field: ...``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeops.errors import InputError, Problem
 from edgeops.manifest.models import DataSpec, GenerationSpec, ModelSource, QualityGoal, RecipeStep
@@ -47,6 +47,7 @@ class BuildRequest:
     source: Source
     recipe_loc: Loc            # where ``recipe`` is written, for located errors
     generation: GenerationSpec | None = None   # text-generation: how the decoder is measured
+    variant: str = ""          # a finalist of an auto step (decide_on: device), built by itself
 
     @classmethod
     def of(cls, doc: Document[Deployment], accelerator: str) -> BuildRequest:
@@ -61,7 +62,17 @@ class BuildRequest:
 
     @property
     def slot(self) -> str:
-        return f"{self.name}.{self.accelerator}"
+        return f"{self.name}.{self.accelerator}" + (f".{self.variant}" if self.variant else "")
+
+    def with_step(self, index: int, step: dict[str, Any] | None, label: str) -> BuildRequest:
+        """This request with recipe step ``index`` (1-based) replaced by the quantize options ``step``, or left
+        out (None): one finalist of an auto step, built and cached by itself."""
+        recipe = list(self.recipe)
+        if step is None:
+            del recipe[index - 1]
+        else:
+            recipe[index - 1] = RecipeStep.model_validate({"quantize": step})
+        return replace(self, recipe=tuple(recipe), variant=label.replace(" ", "-"))
 
     @property
     def model_path(self) -> Path:

@@ -204,6 +204,15 @@ class QuantizeOptions(Strict):
                                   "(latency, the default), the smallest file (size), or the least energy per "
                                   "inference (energy: the build host has no power reading, so its latency stands "
                                   "in, which on one CPU core follows energy; the report says so)")
+    decide_on: Literal["host", "device"] | None = Field(
+        default=None, description="auto: where the choice is made. host (the default): on the build host. device: "
+                                  "the build keeps its finalists (the best candidates meeting the goal, and the "
+                                  "input), and apply measures them interleaved on one device of every hardware "
+                                  "class before rolling out what was fastest there (devices that pull, and "
+                                  "classes with no reachable device, keep the host's choice)")
+    finalists: Annotated[int, Field(ge=1, le=5)] | None = Field(
+        default=None, description="auto with decide_on: device: how many candidates meeting the goal go to the "
+                                  "device besides the input (default 3)")
     min_speedup: Annotated[float, Field(ge=1)] | None = Field(
         default=None, description="auto: keep the model unquantized unless the fastest candidate that meets the "
                                   "quality goal is at least this much faster on the build host (default 1.1; "
@@ -213,9 +222,14 @@ class QuantizeOptions(Strict):
     def _auto_only(self) -> "QuantizeOptions":
         if self.op_types and self.exclude_op_types and set(self.op_types) & set(self.exclude_op_types):
             raise ValueError("an op type cannot be both in op_types and exclude_op_types")
-        for name in ("candidates", "min_speedup", "objective"):
+        for name in ("candidates", "min_speedup", "objective", "decide_on", "finalists"):
             if getattr(self, name) is not None and self.mode != "auto":
                 raise ValueError(f"{name} only applies to mode: auto")
+        if self.finalists is not None and self.decide_on != "device":
+            raise ValueError("finalists only applies with decide_on: device")
+        if self.decide_on == "device" and self.objective == "size":
+            raise ValueError("decide_on: device measures speed on the device; with objective: size the smallest "
+                             "file wins wherever it is measured: leave decide_on out")
         if self.embeddings and (self.bits != 4 or self.mode not in ("weight_only", "auto")):
             raise ValueError("embeddings only applies to weight_only with bits: 4 (GatherBlockQuantized is 4-bit)")
         if self.smooth is not None and self.mode not in ("static", "dynamic", "auto"):
@@ -579,6 +593,14 @@ class DeploymentSpec(Strict):
         if self.adapt is not None and (generative or self.quality.metric != "accuracy"):
             raise ValueError("adapt: trains a classification head: it needs model.task predict and quality.metric "
                              "accuracy (labelled evaluation data)")
+        deciding = any(step.quantize is not None and step.quantize.decide_on == "device"
+                       for steps in [self.recipe, *self.recipe_for.values()] for step in steps)
+        if deciding and self.adapt is not None:
+            raise ValueError("adapt: learns a head on the artifact git builds; quantize.decide_on: device chooses "
+                             "among several: use one or the other")
+        if deciding and generative:
+            raise ValueError("quantize.decide_on: device is not offered for text-generation yet (its finalists "
+                             "would be measured per token; untested): decoders decide on the build host")
         return self
 
     def recipe_for_accelerator(self, accelerator: str) -> list[RecipeStep]:

@@ -10,7 +10,7 @@ PURE = {"edgeops.types", "edgeops.errors", "edgeops.facts", "edgeops.plan", "edg
         "edgeops.health"}
 IO = {"edgeops.transport", "edgeops.pull", "edgeops.labpull", "edgeops.connections", "edgeops.device", "edgeops.lab", "edgeops.lablink", "edgeops.labplace", "edgeops.state",
       "edgeops.rollout", "edgeops.operations", "edgeops.cli", "edgeops.ui", "edgeops.compress", "edgeops.desired",
-      "edgeops.generative", "edgeops.adapt",
+      "edgeops.generative", "edgeops.adapt", "edgeops.decide",
       "edgeops.endpoints", "edgeops.running_quality"}
 FRONT = {"edgeops.cli", "edgeops.ui", "edgeops.__main__"}  # __main__ only starts the CLI
 
@@ -28,7 +28,7 @@ LAYERS = [
      "edgeops.generative", "edgeops.adapt", "edgeops.fleetpage"},                    # one job, one resource
     {"edgeops.device", "edgeops.connections", "edgeops.lab", "edgeops.desired", "edgeops.pull.fleet",
      "edgeops.labpull", "edgeops.labcgroup", "edgeops.lablink", "edgeops.labplace", "edgeops.endpoints", "edgeops.running_quality"},
-    {"edgeops.rollout", "edgeops.pull.roller"},                                      # the executor
+    {"edgeops.rollout", "edgeops.pull.roller", "edgeops.decide"},                    # the executor, staging
     {"edgeops.operations", "edgeops.review", "edgeops.adapt.rounds"},                # composed operations
     {"edgeops.service"},                                                             # the one API of the CLI
     {"edgeops.ui"},

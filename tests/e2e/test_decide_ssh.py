@@ -1,0 +1,120 @@
+"""Deciding on the device, over real sshd: an auto build's finalists go to one device of each hardware class as
+releases (never switched to), are measured there side by side, and each class rolls out what its own device
+measured best; the decision, with every figure, is in the plan, the ledger and `edgeops decide`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeops.cli import main
+from edgeops.decide import DECIDE, choose
+from edgeops.errors import ExitCode
+from edgeops.manifest.workspace import load_workspace
+from edgeops.targets import target_devices
+from labkit.artifacts import repo_at
+from labkit.repo import copy_repo, free_ports, share_build_cache, write_lab_fleet
+
+pytestmark = pytest.mark.ssh
+NAME = "digits-decide"
+MANIFEST = f"manifests/{NAME}.yaml"
+
+
+def _write_repo(root: Path, devices: Path) -> None:
+    """Two hardware classes: lab-x86 (1 thread, the lab profile) and lab-x86-2t (2 threads)."""
+    profile = (root / "device_profiles" / "lab-cpu.yaml").read_text()
+    (root / "device_profiles" / "lab-cpu-2t.yaml").write_text(
+        profile.replace("name: lab-cpu", "name: lab-cpu-2t").replace("hardware_class: lab-x86",
+                                                                      "hardware_class: lab-x86-2t")
+        .replace("intra_op_num_threads: 1", "intra_op_num_threads: 2"))
+    port = free_ports(1)[0]
+    write_lab_fleet(root, 1, devices, extra_device=f"    - {{name: lab-02, host: 127.0.0.1, port: {port}, root: "
+                                                   f"{devices / 'lab-02'}, profile: lab-cpu-2t}}")
+    camera = (root / "manifests" / "camera.yaml").read_text()
+    text = camera[:camera.index("  recipe_for:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
+    text = (text.replace("name: meter-digits", f"name: {NAME}")
+            .replace("    - quantize: {mode: auto}", "    - quantize: {mode: auto, decide_on: device, finalists: 2}")
+            .replace("latency_p95_ms: 10", "latency_p95_ms: 500"))  # what is chosen, not how fast the host is
+    (root / MANIFEST).write_text(text + "  targets:\n    - fleet: lab\n  rollout:\n    waves: [1, 100%]\n"
+                                        "    verification: {runs: 100}\n")
+
+
+@pytest.fixture(scope="module")
+def decide_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
+    from edgeops.lab import lab_down, lab_up
+
+    base = tmp_path_factory.mktemp("decide")
+    root = copy_repo(base / "repo")
+    share_build_cache(root)
+    _write_repo(root, base / "devices")
+    ws = load_workspace(root)
+    lab_up(ws, ws.fleets["lab"], target_devices(ws, NAME), login_home=hostile_home)
+    try:
+        yield root
+    finally:
+        lab_down(ws, ws.fleets["lab"])
+
+
+def cli(root: Path, *args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, [*args, "--root", str(root)])
+
+
+def _decisions(root: Path) -> list[dict]:  # type: ignore[type-arg]
+    ws = load_workspace(root)
+    return repo_at(root, ws).ledger.summaries(NAME, DECIDE)
+
+
+def test_each_hardware_class_runs_what_its_own_device_measured_best(decide_lab: Path) -> None:
+    plan = cli(decide_lab, "plan", MANIFEST)
+    assert plan.exit_code in (ExitCode.OK, ExitCode.CHANGES), plan.output
+    assert "no decision yet for lab-x86, lab-x86-2t" in plan.output and "host's choice" in plan.output
+    assert _decisions(decide_lab) == []  # a plan reads: it measured nothing on the devices
+
+    applied = cli(decide_lab, "apply", MANIFEST, "-o", "json")
+    assert applied.exit_code == ExitCode.OK, applied.output
+    records = _decisions(decide_lab)
+    assert len(records) == 1 and records[0]["outcome"] == "decided", records
+    classes = records[0]["summary"]["classes"]
+    assert set(classes) == {"lab-x86", "lab-x86-2t"}
+    devices = {"lab-x86": "lab/lab-01", "lab-x86-2t": "lab/lab-02"}
+    rows = {r["device"]: r for r in json.loads(cli(decide_lab, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
+    for hardware_class, decision in classes.items():
+        assert decision["device"] == devices[hardware_class]
+        figures = decision["candidates"]
+        assert len(figures) == 3 and figures[-1]["label"] == "original"  # two finalists and the input
+        assert all(f["p50_ms"] > 0 and f["size_bytes"] > 0 for f in figures)
+        # the invariant, whatever the timings were: the choice is the rule applied to this device's own figures
+        assert choose(figures, "latency", None)[0] == decision["label"]
+        chosen = next(f for f in figures if f["label"] == decision["label"])
+        name = devices[hardware_class].split("/")[1]
+        assert rows[name]["release"] == chosen["release"], (hardware_class, rows[name], chosen)
+        assert (rows[name]["sync"], rows[name]["health"]) == ("Synced", "Healthy")
+
+    plan = cli(decide_lab, "plan", MANIFEST)
+    assert plan.exit_code == ExitCode.OK, plan.output  # nothing to change
+    for hardware_class, decision in classes.items():
+        assert f"{hardware_class}: runs the {decision['label']} finalist, decided on {decision['device']}" in plan.output
+    page = cli(decide_lab, "report", NAME, "--rollout", "1")  # the decide record, as the report shows it
+    assert page.exit_code == ExitCode.OK and "(decide)" in page.stdout and "device p50 ms" in page.stdout
+    built = cli(decide_lab, "build", MANIFEST)
+    assert built.exit_code == ExitCode.OK, built.output
+    assert "decide_on: device: finalists" in built.output and "original (1.09 MB" in built.output
+    for hardware_class, decision in classes.items():
+        assert f"{hardware_class}: {decision['label']}, decided on {decision['device']}" in built.output
+    again = cli(decide_lab, "apply", MANIFEST, "-o", "json")
+    assert again.exit_code == ExitCode.OK and json.loads(again.stdout)[0]["outcome"] == "no-op", again.output
+    assert len(_decisions(decide_lab)) == 1  # decided once for this build
+
+    # measured again on demand: a new record, the same rule, and the devices untouched until the next apply
+    before = {n: r["release"] for n, r in rows.items()}
+    decided = cli(decide_lab, "decide", NAME, "-o", "json")
+    assert decided.exit_code == ExitCode.OK, decided.output
+    table = json.loads(decided.stdout)
+    assert {c: choose(d["candidates"], "latency", None)[0] for c, d in table.items()} == \
+        {c: d["label"] for c, d in table.items()}
+    assert len(_decisions(decide_lab)) == 2
+    rows = {r["device"]: r for r in json.loads(cli(decide_lab, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
+    assert {n: r["release"] for n, r in rows.items()} == before

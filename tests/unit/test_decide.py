@@ -1,0 +1,57 @@
+"""The on-device choice among an auto build's finalists (edgeops.decide.choose): a pure rule on one device's
+figures."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeops.decide import SAME_SPEED, choose
+
+
+def row(label: str, p50: float, size: int, energy: float | None = None) -> dict[str, object]:
+    return {"label": label, "p50_ms": p50, "size_bytes": size, "energy_mj": energy}
+
+
+def test_the_fastest_on_the_device_wins_and_near_ties_go_to_the_smaller_file() -> None:
+    rows = [row("dynamic", 0.50, 300), row("static", 0.40, 280), row("original", 1.0, 1000)]
+    assert choose(rows, "latency", None)[0] == "static"
+    rows = [row("dynamic", 0.41, 250), row("static", 0.40, 280), row("original", 1.0, 1000)]
+    label, why = choose(rows, "latency", None)
+    assert label == "dynamic" and "smaller file" in why and "2.44x the input" in why
+
+
+def test_the_input_stays_unless_a_finalist_is_min_speedup_faster_on_the_device() -> None:
+    rows = [row("static", 0.95, 280), row("original", 1.0, 1000)]
+    label, why = choose(rows, "latency", None)
+    assert label == "original" and "1.05x the input" in why and "min_speedup 1.1" in why
+    assert choose(rows, "latency", 1.0)[0] == "static"
+
+
+def test_energy_uses_the_sensor_and_latency_stands_in_without_one() -> None:
+    rows = [row("static", 0.40, 280, energy=2.0), row("dynamic", 0.50, 300, energy=1.0), row("original", 1.0, 900, 5.0)]
+    assert choose(rows, "energy", None)[0] == "dynamic"
+    rows[0]["energy_mj"] = None
+    label, why = choose(rows, "energy", None)
+    assert label == "static" and "latency stands in" in why
+
+
+def test_nothing_measured_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        choose([], "latency", None)
+
+
+@given(st.lists(st.tuples(st.floats(0.01, 100), st.integers(1, 10**7)), min_size=1, max_size=5),
+       st.floats(0.01, 100), st.integers(1, 10**7), st.floats(1.0, 3.0))
+@settings(max_examples=200, deadline=None)
+def test_the_pick_is_near_the_fastest_or_the_input_and_never_a_slower_file_than_needed(
+        finalists: list[tuple[float, int]], original_ms: float, original_size: int, min_speedup: float) -> None:
+    rows = [row(f"c{i}", p50, size) for i, (p50, size) in enumerate(finalists)] + \
+        [row("original", original_ms, original_size)]
+    label, _ = choose(rows, "latency", min_speedup)
+    fastest = min(r["p50_ms"] for r in rows)  # type: ignore[type-var]
+    picked = next(r for r in rows if r["label"] == label)
+    if label != "original":
+        assert picked["p50_ms"] <= fastest * SAME_SPEED  # type: ignore[operator]
+        assert original_ms / picked["p50_ms"] >= min_speedup  # type: ignore[operator]
