@@ -179,8 +179,11 @@ def _kept_float(options: QuantizeOptions, op_types: list[str] | None) -> str:
 def quantize_dynamic(src: Path, dst: Path, options: QuantizeOptions, notes: list[str]) -> None:
     q = _quant()
     qtype = {"uint8": q.QuantType.QUInt8, "int8": q.QuantType.QInt8}[options.weight_type]
+    from edgeops.compress.outliers import float_parts
+
+    kept_float = [*(options.exclude_nodes or []), *float_parts(onnx.load(str(src), load_external_data=False).graph)]
     q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=quantizable_op_types(src, options, static=False),
-                       nodes_to_exclude=options.exclude_nodes, per_channel=options.per_channel, weight_type=qtype)
+                       nodes_to_exclude=kept_float or None, per_channel=options.per_channel, weight_type=qtype)
     notes.append(f"dynamic int8: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
                  "activations quantized at run time")
 
@@ -246,6 +249,18 @@ def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -
     return path
 
 
+def outliers_split(prepared: Path, ratio: float, ctx: StepContext, notes: list[str]) -> Path:
+    """``prepared`` with the outlier channels of its MatMul activations split off into float MatMuls."""
+    from edgeops.compress.outliers import split_outliers
+
+    path = prepared.with_name(f"{prepared.stem}-split-{ratio:g}.onnx")
+    if not path.exists():
+        ctx.progress(f"quantize: splitting outlier channels off (above {ratio:g}x the median)")
+        path.with_suffix(".txt").write_text(split_outliers(prepared, path, ctx.calibration.inputs, ratio))
+    notes.append(path.with_suffix(".txt").read_text())
+    return path
+
+
 def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str],
              label: str = "") -> Path:
     """Quantize ``src`` with one concrete mode; returns the output path."""
@@ -256,6 +271,8 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, n
     prepared = prepared_for(src, ctx, notes) if preprocesses(options, ctx) else src
     if options.smooth is not None and mode in ("static", "dynamic"):
         prepared = smoothed(prepared, options.smooth, ctx, notes)
+    if options.split_outliers is not None and mode == "dynamic":
+        prepared = outliers_split(prepared, options.split_outliers, ctx, notes)
     if mode == "static":
         quantize_static(prepared, dst, options, ctx, notes)
     elif mode == "dynamic":
@@ -368,6 +385,8 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     prepared = prepared_for(search.src, ctx, []) if preprocesses(options, ctx) else search.src
     if options.smooth is not None:
         prepared = smoothed(prepared, options.smooth, ctx, [])
+    if options.split_outliers is not None and mode == "dynamic":
+        prepared = outliers_split(prepared, options.split_outliers, ctx, [])
     nodes = quantized_nodes(quantized) if mode == "static" else weighted_matmuls(prepared, quantized)
     if len(nodes) < 2:
         return
@@ -521,6 +540,23 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess
     label = "dynamic smoothed" + ("" if graph else " unprocessed")
     search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
+    split_variant(search, options)
+
+
+def split_variant(search: Search, options: QuantizeOptions) -> None:
+    """A tight goal no dynamic candidate met: the two closest ones with their outlier channels multiplied in
+    float (LLM.int8()'s split), before mixed precision keeps whole MatMuls float; stops at the first that
+    meets the goal."""
+    dynamic = [c for c in search.candidates if family(c.mode) == "dynamic" and c.measurement is not None]
+    if options.split_outliers is not None or not dynamic or any(_passes(c) for c in dynamic):
+        return
+    for closest in sorted(dynamic, key=lambda c: c.measurement.quality.drop)[:2]:  # type: ignore[union-attr]
+        base = search.found[closest.mode][2]
+        label = "dynamic split" + (" smoothed" if base.smooth is not None else "") + \
+            ("" if base.preprocess else " unprocessed")
+        if label not in search.found and _passes(search.attempt(label, "dynamic",
+                                                                 base.model_copy(update={"split_outliers": 6.0}))):
+            return
 
 
 def weight_only_variants(search: Search, options: QuantizeOptions) -> None:

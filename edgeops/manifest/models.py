@@ -189,6 +189,12 @@ class QuantizeOptions(Strict):
         default=None, description="static/dynamic: SmoothQuant strength alpha: move per-channel activation outliers "
                                   "of MatMul inputs into the weights before quantizing (exact in float); auto "
                                   "tries 0.5 when dynamic int8 is the winning family")
+    split_outliers: Annotated[float, Field(ge=2, le=1000)] | None = Field(
+        default=None, description="dynamic: the input channels of a MatMul whose calibration maximum exceeds this "
+                                  "many times the median channel's (at most one in 16) are multiplied in float "
+                                  "beside the int8 MatMul (LLM.int8()'s decomposition: exact in float, the int8 "
+                                  "range then covers the ordinary channels); auto tries 6 for tight goals before "
+                                  "keeping whole MatMuls float")
     bits: Literal[4, 8] = Field(default=4, description="weight_only: bits per MatMul weight (MatMulNBits)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         default=4, description="weight_only: MatMulNBits compute type; 4 computes on int8 activations (fastest on "
@@ -238,6 +244,9 @@ class QuantizeOptions(Strict):
         for name in ("exclude_nodes", "exclude_op_types"):
             if getattr(self, name) and self.mode in ("weight_only", "fp16"):
                 raise ValueError(f"{name} only applies to mode: static, dynamic or auto")
+        if self.split_outliers is not None and self.mode not in ("dynamic", "auto"):
+            raise ValueError("split_outliers only applies to mode: dynamic (static ranges are calibrated per tensor "
+                             "ahead of time; use smooth there)")
         if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
             raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
                              "already)")

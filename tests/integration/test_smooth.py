@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeops.compress.outliers import float_parts, outlier_channels, split_outliers
 from edgeops.compress.smooth import smooth, smoothable_groups
 from edgeops.manifest.workspace import load_workspace
 from labkit.artifacts import build_for
@@ -90,6 +91,48 @@ def test_smoothing_is_exact_in_float_and_lifts_dynamic_int8_fidelity(tmp_path: P
     assert smoothed_error < plain_error / 3, (plain_error, smoothed_error)
 
 
+def test_outlier_channels_split_off_are_exact_in_float_and_lift_dynamic_int8_further_than_smoothing(
+        tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    original, split = tmp_path / "model.onnx", tmp_path / "split.onnx"
+    outlier_model(original)
+    note = split_outliers(original, split, inputs(32, 1), ratio=6.0)
+    assert "2 channel(s)" in note and "beside 2 int8 MatMul(s)" in note, note  # channels 5 and 40, read by Q and K
+    graph = onnx.load(str(split)).graph
+    assert sorted(float_parts(graph)) == ["EdgeopsOutlierMatMul_1_0", "EdgeopsOutlierMatMul_1_1"]
+    index = next(i for i in graph.initializer if i.name.startswith("edgeops_outlier_index"))
+    assert numpy_helper.to_array(index).tolist() == [5, 40]
+    data = inputs(64, 2)
+    reference = outputs(original, data)
+    np.testing.assert_allclose(outputs(split, data), reference, rtol=1e-3, atol=1e-3)
+
+    smoothed = tmp_path / "smoothed.onnx"
+    smooth(original, smoothed, inputs(32, 1), alpha=0.5)
+    errors = {}
+    for name, path in (("plain", original), ("smoothed", smoothed), ("split", split)):
+        int8 = tmp_path / f"{name}-int8.onnx"
+        quantize_dynamic(str(path), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=float_parts(onnx.load(str(path)).graph) or None)
+        errors[name] = 1 - mean_cosine(outputs(int8, data), reference)
+    assert errors["split"] < errors["plain"] / 3 and errors["split"] < errors["smoothed"], errors
+    # the float part is what the split added and nothing more: every other MatMul is int8
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "split-int8.onnx")).graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("MatMulInteger") == 3
+
+
+def test_an_activation_without_outliers_is_left_alone() -> None:
+    flat = np.ones(64)
+    assert outlier_channels(flat, 6.0) == []
+    spiked = flat.copy()
+    spiked[[3, 9]] = [7.0, 100.0]
+    assert outlier_channels(spiked, 6.0) == [3, 9]
+    assert outlier_channels(spiked, 8.0) == [9]
+    many = np.where(np.arange(64) % 2 == 0, 50.0, 1.0)  # half the channels large: at most one in 16 goes float
+    assert len(outlier_channels(many, 6.0)) <= 64 // 16
+    assert outlier_channels(np.ones(8) * [1, 1, 1, 1, 1, 1, 1, 90], 6.0) == []  # too few channels to split
+
+
 def encoder_deployment(root: Path, max_drop: float, quantize: str) -> str:
     """A deployment of the outlier model in a copy of the repository (the assistant's manifest, adapted)."""
     outlier_model(root / "examples" / "models" / "outliers.onnx")
@@ -120,6 +163,12 @@ def test_auto_smooths_when_plain_dynamic_int8_misses_a_fidelity_goal_and_confirm
     smoothed = [c for c in loose if c["mode"].startswith("dynamic smoothed")]
     assert smoothed, [c["mode"] for c in loose]  # searched even when plain misses (max_drop 0: nothing passes)
     assert smoothed[0]["measurement"]["quality"]["drop"] < plain["drop"]
+    # nothing dynamic met it: the closest ones were tried with their outlier channels split off, before mixed
+    # precision, and the split lifts fidelity over plain int8 too
+    split = [c for c in loose if c["mode"].startswith("dynamic split")]
+    assert split and all(c["measurement"]["quality"]["drop"] < plain["drop"] for c in split), split
+    assert [c["mode"] for c in loose].index(split[0]["mode"]) < min(
+        (i for i, c in enumerate(loose) if "mixed" in c["mode"]), default=len(loose))
     # a goal between the two: plain misses it, the smoothed graph meets it and is chosen
     goal = (plain["drop"] + smoothed[0]["measurement"]["quality"]["drop"]) / 2
     manifest.write_text(manifest.read_text().replace("max_drop: 0.0", f"max_drop: {goal:.3e}"))
