@@ -16,30 +16,12 @@ from edgeops.errors import ExitCode
 from edgeops.manifest.workspace import load_workspace
 from edgeops.targets import target_devices
 from labkit.artifacts import repo_at
-from labkit.repo import copy_repo, free_ports, share_build_cache, write_lab_fleet
+from labkit.decide import DECIDE_DEPLOYMENT, write_two_class_repo
+from labkit.repo import copy_repo, share_build_cache
 
 pytestmark = pytest.mark.ssh
-NAME = "digits-decide"
+NAME = DECIDE_DEPLOYMENT
 MANIFEST = f"manifests/{NAME}.yaml"
-
-
-def _write_repo(root: Path, devices: Path) -> None:
-    """Two hardware classes: lab-x86 (1 thread, the lab profile) and lab-x86-2t (2 threads)."""
-    profile = (root / "device_profiles" / "lab-cpu.yaml").read_text()
-    (root / "device_profiles" / "lab-cpu-2t.yaml").write_text(
-        profile.replace("name: lab-cpu", "name: lab-cpu-2t").replace("hardware_class: lab-x86",
-                                                                      "hardware_class: lab-x86-2t")
-        .replace("intra_op_num_threads: 1", "intra_op_num_threads: 2"))
-    port = free_ports(1)[0]
-    write_lab_fleet(root, 1, devices, extra_device=f"    - {{name: lab-02, host: 127.0.0.1, port: {port}, root: "
-                                                   f"{devices / 'lab-02'}, profile: lab-cpu-2t}}")
-    camera = (root / "manifests" / "camera.yaml").read_text()
-    text = camera[:camera.index("  recipe_for:")] + camera[camera.index("  quality:"):camera.index("  targets:")]
-    text = (text.replace("name: meter-digits", f"name: {NAME}")
-            .replace("    - quantize: {mode: auto}", "    - quantize: {mode: auto, decide_on: device, finalists: 2}")
-            .replace("latency_p95_ms: 10", "latency_p95_ms: 500"))  # what is chosen, not how fast the host is
-    (root / MANIFEST).write_text(text + "  targets:\n    - fleet: lab\n  rollout:\n    waves: [1, 100%]\n"
-                                        "    verification: {runs: 100}\n")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +31,7 @@ def decide_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
     base = tmp_path_factory.mktemp("decide")
     root = copy_repo(base / "repo")
     share_build_cache(root)
-    _write_repo(root, base / "devices")
+    write_two_class_repo(root, base / "devices")
     ws = load_workspace(root)
     lab_up(ws, ws.fleets["lab"], target_devices(ws, NAME), login_home=hostile_home)
     try:
