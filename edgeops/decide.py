@@ -20,7 +20,7 @@ from edgeops.compress.pipeline import build, cached
 from edgeops.compress.request import BuildRequest
 from edgeops.connections import Connections
 from edgeops.device import Device
-from edgeops.errors import DeviceError, EdgeopsError
+from edgeops.errors import DeviceError, EdgeopsError, TransportError
 from edgeops.gitinfo import head_info
 from edgeops.manifest.models import Deployment
 from edgeops.manifest.workspace import Document, Workspace
@@ -204,7 +204,7 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
             try:
                 with device.session():
                     rows = _measure_on(device, target, ws, doc, finalists, progress)
-            except (DeviceError, OSError) as exc:
+            except (DeviceError, TransportError, OSError) as exc:  # unreachable, refused: the next device
                 failures.append(f"{target.key}: {str(exc).splitlines()[0]}")
                 continue
             objective, min_speedup = _auto_options(doc, accelerator, decision.index)
@@ -230,20 +230,36 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
     return decisions
 
 
+def standing(records: list[dict[str, Any]], bases: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per hardware class, the newest decision among ``records`` (oldest first, ledger summaries of kind
+    ``decide``) made for the host builds ``bases``: a later run that could not measure a class (its device
+    was away) does not take back what an earlier one decided."""
+    found: dict[str, dict[str, Any]] = {}
+    for record in reversed(records):
+        summary = record["summary"]
+        if summary.get("bases") != bases:
+            continue
+        for hardware_class, decision in (summary.get("classes") or {}).items():
+            if hardware_class not in found and decision.get("label") is not None:
+                found[hardware_class] = decision
+    return found
+
+
 def current_decisions(ledger: Ledger, doc: Document[Deployment], cache: Cache) -> dict[str, dict[str, Any]]:
-    """Per hardware class, the finalist the last ``decide`` record chose for the host builds git asks for now
-    (none when git changed the model, the data or the recipe since: they are measured again)."""
+    """Per hardware class, the finalist decided last for the host builds git asks for now (none when git
+    changed the model, the data or the recipe since: they are measured again)."""
     if not declares(doc):
         return {}
     records = ledger.summaries(doc.name, DECIDE)
     if not records:
         return {}
-    summary = records[-1]["summary"]
-    for accelerator, key in (summary.get("bases") or {}).items():
+    bases = {}
+    for accelerator in sorted(records[-1]["summary"].get("bases") or {}):
         host = cached(BuildRequest.of(doc, accelerator), cache)
-        if host is None or host.artifact.key != key:
+        if host is None:
             return {}
-    return {c: d for c, d in (summary.get("classes") or {}).items() if d.get("label") is not None}
+        bases[accelerator] = host.artifact.key
+    return standing(records, bases)
 
 
 def pending(ws: Workspace, doc: Document[Deployment], ledger: Ledger, cache: Cache) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeops.decide import SAME_SPEED, choose
+from edgeops.decide import SAME_SPEED, choose, standing
 
 
 def row(label: str, p50: float, size: int, energy: float | None = None) -> dict[str, object]:
@@ -55,3 +55,16 @@ def test_the_pick_is_near_the_fastest_or_the_input_and_never_a_slower_file_than_
     if label != "original":
         assert picked["p50_ms"] <= fastest * SAME_SPEED  # type: ignore[operator]
         assert original_ms / picked["p50_ms"] >= min_speedup  # type: ignore[operator]
+
+
+def record(bases: dict[str, str], **classes: str | None) -> dict[str, object]:
+    return {"summary": {"bases": bases, "classes": {c: {"label": label} for c, label in classes.items()}}}
+
+
+def test_a_later_run_that_could_not_measure_a_class_keeps_what_was_decided_for_it() -> None:
+    now = {"cpu": "k2"}
+    records = [record({"cpu": "k1"}, arm="static"),                 # for an older build: not used
+               record(now, arm="dynamic", x86="static"),
+               record(now, arm=None, x86="original")]                # arm's device was away this time
+    assert {c: d["label"] for c, d in standing(records, now).items()} == {"arm": "dynamic", "x86": "original"}
+    assert standing(records, {"cpu": "k3"}) == {}                     # git builds something else now
