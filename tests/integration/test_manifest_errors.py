@@ -96,6 +96,10 @@ CASES = [
     ("exclude-nodes-unknown", W, "calibration_method: minmax", "calibration_method: minmax\n        exclude_nodes: [conv_9]", "exclude_nodes", "the model has no node named 'conv_9'"),
     ("smooth-weight-only", W, "mode: static", "mode: weight_only\n        smooth: 0.5", "- quantize:", "smooth only applies to mode: static or dynamic"),
     ("no-wrong-hint", W, "mode: static", "mode: automatic", "mode: automatic", "'auto' (got 'automatic')"),
+    # issue 29: deciding on the device, splitting outliers
+    ("decide-on-static", W, "mode: static", "mode: static\n        decide_on: device", "- quantize:", "decide_on only applies to mode: auto"),
+    ("decide-on-size", W, "mode: static", "mode: auto\n        objective: size\n        decide_on: device", "- quantize:", "with objective: size the smallest file wins wherever it is measured"),
+    ("split-outliers-static", W, "mode: static", "mode: static\n        split_outliers: 6", "- quantize:", "split_outliers only applies to mode: dynamic"),
     ("case-only-hint", ARM, "- name: CPUExecutionProvider", "- name: XNNPACKExecutionProvider", "XNNPACK", "did you mean 'XnnpackExecutionProvider'?"),
     ("empty-spec", NPU, None, "apiVersion: edgeops/v1\nkind: DeviceProfile\nmetadata: {name: npu-edge}\nspec:\n", "spec:", "spec: is empty; write its fields under it"),
     ("device-name-not-dns", LAB, "name: lab-02", "name: Nu3_Pi_05", "Nu3_Pi_05", "try 'nu3-pi-05'"),
