@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edgeops.adapt.artifact import Adaptation, NoHead, adaptable
@@ -26,7 +26,6 @@ class Desired:
     artifacts: dict[str, Artifact]        # by accelerator class
     releases: dict[str, Release]          # by target key
     release_id: str = ""                  # the fleet-wide release (all targets, whatever the selector)
-    decided: dict[str, str] = field(default_factory=dict)  # hardware class -> the finalist decided on a device
 
     def configs(self) -> dict[str, list[str]]:
         """Hardware class -> the distinct runtime configs its devices get, device values as placeholders."""
@@ -44,7 +43,7 @@ class Desired:
             return self
         targets = tuple(t for t in self.targets if selector.matches(t.device.labels))
         return Desired(self.deployment, targets, self.artifacts, {t.key: self.releases[t.key] for t in targets},
-                       self.release_id, self.decided)
+                       self.release_id)
 
 
 class NotBuilt(EdgeopsError):
@@ -103,8 +102,7 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
         config = render_device(ws, deployment, target, artifact.report["artifact"], templates)
         releases[target.key] = make_release(deployment.name, artifact, config)
     return Desired(deployment, targets, artifacts, releases,
-                   fleet_release_id(deployment.name, list(releases.values())),
-                   {c: str((decisions or {})[c]["label"]) for c in by_class})
+                   fleet_release_id(deployment.name, list(releases.values())))
 
 
 def _adapted(deployment: Document[Deployment], cache: Cache, accelerator: str, base: Artifact, learned: str | None,

@@ -672,7 +672,8 @@ def finalists(search: Search, modes: list[str], options: QuantizeOptions, ctx: S
 def _choose(search: Search, src: Path, modes: list[str], options: QuantizeOptions, ctx: StepContext,
             fallback: str) -> StepResult:
     """The passing candidate the objective prefers, confirmed on everything; the input unless it is
-    ``min_speedup`` faster (latency and energy objectives, on a host quiet enough to tell)."""
+    ``min_speedup`` faster (latency and energy objectives, on a host quiet enough to tell). With
+    ``decide_on: device`` the report also lists the finalists a device will choose among."""
     result = _chosen(search, src, modes, options, ctx, fallback)
     if options.decide_on == "device":
         result.extra["finalists"] = finalists(search, modes, options, ctx)
@@ -683,6 +684,7 @@ def _choose(search: Search, src: Path, modes: list[str], options: QuantizeOption
 
 def _chosen(search: Search, src: Path, modes: list[str], options: QuantizeOptions, ctx: StepContext,
             fallback: str) -> StepResult:
+    """The host's choice (see ``_choose``)."""
     best = _best(search.passing(), modes, ctx, search.objective)
     while best is not None and not search.confirm(best):
         best = _best(search.passing(), modes, ctx, search.objective)
