@@ -86,13 +86,16 @@ def declares(doc: Document[Deployment], accelerator: str | None = None) -> bool:
     return any(step.quantize is not None and step.quantize.decide_on == "device" for recipe in recipes for step in recipe)
 
 
-def choose(rows: list[dict[str, Any]], objective: str, min_speedup: float | None) -> tuple[str, str]:
+def choose(rows: list[dict[str, Any]], objective: str, min_speedup: float | None,
+           standing: str | None = None) -> tuple[str, str]:
     """(the label to run, why) from one device's side-by-side figures: ``p50_ms``, ``energy_mj`` per inference
     (None without a sensor), ``size_bytes`` per finalist; the input is labelled ``original``.
 
     latency: the fastest p50 (finalists within ``SAME_SPEED`` of it count as equally fast: the smaller file);
-    energy: the least energy per inference, latency standing in when the device has no sensor. The input is
-    kept unless the pick is ``min_speedup`` faster than it on the device (latency and energy alike)."""
+    energy: the least energy per inference, latency standing in when the device has no sensor. ``standing``,
+    the class's pick before this measurement, stays while it is among the equally fast (measuring again does
+    not flip between equals). The input is kept unless the pick is ``min_speedup`` faster than it on the device
+    (latency and energy alike)."""
     if not rows:
         raise ValueError("no finalist measured")
     use_energy = objective == "energy" and all(r.get("energy_mj") is not None for r in rows)
@@ -100,10 +103,12 @@ def choose(rows: list[dict[str, Any]], objective: str, min_speedup: float | None
     unit = "mJ per inference" if use_energy else "ms p50"
     best_value = min(float(r[figure]) for r in rows)
     close = [r for r in rows if float(r[figure]) <= best_value * SAME_SPEED]
-    pick = min(close, key=lambda r: (r.get("size_bytes") or math.inf, float(r[figure])))
+    kept = next((r for r in close if r["label"] == standing), None)
+    pick = kept or min(close, key=lambda r: (r.get("size_bytes") or math.inf, float(r[figure])))
     measured = f"{pick['label']} {float(pick[figure]):.4g} {unit}"
+    tie = "the pick before this measurement" if kept is not None else "the smaller file"
     why = (f"least energy per inference on the device ({measured})" if use_energy else
-           f"fastest on the device ({measured}; within {SAME_SPEED - 1:.0%} of the fastest, the smaller file)")
+           f"fastest on the device ({measured}; within {SAME_SPEED - 1:.0%} of the fastest, {tie})")
     if objective == "energy" and not use_energy:
         why += "; objective energy: the device has no power reading, its latency stands in"
     original = next((r for r in rows if r["label"] == "original"), None)
@@ -177,6 +182,7 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
     """Measure the finalists on one device of every hardware class the deployment targets over SSH, choose per
     class, and record it (kind ``decide``). Classes without finalists are not listed."""
     targets = target_devices(ws, doc.name)
+    before = current_decisions(ledger, doc, cache)
     bases: dict[str, str] = {}
     decisions: dict[str, ClassDecision] = {}
     by_accelerator: dict[str, tuple[list[Finalist], list[str]]] = {}
@@ -208,7 +214,7 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
                 failures.append(f"{target.key}: {str(exc).splitlines()[0]}")
                 continue
             objective, min_speedup = _auto_options(doc, accelerator, decision.index)
-            label, why = choose(rows, objective, min_speedup)
+            label, why = choose(rows, objective, min_speedup, (before.get(hardware_class) or {}).get("label"))
             chosen = next(f for f in finalists if f.label == label)
             decision.label, decision.step, decision.device, decision.rows = label, chosen.step, target.key, rows
             decision.why = why + (f" (not built: {'; '.join(left_out)})" if left_out else "")

@@ -95,8 +95,8 @@ def test_each_hardware_class_runs_what_its_own_device_measured_best(decide_lab: 
     decided = cli(decide_lab, "decide", NAME, "-o", "json")
     assert decided.exit_code == ExitCode.OK, decided.output
     table = json.loads(decided.stdout)
-    assert {c: choose(d["candidates"], "latency", None)[0] for c, d in table.items()} == \
-        {c: d["label"] for c, d in table.items()}
+    assert {c: choose(d["candidates"], "latency", None, classes[c]["label"])[0] for c, d in table.items()} == \
+        {c: d["label"] for c, d in table.items()}  # measuring again keeps the standing pick among equals
     assert len(_decisions(decide_lab)) == 2
     rows = {r["device"]: r for r in json.loads(cli(decide_lab, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
     assert {n: r["release"] for n, r in rows.items()} == before

@@ -68,3 +68,14 @@ def test_a_later_run_that_could_not_measure_a_class_keeps_what_was_decided_for_i
                record(now, arm=None, x86="original")]                # arm's device was away this time
     assert {c: d["label"] for c, d in standing(records, now).items()} == {"arm": "dynamic", "x86": "original"}
     assert standing(records, {"cpu": "k3"}) == {}                     # git builds something else now
+
+
+def test_measuring_again_keeps_the_standing_pick_among_equals_but_not_against_a_clearly_faster_one() -> None:
+    rows = [row("qoperator", 0.0333, 280), row("per-tensor", 0.0320, 281), row("original", 0.05, 1000)]
+    assert choose(rows, "latency", None)[0] == "qoperator"                     # within 5%: the smaller file
+    assert choose(rows, "latency", None, standing="per-tensor")[0] == "per-tensor"
+    label, why = choose(rows, "latency", None, standing="per-tensor")
+    assert "the pick before this measurement" in why
+    rows[1]["p50_ms"] = 0.0300                                                 # 11% faster than the standing one
+    assert choose(rows, "latency", None, standing="qoperator")[0] == "per-tensor"
+    assert choose(rows, "latency", None, standing="gone")[0] == "per-tensor"   # a pick no longer a finalist
