@@ -279,10 +279,11 @@ def build_finalists(doc: Document[Deployment], accelerator: str, cache: BuildCac
     """quantize.decide_on: device: the finalists built alone (what apply stages on the devices) and the decisions
     recorded for this build; None for a deployment whose build host decides."""
     from edgeops.decide import current_decisions, declares, finalists_of
-    from edgeops.operations import Repo
 
     if not declares(doc, accelerator):
-        return None
+        return None  # a cache hit stays light: nothing below is imported
+    from edgeops.operations import Repo
+
     found, left_out = finalists_of(doc, accelerator, cache, progress=progress)
     repo = Repo.open(_load([Path(doc.path)], settings), settings)
     return {"finalists": [{"label": f.label, "step": f.step, "size_bytes": f.artifact.report["artifact"]["size_bytes"],
