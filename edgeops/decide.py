@@ -205,9 +205,9 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
             continue
         failures = []
         for target in _order(reachable):
-            device = Device(connections.get(target), target.root, target.python, doc.name)
-            device.fence = lease.token(target.fleet.name) if lease is not None else None
             try:
+                device = Device(connections.get(target), target.root, target.python, doc.name)
+                device.fence = lease.token(target.fleet.name) if lease is not None else None
                 with device.session():
                     rows = _measure_on(device, target, ws, doc, finalists, progress)
             except (DeviceError, TransportError, OSError) as exc:  # unreachable, refused: the next device

@@ -100,3 +100,29 @@ def test_each_hardware_class_runs_what_its_own_device_measured_best(decide_lab: 
     assert len(_decisions(decide_lab)) == 2
     rows = {r["device"]: r for r in json.loads(cli(decide_lab, "status", MANIFEST, "-o", "json").stdout)[0]["devices"]}
     assert {n: r["release"] for n, r in rows.items()} == before
+
+
+def test_a_class_with_no_device_to_measure_keeps_the_hosts_choice_and_says_so(decide_lab: Path) -> None:
+    """A hardware class whose only device cannot be reached: `edgeops decide` measures the others, names it,
+    and exits 1; its devices would run the host's choice (nothing was decided for it)."""
+    from labkit.repo import free_ports
+
+    profiles, fleet = decide_lab / "device_profiles", decide_lab / "manifests" / "fleets" / "lab.yaml"
+    (profiles / "lab-cpu-away.yaml").write_text((profiles / "lab-cpu.yaml").read_text()
+                                                .replace("name: lab-cpu", "name: lab-cpu-away")
+                                                .replace("hardware_class: lab-x86", "hardware_class: lab-x86-away"))
+    original = fleet.read_text()
+    fleet.write_text(original + f"    - {{name: lab-away, host: 127.0.0.1, port: {free_ports(1)[0]}, "
+                                f"root: {decide_lab.parent / 'devices' / 'lab-away'}, profile: lab-cpu-away}}\n")
+    try:
+        decided = cli(decide_lab, "decide", NAME, "-o", "json")
+        assert decided.exit_code == ExitCode.FAILED, decided.output
+        table = json.loads(decided.stdout)
+        assert "lab-x86-away" in table, decided.output
+        away = table["lab-x86-away"]
+        assert away["label"] is None and away["candidates"] == []
+        assert "lab/lab-away" in away["why"] and "the host's choice stands" in away["why"]
+        assert table["lab-x86"]["label"] and table["lab-x86-2t"]["label"]  # the reachable classes measured
+    finally:
+        fleet.write_text(original)
+        (profiles / "lab-cpu-away.yaml").unlink()
