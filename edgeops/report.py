@@ -177,9 +177,10 @@ def adaptation_section(rounds: list[dict[str, Any]]) -> list[str]:
 
 
 def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dict[str, Any] | None],
-                rounds: list[dict[str, Any]] | None = None) -> str:
+                rounds: list[dict[str, Any]] | None = None, decided: dict[str, dict[str, Any]] | None = None) -> str:
     """The page for one rollout of ``deployment``; ``reports``: build report per accelerator (None: not cached);
-    ``rounds``: the deployment's federated rounds (the learning curve)."""
+    ``rounds``: the deployment's federated rounds (the learning curve); ``decided``: per hardware class, the
+    finalist its device chose for the builds this rollout quoted (quantize.decide_on: device)."""
     e = html.escape
     title = f"{deployment}: rollout #{rollout.get('number', rollout['id'])} ({rollout['kind']})"
     parts = [f"<h1>edgeops report — {e(title)}</h1>",
@@ -212,6 +213,12 @@ def render_html(deployment: str, rollout: dict[str, Any], reports: dict[str, dic
         if speed:
             parts.append(f"<p>speed: {speed['speedup']:.2f}x the original ({e(speed['method'])})</p>"
                          if speed["measurable"] else f"<p>speed: {e(speed['why'])}</p>")
+    if decided:
+        parts.append("<h3>Decided on the device</h3>")
+        parts.append(_table(["hardware class", "measured on", "runs", "why", "finalists (device p50 ms)"],
+                            [[c, d.get("device") or "—", d["label"], d.get("why") or "",
+                              ", ".join(f"{r['label']} {float(r['p50_ms']):.4f}" for r in d.get("candidates") or [])]
+                             for c, d in sorted(decided.items())]))
     parts += adaptation_section(rounds or [])
     parts.append("<h2>Devices</h2>")
     for event in rollout["devices"]:

@@ -750,9 +750,14 @@ def report_html(deployment: str, number: int | None, settings: Settings) -> str:
     """``report`` as a self-contained HTML page with its plots."""
     from edgeops.report import render_html
 
+    from edgeops.decide import DECIDE, declares, standing
+
     repo, doc = _context(deployment, settings)
     rounds = repo.ledger.summaries(doc.name, "adapt") if doc.obj.spec.adapt is not None else []
-    return render_html(*report(deployment, number, settings), rounds=rounds)
+    name, rollout, reports = report(deployment, number, settings)
+    builds = (rollout.get("summary") or {}).get("build_keys") or {}
+    decided = standing(repo.ledger.summaries(doc.name, DECIDE), builds) if builds and declares(doc) else {}
+    return render_html(name, rollout, reports, rounds=rounds, decided=decided)
 
 
 def rollback(deployment: str, to: str | None, devices: list[str] | None, settings: Settings, reporter: Reporter,

@@ -81,6 +81,9 @@ def test_each_hardware_class_runs_what_its_own_device_measured_best(decide_lab: 
         assert f"{hardware_class}: runs the {decision['label']} finalist, decided on {decision['device']}" in plan.output
     page = cli(decide_lab, "report", NAME, "--rollout", "1")  # the decide record, as the report shows it
     assert page.exit_code == ExitCode.OK and "(decide)" in page.stdout and "device p50 ms" in page.stdout
+    page = cli(decide_lab, "report", NAME, "--rollout", "2")  # the apply: its build, and what each class chose
+    assert page.exit_code == ExitCode.OK and "(apply)" in page.stdout and "Decided on the device" in page.stdout
+    assert all(f"<td>{c}</td><td>{d['device']}</td><td>{d['label']}</td>" in page.stdout for c, d in classes.items())
     built = cli(decide_lab, "build", MANIFEST)
     assert built.exit_code == ExitCode.OK, built.output
     assert "decide_on: device: finalists" in built.output and "original (1.09 MB" in built.output
