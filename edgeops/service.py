@@ -748,9 +748,8 @@ def report(deployment: str, number: int | None, settings: Settings) -> tuple[str
 
 def report_html(deployment: str, number: int | None, settings: Settings) -> str:
     """``report`` as a self-contained HTML page with its plots."""
-    from edgeops.report import render_html
-
     from edgeops.decide import DECIDE, declares, standing
+    from edgeops.report import render_html
 
     repo, doc = _context(deployment, settings)
     rounds = repo.ledger.summaries(doc.name, "adapt") if doc.obj.spec.adapt is not None else []

@@ -237,28 +237,31 @@ def preprocesses(options: QuantizeOptions, ctx: StepContext) -> bool:
     return options.preprocess or ctx.accelerator == "tpu"
 
 
-def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -> Path:
-    """``prepared`` with its MatMul activations smoothed (made once per strength and step)."""
-    from edgeops.compress.smooth import smooth
-
-    path = prepared.with_name(f"{prepared.stem}-smooth-{alpha:g}.onnx")
+def _rewritten(prepared: Path, tag: str, doing: str, rewrite: Callable[[Path, Path], str], ctx: StepContext,
+               notes: list[str]) -> Path:
+    """``prepared`` rewritten by ``rewrite(src, dst) -> note`` (made once per step and ``tag``; the note kept)."""
+    path = prepared.with_name(f"{prepared.stem}-{tag}.onnx")
     if not path.exists():
-        ctx.progress(f"quantize: smoothing activations (alpha {alpha:g})")
-        path.with_suffix(".txt").write_text(smooth(prepared, path, ctx.calibration.inputs, alpha))
+        ctx.progress(f"quantize: {doing}")
+        path.with_suffix(".txt").write_text(rewrite(prepared, path))
     notes.append(path.with_suffix(".txt").read_text())
     return path
+
+
+def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -> Path:
+    """``prepared`` with its MatMul activations smoothed (SmoothQuant)."""
+    from edgeops.compress.smooth import smooth
+
+    return _rewritten(prepared, f"smooth-{alpha:g}", f"smoothing activations (alpha {alpha:g})",
+                      lambda src, dst: smooth(src, dst, ctx.calibration.inputs, alpha), ctx, notes)
 
 
 def outliers_split(prepared: Path, ratio: float, ctx: StepContext, notes: list[str]) -> Path:
     """``prepared`` with the outlier channels of its MatMul activations split off into float MatMuls."""
     from edgeops.compress.outliers import split_outliers
 
-    path = prepared.with_name(f"{prepared.stem}-split-{ratio:g}.onnx")
-    if not path.exists():
-        ctx.progress(f"quantize: splitting outlier channels off (above {ratio:g}x the median)")
-        path.with_suffix(".txt").write_text(split_outliers(prepared, path, ctx.calibration.inputs, ratio))
-    notes.append(path.with_suffix(".txt").read_text())
-    return path
+    return _rewritten(prepared, f"split-{ratio:g}", f"splitting outlier channels off (above {ratio:g}x the median)",
+                      lambda src, dst: split_outliers(src, dst, ctx.calibration.inputs, ratio), ctx, notes)
 
 
 def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str],
