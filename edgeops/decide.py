@@ -53,26 +53,21 @@ def auto_stage(artifact: Artifact) -> dict[str, Any] | None:
     return next((s for s in artifact.report.get("stages", []) if s.get("finalists")), None)
 
 
-def finalists_of(doc: Document[Deployment], accelerator: str, cache: Cache, build_missing: bool = True,
+def finalists_of(doc: Document[Deployment], accelerator: str, cache: Cache,
                  progress: Callable[[str], None] = lambda m: None) -> tuple[list[Finalist], list[str]]:
-    """(the finalists of what git builds for ``accelerator``, each built alone; why any was left out)."""
+    """(the finalists of what git builds for ``accelerator``, each built alone (cache hits are free); why any
+    was left out)."""
     request = BuildRequest.of(doc, accelerator)
-    host = build(request, cache, progress=progress) if build_missing else cached(request, cache)
-    if host is None:
-        return [], [f"the {accelerator} artifact is not built yet"]
-    stage = auto_stage(host.artifact)
+    stage = auto_stage(build(request, cache, progress=progress).artifact)
     if stage is None:
         return [], []
     found, left_out = [], []
     for entry in stage["finalists"]:
         variant = request.with_step(stage["index"], entry["step"], entry["label"])
         try:
-            built = build(variant, cache, progress=progress) if build_missing else cached(variant, cache)
+            built = build(variant, cache, progress=progress)
         except EdgeopsError as exc:  # confirmed on the whole evaluation set, a screened candidate may miss
             left_out.append(f"{entry['label']}: {str(exc).splitlines()[0]}")
-            continue
-        if built is None:
-            left_out.append(f"{entry['label']}: not built yet")
             continue
         host_figures = {k: entry.get(k) for k in ("host_p50_ms", "size_bytes", "quality")}
         found.append(Finalist(entry["label"], stage["index"], entry["step"], built.artifact, host_figures))
@@ -195,7 +190,7 @@ def decide(ws: Workspace, doc: Document[Deployment], cache: Cache, ledger: Ledge
             if host is not None:
                 bases[accelerator] = host.artifact.key
         finalists, left_out = by_accelerator[accelerator]
-        if not finalists:
+        if len(finalists) < 2:  # nothing to choose between: the host's build stands
             continue
         decision = ClassDecision(hardware_class, accelerator, index=finalists[0].index)
         decisions[hardware_class] = decision
