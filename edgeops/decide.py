@@ -263,11 +263,13 @@ def current_decisions(ledger: Ledger, doc: Document[Deployment], cache: Cache) -
     return standing(records, bases)
 
 
-def pending(ws: Workspace, doc: Document[Deployment], ledger: Ledger, cache: Cache) -> list[str]:
-    """The hardware classes reached over SSH whose recipe decides on the device and that have no decision for
-    what git builds now (apply measures them first; plan shows the host's choice for them)."""
-    targets = [t for t in target_devices(ws, doc.name) if not is_pull(t) and declares(doc, t.accelerator)]
-    if not targets:
-        return []
-    decided = current_decisions(ledger, doc, cache)
-    return sorted({t.hardware_class for t in targets} - set(decided))
+def pending(ws: Workspace, doc: Document[Deployment], decided: dict[str, dict[str, Any]]) -> list[str]:
+    """The hardware classes reached over SSH whose recipe decides on the device and that ``decided`` (what
+    ``current_decisions`` read) has no decision for: apply measures them first, plan shows the host's choice."""
+    return sorted({t.hardware_class for t in target_devices(ws, doc.name)
+                   if not is_pull(t) and declares(doc, t.accelerator)} - set(decided))
+
+
+def figures(decision: dict[str, Any]) -> str:
+    """Every finalist's device p50 in a recorded decision, for one line of text."""
+    return ", ".join(f"{r['label']} {r['p50_ms']:.3f} ms" for r in decision.get("candidates") or [])

@@ -86,7 +86,7 @@ def desired_state(ws: Workspace, deployment: Document[Deployment], cache: Cache,
     by_class: dict[str, Artifact] = {}
     for hardware_class, decision in sorted((decisions or {}).items()):
         member = next((t for t in targets if t.hardware_class == hardware_class), None)
-        if member is None or decision.get("label") is None or deployment.obj.spec.adapt is not None:
+        if member is None or decision.get("label") is None:
             continue
         request = BuildRequest.of(deployment, member.accelerator).with_step(decision["index"], decision["step"],
                                                                      decision["label"])

@@ -13,7 +13,7 @@ from typing import Any
 from edgeops.adapt.artifact import Adaptation
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
-from edgeops.decide import ClassDecision, current_decisions, decide, declares, pending
+from edgeops.decide import ClassDecision, current_decisions, decide, declares, figures, pending
 from edgeops.desired import Desired, desired_state
 from edgeops.endpoints import Withheld, withhold
 from edgeops.errors import EdgeopsError, InputError
@@ -140,12 +140,9 @@ def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connecti
 def decision_notes(repo: Repo, doc: Document[Deployment], decisions: dict[str, dict[str, Any]]) -> tuple[str, ...]:
     """What the plan says about quantize.decide_on: device: per class, what was decided where, or that apply
     measures the finalists first."""
-    notes = []
-    for hardware_class, d in sorted(decisions.items()):
-        figures = ", ".join(f"{r['label']} {r['p50_ms']:.3f} ms" for r in d.get("candidates") or [])
-        notes.append(f"{hardware_class}: runs the {d['label']} finalist, decided on {d['device']}: {d['why']} "
-                     f"[{figures}]")
-    waiting = pending(repo.ws, doc, repo.ledger, repo.cache)
+    notes = [f"{hardware_class}: runs the {d['label']} finalist, decided on {d['device']}: {d['why']} [{figures(d)}]"
+             for hardware_class, d in sorted(decisions.items())]
+    waiting = pending(repo.ws, doc, decisions)
     if waiting:
         notes.append(f"decide_on: device: no decision yet for {', '.join(waiting)}: apply first measures the "
                      "finalists on one of its devices; this plan shows the host's choice")
@@ -186,7 +183,7 @@ def apply_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     require_key_files(target_devices(repo.ws, doc.name), signing=True, signing_key=repo.signing_key,
                            will_sign=True)
     with repo.ledger.lock(fleets, holder=f"{repo.actor} applying {doc.name}", wait_s=lock_timeout_s) as lease:
-        if saved is None and pending(repo.ws, doc, repo.ledger, repo.cache):
+        if saved is None and pending(repo.ws, doc, current_decisions(repo.ledger, doc, repo.cache)):
             decide(repo.ws, doc, repo.cache, repo.ledger, connections, repo.actor, lease, progress)
         # apply hashes what runs and the rollback targets (sizes and times cannot prove a same-size change)
         plan, desired = plan_deployment(repo, doc, connections, progress, selector,

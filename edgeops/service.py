@@ -282,14 +282,14 @@ def build_finalists(doc: Document[Deployment], accelerator: str, cache: BuildCac
 
     if not declares(doc, accelerator):
         return None  # a cache hit stays light: nothing below is imported
-    from edgeops.operations import Repo
+    from edgeops.state import open_ledger
 
     found, left_out = finalists_of(doc, accelerator, cache, progress=progress)
-    repo = Repo.open(_load([Path(doc.path)], settings), settings)
+    ledger = open_ledger(settings.state_url, settings.ledger_in(workspace_root([doc.path], settings)))
     return {"finalists": [{"label": f.label, "step": f.step, "size_bytes": f.artifact.report["artifact"]["size_bytes"],
                            "host_p50_ms": f.host.get("host_p50_ms"), "key": f.artifact.key} for f in found],
             "left_out": left_out,
-            "decisions": {c: d for c, d in current_decisions(repo.ledger, doc, repo.cache).items()
+            "decisions": {c: d for c, d in current_decisions(ledger, doc, cache).items()
                           if d.get("accelerator") == accelerator}}
 
 

@@ -403,14 +403,15 @@ def finalist_lines(found: dict[str, Any] | None) -> list[str]:
     """`edgeops build` for quantize.decide_on: device: the finalists and what each hardware class decided."""
     if not found:
         return []
+    from edgeops.decide import figures
+
     lines = ["decide_on: device: finalists " + ", ".join(
         f"{f['label']} ({f['size_bytes'] / 1e6:.2f} MB, host p50 "
         + (f"{f['host_p50_ms']:.3f} ms)" if f.get("host_p50_ms") else "—)") for f in found["finalists"])]
     lines += [f"  left out: {escape(why)}" for why in found["left_out"]]
     for hardware_class, d in sorted(found["decisions"].items()):
-        figures = ", ".join(f"{r['label']} {r['p50_ms']:.3f} ms" for r in d.get("candidates") or [])
         lines.append(f"  {escape(hardware_class)}: {escape(d['label'])}, decided on {escape(d['device'])}: "
-                     f"{escape(d['why'])} [{figures}]")
+                     f"{escape(d['why'])} [{figures(d)}]")
     if not found["decisions"]:
         lines.append("  no decision on a device yet: apply measures the finalists on one device of each hardware "
                      "class first (or run edgeops decide)")

@@ -737,7 +737,7 @@ def _bench_child(args):
 def bench_here(args):
     """Measure ``release`` alone, or interleaved with ``--compare`` (and each ``--also``): blocks in turn, the
     order rotating every turn so that no release always goes first. Sides are named a, b, c, ..."""
-    paths = [args.release] + ([args.compare] if args.compare else []) + list(getattr(args, "also", None) or [])
+    paths = [args.release] + ([args.compare] if args.compare else []) + list(args.also)
     names = "abcdefgh"[:len(paths)]
     releases = {name: load_release(path) for name, path in zip(names, paths)}
     a = releases["a"]

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeops.compress.smooth import channel_maxima, smoothable_groups
+from edgeops.compress.smooth import activation_maxima
 
 FLOAT_PREFIX = "EdgeopsOutlierMatMul_"
 MAX_SHARE = 16  # at most one channel in 16 goes float: beyond that the float part costs what int8 saves
@@ -48,13 +48,11 @@ def outlier_channels(maxima: np.ndarray, ratio: float) -> list[int]:
 def split_outliers(src: Path, dst: Path, inputs: dict[str, np.ndarray], ratio: float = 6.0,
                    samples: int = 32) -> str:
     """Write ``src`` with the outlier channels of its MatMul activations split off to ``dst``; return a note."""
-    model = onnx.load(str(src))
+    model, groups, maxima = activation_maxima(src, inputs, samples)
     graph = model.graph
-    groups = smoothable_groups(graph)
     if not groups:
         onnx.save(model, str(dst))
         return "outlier split: no MatMul with a constant weight"
-    maxima = channel_maxima(model, sorted(groups), inputs, samples)
     initializers = {i.name: i for i in graph.initializer}
     position = {id(node): index for index, node in enumerate(graph.node)}
     inserts: list[tuple[int, list[onnx.NodeProto]]] = []

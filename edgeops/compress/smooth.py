@@ -55,15 +55,22 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], inputs: dict[str,
     return maxima
 
 
+def activation_maxima(src: Path, inputs: dict[str, np.ndarray], samples: int,
+                      ) -> tuple[onnx.ModelProto, dict[str, list[onnx.NodeProto]], dict[str, np.ndarray]]:
+    """(the model, its ``smoothable_groups``, each group's activation maxima per channel): what a rewrite of
+    MatMul activations (smoothing, an outlier split) starts from; no groups, no model run."""
+    model = onnx.load(str(src))
+    groups = smoothable_groups(model.graph)
+    return model, groups, channel_maxima(model, sorted(groups), inputs, samples) if groups else {}
+
+
 def smooth(src: Path, dst: Path, inputs: dict[str, np.ndarray], alpha: float = 0.5, samples: int = 32) -> str:
     """Write ``src`` with its MatMul activations smoothed by strength ``alpha`` to ``dst``; return a note."""
-    model = onnx.load(str(src))
+    model, groups, maxima = activation_maxima(src, inputs, samples)
     graph = model.graph
-    groups = smoothable_groups(graph)
     if not groups:
         onnx.save(model, str(dst))
         return "smoothing: no MatMul with a constant weight to smooth"
-    maxima = channel_maxima(model, sorted(groups), inputs, samples)
     initializers = {i.name: i for i in graph.initializer}
     position = {id(node): index for index, node in enumerate(graph.node)}
     inserts: list[tuple[int, onnx.NodeProto]] = []
