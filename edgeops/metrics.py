@@ -79,6 +79,22 @@ def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.N
     raise ValueError(f"unknown quality metric {metric!r}; one of: {', '.join(Metric)}")
 
 
+def sample_scores(metric: str, outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic],
+                  labels: npt.NDArray[np.generic] | None = None) -> npt.NDArray[np.float64] | None:
+    """Each sample's score, for the metrics that are a mean of them (``metric_value`` is their mean); None for
+    the others (the largest error, token-level metrics)."""
+    if metric not in (*CLASSIFICATION, Metric.COSINE):
+        return None
+    n = min(len(outputs), len(reference))
+    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
+    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    if metric == Metric.COSINE:
+        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+        return np.asarray(np.sum(out * ref, axis=1) / norms)
+    truth = np.asarray(labels)[:n] if metric == Metric.ACCURACY and labels is not None else ref.argmax(1)
+    return np.asarray((out.argmax(1) == truth) * 100.0)
+
+
 def embedding_fidelity(outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic]) -> dict[str, float]:
     """What a mean cosine hides: the worst sample's cosine, and the share of samples (%) whose nearest
     neighbour among the others is the same as in the original model's embedding space (retrieval keeps

@@ -14,11 +14,13 @@ import onnx
 import onnxruntime as ort
 import zstandard
 
+from edgeops.compress.ahead import paused
 from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
-from edgeops.metrics import LOWER_IS_BETTER, PERCENT_POINTS, embedding_fidelity, metric_value
+from edgeops.metrics import LOWER_IS_BETTER, PERCENT_POINTS, embedding_fidelity, metric_value, sample_scores
 
 LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 200, 0.75
+QUICK_BUDGET_S = 0.3  # a quick timing (enough to tell a candidate that cannot win)
 ZSTD_LEVEL = 9  # level 19 compressed these float models no smaller and took 18 s for 55 MB
 SCREEN_SAMPLES = 64  # candidates are screened on this many evaluation samples first
 
@@ -77,6 +79,23 @@ def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSe
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+CLEAR_MISS_Z = 3.0  # standard errors by which a screened drop must exceed the goal to stop on the sample
+
+
+def drop_standard_error(goal: QualityGoal, outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None,
+                        baseline: float) -> float | None:
+    """The standard error of a sample's quality drop (in the goal's unit), from the per-sample differences
+    between the model's scores and the original's; None for metrics that are not a mean of per-sample scores."""
+    scores = sample_scores(goal.metric, outputs, reference, labels)
+    original = sample_scores(goal.metric, reference, reference, labels)
+    if scores is None or original is None or len(scores) < 2:
+        return None
+    error = float(np.std(original - scores, ddof=1) / math.sqrt(len(scores)))
+    if goal.drop == "relative":
+        error = error / baseline * 100 if baseline else 0.0
+    return error
+
+
 def run_all(sess: ort.InferenceSession, data: Dataset) -> list[np.ndarray]:
     """Outputs over every sample, one sample per run as on a device.
 
@@ -109,21 +128,33 @@ def host_latency(path: Path, data: Dataset, budget_s: float = LATENCY_BUDGET_S,
     Runs until ``budget_s`` is spent (at least ``min_runs``, at most ``max_runs``): a 0.1 ms model gets its
     200 runs, a 30 ms encoder the runs 0.75 s allows; the interval says how much that settled.
     """
-    sess = session(path)
-    feeds = [{name: array[i:i + 1] for name, array in data.inputs.items()} for i in range(min(data.count, 64))]
-    started = time.perf_counter()
-    for i in range(warmup):
-        sess.run(None, feeds[i % len(feeds)])
-        if i >= 2 and time.perf_counter() - started > budget_s / 5:
-            break
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - started < budget_s):
-        start = time.perf_counter()
-        sess.run(None, feeds[len(samples) % len(feeds)])
-        samples.append(time.perf_counter() - start)
+    return latency_summary(latency_samples(path, data, budget_s, min_runs, max_runs, warmup))
+
+
+def latency_summary(samples: list[float]) -> tuple[float, float, tuple[float, float]]:
+    """(p50, p95, 95% interval of the p50) in ms of run times in seconds."""
     ms = np.array(samples) * 1e3
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), median_interval(ms)
+
+
+def latency_samples(path: Path, data: Dataset, budget_s: float, min_runs: int, max_runs: int,
+                    warmup: int = LATENCY_WARMUP) -> list[float]:
+    """Run times (s) of ``path`` on one thread after a warm-up, alone (see ``host_latency``)."""
+    sess = session(path)
+    feeds = [{name: array[i:i + 1] for name, array in data.inputs.items()} for i in range(min(data.count, 64))]
+    samples: list[float] = []
+    with paused():  # alone: candidates quantized ahead wait
+        started = time.perf_counter()
+        for i in range(warmup):
+            sess.run(None, feeds[i % len(feeds)])
+            if i >= 2 and time.perf_counter() - started > budget_s / 5:
+                break
+        started = time.perf_counter()
+        while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - started < budget_s):
+            start = time.perf_counter()
+            sess.run(None, feeds[len(samples) % len(feeds)])
+            samples.append(time.perf_counter() - start)
+    return samples
 
 
 # the build's final A/B: 10 blocks of ~0.08 s per model after ~0.3 s of warm-up each (~2 s in all; blocks hold
@@ -137,6 +168,12 @@ def interleaved_p50(first: Path, second: Path, inputs: dict[str, np.ndarray], bl
     comparison between them rests on, since the host's speed drifts between two separate measurements."""
     sessions = [session(first), session(second)]
     feeds = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(min(32, len(next(iter(inputs.values())))))]
+    with paused():  # alone: candidates quantized ahead wait
+        return _interleaved(sessions, feeds, blocks, block_s, warmup_s)
+
+
+def _interleaved(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]], blocks: int,
+                 block_s: float, warmup_s: float) -> tuple[float, float]:
     started = time.perf_counter()
     warm = 0
     for s in sessions:
@@ -193,6 +230,7 @@ class Evaluator:
     reference: np.ndarray = field(init=False)
     baseline: float | None = field(default=None, init=False)
     screened: dict[Path, np.ndarray] = field(default_factory=dict, init=False)  # outputs on the screening sample
+    quick_runs: dict[Path, list[float]] = field(default_factory=dict, init=False)  # run times of a quick timing
 
     def reference_from(self, original: Path, settle: Callable[[], None] = lambda: None) -> Measurement:
         """Run the original once: its outputs become the reference; returns its measurement. ``settle`` waits
@@ -225,25 +263,36 @@ class Evaluator:
         reference = self.reference[:sample.count]
         baseline = quality(self.goal, reference, reference, sample.labels, None).value  # the original on the sample
         screened = quality(self.goal, outputs, reference, sample.labels, baseline)
-        return replace(screened, extra={**screened.extra, "screened_samples": float(sample.count)})
+        extra = {**screened.extra, "screened_samples": float(sample.count)}
+        if (error := drop_standard_error(self.goal, outputs, reference, sample.labels, baseline)) is not None:
+            extra["drop_standard_error"] = error
+        return replace(screened, extra=extra)
 
     def clearly_missed(self, screened: Quality) -> bool:
-        """A screened quality that misses the goal by more than twice the allowed drop plus what one sample
-        weighs: the whole set would not change the verdict."""
+        """A screened quality the whole set would not bring within the goal: it misses by more than twice the
+        allowed drop plus what one sample weighs, or (metrics that average per-sample scores) by more than
+        ``CLEAR_MISS_Z`` standard errors of its drop, so a tight goal's near misses stop on the sample too."""
         samples = screened.extra.get("screened_samples", 0.0)
         one_sample = 100 / samples if samples and self.goal.metric in ("accuracy", "top1_agreement") else 0.0
         if self.goal.drop == "relative" and screened.baseline:
             one_sample = one_sample / screened.baseline * 100
-        return screened.drop > 2 * self.goal.max_drop + one_sample
+        error = screened.extra.get("drop_standard_error")
+        by_error = error is not None and error > 0 and screened.drop - CLEAR_MISS_Z * error > self.goal.max_drop
+        return screened.drop > 2 * self.goal.max_drop + one_sample or by_error
 
     def with_latency(self, measurement: Measurement, path: Path) -> Measurement:
-        """``measurement`` (taken with ``latency=False``) with the host latency of ``path`` added."""
-        p50, p95, interval = host_latency(path, self.data)
+        """``measurement`` (taken with ``latency=False``) with the host latency of ``path`` added: the runs of a
+        quick timing of it count towards the budget."""
+        prior = self.quick_runs.pop(path, [])
+        more = latency_samples(path, self.data, max(LATENCY_BUDGET_S - QUICK_BUDGET_S * bool(prior), 0.1),
+                               max(LATENCY_MIN_RUNS - len(prior), 5), max(LATENCY_MAX_RUNS - len(prior), 5))
+        p50, p95, interval = latency_summary(prior + more)
         return replace(measurement, latency_p50_ms=p50, latency_p95_ms=p95, latency_p50_ci_ms=interval)
 
     def quick_p50_ms(self, path: Path) -> float:
         """A quick host p50 (ms): enough to tell a candidate that cannot win."""
-        return host_latency(path, self.data, budget_s=0.3, min_runs=5, max_runs=50)[0]
+        self.quick_runs[path] = runs = latency_samples(path, self.data, QUICK_BUDGET_S, 5, 50)
+        return latency_summary(runs)[0]
 
     def side_by_side_p50(self, first: Path, second: Path) -> tuple[float, float]:
         """The p50s (ms) of two models timed in alternating blocks: a close call decided on an A/B."""

@@ -48,9 +48,12 @@ class Watch:
 
 
 def _own_cpu_s() -> float:
-    """CPU time of this process (every thread) and of the children it has waited for (quantizers it ran)."""
+    """CPU time of this process (every thread), of the children it has waited for (quantizers it ran) and of
+    those quantizing ahead now."""
+    from edgeops.compress.ahead import live_cpu_s
+
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return time.process_time() + children.ru_utime + children.ru_stime + live_cpu_s()
 
 
 @contextmanager

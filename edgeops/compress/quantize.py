@@ -7,6 +7,7 @@ Quality is never assumed from a mode's name: every candidate is measured, and
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from edgeops.compress import ahead
+from edgeops.compress.ahead import Ahead, Job
 from edgeops.compress.data import Dataset
 from edgeops.compress.evaluate import probe_session, run_all
 from edgeops.compress.hostload import Watch, watching
-from edgeops.compress.steps import Candidate, Step, StepContext, StepResult
+from edgeops.compress.steps import Candidate, QuantizeContext, Step, StepContext, StepResult
 from edgeops.errors import BuildError
 from edgeops.manifest.models import QuantizeOptions
 
@@ -137,7 +140,7 @@ def depthwise_convs(path: Path) -> list[str]:
     return found
 
 
-def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str]) -> None:
+def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: QuantizeContext, notes: list[str]) -> None:
     q = _quant()
     method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
               "percentile": q.CalibrationMethod.Percentile}[options.calibration_method]
@@ -218,7 +221,7 @@ def quantize_fp16(src: Path, dst: Path, notes: list[str]) -> None:
     notes.append("fp16 weights and activations, float32 inputs/outputs; host latency is the CPU's, not the GPU's")
 
 
-def prepared_for(src: Path, ctx: StepContext, notes: list[str]) -> Path:
+def prepared_for(src: Path, ctx: QuantizeContext, notes: list[str]) -> Path:
     """The pre-processed input, made once per step (every candidate shares it)."""
     path = ctx.path("pre")
     if not path.exists():
@@ -228,16 +231,16 @@ def prepared_for(src: Path, ctx: StepContext, notes: list[str]) -> Path:
     return path
 
 
-def preprocesses(options: QuantizeOptions, ctx: StepContext) -> bool:
+def preprocesses(options: QuantizeOptions, ctx: QuantizeContext) -> bool:
     """Whether quantizing runs onnxruntime's pre-processing first (NPU targets always: static shapes). Decoders
     only when asked: their symbolic shapes defeat its shape inference, and it cost more than the rest of an auto
     build of the tiny LM (docs/generative.md)."""
-    if ctx.request.generative and "preprocess" not in options.model_fields_set:
+    if ctx.generative and "preprocess" not in options.model_fields_set:
         return ctx.accelerator == "tpu"
     return options.preprocess or ctx.accelerator == "tpu"
 
 
-def _rewritten(prepared: Path, tag: str, doing: str, rewrite: Callable[[Path, Path], str], ctx: StepContext,
+def _rewritten(prepared: Path, tag: str, doing: str, rewrite: Callable[[Path, Path], str], ctx: QuantizeContext,
                notes: list[str]) -> Path:
     """``prepared`` rewritten by ``rewrite(src, dst) -> note`` (made once per step and ``tag``; the note kept)."""
     path = prepared.with_name(f"{prepared.stem}-{tag}.onnx")
@@ -248,7 +251,7 @@ def _rewritten(prepared: Path, tag: str, doing: str, rewrite: Callable[[Path, Pa
     return path
 
 
-def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -> Path:
+def smoothed(prepared: Path, alpha: float, ctx: QuantizeContext, notes: list[str]) -> Path:
     """``prepared`` with its MatMul activations smoothed (SmoothQuant)."""
     from edgeops.compress.smooth import smooth
 
@@ -256,7 +259,7 @@ def smoothed(prepared: Path, alpha: float, ctx: StepContext, notes: list[str]) -
                       lambda src, dst: smooth(src, dst, ctx.calibration.inputs, alpha), ctx, notes)
 
 
-def outliers_split(prepared: Path, ratio: float, ctx: StepContext, notes: list[str]) -> Path:
+def outliers_split(prepared: Path, ratio: float, ctx: QuantizeContext, notes: list[str]) -> Path:
     """``prepared`` with the outlier channels of its MatMul activations split off into float MatMuls."""
     from edgeops.compress.outliers import split_outliers
 
@@ -264,7 +267,7 @@ def outliers_split(prepared: Path, ratio: float, ctx: StepContext, notes: list[s
                       lambda src, dst: split_outliers(src, dst, ctx.calibration.inputs, ratio), ctx, notes)
 
 
-def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, notes: list[str],
+def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: QuantizeContext, notes: list[str],
              label: str = "") -> Path:
     """Quantize ``src`` with one concrete mode; returns the output path."""
     dst = ctx.path(f"quantize-{label or mode}")
@@ -276,6 +279,7 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: StepContext, n
         prepared = smoothed(prepared, options.smooth, ctx, notes)
     if options.split_outliers is not None and mode == "dynamic":
         prepared = outliers_split(prepared, options.split_outliers, ctx, notes)
+    prepared = ctx.own_copy(prepared)
     if mode == "static":
         quantize_static(prepared, dst, options, ctx, notes)
     elif mode == "dynamic":
@@ -293,10 +297,13 @@ class Quantize(Step[QuantizeOptions]):
     kind = "quantize"
 
     def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
-        """Begin pre-processing ``model`` in a child process; returns what waits for it."""
+        """Begin pre-processing ``model`` in a child process, and an ``auto`` search's quantizing ahead with the
+        candidate that needs no pre-processing; returns what waits for the pre-processing."""
         options = self.options
         if options.mode == "fp16" or not preprocesses(options, ctx):
             return lambda: None
+        if options.mode == "auto":
+            _ahead_for(model, options, ctx)
         dst = ctx.path("pre")
         _STARTED[dst] = started = Preprocessing(model, dst)
         return started.wait
@@ -311,6 +318,37 @@ class Quantize(Step[QuantizeOptions]):
             return _auto(model, options, ctx)
         finally:
             _STARTED.pop(ctx.path("pre"), None)  # started early but never needed (every candidate was cached)
+            if (child := _AHEAD.pop(ctx.path("ahead"), None)) is not None:
+                child.close()
+
+
+_AHEAD: dict[Path, Ahead] = {}  # by the step's scratch path, as _STARTED
+
+
+def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> Ahead | None:
+    """The step's child quantizing candidates ahead (started here, with the candidates that need no
+    pre-processing), where a second core can do so: CPU searches of models big enough to pay for starting it
+    (never a GPU or NPU class, whose candidates are few, nor a decoder's search); ``Quantize.run`` closes it."""
+    key = ctx.path("ahead")
+    if key in _AHEAD:
+        return _AHEAD[key]
+    if ctx.accelerator != "cpu" or ctx.generative or not options.search or len(os.sched_getaffinity(0)) < 2 or \
+            model.stat().st_size < ahead.MIN_MODEL_BYTES:
+        return None
+    _AHEAD[key] = child = Ahead(ctx.work_dir, ctx.index, ctx.accelerator, ctx.generative, ctx.calibration.inputs)
+    for job in _unprocessed_jobs(model, options, ctx):
+        child.submit(job)
+    return child
+
+
+def _unprocessed_jobs(src: Path, options: QuantizeOptions, ctx: StepContext) -> list[Job]:
+    """The candidates ``dynamic_variants`` will try on the graph without pre-processing (ready at once)."""
+    modes = options.candidates or AUTO_CANDIDATES[ctx.accelerator]
+    if not (options.search and options.preprocess and "dynamic" in modes and options.smooth is None
+            and options.split_outliers is None):
+        return []
+    return [Job("dynamic unprocessed", "dynamic", src, options.model_copy(update={"preprocess": False})
+                .model_dump(mode="json"))]
 
 
 def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
@@ -395,11 +433,15 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
         return
     ctx.progress(f"quantize auto: measuring the sensitivity of {len(nodes)} quantized node(s)")
     order = sensitivity_order(prepared, quantized, nodes, ctx.evaluator.data.inputs)
+    def variant(count: int) -> tuple[str, str, QuantizeOptions]:
+        kept = sorted({*order[:count], *(options.exclude_nodes or [])})
+        return f"{base.mode} mixed {count}-float", mode, options.model_copy(update={"exclude_nodes": kept})
+
     count = 1
     while count < len(nodes):
-        kept = sorted({*order[:count], *(options.exclude_nodes or [])})
-        variant = options.model_copy(update={"exclude_nodes": kept})
-        candidate = search.attempt(f"{base.mode} mixed {count}-float", mode, variant)
+        if count * 2 < len(nodes):  # the next count is quantized while this one is evaluated
+            search.quantize_ahead([variant(count * 2)], rewritten=True)
+        candidate = search.attempt(*variant(count))
         if _passes(candidate):
             search.found[candidate.mode][1].append(f"kept float by sensitivity: {', '.join(order[:count])}")
             break
@@ -410,6 +452,13 @@ SEARCH_CALIBRATION = 32  # static candidates are calibrated on this many samples
 CANNOT_WIN = 1.25    # a candidate this much slower than a passing one (quick timing) is not evaluated further
 SAME_SPEED = 1.05    # candidates within this of the fastest count as equally fast: the higher fidelity wins
 CLOSE_CALL = 1.5     # a speedup within this factor of min_speedup is timed again side by side before deciding
+
+
+def searched(mode: str, options: QuantizeOptions) -> QuantizeOptions:
+    """The options a candidate is quantized with while searching: static ones calibrated on fewer samples."""
+    if mode == "static" and options.calibration_samples > SEARCH_CALIBRATION:
+        return options.model_copy(update={"calibration_samples": SEARCH_CALIBRATION})
+    return options
 
 
 class Search:
@@ -424,6 +473,21 @@ class Search:
         self.matmul_weights = has_matmul_weights(src)  # read once: the model may be tens of MB
         self.started = time.monotonic()
         self.objective = "latency"
+        self.ahead: Ahead | None = None
+        self.notes: list[str] = []  # about the search, not one candidate (pre-processing's fallback)
+
+    def quantize_ahead(self, jobs: list[tuple[str, str, QuantizeOptions]], rewritten: bool = False) -> None:
+        """Have the child quantize these (label, mode, options) candidates while the search evaluates others, if
+        not already cached; smoothed or split ones only once their rewritten graph exists (``rewritten``: the
+        child must not write a graph the search reads)."""
+        if self.ahead is None:
+            return
+        for label, mode, options in jobs:
+            built = searched(mode, options)
+            if (not rewritten and (built.smooth is not None or built.split_outliers is not None)) or \
+                    (self.ctx.candidates and self.ctx.candidates.get(self._key(mode, built))):
+                continue
+            self.ahead.submit(Job(label, mode, self.src, built.model_dump(mode="json")))
 
     def passing(self) -> list[Candidate]:
         return [c for c in self.candidates if _passes(c)]
@@ -442,9 +506,8 @@ class Search:
         pace = f", {(time.monotonic() - self.started) / done:.0f} s per candidate so far" if done else ""
         ctx.progress(f"quantize auto: candidate {done + 1}, {label}{pace}")
         notes: list[str] = []
-        built = options
-        if mode == "static" and options.calibration_samples > SEARCH_CALIBRATION:
-            built = options.model_copy(update={"calibration_samples": SEARCH_CALIBRATION})
+        built = searched(mode, options)
+        if built is not options:
             self.recalibrate.add(label)
         try:
             path = self._quantized(label, mode, built, notes)
@@ -465,7 +528,12 @@ class Search:
             shutil.copyfile(hit[0], path)
             notes.extend([*hit[1], "quantized by an earlier build (candidate cache)"])
             return path
-        made = run_mode(mode, self.src, options, ctx, notes, label=name)
+        taken = self.ahead.take(Job(label, mode, self.src, options.model_dump(mode="json"))) if self.ahead else None
+        if taken is not None:
+            made, made_notes = taken
+            notes.extend(made_notes)
+        else:
+            made = run_mode(mode, self.src, options, ctx, notes, label=name)
         if cache:
             cache.put(key, made, notes)
         return made
@@ -502,8 +570,10 @@ class Search:
         evaluator = self.ctx.evaluator
         screened = evaluator.screen(path)
         if screened is not None and evaluator.clearly_missed(screened):
-            notes.append(f"screened on {screened.extra['screened_samples']:.0f} evaluation samples: misses the goal "
-                         "by more than twice the allowed drop, not evaluated further")
+            error = screened.extra.get("drop_standard_error")
+            notes.append(f"screened on {screened.extra['screened_samples']:.0f} evaluation samples: drop "
+                         f"{screened.drop:.4g}" + (f" (standard error {error:.2g})" if error is not None else "") +
+                         f" against {evaluator.goal.max_drop:g} allowed, a clear miss; not evaluated further")
         elif screened is not None and not screened.passed:
             screened = None
         measurement = evaluator.measure(path, notes, latency=False, known=screened)
@@ -592,6 +662,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         modes = [m for m in modes if m != "static"] or ["weight_only"]
     search = Search(src, ctx)
     search.objective = options.objective or "latency"
+    search.ahead = _ahead_for(src, options, ctx)
     if "weight_only" in modes and not search.matmul_weights:
         modes.remove("weight_only")
     with watching() as load:
@@ -618,13 +689,35 @@ def _time_again(search: Search, ctx: StepContext, load: Watch) -> str:
             "when timed again): chose by quality, then size, not speed, and kept no float fallback on speed")
 
 
+FAMILY_REACH = 10  # a family whose closest candidate missed by this many times the closest's miss is not searched
+
+
+def closest_families(search: Search, families: set[str]) -> set[str]:
+    """When no mode met the goal: the families worth searching, those whose closest candidate came within
+    ``FAMILY_REACH`` times the closest candidate's miss (or the allowed drop). A family that missed by far more
+    (static int8 at cosine 0.86 where dynamic reached 0.9996) has variants that trade a point here and there;
+    they cost the search most of its time and do not close such a gap."""
+    drops: dict[str, float] = {}
+    for c in search.candidates:
+        if c.measurement is not None and family(c.mode) in families:
+            drops[family(c.mode)] = min(drops.get(family(c.mode), math.inf), c.measurement.quality.drop)
+    if not drops:
+        return families
+    reach = FAMILY_REACH * max(min(drops.values()), search.ctx.evaluator.goal.max_drop)
+    return {f for f in families if f not in drops or drops[f] <= reach}
+
+
 def _search(search: Search, modes: list[str], options: QuantizeOptions, ctx: StepContext) -> None:
     """Every mode, then the variants of the winning family, then mixed precision if nothing met the goal."""
+    if search.ahead is not None and len(modes) > 1:
+        if preprocesses(options, ctx):  # the child's input must be ready: pre-processed here first
+            prepared_for(search.src, ctx, search.notes)
+        search.quantize_ahead([(mode, mode, options) for mode in modes[1:]])
     for mode in modes:
         search.attempt(mode, mode, options)
     if options.search and ctx.accelerator == "cpu":
         best = _best(search.passing(), modes, ctx, search.objective)
-        families = {family(best.mode)} if best else {"static", "dynamic"} & set(modes)
+        families = {family(best.mode)} if best else closest_families(search, {"static", "dynamic"} & set(modes))
         if "static" in families:
             for label, variant in static_variants(options, prepared_for(search.src, ctx, [])):
                 search.attempt(label, "static", variant)
@@ -694,7 +787,8 @@ def _chosen(search: Search, src: Path, modes: list[str], options: QuantizeOption
     candidates = search.candidates
     if best is None:
         summary = "; ".join(f"{c.mode}: {_short(c)}" for c in candidates)
-        return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates)
+        return StepResult(src, [f"auto: no candidate met the quality goal ({summary})"], candidates,
+                          measurement=ctx.before)
     if ctx.accelerator != "gpu" and ctx.before is not None and best.measurement is not None and \
             search.objective in ("latency", "energy"):  # size: smaller than the input by construction
         needed = options.min_speedup or DEFAULT_MIN_SPEEDUP
@@ -723,7 +817,8 @@ def _chosen(search: Search, src: Path, modes: list[str], options: QuantizeOption
     rejected = ", ".join(f"{c.mode} ({_short(c)})" for c in candidates if not c.chosen)
     path, notes, _ = search.found[best.mode]
     return StepResult(path, [f"auto chose {best.mode}: {why} among candidates meeting the goal; rejected: "
-                             f"{rejected or 'none'}", *notes], candidates, measurement=best.measurement)
+                             f"{rejected or 'none'}", *notes, *search.notes], candidates,
+                      measurement=best.measurement)
 
 
 def _best(passing: list[Candidate], modes: list[str], ctx: StepContext,

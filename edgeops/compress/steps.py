@@ -5,12 +5,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Generic, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Protocol, TypeVar
 
 from edgeops.compress.cache import CandidateCache
 from edgeops.compress.data import Dataset
 from edgeops.compress.evaluate import Evaluator, Measurement
 from edgeops.compress.request import BuildRequest
+
+
+class QuantizeContext(Protocol):
+    """What quantizing one candidate needs (a build's ``StepContext``, or a child quantizing ahead)."""
+
+    calibration: Dataset
+
+    @property
+    def accelerator(self) -> str: ...
+
+    @property
+    def generative(self) -> bool: ...
+
+    def progress(self, message: str) -> None: ...
+
+    def path(self, name: str) -> Path: ...
+
+    def own_copy(self, path: Path) -> Path:
+        """``path``, or a link to it that no other process quantizes from (onnxruntime writes a scratch file
+        beside its input)."""
 
 
 @dataclass
@@ -31,8 +51,15 @@ class StepContext:
     def accelerator(self) -> str:
         return self.request.accelerator
 
+    @property
+    def generative(self) -> bool:
+        return self.request.generative
+
     def path(self, name: str) -> Path:
         return self.work_dir / f"{self.index:02d}-{name}.onnx"
+
+    def own_copy(self, path: Path) -> Path:
+        return path
 
 
 @dataclass

@@ -104,6 +104,18 @@ def test_a_goal_that_is_not_enforced_is_measured_and_warned_about(repo_copy: Pat
                for w in result.report["warnings"])
 
 
+def test_auto_that_finds_nothing_within_the_goal_keeps_the_input_as_measured(repo_copy: Path) -> None:
+    manifest = repo_copy / "manifests" / "camera.yaml"
+    manifest.write_text(manifest.read_text().replace("    metric: accuracy\n    max_drop: 0.5",
+                                                     "    metric: max_abs_error\n    max_drop: 0", 1))
+    result = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: auto, candidates: [dynamic], search: false}\n")
+    kept, original = stage(result.report, 1), stage(result.report, 0)
+    assert "auto: no candidate met the quality goal" in kept["notes"][0]
+    assert kept["latency_ms"] == original["latency_ms"] and kept["quality"] == original["quality"]  # not run again
+    assert result.report["artifact"]["sha256"] == hashlib.sha256(
+        (repo_copy / "examples" / "models" / "digits_cnn.onnx").read_bytes()).hexdigest()
+
+
 def test_second_build_is_a_cache_hit_without_recomputation(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = build_camera(repo_copy, "  recipe:\n    - quantize: {mode: dynamic}\n")
     assert not first.artifact.hit

@@ -110,3 +110,50 @@ def test_a_screened_candidate_is_dropped_only_when_it_misses_the_goal_clearly(me
     evaluator = Evaluator(QualityGoal(metric=metric, max_drop=max_drop), Dataset({"x": np.zeros((300, 2))}, None, ""))
     screened = Quality(metric, 100 - drop, 100.0, drop, drop <= max_drop, {"screened_samples": 64.0})
     assert evaluator.clearly_missed(screened) is missed
+
+
+@pytest.mark.parametrize("metric", [Metric.ACCURACY, Metric.TOP1_AGREEMENT, Metric.COSINE])
+@pytest.mark.parametrize("seed", range(3))
+def test_per_sample_scores_average_to_the_metric(metric: Metric, seed: int) -> None:
+    from edgeops.metrics import sample_scores
+
+    outputs, reference, labels = _case(seed)
+    scores = sample_scores(metric, outputs, reference, labels)
+    assert scores is not None and scores.shape == (len(outputs),)
+    assert scores.mean() == pytest.approx(metric_value(metric, outputs, reference, labels))
+    assert sample_scores(Metric.MAX_ABS_ERROR, outputs, reference) is None  # a largest error is not a mean
+
+
+@pytest.mark.parametrize("drop,error,missed", [
+    (0.007, 0.0005, True),    # 0.007 - 3 x 0.0005 = 0.0055 > 0.005: even a lucky whole set would miss
+    (0.007, 0.001, False),    # 0.007 - 3 x 0.001 = 0.004: the whole set may still meet it
+    (0.0049, 0.00001, False),  # a pass is never a clear miss
+])
+def test_a_near_miss_with_a_small_standard_error_stops_on_the_sample(drop: float, error: float,
+                                                                     missed: bool) -> None:
+    from edgeops.compress.data import Dataset
+    from edgeops.compress.evaluate import Evaluator, Quality
+    from edgeops.manifest.models import QualityGoal
+
+    evaluator = Evaluator(QualityGoal(metric="cosine", max_drop=0.005), Dataset({"x": np.zeros((300, 2))}, None, ""))
+    screened = Quality("cosine", 1 - drop, 1.0, drop, drop <= 0.005,
+                       {"screened_samples": 64.0, "drop_standard_error": error})
+    assert evaluator.clearly_missed(screened) is missed
+
+
+def test_the_drop_standard_error_is_that_of_the_paired_per_sample_differences() -> None:
+    from edgeops.compress.evaluate import drop_standard_error
+    from edgeops.manifest.models import QualityGoal
+
+    reference = np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]]          # the original is right on every sample
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    outputs = reference.copy()
+    outputs[[1, 5]] = np.eye(4)[[0, 0]]                    # two of eight samples now wrong
+    differences = np.array([0, 100, 0, 0, 0, 100, 0, 0], dtype=float)
+    expected = differences.std(ddof=1) / np.sqrt(8)
+    goal = QualityGoal(metric="accuracy", max_drop=1.0)
+    assert drop_standard_error(goal, outputs, reference, labels, 100.0) == pytest.approx(expected)
+    relative = QualityGoal(metric="accuracy", max_drop=1.0, drop="relative")
+    assert drop_standard_error(relative, outputs, reference, labels, 50.0) == pytest.approx(expected * 2)
+    assert drop_standard_error(QualityGoal(metric="max_abs_error", max_drop=1.0), outputs, reference, labels,
+                               0.0) is None

@@ -1,0 +1,122 @@
+"""Candidates quantized ahead in a child process: the same bytes as quantizing in the build, never running while
+anything is timed, counted as the build's own CPU, and gone when the step ends."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeops.compress import ahead, hostload, quantize
+from edgeops.compress.ahead import Ahead, Job, _state, live_cpu_s, paused
+from edgeops.compress.data import Dataset
+from edgeops.manifest.models import QuantizeOptions
+from edgeops.manifest.workspace import load_workspace
+from labkit.artifacts import build_for
+
+ENCODER = "examples/models/assistant_encoder.onnx"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Context:
+    def __init__(self, work: Path) -> None:
+        self.work_dir, self.index, self.calibration = work, 1, Dataset({}, None, "")
+
+    accelerator, generative = "cpu", False
+
+    def progress(self, message: str) -> None:
+        pass
+
+    def path(self, name: str) -> Path:
+        return self.work_dir / f"{self.index:02d}-{name}.onnx"
+
+    def own_copy(self, path: Path) -> Path:
+        return path
+
+
+def test_a_candidate_quantized_ahead_is_the_one_the_build_would_make_and_the_child_waits_while_timing(
+        repo_copy: Path, tmp_path: Path) -> None:
+    src = repo_copy / ENCODER
+    options = QuantizeOptions.model_validate({"mode": "dynamic", "preprocess": False})
+    here = tmp_path / "here"
+    here.mkdir()
+    made_here = quantize.run_mode("dynamic", src, options, _Context(here), [], label="dynamic-unprocessed")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    child = Ahead(work, 1, "cpu", False, {})
+    try:
+        job = Job("dynamic unprocessed", "dynamic", src, options.model_dump(mode="json"))
+        child.submit(job)
+        child.submit(Job("broken", "dynamic", tmp_path / "missing.onnx", options.model_dump(mode="json")))
+        taken = child.take(job)
+        assert taken is not None
+        path, notes = taken
+        assert _sha(path) == _sha(made_here) and "dynamic int8" in notes[0]
+        assert child.take(Job("broken", "dynamic", tmp_path / "missing.onnx", options.model_dump(mode="json"))) is None
+        assert child.take(Job("never submitted", "dynamic", src, {})) is None
+        # the child's scratch files go beside its own link to the input, never beside the shared one
+        assert (work / "01-ahead" / src.name).is_symlink() and not list(src.parent.glob("*-inferred*"))
+
+        with paused():
+            assert _state(child.process.pid) == "T"   # stopped for as long as something is timed
+            with paused():                            # a second timing (another build's thread) keeps it stopped
+                pass
+            assert _state(child.process.pid) == "T"
+        assert _state(child.process.pid) != "T"
+    finally:
+        child.close()
+    assert child.process.poll() is not None and child.process not in ahead._LIVE
+
+
+def test_a_childs_cpu_counts_as_the_builds_own_and_stops_while_paused(tmp_path: Path) -> None:
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    ahead._LIVE.add(spinner)
+    try:
+        deadline = time.monotonic() + 60
+        while live_cpu_s() < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own_before = hostload._own_cpu_s()
+        assert live_cpu_s() >= 0.2 and own_before >= live_cpu_s()  # the spinning child is the build's own load
+        with paused():
+            time.sleep(0.1)  # SIGSTOP takes effect before the next tick
+            stopped_at = live_cpu_s()
+            time.sleep(0.5)
+            assert live_cpu_s() - stopped_at <= 0.02  # one clock tick at most
+    finally:
+        ahead._LIVE.discard(spinner)
+        spinner.kill()
+        spinner.wait()
+
+
+def test_an_auto_build_takes_what_the_child_quantized_and_leaves_no_child(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ahead, "MIN_MODEL_BYTES", 0)  # the example encoder is small; a real one is tens of MB
+    taken: list[str] = []
+    original_take = Ahead.take
+
+    def spy(self: Ahead, job: Job) -> tuple[Path, list[str]] | None:
+        result = original_take(self, job)
+        if result is not None:
+            taken.append(job.label)
+        return result
+
+    monkeypatch.setattr(Ahead, "take", spy)
+    manifest = repo_copy / "manifests" / "assistant.yaml"
+    manifest.write_text(manifest.read_text().replace("    - quantize: {mode: dynamic, per_channel: true}\n",
+                                                     "    - quantize: {mode: auto}\n"))
+    report = build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu").report
+    tried = [c["mode"] for c in report["stages"][1]["candidates"]]
+    # quantized ahead: the modes after the first, and the unprocessed dynamic graph (started with the original's
+    # evaluation) when the search reached it
+    assert "dynamic" in taken and all(label in tried for label in taken)
+    assert ("dynamic unprocessed" in taken) == ("dynamic unprocessed" in tried)
+    assert not ahead._LIVE and not quantize._AHEAD
+    assert report["stages"][1]["quality"]["passed"]

@@ -1,0 +1,44 @@
+"""Which families an ``auto`` search explores when no mode met the goal: those that came close."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeops.compress.quantize import FAMILY_REACH, closest_families
+
+
+def _search(drops: dict[str, float], max_drop: float):  # type: ignore[no-untyped-def]
+    candidates = [SimpleNamespace(mode=mode, measurement=SimpleNamespace(quality=SimpleNamespace(drop=drop)))
+                  for mode, drop in drops.items()]
+    goal = SimpleNamespace(max_drop=max_drop)
+    return SimpleNamespace(candidates=candidates, ctx=SimpleNamespace(evaluator=SimpleNamespace(goal=goal)))
+
+
+def test_a_family_that_missed_by_far_more_than_the_closest_is_not_searched() -> None:
+    # the generated encoder at a tight goal: static int8 at cosine 0.86, dynamic at 0.9996
+    search = _search({"static": 0.14, "dynamic": 0.0004, "dynamic unprocessed": 0.0002}, 0.00003)
+    assert closest_families(search, {"static", "dynamic"}) == {"dynamic"}
+    # a conv net where both families came close: both are searched
+    search = _search({"static": 3.0, "dynamic": 2.0}, 1.0)
+    assert closest_families(search, {"static", "dynamic"}) == {"static", "dynamic"}
+
+
+def test_a_family_with_nothing_measured_is_still_searched() -> None:
+    search = _search({"dynamic": 0.01}, 0.005)
+    search.candidates.append(SimpleNamespace(mode="static", measurement=None))  # failed to run
+    assert closest_families(search, {"static", "dynamic"}) == {"static", "dynamic"}
+
+
+@given(st.dictionaries(st.sampled_from(["static", "dynamic", "static per-tensor", "dynamic smoothed"]),
+                       st.floats(0, 10), min_size=1), st.floats(0.0001, 1))
+def test_the_closest_family_is_always_searched(drops: dict[str, float], max_drop: float) -> None:
+    search = _search(drops, max_drop)
+    chosen = closest_families(search, {"static", "dynamic"})
+    best = min(drops, key=lambda mode: drops[mode]).split(" ")[0]
+    assert best in chosen
+    for family in {"static", "dynamic"} - chosen:
+        closest = min(d for mode, d in drops.items() if mode.split(" ")[0] == family)
+        assert closest > FAMILY_REACH * max(min(drops.values()), max_drop)
