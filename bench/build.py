@@ -3,7 +3,7 @@
     python bench/build.py            # prints markdown tables (docs/benchmarks.md)
     python bench/build.py --only sentence-encoder.yaml --olive /tmp/olive/bin/olive
 
-Latency: host CPU, 1 intra-op thread, batch 1. The build report's own figure (a 0.75 s budget
+Latency: host CPU, 1 intra-op thread, batch 1. The build report's own figure (a 0.5 s budget
 per stage) is noisy on a shared 2-core host, so this script measures the original and the
 final model again, interleaved in 40 alternating blocks after a warm-up (blocks of 50 runs,
 fewer for slow models: about 0.25 s per block), and reports both medians and their ratio

@@ -19,7 +19,7 @@ from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
 from edgeops.metrics import LOWER_IS_BETTER, PERCENT_POINTS, embedding_fidelity, metric_value, sample_scores
 
-LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 200, 0.75
+LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 200, 0.5
 QUICK_BUDGET_S = 0.3  # a quick timing (enough to tell a candidate that cannot win)
 ZSTD_LEVEL = 9  # level 19 compressed these float models no smaller and took 18 s for 55 MB
 SCREEN_SAMPLES = 64  # candidates are screened on this many evaluation samples first
@@ -62,6 +62,8 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if threads != 1:  # evaluation runs beside the build's child processes: idle pool threads yield, not spin
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -126,7 +128,7 @@ def host_latency(path: Path, data: Dataset, budget_s: float = LATENCY_BUDGET_S,
     """Single-stream latency on this host's CPU, one thread: (p50, p95, 95% interval of the p50) in ms.
 
     Runs until ``budget_s`` is spent (at least ``min_runs``, at most ``max_runs``): a 0.1 ms model gets its
-    200 runs, a 30 ms encoder the runs 0.75 s allows; the interval says how much that settled.
+    200 runs, a 30 ms encoder the runs 0.5 s allows; the interval says how much that settled.
     """
     return latency_summary(latency_samples(path, data, budget_s, min_runs, max_runs, warmup))
 
@@ -231,6 +233,7 @@ class Evaluator:
     baseline: float | None = field(default=None, init=False)
     screened: dict[Path, np.ndarray] = field(default_factory=dict, init=False)  # outputs on the screening sample
     quick_runs: dict[Path, list[float]] = field(default_factory=dict, init=False)  # run times of a quick timing
+    last_outputs: tuple[Path, np.ndarray] | None = field(default=None, init=False)  # of the last model evaluated
 
     def reference_from(self, original: Path, settle: Callable[[], None] = lambda: None) -> Measurement:
         """Run the original once: its outputs become the reference; returns its measurement. ``settle`` waits
@@ -249,6 +252,7 @@ class Evaluator:
             rest = self.data.slice(0 if done is None else len(done))
             outputs = run_all(sess, rest)[output_index(sess, self.goal)]
             outputs = outputs if done is None else np.concatenate([done, outputs])
+            self.last_outputs = (path, outputs)
         return quality(self.goal, outputs, self.reference, self.data.labels, self.baseline)
 
     def screen(self, path: Path) -> Quality | None:

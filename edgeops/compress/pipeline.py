@@ -270,7 +270,9 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
                                                            original.quality.value, evaluation.count)
         sample = evaluation.take(count)
         sess = session(current, threads=0)
-        expected = run_all(sess, sample)[output_index(sess, goal)]
+        last = evaluator.last_outputs
+        expected = last[1][:sample.count] if last is not None and last[0] == current \
+            else run_all(sess, sample)[output_index(sess, goal)]  # the result's outputs, from its evaluation
         arrays = {f"in.{k}": v for k, v in sample.inputs.items()}
         arrays.update(reference=evaluator.reference[:sample.count], expected=expected)
         if sample.labels is not None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -242,12 +243,17 @@ def preprocesses(options: QuantizeOptions, ctx: QuantizeContext) -> bool:
 
 def _rewritten(prepared: Path, tag: str, doing: str, rewrite: Callable[[Path, Path], str], ctx: QuantizeContext,
                notes: list[str]) -> Path:
-    """``prepared`` rewritten by ``rewrite(src, dst) -> note`` (made once per step and ``tag``; the note kept)."""
-    path = prepared.with_name(f"{prepared.stem}-{tag}.onnx")
+    """``prepared`` rewritten by ``rewrite(src, dst) -> note`` (made once per step and ``tag``; the note kept).
+    Written under a scratch name and renamed, note first: a child quantizing ahead may make or read the same
+    graph, and a graph that exists is whole."""
+    path, note = prepared.with_name(f"{prepared.stem}-{tag}.onnx"), prepared.with_name(f"{prepared.stem}-{tag}.txt")
     if not path.exists():
         ctx.progress(f"quantize: {doing}")
-        path.with_suffix(".txt").write_text(rewrite(prepared, path))
-    notes.append(path.with_suffix(".txt").read_text())
+        scratch = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.onnx")
+        scratch.with_suffix(".txt").write_text(rewrite(prepared, scratch))
+        os.replace(scratch.with_suffix(".txt"), note)
+        os.replace(scratch, path)
+    notes.append(note.read_text())
     return path
 
 
@@ -440,7 +446,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     count = 1
     while count < len(nodes):
         if count * 2 < len(nodes):  # the next count is quantized while this one is evaluated
-            search.quantize_ahead([variant(count * 2)], rewritten=True)
+            search.quantize_ahead([variant(count * 2)])
         candidate = search.attempt(*variant(count))
         if _passes(candidate):
             search.found[candidate.mode][1].append(f"kept float by sensitivity: {', '.join(order[:count])}")
@@ -476,18 +482,15 @@ class Search:
         self.ahead: Ahead | None = None
         self.notes: list[str] = []  # about the search, not one candidate (pre-processing's fallback)
 
-    def quantize_ahead(self, jobs: list[tuple[str, str, QuantizeOptions]], rewritten: bool = False) -> None:
-        """Have the child quantize these (label, mode, options) candidates while the search evaluates others, if
-        not already cached; smoothed or split ones only once their rewritten graph exists (``rewritten``: the
-        child must not write a graph the search reads)."""
+    def quantize_ahead(self, jobs: list[tuple[str, str, QuantizeOptions]]) -> None:
+        """Have the child quantize these (label, mode, options) candidates while the search evaluates others (those
+        not cached already)."""
         if self.ahead is None:
             return
         for label, mode, options in jobs:
             built = searched(mode, options)
-            if (not rewritten and (built.smooth is not None or built.split_outliers is not None)) or \
-                    (self.ctx.candidates and self.ctx.candidates.get(self._key(mode, built))):
-                continue
-            self.ahead.submit(Job(label, mode, self.src, built.model_dump(mode="json")))
+            if not (self.ctx.candidates and self.ctx.candidates.get(self._key(mode, built))):
+                self.ahead.submit(Job(label, mode, self.src, built.model_dump(mode="json")))
 
     def passing(self) -> list[Candidate]:
         return [c for c in self.candidates if _passes(c)]
@@ -611,9 +614,15 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
     graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess
-    label = "dynamic smoothed" + ("" if graph else " unprocessed")
-    search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
+    search.attempt(*smoothed_variant(options, graph))
     split_variant(search, options)
+
+
+def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> tuple[str, str, QuantizeOptions]:
+    """The smoothed dynamic candidate on the graph with or without pre-processing: (label, mode, options)."""
+    return ("dynamic smoothed" + ("" if preprocess else " unprocessed"), "dynamic",
+            options.model_copy(update={"smooth": 0.5, "preprocess": preprocess}))
+
 
 
 def split_variant(search: Search, options: QuantizeOptions) -> None:
