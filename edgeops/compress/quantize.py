@@ -479,6 +479,7 @@ class Search:
         self.matmul_weights = has_matmul_weights(src)  # read once: the model may be tens of MB
         self.started = time.monotonic()
         self.objective = "latency"
+        self.min_speedup = DEFAULT_MIN_SPEEDUP
         self.ahead: Ahead | None = None
         self.notes: list[str] = []  # about the search, not one candidate (pre-processing's fallback)
 
@@ -567,6 +568,21 @@ class Search:
         return Candidate(label, None, skipped=f"cannot win: quick timing p50 {quick:.3f} ms against {best:.3f} ms "
                                               "for a candidate that meets the goal; quality not evaluated")
 
+    def _slower_than_the_input(self, label: str, path: Path) -> Candidate | None:
+        """A candidate too slow to replace the input (quick timing): ``auto`` keeps the input over anything less
+        than ``min_speedup`` faster, so a near miss this slow is not evaluated on the whole set."""
+        before = self.ctx.before
+        if before is None or math.isnan(before.latency_p50_ms) or self.ctx.accelerator == "gpu" or \
+                self.objective not in ("latency", "energy"):
+            return None
+        bar = before.latency_p50_ms / self.min_speedup
+        quick = self.ctx.evaluator.quick_p50_ms(path)
+        if quick <= bar * CANNOT_WIN:
+            return None
+        return Candidate(label, None, skipped=f"cannot win: near the goal on the screening sample, but its quick "
+                                              f"timing p50 {quick:.3f} ms is over {CANNOT_WIN:g}x the {bar:.3f} ms it "
+                                              f"must beat to replace the input (min_speedup {self.min_speedup:g})")
+
     def _measured(self, label: str, path: Path, notes: list[str]) -> Candidate:
         """Quality on a sample of the evaluation set first: a clear miss stops there; a pass is timed and
         confirmed on the whole set only if it is chosen (``confirm``); anything in between is measured whole."""
@@ -578,6 +594,8 @@ class Search:
                          f"{screened.drop:.4g}" + (f" (standard error {error:.2g})" if error is not None else "") +
                          f" against {evaluator.goal.max_drop:g} allowed, a clear miss; not evaluated further")
         elif screened is not None and not screened.passed:
+            if (slow := self._slower_than_the_input(label, path)) is not None:
+                return slow  # measuring the whole set would decide nothing: the input would be kept over it
             screened = None
         measurement = evaluator.measure(path, notes, latency=False, known=screened)
         if measurement.quality.passed:
@@ -671,6 +689,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
         modes = [m for m in modes if m != "static"] or ["weight_only"]
     search = Search(src, ctx)
     search.objective = options.objective or "latency"
+    search.min_speedup = options.min_speedup or DEFAULT_MIN_SPEEDUP
     search.ahead = _ahead_for(src, options, ctx)
     if "weight_only" in modes and not search.matmul_weights:
         modes.remove("weight_only")

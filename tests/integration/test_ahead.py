@@ -120,3 +120,30 @@ def test_an_auto_build_takes_what_the_child_quantized_and_leaves_no_child(
     assert ("dynamic unprocessed" in taken) == ("dynamic unprocessed" in tried)
     assert not ahead._LIVE and not quantize._AHEAD
     assert report["stages"][1]["quality"]["passed"]
+
+
+def test_a_close_calls_side_by_side_is_the_builds_speed_claim(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's close call (input against its pick) and the build's claim are one A/B, unless the first was taken on
+    a busy host (then the claim tries again)."""
+    import numpy as np
+
+    from edgeops.compress import evaluate
+    from edgeops.compress.evaluate import Evaluator
+    from edgeops.manifest.models import QualityGoal
+
+    calls: list[tuple[Path, Path]] = []
+    original_ab = evaluate.interleaved_p50
+
+    def counted(first: Path, second: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((first, second))
+        return original_ab(first, second, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "interleaved_p50", counted)
+    model = repo_copy / "examples" / "models" / "digits_cnn.onnx"
+    data = dict(np.load(repo_copy / "examples" / "data" / "digits_evaluation.npz"))
+    evaluator = Evaluator(QualityGoal(metric="accuracy", max_drop=1.0),
+                          Dataset({k: v for k, v in data.items() if k != "labels"}, None, ""))
+    evaluator.side_by_side_p50(model, model)
+    first = len(calls)
+    claim = evaluator.speed_claim(model, model)
+    assert len(calls) == (first if claim["measurable"] else first + claim["attempts"])

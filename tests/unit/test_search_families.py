@@ -42,3 +42,25 @@ def test_the_closest_family_is_always_searched(drops: dict[str, float], max_drop
     for family in {"static", "dynamic"} - chosen:
         closest = min(d for mode, d in drops.items() if mode.split(" ")[0] == family)
         assert closest > FAMILY_REACH * max(min(drops.values()), max_drop)
+
+
+def test_a_near_miss_too_slow_to_replace_the_input_is_not_evaluated_further() -> None:
+    from pathlib import Path
+
+    from edgeops.compress.quantize import CANNOT_WIN, Search
+
+    model = Path(__file__).resolve().parents[2] / "examples" / "models" / "assistant_encoder.onnx"
+    timed: list[float] = []
+    evaluator = SimpleNamespace(quick_p50_ms=lambda path: timed[-1])
+    ctx = SimpleNamespace(before=SimpleNamespace(latency_p50_ms=10.0), accelerator="cpu", evaluator=evaluator)
+    search = Search(model, ctx)  # type: ignore[arg-type]
+    search.min_speedup = 1.1
+    bar = 10.0 / 1.1
+    timed.append(bar * CANNOT_WIN * 1.01)   # int4 weight-only on an x86 CPU: slower than the input
+    skipped = search._slower_than_the_input("weight_only", model)
+    assert skipped is not None and skipped.measurement is None and "replace the input" in (skipped.skipped or "")
+    timed.append(bar * CANNOT_WIN * 0.99)   # within the noise of being fast enough: evaluated on the whole set
+    assert search._slower_than_the_input("weight_only", model) is None
+    search.objective = "size"               # a slow candidate may still be the smallest
+    timed.append(bar * 10)
+    assert search._slower_than_the_input("weight_only", model) is None
