@@ -157,40 +157,52 @@ def encoder_rows(olive: str | None) -> list[list[str]]:
         peers.append(("onnxruntime quantize_dynamic per-channel (after quant_pre_process)", out / "model.onnx",
                       time.perf_counter() - started))
         if olive:
-            config = {"input_model": {"type": "ONNXModel", "model_path": str(original)},
-                      "systems": {"local": {"type": "LocalSystem", "accelerators": [
-                          {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
-                      "passes": {"quantization": {"type": "OnnxDynamicQuantization", "per_channel": True}},
-                      "host": "local", "target": "local", "cache_dir": f"{tmp}/olive-cache",
-                      "output_dir": f"{tmp}/olive-out", "log_severity_level": 3}
-            (Path(tmp) / "olive.json").write_text(json.dumps(config))
-            started = time.perf_counter()
-            subprocess.run([olive, "run", "--config", f"{tmp}/olive.json"], check=True, capture_output=True,
-                           env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
-            peers.append(("Olive 0.13 `olive run`, OnnxDynamicQuantization per-channel", Path(tmp) / "olive-out" /
-                          "model.onnx", time.perf_counter() - started))
+            seconds, model = olive_run(olive, original, Path(tmp))
+            peers.append(("Olive 0.13 `olive run`, OnnxDynamicQuantization per-channel", model, seconds))
         for label, model, seconds in peers:
             rows.append(_encoder_row(label, model, original, inputs, seconds,
                                      fidelity(model, original, inputs)))
         manifest = root / "manifests" / ENCODER
         written = manifest.read_text()
         for label, recipe in RECIPES[ENCODER]:
-            manifest.write_text(written)  # each recipe from the manifest as generated (with_recipe edits it)
-            with_recipe(manifest, recipe)
-            if "cos >= " in label:  # the goal the label names: max_drop is 1 - mean cosine
-                goal = 1 - float(label.split("cos >= ")[1])
-                manifest.write_text(re.sub(r"max_drop: [0-9.]+", f"max_drop: {goal:.6g}", manifest.read_text(),
-                                           count=1))
-            shutil.rmtree(root / ".edgeops", ignore_errors=True)  # cold: no cached artifact
-            started = time.perf_counter()
-            cli = str(Path(sys.executable).parent / "edgeops")
-            built = subprocess.run([cli, "build", str(manifest), "--accelerator", "cpu", "--root", str(root), "-o", "json"],
-                                   check=True, capture_output=True, text=True)
-            seconds = time.perf_counter() - started
-            report = json.loads(built.stdout)[0]
+            seconds, report = edgeops_build(root, written, label, recipe)
             q = report["stages"][-1]["quality"]
             rows.append(_encoder_row(f"edgeops build, {label}", Path(report["path"]), original, inputs, seconds, q))
     return rows
+
+
+def olive_run(olive: str, original: Path, tmp: Path) -> tuple[float, Path]:
+    """One ``olive run`` of Olive's per-channel dynamic quantization pass (cold cache): (seconds, its model)."""
+    shutil.rmtree(tmp / "olive-cache", ignore_errors=True)
+    shutil.rmtree(tmp / "olive-out", ignore_errors=True)
+    config = {"input_model": {"type": "ONNXModel", "model_path": str(original)},
+              "systems": {"local": {"type": "LocalSystem", "accelerators": [
+                  {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
+              "passes": {"quantization": {"type": "OnnxDynamicQuantization", "per_channel": True}},
+              "host": "local", "target": "local", "cache_dir": f"{tmp}/olive-cache",
+              "output_dir": f"{tmp}/olive-out", "log_severity_level": 3}
+    (tmp / "olive.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    subprocess.run([olive, "run", "--config", f"{tmp}/olive.json"], check=True, capture_output=True,
+                   env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
+    return time.perf_counter() - started, tmp / "olive-out" / "model.onnx"
+
+
+def edgeops_build(root: Path, written: str, label: str, recipe: str) -> tuple[float, dict]:  # type: ignore[type-arg]
+    """``edgeops build`` (the CLI, cold cache) of the encoder manifest as generated with ``recipe``, at the goal
+    ``label`` names ("cos >= 0.995"): (seconds, its report)."""
+    manifest = root / "manifests" / ENCODER
+    manifest.write_text(written)  # each recipe from the manifest as generated (with_recipe edits it)
+    with_recipe(manifest, recipe)
+    if "cos >= " in label:  # the goal the label names: max_drop is 1 - mean cosine
+        goal = 1 - float(label.split("cos >= ")[1])
+        manifest.write_text(re.sub(r"max_drop: [0-9.]+", f"max_drop: {goal:.6g}", manifest.read_text(), count=1))
+    shutil.rmtree(root / ".edgeops", ignore_errors=True)  # cold: no cached artifact
+    started = time.perf_counter()
+    cli = str(Path(sys.executable).parent / "edgeops")
+    built = subprocess.run([cli, "build", str(manifest), "--accelerator", "cpu", "--root", str(root), "-o", "json"],
+                           check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, json.loads(built.stdout)[0]
 
 
 def _encoder_row(label: str, model: Path, original: Path, inputs: dict[str, np.ndarray], seconds: float,

@@ -23,6 +23,7 @@ LATENCY_WARMUP, LATENCY_MIN_RUNS, LATENCY_MAX_RUNS, LATENCY_BUDGET_S = 10, 20, 2
 QUICK_BUDGET_S = 0.3  # a quick timing (enough to tell a candidate that cannot win)
 ZSTD_LEVEL = 9  # level 19 compressed these float models no smaller and took 18 s for 55 MB
 SCREEN_SAMPLES = 64  # candidates are screened on this many evaluation samples first
+FIRST_LOOK = 16      # of which these first: a candidate that misses by far there is not run on the rest
 
 
 @dataclass(frozen=True)
@@ -257,19 +258,30 @@ class Evaluator:
         return quality(self.goal, outputs, self.reference, self.data.labels, self.baseline)
 
     def screen(self, path: Path) -> Quality | None:
-        """The quality on the first ``SCREEN_SAMPLES`` samples (marked ``screened_samples``); None when the
-        evaluation set is too small for a sample to save time."""
+        """The quality on the first ``SCREEN_SAMPLES`` samples (marked ``screened_samples``), or on the first
+        ``FIRST_LOOK`` of them where those already miss by far; None when the evaluation set is too small for a
+        sample to save time."""
         if self.data.count <= SCREEN_SAMPLES * 2:
             return None
-        sample = self.data.take(SCREEN_SAMPLES)
         sess = session(path, threads=0)
-        outputs = run_all(sess, sample)[output_index(sess, self.goal)]
+        index = output_index(sess, self.goal)
+        outputs = run_all(sess, self.data.take(FIRST_LOOK))[index]
+        looked = self._sampled(outputs, with_error=False)  # a standard error of so few samples says little
+        if not self.clearly_missed(looked):
+            outputs = np.concatenate([outputs, run_all(sess, self.data.slice(FIRST_LOOK, SCREEN_SAMPLES))[index]])
+            looked = self._sampled(outputs, with_error=True)
         self.screened[path] = outputs
+        return looked
+
+    def _sampled(self, outputs: np.ndarray, with_error: bool) -> Quality:
+        """The quality of a screening sample's outputs (the first ``len(outputs)`` samples)."""
+        sample = self.data.take(len(outputs))
         reference = self.reference[:sample.count]
         baseline = quality(self.goal, reference, reference, sample.labels, None).value  # the original on the sample
         screened = quality(self.goal, outputs, reference, sample.labels, baseline)
         extra = {**screened.extra, "screened_samples": float(sample.count)}
-        if (error := drop_standard_error(self.goal, outputs, reference, sample.labels, baseline)) is not None:
+        error = drop_standard_error(self.goal, outputs, reference, sample.labels, baseline) if with_error else None
+        if error is not None:
             extra["drop_standard_error"] = error
         return replace(screened, extra=extra)
 

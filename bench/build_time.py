@@ -1,0 +1,53 @@
+"""How long ``auto`` takes against one ``olive run``, interleaved and repeated on the generated sentence encoder.
+
+    python examples/make_sentence_encoder.py      # once (about 3 minutes): examples/generated/
+    python bench/build_time.py --olive /tmp/olive/bin/olive [--rounds 3]
+
+Each round runs, back to back: Olive's per-channel dynamic quantization pass (cold cache), then ``edgeops build``
+(the CLI, cold cache) with ``auto`` at each goal of ``bench/build.py``'s encoder rows. A round's ratio is edgeops'
+seconds over that round's Olive seconds, so a host that slows down for a while slows both; the table gives each
+round and the median ratio per goal. Nothing else should run meanwhile (the builds time their candidates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table  # noqa: E402
+from build import ENCODER, RECIPES, edgeops_build, olive_run, scratch_repo  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--olive", required=True, help="an olive executable (Olive 0.13 in its own virtualenv)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    goals = [(label, recipe) for label, recipe in RECIPES[ENCODER] if "auto" in label]
+    seconds: dict[str, list[float]] = {label: [] for label, _ in [("olive", ""), *goals]}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = scratch_repo(Path(tmp) / "repo", ENCODER)
+        original = root / "examples" / "generated" / "sentence_encoder.onnx"
+        written = (root / "manifests" / ENCODER).read_text()
+        for round_ in range(args.rounds):
+            seconds["olive"].append(olive_run(args.olive, original, Path(tmp))[0])
+            for label, recipe in goals:
+                seconds[label].append(edgeops_build(root, written, label, recipe)[0])
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()),
+                  file=sys.stderr)
+    rows = [["Olive 0.13 `olive run`, dynamic int8 per-channel", *(f"{s:.1f}" for s in seconds["olive"]), "1.00x"]]
+    for label, _ in goals:
+        ratios = [s / o for s, o in zip(seconds[label], seconds["olive"])]
+        rows.append([f"edgeops build, {label}", *(f"{s:.1f}" for s in seconds[label]),
+                     f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)})"])
+    print(f"Machine: {machine()}\n")
+    print(markdown_table(["build (cold)", *(f"round {i + 1} s" for i in range(args.rounds)),
+                          "median ratio to Olive"], rows))
+
+
+if __name__ == "__main__":
+    main()
