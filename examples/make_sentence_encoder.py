@@ -69,7 +69,7 @@ class Block(torch.nn.Module):
 
 
 class SentenceEncoder(torch.nn.Module):
-    def __init__(self, outlier_scale: float = OUTLIER_SCALE) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.tokens = torch.nn.Embedding(VOCAB, WIDTH)
         self.positions = torch.nn.Embedding(SEQ, WIDTH)
@@ -82,8 +82,8 @@ class SentenceEncoder(torch.nn.Module):
                 torch.nn.init.zeros_(module.bias)
             if isinstance(module, torch.nn.LayerNorm):
                 with torch.no_grad():
-                    module.weight[list(OUTLIER_DIMS)] = outlier_scale
-                    module.bias[list(OUTLIER_DIMS)] = outlier_scale / 4
+                    module.weight[list(OUTLIER_DIMS)] = OUTLIER_SCALE
+                    module.bias[list(OUTLIER_DIMS)] = OUTLIER_SCALE / 4
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(SEQ).unsqueeze(0)
@@ -149,15 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "generated", help="directory for the model, data, manifest")
     parser.add_argument("--steps", type=int, default=150, help="training steps (batch 16)")
-    parser.add_argument("--outlier-scale", type=float, default=OUTLIER_SCALE,
-                        help="LayerNorm scale of the outlier dimensions (larger: harder for per-tensor int8)")
     args = parser.parse_args()
     deterministic(0)
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     train_ids, train_mask, train_labels = synthetic_sentences(4000, rng)
     eval_ids, eval_mask, eval_labels = synthetic_sentences(256, rng)
-    model = SentenceEncoder(args.outlier_scale)
+    model = SentenceEncoder()
     started = time.perf_counter()
     train(model, (train_ids, train_mask, train_labels), args.steps)
     trained_s = time.perf_counter() - started
