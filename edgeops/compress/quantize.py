@@ -833,8 +833,9 @@ def _chosen(search: Search, src: Path, modes: list[str], options: QuantizeOption
                        f"is {speedup:.2f}x the input's speed ({how}), below min_speedup {needed:g}")
             return StepResult(src, [warning], [*candidates, kept], measurement=ctx.before, warnings=[warning])
     best.chosen = True
-    why = (f"fastest on the host (candidates within {SAME_SPEED - 1:.0%} of the fastest p50 count as equally fast; "
-           "the most faithful of those wins)" if ctx.accelerator != "gpu" else "first passing in GPU preference order")
+    why = (f"fastest on the host (candidates within {SAME_SPEED - 1:.0%} of the fastest p50, or whose p50 interval "
+           "reaches its, count as equally fast; the most faithful of those wins)" if ctx.accelerator != "gpu"
+           else "first passing in GPU preference order")
     if search.objective == "size":
         why = "smallest file (objective: size; ties: the most faithful, then the fastest)"
     elif search.objective == "quality":
@@ -865,8 +866,13 @@ def _best(passing: list[Candidate], modes: list[str], ctx: StepContext,
     if ctx.accelerator == "gpu":
         return min(timed, key=lambda c: (modes.index(family(c.mode)) if family(c.mode) in modes else len(modes),
                                          c.measurement.size_bytes))  # type: ignore[union-attr]
-    fastest = min(c.measurement.latency_p50_ms for c in timed)  # type: ignore[union-attr]
-    near = [c for c in timed if c.measurement.latency_p50_ms <= fastest * SAME_SPEED]  # type: ignore[union-attr]
+    measured = [c.measurement for c in timed if c.measurement is not None]
+    fastest = min(measured, key=lambda m: m.latency_p50_ms)
+    high = fastest.latency_p50_ci_ms[1]
+    high = fastest.latency_p50_ms if math.isnan(high) else high
+    near = [c for c in timed if c.measurement is not None and (  # timings taken seconds apart on a shared host:
+        c.measurement.latency_p50_ms <= fastest.latency_p50_ms * SAME_SPEED  # a few percent say nothing, and
+        or c.measurement.latency_p50_ci_ms[0] <= high)]                       # neither do overlapping intervals
     return min(near, key=lambda c: (c.measurement.quality.drop, c.measurement.size_bytes))  # type: ignore[union-attr]
 
 

@@ -64,3 +64,21 @@ def test_a_near_miss_too_slow_to_replace_the_input_is_not_evaluated_further() ->
     search.objective = "size"               # a slow candidate may still be the smallest
     timed.append(bar * 10)
     assert search._slower_than_the_input("weight_only", model) is None
+
+
+def test_candidates_the_timings_cannot_tell_apart_are_chosen_by_fidelity() -> None:
+    from edgeops.compress.quantize import _best
+
+    def timed(mode: str, p50: float, interval: tuple[float, float], drop: float):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(mode=mode, measurement=SimpleNamespace(
+            latency_p50_ms=p50, latency_p50_ci_ms=interval, size_bytes=100, quality=SimpleNamespace(drop=drop)))
+
+    ctx = SimpleNamespace(accelerator="cpu")
+    fast = timed("dynamic", 14.4, (14.1, 15.4), 0.0004)
+    smoothed = timed("dynamic smoothed", 15.3, (15.0, 15.9), 0.0001)   # 6% slower, the intervals overlap
+    assert _best([fast, smoothed], ["dynamic"], ctx) is smoothed       # type: ignore[arg-type]
+    apart = timed("dynamic smoothed", 15.3, (15.6, 15.9), 0.0001)     # 6% slower and told apart: speed wins
+    assert _best([fast, apart], ["dynamic"], ctx) is fast              # type: ignore[arg-type]
+    settled = timed("dynamic", 14.4, (14.3, 14.5), 0.0004)
+    near = timed("dynamic unprocessed", 15.0, (14.9, 15.1), 0.0002)    # within 5%: equal whatever the intervals
+    assert _best([settled, near], ["dynamic"], ctx) is near            # type: ignore[arg-type]
