@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from edgeops.compress.ahead import live_cpu_s
+
 BUSY_CORES = 0.5   # foreign load (cores kept busy by other processes) above which a timing is not claimed
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)   # user, nice, system, irq, softirq, steal (of /proc/stat's "cpu" line)
 
@@ -50,8 +52,6 @@ class Watch:
 def _own_cpu_s() -> float:
     """CPU time of this process (every thread), of the children it has waited for (quantizers it ran) and of
     those quantizing ahead now."""
-    from edgeops.compress.ahead import live_cpu_s
-
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime + live_cpu_s()
 

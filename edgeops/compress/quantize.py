@@ -439,6 +439,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
         return
     ctx.progress(f"quantize auto: measuring the sensitivity of {len(nodes)} quantized node(s)")
     order = sensitivity_order(prepared, quantized, nodes, ctx.evaluator.data.inputs)
+
     def variant(count: int) -> tuple[str, str, QuantizeOptions]:
         kept = sorted({*order[:count], *(options.exclude_nodes or [])})
         return f"{base.mode} mixed {count}-float", mode, options.model_copy(update={"exclude_nodes": kept})
@@ -632,14 +633,9 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
     graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess
-    search.attempt(*smoothed_variant(options, graph))
+    label = "dynamic smoothed" + ("" if graph else " unprocessed")
+    search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
     split_variant(search, options)
-
-
-def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> tuple[str, str, QuantizeOptions]:
-    """The smoothed dynamic candidate on the graph with or without pre-processing: (label, mode, options)."""
-    return ("dynamic smoothed" + ("" if preprocess else " unprocessed"), "dynamic",
-            options.model_copy(update={"smooth": 0.5, "preprocess": preprocess}))
 
 
 
@@ -710,7 +706,8 @@ def _time_again(search: Search, ctx: StepContext, load: Watch) -> str:
     if not again.busy:
         for candidate in search.passing():
             assert candidate.measurement is not None
-            candidate.measurement = replace(candidate.measurement, latency_p50_ms=timed[candidate.mode])
+            candidate.measurement = replace(candidate.measurement, latency_p50_ms=timed[candidate.mode],
+                                            latency_p50_ci_ms=(math.nan, math.nan))  # the quick timing's alone
         return ""
     search.objective = "quality"
     return (f"the host was too busy to time candidates ({load.describe()}, then {again.foreign_cores or 0:.2f} cores busy "

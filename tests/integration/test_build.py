@@ -57,8 +57,16 @@ def test_auto_keeps_the_fastest_passing_mode_and_stops_what_cannot_win(repo_copy
     chosen = [c for c in candidates.values() if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["mode"].startswith("static")
     passing = [c for c in candidates.values() if c["measurement"] and c["measurement"]["quality"]["passed"]]
-    fastest = min(c["measurement"]["latency_p50_ms"] for c in passing)
-    assert chosen[0]["measurement"]["latency_p50_ms"] <= fastest * 1.05  # ties within 5% go to fidelity
+    fastest = min((c["measurement"] for c in passing), key=lambda m: m["latency_p50_ms"])
+    picked = chosen[0]["measurement"]
+    if "the host was too busy to time candidates" in stage(result.report, 1)["notes"][0]:
+        assert picked["quality"]["drop"] == min(c["measurement"]["quality"]["drop"] for c in passing)
+    else:  # ties go to fidelity: within 5% of the fastest p50, or with a p50 interval that reaches its
+        assert picked["latency_p50_ms"] <= fastest["latency_p50_ms"] * 1.05 or \
+            picked["latency_p50_ci_ms"][0] <= fastest["latency_p50_ci_ms"][1]
+        tied = [c["measurement"] for c in passing
+                if c["measurement"]["latency_p50_ms"] <= fastest["latency_p50_ms"] * 1.05]
+        assert picked["quality"]["drop"] <= min(m["quality"]["drop"] for m in tied)
     # dynamic int8 runs several times slower than static on a conv net: a quick timing stops it before its
     # quality is measured, and the report says why
     dynamic = candidates["dynamic"]
