@@ -205,6 +205,10 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
     progress("evaluating the original model")
     try:
         original = evaluator.reference_from(source, settle)
+    except BaseException:
+        if steps:
+            steps[0].close()
+        raise
     finally:
         settle()  # no child process outlives a failed evaluation
     evaluator.baseline = original.quality.value

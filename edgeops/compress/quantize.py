@@ -301,6 +301,7 @@ class Quantize(Step[QuantizeOptions]):
     """Static, dynamic, weight-only or fp16 quantization, or ``auto``: try several, keep the best that passes."""
 
     kind = "quantize"
+    started_ahead: Path | None = None  # the key of the child ``start`` began quantizing ahead in
 
     def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
         """Begin pre-processing ``model`` in a child process, and an ``auto`` search's quantizing ahead with the
@@ -308,8 +309,8 @@ class Quantize(Step[QuantizeOptions]):
         options = self.options
         if options.mode == "fp16" or not preprocesses(options, ctx):
             return lambda: None
-        if options.mode == "auto":
-            _ahead_for(model, options, ctx)
+        if options.mode == "auto" and _ahead_for(model, options, ctx) is not None:
+            self.started_ahead = ctx.path("ahead")
         dst = ctx.path("pre")
         _STARTED[dst] = started = Preprocessing(model, dst)
         return started.wait
@@ -326,6 +327,10 @@ class Quantize(Step[QuantizeOptions]):
             _STARTED.pop(ctx.path("pre"), None)  # started early but never needed (every candidate was cached)
             if (child := _AHEAD.pop(ctx.path("ahead"), None)) is not None:
                 child.close()
+
+    def close(self) -> None:
+        if self.started_ahead is not None and (child := _AHEAD.pop(self.started_ahead, None)) is not None:
+            child.close()
 
 
 _AHEAD: dict[Path, Ahead] = {}  # by the step's scratch path, as _STARTED

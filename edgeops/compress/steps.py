@@ -103,6 +103,9 @@ class Step(ABC, Generic[Options]):
         only); returns what waits for it to finish. Default: nothing to start."""
         return lambda: None
 
+    def close(self) -> None:
+        """Stop what ``start`` began when the build ends before ``run`` (the original failed to evaluate)."""
+
     @abstractmethod
     def run(self, model: Path, ctx: StepContext) -> StepResult:
         """Write the transformed model under ``ctx.work_dir`` and say what was done."""

@@ -147,3 +147,30 @@ def test_a_close_calls_side_by_side_is_the_builds_speed_claim(repo_copy: Path, m
     first = len(calls)
     claim = evaluator.speed_claim(model, model)
     assert len(calls) == (first if claim["measurable"] else first + claim["attempts"])
+
+
+def test_no_child_outlives_a_build_whose_original_fails_to_evaluate(
+        repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeops.compress import evaluate
+    from edgeops.errors import BuildError
+
+    monkeypatch.setattr(ahead, "MIN_MODEL_BYTES", 0)
+    started: list[Ahead] = []
+    original_init = Ahead.__init__
+
+    def record(self: Ahead, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        original_init(self, *args, **kwargs)
+        started.append(self)
+
+    def broken(self, source, settle):  # type: ignore[no-untyped-def]
+        raise BuildError("the original model does not run here")
+
+    monkeypatch.setattr(Ahead, "__init__", record)
+    monkeypatch.setattr(evaluate.Evaluator, "reference_from", broken)
+    manifest = repo_copy / "manifests" / "assistant.yaml"
+    manifest.write_text(manifest.read_text().replace("    - quantize: {mode: dynamic, per_channel: true}\n",
+                                                     "    - quantize: {mode: auto}\n"))
+    with pytest.raises(BuildError):
+        build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu")
+    assert started and all(child.process.poll() is not None for child in started)
+    assert not ahead._LIVE and not quantize._AHEAD
