@@ -5,9 +5,10 @@ host whose cores the search's evaluations leave partly idle a second process sho
 still run alone: ``paused()`` stops the child (SIGSTOP) for as long as anything is timed, and the host-load
 watch counts the child's CPU time as this build's own.
 
-Only candidates whose input is ready and that write nothing another candidate reads go ahead (no smoothing or
-outlier split: those rewrite a graph the search may share). The child reads one job per line on stdin and
-answers one line per job on stdout; it dies with the build (end of stdin, or the parent's death).
+Only candidates whose input is ready go ahead. A graph either process rewrites (smoothing, the outlier split) is
+written under a scratch name and renamed, so neither reads half of one; the child quantizes from a link of its
+own to each input, since onnxruntime writes a scratch file beside its input. The child reads one job per line
+on stdin and answers one line per job on stdout; it dies with the build (end of stdin, or the parent's death).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def live_cpu_s() -> float:
 
 @dataclass(frozen=True)
 class Job:
-    """One candidate to quantize: ``run_mode(mode, src, options)`` written to ``dst``."""
+    """One candidate to quantize: ``run_mode(mode, src, options)``, its file named after ``label``."""
 
     label: str
     mode: str
