@@ -64,16 +64,11 @@ def metric_value(metric: str, outputs: npt.NDArray[np.generic], reference: npt.N
         return token_agreement(outputs, reference)
     if metric == Metric.PERPLEXITY:
         return perplexity(outputs)
-    n = min(len(outputs), len(reference))
-    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
-    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
-    if metric == Metric.ACCURACY and labels is not None:
-        return float((out.argmax(1) == np.asarray(labels)[:n]).mean() * 100)
+    out, ref = _rows(outputs, reference)
     if metric in CLASSIFICATION:
-        return float((out.argmax(1) == ref.argmax(1)).mean() * 100)
+        return float(_hits(metric, out, ref, labels).mean() * 100)
     if metric == Metric.COSINE:
-        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-        return float(np.mean(np.sum(out * ref, axis=1) / norms))
+        return float(np.mean(_cosines(out, ref)))
     if metric == Metric.MAX_ABS_ERROR:
         return float(np.max(np.abs(out - ref)))
     raise ValueError(f"unknown quality metric {metric!r}; one of: {', '.join(Metric)}")
@@ -85,23 +80,38 @@ def sample_scores(metric: str, outputs: npt.NDArray[np.generic], reference: npt.
     the others (the largest error, token-level metrics)."""
     if metric not in (*CLASSIFICATION, Metric.COSINE):
         return None
-    n = min(len(outputs), len(reference))
-    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
-    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    out, ref = _rows(outputs, reference)
     if metric == Metric.COSINE:
-        norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-        return np.asarray(np.sum(out * ref, axis=1) / norms)
-    truth = np.asarray(labels)[:n] if metric == Metric.ACCURACY and labels is not None else ref.argmax(1)
-    return np.asarray((out.argmax(1) == truth) * 100.0)
+        return _cosines(out, ref)
+    return np.asarray(_hits(metric, out, ref, labels) * 100.0)
+
+
+def _rows(outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic]) -> tuple[
+        npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Both as one float64 row per sample, cut to the shorter."""
+    n = min(len(outputs), len(reference))
+    return (np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64),
+            np.asarray(reference[:n]).reshape(n, -1).astype(np.float64))
+
+
+def _hits(metric: str, out: npt.NDArray[np.float64], ref: npt.NDArray[np.float64],
+          labels: npt.NDArray[np.generic] | None) -> npt.NDArray[np.bool_]:
+    """Whether each sample's argmax is right: against the labels (accuracy with labels), else the reference's."""
+    truth = np.asarray(labels)[:len(out)] if metric == Metric.ACCURACY and labels is not None else ref.argmax(1)
+    return np.asarray(out.argmax(1) == truth)
+
+
+def _cosines(out: npt.NDArray[np.float64], ref: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    norms = np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+    return np.asarray(np.sum(out * ref, axis=1) / norms)
 
 
 def embedding_fidelity(outputs: npt.NDArray[np.generic], reference: npt.NDArray[np.generic]) -> dict[str, float]:
     """What a mean cosine hides: the worst sample's cosine, and the share of samples (%) whose nearest
     neighbour among the others is the same as in the original model's embedding space (retrieval keeps
     working only if neighbours stay neighbours)."""
-    n = min(len(outputs), len(reference))
-    out = np.asarray(outputs[:n]).reshape(n, -1).astype(np.float64)
-    ref = np.asarray(reference[:n]).reshape(n, -1).astype(np.float64)
+    out, ref = _rows(outputs, reference)
+    n = len(out)
     out_unit = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     ref_unit = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
     fidelity = {"cosine_min": float(np.min(np.sum(out_unit * ref_unit, axis=1)))}

@@ -49,11 +49,16 @@ def _signal_all(signum: int) -> None:
                 time.sleep(0.001)
 
 
-def _state(pid: int) -> str:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first); [] once the process is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _state(pid: int) -> str:
+    return (_stat(pid) or [""])[0]
 
 
 @contextmanager
@@ -79,11 +84,8 @@ def live_cpu_s() -> float:
     with _LOCK:
         live = list(_LIVE)
     for process in live:
-        try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if len(fields := _stat(process.pid)) > 12:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
     return total
 
 
@@ -102,7 +104,6 @@ class Ahead:
 
     def __init__(self, work_dir: Path, index: int, accelerator: str, generative: bool,
                  calibration: dict[str, np.ndarray]) -> None:
-        self.work_dir, self.index = work_dir, index
         self.submitted: dict[str, Job] = {}
         self.results: dict[str, dict[str, Any]] = {}
         calibration_path = work_dir / f"{index:02d}-ahead-calibration.npz"
@@ -196,7 +197,6 @@ def _die_with_parent() -> None:
 def main() -> None:
     """The child: quantize each job read from stdin, answer with its path and notes (or its error)."""
     _die_with_parent()
-    from edgeops.compress.data import Dataset
     from edgeops.compress.quantize import run_mode
     from edgeops.manifest.models import QuantizeOptions
 

@@ -325,15 +325,19 @@ class Quantize(Step[QuantizeOptions]):
             return _auto(model, options, ctx)
         finally:
             _STARTED.pop(ctx.path("pre"), None)  # started early but never needed (every candidate was cached)
-            if (child := _AHEAD.pop(ctx.path("ahead"), None)) is not None:
-                child.close()
+            _close_ahead(ctx.path("ahead"))
 
     def close(self) -> None:
-        if self.started_ahead is not None and (child := _AHEAD.pop(self.started_ahead, None)) is not None:
-            child.close()
+        if self.started_ahead is not None:
+            _close_ahead(self.started_ahead)
 
 
 _AHEAD: dict[Path, Ahead] = {}  # by the step's scratch path, as _STARTED
+
+
+def _close_ahead(key: Path) -> None:
+    if (child := _AHEAD.pop(key, None)) is not None:
+        child.close()
 
 
 def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> Ahead | None:
