@@ -12,6 +12,18 @@ from labkit.postgres import fresh_database, running_postgres
 from labkit.repo import copy_repo, make_hostile_home, running_lab
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped by SIGTERM (a CI timeout, ``kill``) ends as Ctrl-C does: fixtures tear down, so the lab's
+    sshd devices, brokers and databases a test started are stopped, not left running."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Path:
     return copy_repo(tmp_path / "repo")
