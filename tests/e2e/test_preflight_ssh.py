@@ -39,11 +39,15 @@ def small_lab(tmp_path_factory: pytest.TempPathFactory, hostile_home: Path):
                              text=True, check=False)
     if mounted.returncode != 0:
         pytest.fail(f"cannot mount a 1 MB tmpfs as a device root (run as root): {mounted.stderr.strip()}")
-    ws = load_workspace(root)
-    lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
-    yield root, base / "devices"
-    lab_down(ws, ws.fleets["lab"])
-    subprocess.run(["umount", str(tiny)], check=False)
+    try:
+        ws = load_workspace(root)
+        lab_up(ws, ws.fleets["lab"], target_devices(ws, "wearable-activity"), login_home=hostile_home)
+        try:
+            yield root, base / "devices"
+        finally:
+            lab_down(ws, ws.fleets["lab"])
+    finally:  # a mount left behind outlives the run (pytest then cannot remove its temporary folders)
+        subprocess.run(["umount", str(tiny)], check=False)
 
 
 def cli(root: Path, *args: str):
