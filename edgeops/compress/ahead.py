@@ -5,10 +5,13 @@ host whose cores the search's evaluations leave partly idle a second process sho
 still run alone: ``paused()`` stops the child (SIGSTOP) for as long as anything is timed, and the host-load
 watch counts the child's CPU time as this build's own.
 
-Only candidates whose input is ready go ahead. A graph either process rewrites (smoothing, the outlier split) is
-written under a scratch name and renamed, so neither reads half of one; the child quantizes from a link of its
-own to each input, since onnxruntime writes a scratch file beside its input. The child reads one job per line
-on stdin and answers one line per job on stdout; it dies with the build (end of stdin, or the parent's death).
+The child's first job is onnxruntime's pre-processing of the input (the search waits for it before it needs
+the pre-processed graph), then the candidates in the order the search takes them. It runs on one core, so that
+the onnxruntime sessions in it (static calibration) start one thread and leave the other core to the build's
+evaluation. A graph either process writes (pre-processing, smoothing, the outlier split) is written under a
+scratch name and renamed, so neither reads half of one; the child quantizes from a link of its own to each input,
+since onnxruntime writes a scratch file beside its input. The child reads one job per line on stdin and answers
+one line per job on stdout; it dies with the build (end of stdin, or the parent's death).
 """
 
 from __future__ import annotations
@@ -171,6 +174,8 @@ class AheadContext:
     generative: bool
     calibration: Dataset
 
+    preprocess_here = True  # the child is already beside the build: no process of its own
+
     def progress(self, message: str) -> None:
         pass
 
@@ -197,7 +202,8 @@ def _die_with_parent() -> None:
 def main() -> None:
     """The child: quantize each job read from stdin, answer with its path and notes (or its error)."""
     _die_with_parent()
-    from edgeops.compress.quantize import run_mode
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core: onnxruntime's pools in it start one thread
+    from edgeops.compress.quantize import PREPROCESS, prepared_for, run_mode
     from edgeops.manifest.models import QuantizeOptions
 
     setup = json.loads(sys.argv[1])
@@ -209,8 +215,11 @@ def main() -> None:
         notes: list[str] = []
         answer: dict[str, Any] = {"label": job["label"]}
         try:
-            path = run_mode(job["mode"], Path(job["src"]), QuantizeOptions.model_validate(job["options"]),
-                            ctx, notes, label=job["label"].replace(" ", "-"))
+            if job["mode"] == PREPROCESS:
+                path = prepared_for(Path(job["src"]), ctx, notes)
+            else:
+                path = run_mode(job["mode"], Path(job["src"]), QuantizeOptions.model_validate(job["options"]),
+                                ctx, notes, label=job["label"].replace(" ", "-"))
             answer.update(path=str(path), notes=notes)
         except Exception as exc:  # noqa: BLE001 - the parent quantizes it again and reports the error
             answer["error"] = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -200,7 +200,7 @@ def _run(request: BuildRequest, inputs: dict[str, Any], key: str, work: Path, pr
         evaluator = Evaluator(goal, evaluation)
     recipe = request.recipe
     steps = [step_for(request, index) for index in range(len(recipe))]
-    first = StepContext(work, request, calibration, evaluator, source, progress, 1)
+    first = StepContext(work, request, calibration, evaluator, source, progress, 1, candidates=candidates)
     settle = steps[0].start(source, first) if steps else (lambda: None)
     progress("evaluating the original model")
     try:

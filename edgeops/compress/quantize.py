@@ -24,6 +24,7 @@ from edgeops.compress import ahead
 from edgeops.compress.ahead import Ahead, Job
 from edgeops.compress.data import Dataset
 from edgeops.compress.evaluate import probe_session, run_all
+from edgeops.compress.fast_weights import vectorized
 from edgeops.compress.hostload import Watch, watching
 from edgeops.compress.steps import Candidate, QuantizeContext, Step, StepContext, StepResult
 from edgeops.errors import BuildError
@@ -61,24 +62,37 @@ class Preprocessing:
     def result(self, notes: list[str]) -> Path:
         """The pre-processed model; falls back to ``skip_symbolic_shape`` when symbolic inference fails."""
         self.wait()
-        if self.process.returncode == 0:
-            return self.dst
-        last = ((self.stderr or "").strip().splitlines() or ["no message"])[-1]
-        notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
-        try:
-            _quant().quant_pre_process(str(self.src), str(self.dst), skip_symbolic_shape=True)
-        except Exception as second:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
-            notes.append(f"pre-processing skipped ({str(second).splitlines()[0][:80]})")
-            shutil.copyfile(self.src, self.dst)
+        if self.process.returncode != 0:
+            _without_symbolic_shapes(self.src, self.dst, (self.stderr or "").strip(), notes)
         return self.dst
 
 
+def _without_symbolic_shapes(src: Path, dst: Path, failure: str, notes: list[str]) -> None:
+    last = (failure.splitlines() or ["no message"])[-1]
+    notes.append(f"symbolic shape inference failed ({last[:80]}); pre-processed with skip_symbolic_shape")
+    try:
+        _quant().quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as second:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
+        notes.append(f"pre-processing skipped ({str(second).splitlines()[0][:80]})")
+        shutil.copyfile(src, dst)
+
+
 _STARTED: dict[Path, Preprocessing] = {}  # by output path: unique per build's scratch directory
+PREPROCESS = "preprocess"  # the mode of the job that has a child quantizing ahead pre-process its input
 
 
-def preprocess(src: Path, dst: Path, notes: list[str]) -> Path:
-    """Shape inference and graph clean-up before quantizing (awaiting a pre-processing started early)."""
-    return (_STARTED.pop(dst, None) or Preprocessing(src, dst)).result(notes)
+def preprocess(src: Path, dst: Path, notes: list[str], here: bool = False) -> Path:
+    """Shape inference and graph clean-up before quantizing: awaiting a pre-processing started early, or (``here``)
+    in this process, written under a scratch name and renamed since the build waits for the file."""
+    if not here:
+        return (_STARTED.pop(dst, None) or Preprocessing(src, dst)).result(notes)
+    scratch = dst.with_name(f"{dst.stem}.{os.getpid()}.onnx")
+    try:
+        _quant().quant_pre_process(str(src), str(scratch))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare Exceptions here
+        _without_symbolic_shapes(src, scratch, str(exc), notes)
+    os.replace(scratch, dst)
+    return dst
 
 
 def fix_batch_dimension(src: Path, dst: Path) -> list[str]:
@@ -155,12 +169,13 @@ def quantize_static(src: Path, dst: Path, options: QuantizeOptions, ctx: Quantiz
     def run(extra_options: dict[str, Any]) -> None:
         reader.rewind()
         quant_format = {"qdq": q.QuantFormat.QDQ, "qoperator": q.QuantFormat.QOperator}[options.quant_format]
-        q.quantize_static(str(src), str(dst), reader, quant_format=quant_format,
-                          op_types_to_quantize=op_types, nodes_to_exclude=options.exclude_nodes,
-                          per_channel=options.per_channel,
-                          activation_type=qtype[options.activation_type],
-                          weight_type=qtype[options.weight_type], calibrate_method=method,
-                          extra_options=extra_options)
+        with vectorized():  # the operator-oriented format's weights go through the loop dynamic's do
+            q.quantize_static(str(src), str(dst), reader, quant_format=quant_format,
+                              op_types_to_quantize=op_types, nodes_to_exclude=options.exclude_nodes,
+                              per_channel=options.per_channel,
+                              activation_type=qtype[options.activation_type],
+                              weight_type=qtype[options.weight_type], calibrate_method=method,
+                              extra_options=extra_options)
 
     try:
         run(extra)
@@ -186,8 +201,9 @@ def quantize_dynamic(src: Path, dst: Path, options: QuantizeOptions, notes: list
     from edgeops.compress.outliers import float_parts
 
     kept_float = [*(options.exclude_nodes or []), *float_parts(onnx.load(str(src), load_external_data=False).graph)]
-    q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=quantizable_op_types(src, options, static=False),
-                       nodes_to_exclude=kept_float or None, per_channel=options.per_channel, weight_type=qtype)
+    with vectorized():
+        q.quantize_dynamic(str(src), str(dst), op_types_to_quantize=quantizable_op_types(src, options, static=False),
+                           nodes_to_exclude=kept_float or None, per_channel=options.per_channel, weight_type=qtype)
     notes.append(f"dynamic int8: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
                  "activations quantized at run time")
 
@@ -226,7 +242,7 @@ def prepared_for(src: Path, ctx: QuantizeContext, notes: list[str]) -> Path:
     """The pre-processed input, made once per step (every candidate shares it)."""
     path = ctx.path("pre")
     if not path.exists():
-        preprocess(src, path, notes)
+        preprocess(src, path, notes, here=ctx.preprocess_here)
         if ctx.accelerator == "tpu":
             notes.extend(fix_batch_dimension(path, path))
     return path
@@ -304,13 +320,15 @@ class Quantize(Step[QuantizeOptions]):
     started_ahead: Path | None = None  # the key of the child ``start`` began quantizing ahead in
 
     def start(self, model: Path, ctx: StepContext) -> Callable[[], None]:
-        """Begin pre-processing ``model`` in a child process, and an ``auto`` search's quantizing ahead with the
-        candidate that needs no pre-processing; returns what waits for the pre-processing."""
+        """Begin pre-processing ``model`` in a child process, or an ``auto`` search's quantizing ahead (whose
+        child pre-processes first); returns what waits for the pre-processing (nothing for the child: every
+        timing stops it)."""
         options = self.options
-        if options.mode == "fp16" or not preprocesses(options, ctx):
-            return lambda: None
         if options.mode == "auto" and _ahead_for(model, options, ctx) is not None:
             self.started_ahead = ctx.path("ahead")
+            return lambda: None
+        if options.mode == "fp16" or not preprocesses(options, ctx):
+            return lambda: None
         dst = ctx.path("pre")
         _STARTED[dst] = started = Preprocessing(model, dst)
         return started.wait
@@ -341,9 +359,9 @@ def _close_ahead(key: Path) -> None:
 
 
 def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> Ahead | None:
-    """The step's child quantizing candidates ahead (started here, with the candidates that need no
-    pre-processing), where a second core can do so: CPU searches of models big enough to pay for starting it
-    (never a GPU or NPU class, whose candidates are few, nor a decoder's search); ``Quantize.run`` closes it."""
+    """The step's child quantizing candidates ahead, where a second core can do so: CPU searches of models big
+    enough to pay for starting it (never a GPU or NPU class, whose candidates are few, nor a decoder's search);
+    ``Quantize.run`` closes it. Started with its work: pre-processing, then ``ahead_jobs``."""
     key = ctx.path("ahead")
     if key in _AHEAD:
         return _AHEAD[key]
@@ -351,19 +369,12 @@ def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> Ahead
             model.stat().st_size < ahead.MIN_MODEL_BYTES:
         return None
     _AHEAD[key] = child = Ahead(ctx.work_dir, ctx.index, ctx.accelerator, ctx.generative, ctx.calibration.inputs)
-    for job in _unprocessed_jobs(model, options, ctx):
-        child.submit(job)
+    search = Search(model, ctx)
+    search.ahead = child
+    if preprocesses(options, ctx):
+        child.submit(search.preprocessing)
+    search.quantize_ahead(ahead_jobs(options, ctx, search.matmul_weights))
     return child
-
-
-def _unprocessed_jobs(src: Path, options: QuantizeOptions, ctx: StepContext) -> list[Job]:
-    """The candidates ``dynamic_variants`` will try on the graph without pre-processing (ready at once)."""
-    modes = options.candidates or AUTO_CANDIDATES[ctx.accelerator]
-    if not (options.search and options.preprocess and "dynamic" in modes and options.smooth is None
-            and options.split_outliers is None):
-        return []
-    return [Job("dynamic unprocessed", "dynamic", src, options.model_copy(update={"preprocess": False})
-                .model_dump(mode="json"))]
 
 
 def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
@@ -492,6 +503,11 @@ class Search:
         self.min_speedup = DEFAULT_MIN_SPEEDUP
         self.ahead: Ahead | None = None
         self.notes: list[str] = []  # about the search, not one candidate (pre-processing's fallback)
+
+    @property
+    def preprocessing(self) -> Job:
+        """The child's job of pre-processing the input (candidates quantized ahead from it follow)."""
+        return Job(PREPROCESS, PREPROCESS, self.src, {})
 
     def quantize_ahead(self, jobs: list[tuple[str, str, QuantizeOptions]]) -> None:
         """Have the child quantize these (label, mode, options) candidates while the search evaluates others (those
@@ -641,10 +657,30 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
         return
     timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
-    graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess
-    label = "dynamic smoothed" + ("" if graph else " unprocessed")
-    search.attempt(label, "dynamic", options.model_copy(update={"smooth": 0.5, "preprocess": graph}))
+    search.attempt(*smoothed_variant(options, search.found[fastest.mode][2].preprocess if fastest
+                                     else options.preprocess))
     split_variant(search, options)
+
+
+def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> tuple[str, str, QuantizeOptions]:
+    """(label, mode, options) of the smoothed dynamic candidate on the graph with or without pre-processing."""
+    return ("dynamic smoothed" + ("" if preprocess else " unprocessed"), "dynamic",
+            options.model_copy(update={"smooth": 0.5, "preprocess": preprocess}))
+
+
+def ahead_jobs(options: QuantizeOptions, ctx: StepContext, matmul_weights: bool) -> list[tuple[str, str,
+                                                                                          QuantizeOptions]]:
+    """What a child quantizes ahead, in the order the search takes them: every mode; then the dynamic variants
+    on the graph without pre-processing, the plain one and the smoothed one (on the encoders measured that graph
+    ran faster, docs/build.md: a guess, and if pre-processing's graph runs faster the search smooths that one
+    itself and the child's is not used)."""
+    modes = auto_modes(options, ctx, matmul_weights)
+    jobs = [(mode, mode, options) for mode in modes]
+    if "dynamic" in modes and options.preprocess and options.smooth is None and options.split_outliers is None:
+        jobs.append(("dynamic unprocessed", "dynamic", options.model_copy(update={"preprocess": False})))
+        if matmul_weights:
+            jobs.append(smoothed_variant(options, preprocess=False))
+    return jobs
 
 
 
@@ -685,19 +721,25 @@ def family(label: str) -> str:
     return label.split(" ")[0]
 
 
+def auto_modes(options: QuantizeOptions, ctx: StepContext, matmul_weights: bool) -> list[str]:
+    """The modes an ``auto`` step tries first, in order."""
+    modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
+    if ctx.generative:  # a decoder's activations change with each position: no static calibration
+        modes = [m for m in modes if m != "static"] or ["weight_only"]
+    if "weight_only" in modes and not matmul_weights:
+        modes.remove("weight_only")
+    return modes
+
+
 def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     """Try each mode; search the options that matter in the winning family (the fastest mode that met the goal,
     or every int8 family when none did); keep the fastest that meets the goal, the original unless it is
     ``min_speedup`` faster."""
-    modes = list(options.candidates or AUTO_CANDIDATES[ctx.accelerator])
-    if ctx.request.generative:  # a decoder's activations change with each position: no static calibration
-        modes = [m for m in modes if m != "static"] or ["weight_only"]
     search = Search(src, ctx)
     search.objective = options.objective or "latency"
     search.min_speedup = options.min_speedup or DEFAULT_MIN_SPEEDUP
     search.ahead = _ahead_for(src, options, ctx)
-    if "weight_only" in modes and not search.matmul_weights:
-        modes.remove("weight_only")
+    modes = auto_modes(options, ctx, search.matmul_weights)
     with watching() as load:
         _search(search, modes, options, ctx)
     fallback = ""
@@ -743,10 +785,8 @@ def closest_families(search: Search, families: set[str]) -> set[str]:
 
 def _search(search: Search, modes: list[str], options: QuantizeOptions, ctx: StepContext) -> None:
     """Every mode, then the variants of the winning family, then mixed precision if nothing met the goal."""
-    if search.ahead is not None and len(modes) > 1:
-        if preprocesses(options, ctx):  # the child's input must be ready: pre-processed here first
-            prepared_for(search.src, ctx, search.notes)
-        search.quantize_ahead([(mode, mode, options) for mode in modes[1:]])
+    if search.ahead is not None and preprocesses(options, ctx):  # the child pre-processes: wait for it
+        search.notes.extend((search.ahead.take(search.preprocessing) or (None, []))[1])
     for mode in modes:
         search.attempt(mode, mode, options)
     if options.search and ctx.accelerator == "cpu":

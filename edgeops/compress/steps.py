@@ -28,6 +28,11 @@ class QuantizeContext(Protocol):
 
     def path(self, name: str) -> Path: ...
 
+    @property
+    def preprocess_here(self) -> bool:
+        """Whether onnxruntime's pre-processing runs in this process (a child quantizing ahead) rather than in a
+        process of its own started early."""
+
     def own_copy(self, path: Path) -> Path:
         """``path``, or a link to it that no other process quantizes from (onnxruntime writes a scratch file
         beside its input)."""
@@ -54,6 +59,10 @@ class StepContext:
     @property
     def generative(self) -> bool:
         return self.request.generative
+
+    @property
+    def preprocess_here(self) -> bool:
+        return False
 
     def path(self, name: str) -> Path:
         return self.work_dir / f"{self.index:02d}-{name}.onnx"

@@ -109,14 +109,17 @@ def test_an_auto_build_takes_what_the_child_quantized_and_leaves_no_child(
         return result
 
     monkeypatch.setattr(Ahead, "take", spy)
+    started: list[Path] = []
+    monkeypatch.setattr(quantize.Preprocessing, "__init__", lambda self, src, dst: started.append(dst))
     manifest = repo_copy / "manifests" / "assistant.yaml"
     manifest.write_text(manifest.read_text().replace("    - quantize: {mode: dynamic, per_channel: true}\n",
                                                      "    - quantize: {mode: auto}\n"))
     report = build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu").report
     tried = [c["mode"] for c in report["stages"][1]["candidates"]]
-    # quantized ahead: the modes after the first, and the unprocessed dynamic graph (started with the original's
-    # evaluation) when the search reached it
-    assert "dynamic" in taken and all(label in tried for label in taken)
+    # the child pre-processed the input (no process of the build's own did), then quantized every mode ahead, and
+    # the unprocessed dynamic graph when the search reached it
+    assert taken[0] == quantize.PREPROCESS and not started
+    assert {"static", "dynamic"} <= set(taken) and all(label in tried for label in taken[1:])
     assert ("dynamic unprocessed" in taken) == ("dynamic unprocessed" in tried)
     assert not ahead._LIVE and not quantize._AHEAD
     assert report["stages"][1]["quality"]["passed"]

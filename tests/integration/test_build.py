@@ -344,7 +344,7 @@ def test_pre_processing_that_fails_falls_back_and_says_so(tmp_path: Path, monkey
     import onnx
     from onnx import TensorProto, helper
 
-    from edgeops.compress.quantize import Preprocessing
+    from edgeops.compress.quantize import Preprocessing, preprocess
 
     node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")  # no shape inference knows this op
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
@@ -361,6 +361,15 @@ def test_pre_processing_that_fails_falls_back_and_says_so(tmp_path: Path, monkey
     # onnxruntime leaves its temporary files in the working directory when inference fails: the child ran in the
     # build's scratch directory (deleted with it), so the user's working directory stays clean
     assert not list((tmp_path / "cwd").iterdir())
+    # the same in a child quantizing ahead, which pre-processes in its own process (its working directory is the
+    # build's scratch directory, where onnxruntime's temporary files go): the graph appears whole, under its name
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    notes = []
+    assert preprocess(src, here / "pre.onnx", notes, here=True) == here / "pre.onnx"
+    assert notes and notes[0].startswith("symbolic shape inference failed (")
+    assert (here / "pre.onnx").exists() and not list(here.glob("pre.*.onnx"))  # no scratch graph left
 
 
 def test_a_rebuild_for_another_goal_quantizes_nothing_again(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
