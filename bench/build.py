@@ -188,9 +188,11 @@ def olive_run(olive: str, original: Path, tmp: Path) -> tuple[float, Path]:
     return time.perf_counter() - started, tmp / "olive-out" / "model.onnx"
 
 
-def edgeops_build(root: Path, written: str, label: str, recipe: str) -> tuple[float, dict]:  # type: ignore[type-arg]
+def edgeops_build(root: Path, written: str, label: str, recipe: str,
+                  source: Path | None = None) -> tuple[float, dict]:  # type: ignore[type-arg]
     """``edgeops build`` (the CLI, cold cache) of the encoder manifest as generated with ``recipe``, at the goal
-    ``label`` names ("cos >= 0.995"): (seconds, its report)."""
+    ``label`` names ("cos >= 0.995"): (seconds, its report). ``source``: another checkout's edgeops to run (an
+    earlier commit, say) instead of the installed one."""
     manifest = root / "manifests" / ENCODER
     manifest.write_text(written)  # each recipe from the manifest as generated (with_recipe edits it)
     with_recipe(manifest, recipe)
@@ -200,8 +202,9 @@ def edgeops_build(root: Path, written: str, label: str, recipe: str) -> tuple[fl
     shutil.rmtree(root / ".edgeops", ignore_errors=True)  # cold: no cached artifact
     started = time.perf_counter()
     cli = str(Path(sys.executable).parent / "edgeops")
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None
     built = subprocess.run([cli, "build", str(manifest), "--accelerator", "cpu", "--root", str(root), "-o", "json"],
-                           check=True, capture_output=True, text=True)
+                           check=True, capture_output=True, text=True, env=env)
     return time.perf_counter() - started, json.loads(built.stdout)[0]
 
 

@@ -1,12 +1,15 @@
 """How long ``auto`` takes against one ``olive run``, interleaved and repeated on the generated sentence encoder.
 
     python examples/make_sentence_encoder.py      # once (about 3 minutes): examples/generated/
-    python bench/build_time.py --olive /tmp/olive/bin/olive [--rounds 3]
+    python bench/build_time.py --olive /tmp/olive/bin/olive [--rounds 3] [--baseline ../edgeops-before]
 
 Each round runs, back to back: Olive's per-channel dynamic quantization pass (cold cache), then ``edgeops build``
 (the CLI, cold cache) with ``auto`` at each goal of ``bench/build.py``'s encoder rows. A round's ratio is edgeops'
 seconds over that round's Olive seconds, so a host that slows down for a while slows both; the table gives each
-round and the median ratio per goal. Nothing else should run meanwhile (the builds time their candidates).
+round and the median ratio per goal. ``--baseline`` adds, in each round, the builds of another checkout of
+edgeops (``git worktree add ../edgeops-before <commit>``): a change's effect on build time, measured in the same
+rounds since this host's speed moves by tens of percent within an hour. Nothing else should run meanwhile (the
+builds time their candidates).
 """
 
 from __future__ import annotations
@@ -26,21 +29,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--olive", required=True, help="an olive executable (Olive 0.13 in its own virtualenv)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another edgeops checkout to time in the same rounds")
     args = parser.parse_args()
-    goals = [(label, recipe) for label, recipe in RECIPES[ENCODER] if "auto" in label]
-    seconds: dict[str, list[float]] = {label: [] for label, _ in [("olive", ""), *goals]}
+    goals = [(label, recipe, None) for label, recipe in RECIPES[ENCODER] if "auto" in label]
+    if args.baseline:
+        goals += [(f"{label} (baseline)", recipe, args.baseline.resolve()) for label, recipe, _ in goals]
+    seconds: dict[str, list[float]] = {label: [] for label in ["olive", *(goal[0] for goal in goals)]}
     with tempfile.TemporaryDirectory() as tmp:
         root = scratch_repo(Path(tmp) / "repo", ENCODER)
         original = root / "examples" / "generated" / "sentence_encoder.onnx"
         written = (root / "manifests" / ENCODER).read_text()
         for round_ in range(args.rounds):
             seconds["olive"].append(olive_run(args.olive, original, Path(tmp))[0])
-            for label, recipe in goals:
-                seconds[label].append(edgeops_build(root, written, label, recipe)[0])
+            for label, recipe, source in goals:
+                seconds[label].append(edgeops_build(root, written, label.removesuffix(" (baseline)"), recipe,
+                                                    source)[0])
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()),
                   file=sys.stderr)
     rows = [["Olive 0.13 `olive run`, dynamic int8 per-channel", *(f"{s:.1f}" for s in seconds["olive"]), "1.00x"]]
-    for label, _ in goals:
+    for label, _, _ in goals:
         ratios = [s / o for s, o in zip(seconds[label], seconds["olive"])]
         rows.append([f"edgeops build, {label}", *(f"{s:.1f}" for s in seconds[label]),
                      f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)})"])

@@ -5,7 +5,8 @@
 
 Dynamic int8 (onnxruntime's quantize_dynamic, per-channel int8 weights) of: the model as it is; activations
 smoothed (SmoothQuant, alpha 0.5); outlier channels split off into float MatMuls (LLM.int8()'s split, ratio 6);
-and, to size what weight rounding costs, the int8 weights alone with float activations (fake-quantized
+activations rotated by block Hadamard matrices of 64 channels (QuaRot-style, at run time), alone and after
+smoothing; and, to size what weight rounding costs, the int8 weights alone with float activations (fake-quantized
 weights in a float model: what GPTQ-style rounding could improve). Fidelity is mean and worst cosine to the
 fp32 embedding over the first 128 evaluation sentences; speed is the 1-thread p50, the models timed
 interleaved in 12 rounds of 8 runs each.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import REPO, machine  # noqa: E402
 
 from edgeops.compress.outliers import float_parts, split_outliers  # noqa: E402
+from edgeops.compress.rotate import rotate  # noqa: E402
 from edgeops.compress.smooth import smooth  # noqa: E402
 
 GENERATED = REPO / "examples" / "generated"
@@ -100,13 +102,18 @@ def main() -> None:
         work = Path(tmp)
         smooth(original, work / "smoothed.onnx", calibration, 0.5)
         note = split_outliers(original, work / "split.onnx", calibration, 6.0)
+        turned = rotate(original, work / "rotated.onnx", 64)
+        rotate(work / "smoothed.onnx", work / "smoothed-rotated.onnx", 64)
         rows = [("dynamic int8", int8(original, work / "plain-int8.onnx")),
                 ("smoothed (alpha 0.5) + dynamic int8", int8(work / "smoothed.onnx", work / "smoothed-int8.onnx")),
                 ("outlier channels split (ratio 6) + dynamic int8", int8(work / "split.onnx", work / "split-int8.onnx")),
+                ("rotated (Hadamard, 64) + dynamic int8", int8(work / "rotated.onnx", work / "rotated-int8.onnx")),
+                ("smoothed, then rotated + dynamic int8",
+                 int8(work / "smoothed-rotated.onnx", work / "smoothed-rotated-int8.onnx")),
                 ("int8 weights alone, float activations", weights_alone(original, work / "weights.onnx"))]
         speeds = interleaved_p50([original] + [path for _, path in rows], evaluation)
         print(machine())
-        print(f"split: {note}\n")
+        print(f"split: {note}\nrotation: {turned}\n")
         print("| model | mean cosine | worst cosine | 1-thread p50 ms | size MB |")
         print("|---|---|---|---|---|")
         print(f"| fp32 | 1.000000 | 1.0000 | {speeds[0]:.2f} | {original.stat().st_size / 1e6:.1f} |")

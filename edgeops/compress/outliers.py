@@ -30,8 +30,10 @@ MAX_SHARE = 16  # at most one channel in 16 goes float: beyond that the float pa
 
 
 def float_parts(graph: onnx.GraphProto) -> list[str]:
-    """Names of the float MatMuls a split added (quantization must leave them float)."""
-    return [n.name for n in graph.node if n.name.startswith(FLOAT_PREFIX)]
+    """Names of the float MatMuls a split or a rotation added (quantization must leave them float)."""
+    from edgeops.compress.rotate import FLOAT_PREFIX as ROTATION
+
+    return [n.name for n in graph.node if n.name.startswith((FLOAT_PREFIX, ROTATION))]
 
 
 def outlier_channels(maxima: np.ndarray, ratio: float) -> list[int]:

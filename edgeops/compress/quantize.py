@@ -289,6 +289,27 @@ def outliers_split(prepared: Path, ratio: float, ctx: QuantizeContext, notes: li
                       lambda src, dst: split_outliers(src, dst, ctx.calibration.inputs, ratio), ctx, notes)
 
 
+def rotated(prepared: Path, block: int, ctx: QuantizeContext, notes: list[str]) -> Path:
+    """``prepared`` with its MatMul activations rotated by block Hadamard matrices."""
+    from edgeops.compress.rotate import rotate
+
+    return _rewritten(prepared, f"rotate-{block}", f"rotating activations (Hadamard blocks of {block})",
+                      lambda src, dst: rotate(src, dst, block), ctx, notes)
+
+
+def rewritten_input(src: Path, mode: str, options: QuantizeOptions, ctx: QuantizeContext, notes: list[str]) -> Path:
+    """The float graph a candidate quantizes: ``src`` pre-processed, smoothed, split and rotated as its options
+    say (each rewrite exact in float)."""
+    prepared = prepared_for(src, ctx, notes) if preprocesses(options, ctx) else src
+    if options.smooth is not None and mode in ("static", "dynamic"):
+        prepared = smoothed(prepared, options.smooth, ctx, notes)
+    if options.split_outliers is not None and mode == "dynamic":
+        prepared = outliers_split(prepared, options.split_outliers, ctx, notes)
+    if options.rotate is not None and mode == "dynamic":
+        prepared = rotated(prepared, options.rotate, ctx, notes)
+    return prepared
+
+
 def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: QuantizeContext, notes: list[str],
              label: str = "") -> Path:
     """Quantize ``src`` with one concrete mode; returns the output path."""
@@ -296,12 +317,7 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: QuantizeContex
     if mode == "fp16":
         quantize_fp16(src, dst, notes)
         return dst
-    prepared = prepared_for(src, ctx, notes) if preprocesses(options, ctx) else src
-    if options.smooth is not None and mode in ("static", "dynamic"):
-        prepared = smoothed(prepared, options.smooth, ctx, notes)
-    if options.split_outliers is not None and mode == "dynamic":
-        prepared = outliers_split(prepared, options.split_outliers, ctx, notes)
-    prepared = ctx.own_copy(prepared)
+    prepared = ctx.own_copy(rewritten_input(src, mode, options, ctx, notes))
     if mode == "static":
         quantize_static(prepared, dst, options, ctx, notes)
     elif mode == "dynamic":
@@ -449,11 +465,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     ctx = search.ctx
     quantized, _, options = search.found[base.mode]
     mode = family(base.mode)
-    prepared = prepared_for(search.src, ctx, []) if preprocesses(options, ctx) else search.src
-    if options.smooth is not None:
-        prepared = smoothed(prepared, options.smooth, ctx, [])
-    if options.split_outliers is not None and mode == "dynamic":
-        prepared = outliers_split(prepared, options.split_outliers, ctx, [])
+    prepared = rewritten_input(search.src, mode, options, ctx, [])
     nodes = quantized_nodes(quantized) if mode == "static" else weighted_matmuls(prepared, quantized)
     if len(nodes) < 2:
         return
@@ -659,7 +671,7 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
     search.attempt(*smoothed_variant(options, search.found[fastest.mode][2].preprocess if fastest
                                      else options.preprocess))
-    split_variant(search, options)
+    tight_variants(search, options)
 
 
 def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> tuple[str, str, QuantizeOptions]:
@@ -684,20 +696,24 @@ def ahead_jobs(options: QuantizeOptions, ctx: StepContext, matmul_weights: bool)
 
 
 
-def split_variant(search: Search, options: QuantizeOptions) -> None:
-    """A tight goal no dynamic candidate met: the two closest ones with their outlier channels multiplied in
-    float (LLM.int8()'s split), before mixed precision keeps whole MatMuls float; stops at the first that
-    meets the goal."""
+TIGHT_TOOLS = (("rotated", {"rotate": 64}), ("split", {"split_outliers": 6.0}))  # tried in this order
+
+
+def tight_variants(search: Search, options: QuantizeOptions) -> None:
+    """A tight goal no dynamic candidate met: the two closest ones with their activations rotated (block
+    Hadamard), then with their outlier channels multiplied in float (LLM.int8()'s split), before mixed precision
+    keeps whole MatMuls float; stops at the first that meets the goal."""
     dynamic = [c for c in search.candidates if family(c.mode) == "dynamic" and c.measurement is not None]
-    if options.split_outliers is not None or not dynamic or any(_passes(c) for c in dynamic):
+    if options.split_outliers is not None or options.rotate is not None or not dynamic or \
+            any(_passes(c) for c in dynamic):
         return
     for closest in sorted(dynamic, key=lambda c: c.measurement.quality.drop)[:2]:  # type: ignore[union-attr]
         base = search.found[closest.mode][2]
-        label = "dynamic split" + (" smoothed" if base.smooth is not None else "") + \
-            ("" if base.preprocess else " unprocessed")
-        if label not in search.found and _passes(search.attempt(label, "dynamic",
-                                                                 base.model_copy(update={"split_outliers": 6.0}))):
-            return
+        for tool, update in TIGHT_TOOLS:
+            label = f"dynamic {tool}" + (" smoothed" if base.smooth is not None else "") + \
+                ("" if base.preprocess else " unprocessed")
+            if label not in search.found and _passes(search.attempt(label, "dynamic", base.model_copy(update=update))):
+                return
 
 
 def weight_only_variants(search: Search, options: QuantizeOptions) -> None:

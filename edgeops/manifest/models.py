@@ -195,6 +195,11 @@ class QuantizeOptions(Strict):
                                   "beside the int8 MatMul (LLM.int8()'s decomposition: exact in float, the int8 "
                                   "range then covers the ordinary channels); auto tries 6 for tight goals before "
                                   "keeping whole MatMuls float")
+    rotate: Literal[16, 32, 64, 128] | None = Field(
+        default=None, description="dynamic: rotate each MatMul input by block Hadamard matrices of this many "
+                                  "channels at run time, the inverse folded into the weights (exact in float; an "
+                                  "outlier channel is spread over its block, so the int8 range fits the others); "
+                                  "auto tries 64 for tight goals before keeping whole MatMuls float")
     bits: Literal[4, 8] = Field(default=4, description="weight_only: bits per MatMul weight (MatMulNBits)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         default=4, description="weight_only: MatMulNBits compute type; 4 computes on int8 activations (fastest on "
@@ -247,6 +252,9 @@ class QuantizeOptions(Strict):
         if self.split_outliers is not None and self.mode not in ("dynamic", "auto"):
             raise ValueError("split_outliers only applies to mode: dynamic (static ranges are calibrated per tensor "
                              "ahead of time; use smooth there)")
+        if self.rotate is not None and self.mode not in ("dynamic", "auto"):
+            raise ValueError("rotate only applies to mode: dynamic (static ranges are calibrated per tensor ahead "
+                             "of time; use smooth there)")
         if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
             raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
                              "already)")

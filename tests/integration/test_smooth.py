@@ -121,6 +121,36 @@ def test_outlier_channels_split_off_are_exact_in_float_and_lift_dynamic_int8_fur
     assert ops.count("MatMul") == 2 and ops.count("MatMulInteger") == 3
 
 
+def test_rotated_activations_are_exact_in_float_and_lift_dynamic_int8_fidelity(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeops.compress.rotate import hadamard, rotate
+
+    assert np.allclose(hadamard(64) @ hadamard(64).T, np.eye(64), atol=1e-6)
+    original, rotated = tmp_path / "model.onnx", tmp_path / "rotated.onnx"
+    outlier_model(original)
+    note = rotate(original, rotated, 64)
+    assert "2 activation(s) feeding 3 MatMul(s)" in note, note
+    graph = onnx.load(str(rotated)).graph
+    assert sorted(float_parts(graph)) == ["EdgeopsRotate_0", "EdgeopsRotate_1"]  # one per activation: Q, K share
+    assert next(n for n in graph.node if n.name == "residual_add").input[1] == "normed"  # the residual is not rotated
+    data = inputs(64, 2)
+    reference = outputs(original, data)
+    np.testing.assert_allclose(outputs(rotated, data), reference, rtol=1e-3, atol=1e-3)
+
+    errors = {}
+    for name, path in (("plain", original), ("rotated", rotated)):
+        int8 = tmp_path / f"{name}-int8.onnx"
+        quantize_dynamic(str(path), str(int8), per_channel=True, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=float_parts(onnx.load(str(path)).graph) or None)
+        errors[name] = 1 - mean_cosine(outputs(int8, data), reference)
+    assert errors["rotated"] < errors["plain"] / 3, errors
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "rotated-int8.onnx")).graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("MatMulInteger") == 3  # the rotations alone stay float
+    # a MatMul whose rows are not a multiple of the block is left as it is
+    assert "no MatMul" in rotate(original, tmp_path / "odd.onnx", 128 * 4)
+
+
 def test_an_activation_without_outliers_is_left_alone() -> None:
     flat = np.ones(64)
     assert outlier_channels(flat, 6.0) == []
@@ -163,11 +193,14 @@ def test_auto_smooths_when_plain_dynamic_int8_misses_a_fidelity_goal_and_confirm
     smoothed = [c for c in loose if c["mode"].startswith("dynamic smoothed")]
     assert smoothed, [c["mode"] for c in loose]  # searched even when plain misses (max_drop 0: nothing passes)
     assert smoothed[0]["measurement"]["quality"]["drop"] < plain["drop"]
-    # nothing dynamic met it: the closest ones were tried with their outlier channels split off, before mixed
-    # precision, and the split lifts fidelity over plain int8 too
+    # nothing dynamic met it: the closest ones were tried with their activations rotated, then with their outlier
+    # channels split off, before mixed precision, and both lift fidelity over plain int8 too
+    modes = [c["mode"] for c in loose]
+    rotated = [c for c in loose if c["mode"].startswith("dynamic rotated")]
     split = [c for c in loose if c["mode"].startswith("dynamic split")]
+    assert rotated and all(c["measurement"]["quality"]["drop"] < plain["drop"] for c in rotated), rotated
     assert split and all(c["measurement"]["quality"]["drop"] < plain["drop"] for c in split), split
-    assert [c["mode"] for c in loose].index(split[0]["mode"]) < min(
+    assert modes.index(rotated[0]["mode"]) < modes.index(split[0]["mode"]) < min(
         (i for i, c in enumerate(loose) if "mixed" in c["mode"]), default=len(loose))
     # a goal between the two: plain misses it, the smoothed graph meets it and is chosen
     goal = (plain["drop"] + smoothed[0]["measurement"]["quality"]["drop"]) / 2
