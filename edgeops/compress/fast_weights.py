@@ -121,7 +121,8 @@ def _qdq_initializer_params(self: Any) -> dict[str, Any]:
         qmin, qmax = qu.get_qmin_qmax_for_qType(qtype, self.reduce_range, symmetric=True)
         zero, scale = scales(data, axis, qmin, qmax, symmetric=True)
         params[name] = QuantizationParams(zero_point=zero, scale=scale, quant_type=qtype, axis=axis)
-    return dict(sorted(params.items(), key=lambda item: list(everything).index(item[0])))
+    order = {name: index for index, name in enumerate(everything)}  # onnxruntime's own order, as it would give
+    return dict(sorted(params.items(), key=lambda item: order[item[0]]))
 
 
 def _qdq_initializer(weight: onnx.TensorProto, quant_type: int, zero_point: np.ndarray, scale: np.ndarray,
