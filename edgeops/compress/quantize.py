@@ -366,31 +366,31 @@ class Quantize(Step[QuantizeOptions]):
             _close_ahead(self.started_ahead)
 
 
-_AHEAD: dict[Path, Ahead] = {}  # by the step's scratch path, as _STARTED
+_AHEAD: dict[Path, "Search"] = {}  # the search that started a child quantizing ahead, by the step's scratch path
 
 
 def _close_ahead(key: Path) -> None:
-    if (child := _AHEAD.pop(key, None)) is not None:
-        child.close()
+    if (started := _AHEAD.pop(key, None)) is not None and started.ahead is not None:
+        started.ahead.close()
 
 
-def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> Ahead | None:
-    """The step's child quantizing candidates ahead, where a second core can do so: CPU searches of models big
-    enough to pay for starting it (never a GPU or NPU class, whose candidates are few, nor a decoder's search);
-    ``Quantize.run`` closes it. Started with its work: pre-processing, then ``ahead_jobs``."""
+def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> "Search | None":
+    """The search that started the step's child quantizing candidates ahead (its ``ahead``), where a second
+    core can do so: CPU searches of models big enough to pay for starting it (never a GPU or NPU class, whose
+    candidates are few, nor a decoder's search); ``Quantize.run`` closes it. Started with its work:
+    pre-processing, then ``ahead_jobs``."""
     key = ctx.path("ahead")
     if key in _AHEAD:
         return _AHEAD[key]
     if ctx.accelerator != "cpu" or ctx.generative or not options.search or len(os.sched_getaffinity(0)) < 2 or \
             model.stat().st_size < ahead.MIN_MODEL_BYTES:
         return None
-    _AHEAD[key] = child = Ahead(ctx.work_dir, ctx.index, ctx.accelerator, ctx.generative, ctx.calibration.inputs)
-    search = Search(model, ctx)
-    search.ahead = child
+    _AHEAD[key] = search = Search(model, ctx)
+    search.ahead = child = Ahead(ctx.work_dir, ctx.index, ctx.accelerator, ctx.generative, ctx.calibration.inputs)
     if preprocesses(options, ctx):
         child.submit(search.preprocessing)
     search.quantize_ahead(ahead_jobs(options, ctx, search.matmul_weights))
-    return child
+    return search
 
 
 def static_variants(options: QuantizeOptions, prepared: Path) -> list[tuple[str, QuantizeOptions]]:
@@ -472,7 +472,7 @@ def mixed_precision(search: "Search", base: Candidate) -> None:
     ctx.progress(f"quantize auto: measuring the sensitivity of {len(nodes)} quantized node(s)")
     order = sensitivity_order(prepared, quantized, nodes, ctx.evaluator.data.inputs)
 
-    def variant(count: int) -> tuple[str, str, QuantizeOptions]:
+    def variant(count: int) -> Attempt:
         kept = sorted({*order[:count], *(options.exclude_nodes or [])})
         return f"{base.mode} mixed {count}-float", mode, options.model_copy(update={"exclude_nodes": kept})
 
@@ -500,16 +500,21 @@ def searched(mode: str, options: QuantizeOptions) -> QuantizeOptions:
     return options
 
 
+Attempt = tuple[str, str, QuantizeOptions]  # (label, mode, options): one candidate a search tries
+
+
 class Search:
     """The candidates one ``auto`` step tries, what each produced, and the early stops between them."""
 
-    def __init__(self, src: Path, ctx: StepContext) -> None:
+    def __init__(self, src: Path, ctx: StepContext, like: "Search | None" = None) -> None:
+        """``like``: a search of the same input begun earlier (it started the child), whose reads are reused."""
         self.src, self.ctx = src, ctx
         self.found: dict[str, tuple[Path, list[str], QuantizeOptions]] = {}
         self.candidates: list[Candidate] = []
         self.recalibrate: set[str] = set()  # static candidates calibrated on fewer samples while searching
-        self.src_sha256: str | None = None
-        self.matmul_weights = has_matmul_weights(src)  # read once: the model may be tens of MB
+        self.src_sha256: str | None = like.src_sha256 if like else None
+        # read once: the model may be tens of MB
+        self.matmul_weights: bool = like.matmul_weights if like else has_matmul_weights(src)
         self.started = time.monotonic()
         self.objective = "latency"
         self.min_speedup = DEFAULT_MIN_SPEEDUP
@@ -521,7 +526,7 @@ class Search:
         """The child's job of pre-processing the input (candidates quantized ahead from it follow)."""
         return Job(PREPROCESS, PREPROCESS, self.src, {})
 
-    def quantize_ahead(self, jobs: list[tuple[str, str, QuantizeOptions]]) -> None:
+    def quantize_ahead(self, jobs: list[Attempt]) -> None:
         """Have the child quantize these (label, mode, options) candidates while the search evaluates others (those
         not cached already)."""
         if self.ahead is None:
@@ -674,14 +679,13 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
     tight_variants(search, options)
 
 
-def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> tuple[str, str, QuantizeOptions]:
+def smoothed_variant(options: QuantizeOptions, preprocess: bool) -> Attempt:
     """(label, mode, options) of the smoothed dynamic candidate on the graph with or without pre-processing."""
     return ("dynamic smoothed" + ("" if preprocess else " unprocessed"), "dynamic",
             options.model_copy(update={"smooth": 0.5, "preprocess": preprocess}))
 
 
-def ahead_jobs(options: QuantizeOptions, ctx: StepContext, matmul_weights: bool) -> list[tuple[str, str,
-                                                                                          QuantizeOptions]]:
+def ahead_jobs(options: QuantizeOptions, ctx: StepContext, matmul_weights: bool) -> list[Attempt]:
     """What a child quantizes ahead, in the order the search takes them: every mode; then the dynamic variants
     on the graph without pre-processing, the plain one and the smoothed one (on the encoders measured that graph
     ran faster, docs/build.md: a guess, and if pre-processing's graph runs faster the search smooths that one
@@ -751,10 +755,11 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     """Try each mode; search the options that matter in the winning family (the fastest mode that met the goal,
     or every int8 family when none did); keep the fastest that meets the goal, the original unless it is
     ``min_speedup`` faster."""
-    search = Search(src, ctx)
+    started = _ahead_for(src, options, ctx)
+    search = Search(src, ctx, like=started)
     search.objective = options.objective or "latency"
     search.min_speedup = options.min_speedup or DEFAULT_MIN_SPEEDUP
-    search.ahead = _ahead_for(src, options, ctx)
+    search.ahead = started.ahead if started else None
     modes = auto_modes(options, ctx, search.matmul_weights)
     with watching() as load:
         _search(search, modes, options, ctx)
