@@ -674,8 +674,8 @@ def dynamic_variants(search: Search, options: QuantizeOptions) -> None:
         return
     timed = [c for c in search.candidates if family(c.mode) == "dynamic" and _passes(c)]
     fastest = min(timed, key=lambda c: c.measurement.latency_p50_ms) if timed else None  # type: ignore[union-attr]
-    search.attempt(*smoothed_variant(options, search.found[fastest.mode][2].preprocess if fastest
-                                     else options.preprocess))
+    graph = search.found[fastest.mode][2].preprocess if fastest else options.preprocess  # the faster one's
+    search.attempt(*smoothed_variant(options, graph))
     tight_variants(search, options)
 
 
