@@ -1,4 +1,4 @@
-"""The tight-goal int8 tools one by one on the generated sentence encoder: what each does to fidelity and speed.
+"""The tight-goal tools one by one on the generated sentence encoder: what each does to fidelity and speed.
 
     python examples/make_sentence_encoder.py      # once (about 3 minutes): examples/generated/
     python bench/int8_tools.py
@@ -7,7 +7,9 @@ Dynamic int8 (onnxruntime's quantize_dynamic, per-channel int8 weights) of: the 
 smoothed (SmoothQuant, alpha 0.5); outlier channels split off into float MatMuls (LLM.int8()'s split, ratio 6);
 activations rotated by block Hadamard matrices of 64 channels (QuaRot-style, at run time), alone and after
 smoothing; and, to size what weight rounding costs, the int8 weights alone with float activations (fake-quantized
-weights in a float model: what GPTQ-style rounding could improve). Fidelity is mean and worst cosine to the
+weights in a float model: what weight rounding could improve at most); GPTQ rounding of the int8 weights, and of
+int4 weight-only blocks (MatMulNBits, 32 and 128 input channels per scale, int8 activations in the kernel: what
+``auto`` tries first on a CPU) beside onnxruntime's round-to-nearest. Fidelity is mean and worst cosine to the
 fp32 embedding over the first 128 evaluation sentences; speed is the 1-thread p50, the models timed
 interleaved in 12 rounds of 8 runs each.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import REPO, machine  # noqa: E402
 
+from edgeops.compress.gptq import gptq  # noqa: E402
 from edgeops.compress.outliers import float_parts, split_outliers  # noqa: E402
 from edgeops.compress.rotate import rotate  # noqa: E402
 from edgeops.compress.smooth import smooth  # noqa: E402
@@ -78,6 +81,24 @@ def int8(src: Path, dst: Path) -> Path:
     return dst
 
 
+def int4(src: Path, dst: Path, block: int) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block, is_symmetric=True,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    return dst
+
+
+def rounded(src: Path, quantized: Path, calibration: dict[str, np.ndarray]) -> Path:
+    """A copy of ``quantized`` with GPTQ's integers (on 128 calibration samples)."""
+    dst = quantized.with_name(f"{quantized.stem}-gptq.onnx")
+    dst.write_bytes(quantized.read_bytes())
+    print(gptq(src, dst, calibration, 128), file=sys.stderr)
+    return dst
+
+
 def weights_alone(src: Path, dst: Path) -> Path:
     """Every constant 2-D MatMul weight rounded to per-column int8 and back: a float model with int8 weights."""
     model = onnx.load(str(src))
@@ -111,6 +132,12 @@ def main() -> None:
                 ("smoothed, then rotated + dynamic int8",
                  int8(work / "smoothed-rotated.onnx", work / "smoothed-rotated-int8.onnx")),
                 ("int8 weights alone, float activations", weights_alone(original, work / "weights.onnx"))]
+        rows += [("dynamic int8, GPTQ rounding", rounded(original, rows[0][1], calibration)),
+                 ("rotated + dynamic int8, GPTQ rounding", rounded(work / "rotated.onnx", rows[3][1], calibration))]
+        for block in (32, 128):
+            nearest = int4(original, work / f"int4-{block}.onnx", block)
+            rows += [(f"int4 weights, block {block}", nearest),
+                     (f"int4 weights, block {block}, GPTQ rounding", rounded(original, nearest, calibration))]
         speeds = interleaved_p50([original] + [path for _, path in rows], evaluation)
         print(machine())
         print(f"split: {note}\nrotation: {turned}\n")

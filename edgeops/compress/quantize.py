@@ -326,6 +326,11 @@ def run_mode(mode: str, src: Path, options: QuantizeOptions, ctx: QuantizeContex
         quantize_weight_only(prepared, dst, options, notes)
     else:
         raise AssertionError(mode)
+    if options.rounding == "gptq":
+        from edgeops.compress.gptq import gptq
+
+        ctx.progress(f"quantize: GPTQ rounding ({label or mode})")
+        notes.append(gptq(prepared, dst, ctx.calibration.inputs, options.calibration_samples))
     return dst
 
 
@@ -722,17 +727,23 @@ def tight_variants(search: Search, options: QuantizeOptions) -> None:
 
 def weight_only_variants(search: Search, options: QuantizeOptions) -> None:
     """The weight-only options worth trying once int4 weights won (decoders: always). When int4 as given meets
-    the goal: bigger blocks (smaller, faster, coarser) and the embedding table in int4 too (a decoder's largest
-    tensor, often); when it misses: float activations (int8 ones cost a decoder agreement here). Either way int8
-    weights, the most faithful."""
+    the goal: bigger blocks (smaller, faster, coarser; with GPTQ rounding if they miss) and the embedding table in
+    int4 too (a decoder's largest tensor, often); when it misses: GPTQ rounding (the same speed), then float
+    activations (int8 ones cost a decoder agreement here). Either way int8 weights, the most faithful."""
     base = next((c for c in search.candidates if c.mode == "weight_only"), None)
+    gptq = {"rounding": "gptq"} if options.rounding == "nearest" else None
     if base is not None and _passes(base):
         if options.block_size != 128:
-            search.attempt("weight_only block128", "weight_only", options.model_copy(update={"block_size": 128}))
+            coarse = options.model_copy(update={"block_size": 128})
+            if not _passes(search.attempt("weight_only block128", "weight_only", coarse)) and gptq:
+                search.attempt("weight_only block128 gptq", "weight_only", coarse.model_copy(update=gptq))
         if options.bits == 4 and not options.embeddings:
             search.attempt("weight_only embeddings", "weight_only", options.model_copy(update={"embeddings": True}))
-    elif options.accuracy_level == 4:
-        search.attempt("weight_only fp32-compute", "weight_only", options.model_copy(update={"accuracy_level": 1}))
+    else:
+        rounded = search.attempt("weight_only gptq", "weight_only", options.model_copy(update=gptq)) \
+            if gptq and base is not None and base.measurement is not None else None
+        if options.accuracy_level == 4 and not (rounded and _passes(rounded)):
+            search.attempt("weight_only fp32-compute", "weight_only", options.model_copy(update={"accuracy_level": 1}))
     if options.bits == 4:
         search.attempt("weight_only int8", "weight_only", options.model_copy(update={"bits": 8, "embeddings": False}))
 

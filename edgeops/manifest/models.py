@@ -200,6 +200,12 @@ class QuantizeOptions(Strict):
                                   "channels at run time, the inverse folded into the weights (exact in float; an "
                                   "outlier channel is spread over its block, so the int8 range fits the others); "
                                   "auto tries 64 for tight goals before keeping whole MatMuls float")
+    rounding: Literal["nearest", "gptq"] = Field(
+        default="nearest", description="static/dynamic/weight_only: how MatMul weights get their integers. "
+                                       "nearest: onnxruntime's; gptq: the rows of each weight rounded in turn, "
+                                       "each row's error carried to the rows not yet rounded as the calibration "
+                                       "activations weigh it (GPTQ: same scales, same graph, same speed); auto "
+                                       "tries it for weight-only weights that miss the goal")
     bits: Literal[4, 8] = Field(default=4, description="weight_only: bits per MatMul weight (MatMulNBits)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         default=4, description="weight_only: MatMulNBits compute type; 4 computes on int8 activations (fastest on "
@@ -255,6 +261,8 @@ class QuantizeOptions(Strict):
         if self.rotate is not None and self.mode not in ("dynamic", "auto"):
             raise ValueError("rotate only applies to mode: dynamic (static ranges are calibrated per tensor ahead "
                              "of time; use smooth there)")
+        if self.rounding == "gptq" and self.mode == "fp16":
+            raise ValueError("rounding: gptq only applies to integer weights (static, dynamic, weight_only, auto)")
         if self.quant_format == "qoperator" and self.mode not in ("static", "auto"):
             raise ValueError("quant_format: qoperator only applies to mode: static (dynamic is operator-oriented "
                              "already)")

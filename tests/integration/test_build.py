@@ -179,7 +179,7 @@ def test_explain_names_what_changed(repo_copy: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("recipe", ["  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n",
                                     "  recipe:\n    - quantize: {mode: weight_only, block_size: 32}\n",
                                     "  recipe:\n    - quantize: {mode: weight_only, bits: 8, accuracy_level: 0}\n",
-                                    "  recipe:\n    - quantize: {mode: weight_only, embeddings: true}\n"])
+                                    "  recipe:\n    - quantize: {mode: weight_only, embeddings: true, rounding: gptq}\n"])
 def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str) -> None:
     set_recipe(repo_copy, "assistant.yaml", recipe, old="  recipe:\n    - quantize: {mode: dynamic, per_channel: true}\n")
     ws = load_workspace(repo_copy)
@@ -194,6 +194,8 @@ def test_transformer_builds_report_cosine_fidelity(repo_copy: Path, recipe: str)
     assert expected_op in final["ops"]
     if "embeddings" in recipe:  # the 512x128 embedding table too: well past what MatMul weights alone give
         assert "GatherBlockQuantized" in final["ops"] and final["size_ratio"] > 4.5
+    if "gptq" in recipe:  # on the opset-21 graph the embeddings need, every MatMul weight found and rounded
+        assert any(n.startswith("GPTQ rounding: ") and "MatMul weight(s) rounded" in n for n in final["notes"])
     if "bits: 8" in recipe:
         assert "accuracy_level 0" in " ".join(final["notes"]) and final["size_ratio"] < 2.85  # int4's ratio
 

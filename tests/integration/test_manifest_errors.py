@@ -102,6 +102,8 @@ CASES = [
     ("split-outliers-static", W, "mode: static", "mode: static\n        split_outliers: 6", "- quantize:", "split_outliers only applies to mode: dynamic"),
     ("rotate-static", W, "mode: static", "mode: static\n        rotate: 64", "- quantize:", "rotate only applies to mode: dynamic"),
     ("rotate-not-a-block", W, "mode: static", "mode: dynamic\n        rotate: 48", "rotate", "16, 32, 64 or 128"),
+    ("gptq-fp16", W, "mode: static", "mode: fp16\n        rounding: gptq", "- quantize:", "rounding: gptq only applies to integer weights"),
+    ("rounding-unknown", W, "mode: static", "mode: dynamic\n        rounding: stochastic", "rounding", "'nearest' or 'gptq'"),
     ("case-only-hint", ARM, "- name: CPUExecutionProvider", "- name: XNNPACKExecutionProvider", "XNNPACK", "did you mean 'XnnpackExecutionProvider'?"),
     ("empty-spec", NPU, None, "apiVersion: edgeops/v1\nkind: DeviceProfile\nmetadata: {name: npu-edge}\nspec:\n", "spec:", "spec: is empty; write its fields under it"),
     ("device-name-not-dns", LAB, "name: lab-02", "name: Nu3_Pi_05", "Nu3_Pi_05", "try 'nu3-pi-05'"),

@@ -82,3 +82,37 @@ def test_candidates_the_timings_cannot_tell_apart_are_chosen_by_fidelity() -> No
     settled = timed("dynamic", 14.4, (14.3, 14.5), 0.0004)
     near = timed("dynamic unprocessed", 15.0, (14.9, 15.1), 0.0002)    # within 5%: equal whatever the intervals
     assert _best([settled, near], ["dynamic"], ctx) is near            # type: ignore[arg-type]
+
+
+def _weight_only_search(passing: set[str], base_passes: bool):  # type: ignore[no-untyped-def]
+    tried: list[str] = []
+
+    def attempt(label: str, mode: str, options):  # type: ignore[no-untyped-def]
+        suffix = " gptq" if options.rounding == "gptq" and "gptq" not in label else ""
+        tried.append(label + suffix)
+        return SimpleNamespace(mode=label, measurement=SimpleNamespace(quality=SimpleNamespace(passed=label in passing)))
+
+    base = SimpleNamespace(mode="weight_only", measurement=SimpleNamespace(quality=SimpleNamespace(passed=base_passes)))
+    return SimpleNamespace(candidates=[base], attempt=attempt), tried
+
+
+def test_int4_weights_that_miss_the_goal_try_gptq_rounding_before_float_activations() -> None:
+    from edgeops.compress.quantize import weight_only_variants
+    from edgeops.manifest.models import QuantizeOptions
+
+    options = QuantizeOptions(mode="auto")
+    search, tried = _weight_only_search({"weight_only gptq"}, base_passes=False)
+    weight_only_variants(search, options)  # type: ignore[arg-type]
+    assert tried == ["weight_only gptq", "weight_only int8"]  # float activations would only be slower
+    search, tried = _weight_only_search(set(), base_passes=False)
+    weight_only_variants(search, options)  # type: ignore[arg-type]
+    assert tried == ["weight_only gptq", "weight_only fp32-compute", "weight_only int8"]
+    search, tried = _weight_only_search(set(), base_passes=True)  # coarser blocks missed: rounded better
+    weight_only_variants(search, options)  # type: ignore[arg-type]
+    assert tried == ["weight_only block128", "weight_only block128 gptq", "weight_only embeddings", "weight_only int8"]
+    search, tried = _weight_only_search({"weight_only block128"}, base_passes=True)
+    weight_only_variants(search, options)  # type: ignore[arg-type]
+    assert tried == ["weight_only block128", "weight_only embeddings", "weight_only int8"]
+    search, tried = _weight_only_search(set(), base_passes=False)  # asked for already: nothing to add
+    weight_only_variants(search, QuantizeOptions(mode="auto", rounding="gptq"))  # type: ignore[arg-type]
+    assert tried == ["weight_only fp32-compute gptq", "weight_only int8 gptq"]
