@@ -79,7 +79,7 @@ def test_a_model_swapped_for_a_much_worse_one_is_refused_at_plan(lab_repo: Path)
     """Every build gate passes a worse model (it is compared with itself); the plan compares it with what runs."""
     assert do_apply(lab_repo)[1].ok
     before = {k: s.current for k, s in observe_all(lab_repo).items()}
-    worse = make_mislabelled(lab_repo / "examples/models/wearable_cnn.onnx", lab_repo / "examples/models/worse.onnx")
+    make_mislabelled(lab_repo / "examples/models/wearable_cnn.onnx", lab_repo / "examples/models/worse.onnx")
     with edited((lab_repo / MANIFEST, "path: ../examples/models/wearable_cnn.onnx", "path: ../examples/models/worse.onnx"),
                 (lab_repo / MANIFEST, "    sha256: ", "    # sha256: ")):
         planned = cli(lab_repo, "plan", MANIFEST, "-o", "json")
