@@ -7,7 +7,7 @@ writes) built with ``quantize: {mode: weight_only, bits: 4, block_size: B}`` for
 ``rounding: nearest`` and ``rounding: gptq``, in a scratch copy of the repository with its own build cache.
 Every figure is edgeops' own evaluator's, as the build report gives it: greedy-token agreement with the fp32
 model (teacher-forced, the golden prompts), perplexity on the held-out text and its increase, size, and the
-build's wall time. Host CPU only. The encoder's rows (int8 and int4) are in bench/int8_tools.py.
+build's wall time (the quality goal is lifted so that every configuration is measured). Host CPU only. The encoder's rows (int8 and int4) are in bench/int8_tools.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import REPO, machine  # noqa: E402
 
 RECIPE = "    - quantize: {mode: auto}\n"
+GOAL = "max_drop: 5 "
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
         os.environ["EDGEOPS_CACHE_DIR"] = str(Path(tmp) / "cache")
         manifest = root / "manifests" / "assistant-lm.yaml"
         original = manifest.read_text()
-        assert RECIPE in original, "manifests/assistant-lm.yaml's recipe changed: update bench/rounding.py"
+        assert RECIPE in original and GOAL in original, "manifests/assistant-lm.yaml changed: update bench/rounding.py"
+        original = original.replace(GOAL, "max_drop: 100 ")  # measure every configuration: no quality gate
         print(machine())
         print(f"model: {args.model_dir}\n")
         print("| int4 weights | rounding | agreement % | perplexity | increase % | size MB | build s |")
