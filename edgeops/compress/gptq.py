@@ -28,6 +28,8 @@ from edgeops.compress.evaluate import probe_session
 DAMP = 0.01     # share of the mean Hessian diagonal added to it (GPTQ's default)
 BLOCK = 128     # rows rounded before the error is carried to the rest at once (the same result, fewer passes)
 GROUP = 8       # samples whose activations are multiplied at once (a tall product runs ~4x faster per row)
+HESSIAN_BYTES = 512 << 20  # the Hessians one pass over the calibration data gathers; more passes beyond
+BUFFER_BYTES = 256 << 20   # activation rows held before they are multiplied, whatever GROUP says
 
 
 @dataclass(frozen=True)
@@ -166,17 +168,35 @@ def hessians(model: onnx.ModelProto, tensors: list[str], inputs: dict[str, np.nd
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    held = 0
     count = min(samples, len(next(iter(inputs.values()))))
     for i in range(count):
         outputs = dict(zip(names, session.run(None, {k: v[i:i + 1] for k, v in inputs.items()})))
         for tensor in tensors:
             rows[tensor].append(outputs[tensor].reshape(-1, outputs[tensor].shape[-1]).astype(np.float32))
-        if (i + 1) % GROUP == 0 or i + 1 == count:
+            held += rows[tensor][-1].nbytes
+        if (i + 1) % GROUP == 0 or i + 1 == count or held > BUFFER_BYTES:
             for tensor in tensors:
                 x = np.concatenate(rows[tensor])
                 sums[tensor] = sums.get(tensor, 0) + (x.T @ x).astype(np.float64)
                 rows[tensor].clear()
+            held = 0
     return sums
+
+
+def passes(widths: dict[str, int]) -> list[list[str]]:
+    """The activations (name -> channels) split into passes over the calibration data whose Hessians fit in
+    ``HESSIAN_BYTES`` together (one pass for an edge-sized model; a wide decoder takes several)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for tensor, width in widths.items():
+        size = width * width * 8
+        if groups[-1] and used + size > HESSIAN_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(tensor)
+        used += size
+    return [g for g in groups if g]
 
 
 def gptq(float_model: Path, quantized: Path, inputs: dict[str, np.ndarray], samples: int = 128) -> str:
@@ -200,10 +220,15 @@ def gptq(float_model: Path, quantized: Path, inputs: dict[str, np.ndarray], samp
     if not found:
         return "GPTQ rounding: no quantized MatMul weight to round"
     count = min(samples, len(next(iter(inputs.values()))))
-    factors = {tensor: factor(h) for tensor, h in
-               hessians(source, sorted({r.activation for r in found}), inputs, count).items()}
+    readers: dict[str, list[Rounded]] = {}
     for rounded in found:
-        rounded.store(round_rows(floats[rounded.weight][1], rounded.scale, rounded.zero, rounded.qmin,
-                                 rounded.qmax, factors[rounded.activation], rounded.reciprocal))
+        readers.setdefault(rounded.activation, []).append(rounded)
+    widths = {tensor: floats[group[0].weight][1].shape[0] for tensor, group in readers.items()}
+    for group in passes(widths):  # Hessians and factors held one pass at a time: a decoder's can be GBs
+        for tensor, hessian in hessians(source, group, inputs, count).items():
+            inverse = factor(hessian)
+            for rounded in readers[tensor]:
+                rounded.store(round_rows(floats[rounded.weight][1], rounded.scale, rounded.zero, rounded.qmin,
+                                         rounded.qmax, inverse, rounded.reciprocal))
     onnx.save(model, str(quantized))
     return f"GPTQ rounding: {len(found)} MatMul weight(s) rounded against {count} calibration samples"

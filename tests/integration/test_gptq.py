@@ -146,3 +146,21 @@ def test_auto_on_a_decoder_whose_int4_weights_miss_the_goal_tries_them_with_gptq
     assert sizes["weight_only"] == sizes["weight_only gptq"]
     if not rounded["passed"]:  # then float activations are tried, as before
         assert "weight_only fp32-compute" in tried
+
+
+def test_gptq_in_several_passes_over_the_calibration_data_rounds_the_same(
+        quantized: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeops.compress import gptq as module
+
+    one, several = tmp_path / "one.onnx", tmp_path / "several.onnx"
+    for path in (one, several):
+        shutil.copyfile(quantized["weight-only int4"], path)
+    gptq(quantized["float"], one, inputs(8, 1), 8)
+    monkeypatch.setattr(module, "HESSIAN_BYTES", 1)  # every activation in a pass of its own
+    monkeypatch.setattr(module, "BUFFER_BYTES", 1)   # and its rows multiplied sample by sample
+    gptq(quantized["float"], several, inputs(8, 1), 8)
+    assert _initializers(several) != _initializers(quantized["weight-only int4"])
+    for name, data in _initializers(one).items():  # the same integers, to float summation order
+        a = numpy_helper.to_array(onnx.TensorProto.FromString(data))
+        b = numpy_helper.to_array(onnx.TensorProto.FromString(_initializers(several)[name]))
+        assert np.mean(a != b) < 0.001, name

@@ -116,3 +116,4 @@ def test_int4_weights_that_miss_the_goal_try_gptq_rounding_before_float_activati
     search, tried = _weight_only_search(set(), base_passes=False)  # asked for already: nothing to add
     weight_only_variants(search, QuantizeOptions(mode="auto", rounding="gptq"))  # type: ignore[arg-type]
     assert tried == ["weight_only fp32-compute gptq", "weight_only int8 gptq"]
+
