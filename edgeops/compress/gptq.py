@@ -98,6 +98,8 @@ class Rounded:
 def _int8_weights(graph: onnx.GraphProto, floats: dict[str, tuple[str, np.ndarray]]) -> list[Rounded]:
     """The ``{weight}_quantized`` int8/uint8 initializers of dynamic, Q/DQ and operator-oriented models."""
     initializers = {i.name: i for i in graph.initializer}
+    axes = {n.input[0]: next((a.i for a in n.attribute if a.name == "axis"), 1) for n in graph.node
+            if n.op_type == "DequantizeLinear"}  # Q/DQ: the axis a per-channel scale runs along
     found = []
     for weight, (activation, w) in floats.items():
         stored, scale, zero = (initializers.get(f"{weight}_{s}") for s in ("quantized", "scale", "zero_point"))
@@ -105,7 +107,8 @@ def _int8_weights(graph: onnx.GraphProto, floats: dict[str, tuple[str, np.ndarra
                 stored.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             continue
         levels, scales, zeros = (numpy_helper.to_array(t) for t in (stored, scale, zero))
-        if scales.size not in (1, w.shape[1]) or zeros.size != scales.size:
+        if scales.size not in (1, w.shape[1]) or zeros.size != scales.size or \
+                (scales.size > 1 and axes.get(stored.name, 1) not in (1, -1)):
             continue  # a scale per row or per block: not what onnxruntime writes for a MatMul weight
         signed = stored.data_type == onnx.TensorProto.INT8
         # onnxruntime's symmetric int8 weights use -127..127; an asymmetric range that reaches -128 keeps it

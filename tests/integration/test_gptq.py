@@ -164,3 +164,19 @@ def test_gptq_in_several_passes_over_the_calibration_data_rounds_the_same(
         a = numpy_helper.to_array(onnx.TensorProto.FromString(data))
         b = numpy_helper.to_array(onnx.TensorProto.FromString(_initializers(several)[name]))
         assert np.mean(a != b) < 0.001, name
+
+
+def test_a_per_channel_scale_along_the_input_channels_is_not_taken_for_one_per_output(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    outlier_model(tmp_path / "model.onnx")  # square weights: only the axis tells rows from columns
+    quantize_static(str(tmp_path / "model.onnx"), str(tmp_path / "rows.onnx"), CalibrationReader(inputs(4, 1), 4),
+                    per_channel=True, quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
+                    extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": 0}})
+    axes = [a.i for n in onnx.load(str(tmp_path / "rows.onnx")).graph.node if n.input[0] == "w_q_quantized"
+            for a in n.attribute if a.name == "axis"]
+    assert axes == [0]
+    shutil.copyfile(tmp_path / "rows.onnx", tmp_path / "rounded.onnx")
+    assert gptq(tmp_path / "model.onnx", tmp_path / "rounded.onnx", inputs(4, 1), 4) == \
+        "GPTQ rounding: no quantized MatMul weight to round"
+    assert _initializers(tmp_path / "rounded.onnx") == _initializers(tmp_path / "rows.onnx")
