@@ -7,7 +7,8 @@ writes) built with ``quantize: {mode: weight_only, bits: 4, block_size: B}`` for
 ``rounding: nearest`` and ``rounding: gptq``, in a scratch copy of the repository with its own build cache.
 Every figure is edgeops' own evaluator's, as the build report gives it: greedy-token agreement with the fp32
 model (teacher-forced, the golden prompts), perplexity on the held-out text and its increase, size, and the
-build's wall time (the quality goal is lifted so that every configuration is measured). Host CPU only. The encoder's rows (int8 and int4) are in bench/int8_tools.py.
+build's wall time (the quality goal is lifted so that every configuration is measured). Host CPU only. The
+encoder's rows (int8 and int4) are in bench/int8_tools.py.
 """
 
 from __future__ import annotations
