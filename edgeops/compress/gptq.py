@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeops.compress.evaluate import probe_session
+from edgeops.compress.smooth import smoothable_groups
 
 DAMP = 0.01     # share of the mean Hessian diagonal added to it (GPTQ's default)
 BLOCK = 128     # rows rounded before the error is carried to the rest at once (the same result, fewer passes)
@@ -207,16 +208,11 @@ def gptq(float_model: Path, quantized: Path, inputs: dict[str, np.ndarray], samp
     ``samples`` calibration samples, in place; return a note."""
     source = onnx.load(str(float_model))
     constants = {i.name: i for i in source.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in source.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    floats: dict[str, tuple[str, np.ndarray]] = {}
-    outputs: dict[str, str] = {}
-    for node in source.graph.node:  # a weight shared by two activations has no one Hessian: left as it is
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in constants and \
-                uses[node.input[1]] == 1 and node.input[0] not in constants and len(constants[node.input[1]].dims) == 2:
-            floats[node.input[1]] = (node.input[0], numpy_helper.to_array(constants[node.input[1]]))
+    floats: dict[str, tuple[str, np.ndarray]] = {}  # weight -> (its activation, its values)
+    outputs: dict[str, str] = {}                    # MatMul output -> its weight
+    for activation, nodes in smoothable_groups(source.graph).items():  # a shared weight has no one Hessian
+        for node in nodes:
+            floats[node.input[1]] = (activation, numpy_helper.to_array(constants[node.input[1]]))
             outputs[node.output[0]] = node.input[1]
     model = onnx.load(str(quantized))
     found = _int8_weights(model.graph, floats) + _nbits_weights(model.graph, floats, outputs)
