@@ -81,6 +81,14 @@ def paused() -> Iterator[None]:
                 _signal_all(signal.SIGCONT)
 
 
+def working() -> bool:
+    """Whether a child is quantizing now (running, or stopped while something is timed), rather than waiting for
+    a job: then the build's evaluations take one thread and leave the child its core."""
+    with _LOCK:
+        live = list(_LIVE)
+    return any(_state(process.pid) in ("R", "D", "T") for process in live)
+
+
 def live_cpu_s() -> float:
     """CPU seconds the running children have used so far (counted as this build's own, not foreign load)."""
     total = 0.0

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import zstandard
 
-from edgeops.compress.ahead import paused
+from edgeops.compress.ahead import paused, working
 from edgeops.compress.data import Dataset
 from edgeops.manifest.models import QualityGoal
 from edgeops.metrics import LOWER_IS_BETTER, PERCENT_POINTS, embedding_fidelity, metric_value, sample_scores
@@ -66,6 +66,12 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     if threads != 1:  # evaluation runs beside the build's child processes: idle pool threads yield, not spin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def evaluation_session(path: Path) -> ort.InferenceSession:
+    """A session for evaluating outputs (not timing them): every core, but one while a child quantizes ahead (a
+    second thread would contend for the child's core, and gained nothing measured then)."""
+    return session(path, threads=1 if working() else 0)
 
 
 def probe_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
@@ -240,7 +246,7 @@ class Evaluator:
     def reference_from(self, original: Path, settle: Callable[[], None] = lambda: None) -> Measurement:
         """Run the original once: its outputs become the reference; returns its measurement. ``settle`` waits
         for work started in the background, so that none runs while the original is timed."""
-        sess = session(original, threads=0)
+        sess = evaluation_session(original)
         self.reference = run_all(sess, self.data)[output_index(sess, self.goal)]
         measurement = self.measure(original, outputs=self.reference, latency=False)
         settle()
@@ -249,7 +255,7 @@ class Evaluator:
     def quality_of(self, path: Path, outputs: np.ndarray | None = None) -> Quality:
         """The goal's metric on the whole evaluation set (samples already run in ``screen`` are not run again)."""
         if outputs is None:
-            sess = session(path, threads=0)
+            sess = evaluation_session(path)
             done = self.screened.pop(path, None)
             rest = self.data.slice(0 if done is None else len(done))
             outputs = run_all(sess, rest)[output_index(sess, self.goal)]
@@ -263,7 +269,7 @@ class Evaluator:
         sample to save time."""
         if self.data.count <= SCREEN_SAMPLES * 2:
             return None
-        sess = session(path, threads=0)
+        sess = evaluation_session(path)
         index = output_index(sess, self.goal)
         outputs = run_all(sess, self.data.take(FIRST_LOOK))[index]
         looked = self._sampled(outputs, with_error=False)  # a standard error of so few samples says little

@@ -14,9 +14,11 @@ import pytest
 from edgeops.compress import ahead, hostload, quantize
 from edgeops.compress.ahead import Ahead, Job, _state, live_cpu_s, paused
 from edgeops.compress.data import Dataset
+from edgeops.compress.evaluate import evaluation_session
 from edgeops.manifest.models import QuantizeOptions
 from edgeops.manifest.workspace import load_workspace
 from labkit.artifacts import build_for
+from labkit.repo import REPO
 
 ENCODER = "examples/models/assistant_encoder.onnx"
 
@@ -71,15 +73,23 @@ def test_a_candidate_quantized_ahead_is_the_one_the_build_would_make_and_the_chi
                 pass
             assert _state(child.process.pid) == "T"
         assert _state(child.process.pid) != "T"
+        deadline = time.monotonic() + 60
+        while ahead.working() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ahead.working()  # done, it waits for a job: the build's evaluations may take every core
     finally:
         child.close()
     assert child.process.poll() is not None and child.process not in ahead._LIVE
 
 
-def test_a_childs_cpu_counts_as_the_builds_own_and_stops_while_paused(tmp_path: Path) -> None:
+def test_a_childs_cpu_is_the_builds_own_evaluations_leave_it_its_core_and_it_stops_while_paused(
+        tmp_path: Path) -> None:
+    model = REPO / ENCODER
+    assert evaluation_session(model).get_session_options().intra_op_num_threads == 0  # no child: every core
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     ahead._LIVE.add(spinner)
     try:
+        assert ahead.working() and evaluation_session(model).get_session_options().intra_op_num_threads == 1
         deadline = time.monotonic() + 60
         while live_cpu_s() < 0.2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -90,6 +100,7 @@ def test_a_childs_cpu_counts_as_the_builds_own_and_stops_while_paused(tmp_path: 
             stopped_at = live_cpu_s()
             time.sleep(0.5)
             assert live_cpu_s() - stopped_at <= 0.02  # one clock tick at most
+            assert ahead.working()  # stopped only while something is timed: it goes on after
     finally:
         ahead._LIVE.discard(spinner)
         spinner.kill()
