@@ -250,12 +250,7 @@ def ensure_lab_user() -> None:
     try:
         entry = pwd.getpwnam(LAB_USER)
     except KeyError:
-        done = subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/", "-s", "/bin/sh", "-p", "*",
-                               "-c", "edgeops lab deploy user", LAB_USER],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise LabError(f"cannot create the lab's deploy user {LAB_USER}: {done.stderr.strip()}",
-                           hint="run lab up as root on a machine with useradd (scripts/install.sh)") from None
+        _create_lab_user()
         return
     if entry.pw_uid != 0 or entry.pw_shell != "/bin/sh":
         raise LabError(f"user {LAB_USER} exists but is not the lab's (uid {entry.pw_uid}, shell {entry.pw_shell})",
@@ -264,6 +259,23 @@ def ensure_lab_user() -> None:
     locked = shadow.is_file() and any(line.startswith(f"{LAB_USER}:!") for line in shadow.read_text().splitlines())
     if locked:
         subprocess.run(["usermod", "-p", "*", LAB_USER], capture_output=True, check=False)
+
+
+def _create_lab_user() -> None:
+    """useradd, once: two labs coming up at once (two clones, two test workers) take turns, and the second
+    finds the user there."""
+    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
+    with open(directory / "edgeops-lab-user.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(LAB_USER)
+            return
+        done = subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-d", "/", "-s", "/bin/sh", "-p", "*",
+                               "-c", "edgeops lab deploy user", LAB_USER],
+                              check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LabError(f"cannot create the lab's deploy user {LAB_USER}: {done.stderr.strip()}",
+                       hint="run lab up as root on a machine with useradd (scripts/install.sh)") from None
 
 
 def admin_key_of(ws: Workspace) -> Path:

@@ -141,6 +141,8 @@ def normalized(markdown: str) -> str:
     # the build's speed claim: a ratio from a quiet host, or why there is none (a busy one)
     text = re.sub(r"(host p50 [\d.]+ ms \(original [\d.]+ ms\): [\d.]+x \(interleaved A/B[^)]*\)|speed: not measurable "
                   r"on a busy host[^\n]*)", "<speed claim>", text)
+    text = re.sub(r"^- :warning: [^\n]*: no speed claim: not measurable on a busy host[^\n]*\n", "", text,
+                  flags=re.MULTILINE)  # and the warning that goes with none
     text = re.sub(r"\d+\.\d+", "<n>", text)
     return re.sub(r"\b\d{1,3}(,\d{3})+\b|\b\d{4,}\b", "<bytes>", text)
 

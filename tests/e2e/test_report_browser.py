@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,12 @@ SCREENSHOTS = Path(os.environ.get("EDGEOPS_TEST_OUTPUT", REPO / "test-output"))
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     browser = shutil.which("chromium")
     assert browser, "chromium is not installed: scripts/test.sh installs it (EDGEOPS_TEST_TOOLS=1 scripts/install.sh)"
-    return subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--no-first-run", "--disable-extensions", "--virtual-time-budget=5000", *args],
-                          capture_output=True, text=True, timeout=120, check=True)
+    # a profile of its own: a chromium started on another's profile hands its page over to that one and exits
+    with tempfile.TemporaryDirectory(prefix="edgeops-chromium-") as profile:
+        return subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                               "--no-first-run", "--disable-extensions", "--virtual-time-budget=5000",
+                               f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=120, check=True)
 
 
 @pytest.fixture(scope="module")
