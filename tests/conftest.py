@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from labkit.postgres import fresh_database, running_postgres
 from labkit.repo import copy_repo, make_hostile_home, running_lab
 
+_RUN: dict[str, Any] = {}  # this process's config and session, and whether a signal was passed on
+
+
+def _workers() -> list[int]:
+    """The pids of this process's pytest-xdist workers, when it is the run's controller (else none)."""
+    import os
+
+    config = _RUN.get("config")
+    if config is None or not config.pluginmanager.has_plugin("dsession"):
+        return []
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                children.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
 
 def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGTERM ends the run as Ctrl-C does, and no test starts after it (even if the one running catches the
+    interrupt: apply does, to stop its rollout cleanly). The controller of a parallel run passes it on to its
+    workers instead, once: each stops, tears its own fixtures down and reports, and the run ends interrupted (had
+    the controller stopped at once, xdist would have cut the workers' teardown short)."""
+    import os
+
+    if (session := _RUN.get("session")) is not None:
+        session.shouldstop = f"stopped by signal {signum}"
+    workers = [] if _RUN.get("forwarded") else _workers()
+    if not workers:
+        raise KeyboardInterrupt(f"signal {signum}")
+    _RUN["forwarded"] = True
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,7 +56,17 @@ def pytest_configure(config: pytest.Config) -> None:
     sshd devices, brokers and databases a test started are stopped, not left running."""
     import signal
 
+    _RUN["config"] = config
     signal.signal(signal.SIGTERM, _interrupted)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _RUN["session"] = session
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _RUN.get("forwarded"):  # the workers stopped on a signal: not a pass, however many tests passed
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
 
 
 @pytest.fixture
