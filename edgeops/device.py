@@ -545,13 +545,14 @@ class Device:
 
     # ---------------------------------------------------------------- federated adaptation
 
-    def adapt_train(self, tensors: Path, spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def adapt_train(self, tensors: Path, spec: dict[str, Any], timeout: float | None = None,
+                    order: SignedOrder | None = None) -> dict[str, Any]:
         """One local step of a federated round: send the round's starting tensors, have the agent train on the
         device's own samples, and return what it reports (the clipped update and counts, nothing else).
-        Changes nothing the device runs."""
+        Changes nothing the device runs. ``order``: the signed training order an enrolled device needs."""
         self.ensure_agent()
         digest = hashlib.sha256(tensors.read_bytes()).hexdigest()
         with self.session():
             remote = self._stage(tensors, f"adapt-{digest[:16]}.npz", timeout)
             return self.agent("adapt-train", *self._common(), "--tensors", remote, "--spec",
-                              json.dumps(spec, sort_keys=True), timeout=timeout)
+                              json.dumps(spec, sort_keys=True), *(order.as_args() if order else []), timeout=timeout)

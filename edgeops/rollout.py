@@ -262,10 +262,11 @@ def _allowed(spec: int | str, base: int) -> float:
 
 
 def orders_for(target: TargetDevice, key: Path | None, deployment: str,
-               allow_rejected: bool = False) -> Callable[[str, str | None], SignedOrder | None]:
-    """What signs the controller's orders to ``target`` (rollback, uninstall, desired states): the release key
-    when its fleet signs releases (``key`` overrides the fleet's), else nothing (the device is not enrolled)."""
-    def order(action: str, release: str | None) -> SignedOrder | None:
+               allow_rejected: bool = False) -> Callable[..., SignedOrder | None]:
+    """What signs the controller's orders to ``target`` (rollback, uninstall, desired states, training): the
+    release key when its fleet signs releases (``key`` overrides the fleet's), else nothing (the device is not
+    enrolled). ``bindings``: see ``sign_order``."""
+    def order(action: str, release: str | None, bindings: dict[str, Any] | None = None) -> SignedOrder | None:
         if target.fleet.obj.spec.trust is None:
             return None
         signing_key = key or target.signing_key
@@ -274,7 +275,7 @@ def orders_for(target: TargetDevice, key: Path | None, deployment: str,
                                "order signed by the release key, and no signing key is set",
                                hint="set trust.signing_key in the fleet or EDGEOPS_SIGNING_KEY")
         return sign_order(signing_key, deployment, target.key, action, release,
-                          allow_rejected and action == "rollback")
+                          allow_rejected and action == "rollback", bindings)
     return order
 
 

@@ -7,12 +7,14 @@ agent's ``switch``); see docs/security.md for what this protects against.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgeops.errors import EdgeopsError
 from edgeops.release import Release
@@ -86,14 +88,24 @@ class SignedOrder:
 
 
 def sign_order(key: Path, deployment: str, device: str, action: str, release: str | None,
-               allow_rejected: bool = False) -> SignedOrder:
+               allow_rejected: bool = False, bindings: dict[str, Any] | None = None) -> SignedOrder:
     """An order for ``device`` (fleet/device) to ``action`` ``release`` (None: no release), numbered by the
-    clock in nanoseconds so a device refuses it a second time and refuses any older one."""
+    clock in nanoseconds so a device refuses it a second time and refuses any older one. ``bindings``: more
+    fields the device checks against what it is asked to do (a training order: the tensors, the spec, the
+    deadline)."""
     document = {"kind": ORDER_KIND, "deployment": deployment, "device": device, "action": action,
                 "release": release, "allow_rejected": allow_rejected, "sequence": time.time_ns(),
-                "issued_at": _iso(time.time())}
+                "issued_at": _iso(time.time()), **(bindings or {})}
     data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     return SignedOrder(data, sign(key, RELEASE_NAMESPACE, data))
+
+
+def training_bindings(tensors: bytes, spec: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """What a training order binds: the sha256 of the round's tensors and of its spec (canonical JSON, as the agent
+    hashes it), and the wall-clock deadline after which the device refuses it."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    return {"tensors_sha256": hashlib.sha256(tensors).hexdigest(), "spec_sha256": hashlib.sha256(canonical).hexdigest(),
+            "deadline": deadline}
 
 
 def _iso(seconds: float) -> str:

@@ -32,7 +32,8 @@ from edgeops.manifest.models import AdaptSpec, Deployment
 from edgeops.manifest.workspace import Document
 from edgeops.operations import Repo, apply_deployment, current_adaptation, require_key_files
 from edgeops.pull.fleet import device_topic, is_pull, pull_settings, repository
-from edgeops.rollout import Reporter, device_for, observe_targets
+from edgeops.rollout import Reporter, device_for, observe_targets, orders_for
+from edgeops.signing import SignedOrder, training_bindings
 from edgeops.targets import TargetDevice, target_devices
 from edgeops.types import DeviceStatus
 
@@ -124,11 +125,13 @@ def _eligible(doc: Document[Deployment], fleet: _Fleet, connections: Connections
 
 
 def _train_pulled(deployment: str, targets: list[TargetDevice], connections: Connections, tensors: Path,
-                  spec: Callable[[TargetDevice], dict[str, Any]], deadline: float,
-                  round_id: str) -> dict[str, dict[str, Any] | EdgeopsError]:
+                  spec: Callable[[TargetDevice], dict[str, Any]], deadline: float, round_id: str,
+                  order: Callable[[TargetDevice, float], SignedOrder | None],
+                  ) -> dict[str, dict[str, Any] | EdgeopsError]:
     """The local step on pull devices: the round's tensors go to their registry by digest, a training request
-    to each device's ``<deployment>/train`` topic, and each answer comes back on ``<deployment>/update`` by the
-    deadline (a device that does not answer in time is dropped, the round goes on)."""
+    (with its signed order, on enrolled devices) to each device's ``<deployment>/train`` topic, and each answer
+    comes back on ``<deployment>/update`` by the deadline (a device that does not answer in time is dropped, the
+    round goes on)."""
     if not targets:
         return {}
     data = tensors.read_bytes()
@@ -141,11 +144,12 @@ def _train_pulled(deployment: str, targets: list[TargetDevice], connections: Con
             connections.pull.registry(target).push_blob(digest, data)
             broker = connections.pull.broker(target)
             broker.subscribe([device_topic(target, deployment, "update")])
+            signed = order(target, wall_deadline)
             broker.publish(device_topic(target, deployment, "train"),
                            {"schema": TRAIN_SCHEMA, "deployment": deployment, "round": round_id,
                             "tensors": {"sha256": digest, "size": len(data)}, "spec": spec(target),
                             "registry": {"url": pull_settings(target).registry, "repository": repository(target)},
-                            "deadline": wall_deadline})
+                            "deadline": wall_deadline, **({"order": signed.as_json()} if signed else {})})
             asked.append((target, broker))
         except EdgeopsError as exc:
             answers[target.key] = exc
@@ -240,15 +244,23 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
         def spec(target: TargetDevice) -> dict[str, Any]:
             return _spec_for(adapt, doc, head, fleet.desired.releases[target.key].id, adapt.seed * 1000 + number)
 
+        def order(target: TargetDevice, wall_deadline: float) -> SignedOrder | None:
+            """The training order an enrolled device needs: for this release, tensors and spec, until the round's
+            deadline."""
+            return orders_for(target, repo.signing_key, doc.name)(
+                "train", fleet.desired.releases[target.key].id,
+                training_bindings(tensors.read_bytes(), spec(target), wall_deadline))
+
         def train(target: TargetDevice) -> dict[str, Any]:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EdgeopsError("no time left before the round's deadline")
-            return device_for(target, connections, doc.name).adapt_train(tensors, spec(target), timeout=left)
+            return device_for(target, connections, doc.name).adapt_train(
+                tensors, spec(target), timeout=left, order=order(target, time.time() + left))
 
         answers: dict[str, Any] = connections.map(train, [t for t in targets if not is_pull(t)])
         answers |= _train_pulled(doc.name, [t for t in targets if is_pull(t)], connections, tensors, spec, deadline,
-                                 f"{doc.name}/{number}/{uuid.uuid4().hex[:8]}")
+                                 f"{doc.name}/{number}/{uuid.uuid4().hex[:8]}", order)
     updates, dropped, reports = [], {}, {}
     for target in targets:
         answer = answers[target.key]

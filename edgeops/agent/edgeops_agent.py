@@ -1366,10 +1366,11 @@ def _identity(root):
 
 
 def _check_order(root, state, deployment, action, release, allow_rejected, order_b64, signature_b64,
-                 required, record=True):
+                 required, record=True, bindings=None):
     """The controller's signed order for a change of what runs: by the release key, for this device,
-    deployment, action and release, newer than every order this device took (no replays). Required on an
-    enrolled device for what no release signature covers (rollback, uninstall); checked whenever given."""
+    deployment, action and release (and ``bindings``), newer than every order this device took (no replays).
+    Required on an enrolled device for what no release signature covers (rollback, uninstall, training);
+    checked whenever given."""
     import base64
 
     allowed = _trust_file(root)
@@ -1386,7 +1387,7 @@ def _check_order(root, state, deployment, action, release, allow_rejected, order
         order = json.loads(data)
     except ValueError:
         raise AgentError("the signed order is not JSON", "order-mismatch")
-    wanted = {"kind": ORDER_KIND, "deployment": deployment, "action": action, "release": release}
+    wanted = {"kind": ORDER_KIND, "deployment": deployment, "action": action, "release": release, **(bindings or {})}
     got = {k: order.get(k) for k in wanted}
     if got != wanted or bool(order.get("allow_rejected")) != bool(allow_rejected):
         raise AgentError(f"the signed order is for {got}, not {wanted}", "order-mismatch")
@@ -1680,6 +1681,21 @@ def _encode(array):
     return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
 
 
+def _check_training_order(args, state, running, spec):
+    """On an enrolled device a round's local step needs the controller's order, signed by the release key, for
+    these tensors and this spec, before its deadline: a broker password or a deploy key alone cannot make the
+    device train on its own data and send what it learned. Nothing is recorded (a replay of the same order
+    before its deadline asks for the same update again)."""
+    with open(args.tensors, "rb") as handle:
+        tensors = hashlib.sha256(handle.read()).hexdigest()
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    order = _check_order(args.root, state, args.deployment, "train", running, False, args.order,
+                         args.order_signature, required=True, record=False,
+                         bindings={"tensors_sha256": tensors, "spec_sha256": hashlib.sha256(canonical).hexdigest()})
+    if order is not None and not time.time() <= float(order.get("deadline") or 0):
+        raise AgentError("the signed training order's deadline has passed", "expired")
+
+
 def layout_adapt_train(args):
     """One device's step of a federated round: the committed release computes features of the local samples,
     the head trains from the tensors the controller sent, and only the clipped difference leaves the device,
@@ -1696,6 +1712,7 @@ def layout_adapt_train(args):
     if spec.get("release") and running != spec["release"]:
         raise AgentError(f"the device runs {running}, not {spec['release']} that this round trains",
                          "release-mismatch")
+    _check_training_order(args, state, running, spec)
     data = os.path.join(args.root, spec["data"])
     if not _inside(args.root, data):
         raise AgentError(f"{spec['data']} is outside this device's root", "restricted")
@@ -2557,6 +2574,8 @@ def main(argv=None):
     t.add_argument("--deployment", required=True)
     t.add_argument("--tensors", required=True, help="the round's starting tensors (.npz, staged by receive)")
     t.add_argument("--spec", required=True, help="JSON: tensors, features output, data directory, optimiser")
+    t.add_argument("--order", default=None)
+    t.add_argument("--order-signature", default=None)
     for name in ("state", "prepare", "install-agent", "assemble", "switch", "record", "prune", "heal"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--root", required=True)

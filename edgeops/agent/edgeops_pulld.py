@@ -246,7 +246,7 @@ class Daemon:
                 out.write(data)
             left = max(1.0, float(request["deadline"]) - time.time())
             done = agent("adapt-train", "--root", self.root, "--deployment", deployment, "--tensors", path,
-                         "--spec", json.dumps(request["spec"]), timeout=left)
+                         "--spec", json.dumps(request["spec"]), *self.order_args(request), timeout=left)
             answer.update({k: v for k, v in done.items() if k not in ("schema", "agent_version")})
         except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
             answer.update(ok=False, error="fetch-failed", message=str(getattr(exc, "reason", exc))[:300])

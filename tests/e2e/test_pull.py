@@ -89,32 +89,32 @@ def online(root: Path, name: str) -> None:
     start_daemon(device, state)
 
 
-def watch_status(root: Path, name: str, seen: Callable[[dict[str, Any]], None]) -> mqtt.Client:
-    """A controller-side client that calls ``seen`` with each status ``name`` publishes (stop it: loop_stop)."""
+def controller_client(root: Path) -> mqtt.Client:
+    """A client holding the controller's broker password, connected, its loop running (stop it: loop_stop)."""
     ws = load_workspace(root)
     settings = ws.fleets["lab-pull"].obj.spec.pull
     password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.username_pw_set(settings.username, password)
-    client.on_message = lambda c, u, m: seen(json.loads(m.payload)) if m.payload else None
     client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
-    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
     client.loop_start()
+    return client
+
+
+def watch_status(root: Path, name: str, seen: Callable[[dict[str, Any]], None]) -> mqtt.Client:
+    """A controller-side client that calls ``seen`` with each status ``name`` publishes (stop it: loop_stop)."""
+    client = controller_client(root)
+    client.on_message = lambda c, u, m: seen(json.loads(m.payload)) if m.payload else None
+    client.subscribe(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/status", qos=1)
     return client
 
 
 def last_status(root: Path, name: str, deployment: str = PULL_DEPLOYMENT) -> dict[str, Any]:
     """The retained status message as the device published it (read over the broker as the controller)."""
-    ws = load_workspace(root)
-    settings = ws.fleets["lab-pull"].obj.spec.pull
-    password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
     got: dict[str, Any] = {}
-    client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    client.username_pw_set(settings.username, password)
+    client = controller_client(root)
     client.on_message = lambda c, u, m: got.update(json.loads(m.payload)) if m.payload else None
-    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
     client.subscribe(f"edgeops/lab-pull/{name}/{deployment}/status", qos=1)
-    client.loop_start()
     eventually(lambda: got, 5)
     client.loop_stop()
     client.disconnect()
@@ -123,17 +123,28 @@ def last_status(root: Path, name: str, deployment: str = PULL_DEPLOYMENT) -> dic
 
 def publish_as_controller(root: Path, name: str, document: dict[str, Any]) -> None:
     """What a holder of the controller's broker password can do: publish any desired state for a device."""
-    ws = load_workspace(root)
-    settings = ws.fleets["lab-pull"].obj.spec.pull
-    password = (ws.secrets_dir / "lab" / "lab-pull" / "controller.password").read_text().strip()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    client.username_pw_set(settings.username, password)
-    client.connect("127.0.0.1", int(settings.broker.rsplit(":", 1)[1]))
-    client.loop_start()
+    client = controller_client(root)
     client.publish(f"edgeops/lab-pull/{name}/{PULL_DEPLOYMENT}/desired", json.dumps(document), qos=1,
                    retain=True).wait_for_publish(5)
     client.loop_stop()
     client.disconnect()
+
+
+def ask_to_train_as_controller(root: Path, name: str, deployment: str, request: dict[str, Any]) -> dict[str, Any]:
+    """What a holder of the controller's broker password can ask: a training request; the device's answer."""
+    answers: list[dict[str, Any]] = []
+    subscribed: list[int] = []
+    client = controller_client(root)
+    client.on_message = lambda c, u, m: answers.append(json.loads(m.payload))
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.append(mid)
+    client.subscribe(f"edgeops/lab-pull/{name}/{deployment}/update", qos=1)
+    eventually(lambda: subscribed, 5)
+    try:
+        client.publish(f"edgeops/lab-pull/{name}/{deployment}/train", json.dumps(request), qos=1).wait_for_publish(5)
+        return eventually(lambda: next((a for a in answers if a.get("round") == request["round"]), None), 60)
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Path) -> None:
@@ -445,7 +456,15 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     for index, device in enumerate(targets):
         write_device_samples(Path(device.root), "pull-adapt", split.parts[index])
     assert cli(lab, "apply", "manifests/pull-adapt.yaml").exit_code == ExitCode.OK
-    adapted = cli(lab, "adapt", "pull-adapt", "-o", "json")
+    requests: list[dict[str, Any]] = []  # what the controller asks pull-01, as a holder of its password sees it
+    spy = controller_client(lab)
+    spy.on_message = lambda c, u, m: requests.append(json.loads(m.payload)) if m.payload else None
+    spy.subscribe("edgeops/lab-pull/pull-01/pull-adapt/train", qos=1)
+    try:
+        adapted = cli(lab, "adapt", "pull-adapt", "-o", "json")
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
     assert adapted.exit_code == ExitCode.OK, adapted.output
     results = json.loads(adapted.stdout)
     first = results[0]
@@ -456,6 +475,17 @@ def test_pull_devices_train_in_federated_rounds_and_get_the_learned_head_through
     rows = {r["device"]: r for r in json.loads(cli(lab, "status", "manifests/pull-adapt.yaml", "-o",
                                                    "json").stdout)[0]["devices"]}
     assert {(r["sync"], r["health"]) for r in rows.values()} == {("Synced", "Healthy")}
+    # the request carried the controller's order, signed by the release key: the broker password alone can make
+    # the device train on its own samples and send what it learned neither without one nor by bending one
+    [sent] = requests
+    assert set(sent["order"]) == {"order", "signature"}
+    spec = {**sent["spec"], "release": last_status(lab, "pull-01", "pull-adapt")["release"]}  # the released head's
+    forged = {"unsigned": {**{k: v for k, v in sent.items() if k != "order"}, "spec": spec},
+              "order-mismatch": {**sent, "spec": spec}}  # the round's order, for the release trained then
+    for kind, request in forged.items():
+        answer = ask_to_train_as_controller(lab, "pull-01", "pull-adapt",
+                                            {**request, "round": f"forged-{kind}", "deadline": time.time() + 60})
+        assert answer["ok"] is False and answer["error"] == kind and "update" not in answer, answer
     # the reconcile loop runs the rounds when adapt.every_s says they are due (the fleet in sync)
     time.sleep(0.6)
     logged: list[str] = []

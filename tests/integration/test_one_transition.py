@@ -242,3 +242,48 @@ def test_a_corrupt_state_file_reads_as_damaged_and_is_rebuilt(repo_copy: Path, e
     after = device.observe(verify=True)
     assert after.state_error is None and (after.current, after.committed) == (second.id, second.id)
     assert after.damaged == {}
+
+
+def test_a_training_step_on_an_enrolled_device_needs_the_controllers_order_for_its_tensors_spec_and_deadline(
+        repo_copy: Path, enrolled, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A federated round's local step trains on the device's own samples and sends what it learned: a deploy key
+    or a broker password alone cannot ask for that. The order binds the release, tensors, spec and deadline."""
+    import numpy as np
+
+    from edgeops.signing import training_bindings
+
+    device, key = enrolled
+    [release] = releases(repo_copy, 1)
+    commit(device, release, key)
+    (Path(device.root) / "trust" / "identity").write_text("lab/local-01\n")
+    tensors = tmp_path / "global.npz"
+    np.savez(tensors, w=np.zeros((4, 2), np.float32), b=np.zeros(2, np.float32))
+    spec = {"release": release.id, "features": "missing", "weight": "w", "bias": "b", "data": "data/nowhere",
+            "epochs": 1, "learning_rate": 0.1, "batch_size": 8, "clip_norm": 1.0, "seed": 1}
+
+    def order(bindings: dict, device_key: str = "lab/local-01", signer: Path = key):  # type: ignore[no-untyped-def,type-arg]
+        return sign_order(signer, DEPLOYMENT, device_key, "train", release.id, bindings=bindings)
+
+    later = time.time() + 600
+    generate_key(tmp_path / "intruder", "not the release key")
+    cases = {
+        "unsigned": None,
+        "bad-signature": order(training_bindings(tensors.read_bytes(), spec, later), signer=tmp_path / "intruder"),
+        "order-mismatch": order(training_bindings(tensors.read_bytes(), {**spec, "data": "."}, later)),  # another spec
+        "expired": order(training_bindings(tensors.read_bytes(), spec, time.time() - 1)),
+    }
+    before = tree_digest(Path(device.root) / "deployments")
+    for kind, signed_order in cases.items():
+        with pytest.raises(AgentFailed) as refused:
+            device.adapt_train(tensors, spec, order=signed_order)
+        assert refused.value.kind == kind, (kind, refused.value.message)
+    other_tensors = tmp_path / "other.npz"
+    np.savez(other_tensors, w=np.ones((4, 2), np.float32), b=np.zeros(2, np.float32))
+    with pytest.raises(AgentFailed) as swapped:  # the order of one round's tensors does not cover other tensors
+        device.adapt_train(other_tensors, spec, order=order(training_bindings(tensors.read_bytes(), spec, later)))
+    assert swapped.value.kind == "order-mismatch"
+    # the right order passes the check: the step goes on to the device's samples (there are none here)
+    with pytest.raises(AgentFailed) as taken:
+        device.adapt_train(tensors, spec, order=order(training_bindings(tensors.read_bytes(), spec, later)))
+    assert taken.value.kind == "no-data", taken.value.message
+    assert tree_digest(Path(device.root) / "deployments") == before  # a training step changes nothing that runs
