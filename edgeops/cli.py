@@ -251,11 +251,12 @@ def state_show(root: Path | None) -> None:
 @ROOT_OPTION
 @handle_errors
 def state_migrate(target: str, source: str | None, root: Path | None) -> None:
-    """Copy every rollout, decision and release of one ledger into another that is still empty (one transaction).
-    Then set EDGEOPS_STATE to the new one."""
+    """Copy every rollout, decision, release and learned head of one ledger into another that is still empty (one
+    transaction). Then set EDGEOPS_STATE to the new one."""
     copied = service.state_migrate(source, target, settings(root))
+    learned = f" and {copied['learned']} learned head(s)" if copied.get("learned") else ""
     click.echo(f"copied {copied['rollouts']} rollout(s), {copied['device_events']} device decision(s) and "
-               f"{copied['releases']} release(s) into {copied['to']}")
+               f"{copied['releases']} release(s){learned} into {copied['to']}")
 
 
 @main.group(cls=EdgeopsGroup)

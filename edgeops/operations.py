@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgeops.adapt.artifact import Adaptation
+from edgeops.adapt.artifact import Adaptation, put_tensors_file, store_tensors, tensors_file
 from edgeops.compress.cache import Cache
 from edgeops.connections import Connections
 from edgeops.decide import ClassDecision, current_decisions, decide, declares, figures, pending
@@ -98,12 +98,34 @@ def require_key_files(targets: Iterable[TargetDevice], signing: bool = False,
 
 
 def current_adaptation(repo: Repo, doc: Document[Deployment]) -> Adaptation | None:
-    """The head a federated deployment's fleet learned and released last (the ledger's word), if any."""
+    """The head a federated deployment's fleet learned and released last (the ledger's word), if any; its tensors
+    in this controller's cache (from the ledger, when another controller learned it)."""
     if doc.obj.spec.adapt is None:
         return None
     released = [r["summary"] for r in repo.ledger.summaries(doc.name, "adapt") if r["outcome"] == "released"]
-    return Adaptation(released[-1]["tensors_sha256"], released[-1]["bases"], released[-1].get("personal") or {}) \
-        if released else None
+    if not released:
+        return None
+    found = Adaptation(released[-1]["tensors_sha256"], released[-1]["bases"], released[-1].get("personal") or {})
+    for digest in {found.tensors_sha256, *found.personal.values()}:
+        fetch_learned(repo, digest)
+    return found
+
+
+def keep_learned(repo: Repo, tensors: dict[str, Any]) -> str:
+    """Tensors a federated round learned, in this controller's cache and in the ledger (which every controller
+    sharing it reads): their digest."""
+    digest = store_tensors(repo.cache, tensors)
+    repo.ledger.keep_learned(digest, tensors_file(repo.cache, digest).read_bytes())
+    return digest
+
+
+def fetch_learned(repo: Repo, digest: str) -> None:
+    """Learned tensors the ledger holds, into this controller's cache if it lacks them (nothing when the ledger
+    lacks them too: loading them names what is missing)."""
+    if tensors_file(repo.cache, digest).is_file():
+        return
+    if (data := repo.ledger.learned(digest)) is not None:
+        put_tensors_file(repo.cache, digest, data)
 
 
 def plan_deployment(repo: Repo, doc: Document[Deployment], connections: Connections,

@@ -9,6 +9,7 @@ says) and its report carries the accuracy measured here on the repository's eval
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
 from collections.abc import Callable
@@ -132,24 +133,46 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def tensors_file(cache: Cache, digest: str) -> Path:
+    """Where the cache keeps the learned tensors of ``digest`` (an .npz)."""
+    return cache.root / "adapt" / f"{digest}.npz"
+
+
 def store_tensors(cache: Cache, tensors: dict[str, np.ndarray]) -> str:
-    """Keep learned tensors in the cache under their digest (the ledger holds only the digest)."""
+    """Keep learned tensors in the cache under their digest (the rounds record the digest)."""
     digest = tensors_digest(tensors)
-    path = cache.root / "adapt" / f"{digest}.npz"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
-            np.savez(handle, **arrays)
-        Path(handle.name).replace(path)
+    if not tensors_file(cache, digest).is_file():
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})  # type: ignore[arg-type]
+        _write_tensors_file(cache, digest, buffer.getvalue())
     return digest
 
 
+def put_tensors_file(cache: Cache, digest: str, data: bytes) -> None:
+    """An .npz of learned tensors from elsewhere (the shared ledger) into the cache, if it holds ``digest``."""
+    path = _write_tensors_file(cache, digest, data)
+    try:
+        load_tensors(cache, digest)
+    except Exception:  # noqa: BLE001 - numpy raises several unrelated types for a damaged file
+        path.unlink(missing_ok=True)
+        raise EdgeopsError(f"the learned head {digest[:12]} the ledger holds does not hash to its digest",
+                           hint="the shared ledger is damaged: run edgeops adapt again") from None
+
+
+def _write_tensors_file(cache: Cache, digest: str, data: bytes) -> Path:
+    path = tensors_file(cache, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+        handle.write(data)
+    Path(handle.name).replace(path)
+    return path
+
+
 def load_tensors(cache: Cache, digest: str) -> dict[str, np.ndarray]:
-    path = cache.root / "adapt" / f"{digest}.npz"
+    path = tensors_file(cache, digest)
     if not path.is_file():
-        raise EdgeopsError(f"the learned head {digest[:12]} the ledger names is not in this controller's cache "
-                           f"({path})", hint="run edgeops adapt here, or copy the cache's adapt/ directory")
+        raise EdgeopsError(f"the learned head {digest[:12]} the ledger names is in neither this controller's cache "
+                           f"({path}) nor the ledger", hint="run edgeops adapt again")
     with np.load(path, allow_pickle=False) as data:
         found = {name: data[name] for name in data.files}
     if tensors_digest(found) != digest:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgeops.adapt.aggregate import Update, aggregate, clip, personal_choices, sample_devices
-from edgeops.adapt.artifact import Adaptation, Head, accuracy_of, features_of, head_tensors, load_tensors, store_tensors
+from edgeops.adapt.artifact import Adaptation, Head, accuracy_of, features_of, head_tensors, load_tensors
 from edgeops.adapt.privacy import epsilon
 from edgeops.compress.data import load_dataset
 from edgeops.compress.request import BuildRequest
@@ -30,7 +30,14 @@ from edgeops.errors import EdgeopsError
 from edgeops.gitinfo import head_info
 from edgeops.manifest.models import AdaptSpec, Deployment
 from edgeops.manifest.workspace import Document
-from edgeops.operations import Repo, apply_deployment, current_adaptation, require_key_files
+from edgeops.operations import (
+    Repo,
+    apply_deployment,
+    current_adaptation,
+    fetch_learned,
+    keep_learned,
+    require_key_files,
+)
 from edgeops.pull.fleet import device_topic, is_pull, pull_settings, repository
 from edgeops.rollout import Reporter, device_for, observe_targets, orders_for
 from edgeops.signing import SignedOrder, training_bindings
@@ -188,6 +195,8 @@ def adapt_deployment(repo: Repo, doc: Document[Deployment], connections: Connect
     fleet = _fleet(repo, doc, progress, adaptation)
     before = [r for r in repo.ledger.summaries(doc.name, "adapt") if r["summary"].get("bases") == fleet.bases]
     trained = [r["summary"] for r in before if r["summary"].get("global_sha256")]
+    if trained:
+        fetch_learned(repo, trained[-1]["global_sha256"])
     global_ = load_tensors(repo.cache, trained[-1]["global_sha256"]) if trained else dict(fleet.released)
     noisy_rounds = sum(1 for s in trained if s.get("noise_multiplier"))
     results = []
@@ -302,7 +311,7 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
     summary.update(used=list(combined.used), excluded=combined.excluded, clipped_here=list(combined.clipped),
                    trimmed_share=combined.trimmed_share, accuracy_released=round(before, 3),
                    accuracy_start=round(start, 3), accuracy_after=round(after, 3),
-                   global_sha256=store_tensors(repo.cache, candidate), evaluation_samples=len(fleet.labels))
+                   global_sha256=keep_learned(repo, candidate), evaluation_samples=len(fleet.labels))
     named = "; ".join(f"{d} excluded: {why}" for d, why in sorted(combined.excluded.items()))
     line = (f"{len(combined.used)} update(s) from {summary['samples']} samples, accuracy {start:.2f} -> {after:.2f} "
             f"(released {before:.2f})" + (f"; {named}" if named else ""))
@@ -318,7 +327,7 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
         for update in updates:
             if update.device in chosen:
                 own = _unflatten(head, global_, start_vector + clip(update.vector, adapt.clip_norm)[0])
-                personal[update.device] = store_tensors(repo.cache, own)
+                personal[update.device] = keep_learned(repo, own)
         summary["personal"], summary["personal_reasons"] = personal, chosen
     proposal = Adaptation(summary["global_sha256"], fleet.bases, personal)
     summary["tensors_sha256"] = proposal.tensors_sha256

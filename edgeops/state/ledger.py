@@ -1,13 +1,16 @@
 """The ledger: every rollout, device decision and the measurements behind it, the fleet-wide releases, and
 the fleet locks, behind one interface whatever engine keeps them (SQLite embedded, PostgreSQL for teams).
 
-It holds names, digests, decisions and numbers only: never keys, hosts' secrets or manifest contents.
+It holds names, digests, decisions and numbers only: never keys, hosts' secrets or manifest contents. The
+numbers include the heads federated rounds learned (``learned``, by digest): what a fleet runs is then known
+to every controller that shares the ledger, not only to the one whose cache made it.
 The queries are written once, in the SQL both engines speak (``?`` placeholders, ``ON CONFLICT``,
 ``RETURNING``); an engine brings its connection, its schema and its locks.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from abc import ABC, abstractmethod
@@ -17,7 +20,7 @@ from typing import Any
 
 from edgeops.errors import EdgeopsError, ExitCode
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class LedgerError(EdgeopsError):
@@ -215,9 +218,22 @@ class Ledger(ABC):
                 (deployment,))
         return {(r["device"], r["materialisation"]): r["release"] for r in rows}
 
+    # ---------------------------------------------------------------- learned tensors
+
+    def keep_learned(self, digest: str, data: bytes) -> None:
+        """The file of tensors a federated round learned (an .npz), under the digest the rounds record."""
+        with self._connect() as db:
+            db.execute(self._sql("INSERT INTO learned (digest, data, created_at) VALUES (?, ?, ?) "
+                                 "ON CONFLICT (digest) DO NOTHING"), (digest, base64.b64encode(data).decode(), now()))
+
+    def learned(self, digest: str) -> bytes | None:
+        with self._connect() as db:
+            rows = self._rows(db, "SELECT data FROM learned WHERE digest = ?", (digest,))
+        return base64.b64decode(rows[0]["data"]) if rows else None
+
     # ---------------------------------------------------------------- copying
 
-    TABLES = ("rollouts", "device_events", "releases", "release_members")
+    TABLES = ("rollouts", "device_events", "releases", "release_members", "learned")
 
     def export_rows(self) -> dict[str, list[dict[str, Any]]]:
         """Every row of every history table (not the locks), for ``edgeops state migrate``."""
@@ -245,7 +261,8 @@ class Ledger(ABC):
                 db.execute(self._sql(f"INSERT INTO device_events ({', '.join(values)}) VALUES "
                                      f"({', '.join('?' * len(values))})"), tuple(values.values()))
                 counts["device_events"] += 1
-            for table, keys in (("releases", "deployment, id"), ("release_members", "deployment, release, device")):
+            for table, keys in (("releases", "deployment, id"), ("release_members", "deployment, release, device"),
+                                ("learned", "digest")):
                 for row in rows.get(table, []):
                     db.execute(self._sql(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
                                          f"ON CONFLICT ({keys}) DO NOTHING"), tuple(row.values()))

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS release_members (
     PRIMARY KEY (deployment, release, device)
 );
 CREATE TABLE IF NOT EXISTS fences (fleet TEXT PRIMARY KEY, token BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS learned (digest TEXT PRIMARY KEY, data TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS locks (
     fleet TEXT PRIMARY KEY, holder TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, acquired_at TEXT NOT NULL
 )

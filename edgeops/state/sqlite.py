@@ -78,6 +78,13 @@ CREATE INDEX IF NOT EXISTS release_members_by_device ON release_members(deployme
     3: """
 CREATE TABLE IF NOT EXISTS fences (fleet TEXT PRIMARY KEY, token INTEGER NOT NULL);  -- a lock's fencing tokens
 """,
+    4: """
+CREATE TABLE IF NOT EXISTS learned (
+    digest TEXT PRIMARY KEY,          -- the tensors' digest a federated round records
+    data TEXT NOT NULL,               -- base64 of their .npz
+    created_at TEXT NOT NULL
+);
+""",
 }
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,43 @@ def test_an_unknown_or_unreachable_state_backend_is_a_clear_error(tmp_path: Path
                            env={"EDGEOPS_STATE": "postgresql://edgeops:pw@127.0.0.1:9/db"})
     assert closed.exit_code == ExitCode.FAILED and "cannot reach the ledger at postgresql://edgeops:***@" in closed.output
     assert "Traceback" not in closed.output and "pw@" not in closed.output
+
+
+def test_a_head_one_controller_learned_reaches_another_through_the_shared_ledger(url: str, tmp_path: Path) -> None:
+    """Two controllers, one ledger, caches of their own: the second plans what the first's federated rounds
+    released (the learned tensors travel with the ledger, checked against their digest)."""
+    import numpy as np
+
+    from edgeops.adapt.artifact import load_tensors, tensors_file
+    from edgeops.compress.cache import Cache
+    from edgeops.errors import EdgeopsError
+    from edgeops.manifest.models import AdaptSpec
+    from edgeops.manifest.workspace import load_workspace
+    from edgeops.operations import Repo, current_adaptation, keep_learned
+
+    ws = load_workspace(copy_repo(tmp_path / "repo"))
+    plain = ws.deployments["wearable-activity"]  # with a federated section: what current_adaptation reads
+    doc = replace(plain, obj=plain.obj.model_copy(update={"spec": plain.obj.spec.model_copy(
+        update={"adapt": AdaptSpec()})}))
+    ledger = open_ledger(url, tmp_path / "unused.sqlite")
+    first, second = (Repo(ws, ledger, Cache(tmp_path / name), "ci") for name in ("first", "second"))
+    head = {"head.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "head.bias": np.ones(4, np.float32)}
+    own = {"head.weight": np.zeros((3, 4), np.float32), "head.bias": np.ones(4, np.float32)}
+    digest, personal = keep_learned(first, head), keep_learned(first, own)
+    rollout = ledger.start_rollout(doc.name, "adapt", "ci", {"commit": "abc", "author": "Ada"}, {"cpu": "f00d"})
+    ledger.finish_rollout(rollout, "released", {"tensors_sha256": digest, "bases": {"cpu": "f00d"},
+                                                "personal": {"lab/lab-02": personal}})
+    assert not tensors_file(second.cache, digest).exists()
+    found = current_adaptation(second, doc)
+    assert found is not None and found.tensors_sha256 == digest
+    for name, tensors in ((digest, head), (personal, own)):
+        got = load_tensors(second.cache, name)
+        assert all(np.array_equal(got[k], v) for k, v in tensors.items())
+    # a damaged copy in the ledger is refused, and nothing of it is left in the cache
+    third = Repo(ws, ledger, Cache(tmp_path / "third"), "ci")
+    ledger.keep_learned("0" * 64, tensors_file(first.cache, digest).read_bytes())  # bytes under another digest
+    rollout = ledger.start_rollout(doc.name, "adapt", "ci", {"commit": "abc", "author": "Ada"}, {"cpu": "f00d"})
+    ledger.finish_rollout(rollout, "released", {"tensors_sha256": "0" * 64, "bases": {"cpu": "f00d"}})
+    with pytest.raises(EdgeopsError, match="does not hash to its digest"):
+        current_adaptation(third, doc)
+    assert not tensors_file(third.cache, "0" * 64).exists()

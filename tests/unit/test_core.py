@@ -280,8 +280,10 @@ def test_a_ledger_from_the_first_schema_is_migrated_in_place_and_keeps_its_histo
     assert sorted(found["configs"]) == ["arm", "x86"]
     assert ledger.release("a", "rel-9") is None and ledger.release("b", "rel-12") is None
     assert ledger.release_names("a")[("f/d2", "r-2")] == "rel-1234"
+    ledger.keep_learned("ab" * 32, b"an npz")  # the table of learned heads came with the migration
+    assert ledger.learned("ab" * 32) == b"an npz" and ledger.learned("cd" * 32) is None
     Ledger(path)  # opening a current ledger again changes nothing
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_the_fleet_wide_release_id_ignores_device_values_but_not_what_the_devices_run() -> None:
