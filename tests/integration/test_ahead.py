@@ -89,10 +89,10 @@ def test_a_childs_cpu_is_the_builds_own_evaluations_leave_it_its_core_and_it_sto
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     ahead._LIVE.add(spinner)
     try:
-        assert ahead.working() and evaluation_session(model).get_session_options().intra_op_num_threads == 1
         deadline = time.monotonic() + 60
         while live_cpu_s() < 0.2 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert ahead.working() and evaluation_session(model).get_session_options().intra_op_num_threads == 1
         own_before = hostload._own_cpu_s()
         assert live_cpu_s() >= 0.2 and own_before >= live_cpu_s()  # the spinning child is the build's own load
         with paused():
