@@ -24,8 +24,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,12 +262,22 @@ def ensure_lab_user() -> None:
         subprocess.run(["usermod", "-p", "*", LAB_USER], capture_output=True, check=False)
 
 
-def _create_lab_user() -> None:
-    """useradd, once: two labs coming up at once (two clones, two test workers) take turns, and the second
-    finds the user there."""
-    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
-    with open(directory / "edgeops-lab-user.lock", "w") as lock:
+@contextlib.contextmanager
+def host_lock(name: str) -> Iterator[None]:
+    """Held by one process on this host at a time (an flock on ``name`` in /run/lock, or the temporary
+    directory): what two labs coming up at once (two clones, two test workers) must do in turn."""
+    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
+    with open(directory / name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _create_lab_user() -> None:
+    """useradd, once: two labs coming up at once take turns, and the second finds the user there."""
+    with host_lock("edgeops-lab-user.lock"):
         with contextlib.suppress(KeyError):
             pwd.getpwnam(LAB_USER)
             return

@@ -7,14 +7,12 @@ address. ``edgeops.manifest.placement`` records the result and applies it whenev
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import socket
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from edgeops.lab import LabError, link_mbit, own_link, own_roots, running_sshd
+from edgeops.lab import LabError, host_lock, link_mbit, own_link, own_roots, running_sshd
 from edgeops.manifest.models import Fleet
 from edgeops.manifest.placement import Place, on_loopback, placement_file, read_placement, write_placement
 from edgeops.manifest.workspace import Document, Workspace
@@ -34,17 +32,10 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@contextlib.contextmanager
-def one_lab_up_at_a_time() -> Iterator[None]:
+def one_lab_up_at_a_time() -> AbstractContextManager[None]:
     """Held from choosing ports to listening on them: two clones starting their labs at once on one host take
     turns, so the second sees the first's ports taken and moves, instead of both picking the same."""
-    directory = Path("/run/lock") if Path("/run/lock").is_dir() else Path(tempfile.gettempdir())
-    with open(directory / "edgeops-lab-up.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return host_lock("edgeops-lab-up.lock")
 
 
 def _port_free(host: str, port: int) -> bool:

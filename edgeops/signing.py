@@ -7,7 +7,6 @@ agent's ``switch``); see docs/security.md for what this protects against.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -101,11 +100,11 @@ def sign_order(key: Path, deployment: str, device: str, action: str, release: st
 
 
 def training_bindings(tensors: bytes, spec: dict[str, Any], deadline: float) -> dict[str, Any]:
-    """What a training order binds: the sha256 of the round's tensors and of its spec (canonical JSON, as the agent
-    hashes it), and the wall-clock deadline after which the device refuses it."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
-    return {"tensors_sha256": hashlib.sha256(tensors).hexdigest(), "spec_sha256": hashlib.sha256(canonical).hexdigest(),
-            "deadline": deadline}
+    """What a training order binds: the digests of the round's tensors and spec (the agent's own
+    ``training_digests``, which the device checks) and the wall-clock deadline after which it refuses the order."""
+    from edgeops.agent.edgeops_agent import training_digests
+
+    return {**training_digests(tensors, spec), "deadline": deadline}
 
 
 def _iso(seconds: float) -> str:

@@ -253,12 +253,13 @@ def _round(repo: Repo, doc: Document[Deployment], connections: Connections, adap
         def spec(target: TargetDevice) -> dict[str, Any]:
             return _spec_for(adapt, doc, head, fleet.desired.releases[target.key].id, adapt.seed * 1000 + number)
 
+        sent = tensors.read_bytes()
+
         def order(target: TargetDevice, wall_deadline: float) -> SignedOrder | None:
             """The training order an enrolled device needs: for this release, tensors and spec, until the round's
             deadline."""
             return orders_for(target, repo.signing_key, doc.name)(
-                "train", fleet.desired.releases[target.key].id,
-                training_bindings(tensors.read_bytes(), spec(target), wall_deadline))
+                "train", fleet.desired.releases[target.key].id, training_bindings(sent, spec(target), wall_deadline))
 
         def train(target: TargetDevice) -> dict[str, Any]:
             left = deadline - time.monotonic()

@@ -1681,17 +1681,22 @@ def _encode(array):
     return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
 
 
+def training_digests(tensors, spec):
+    """What a training order binds besides its deadline: the sha256 of the round's tensors (the .npz bytes) and of
+    its spec (canonical JSON). The controller signs these; the device checks them."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    return {"tensors_sha256": hashlib.sha256(tensors).hexdigest(), "spec_sha256": hashlib.sha256(canonical).hexdigest()}
+
+
 def _check_training_order(args, state, running, spec):
     """On an enrolled device a round's local step needs the controller's order, signed by the release key, for
     these tensors and this spec, before its deadline: a broker password or a deploy key alone cannot make the
     device train on its own data and send what it learned. Nothing is recorded (a replay of the same order
     before its deadline asks for the same update again)."""
     with open(args.tensors, "rb") as handle:
-        tensors = hashlib.sha256(handle.read()).hexdigest()
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+        bindings = training_digests(handle.read(), spec)
     order = _check_order(args.root, state, args.deployment, "train", running, False, args.order,
-                         args.order_signature, required=True, record=False,
-                         bindings={"tensors_sha256": tensors, "spec_sha256": hashlib.sha256(canonical).hexdigest()})
+                         args.order_signature, required=True, record=False, bindings=bindings)
     if order is not None and not time.time() <= float(order.get("deadline") or 0):
         raise AgentError("the signed training order's deadline has passed", "expired")
 
