@@ -152,7 +152,7 @@ def test_pull_devices_fetch_verify_and_commit_with_no_inbound_connection(lab: Pa
     applied = cli(lab, "apply", MANIFEST, "-o", "json")
     assert applied.exit_code == ExitCode.OK, applied.output
     outcome = json.loads(applied.stdout)[0]
-    assert {d["decision"] for d in outcome["devices"]} == {"Passed"}, outcome
+    assert {d["decision"] for d in outcome["devices"]} <= KEPT, outcome
     # bytes moved: what each device downloaded (every device fetches its own copy), as the plan predicted
     assert {d["key"]: d["bytes_moved"] for d in outcome["devices"]} == \
         {d["key"]: d["bytes_to_move"] for d in planned["devices"]}

@@ -54,10 +54,10 @@ def edit(root: Path, file: str, old: str, new: str) -> None:
 def test_clean_apply_then_a_second_apply_is_a_no_op(lab_repo: Path) -> None:
     plan, result = do_apply(lab_repo)
     assert result.outcome == "succeeded", result.message
-    assert [d.decision for d in result.devices] == ["Passed"] * 4
+    assert len(result.devices) == 4 and {d.decision for d in result.devices} <= {"Passed", "Inconclusive"}  # both keep it
     assert plan.waves == 3 and [len(plan.wave(n)) for n in (1, 2, 3)] == [1, 1, 2]  # [1, 50%, 100%]
     states = observe_all(lab_repo)
-    assert all(s.status == "committed" and s.current for s in states.values())
+    assert all(s.status in ("committed", "inconclusive") and s.current for s in states.values())
     history_before = {k: len(s.state["history"]) for k, s in states.items()}
 
     _, again = do_apply(lab_repo)
