@@ -37,3 +37,16 @@ def git_commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def speed_cells(original: Path, model: Path, inputs: dict, decimals: int = 2) -> tuple[str, str]:  # type: ignore[type-arg]
+    """(host p50 cell, speed cell) of an interleaved A/B of ``original`` and ``model``, one thread, batch 1; the
+    speed is not claimed when other processes kept more than ``BUSY_CORES`` busy while it ran (/proc/stat)."""
+    from edgeops.compress.evaluate import interleaved_p50
+    from edgeops.compress.hostload import watching
+
+    with watching() as watch:
+        base_ms, final_ms = interleaved_p50(original, model, inputs)
+    timed = f"{base_ms:.{decimals}f} → {final_ms:.{decimals}f}"
+    return (timed + " (busy host)", f"not claimed: {watch.describe()}") if watch.busy else \
+        (timed, f"{base_ms / final_ms:.2f}x")

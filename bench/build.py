@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
-from _common import REPO, machine, markdown_table  # noqa: E402
+from _common import REPO, machine, markdown_table, speed_cells  # noqa: E402
 
 from edgeops.compress.data import load_dataset  # noqa: E402
-from edgeops.compress.evaluate import interleaved_p50, session  # noqa: E402
+from edgeops.compress.evaluate import session  # noqa: E402
 from edgeops.compress.request import BuildRequest  # noqa: E402
 from edgeops.manifest.workspace import load_workspace  # noqa: E402
 from labkit.artifacts import build_for  # noqa: E402
@@ -210,10 +210,9 @@ def edgeops_build(root: Path, written: str, label: str, recipe: str,
 
 def _encoder_row(label: str, model: Path, original: Path, inputs: dict[str, np.ndarray], seconds: float,
                  q: dict[str, float]) -> list[str]:
-    base_ms, final_ms = interleaved_p50(original, model, inputs)
     return [label, f"{original.stat().st_size / model.stat().st_size:.2f}x", f"{q['value']:.4f}",
-            f"{q['cosine_min']:.4f}", f"{q['neighbour_agreement']:.1f}%", f"{base_ms:.2f} → {final_ms:.2f}",
-            f"{base_ms / final_ms:.2f}x", f"{seconds:.1f}"]
+            f"{q['cosine_min']:.4f}", f"{q['neighbour_agreement']:.1f}%", *speed_cells(original, model, inputs),
+            f"{seconds:.1f}"]
 
 
 def main() -> None:
@@ -249,15 +248,15 @@ def main() -> None:
                     continue
                 seconds = time.perf_counter() - started
                 report = result.report
-                base_ms, final_ms = interleaved_p50(doc.resolve(doc.obj.spec.model.path), result.artifact.model,
-                                                    load_dataset(BuildRequest.of(doc, "cpu"), "evaluation").inputs)
+                timed, speed = speed_cells(doc.resolve(doc.obj.spec.model.path), result.artifact.model,
+                                           load_dataset(BuildRequest.of(doc, "cpu"), "evaluation").inputs, 4)
             last = report["stages"][-1]
             trained = sum(st.get("distill", {}).get("training_seconds", 0) for st in report["stages"])
             q = last["quality"]
             unit = " pts" if q["metric"] in ("accuracy", "top1_agreement") else ""
             rows.append([doc.name, label, f"{last['size_ratio']:.2f}x", f"{last['zstd_ratio']:.2f}x",
                          f"{q['metric']} {q['value']:.4g} ({-q['drop']:+.3g}{unit})",
-                         f"{base_ms:.4f} → {final_ms:.4f}", f"{base_ms / final_ms:.2f}x", f"{seconds:.1f}",
+                         timed, speed, f"{seconds:.1f}",
                          f"{trained:.1f}" if trained else "—"])
     if rows:
         print(markdown_table(["deployment", "recipe", "size ×", "zstd ×", "quality (Δ vs fp32)",
