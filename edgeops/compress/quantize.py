@@ -383,7 +383,10 @@ def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> "Sear
     """The search that started the step's child quantizing candidates ahead (its ``ahead``), where a second
     core can do so: CPU searches of models big enough to pay for starting it (never a GPU or NPU class, whose
     candidates are few, nor a decoder's search); ``Quantize.run`` closes it. Started with its work:
-    pre-processing, then ``ahead_jobs``."""
+    pre-processing, then the ``ahead_jobs`` not in the candidate cache. When every mode's candidate and the
+    pre-processed input are cached (a rebuild after a changed goal) no child starts: it would hold the
+    evaluations to one core, and the variants the search reaches take a fraction of a second each to quantize
+    in the build."""
     key = ctx.path("ahead")
     if key in _AHEAD:
         return _AHEAD[key]
@@ -391,6 +394,9 @@ def _ahead_for(model: Path, options: QuantizeOptions, ctx: StepContext) -> "Sear
             model.stat().st_size < ahead.MIN_MODEL_BYTES:
         return None
     _AHEAD[key] = search = Search(model, ctx)
+    if not search.not_cached([(mode, mode, options) for mode in auto_modes(options, ctx, search.matmul_weights)]) \
+            and (not preprocesses(options, ctx) or search.restore_preprocessed()):
+        return search
     search.ahead = child = Ahead(ctx.work_dir, ctx.index, ctx.accelerator, ctx.generative, ctx.calibration.inputs)
     if preprocesses(options, ctx):
         child.submit(search.preprocessing)
@@ -524,22 +530,27 @@ class Search:
         self.objective = "latency"
         self.min_speedup = DEFAULT_MIN_SPEEDUP
         self.ahead: Ahead | None = None
-        self.notes: list[str] = []  # about the search, not one candidate (pre-processing's fallback)
+        # about the search, not one candidate (pre-processing's fallback)
+        self.notes: list[str] = list(like.notes) if like else []
 
     @property
     def preprocessing(self) -> Job:
         """The child's job of pre-processing the input (candidates quantized ahead from it follow)."""
         return Job(PREPROCESS, PREPROCESS, self.src, {})
 
+    def not_cached(self, jobs: list[Attempt]) -> list[Attempt]:
+        """The (label, mode, options) candidates the candidate cache does not hold."""
+        cache = self.ctx.candidates
+        return [(label, mode, options) for label, mode, options in jobs
+                if not (cache and cache.get(self._key(mode, searched(mode, options))))]
+
     def quantize_ahead(self, jobs: list[Attempt]) -> None:
         """Have the child quantize these (label, mode, options) candidates while the search evaluates others (those
         not cached already)."""
         if self.ahead is None:
             return
-        for label, mode, options in jobs:
-            built = searched(mode, options)
-            if not (self.ctx.candidates and self.ctx.candidates.get(self._key(mode, built))):
-                self.ahead.submit(Job(label, mode, self.src, built.model_dump(mode="json")))
+        for label, mode, options in self.not_cached(jobs):
+            self.ahead.submit(Job(label, mode, self.src, searched(mode, options).model_dump(mode="json")))
 
     def passing(self) -> list[Candidate]:
         return [c for c in self.candidates if _passes(c)]
@@ -590,7 +601,8 @@ class Search:
             cache.put(key, made, notes)
         return made
 
-    def _key(self, mode: str, options: QuantizeOptions) -> str:
+    def _key(self, mode: str, options: QuantizeOptions | None) -> str:
+        """The candidate cache's key of a candidate, or (``options`` None) of the pre-processed input."""
         import onnxruntime
 
         from edgeops import __version__
@@ -599,12 +611,30 @@ class Search:
 
         if self.src_sha256 is None:
             self.src_sha256 = file_sha256(self.src)
-        return cache_key({"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
-                          "options": options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search",
-                                                                     "objective", "decide_on", "finalists"}),
-                          "calibration": self.ctx.calibration.sha256,
-                          "preprocessed": preprocesses(options, self.ctx),
-                          "versions": [__version__, onnx.__version__, onnxruntime.__version__]})
+        made: dict[str, Any] = {"input": self.src_sha256, "mode": mode, "accelerator": self.ctx.accelerator,
+                                "versions": [__version__, onnx.__version__, onnxruntime.__version__]}
+        if options is not None:
+            made.update(options=options.model_dump(mode="json", exclude={"candidates", "min_speedup", "search",
+                                                                         "objective", "decide_on", "finalists"}),
+                        calibration=self.ctx.calibration.sha256, preprocessed=preprocesses(options, self.ctx))
+        return cache_key(made)
+
+    def restore_preprocessed(self) -> bool:
+        """The pre-processed input from the candidate cache, where ``prepared_for`` finds it (its notes the
+        search's); False when the cache does not hold it."""
+        path, cache = self.ctx.path("pre"), self.ctx.candidates
+        if not path.exists():
+            if cache is None or (hit := cache.get(self._key(PREPROCESS, None))) is None:
+                return False
+            shutil.copyfile(hit[0], path)
+            self.notes.extend(hit[1])
+        return True
+
+    def keep_preprocessed(self) -> None:
+        """Put the pre-processed input this search made in the candidate cache (a rebuild need not make it)."""
+        path, cache = self.ctx.path("pre"), self.ctx.candidates
+        if cache is not None and path.exists() and cache.get(key := self._key(PREPROCESS, None)) is None:
+            cache.put(key, path, self.notes)
 
     def _early_stop(self, label: str, path: Path) -> Candidate | None:
         best = self.fastest_passing_ms()
@@ -774,6 +804,7 @@ def _auto(src: Path, options: QuantizeOptions, ctx: StepContext) -> StepResult:
     modes = auto_modes(options, ctx, search.matmul_weights)
     with watching() as load:
         _search(search, modes, options, ctx)
+    search.keep_preprocessed()
     fallback = ""
     if load.busy and ctx.accelerator != "gpu" and search.objective != "size" and len(search.passing()) > 1:
         fallback = _time_again(search, ctx, load)

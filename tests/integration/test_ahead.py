@@ -120,6 +120,14 @@ def test_an_auto_build_takes_what_the_child_quantized_and_leaves_no_child(
         return result
 
     monkeypatch.setattr(Ahead, "take", spy)
+    children: list[Path] = []
+    original_init = Ahead.__init__
+
+    def counted(self: Ahead, work: Path, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        original_init(self, work, *args, **kwargs)
+        children.append(work)
+
+    monkeypatch.setattr(Ahead, "__init__", counted)
     started: list[Path] = []
     monkeypatch.setattr(quantize.Preprocessing, "__init__", lambda self, src, dst: started.append(dst))
     manifest = repo_copy / "manifests" / "assistant.yaml"
@@ -129,11 +137,27 @@ def test_an_auto_build_takes_what_the_child_quantized_and_leaves_no_child(
     tried = [c["mode"] for c in report["stages"][1]["candidates"]]
     # the child pre-processed the input (no process of the build's own did), then quantized every mode ahead, and
     # the unprocessed dynamic graph when the search reached it
-    assert taken[0] == quantize.PREPROCESS and not started
+    assert taken[0] == quantize.PREPROCESS and not started and len(children) == 1
     assert {"static", "dynamic"} <= set(taken) and all(label in tried for label in taken[1:])
     assert ("dynamic unprocessed" in taken) == ("dynamic unprocessed" in tried)
     assert not ahead._LIVE and not quantize._AHEAD
     assert report["stages"][1]["quality"]["passed"]
+
+    # a rebuild after a changed goal finds every mode's candidate in the candidate cache: no child starts (its
+    # pre-processing would have held the evaluations to one core), nothing taken from it before is quantized again
+    quantized_here: list[str] = []
+    original_run_mode = quantize.run_mode
+
+    def run_mode(mode: str, src: Path, options: QuantizeOptions, *args, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+        quantized_here.append(kwargs.get("label") or mode)
+        return original_run_mode(mode, src, options, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "run_mode", run_mode)
+    manifest.write_text(manifest.read_text().replace("max_drop: 0.05 ", "max_drop: 0.049 "))
+    again = build_for(load_workspace(repo_copy), "vehicle-assistant", "cpu").report
+    assert len(children) == 1 and not started and not ahead._LIVE and not quantize._AHEAD
+    assert not {label.replace(" ", "-") for label in taken[1:]} & set(quantized_here), quantized_here
+    assert {c["mode"] for c in again["stages"][1]["candidates"]} >= {"static", "dynamic"}
 
 
 def test_a_close_calls_side_by_side_is_the_builds_speed_claim(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
